@@ -1,0 +1,1 @@
+"""The ``spoolq`` command line: one module per command group, registered in :mod:`.main`."""

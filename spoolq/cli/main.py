@@ -1,0 +1,98 @@
+"""Entry point of the ``spoolq`` command: global options, dispatch, error -> exit code.
+
+Each command group lives in its own module with a ``register(subparsers)`` function that
+adds its commands and sets ``func`` (a callable ``(args, ctx) -> int``) on each parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .. import __version__
+from ..client import Client
+from ..client import open as open_client
+from ..config import default_root
+from ..errors import SpoolqError
+from . import exitcodes
+
+# Command-group modules, in help order. A module that is not there yet is skipped.
+COMMAND_MODULES = (
+    "spoolq.cli.queue_cmds",
+    "spoolq.cli.message_cmds",
+    "spoolq.cli.daemon_cmds",
+)
+
+
+class Ctx:
+    """What every command gets: the parsed globals, a lazily opened client, output helpers."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root: str = args.root or default_root()
+        self.json: bool = bool(args.json)
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = open_client(self.root)
+        return self._client
+
+    def emit_json(self, obj: Any) -> None:
+        sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+    def out(self, text: str = "") -> None:
+        sys.stdout.write(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spoolq",
+        description="A per-machine message queue manager whose database is the filesystem.",
+    )
+    p.add_argument("--root", default=os.environ.get("SPOOLQ_ROOT"),
+                   help="spool root directory or store URL (env SPOOLQ_ROOT; default %(default)s or "
+                        "/var/spool/spoolq, else ~/.local/state/spoolq)")
+    p.add_argument("--json", action="store_true", help="print stable machine-readable JSON")
+    p.add_argument("--version", action="version", version=f"spoolq {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return exitcodes.USAGE
+    ctx = Ctx(args)
+    try:
+        return int(args.func(args, ctx) or 0)
+    except SpoolqError as e:
+        code = exitcodes.exit_code_for(e)
+        if ctx.json:
+            ctx.emit_json({"error": {"code": e.code, "message": str(e)}})
+        print(f"spoolq: {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return exitcodes.OK

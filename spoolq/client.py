@@ -1,0 +1,303 @@
+"""The Python API: ``spoolq.open(root)`` returns a :class:`Client`.
+
+The CLI, the HTTP layer and the daemon's helpers all call these methods; front ends stay
+thin. A message is named by a :class:`~spoolq.ids.MessageRef`, a full id URL or ``QUEUE/ID``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from .config import RootConfig, default_root, read_root_config
+from .errors import InvalidInput, InvalidMessage, WrongState
+from .ids import MessageRef, parse_ref
+from .model import (
+    AdminState,
+    AttachmentInfo,
+    ListPage,
+    Message,
+    MessageView,
+    QueueConfig,
+    State,
+)
+from .store import AttachmentSource, FsStore, Store, open_store
+
+AttachmentLike = str | os.PathLike[str] | AttachmentSource
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What ``send`` answers: the message's queue, id and full id (``str()`` gives the full id)."""
+
+    queue: str
+    msg_id: str
+    full_id: str
+
+    def __str__(self) -> str:
+        return self.full_id
+
+    @property
+    def ref(self) -> MessageRef:
+        return MessageRef(self.queue, self.msg_id)
+
+
+Ref = MessageRef | Receipt | str
+
+
+def _attachment(a: AttachmentLike) -> AttachmentSource:
+    if isinstance(a, AttachmentSource):
+        if a.path is not None and not os.path.isabs(a.path):
+            return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream)
+        return a
+    return AttachmentSource(path=os.path.abspath(os.fspath(a)))
+
+
+class Client:
+    """Operations on one store. Cheap to create; holds no open resources."""
+
+    def __init__(self, store: Store, *, root_config: RootConfig | None = None) -> None:
+        self.store = store
+        if root_config is None:
+            root_config = read_root_config(store.root) if isinstance(store, FsStore) else RootConfig()
+        self.root_config = root_config
+
+    @property
+    def base_url(self) -> str:
+        return self.root_config.base_url
+
+    def full_id(self, queue: str, msg_id: str) -> str:
+        return f"{self.base_url}/q/{queue}/{msg_id}"
+
+    def receipt(self, queue: str, msg_id: str) -> Receipt:
+        return Receipt(queue, msg_id, self.full_id(queue, msg_id))
+
+    @staticmethod
+    def ref(ref: Ref) -> MessageRef:
+        if isinstance(ref, Receipt):
+            return ref.ref
+        return ref if isinstance(ref, MessageRef) else parse_ref(ref)
+
+    # -- queues --------------------------------------------------------------------------
+    def create_queue(self, config: QueueConfig | Mapping[str, Any] | str, **options: Any) -> QueueConfig:
+        """Create a queue from a QueueConfig, a config dict, or a name plus keyword options.
+
+        ``client.create_queue("mail", script="/usr/local/bin/send-mail", num_workers=4)``
+        """
+        if isinstance(config, str):
+            config = QueueConfig.from_dict({"name": config, **options})
+        elif not isinstance(config, QueueConfig):
+            config = QueueConfig.from_dict(dict(config))
+        self.store.create_queue(config)
+        return config
+
+    def update_queue(self, name: str, **changes: Any) -> QueueConfig:
+        """Change config keys of a queue; the next run uses them."""
+        data = self.store.queue_config(name).to_dict()
+        data.update(changes)
+        data["name"] = name
+        cfg = QueueConfig.from_dict(data)
+        self.store.update_queue(cfg)
+        return cfg
+
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
+        self.store.delete_queue(name, force=force)
+
+    def queues(self) -> list[str]:
+        return self.store.queues()
+
+    def queue_config(self, name: str) -> QueueConfig:
+        return self.store.queue_config(name)
+
+    def admin_state(self, name: str) -> AdminState:
+        return self.store.admin_state(name)
+
+    def set_admin_state(self, name: str, state: AdminState | str) -> None:
+        try:
+            st = AdminState(str(state).upper())
+        except ValueError:
+            raise InvalidInput(f"admin state must be UP, PAUSE or DOWN, not {state!r}") from None
+        self.store.set_admin_state(name, st)
+
+    # -- sending -------------------------------------------------------------------------
+    def _build(
+        self,
+        queue: str,
+        *,
+        param1: Any = None,
+        param2: Any = None,
+        param3: Any = None,
+        param4: Any = None,
+        params: Mapping[str, Any] | None = None,
+        due: float | None = None,
+        delay: float | None = None,
+        src: str = "",
+        max_count: int | None = None,
+        dest: str | None = None,
+        post_run_webhook: Sequence[str] | None = None,
+        orig_msg_id: str | None = None,
+        count: int | None = None,
+    ) -> Message:
+        if due is not None and delay is not None:
+            raise InvalidMessage("give due or delay, not both")
+        data: dict[str, Any] = {
+            "dest": dest or queue,
+            "src": src,
+            "param1": param1,
+            "param2": param2,
+            "param3": param3,
+            "param4": param4,
+            "params": dict(params or {}),
+            "post_run_webhook": list(post_run_webhook or []),
+            "orig_msg_id": orig_msg_id or "",
+            "count": count or 0,
+        }
+        if delay is not None:
+            if delay < 0:
+                raise InvalidMessage("delay must not be negative")
+            data["due"] = time.time() + delay
+        elif due is not None:
+            data["due"] = due
+        data["max_count"] = max_count if max_count is not None else self.store.queue_config(queue).max_count
+        return Message.from_dict(data)
+
+    def send(self, queue: str, *, attachments: Sequence[AttachmentLike] = (), **fields: Any) -> Receipt:
+        """Send one message; returns after it is durable. Fields: param1..param4, params, due
+        or delay, src, max_count, dest, post_run_webhook, orig_msg_id, count."""
+        m = self._build(queue, **fields)
+        stored = self.store.create(queue, m, attachments=[_attachment(a) for a in attachments])
+        return self.receipt(queue, stored.msg_id)
+
+    def send_message(self, queue: str, msg: Message | Mapping[str, Any], *, state: State = State.QUE,
+                     attachments: Sequence[AttachmentLike] = ()) -> Receipt:
+        """Send an RQ-style message dict (as RQ's HTTP and socket clients do)."""
+        m = msg if isinstance(msg, Message) else Message.from_dict(dict(msg))
+        if not isinstance(msg, Message) and "max_count" not in msg:
+            m.max_count = self.store.queue_config(queue).max_count
+        stored = self.store.create(queue, m, state=state, attachments=[_attachment(a) for a in attachments])
+        return self.receipt(queue, stored.msg_id)
+
+    def send_many(self, queue: str, messages: Iterable[Mapping[str, Any] | Message]) -> list[Receipt]:
+        """Send many messages with one group commit (all stored, or none)."""
+        default_max = self.store.queue_config(queue).max_count
+        msgs: list[Message] = []
+        for item in messages:
+            if isinstance(item, Message):
+                msgs.append(item)
+                continue
+            d = dict(item)
+            if "delay" in d:
+                d["due"] = time.time() + float(d.pop("delay"))
+            d.setdefault("max_count", default_max)
+            msgs.append(Message.from_dict(d))
+        return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
+
+    def prep(self, queue: str, **fields: Any) -> Receipt:
+        """Create a message in prep: attach files to it, then :meth:`commit` it."""
+        m = self._build(queue, **fields)
+        return self.receipt(queue, self.store.create(queue, m, state=State.PREP).msg_id)
+
+    def attach(self, ref: Ref, path: str | os.PathLike[str] | None = None, *, name: str | None = None,
+               stream: BinaryIO | None = None) -> AttachmentInfo:
+        r = self.ref(ref)
+        src = AttachmentSource(name=name, path=os.path.abspath(os.fspath(path)) if path is not None else None,
+                               stream=stream)
+        return self.store.attach(r.queue, r.msg_id, src)
+
+    def commit(self, ref: Ref) -> None:
+        r = self.ref(ref)
+        self.store.commit(r.queue, r.msg_id)
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, ref: Ref) -> MessageView:
+        r = self.ref(ref)
+        return self.store.get(r.queue, r.msg_id)
+
+    def message_json(self, ref: Ref) -> dict[str, Any]:
+        """RQ's get_message JSON: fields plus derived ``state``, ``status``, ``_attachments``."""
+        r = self.ref(ref)
+        view = self.store.get(r.queue, r.msg_id)
+        return view.to_rq_json(self.full_id(r.queue, r.msg_id))
+
+    def list(self, queue: str, state: State | str = State.QUE, *, limit: int = 50, cursor: str | None = None,
+             filter: str | None = None) -> ListPage:
+        try:
+            st = State(state)
+        except ValueError:
+            raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(State)}") from None
+        return self.store.list(queue, st, limit=limit, cursor=cursor, filter=filter)
+
+    def counts(self, queue: str) -> dict[str, int]:
+        return self.store.counts(queue)
+
+    def recount(self, queue: str) -> dict[str, int]:
+        return self.store.recount(queue)
+
+    def open_attachment(self, ref: Ref, name: str) -> BinaryIO:
+        r = self.ref(ref)
+        return self.store.open_attachment(r.queue, r.msg_id, name)
+
+    # -- acting on messages --------------------------------------------------------------
+    def delete(self, ref: Ref) -> None:
+        r = self.ref(ref)
+        self.store.delete(r.queue, r.msg_id)
+
+    def retry(self, ref: Ref) -> None:
+        """err -> que, due now, with ``count`` reset so the message gets its full ``max_count``."""
+        r = self.ref(ref)
+
+        def reset(m: Message) -> None:
+            m.count = 0
+            m.due = time.time()
+
+        self.store.move(r.queue, r.msg_id, State.ERR, State.QUE, update=reset, note="retry")
+
+    def run_now(self, ref: Ref) -> None:
+        """Move a queued message to the front: its due time becomes 0 (RQ's run_message)."""
+        r = self.ref(ref)
+        state = self.store.state_of(r.queue, r.msg_id)
+        if state == State.RUN:
+            raise WrongState("msg already running")
+        if state != State.QUE:
+            raise WrongState(f"msg not in runnable state ({state})")
+
+        def front(m: Message) -> None:
+            m.due = 0.0
+
+        self.store.update(r.queue, r.msg_id, front)
+
+    def clone(self, ref: Ref) -> Receipt:
+        """A new message with the same fields and attachments (done, relayed or err only)."""
+        r = self.ref(ref)
+        view = self.store.get(r.queue, r.msg_id)
+        if view.state not in (State.DONE, State.RELAYED, State.ERR):
+            raise WrongState(f"cannot clone message in {view.state} state")
+        old = view.message
+        m = Message.from_dict(old.to_dict())
+        m.count = 0
+        m.due = 0.0
+        m.cloned_from = old.msg_id
+        m.orig_msg_id = old.orig_msg_id or self.full_id(r.queue, old.msg_id)
+        m.dups, m.dup, m.history = [], "", []
+        sources = [AttachmentSource(name=n, path=a.path) for n, a in view.attachments.items() if a.path]
+        if view.attachments and not sources:  # a store without paths (memory): copy the bytes
+            sources = [AttachmentSource(name=n, stream=self.store.open_attachment(r.queue, r.msg_id, n))
+                       for n in view.attachments]
+        stored = self.store.create(r.queue, m, attachments=sources)
+        return self.receipt(r.queue, stored.msg_id)
+
+    def ack_errs(self, queue: str) -> int:
+        return self.store.ack_errs(queue)
+
+    def sweep(self, queue: str) -> list[str]:
+        return self.store.sweep(queue)
+
+
+def open(url: str | os.PathLike[str] | None = None) -> Client:  # noqa: A001 - spoolq.open is the API
+    """Open a spool: a directory path, ``file:///path``, ``memory:``; default: the default root."""
+    target = os.fspath(url) if url is not None else default_root()
+    return Client(open_store(target))
+

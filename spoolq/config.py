@@ -1,0 +1,71 @@
+"""The spool root: where it is by default, and its ``config.json`` (host and port).
+
+The host and port name this machine in full message ids
+(``http://<host>:<port>/q/<queue>/<id>``) and in ``RQ_HOST``; ``spoolq serve --host/--port``
+records them so the CLI and the daemon agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import durable
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3333
+SYSTEM_ROOT = Path("/var/spool/spoolq")
+
+
+def default_root() -> str:
+    """``$SPOOLQ_ROOT``, else /var/spool/spoolq when writable, else ``$XDG_STATE_HOME/spoolq``."""
+    env = os.environ.get("SPOOLQ_ROOT")
+    if env:
+        return env
+    if SYSTEM_ROOT.is_dir() and os.access(SYSTEM_ROOT, os.W_OK):
+        return str(SYSTEM_ROOT)
+    if not SYSTEM_ROOT.exists() and os.access(SYSTEM_ROOT.parent, os.W_OK):
+        return str(SYSTEM_ROOT)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "spoolq")
+
+
+@dataclass
+class RootConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def read_root_config(root: str | os.PathLike[str]) -> RootConfig:
+    """The root's config.json; defaults for anything missing or unreadable."""
+    try:
+        data = json.loads((Path(root) / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return RootConfig()
+    if not isinstance(data, dict):
+        return RootConfig()
+    cfg = RootConfig()
+    if isinstance(data.get("host"), str) and data["host"]:
+        cfg.host = data["host"]
+    if isinstance(data.get("port"), int) and not isinstance(data["port"], bool):
+        cfg.port = data["port"]
+    return cfg
+
+
+def write_root_config(root: str | os.PathLike[str], cfg: RootConfig) -> None:
+    path = Path(root) / "config.json"
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data.update({"host": cfg.host, "port": cfg.port})
+    durable.write_replace(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -1,0 +1,198 @@
+"""Every durable filesystem write spoolq makes goes through this module.
+
+The recipe (docs/internals.md, "Durability"): write a temporary file, fsync it, rename it
+into place, fsync the directory. Only then is "ok" answered. ``sync=False`` (a queue
+configured with ``"fsync": false``) skips the fsyncs and keeps the renames.
+
+Fault injection: tests set :data:`faults` (in process) or the environment variable
+``SPOOLQ_FAULT_INJECT`` (for a subprocess) to ``"OP:ERRNO[:AFTER]"``, e.g.
+``write:ENOSPC`` or ``fsync:EIO:3`` (fail the 4th fsync). OP is one of ``write``,
+``fsync``, ``rename``, ``mkdir``, ``link``. This is the only seam; it costs one dict
+lookup per call when unused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import DiskFull, StorageError
+
+faults: dict[str, list[int]] = {}
+"""op -> [errno, calls to let through first]. Empty in production."""
+
+
+def _load_env_faults() -> None:
+    spec = os.environ.get("SPOOLQ_FAULT_INJECT", "")
+    for part in filter(None, spec.split(",")):
+        bits = part.split(":")
+        op, err = bits[0], getattr(errno, bits[1]) if len(bits) > 1 else errno.EIO
+        after = int(bits[2]) if len(bits) > 2 else 0
+        faults[op] = [err, after]
+
+
+_load_env_faults()
+
+
+def _check(op: str, path: str | os.PathLike[str] = "") -> None:
+    f = faults.get(op)
+    if f is None:
+        return
+    if f[1] > 0:
+        f[1] -= 1
+        return
+    raise OSError(f[0], os.strerror(f[0]) + " (injected)", str(path))
+
+
+def storage_error(e: OSError, what: str) -> StorageError:
+    """Translate an OSError from the disk into spoolq's error tree, with a clear message."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{what}: disk full ({e.strerror}); nothing was stored")
+    return StorageError(f"{what}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+
+
+def fsync_fd(fd: int) -> None:
+    _check("fsync")
+    os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so the names created, renamed or removed in it are durable."""
+    _check("fsync", path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new(path: str | os.PathLike[str], data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
+    """Create ``path`` (which must not exist) holding ``data``; fsync it when ``sync``.
+
+    Used inside a staging directory that nobody else can see yet, so no rename is needed:
+    the directory's own rename publishes the file.
+    """
+    _check("write", path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        _write_all(fd, data)
+        if sync:
+            fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_replace(path: str | os.PathLike[str], data: bytes, *, sync: bool = True) -> None:
+    """Atomically replace ``path`` with ``data``: tmp file, fsync, rename, fsync dir.
+
+    A reader sees the old content or the new, never a mix. On failure the tmp file is
+    removed and ``path`` is untouched.
+    """
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        _check("write", tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            if sync:
+                fsync_fd(fd)
+        finally:
+            os.close(fd)
+        rename(tmp, p, sync=sync)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, sync: bool = True) -> None:
+    """rename(2), then fsync the destination directory when ``sync`` (and the source's, if different).
+
+    rename is the commit point of every state change: it is atomic, so after a crash the
+    entry is in exactly one of the two places.
+    """
+    _check("rename", dst)
+    os.rename(src, dst)
+    if sync:
+        dst_dir = os.path.dirname(os.fspath(dst))
+        fsync_dir(dst_dir)
+        src_dir = os.path.dirname(os.fspath(src))
+        if src_dir != dst_dir:
+            fsync_dir(src_dir)
+
+
+def mkdir(path: str | os.PathLike[str], mode: int = 0o755) -> None:
+    _check("mkdir", path)
+    os.mkdir(path, mode)
+
+
+def makedirs(path: Path, stop_at: Path, *, sync: bool = True) -> None:
+    """``mkdir -p path`` below ``stop_at``; fsync the parent of every directory created."""
+    missing: list[Path] = []
+    p = path
+    while p != stop_at and not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            mkdir(d)
+        except FileExistsError:
+            continue
+        if sync:
+            fsync_dir(d.parent)
+
+
+def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    _check("link", dst)
+    os.link(src, dst)
+
+
+def write_stream_chunk(fd: int, chunk: bytes) -> None:
+    """Write one chunk of a streamed file (attachments); injected faults apply."""
+    _check("write")
+    _write_all(fd, chunk)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Flush everything dirty on the filesystem holding ``path`` (group commit).
+
+    One ``syncfs(2)`` makes a whole batch of files durable at the cost of one flush, where
+    fsync per file would pay one journal commit each. Falls back to ``sync()``.
+    """
+    global _libc
+    _check("fsync", path)
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fn = getattr(_libc, "syncfs", None)
+        if fn is None:
+            os.sync()
+            return
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(fd)
+
+
+def fsync_dirs(paths: Iterable[str | os.PathLike[str]]) -> None:
+    for p in dict.fromkeys(os.fspath(x) for x in paths):
+        fsync_dir(p)

@@ -1,0 +1,444 @@
+"""The data model: message, queue configuration, states and their transitions.
+
+Field names follow RQ (``reference/rq-spec.md`` 1.5 and 1.7) so RQ's clients and scripts
+read spoolq's JSON unchanged. Validation raises :mod:`spoolq.errors` exceptions with a
+message that says what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import InvalidConfig, InvalidMessage, TooLarge
+from .ids import validate_queue_name
+
+MAX_MSG_BYTES = 1024 * 1024
+"""Largest serialized ``msg`` accepted. Bulk data belongs in attachments."""
+
+DEFAULT_MAX_COUNT = 15
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class State(StrEnum):
+    """Where a message is; each state is one directory in the filesystem store."""
+
+    PREP = "prep"
+    QUE = "que"
+    RUN = "run"
+    DONE = "done"
+    RELAYED = "relayed"
+    ERR = "err"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({State.DONE, State.RELAYED, State.ERR})
+
+# The only transitions a message may make (docs/internals.md, "State table").
+# que->done|relayed: coalesced duplicates finish with their parent without running.
+# que->err: a message that cannot be started (script missing) fails without running.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PREP: frozenset({State.QUE}),
+    State.QUE: frozenset({State.RUN, State.DONE, State.RELAYED, State.ERR}),
+    State.RUN: frozenset({State.DONE, State.RELAYED, State.ERR, State.QUE}),
+    State.ERR: frozenset({State.QUE}),
+    State.DONE: frozenset(),
+    State.RELAYED: frozenset(),
+}
+
+
+def check_transition(src: State, dst: State) -> None:
+    from .errors import WrongState
+
+    if dst not in TRANSITIONS[src]:
+        raise WrongState(f"a message cannot go from {src} to {dst}")
+
+
+class AdminState(StrEnum):
+    """A queue's admin state (RQ 6.1): PAUSE accepts but runs nothing; DOWN refuses new messages."""
+
+    UP = "UP"
+    PAUSE = "PAUSE"
+    DOWN = "DOWN"
+
+
+def _param(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise InvalidMessage(f"{name} must be a string or a number, not {type(value).__name__}")
+
+
+def _int(value: Any, name: str, lo: int = 0, hi: int = 2**31) -> int:
+    if isinstance(value, bool):
+        raise InvalidMessage(f"{name} must be an integer")
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InvalidMessage(f"{name} must be an integer, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise InvalidMessage(f"{name} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def _epoch(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise InvalidMessage(f"{name} must be epoch seconds")
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise InvalidMessage(f"{name} must be epoch seconds, got {value!r}") from None
+    if not math.isfinite(t) or t < 0 or t > 32503680000:  # year 3000
+        raise InvalidMessage(f"{name} out of range: {value!r}")
+    return t
+
+
+# Keys RQ's get_message adds on read; they may come back on input and are ignored.
+DERIVED_KEYS = frozenset({"path", "status", "state", "_attachments", "_method", "history"})
+
+
+@dataclass
+class Message:
+    """One message. ``msg_id`` and ``created_at`` are set by the store on creation."""
+
+    dest: str = ""
+    msg_id: str = ""
+    src: str = ""
+    count: int = 0
+    max_count: int = DEFAULT_MAX_COUNT
+    param1: str = ""
+    param2: str = ""
+    param3: str = ""
+    param4: str = ""
+    due: float = 0.0
+    orig_msg_id: str = ""
+    post_run_webhook: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    force_remote: bool = False
+    cloned_from: str = ""
+    dups: list[str] = field(default_factory=list)
+    dup: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, strict: bool = False) -> Message:
+        """Build and validate a message from RQ-style JSON.
+
+        Derived keys (``status``, ``state``...) are ignored. Unknown keys are an error when
+        ``strict`` and dropped otherwise (RQ's HTTP clients send extra form fields).
+        """
+        if not isinstance(data, dict):
+            raise InvalidMessage("a message must be a JSON object")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known - DERIVED_KEYS
+        if strict and unknown:
+            raise InvalidMessage(f"unknown message field(s): {', '.join(sorted(unknown))}")
+        m = cls()
+        m.dest = _param(data.get("dest"), "dest")
+        m.msg_id = _param(data.get("msg_id"), "msg_id")
+        m.src = _param(data.get("src"), "src")
+        if data.get("count") not in (None, ""):
+            m.count = _int(data["count"], "count")
+        if data.get("max_count") not in (None, ""):
+            m.max_count = _int(data["max_count"], "max_count", 1)
+        for i in range(1, 5):
+            setattr(m, f"param{i}", _param(data.get(f"param{i}"), f"param{i}"))
+        if data.get("due") not in (None, ""):
+            m.due = _epoch(data["due"], "due")
+        m.orig_msg_id = _param(data.get("orig_msg_id"), "orig_msg_id")
+        hooks = data.get("post_run_webhook") or []
+        if isinstance(hooks, str):
+            hooks = hooks.split()
+        if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+            raise InvalidMessage("post_run_webhook must be a list of URLs")
+        for h in hooks:
+            if not re.match(r"^https?://\S+$", h):
+                raise InvalidMessage(f"post_run_webhook entry is not an http(s) URL: {h!r}")
+        m.post_run_webhook = list(hooks)
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise InvalidMessage("params must be a JSON object")
+        m.params = params
+        if data.get("created_at") not in (None, ""):
+            m.created_at = _epoch(data["created_at"], "created_at")
+        fr = data.get("force_remote")
+        m.force_remote = fr in (True, "true", "yes", "1", 1)
+        m.cloned_from = _param(data.get("cloned_from"), "cloned_from")
+        dups = data.get("dups") or []
+        m.dups = [str(d) for d in dups] if isinstance(dups, list) else []
+        m.dup = _param(data.get("dup"), "dup")
+        hist = data.get("history") or []
+        m.history = [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+        return m
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: RQ's field names, plus spoolq's own."""
+        d: dict[str, Any] = {
+            "msg_id": self.msg_id,
+            "dest": self.dest,
+            "src": self.src,
+            "count": self.count,
+            "max_count": self.max_count,
+            "param1": self.param1,
+            "param2": self.param2,
+            "param3": self.param3,
+            "param4": self.param4,
+            "due": self.due,
+            "orig_msg_id": self.orig_msg_id,
+            "post_run_webhook": list(self.post_run_webhook),
+            "params": self.params,
+            "created_at": self.created_at,
+        }
+        if self.force_remote:
+            d["force_remote"] = True
+        if self.cloned_from:
+            d["cloned_from"] = self.cloned_from
+        if self.dups:
+            d["dups"] = list(self.dups)
+        if self.dup:
+            d["dup"] = self.dup
+        if self.history:
+            d["history"] = list(self.history)
+        return d
+
+    def encode(self) -> bytes:
+        """Serialize for storage, refusing anything over :data:`MAX_MSG_BYTES`."""
+        try:
+            data = json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise InvalidMessage(f"message is not JSON-serializable: {e}") from None
+        if len(data) > MAX_MSG_BYTES:
+            raise TooLarge(
+                f"message is {len(data)} bytes; the limit is {MAX_MSG_BYTES} (put bulk data in an attachment)"
+            )
+        return data
+
+
+@dataclass
+class RetryPolicy:
+    """Backoff for exit 111 (temporary failure): ``min(max_delay, base * factor**count)`` ± jitter."""
+
+    base: float = 5.0
+    factor: float = 2.0
+    max_delay: float = 3600.0
+    jitter: float = 0.1
+
+    def delay(self, count: int, rand: float = 0.5) -> float:
+        """Delay before attempt ``count`` (``rand`` in [0, 1) spreads it by ``jitter``)."""
+        d = min(self.max_delay, self.base * (self.factor ** max(0, count)))
+        return max(0.0, d * (1 + self.jitter * (2 * rand - 1)))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RetryPolicy:
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise InvalidConfig("retry must be an object {base, factor, max_delay, jitter}")
+        p = cls()
+        for k in ("base", "factor", "max_delay", "jitter"):
+            if k in data:
+                v = data[k]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                    raise InvalidConfig(f"retry.{k} must be a non-negative number")
+                setattr(p, k, float(v))
+        unknown = set(data) - {"base", "factor", "max_delay", "jitter"}
+        if unknown:
+            raise InvalidConfig(f"unknown retry key(s): {', '.join(sorted(unknown))}")
+        return p
+
+    def to_dict(self) -> dict[str, float]:
+        return {"base": self.base, "factor": self.factor, "max_delay": self.max_delay, "jitter": self.jitter}
+
+
+def _param_numbers(value: Any, name: str) -> list[int]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list):
+        raise InvalidConfig(f"{name} must be a list of param numbers 1-4")
+    out: list[int] = []
+    for v in value:
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise InvalidConfig(f"{name} must be a list of param numbers 1-4, got {v!r}") from None
+        if not 1 <= n <= 4 or isinstance(v, bool):
+            raise InvalidConfig(f"{name} must be a list of param numbers 1-4, got {v!r}")
+        if n not in out:
+            out.append(n)
+    return sorted(out)
+
+
+@dataclass
+class QueueConfig:
+    """A queue's configuration (``config.json``), RQ's keys plus spoolq's own."""
+
+    name: str
+    script: str = ""
+    num_workers: int = 1
+    exec_prefix: str = ""
+    env_vars: dict[str, str] = field(default_factory=dict)
+    coalesce_params: list[int] = field(default_factory=list)
+    blocking_params: list[int] = field(default_factory=list)
+    timeout: float | None = None
+    max_count: int = DEFAULT_MAX_COUNT
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    fsync: bool = True
+    kind: str = "script"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> QueueConfig:
+        if not isinstance(data, dict):
+            raise InvalidConfig("a queue config must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        # RQ's legacy keys and never-implemented ones are accepted and ignored.
+        ignored = {"coalesce", "coalesce_param1", "coalesce_param2", "coalesce_param3",
+                   "coalesce_param4", "ordering", "schedule"}
+        unknown = set(data) - known - ignored
+        if unknown:
+            raise InvalidConfig(f"unknown queue config key(s): {', '.join(sorted(unknown))}")
+        name = data.get("name")
+        try:
+            validate_queue_name(name)  # type: ignore[arg-type]
+        except Exception as e:
+            raise InvalidConfig(str(e)) from None
+        assert isinstance(name, str)
+        c = cls(name=name)
+        script = data.get("script", "")
+        if not isinstance(script, str) or "\0" in script:
+            raise InvalidConfig("script must be a path string")
+        c.script = script
+        c.kind = str(data.get("kind", "script"))
+        if c.kind not in ("script",):
+            raise InvalidConfig(f"unknown queue kind {c.kind!r} (known: script)")
+        if c.kind == "script" and not c.script:
+            raise InvalidConfig("script is required: the path of the program to run per message")
+        try:
+            c.num_workers = int(data.get("num_workers", 1))
+        except (TypeError, ValueError):
+            raise InvalidConfig("num_workers must be an integer 1-128") from None
+        if not 1 <= c.num_workers <= 128:
+            raise InvalidConfig("num_workers must be an integer 1-128")
+        prefix = data.get("exec_prefix", "")
+        if prefix is None:
+            prefix = ""
+        if not isinstance(prefix, str) or "\0" in prefix:
+            raise InvalidConfig("exec_prefix must be a string")
+        c.exec_prefix = prefix
+        env = data.get("env_vars") or {}
+        if not isinstance(env, dict):
+            raise InvalidConfig("env_vars must be an object of NAME: value")
+        for k, v in env.items():
+            if not isinstance(k, str) or not ENV_NAME_RE.match(k):
+                raise InvalidConfig(f"env_vars name {k!r} is not a valid environment variable name")
+            if k.startswith("RQ_") or k.startswith("SPOOLQ_"):
+                raise InvalidConfig(f"env_vars may not set {k}: RQ_* and SPOOLQ_* are set by spoolq")
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool) or "\0" in str(v):
+                raise InvalidConfig(f"env_vars value for {k} must be a string")
+        c.env_vars = {k: str(v) for k, v in env.items()}
+        coalesce = data.get("coalesce_params")
+        if coalesce is None and data.get("coalesce") in (True, "true", "yes", "1", 1):
+            coalesce = [i for i in range(1, 5)
+                        if data.get(f"coalesce_param{i}") in (True, "true", "yes", "1", 1)]
+        c.coalesce_params = _param_numbers(coalesce, "coalesce_params")
+        c.blocking_params = _param_numbers(data.get("blocking_params"), "blocking_params")
+        t = data.get("timeout")
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise InvalidConfig("timeout must be a positive number of seconds, or null")
+            c.timeout = float(t)
+        mc = data.get("max_count", DEFAULT_MAX_COUNT)
+        if isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= 1_000_000:
+            raise InvalidConfig("max_count must be an integer 1-1000000")
+        c.max_count = mc
+        c.retry = RetryPolicy.from_dict(data.get("retry"))
+        fs = data.get("fsync", True)
+        if not isinstance(fs, bool):
+            raise InvalidConfig("fsync must be true or false")
+        c.fsync = fs
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "script": self.script,
+            "num_workers": self.num_workers,
+            "exec_prefix": self.exec_prefix,
+            "env_vars": dict(self.env_vars),
+            "coalesce_params": list(self.coalesce_params),
+            "blocking_params": list(self.blocking_params),
+            "timeout": self.timeout,
+            "max_count": self.max_count,
+            "retry": self.retry.to_dict(),
+            "fsync": self.fsync,
+            "kind": self.kind,
+        }
+
+
+@dataclass
+class AttachmentInfo:
+    """What the store records for an attachment: RQ's md5 and size, plus sha256."""
+
+    name: str
+    size: int
+    md5: str
+    sha256: str
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"md5": self.md5, "sha256": self.sha256, "size": self.size, "path": self.path}
+
+
+@dataclass
+class MessageView:
+    """A message as read: the stored message plus derived state, status and attachments."""
+
+    queue: str
+    message: Message
+    state: State
+    job_status: str = ""
+    attachments: dict[str, AttachmentInfo] = field(default_factory=dict)
+    acked: bool = False
+
+    @property
+    def msg_id(self) -> str:
+        return self.message.msg_id
+
+    @property
+    def status(self) -> str:
+        """RQ's status text: ``state`` or ``"state - job_status"``."""
+        return f"{self.state} - {self.job_status}" if self.job_status else str(self.state)
+
+    def to_rq_json(self, full_id: str | None = None) -> dict[str, Any]:
+        """The JSON RQ's ``get_message`` returns: msg fields plus ``state``, ``status``, ``_attachments``."""
+        d = self.message.to_dict()
+        d["history"] = list(self.message.history)
+        d["state"] = str(self.state)
+        d["status"] = self.status
+        d["queue"] = self.queue
+        if full_id:
+            d["full_msg_id"] = full_id
+        if self.acked:
+            d["acked"] = True
+        if self.attachments:
+            d["_attachments"] = {n: a.to_dict() for n, a in sorted(self.attachments.items())}
+        return d
+
+
+@dataclass
+class ListPage:
+    """One page of a listing, newest first. ``next_cursor`` is None on the last page."""
+
+    items: list[MessageView]
+    next_cursor: str | None = None
+    problems: list[str] = field(default_factory=list)

@@ -1,0 +1,23 @@
+"""Stores: where queues and messages live. Chosen by URL (see :func:`open_store`)."""
+
+from __future__ import annotations
+
+from ..errors import InvalidInput
+from .base import AttachmentSource, Store
+from .fs import FsStore
+from .memory import MemoryStore
+
+__all__ = ["AttachmentSource", "FsStore", "MemoryStore", "Store", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    """``/path`` or ``file:///path`` -> filesystem store; ``memory:`` -> memory store."""
+    if url == "memory:":
+        return MemoryStore()
+    if url.startswith("file://"):
+        return FsStore(url[len("file://"):])
+    if url.startswith(("postgresql://", "postgres://")):
+        raise InvalidInput("the PostgreSQL store is not built yet; use a directory")
+    if "://" in url:
+        raise InvalidInput(f"unknown store URL {url!r}: use a directory path, file:///path or memory:")
+    return FsStore(url)

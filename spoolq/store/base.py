@@ -1,0 +1,145 @@
+"""The Store protocol: everything the client, daemon and HTTP layer need from storage.
+
+Two implementations pass one contract suite (``tests/test_store_contract.py``): the
+filesystem store (the default, ``spoolq.store.fs``) and a memory store (reference and
+tests). Every store keeps the state table of docs/internals.md: a message is in exactly
+one state, moves only along :data:`spoolq.model.TRANSITIONS`, and every move is atomic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from ..model import AdminState, AttachmentInfo, ListPage, Message, MessageView, QueueConfig, State
+
+
+@dataclass
+class AttachmentSource:
+    """An attachment to add: a local file (``path``) or a readable binary stream (``stream``).
+
+    ``name`` defaults to the file's basename. A file on the spool's filesystem is hard-linked
+    (no copy); anything else is copied. Either way md5, sha256 and size are recorded.
+    """
+
+    name: str | None = None
+    path: str | None = None
+    stream: BinaryIO | None = None
+
+
+class Store(Protocol):
+    """Storage for queues and messages. All methods are safe to call from many processes."""
+
+    url: str
+
+    # -- queues -----------------------------------------------------------------
+    def create_queue(self, config: QueueConfig) -> None:
+        """Create a queue. Raises QueueExists if it exists."""
+
+    def update_queue(self, config: QueueConfig) -> None:
+        """Replace a queue's config (applies to the next run). Raises QueueNotFound."""
+
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
+        """Remove a queue. Refuses (Conflict) while messages are in prep, que or run unless ``force``."""
+
+    def queues(self) -> list[str]:
+        """Names of all queues, sorted."""
+
+    def queue_config(self, name: str) -> QueueConfig: ...
+
+    def admin_state(self, name: str) -> AdminState: ...
+
+    def set_admin_state(self, name: str, state: AdminState) -> None:
+        """UP, PAUSE or DOWN; persisted so it survives restarts."""
+
+    # -- creating messages --------------------------------------------------------
+    def create(
+        self,
+        queue: str,
+        msg: Message,
+        *,
+        attachments: Sequence[AttachmentSource] = (),
+        state: State = State.QUE,
+    ) -> Message:
+        """Store a new message in ``prep`` or ``que``; returns it with ``msg_id`` and ``created_at`` set.
+
+        Durable before it returns (unless the queue has ``fsync: false``). A DOWN queue
+        raises QueueDown. Nothing partial is ever visible: on any error nothing was stored.
+        """
+
+    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
+        """Store many messages in ``que`` with one group commit; all or nothing."""
+
+    def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
+        """Add an attachment to a message in prep (the same name replaces). WrongState otherwise."""
+
+    def delete_attachment(self, queue: str, msg_id: str, name: str) -> None: ...
+
+    def commit(self, queue: str, msg_id: str) -> None:
+        """prep -> que. Committing a message already past prep is a no-op (idempotent)."""
+
+    # -- reading ------------------------------------------------------------------
+    def get(self, queue: str, msg_id: str) -> MessageView:
+        """The message with its state, job status, attachments and history."""
+
+    def state_of(self, queue: str, msg_id: str) -> State: ...
+
+    def list(
+        self,
+        queue: str,
+        state: State,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        filter: str | None = None,
+    ) -> ListPage:
+        """Messages in ``state``, newest first. ``cursor`` is the ``next_cursor`` of the
+        previous page; ``filter`` is a substring matched against the message JSON and status."""
+
+    def ids(self, queue: str, state: State) -> Iterator[str]:
+        """Every id in ``state``, in no particular order (for the daemon's scans)."""
+
+    def counts(self, queue: str) -> dict[str, int]:
+        """Messages per state (``err`` excludes acknowledged errors, counted as ``err_acked``)."""
+
+    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO: ...
+
+    def message_dir(self, queue: str, msg_id: str) -> Path:
+        """The message's directory (the runner's cwd is ``<dir>/job``)."""
+
+    # -- changing messages -------------------------------------------------------
+    def move(
+        self,
+        queue: str,
+        msg_id: str,
+        src: State,
+        dst: State,
+        *,
+        update: Callable[[Message], None] | None = None,
+        note: str = "",
+    ) -> Message:
+        """Move a message from ``src`` to ``dst`` (one atomic step), optionally rewriting it first.
+
+        Raises WrongState if the transition is not allowed or the message is not in ``src``
+        (someone else moved it: the caller lost a race and must not act on it).
+        """
+
+    def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
+        """Rewrite a message in place (whatever its state), atomically."""
+
+    def set_status(self, queue: str, msg_id: str, text: str) -> None:
+        """Set the job status text shown as ``"<state> - <text>"``."""
+
+    def delete(self, queue: str, msg_id: str) -> None:
+        """Remove a message (any state but run: cancel it first)."""
+
+    def ack_errs(self, queue: str) -> int:
+        """Acknowledge every unacknowledged error; returns how many."""
+
+    def recount(self, queue: str) -> dict[str, int]:
+        """Recompute the counts from the messages themselves (after a crash or by hand)."""
+
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> list[str]:
+        """Remove debris of dead producers and empty buckets; returns what was removed."""

@@ -1,0 +1,758 @@
+"""The filesystem store: queues are directories, messages are directories of JSON and files.
+
+Every state change is one rename(2) of a message directory (the commit point); durable
+writes go through :mod:`spoolq.durable`. The state table, the invariants and the crash
+argument are in docs/internals.md; comments below name the invariant they keep (I1..I8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .. import durable
+from ..errors import (
+    AttachmentNotFound,
+    Conflict,
+    CorruptMessage,
+    InvalidInput,
+    InvalidConfig,
+    MessageNotFound,
+    QueueDown,
+    QueueExists,
+    QueueNotFound,
+    SpoolqError,
+    StorageError,
+    WrongState,
+)
+from ..ids import make_id, validate_attachment_name, validate_msg_id, validate_queue_name
+from ..model import (
+    AdminState,
+    AttachmentInfo,
+    ListPage,
+    Message,
+    MessageView,
+    QueueConfig,
+    State,
+    check_transition,
+)
+from .base import AttachmentSource
+from .layout import COUNT_KEYS, Counts, iter_entries, message_path
+
+CHUNK = 1024 * 1024
+# Order in which locate() looks for a message: the common states of a live message first.
+LOOKUP_ORDER = (State.RUN, State.QUE, State.PREP, State.DONE, State.ERR, State.RELAYED)
+_seq = itertools.count()
+
+
+def _count_key(state: State, acked: bool = False) -> str:
+    return "err_acked" if acked else str(state)
+
+
+class FsStore:
+    """A spool root on the local filesystem. Safe for many processes at once (no global lock)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.qroot = self.root / "queue"
+        self.url = f"file://{self.root}"
+        self.clock = clock
+        self._cfg_cache: dict[str, tuple[tuple[int, int], QueueConfig]] = {}
+        self._lock = threading.Lock()
+        try:
+            self.qroot.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot create spool root {self.root}") from None
+
+    # -- queues --------------------------------------------------------------------------
+    def qdir(self, name: str) -> Path:
+        return self.qroot / validate_queue_name(name)
+
+    def _existing_qdir(self, name: str) -> Path:
+        q = self.qdir(name)
+        if not (q / "config.json").is_file():
+            raise QueueNotFound(f"no such queue: {name}")
+        return q
+
+    def create_queue(self, config: QueueConfig) -> None:
+        qdir = self.qdir(config.name)
+        if qdir.exists():
+            raise QueueExists(f"queue {config.name} already exists")
+        # I1: a queue appears whole or not at all: built in a staging dir, then renamed.
+        stage = self.qroot / f".new.{config.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            durable.mkdir(stage)
+            for sub in (*[str(s) for s in State], ".tmp", "corrupt"):
+                durable.mkdir(stage / sub)
+            durable.write_new(stage / "config.json", _json(config.to_dict(), indent=2))
+            durable.write_new(stage / "counts", _json(dict.fromkeys(COUNT_KEYS, 0)), sync=False)
+            try:
+                durable.rename(stage, qdir)
+            except OSError as e:
+                if e.errno in (39, 17):  # ENOTEMPTY, EEXIST: someone created it first
+                    raise QueueExists(f"queue {config.name} already exists") from None
+                raise
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot create queue {config.name}") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def update_queue(self, config: QueueConfig) -> None:
+        qdir = self._existing_qdir(config.name)
+        try:
+            durable.write_replace(qdir / "config.json", _json(config.to_dict(), indent=2))
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot write config of {config.name}") from None
+
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
+        qdir = self._existing_qdir(name)
+        if not force:
+            c = self.counts(name)
+            busy = {k: c[k] for k in ("prep", "que", "run") if c[k]}
+            if busy:
+                raise Conflict(
+                    f"queue {name} still holds messages ({busy}); drain it first or use --force"
+                )
+        dest = self.root / "deleted"
+        try:
+            dest.mkdir(exist_ok=True)
+            durable.rename(qdir, dest / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{secrets.token_hex(3)}")
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot delete queue {name}") from None
+        self._cfg_cache.pop(name, None)
+
+    def queues(self) -> list[str]:
+        try:
+            names = os.listdir(self.qroot)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            if n.startswith("."):
+                continue
+            try:
+                validate_queue_name(n)
+            except SpoolqError:
+                continue
+            if (self.qroot / n / "config.json").is_file():
+                out.append(n)
+        return sorted(out)
+
+    def queue_config(self, name: str) -> QueueConfig:
+        path = self._existing_qdir(name) / "config.json"
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            cached = self._cfg_cache.get(name)
+            if cached and cached[0] == key:
+                return cached[1]
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise QueueNotFound(f"no such queue: {name}") from None
+        try:
+            cfg = QueueConfig.from_dict(json.loads(raw))
+        except ValueError as e:
+            raise InvalidConfig(f"config.json of queue {name} is not valid JSON: {e}") from None
+        if cfg.name != name:
+            raise InvalidConfig(f"config.json of queue {name} names another queue: {cfg.name!r}")
+        self._cfg_cache[name] = (key, cfg)
+        return cfg
+
+    def admin_state(self, name: str) -> AdminState:
+        qdir = self._existing_qdir(name)
+        if (qdir / "down").exists():
+            return AdminState.DOWN
+        if (qdir / "pause").exists():
+            return AdminState.PAUSE
+        return AdminState.UP
+
+    def set_admin_state(self, name: str, state: AdminState) -> None:
+        qdir = self._existing_qdir(name)
+        want = {"down": state == AdminState.DOWN, "pause": state == AdminState.PAUSE}
+        try:
+            for flag, on in want.items():
+                p = qdir / flag
+                if on and not p.exists():
+                    durable.write_replace(p, b"")
+                elif not on and p.exists():
+                    p.unlink()
+                    durable.fsync_dir(qdir)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot set {name} {state}") from None
+
+    # -- creating ------------------------------------------------------------------------
+    def _stage(self, qdir: Path) -> tuple[Path, int]:
+        """A fresh staging directory in ``.tmp`` and its inode (which makes the id unique)."""
+        name = f"{os.getpid()}.{next(_seq)}.{secrets.token_hex(3)}"
+        path = qdir / ".tmp" / name
+        durable.mkdir(path)
+        return path, os.stat(path).st_ino
+
+    def _check_accepting(self, queue: str) -> QueueConfig:
+        cfg = self.queue_config(queue)
+        if self.admin_state(queue) == AdminState.DOWN:
+            raise QueueDown(f"queue {queue} is DOWN: it refuses new messages")
+        return cfg
+
+    def _prepare(self, msg: Message, queue: str, now: float, state: State, ino: int) -> Message:
+        m = Message.from_dict(msg.to_dict())
+        m.msg_id = make_id(now, ino)
+        m.created_at = now
+        if not m.due:
+            m.due = now
+        if not m.dest:
+            m.dest = queue
+        m.history = [{"state": str(state), "at": now}]
+        return m
+
+    def create(
+        self,
+        queue: str,
+        msg: Message,
+        *,
+        attachments: Sequence[AttachmentSource] = (),
+        state: State = State.QUE,
+    ) -> Message:
+        if state not in (State.QUE, State.PREP):
+            raise InvalidInput("new messages start in que or prep")
+        cfg = self._check_accepting(queue)
+        qdir = self.qdir(queue)
+        sync = cfg.fsync
+        stage: Path | None = None
+        try:
+            stage, ino = self._stage(qdir)
+            m = self._prepare(msg, queue, self.clock(), state, ino)
+            data = m.encode()
+            if attachments:
+                durable.mkdir(stage / "attach")
+                for a in attachments:
+                    self._add_attachment(stage / "attach", a, qdir, sync)
+            durable.write_new(stage / "msg", data, sync=sync)
+            if sync:
+                durable.fsync_dir(stage)
+            # I2: the message becomes visible by one rename of a complete directory.
+            self._publish(stage, message_path(qdir, state, m.msg_id), qdir / str(state), sync)
+            stage = None
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot store message in {queue}") from None
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+        Counts(qdir / "counts").add({str(state): 1})
+        return m
+
+    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
+        cfg = self._check_accepting(queue)
+        qdir = self.qdir(queue)
+        sync = cfg.fsync
+        staged: list[tuple[Path, Message]] = []
+        published: list[Path] = []
+        try:
+            now = self.clock()
+            for msg in msgs:
+                stage, ino = self._stage(qdir)
+                staged.append((stage, msg))
+                m = self._prepare(msg, queue, now, State.QUE, ino)
+                staged[-1] = (stage, m)
+                durable.write_new(stage / "msg", m.encode(), sync=False)
+            if sync:
+                # Group commit: one flush makes every staged file and directory durable.
+                durable.syncfs(qdir)
+            buckets: set[Path] = set()
+            for stage, m in staged:
+                dst = message_path(qdir, State.QUE, m.msg_id)
+                self._publish(stage, dst, qdir / "que", sync, fsync_parent=False)
+                published.append(dst)
+                buckets.add(dst.parent)
+            if sync:
+                durable.fsync_dirs(buckets)
+        except (OSError, SpoolqError) as e:
+            # All or nothing: withdraw what was already published, drop the staging dirs.
+            for p in published:
+                shutil.rmtree(p, ignore_errors=True)
+            for stage, _ in staged:
+                shutil.rmtree(stage, ignore_errors=True)
+            if isinstance(e, SpoolqError):
+                raise
+            raise durable.storage_error(e, f"cannot store {len(msgs)} messages in {queue}") from None
+        Counts(qdir / "counts").add({"que": len(staged)})
+        return [m for _, m in staged]
+
+    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool, *, fsync_parent: bool = True) -> None:
+        """Rename ``src`` to ``dst``, creating its bucket directories as needed.
+
+        A janitor may remove an empty bucket between our mkdir and our rename: ENOENT on the
+        destination then means "make it again", never a lost message.
+        """
+        for _ in range(10):
+            try:
+                durable._check("rename", dst)
+                os.rename(src, dst)
+                break
+            except FileNotFoundError:
+                if not src.exists():
+                    raise
+                durable.makedirs(dst.parent, state_dir, sync=sync)
+            except OSError as e:
+                if e.errno in (39, 17):  # the id already exists: clock went back and inode reused
+                    raise Conflict(f"message id {dst.name} already exists in {state_dir}") from None
+                raise
+        else:
+            raise StorageError(f"cannot create bucket directory {dst.parent}")
+        # rename is one journal transaction: fsync of the destination directory commits it.
+        if sync and fsync_parent:
+            durable.fsync_dir(dst.parent)
+
+    def _add_attachment(self, attach_dir: Path, src: AttachmentSource, qdir: Path, sync: bool) -> AttachmentInfo:
+        name = src.name or (os.path.basename(src.path) if src.path else None)
+        if not name:
+            raise InvalidInput("an attachment needs a name")
+        validate_attachment_name(name)
+        tmp = attach_dir / f".{name}.tmp"
+        final = attach_dir / name
+        md5, sha = hashlib.md5(), hashlib.sha256()
+        size = 0
+        try:
+            if src.path is not None:
+                path = src.path
+                if not os.path.isabs(path):
+                    raise InvalidInput(f"Invalid pathname, must be normalized {path} (ie. must start with /")
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    raise InvalidInput(f"No such file {path} to attach to message") from None
+                if stat.S_ISDIR(st.st_mode):
+                    raise InvalidInput(f"Attachment currently cannot be a directory {path}")
+                if not stat.S_ISREG(st.st_mode):
+                    raise InvalidInput(f"Attachment currently not of supported type: {path}")
+                if not os.access(path, os.R_OK):
+                    raise InvalidInput(f"Attachment currently cannot be read: {path}")
+                linked = False
+                if st.st_dev == os.stat(attach_dir).st_dev:
+                    try:
+                        durable.link(path, tmp)
+                        linked = True
+                    except OSError:
+                        linked = False  # e.g. protected_hardlinks: fall back to a copy
+                if linked:
+                    with open(tmp, "rb") as f:
+                        while chunk := f.read(CHUNK):
+                            md5.update(chunk)
+                            sha.update(chunk)
+                            size += len(chunk)
+                        if sync:
+                            durable.fsync_fd(f.fileno())
+                else:
+                    with open(path, "rb") as f:
+                        size = self._copy_stream(f, tmp, md5, sha, sync)
+            elif src.stream is not None:
+                size = self._copy_stream(src.stream, tmp, md5, sha, sync)
+            else:
+                raise InvalidInput("an attachment needs a path or a stream")
+            info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
+                                  path=str(final))
+            durable.write_replace(attach_dir / f".{name}.json", _json(info.to_dict()), sync=sync)
+            os.rename(tmp, final)
+            if sync:
+                durable.fsync_dir(attach_dir)
+            return info
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            while chunk := f.read(CHUNK):
+                md5.update(chunk)
+                sha.update(chunk)
+                durable.write_stream_chunk(fd, chunk)
+                size += len(chunk)
+            if sync:
+                durable.fsync_fd(fd)
+        finally:
+            os.close(fd)
+        return size
+
+    def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
+        qdir = self._existing_qdir(queue)
+        cfg = self.queue_config(queue)
+        path = message_path(qdir, State.PREP, validate_msg_id(msg_id))
+        if not path.is_dir():
+            self.locate(queue, msg_id)  # raises MessageNotFound if it is nowhere
+            raise WrongState(f"message {msg_id} is not in prep: attachments can only be added in prep")
+        attach_dir = path / "attach"
+        try:
+            try:
+                durable.mkdir(attach_dir)
+            except FileExistsError:
+                pass
+            return self._add_attachment(attach_dir, source, qdir, cfg.fsync)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot attach to {queue}/{msg_id}") from None
+
+    def delete_attachment(self, queue: str, msg_id: str, name: str) -> None:
+        qdir = self._existing_qdir(queue)
+        validate_attachment_name(name)
+        path = message_path(qdir, State.PREP, validate_msg_id(msg_id))
+        if not path.is_dir():
+            self.locate(queue, msg_id)
+            raise WrongState(f"message {msg_id} is not in prep")
+        try:
+            os.unlink(path / "attach" / name)
+        except FileNotFoundError:
+            raise AttachmentNotFound(f"no attachment {name} on {queue}/{msg_id}") from None
+        try:
+            os.unlink(path / "attach" / f".{name}.json")
+        except FileNotFoundError:
+            pass
+
+    def commit(self, queue: str, msg_id: str) -> None:
+        state, _, _ = self.locate(queue, msg_id)
+        if state == State.PREP:
+            self.move(queue, msg_id, State.PREP, State.QUE, note="commit")
+
+    # -- reading -------------------------------------------------------------------------
+    def locate(self, queue: str, msg_id: str) -> tuple[State, Path, bool]:
+        """Where a message is now: (state, directory, acked)."""
+        qdir = self._existing_qdir(queue)
+        validate_msg_id(msg_id)
+        # A message can move while we look; look a few times before calling it missing.
+        for _ in range(3):
+            for st in LOOKUP_ORDER:
+                p = message_path(qdir, st, msg_id)
+                if os.path.isdir(p):
+                    return st, p, False
+                if st == State.ERR:
+                    p = message_path(qdir, st, msg_id, acked=True)
+                    if os.path.isdir(p):
+                        return st, p, True
+        raise MessageNotFound(f"no message {msg_id} in queue {queue}")
+
+    def _read_msg(self, queue: str, state: State, path: Path, acked: bool = False) -> Message:
+        try:
+            raw = (path / "msg").read_bytes()
+            m = Message.from_dict(json.loads(raw))
+        except FileNotFoundError:
+            if not path.is_dir():
+                raise MessageNotFound(f"message {path.name} moved or vanished while reading") from None
+            self._set_aside(queue, state, path, acked, "msg file missing")
+            raise CorruptMessage(f"message {path.name} in {queue}/{state} has no msg file; set aside") from None
+        except (ValueError, SpoolqError) as e:
+            self._set_aside(queue, state, path, acked, f"unreadable msg: {e}")
+            raise CorruptMessage(
+                f"message {path.name} in {queue}/{state} has an unreadable msg file ({e}); "
+                f"set aside in {self.qdir(queue) / 'corrupt'}"
+            ) from None
+        return m
+
+    def _set_aside(self, queue: str, state: State, path: Path, acked: bool, why: str) -> None:
+        """I7: a message whose files are unreadable is moved out of the state tree, not deleted."""
+        qdir = self.qdir(queue)
+        dest = qdir / "corrupt" / f"{state}.{path.name.lstrip('.')}.{secrets.token_hex(3)}"
+        try:
+            (qdir / "corrupt").mkdir(exist_ok=True)
+            os.rename(path, dest)
+            (dest / "CORRUPT").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}\n")
+        except OSError:
+            return
+        Counts(qdir / "counts").add({_count_key(state, acked): -1})
+
+    def _view(self, queue: str, state: State, path: Path, acked: bool) -> MessageView:
+        m = self._read_msg(queue, state, path, acked)
+        job_status = ""
+        try:
+            js = json.loads((path / "status").read_bytes())
+            if isinstance(js, dict):
+                job_status = str(js.get("job_status", ""))
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(path / "history", "rb") as f:
+                for line in f:
+                    try:
+                        h = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line after a crash: history is advisory
+                    if isinstance(h, dict):
+                        m.history.append(h)
+        except OSError:
+            pass
+        atts: dict[str, AttachmentInfo] = {}
+        adir = path / "attach"
+        try:
+            names = os.listdir(adir)
+        except OSError:
+            names = []
+        for n in names:
+            if n.startswith("."):
+                continue
+            try:
+                meta = json.loads((adir / f".{n}.json").read_bytes())
+                atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
+                                         sha256=str(meta.get("sha256", "")), path=str(adir / n))
+            except (OSError, ValueError, KeyError):
+                st = (adir / n).stat()
+                atts[n] = AttachmentInfo(name=n, size=st.st_size, md5="", sha256="", path=str(adir / n))
+        return MessageView(queue=queue, message=m, state=state, job_status=job_status,
+                           attachments=atts, acked=acked)
+
+    def get(self, queue: str, msg_id: str) -> MessageView:
+        for _ in range(3):
+            state, path, acked = self.locate(queue, msg_id)
+            try:
+                return self._view(queue, state, path, acked)
+            except MessageNotFound:
+                continue  # it moved between locate and read: look again
+        raise MessageNotFound(f"no message {msg_id} in queue {queue}")
+
+    def state_of(self, queue: str, msg_id: str) -> State:
+        return self.locate(queue, msg_id)[0]
+
+    def list(
+        self,
+        queue: str,
+        state: State,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        filter: str | None = None,
+    ) -> ListPage:
+        qdir = self._existing_qdir(queue)
+        if cursor is not None:
+            validate_msg_id(cursor)
+        limit = max(1, min(int(limit), 10000))
+        needle = filter.lower().encode() if filter else None
+        page = ListPage(items=[])
+        last: str | None = None
+        for msg_id, path, acked in iter_entries(qdir, state, before=cursor):
+            if len(page.items) >= limit:
+                page.next_cursor = last
+                break
+            last = msg_id
+            if needle is not None and not self._matches(path, needle):
+                continue
+            try:
+                page.items.append(self._view(queue, state, path, acked))
+            except CorruptMessage as e:
+                page.problems.append(str(e))
+            except MessageNotFound:
+                continue  # moved on while we listed
+        return page
+
+    @staticmethod
+    def _matches(path: Path, needle: bytes) -> bool:
+        for name in ("msg", "status"):
+            try:
+                if needle in (path / name).read_bytes().lower():
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def ids(self, queue: str, state: State) -> Iterator[str]:
+        qdir = self._existing_qdir(queue)
+        for msg_id, _, _ in iter_entries(qdir, state, newest_first=False):
+            yield msg_id
+
+    def counts(self, queue: str) -> dict[str, int]:
+        qdir = self._existing_qdir(queue)
+        c = Counts(qdir / "counts").read()
+        if c is None:
+            return self.recount(queue)
+        return c
+
+    def recount(self, queue: str) -> dict[str, int]:
+        qdir = self._existing_qdir(queue)
+
+        def walk() -> dict[str, int]:
+            counts = dict.fromkeys(COUNT_KEYS, 0)
+            for st in State:
+                for _, _, acked in iter_entries(qdir, st, newest_first=False):
+                    counts[_count_key(st, acked)] += 1
+            return counts
+
+        return Counts(qdir / "counts").rewrite(walk)
+
+    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
+        validate_attachment_name(name)
+        _, path, _ = self.locate(queue, msg_id)
+        try:
+            return open(path / "attach" / name, "rb")
+        except FileNotFoundError:
+            raise AttachmentNotFound(f"Message ID attachment '{name}' not found") from None
+
+    def message_dir(self, queue: str, msg_id: str) -> Path:
+        return self.locate(queue, msg_id)[1]
+
+    # -- changing ------------------------------------------------------------------------
+    def move(
+        self,
+        queue: str,
+        msg_id: str,
+        src: State,
+        dst: State,
+        *,
+        update: Callable[[Message], None] | None = None,
+        note: str = "",
+    ) -> Message:
+        check_transition(src, dst)
+        qdir = self._existing_qdir(queue)
+        sync = self.queue_config(queue).fsync
+        path = message_path(qdir, src, validate_msg_id(msg_id))
+        acked = False
+        if src == State.ERR and not path.is_dir():
+            path, acked = message_path(qdir, src, msg_id, acked=True), True
+        if not path.is_dir():
+            raise WrongState(f"message {msg_id} is not in {src}")
+        try:
+            m = self._read_msg(queue, src, path, acked)
+            if update is not None:
+                update(m)
+                durable.write_replace(path / "msg", m.encode(), sync=sync)
+            dest = message_path(qdir, dst, msg_id)
+            try:
+                self._publish(path, dest, qdir / str(dst), sync)
+            except FileNotFoundError:
+                raise WrongState(f"message {msg_id} left {src} while being moved") from None
+            now = self.clock()
+            entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
+            with open(dest / "history", "ab") as f:
+                f.write(_json(entry) + b"\n")
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
+        Counts(qdir / "counts").add({_count_key(src, acked): -1, str(dst): 1})
+        m.history.append(entry)
+        return m
+
+    def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
+        state, path, acked = self.locate(queue, msg_id)
+        m = self._read_msg(queue, state, path, acked)
+        fn(m)
+        try:
+            durable.write_replace(path / "msg", m.encode(), sync=self.queue_config(queue).fsync)
+        except FileNotFoundError:
+            raise WrongState(f"message {msg_id} moved while being updated; try again") from None
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot update {queue}/{msg_id}") from None
+        return m
+
+    def set_status(self, queue: str, msg_id: str, text: str) -> None:
+        _, path, _ = self.locate(queue, msg_id)
+        try:
+            # Advisory text, rewritten on every status line: atomic but not fsync'd.
+            durable.write_replace(path / "status", _json({"job_status": text}), sync=False)
+        except FileNotFoundError:
+            pass  # the message moved on; its next state writes its own status
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot set status of {queue}/{msg_id}") from None
+
+    def delete(self, queue: str, msg_id: str) -> None:
+        state, path, acked = self.locate(queue, msg_id)
+        if state == State.RUN:
+            raise WrongState(f"message {msg_id} is running: cancel it first")
+        qdir = self.qdir(queue)
+        trash = qdir / ".tmp" / f"deleted.{msg_id}.{secrets.token_hex(3)}"
+        try:
+            os.rename(path, trash)  # I2 again: it disappears in one step
+            if self.queue_config(queue).fsync:
+                durable.fsync_dir(path.parent)
+        except FileNotFoundError:
+            raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot delete {queue}/{msg_id}") from None
+        Counts(qdir / "counts").add({_count_key(state, acked): -1})
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def ack_errs(self, queue: str) -> int:
+        qdir = self._existing_qdir(queue)
+        n = 0
+        for msg_id, path, acked in list(iter_entries(qdir, State.ERR)):
+            if acked:
+                continue
+            try:
+                os.rename(path, path.with_name("." + msg_id))
+                n += 1
+            except FileNotFoundError:
+                continue
+        if n:
+            Counts(qdir / "counts").add({"err": -n, "err_acked": n})
+        return n
+
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> list[str]:
+        """I6: debris of dead producers (staging dirs) goes; empty old buckets go."""
+        qdir = self._existing_qdir(queue)
+        removed: list[str] = []
+        now = time.time()
+        tmp = qdir / ".tmp"
+        for n in os.listdir(tmp) if tmp.is_dir() else []:
+            p = tmp / n
+            try:
+                age = now - p.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            pid = n.split(".", 1)[0]
+            owner_alive = pid.isdigit() and _pid_alive(int(pid))
+            if n.startswith("deleted.") or (not owner_alive and age > 1.0) or age > older_than:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+        # Only the three bucket levels are pruned, never anything inside a message.
+        for st in State:
+            sdir = qdir / str(st)
+            for day in _listdir(sdir):
+                for hm in _listdir(sdir / day):
+                    for ss in _listdir(sdir / day / hm):
+                        if _rmdir_if_stale(sdir / day / hm / ss, now):
+                            removed.append(str(sdir / day / hm / ss))
+                    _rmdir_if_stale(sdir / day / hm, now)
+                _rmdir_if_stale(sdir / day, now)
+        return removed
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return [n for n in os.listdir(path) if n.isdigit()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _rmdir_if_stale(path: Path, now: float) -> bool:
+    """Remove an empty bucket not touched for a minute (ENOTEMPTY keeps a busy one)."""
+    try:
+        if now - path.stat().st_mtime < 60:
+            return False
+        path.rmdir()
+        return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _json(obj: Any, indent: int | None = None) -> bytes:
+    if indent:
+        return (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode()
+    return json.dumps(obj, separators=(",", ":")).encode()

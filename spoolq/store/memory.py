@@ -1,0 +1,347 @@
+"""The memory store: the reference implementation of the Store protocol, for tests.
+
+It keeps the same rules as the filesystem store (state table, transitions, validation,
+errors) with none of the durability. Job directories, which scripts need, are created on
+demand under a private temporary directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import (
+    AttachmentNotFound,
+    Conflict,
+    InvalidInput,
+    MessageNotFound,
+    QueueDown,
+    QueueExists,
+    QueueNotFound,
+    WrongState,
+)
+from ..ids import make_id, sort_key, validate_attachment_name, validate_msg_id, validate_queue_name
+from ..model import (
+    AdminState,
+    AttachmentInfo,
+    ListPage,
+    Message,
+    MessageView,
+    QueueConfig,
+    State,
+    check_transition,
+)
+from .base import AttachmentSource
+from .layout import COUNT_KEYS
+
+
+@dataclass
+class _Entry:
+    msg: Message
+    state: State
+    status: str = ""
+    acked: bool = False
+    attachments: dict[str, tuple[bytes, AttachmentInfo]] = field(default_factory=dict)
+
+
+@dataclass
+class _Queue:
+    config: QueueConfig
+    admin: AdminState = AdminState.UP
+    messages: dict[str, _Entry] = field(default_factory=dict)
+
+
+class MemoryStore:
+    """All data in process memory; thread-safe through one lock (fine for a reference)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.url = "memory:"
+        self.clock = clock
+        self._q: dict[str, _Queue] = {}
+        self._lock = threading.RLock()
+        self._seq = itertools.count(1)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def _queue(self, name: str) -> _Queue:
+        validate_queue_name(name)
+        q = self._q.get(name)
+        if q is None:
+            raise QueueNotFound(f"no such queue: {name}")
+        return q
+
+    def _entry(self, queue: str, msg_id: str) -> _Entry:
+        validate_msg_id(msg_id)
+        e = self._queue(queue).messages.get(msg_id)
+        if e is None:
+            raise MessageNotFound(f"no message {msg_id} in queue {queue}")
+        return e
+
+    # -- queues --------------------------------------------------------------------------
+    def create_queue(self, config: QueueConfig) -> None:
+        with self._lock:
+            validate_queue_name(config.name)
+            if config.name in self._q:
+                raise QueueExists(f"queue {config.name} already exists")
+            self._q[config.name] = _Queue(QueueConfig.from_dict(config.to_dict()))
+
+    def update_queue(self, config: QueueConfig) -> None:
+        with self._lock:
+            self._queue(config.name).config = QueueConfig.from_dict(config.to_dict())
+
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
+        with self._lock:
+            self._queue(name)
+            c = self.counts(name)
+            busy = {k: c[k] for k in ("prep", "que", "run") if c[k]}
+            if busy and not force:
+                raise Conflict(f"queue {name} still holds messages ({busy}); drain it first or use --force")
+            del self._q[name]
+
+    def queues(self) -> list[str]:
+        return sorted(self._q)
+
+    def queue_config(self, name: str) -> QueueConfig:
+        return QueueConfig.from_dict(self._queue(name).config.to_dict())
+
+    def admin_state(self, name: str) -> AdminState:
+        return self._queue(name).admin
+
+    def set_admin_state(self, name: str, state: AdminState) -> None:
+        self._queue(name).admin = AdminState(state)
+
+    # -- creating ------------------------------------------------------------------------
+    def _new(self, queue: str, msg: Message, state: State) -> Message:
+        q = self._queue(queue)
+        if q.admin == AdminState.DOWN:
+            raise QueueDown(f"queue {queue} is DOWN: it refuses new messages")
+        now = self.clock()
+        m = Message.from_dict(msg.to_dict())
+        m.msg_id = make_id(now, next(self._seq))
+        m.created_at = now
+        m.due = m.due or now
+        m.dest = m.dest or queue
+        m.history = [{"state": str(state), "at": now}]
+        m.encode()  # validates size and serializability
+        return m
+
+    def create(
+        self,
+        queue: str,
+        msg: Message,
+        *,
+        attachments: Sequence[AttachmentSource] = (),
+        state: State = State.QUE,
+    ) -> Message:
+        if state not in (State.QUE, State.PREP):
+            raise InvalidInput("new messages start in que or prep")
+        with self._lock:
+            m = self._new(queue, msg, state)
+            entry = _Entry(m, state)
+            for a in attachments:
+                info, data = self._read_attachment(a)
+                entry.attachments[info.name] = (data, info)
+            self._queue(queue).messages[m.msg_id] = entry
+            return Message.from_dict(m.to_dict())
+
+    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
+        with self._lock:
+            made = [self._new(queue, m, State.QUE) for m in msgs]
+            for m in made:
+                self._queue(queue).messages[m.msg_id] = _Entry(m, State.QUE)
+            return [Message.from_dict(m.to_dict()) for m in made]
+
+    @staticmethod
+    def _read_attachment(a: AttachmentSource) -> tuple[AttachmentInfo, bytes]:
+        name = a.name or (os.path.basename(a.path) if a.path else None)
+        if not name:
+            raise InvalidInput("an attachment needs a name")
+        validate_attachment_name(name)
+        if a.path is not None:
+            if not os.path.isabs(a.path):
+                raise InvalidInput(f"Invalid pathname, must be normalized {a.path} (ie. must start with /")
+            if os.path.isdir(a.path):
+                raise InvalidInput(f"Attachment currently cannot be a directory {a.path}")
+            try:
+                data = Path(a.path).read_bytes()
+            except FileNotFoundError:
+                raise InvalidInput(f"No such file {a.path} to attach to message") from None
+        elif a.stream is not None:
+            data = a.stream.read()
+        else:
+            raise InvalidInput("an attachment needs a path or a stream")
+        info = AttachmentInfo(name=name, size=len(data), md5=hashlib.md5(data).hexdigest(),
+                              sha256=hashlib.sha256(data).hexdigest())
+        return info, data
+
+    def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
+        with self._lock:
+            e = self._entry(queue, msg_id)
+            if e.state != State.PREP:
+                raise WrongState(f"message {msg_id} is not in prep: attachments can only be added in prep")
+            info, data = self._read_attachment(source)
+            e.attachments[info.name] = (data, info)
+            return info
+
+    def delete_attachment(self, queue: str, msg_id: str, name: str) -> None:
+        with self._lock:
+            e = self._entry(queue, msg_id)
+            if e.state != State.PREP:
+                raise WrongState(f"message {msg_id} is not in prep")
+            if e.attachments.pop(name, None) is None:
+                raise AttachmentNotFound(f"no attachment {name} on {queue}/{msg_id}")
+
+    def commit(self, queue: str, msg_id: str) -> None:
+        with self._lock:
+            if self._entry(queue, msg_id).state == State.PREP:
+                self.move(queue, msg_id, State.PREP, State.QUE, note="commit")
+
+    # -- reading -------------------------------------------------------------------------
+    def _view(self, queue: str, e: _Entry) -> MessageView:
+        return MessageView(
+            queue=queue,
+            message=Message.from_dict(e.msg.to_dict()),
+            state=e.state,
+            job_status=e.status,
+            attachments={n: info for n, (_, info) in e.attachments.items()},
+            acked=e.acked,
+        )
+
+    def get(self, queue: str, msg_id: str) -> MessageView:
+        with self._lock:
+            return self._view(queue, self._entry(queue, msg_id))
+
+    def state_of(self, queue: str, msg_id: str) -> State:
+        return self._entry(queue, msg_id).state
+
+    def list(
+        self,
+        queue: str,
+        state: State,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        filter: str | None = None,
+    ) -> ListPage:
+        with self._lock:
+            q = self._queue(queue)
+            if cursor is not None:
+                validate_msg_id(cursor)
+            limit = max(1, min(int(limit), 10000))
+            ids = sorted((i for i, e in q.messages.items() if e.state == state), key=sort_key, reverse=True)
+            if cursor is not None:
+                ck = sort_key(cursor)
+                ids = [i for i in ids if sort_key(i) < ck]
+            needle = filter.lower() if filter else None
+            page = ListPage(items=[])
+            last = None
+            for i in ids:
+                if len(page.items) >= limit:
+                    page.next_cursor = last
+                    break
+                last = i
+                e = q.messages[i]
+                if needle is not None:
+                    text = json.dumps(e.msg.to_dict()).lower() + json.dumps({"job_status": e.status}).lower()
+                    if needle not in text:
+                        continue
+                page.items.append(self._view(queue, e))
+            return page
+
+    def ids(self, queue: str, state: State) -> Iterator[str]:
+        with self._lock:
+            return iter([i for i, e in self._queue(queue).messages.items() if e.state == state])
+
+    def counts(self, queue: str) -> dict[str, int]:
+        with self._lock:
+            c = dict.fromkeys(COUNT_KEYS, 0)
+            for e in self._queue(queue).messages.values():
+                c["err_acked" if e.acked else str(e.state)] += 1
+            return c
+
+    def recount(self, queue: str) -> dict[str, int]:
+        return self.counts(queue)
+
+    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
+        validate_attachment_name(name)
+        e = self._entry(queue, msg_id)
+        if name not in e.attachments:
+            raise AttachmentNotFound(f"Message ID attachment '{name}' not found")
+        return io.BytesIO(e.attachments[name][0])
+
+    def message_dir(self, queue: str, msg_id: str) -> Path:
+        self._entry(queue, msg_id)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="spoolq-mem-")
+        d = Path(self._tmp.name) / queue / msg_id
+        (d / "job").mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- changing ------------------------------------------------------------------------
+    def move(
+        self,
+        queue: str,
+        msg_id: str,
+        src: State,
+        dst: State,
+        *,
+        update: Callable[[Message], None] | None = None,
+        note: str = "",
+    ) -> Message:
+        check_transition(src, dst)
+        with self._lock:
+            e = self._entry(queue, msg_id)
+            if e.state != src:
+                raise WrongState(f"message {msg_id} is not in {src}")
+            if update is not None:
+                m = Message.from_dict(e.msg.to_dict())
+                update(m)
+                m.encode()
+                e.msg = m
+            e.state = dst
+            e.acked = False
+            entry = {"state": str(dst), "at": self.clock(), **({"note": note} if note else {})}
+            e.msg.history.append(entry)
+            return Message.from_dict(e.msg.to_dict())
+
+    def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
+        with self._lock:
+            e = self._entry(queue, msg_id)
+            m = Message.from_dict(e.msg.to_dict())
+            fn(m)
+            m.encode()
+            e.msg = m
+            return Message.from_dict(m.to_dict())
+
+    def set_status(self, queue: str, msg_id: str, text: str) -> None:
+        with self._lock:
+            self._entry(queue, msg_id).status = text
+
+    def delete(self, queue: str, msg_id: str) -> None:
+        with self._lock:
+            e = self._entry(queue, msg_id)
+            if e.state == State.RUN:
+                raise WrongState(f"message {msg_id} is running: cancel it first")
+            del self._queue(queue).messages[msg_id]
+
+    def ack_errs(self, queue: str) -> int:
+        with self._lock:
+            n = 0
+            for e in self._queue(queue).messages.values():
+                if e.state == State.ERR and not e.acked:
+                    e.acked = True
+                    n += 1
+            return n
+
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> list[str]:
+        self._queue(queue)
+        return []

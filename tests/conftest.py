@@ -1,0 +1,56 @@
+"""Shared fixtures: a fresh spool root per test, and the real ``spoolq`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import spoolq
+
+SPOOLQ = str(Path(sys.executable).parent / "spoolq")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty spool root on the same filesystem as tmp_path."""
+    r = tmp_path / "spool"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def client(root: Path) -> spoolq.Client:
+    return spoolq.open(root)
+
+
+class Cli:
+    """Runs the installed ``spoolq`` console script in a subprocess against one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        e = dict(os.environ)
+        e.pop("SPOOLQ_ROOT", None)
+        if env:
+            e.update(env)
+        return subprocess.run([SPOOLQ, "--root", str(self.root), *args], input=input, env=e,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def json(self, *args: str, **kw: Any) -> Any:
+        r = self("--json", *args, **kw)
+        assert r.returncode == 0, f"spoolq {' '.join(args)} exited {r.returncode}: {r.stderr}"
+        return json.loads(r.stdout)
+
+
+@pytest.fixture
+def cli(root: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    return Cli(root)
