@@ -6,6 +6,7 @@ thin. A message is named by a :class:`~spoolq.ids.MessageRef`, a full id URL or 
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -292,7 +293,7 @@ class Client:
     def ack_errs(self, queue: str) -> int:
         return self.store.ack_errs(queue)
 
-    def sweep(self, queue: str) -> list[str]:
+    def sweep(self, queue: str) -> builtins.list[str]:
         return self.store.sweep(queue)
 
 

@@ -8,11 +8,15 @@ one state, moves only along :data:`spoolq.model.TRANSITIONS`, and every move is 
 
 from __future__ import annotations
 
+import builtins
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from ..errors import InvalidName
+from ..ids import validate_attachment_name
 from ..model import AdminState, AttachmentInfo, ListPage, Message, MessageView, QueueConfig, State
 
 
@@ -27,6 +31,14 @@ class AttachmentSource:
     name: str | None = None
     path: str | None = None
     stream: BinaryIO | None = None
+
+
+def attachment_name(src: AttachmentSource) -> str:
+    """The validated name an attachment will be stored under (default: the file's basename)."""
+    name = src.name or (os.path.basename(src.path) if src.path else "")
+    if not name:
+        raise InvalidName("an attachment needs a name")
+    return validate_attachment_name(name)
 
 
 class Store(Protocol):
@@ -141,5 +153,5 @@ class Store(Protocol):
     def recount(self, queue: str) -> dict[str, int]:
         """Recompute the counts from the messages themselves (after a crash or by hand)."""
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> list[str]:
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
         """Remove debris of dead producers and empty buckets; returns what was removed."""

@@ -7,6 +7,7 @@ argument are in docs/internals.md; comments below name the invariant they keep (
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import itertools
 import json
@@ -25,8 +26,8 @@ from ..errors import (
     AttachmentNotFound,
     Conflict,
     CorruptMessage,
-    InvalidInput,
     InvalidConfig,
+    InvalidInput,
     MessageNotFound,
     QueueDown,
     QueueExists,
@@ -46,7 +47,7 @@ from ..model import (
     State,
     check_transition,
 )
-from .base import AttachmentSource
+from .base import AttachmentSource, attachment_name
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 
 CHUNK = 1024 * 1024
@@ -314,10 +315,7 @@ class FsStore:
             durable.fsync_dir(dst.parent)
 
     def _add_attachment(self, attach_dir: Path, src: AttachmentSource, qdir: Path, sync: bool) -> AttachmentInfo:
-        name = src.name or (os.path.basename(src.path) if src.path else None)
-        if not name:
-            raise InvalidInput("an attachment needs a name")
-        validate_attachment_name(name)
+        name = attachment_name(src)
         tmp = attach_dir / f".{name}.tmp"
         final = attach_dir / name
         md5, sha = hashlib.md5(), hashlib.sha256()
@@ -694,7 +692,7 @@ class FsStore:
             Counts(qdir / "counts").add({"err": -n, "err_acked": n})
         return n
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> list[str]:
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
         """I6: debris of dead producers (staging dirs) goes; empty old buckets go."""
         qdir = self._existing_qdir(queue)
         removed: list[str] = []

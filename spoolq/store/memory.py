@@ -7,6 +7,7 @@ demand under a private temporary directory.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import itertools
@@ -41,7 +42,7 @@ from ..model import (
     State,
     check_transition,
 )
-from .base import AttachmentSource
+from .base import AttachmentSource, attachment_name
 from .layout import COUNT_KEYS
 
 
@@ -162,10 +163,7 @@ class MemoryStore:
 
     @staticmethod
     def _read_attachment(a: AttachmentSource) -> tuple[AttachmentInfo, bytes]:
-        name = a.name or (os.path.basename(a.path) if a.path else None)
-        if not name:
-            raise InvalidInput("an attachment needs a name")
-        validate_attachment_name(name)
+        name = attachment_name(a)
         if a.path is not None:
             if not os.path.isabs(a.path):
                 raise InvalidInput(f"Invalid pathname, must be normalized {a.path} (ie. must start with /")
@@ -342,6 +340,6 @@ class MemoryStore:
                     n += 1
             return n
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> list[str]:
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
         self._queue(queue)
         return []

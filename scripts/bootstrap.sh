@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Prepare this checkout: a virtualenv with spoolq and its tools, plus the system packages
+# the chosen task needs. Safe to run again: each step is skipped when already done.
+#
+#   scripts/bootstrap.sh run     the daemon's needs (Python packages)
+#   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby (script tests)
+#   scripts/bootstrap.sh bench   + redis-server and the peers benchmarked against
+set -euo pipefail
+mode=${1:-run}
+cd "$(dirname "$0")/.."
+
+say() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  say "spoolq needs Python 3.11 or newer ($PY is $("$PY" --version 2>&1))"
+  exit 1
+fi
+
+apt_updated=0
+apt_install() {
+  # Install Debian packages if missing; needs root or password-less sudo.
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      say "cannot install ${missing[*]} (not root, no sudo): tests that need them will skip"
+      return 0
+    fi
+  fi
+  if [ $apt_updated -eq 0 ]; then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || true
+    apt_updated=1
+  fi
+  say "installing ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || say "apt-get install ${missing[*]} failed: tests that need them will skip"
+}
+
+[ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
+
+extras=""
+case "$mode" in
+  run) extras="" ;;
+  test) extras="[dev]" ;;
+  bench) extras="[dev,bench]" ;;
+  *) say "unknown mode $mode (run, test, bench)"; exit 2 ;;
+esac
+stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${mode}"
+if [ ! -f "$stamp" ]; then
+  say "installing spoolq${extras} into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+  touch "$stamp"
+fi
+
+case "$mode" in
+  test) apt_install chromium ruby ;;
+  bench) apt_install redis-server ;;
+esac

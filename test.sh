@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the whole test suite: lint (ruff), types (mypy), then pytest. Arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/bootstrap.sh test
+echo "== ruff" && .venv/bin/ruff check spoolq tests bench
+echo "== mypy" && .venv/bin/mypy
+echo "== pytest"
+exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,112 @@
+"""Many real producer processes at once, and producers SIGKILLed at random moments."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import spoolq
+from spoolq.ids import MSG_ID_RE
+from spoolq.model import State
+
+PRODUCER = r"""
+import sys, spoolq
+root, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = spoolq.open(root)
+for i in range(n):
+    c.send("q", param1=tag, param2=str(i))
+"""
+
+# Sends forever: single messages with a streamed attachment, and batches.
+KILLABLE = r"""
+import io, sys, spoolq
+from spoolq.store import AttachmentSource
+root, tag = sys.argv[1], sys.argv[2]
+c = spoolq.open(root)
+i = 0
+while True:
+    i += 1
+    payload = (tag + str(i)).encode() * 5000
+    c.send("q", param1=tag, param2=str(i),
+           attachments=[AttachmentSource(name="data.bin", stream=io.BytesIO(payload))])
+    c.send_many("q", [{"param1": tag, "param2": f"{i}.{k}"} for k in range(20)])
+    m = c.prep("q", param1=tag, param2=f"prep{i}")
+    c.attach(m, stream=io.BytesIO(payload), name="late.bin")
+    c.commit(m)
+"""
+
+
+def all_message_dirs(root: Path) -> list[tuple[str, Path]]:
+    out = []
+    for st in State:
+        out += [(str(st), p) for p in (root / "queue" / "q" / str(st)).glob("*/*/*/*") if p.is_dir()]
+    return out
+
+
+def test_eight_parallel_producers_never_collide(root: Path) -> None:
+    client = spoolq.open(root)
+    client.create_queue("q", script="/bin/true")
+    procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(root), f"p{k}", "1000"]) for k in range(8)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    dirs = all_message_dirs(root)
+    assert len(dirs) == 8000
+    ids = [p.name for _, p in dirs]
+    assert len(set(ids)) == 8000 and all(MSG_ID_RE.match(i) for i in ids)
+    seen = set()
+    for _, p in dirs:
+        m = json.loads((p / "msg").read_text())  # complete, parseable
+        seen.add((m["param1"], m["param2"]))
+    assert seen == {(f"p{k}", str(i)) for k in range(8) for i in range(1000)}
+    assert client.counts("q")["que"] == 8000
+    assert client.recount("q")["que"] == 8000
+
+
+def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Path) -> None:
+    client = spoolq.open(root)
+    client.create_queue("q", script="/bin/true")
+    rng = random.Random(1234)
+    kills = 0
+    for round_ in range(25):
+        procs = [subprocess.Popen([sys.executable, "-c", KILLABLE, str(root), f"r{round_}p{k}"]) for k in range(2)]
+        time.sleep(0.25 + rng.random() * 0.5)  # let imports finish, then kill mid-stream
+        for p in procs:
+            time.sleep(rng.random() * 0.05)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+    dirs = all_message_dirs(root)
+    assert dirs, "the producers should have stored something before being killed"
+    for state, p in dirs:
+        assert state in ("que", "prep")
+        m = json.loads((p / "msg").read_text())
+        assert m["param1"].startswith("r")
+        for att in (p / "attach").glob("*") if (p / "attach").is_dir() else []:
+            if att.name.startswith("."):
+                continue
+            meta = json.loads((p / "attach" / f".{att.name}.json").read_text())
+            data = att.read_bytes()
+            assert hashlib.md5(data).hexdigest() == meta["md5"] and len(data) == meta["size"]
+        if state == "que" and m["param2"].startswith("prep"):
+            assert (p / "attach" / "late.bin").is_file()  # committed only after its attachment
+    # Debris of the dead producers is swept; what is visible is what is counted.
+    client.sweep("q")
+    assert list((root / "queue" / "q" / ".tmp").iterdir()) == []
+    counts = client.recount("q")
+    assert counts["que"] + counts["prep"] == len(dirs)
+    # every visible queued message can be read through the API
+    listed, cursor = 0, None
+    while True:
+        page = client.list("q", State.QUE, limit=5000, cursor=cursor)
+        assert page.problems == []
+        listed += len(page.items)
+        if not (cursor := page.next_cursor):
+            break
+    assert listed == counts["que"]
+    assert kills == 50

@@ -1,0 +1,324 @@
+"""The Store contract: every store (memory, filesystem) must pass these same tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoolq.errors import (
+    AttachmentNotFound,
+    Conflict,
+    InvalidConfig,
+    InvalidInput,
+    InvalidMessage,
+    InvalidName,
+    MessageNotFound,
+    QueueDown,
+    QueueExists,
+    QueueNotFound,
+    TooLarge,
+    WrongState,
+)
+from spoolq.ids import MSG_ID_RE, sort_key
+from spoolq.model import AdminState, Message, QueueConfig, State
+from spoolq.store import AttachmentSource, FsStore, MemoryStore, Store
+
+
+@pytest.fixture(params=["memory", "fs"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "memory":
+        return MemoryStore()
+    return FsStore(tmp_path / "spool")
+
+
+def make_queue(store: Store, name: str = "q", **kw: Any) -> QueueConfig:
+    cfg = QueueConfig.from_dict({"name": name, "script": "/bin/true", **kw})
+    store.create_queue(cfg)
+    return cfg
+
+
+def msg(**kw: Any) -> Message:
+    return Message.from_dict(kw)
+
+
+# -- queues ---------------------------------------------------------------------------------
+def test_queue_create_list_config_roundtrip(store: Store) -> None:
+    make_queue(store, "beta", num_workers=3, env_vars={"A": "1"}, coalesce_params=[2, 1], timeout=5)
+    make_queue(store, "alpha")
+    assert store.queues() == ["alpha", "beta"]
+    cfg = store.queue_config("beta")
+    assert cfg.num_workers == 3 and cfg.env_vars == {"A": "1"}
+    assert cfg.coalesce_params == [1, 2] and cfg.timeout == 5.0 and cfg.fsync is True
+
+
+def test_queue_create_twice_is_a_conflict(store: Store) -> None:
+    make_queue(store)
+    with pytest.raises(QueueExists):
+        make_queue(store)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "../x", "a/b", ".hidden", "x" * 129, "a;b", "a.b", "é"])
+def test_bad_queue_names_are_refused(store: Store, bad: str) -> None:
+    with pytest.raises(InvalidConfig):
+        make_queue(store, bad)
+    assert store.queues() == []
+
+
+@pytest.mark.parametrize("cfg", [
+    {"num_workers": 0}, {"num_workers": "many"}, {"env_vars": {"RQ_X": "1"}}, {"env_vars": {"1A": "x"}},
+    {"coalesce_params": [5]}, {"timeout": -1}, {"fsync": "yes"}, {"bogus": 1}, {"script": ""},
+])
+def test_bad_queue_configs_are_refused(store: Store, cfg: dict[str, Any]) -> None:
+    with pytest.raises(InvalidConfig):
+        QueueConfig.from_dict({"name": "q", "script": "/bin/true", **cfg})
+
+
+def test_update_and_delete_queue(store: Store) -> None:
+    cfg = make_queue(store)
+    cfg.num_workers = 7
+    store.update_queue(cfg)
+    assert store.queue_config("q").num_workers == 7
+    store.create("q", msg(param1="x"))
+    with pytest.raises(Conflict):
+        store.delete_queue("q")
+    store.delete_queue("q", force=True)
+    assert store.queues() == []
+    with pytest.raises(QueueNotFound):
+        store.queue_config("q")
+
+
+def test_admin_states(store: Store) -> None:
+    make_queue(store)
+    assert store.admin_state("q") == AdminState.UP
+    store.set_admin_state("q", AdminState.PAUSE)
+    assert store.admin_state("q") == AdminState.PAUSE
+    store.create("q", msg())  # PAUSE accepts
+    store.set_admin_state("q", AdminState.DOWN)
+    assert store.admin_state("q") == AdminState.DOWN
+    with pytest.raises(QueueDown, match="DOWN"):
+        store.create("q", msg())
+    with pytest.raises(QueueDown):
+        store.create_many("q", [msg()])
+    store.set_admin_state("q", AdminState.UP)
+    store.create("q", msg())
+    assert store.counts("q")["que"] == 2
+
+
+def test_unknown_queue(store: Store) -> None:
+    with pytest.raises(QueueNotFound):
+        store.create("nope", msg())
+    with pytest.raises(QueueNotFound):
+        store.counts("nope")
+
+
+# -- messages -------------------------------------------------------------------------------
+def test_create_and_get(store: Store) -> None:
+    make_queue(store)
+    m = store.create("q", msg(param1="a", param2=7, src="me", params={"k": [1, 2]}, max_count=3))
+    assert MSG_ID_RE.match(m.msg_id)
+    v = store.get("q", m.msg_id)
+    assert v.state == State.QUE and v.status == "que"
+    assert v.message.param1 == "a" and v.message.param2 == "7" and v.message.src == "me"
+    assert v.message.params == {"k": [1, 2]} and v.message.max_count == 3
+    assert v.message.dest == "q" and v.message.created_at > 0 and v.message.due == v.message.created_at
+    assert v.message.history[0]["state"] == "que"
+
+
+def test_ids_are_unique_and_time_ordered(store: Store) -> None:
+    make_queue(store)
+    ids = [store.create("q", msg()).msg_id for _ in range(50)]
+    ids += [m.msg_id for m in store.create_many("q", [msg() for _ in range(50)])]
+    assert len(set(ids)) == 100
+    # creation-time prefix never decreases
+    prefixes = [i.rsplit(".", 1)[0] for i in ids]
+    assert prefixes == sorted(prefixes)
+
+
+def test_message_validation(store: Store) -> None:
+    make_queue(store)
+    with pytest.raises(InvalidMessage):
+        Message.from_dict({"param1": {"nested": 1}})
+    with pytest.raises(InvalidMessage):
+        Message.from_dict({"count": "lots"})
+    with pytest.raises(InvalidMessage):
+        Message.from_dict({"due": "tomorrow"})
+    with pytest.raises(InvalidMessage):
+        Message.from_dict({"post_run_webhook": ["file:///etc/passwd"]})
+    with pytest.raises(InvalidMessage):
+        Message.from_dict({"whatever": 1}, strict=True)
+    with pytest.raises(TooLarge):
+        store.create("q", msg(param1="x" * (2 * 1024 * 1024)))
+    assert store.counts("q")["que"] == 0
+
+
+def test_prep_attach_commit(store: Store, tmp_path: Path) -> None:
+    make_queue(store)
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"hello world" * 1000)
+    m = store.create("q", msg(), state=State.PREP)
+    assert store.state_of("q", m.msg_id) == State.PREP
+    info = store.attach("q", m.msg_id, AttachmentSource(path=str(f)))
+    assert info.name == "data.bin" and info.size == 11000
+    assert info.md5 == hashlib.md5(f.read_bytes()).hexdigest()
+    assert info.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    store.attach("q", m.msg_id, AttachmentSource(name="s.txt", stream=io.BytesIO(b"streamed")))
+    store.commit("q", m.msg_id)
+    store.commit("q", m.msg_id)  # idempotent
+    v = store.get("q", m.msg_id)
+    assert v.state == State.QUE
+    assert set(v.attachments) == {"data.bin", "s.txt"}
+    assert v.attachments["s.txt"].md5 == hashlib.md5(b"streamed").hexdigest()
+    with store.open_attachment("q", m.msg_id, "s.txt") as fh:
+        assert fh.read() == b"streamed"
+    with pytest.raises(WrongState):
+        store.attach("q", m.msg_id, AttachmentSource(name="late", stream=io.BytesIO(b"x")))
+    with pytest.raises(AttachmentNotFound):
+        store.open_attachment("q", m.msg_id, "missing")
+
+
+def test_send_with_attachments_in_one_step(store: Store, tmp_path: Path) -> None:
+    make_queue(store)
+    f = tmp_path / "a.txt"
+    f.write_text("A")
+    m = store.create("q", msg(), attachments=[AttachmentSource(path=str(f)),
+                                              AttachmentSource(name="b.txt", stream=io.BytesIO(b"B"))])
+    v = store.get("q", m.msg_id)
+    assert {n: a.size for n, a in v.attachments.items()} == {"a.txt": 1, "b.txt": 1}
+
+
+@pytest.mark.parametrize("name", [".hidden", "a/b", "../etc", "a b", "x;rm", "$(x)", "a|b", "", "a\nb", "`x`"])
+def test_hostile_attachment_names(store: Store, name: str) -> None:
+    make_queue(store)
+    m = store.create("q", msg(), state=State.PREP)
+    with pytest.raises(InvalidName):
+        store.attach("q", m.msg_id, AttachmentSource(name=name, stream=io.BytesIO(b"x")))
+    assert store.get("q", m.msg_id).attachments == {}
+
+
+def test_bad_attachment_paths(store: Store, tmp_path: Path) -> None:
+    make_queue(store)
+    m = store.create("q", msg(), state=State.PREP)
+    for path, text in [("relative.txt", "must start with /"), (str(tmp_path / "missing"), "No such file"),
+                       (str(tmp_path), "cannot be a directory")]:
+        with pytest.raises(InvalidInput, match=text):
+            store.attach("q", m.msg_id, AttachmentSource(path=path))
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "20261123.0920.08.804", "x", "20261123.0920.08.804.1/..", ""])
+def test_hostile_message_ids(store: Store, bad: str) -> None:
+    make_queue(store)
+    with pytest.raises(InvalidName):
+        store.get("q", bad)
+
+
+def test_missing_message(store: Store) -> None:
+    make_queue(store)
+    with pytest.raises(MessageNotFound):
+        store.get("q", "20200101.0000.00.000.1")
+
+
+def test_list_newest_first_with_cursor_and_filter(store: Store) -> None:
+    make_queue(store)
+    ids = [store.create("q", msg(param1=f"item-{i}", param2="even" if i % 2 == 0 else "odd")).msg_id
+           for i in range(25)]
+    newest_first = sorted(ids, key=sort_key, reverse=True)
+    page = store.list("q", State.QUE, limit=10)
+    assert [v.msg_id for v in page.items] == newest_first[:10]
+    seen = [v.msg_id for v in page.items]
+    while page.next_cursor:
+        page = store.list("q", State.QUE, limit=10, cursor=page.next_cursor)
+        seen += [v.msg_id for v in page.items]
+    assert seen == newest_first
+    odd = store.list("q", State.QUE, limit=100, filter="ODD")
+    assert len(odd.items) == 12 and all(v.message.param2 == "odd" for v in odd.items)
+    assert store.list("q", State.DONE).items == []
+
+
+def test_counts_follow_every_change(store: Store) -> None:
+    make_queue(store)
+    a = store.create("q", msg()).msg_id
+    b = store.create("q", msg()).msg_id
+    store.create("q", msg(), state=State.PREP)
+    store.create_many("q", [msg(), msg()])
+    store.move("q", a, State.QUE, State.RUN)
+    store.move("q", a, State.RUN, State.ERR)
+    store.move("q", b, State.QUE, State.RUN)
+    store.move("q", b, State.RUN, State.DONE)
+    c = store.counts("q")
+    assert (c["prep"], c["que"], c["run"], c["done"], c["err"]) == (1, 2, 0, 1, 1)
+    assert store.ack_errs("q") == 1
+    c = store.counts("q")
+    assert c["err"] == 0 and c["err_acked"] == 1
+    store.delete("q", b)
+    assert store.counts("q")["done"] == 0
+    assert store.recount("q") == store.counts("q")
+
+
+def test_transitions_are_enforced(store: Store) -> None:
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    with pytest.raises(WrongState):
+        store.move("q", m, State.QUE, State.PREP)
+    with pytest.raises(WrongState):
+        store.move("q", m, State.RUN, State.DONE)  # it is not in run
+    store.move("q", m, State.QUE, State.RUN)
+    store.move("q", m, State.RUN, State.DONE)
+    with pytest.raises(WrongState):
+        store.move("q", m, State.DONE, State.QUE)
+    assert [h["state"] for h in store.get("q", m).message.history] == ["que", "run", "done"]
+
+
+def test_move_with_update_and_status(store: Store) -> None:
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    store.move("q", m, State.QUE, State.RUN)
+    store.set_status("q", m, "halfway")
+    assert store.get("q", m).status == "run - halfway"
+
+    def bump(x: Message) -> None:
+        x.count += 1
+        x.due = 123.0
+
+    store.move("q", m, State.RUN, State.QUE, update=bump, note="resend")
+    v = store.get("q", m)
+    assert v.state == State.QUE and v.message.count == 1 and v.message.due == 123.0
+    assert v.message.history[-1].get("note") == "resend"
+    store.update("q", m, lambda x: setattr(x, "param4", "changed"))
+    assert store.get("q", m).message.param4 == "changed"
+
+
+def test_running_messages_cannot_be_deleted(store: Store) -> None:
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    store.move("q", m, State.QUE, State.RUN)
+    with pytest.raises(WrongState):
+        store.delete("q", m)
+
+
+def test_acked_errors_can_be_retried(store: Store) -> None:
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    store.move("q", m, State.QUE, State.ERR)
+    store.ack_errs("q")
+    assert store.get("q", m).acked
+    store.move("q", m, State.ERR, State.QUE)
+    assert store.counts("q")["err_acked"] == 0 and store.counts("q")["que"] == 1
+
+
+def test_ids_iterates_every_message_of_a_state(store: Store) -> None:
+    make_queue(store)
+    made = {m.msg_id for m in store.create_many("q", [msg() for _ in range(30)])}
+    assert set(store.ids("q", State.QUE)) == made
+    assert list(store.ids("q", State.RUN)) == []
+
+
+def test_message_dir_has_a_job_dir_for_scripts(store: Store) -> None:
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    d = store.message_dir("q", m)
+    (d / "job").mkdir(exist_ok=True)
+    assert (d / "job").is_dir()

@@ -1,0 +1,202 @@
+"""Filesystem-store specifics: layout, durability seams, corruption, debris, counts cache."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spoolq import durable
+from spoolq.errors import CorruptMessage, DiskFull, StorageError
+from spoolq.ids import bucket_of
+from spoolq.model import AdminState, Message, QueueConfig, State
+from spoolq.store import AttachmentSource, FsStore
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> FsStore:
+    s = FsStore(tmp_path / "spool")
+    s.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true"}))
+    return s
+
+
+@pytest.fixture(autouse=True)
+def no_faults() -> Iterator[None]:
+    durable.faults.clear()
+    yield
+    durable.faults.clear()
+
+
+def visible_messages(fs: FsStore) -> list[Path]:
+    """Every message directory in every state dir, found by walking the tree."""
+    out = []
+    for st in State:
+        base = fs.qroot / "q" / str(st)
+        out += [p for p in base.glob("*/*/*/*") if p.is_dir()]
+    return out
+
+
+def test_layout_is_readable_with_ls_and_cat(fs: FsStore) -> None:
+    m = fs.create("q", Message.from_dict({"param1": "hi"}))
+    day, hm, ss = bucket_of(m.msg_id)
+    path = fs.qroot / "q" / "que" / day / hm / ss / m.msg_id
+    assert json.loads((path / "msg").read_text())["param1"] == "hi"
+    assert (fs.qroot / "q" / "config.json").is_file()
+    assert sorted(os.listdir(fs.qroot / "q")) == sorted(
+        ["config.json", "counts", ".tmp", "corrupt", "prep", "que", "run", "done", "relayed", "err"])
+
+
+def test_everything_survives_reopening(fs: FsStore) -> None:
+    m = fs.create("q", Message.from_dict({"param1": "x"}))
+    fs.set_admin_state("q", AdminState.PAUSE)
+    again = FsStore(fs.root)
+    assert again.get("q", m.msg_id).message.param1 == "x"
+    assert again.admin_state("q") == AdminState.PAUSE
+    assert again.counts("q")["que"] == 1
+
+
+def test_admin_flags_are_plain_files(fs: FsStore) -> None:
+    (fs.qroot / "q" / "down").touch()  # RQ's tests touch flag files by hand
+    assert fs.admin_state("q") == AdminState.DOWN
+    (fs.qroot / "q" / "down").unlink()
+    assert fs.admin_state("q") == AdminState.UP
+
+
+def test_config_edited_by_hand_is_picked_up(fs: FsStore) -> None:
+    path = fs.qroot / "q" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["num_workers"] = 9
+    path.write_text(json.dumps(cfg))
+    os.utime(path, ns=(1, 1))  # a different mtime even within the same clock tick
+    assert fs.queue_config("q").num_workers == 9
+
+
+def test_same_filesystem_attachments_are_hard_links(fs: FsStore, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(100_000))
+    m = fs.create("q", Message(), attachments=[AttachmentSource(path=str(src))])
+    stored = Path(fs.get("q", m.msg_id).attachments["big.bin"].path)
+    assert stored.stat().st_ino == src.stat().st_ino
+    assert src.stat().st_nlink == 2
+
+
+def test_corrupt_msg_is_reported_and_set_aside(fs: FsStore) -> None:
+    good = fs.create("q", Message.from_dict({"param1": "good"}))
+    bad = fs.create("q", Message.from_dict({"param1": "bad"}))
+    bad_dir = fs.message_dir("q", bad.msg_id)
+    (bad_dir / "msg").write_text('{"param1": "trunc')
+    page = fs.list("q", State.QUE)
+    assert [v.msg_id for v in page.items] == [good.msg_id]
+    assert len(page.problems) == 1 and bad.msg_id in page.problems[0]
+    assert not bad_dir.exists()
+    aside = list((fs.qroot / "q" / "corrupt").iterdir())
+    assert len(aside) == 1 and (aside[0] / "CORRUPT").read_text().strip()
+    assert fs.counts("q")["que"] == 1
+    with pytest.raises(Exception):  # noqa: B017 - it is gone from the state tree
+        fs.get("q", bad.msg_id)
+
+
+def test_corrupt_msg_on_get_raises_a_clear_error(fs: FsStore) -> None:
+    m = fs.create("q", Message())
+    (fs.message_dir("q", m.msg_id) / "msg").write_bytes(b"\x00\xff not json")
+    with pytest.raises(CorruptMessage, match="set aside"):
+        fs.get("q", m.msg_id)
+
+
+@pytest.mark.parametrize("op,err,after", [
+    ("write", errno.ENOSPC, 0), ("fsync", errno.EIO, 0), ("fsync", errno.EIO, 1), ("rename", errno.EIO, 0),
+    ("mkdir", errno.ENOSPC, 0), ("fsync", errno.ENOSPC, 2),
+])
+def test_injected_disk_faults_leave_nothing_partial(fs: FsStore, tmp_path: Path, op: str, err: int,
+                                                    after: int) -> None:
+    src = tmp_path / "att.txt"
+    src.write_text("attachment")
+    before = fs.counts("q")
+    durable.faults[op] = [err, after]
+    with pytest.raises(StorageError) as info:
+        fs.create("q", Message.from_dict({"param1": "x"}),
+                  attachments=[AttachmentSource(name="s", stream=io.BytesIO(b"streamed"))])
+    durable.faults.clear()
+    if err == errno.ENOSPC:
+        assert isinstance(info.value, DiskFull) and "disk full" in str(info.value)
+    assert visible_messages(fs) == []
+    assert os.listdir(fs.qroot / "q" / ".tmp") == []
+    assert fs.counts("q") == before
+    # and the store works again once the disk does
+    fs.create("q", Message())
+    assert len(visible_messages(fs)) == 1
+
+
+@pytest.mark.parametrize("op", ["write", "fsync", "rename", "mkdir"])
+def test_injected_faults_in_group_commit_are_all_or_nothing(fs: FsStore, op: str) -> None:
+    durable.faults[op] = [errno.EIO, 3]
+    with pytest.raises(StorageError):
+        fs.create_many("q", [Message() for _ in range(20)])
+    durable.faults.clear()
+    assert visible_messages(fs) == []
+    assert fs.counts("q")["que"] == 0
+
+
+def test_fault_during_move_keeps_the_message_where_it_was(fs: FsStore) -> None:
+    m = fs.create("q", Message())
+    durable.faults["rename"] = [errno.EIO, 0]
+    with pytest.raises(StorageError):
+        fs.move("q", m.msg_id, State.QUE, State.RUN, update=lambda x: setattr(x, "count", 5))
+    durable.faults.clear()
+    assert fs.state_of("q", m.msg_id) == State.QUE
+
+
+def test_sweep_removes_debris_of_dead_producers(fs: FsStore) -> None:
+    tmp = fs.qroot / "q" / ".tmp"
+    dead = tmp / "999999999.0.abc"  # no such pid
+    dead.mkdir()
+    (dead / "msg").write_text("{half")
+    os.utime(dead, (0, 0))
+    mine = tmp / f"{os.getpid()}.0.live"  # a live producer's stage must survive
+    mine.mkdir()
+    removed = fs.sweep("q")
+    assert str(dead) in removed and not dead.exists() and mine.exists()
+
+
+def test_sweep_prunes_empty_buckets_only(fs: FsStore) -> None:
+    m = fs.create("q", Message())
+    fs.move("q", m.msg_id, State.QUE, State.RUN)
+    day, hm, ss = bucket_of(m.msg_id)
+    empty = fs.qroot / "q" / "que" / day / hm / ss
+    assert empty.is_dir() and not any(empty.iterdir())
+    os.utime(empty, (0, 0))
+    job = fs.message_dir("q", m.msg_id) / "job"
+    job.mkdir()
+    fs.sweep("q")
+    assert not empty.exists()
+    assert job.is_dir()  # nothing inside a message is touched
+
+
+def test_counts_cache_is_rebuilt_when_missing_or_damaged(fs: FsStore) -> None:
+    fs.create_many("q", [Message() for _ in range(5)])
+    (fs.qroot / "q" / "counts").unlink()
+    assert fs.counts("q")["que"] == 5
+    (fs.qroot / "q" / "counts").write_text("garbage")
+    assert fs.counts("q")["que"] == 5
+
+
+def test_a_moved_message_never_shows_in_two_states(fs: FsStore) -> None:
+    m = fs.create("q", Message())
+    fs.move("q", m.msg_id, State.QUE, State.RUN)
+    found = [p for p in visible_messages(fs) if p.name == m.msg_id]
+    assert len(found) == 1 and found[0].parts[-5] == "run"
+
+
+def test_unsynced_queue_still_renames_atomically(tmp_path: Path) -> None:
+    s = FsStore(tmp_path / "spool")
+    s.create_queue(QueueConfig.from_dict({"name": "fast", "script": "/bin/true", "fsync": False}))
+    durable.faults["fsync"] = [errno.EIO, 0]  # would fail if any fsync were attempted
+    m = s.create("fast", Message())
+    s.create_many("fast", [Message() for _ in range(10)])
+    s.move("fast", m.msg_id, State.QUE, State.RUN)
+    assert s.counts("fast")["que"] == 10
