@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/bootstrap.sh test
-echo "== ruff" && .venv/bin/ruff check spoolq tests bench
+echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest"
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"
