@@ -99,7 +99,7 @@ def parse_ref(ref: str) -> MessageRef:
     if m:
         return MessageRef(validate_queue_name(m.group(1)), m.group(2))
     queue, sep, msg_id = ref.strip("/").partition("/")
-    if sep and queue == "q":
+    if sep and queue == "q" and "/" in msg_id:  # "/q/QUEUE/ID", as in a full id's path
         queue, _, msg_id = msg_id.partition("/")
     if not sep or not msg_id:
         raise InvalidName(f"invalid message reference {ref!r}: use QUEUE/ID or a full id URL")

@@ -322,3 +322,24 @@ def test_message_dir_has_a_job_dir_for_scripts(store: Store) -> None:
     d = store.message_dir("q", m)
     (d / "job").mkdir(exist_ok=True)
     assert (d / "job").is_dir()
+
+
+@pytest.mark.parametrize("ref,expect", [
+    ("q/20261123.0920.08.804.1", ("q", "20261123.0920.08.804.1")),
+    ("mail/20261123.0920.08.804.1", ("mail", "20261123.0920.08.804.1")),
+    ("/q/mail/20261123.0920.08.804.1", ("mail", "20261123.0920.08.804.1")),
+    ("http://h.example:3333/q/q/20261123.0920.08.804.1", ("q", "20261123.0920.08.804.1")),
+])
+def test_message_references(ref: str, expect: tuple[str, str]) -> None:
+    from spoolq.ids import parse_ref
+
+    assert tuple(parse_ref(ref)) == expect
+
+
+@pytest.mark.parametrize("ref", ["mail", "mail/../x", "../q/x", "http://h/q/mail/notanid",
+                                 "a b/20261123.0920.08.804.1"])
+def test_bad_message_references(ref: str) -> None:
+    from spoolq.ids import parse_ref
+
+    with pytest.raises(InvalidName):
+        parse_ref(ref)

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..client import Client
@@ -51,8 +51,19 @@ class Ctx:
         sys.stdout.write(text + "\n")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with spoolq's error format: ``spoolq: <message>`` (and JSON under --json), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        if "--json" in sys.argv[1:]:
+            sys.stdout.write(json.dumps({"error": {"code": "usage", "message": message}}) + "\n")
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"spoolq: {message}\n")
+        raise SystemExit(exitcodes.USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="spoolq",
         description="A per-machine message queue manager whose database is the filesystem.",
     )

@@ -1,0 +1,322 @@
+"""Queue commands: ``queue create|list|show|set|pause|resume|down|up|delete``, ``status``,
+``stats``, ``ack-errs`` and ``sweep``.
+
+JSON shapes are documented in docs/cli.md. Every queue name is validated before the spool
+is opened, so a hostile name (``../x``) is refused with exit 2 and nothing on disk changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidInput, SpoolqError
+from ..model import AdminState, QueueConfig
+from ..store.layout import COUNT_KEYS
+from . import output
+from .common import command, integer, json_or_text, key_value, number, queue_name, refs
+
+if TYPE_CHECKING:
+    from .main import Ctx
+
+COUNT_HEADERS = [k.upper() if k != "err_acked" else "ACKED" for k in COUNT_KEYS]
+
+
+def register(sub: Any) -> None:
+    qp = sub.add_parser("queue", help="create, inspect, change and delete queues",
+                        description="Create, inspect, change and delete queues.")
+    qsub = qp.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+
+    p = command(qsub, "create", queue_create, "create a queue whose messages are run by SCRIPT")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--script", required=True, metavar="PATH",
+                   help="program run once per message (made absolute)")
+    p.add_argument("--workers", metavar="N", help="messages run at once (1-128, default 1)")
+    p.add_argument("--exec-prefix", metavar="S", default="",
+                   help="command line put before the script, e.g. 'nice -n 10'")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment variable for the script (repeatable)")
+    p.add_argument("--timeout", metavar="S", help="kill a run after S seconds")
+    p.add_argument("--max-count", metavar="N", help="default retry limit of messages (default 15)")
+    p.add_argument("--coalesce", action="append", default=[], metavar="N",
+                   help="coalesce queued messages equal in param N (1-4; repeatable)")
+    p.add_argument("--blocking", action="append", default=[], metavar="N",
+                   help="never run two messages equal in param N at once (1-4; repeatable)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync messages (faster; a crash may lose acknowledged ones)")
+
+    command(qsub, "list", queue_list, "list queues with admin state, workers and script")
+
+    p = command(qsub, "show", queue_show, "show a queue's config, admin state and counts")
+    p.add_argument("name", metavar="NAME")
+
+    p = command(qsub, "set", queue_set, "change config keys (values are parsed as JSON when they parse)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
+
+    for action, text in (("pause", "accept messages but run none (running ones finish)"),
+                         ("resume", "undo pause: run messages again"),
+                         ("down", "refuse new messages (sends fail with exit 5)"),
+                         ("up", "undo down: accept messages again")):
+        p = command(qsub, action, queue_admin, text)
+        p.add_argument("name", metavar="NAME")
+        p.set_defaults(admin_action=action)
+
+    p = command(qsub, "delete", queue_delete,
+                "delete a queue (moved to ROOT/deleted/); refused while messages wait unless --force")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="delete even with messages in prep, que or run")
+
+    p = command(sub, "status", status, "every queue's admin state and counts, or one message's status")
+    p.add_argument("msg", nargs="?", metavar="MSG", help="QUEUE/ID or full id: print its status text")
+
+    p = command(sub, "stats", stats, "message counts per state (all queues when QUEUE is omitted)")
+    p.add_argument("queue", nargs="?", metavar="QUEUE")
+    p.add_argument("--recount", action="store_true",
+                   help="recount from the messages on disk instead of the counts cache")
+
+    p = command(sub, "ack-errs", ack_errs, "acknowledge every error of a queue (they stay, uncounted)")
+    p.add_argument("queue", metavar="QUEUE")
+
+    p = command(sub, "sweep", sweep, "remove debris of dead producers and empty bucket directories")
+    p.add_argument("queue", metavar="QUEUE")
+
+
+# -- queue ... ------------------------------------------------------------------------------
+def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
+    if not args.script:
+        raise InvalidInput("--script must name the program to run per message")
+    data: dict[str, Any] = {
+        "name": name,
+        "script": os.path.abspath(args.script),
+        "exec_prefix": args.exec_prefix,
+        "env_vars": dict(key_value(e, "--env") for e in args.env),
+        "coalesce_params": [integer(n, "--coalesce", 1, 4) for n in args.coalesce],
+        "blocking_params": [integer(n, "--blocking", 1, 4) for n in args.blocking],
+        "fsync": not args.no_fsync,
+    }
+    if args.workers is not None:
+        data["num_workers"] = integer(args.workers, "--workers", 1, 128)
+    if args.timeout is not None:
+        data["timeout"] = number(args.timeout, "--timeout", 0.001, 10 * 365 * 86400.0)
+    if args.max_count is not None:
+        data["max_count"] = integer(args.max_count, "--max-count", 1, 1_000_000)
+    return QueueConfig.from_dict(data)
+
+
+def _queue_json(ctx: Ctx, name: str, *, counts: bool = True) -> dict[str, Any]:
+    c = ctx.client
+    d: dict[str, Any] = {"name": name, "admin_state": str(c.admin_state(name)),
+                         "config": c.queue_config(name).to_dict()}
+    if counts:
+        d["counts"] = c.counts(name)
+    return d
+
+
+def queue_create(args: argparse.Namespace, ctx: Ctx) -> int:
+    # Validated in full before the spool is opened: bad input leaves no trace on disk.
+    cfg = _config_from_args(args, queue_name(args.name))
+    if not os.path.isfile(cfg.script):
+        print(f"spoolq: warning: script {cfg.script} does not exist (yet); "
+              "messages will fail until it does", file=sys.stderr)
+    elif not cfg.exec_prefix and not os.access(cfg.script, os.X_OK):
+        print(f"spoolq: warning: script {cfg.script} is not executable", file=sys.stderr)
+    ctx.client.create_queue(cfg)
+    if ctx.json:
+        ctx.emit_json(_queue_json(ctx, cfg.name))
+    else:
+        ctx.out(f"created queue {cfg.name} (script {output.clean(cfg.script)}, "
+                f"{cfg.num_workers} worker{'s' if cfg.num_workers != 1 else ''})")
+    return 0
+
+
+def queue_list(args: argparse.Namespace, ctx: Ctx) -> int:
+    rows: list[dict[str, Any]] = []
+    for name in ctx.client.queues():
+        try:
+            cfg = ctx.client.queue_config(name)
+            rows.append({"name": name, "admin_state": str(ctx.client.admin_state(name)),
+                         "num_workers": cfg.num_workers, "script": cfg.script})
+        except SpoolqError as e:
+            print(f"spoolq: {name}: {e}", file=sys.stderr)
+            rows.append({"name": name, "admin_state": None, "num_workers": None, "script": None,
+                         "error": {"code": e.code, "message": str(e)}})
+    if ctx.json:
+        ctx.emit_json({"queues": rows})
+    elif rows:
+        ctx.out(output.table(
+            ["QUEUE", "STATE", "WORKERS", "SCRIPT"],
+            [[r["name"], r["admin_state"] or "?", r["num_workers"] or "?", r["script"] or "?"]
+             for r in rows], numeric=[2]))
+    else:
+        print(f"spoolq: no queues in {ctx.root} (create one with `spoolq queue create`)",
+              file=sys.stderr)
+    return 0
+
+
+def queue_show(args: argparse.Namespace, ctx: Ctx) -> int:
+    name = queue_name(args.name)
+    d = _queue_json(ctx, name)
+    if ctx.json:
+        ctx.emit_json(d)
+        return 0
+    cfg = d["config"]
+    ctx.out(output.key_values([
+        ("queue", name),
+        ("admin state", d["admin_state"]),
+        ("script", cfg["script"]),
+        ("exec prefix", cfg["exec_prefix"] or "-"),
+        ("workers", cfg["num_workers"]),
+        ("env", " ".join(f"{k}={v}" for k, v in cfg["env_vars"].items()) or "-"),
+        ("timeout", f"{cfg['timeout']:g}s" if cfg["timeout"] else "none"),
+        ("max count", cfg["max_count"]),
+        ("coalesce", " ".join(f"param{n}" for n in cfg["coalesce_params"]) or "-"),
+        ("blocking", " ".join(f"param{n}" for n in cfg["blocking_params"]) or "-"),
+        ("retry", ", ".join(f"{k} {v:g}" for k, v in cfg["retry"].items())),
+        ("fsync", "yes" if cfg["fsync"] else "no"),
+    ]))
+    ctx.out()
+    ctx.out(output.table(COUNT_HEADERS, [[d["counts"].get(k, 0) for k in COUNT_KEYS]],
+                         numeric=range(len(COUNT_KEYS))))
+    return 0
+
+
+def queue_set(args: argparse.Namespace, ctx: Ctx) -> int:
+    name = queue_name(args.name)
+    changes: dict[str, Any] = {}
+    for item in args.changes:
+        key, raw = key_value(item, "a change")
+        if key == "name":
+            raise InvalidInput("a queue cannot be renamed")
+        changes[key] = json_or_text(raw)
+    cfg = ctx.client.update_queue(name, **changes)
+    if ctx.json:
+        ctx.emit_json({"name": name, "config": cfg.to_dict(), "changed": sorted(changes)})
+    else:
+        new = cfg.to_dict()
+        for key in sorted(changes):
+            ctx.out(f"{name}: {key} = {output.clean(new.get(key))}")
+    return 0
+
+
+def queue_admin(args: argparse.Namespace, ctx: Ctx) -> int:
+    """RQ's admin actions: pause and down set a flag; resume clears pause; up clears down."""
+    name = queue_name(args.name)
+    action: str = args.admin_action
+    current = ctx.client.admin_state(name)
+    target = {"pause": AdminState.PAUSE, "down": AdminState.DOWN}.get(action)
+    if action == "resume":
+        target = AdminState.UP if current == AdminState.PAUSE else current
+    elif action == "up":
+        target = AdminState.UP if current == AdminState.DOWN else current
+    assert target is not None
+    if target != current:
+        ctx.client.set_admin_state(name, target)
+    note = ""
+    if action == "resume" and target == AdminState.DOWN:
+        note = f" (down, not paused: `spoolq queue up {name}` to accept messages)"
+    elif action == "up" and target == AdminState.PAUSE:
+        note = f" (paused, not down: `spoolq queue resume {name}` to run messages)"
+    if ctx.json:
+        ctx.emit_json({"name": name, "admin_state": str(target), "previous": str(current)})
+    else:
+        ctx.out(f"{name}: {target}{note}")
+    return 0
+
+
+def queue_delete(args: argparse.Namespace, ctx: Ctx) -> int:
+    name = queue_name(args.name)
+    ctx.client.delete_queue(name, force=args.force)
+    if ctx.json:
+        ctx.emit_json({"name": name, "deleted": True})
+    else:
+        ctx.out(f"deleted queue {name}")
+    return 0
+
+
+# -- status, stats, ack-errs, sweep -----------------------------------------------------------
+def _count_rows(ctx: Ctx, names: list[str], *, recount: bool = False,
+                admin: bool = False) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        row: dict[str, Any] = {"name": name}
+        try:
+            if admin:
+                row["admin_state"] = str(ctx.client.admin_state(name))
+            row["counts"] = ctx.client.recount(name) if recount else ctx.client.counts(name)
+        except SpoolqError as e:
+            if len(names) == 1:
+                raise
+            print(f"spoolq: {name}: {e}", file=sys.stderr)
+            row.setdefault("admin_state", None)
+            row["counts"] = None
+            row["error"] = {"code": e.code, "message": str(e)}
+        rows.append(row)
+    return rows
+
+
+def _count_table(rows: list[dict[str, Any]], *, admin: bool) -> str:
+    headers = ["QUEUE", *(["ADMIN"] if admin else []), *COUNT_HEADERS]
+    first = 2 if admin else 1
+    body = []
+    for r in rows:
+        counts = r["counts"] or {}
+        body.append([r["name"], *([r["admin_state"] or "?"] if admin else []),
+                     *[counts.get(k, "?") for k in COUNT_KEYS]])
+    return output.table(headers, body, numeric=range(first, first + len(COUNT_KEYS)))
+
+
+def status(args: argparse.Namespace, ctx: Ctx) -> int:
+    if args.msg is not None:
+        (ref,) = refs([args.msg])
+        view = ctx.client.get(ref)
+        if ctx.json:
+            ctx.emit_json({"queue": ref.queue, "msg_id": ref.msg_id,
+                           "full_id": ctx.client.full_id(ref.queue, ref.msg_id),
+                           "state": str(view.state), "status": view.status})
+        else:
+            ctx.out(output.clean(view.status))
+        return 0
+    rows = _count_rows(ctx, ctx.client.queues(), admin=True)
+    if ctx.json:
+        ctx.emit_json({"queues": rows})
+    elif rows:
+        ctx.out(_count_table(rows, admin=True))
+    else:
+        print(f"spoolq: no queues in {ctx.root} (create one with `spoolq queue create`)",
+              file=sys.stderr)
+    return 0
+
+
+def stats(args: argparse.Namespace, ctx: Ctx) -> int:
+    names = [queue_name(args.queue)] if args.queue is not None else ctx.client.queues()
+    rows = _count_rows(ctx, names, recount=args.recount)
+    if ctx.json:
+        ctx.emit_json({"queues": rows})
+    elif rows:
+        ctx.out(_count_table(rows, admin=False))
+    return 0
+
+
+def ack_errs(args: argparse.Namespace, ctx: Ctx) -> int:
+    name = queue_name(args.queue)
+    n = ctx.client.ack_errs(name)
+    if ctx.json:
+        ctx.emit_json({"queue": name, "acked": n})
+    else:
+        ctx.out(f"acknowledged {n} error{'s' if n != 1 else ''} in {name}")
+    return 0
+
+
+def sweep(args: argparse.Namespace, ctx: Ctx) -> int:
+    name = queue_name(args.queue)
+    removed = ctx.client.sweep(name)
+    if ctx.json:
+        ctx.emit_json({"queue": name, "removed": removed})
+    else:
+        for path in removed:
+            ctx.out(f"removed {output.clean(path)}")
+        ctx.out(f"swept {name}: {len(removed)} removed")
+    return 0
