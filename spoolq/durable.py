@@ -70,14 +70,15 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_new(path: str | os.PathLike[str], data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
+def write_new(path: str | os.PathLike[str], data: bytes, *, sync: bool = True, mode: int = 0o644,
+              dir_fd: int | None = None) -> None:
     """Create ``path`` (which must not exist) holding ``data``; fsync it when ``sync``.
 
     Used inside a staging directory that nobody else can see yet, so no rename is needed:
-    the directory's own rename publishes the file.
+    the directory's own rename publishes the file. ``dir_fd``: ``path`` is relative to it.
     """
     _check("write", path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         _write_all(fd, data)
         if sync:
@@ -135,9 +136,9 @@ def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, sync: bo
             fsync_dir(src_dir)
 
 
-def mkdir(path: str | os.PathLike[str], mode: int = 0o755) -> None:
+def mkdir(path: str | os.PathLike[str], mode: int = 0o755, *, dir_fd: int | None = None) -> None:
     _check("mkdir", path)
-    os.mkdir(path, mode)
+    os.mkdir(path, mode, dir_fd=dir_fd)
 
 
 def makedirs(path: Path, stop_at: Path, *, sync: bool = True) -> None:

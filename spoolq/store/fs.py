@@ -8,6 +8,7 @@ argument are in docs/internals.md; comments below name the invariant they keep (
 from __future__ import annotations
 
 import builtins
+import copy
 import hashlib
 import itertools
 import json
@@ -36,7 +37,7 @@ from ..errors import (
     StorageError,
     WrongState,
 )
-from ..ids import make_id, validate_attachment_name, validate_msg_id, validate_queue_name
+from ..ids import bucket_of, id_prefix, make_id, validate_attachment_name, validate_msg_id, validate_queue_name
 from ..model import (
     AdminState,
     AttachmentInfo,
@@ -54,6 +55,7 @@ CHUNK = 1024 * 1024
 # Order in which locate() looks for a message: the common states of a live message first.
 LOOKUP_ORDER = (State.RUN, State.QUE, State.PREP, State.DONE, State.ERR, State.RELAYED)
 _seq = itertools.count()
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _count_key(state: State, acked: bool = False) -> str:
@@ -192,22 +194,27 @@ class FsStore:
             raise durable.storage_error(e, f"cannot set {name} {state}") from None
 
     # -- creating ------------------------------------------------------------------------
-    def _stage(self, qdir: Path) -> tuple[Path, int]:
-        """A fresh staging directory in ``.tmp`` and its inode (which makes the id unique)."""
-        name = f"{os.getpid()}.{next(_seq)}.{secrets.token_hex(3)}"
-        path = qdir / ".tmp" / name
+    def _stage(self, qdir: Path) -> str:
+        """Make a fresh staging directory in ``<q>/.tmp``, named for sweep() (``<pid>.*``)."""
+        path = f"{qdir}/.tmp/{os.getpid()}.{next(_seq)}.{secrets.token_hex(3)}"
         durable.mkdir(path)
-        return path, os.stat(path).st_ino
+        return path
 
     def _check_accepting(self, queue: str) -> QueueConfig:
         cfg = self.queue_config(queue)
-        if self.admin_state(queue) == AdminState.DOWN:
+        if os.path.lexists(f"{self.qroot}/{queue}/down"):  # admin_state() == DOWN, in one stat
             raise QueueDown(f"queue {queue} is DOWN: it refuses new messages")
         return cfg
 
-    def _prepare(self, msg: Message, queue: str, now: float, state: State, ino: int) -> Message:
-        m = Message.from_dict(msg.to_dict())
-        m.msg_id = make_id(now, ino)
+    def _prepare(self, msg: Message, queue: str, now: float, state: State, msg_id: str,
+                 *, validate: bool = True) -> Message:
+        """The message as stored: a copy of ``msg`` with its id, creation time and defaults.
+
+        ``validate=False`` trusts ``msg`` (it was built by Message.from_dict, as the client
+        does) and makes a shallow copy instead of a JSON round trip through from_dict.
+        """
+        m = Message.from_dict(msg.to_dict()) if validate else copy.copy(msg)
+        m.msg_id = msg_id
         m.created_at = now
         if not m.due:
             m.due = now
@@ -229,65 +236,135 @@ class FsStore:
         cfg = self._check_accepting(queue)
         qdir = self.qdir(queue)
         sync = cfg.fsync
-        stage: Path | None = None
+        stage: str | None = None
+        sfd = -1
+        buckets: dict[str, int] = {}
+        published = False
         try:
-            stage, ino = self._stage(qdir)
-            m = self._prepare(msg, queue, self.clock(), state, ino)
+            stage = self._stage(qdir)
+            # One fd on the stage gives its inode (which makes the id unique), creates msg in
+            # it and fsyncs it.
+            sfd = os.open(stage, _DIR_FLAGS)
+            now = self.clock()
+            m = self._prepare(msg, queue, now, state, make_id(now, os.fstat(sfd).st_ino))
             data = m.encode()
             if attachments:
-                durable.mkdir(stage / "attach")
+                attach_dir = Path(stage) / "attach"
+                durable.mkdir(attach_dir)
                 for a in attachments:
-                    self._add_attachment(stage / "attach", a, qdir, sync)
-            durable.write_new(stage / "msg", data, sync=sync)
+                    self._add_attachment(attach_dir, a, qdir, sync)
+            durable.write_new("msg", data, sync=sync, dir_fd=sfd)
             if sync:
-                durable.fsync_dir(stage)
+                durable.fsync_fd(sfd)  # the names msg (and attach) in the stage
             # I2: the message becomes visible by one rename of a complete directory.
-            self._publish(stage, message_path(qdir, state, m.msg_id), qdir / str(state), sync)
-            stage = None
+            self._publish_at(stage, qdir / str(state), m.msg_id, buckets, sync)
+            stage, published = None, True
+            if sync:
+                durable.fsync_fd(buckets[m.msg_id[:16]])  # the rename
         except OSError as e:
+            if published:  # visible, but maybe not durable: withdraw it
+                shutil.rmtree(message_path(qdir, state, m.msg_id), ignore_errors=True)
             raise durable.storage_error(e, f"cannot store message in {queue}") from None
         finally:
+            for fd in (sfd, *buckets.values()):
+                if fd >= 0:
+                    os.close(fd)
             if stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
         Counts(qdir / "counts").add({str(state): 1})
         return m
 
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
+        """Store ``msgs`` in que, all or none, with one group commit.
+
+        Each message is made as :meth:`create` makes one (a complete directory, published by
+        one rename), but the flushes are shared. The messages are staged side by side in one
+        batch directory in ``.tmp``; one ``syncfs`` makes their files and names durable; each
+        is renamed into its bucket; one fsync per bucket makes the renames durable. Only then
+        does this return. ``msgs`` are trusted to be valid (built by Message.from_dict).
+        """
         cfg = self._check_accepting(queue)
         qdir = self.qdir(queue)
+        sdir = qdir / str(State.QUE)
         sync = cfg.fsync
-        staged: list[tuple[Path, Message]] = []
-        published: list[Path] = []
+        now = self.clock()
+        prefix = id_prefix(now)  # one time for the batch: usually one bucket for all
+        made: list[Message] = []
+        published: list[str] = []
+        batch: str | None = None
+        bfd = -1
+        buckets: dict[str, int] = {}  # bucket part of the id -> open fd on that bucket
         try:
-            now = self.clock()
-            for msg in msgs:
-                stage, ino = self._stage(qdir)
-                staged.append((stage, msg))
-                m = self._prepare(msg, queue, now, State.QUE, ino)
-                staged[-1] = (stage, m)
-                durable.write_new(stage / "msg", m.encode(), sync=False)
+            batch = self._stage(qdir)
+            bfd = os.open(batch, _DIR_FLAGS)
+            for i, msg in enumerate(msgs):
+                name = str(i)
+                durable.mkdir(name, dir_fd=bfd)
+                ino = os.stat(name, dir_fd=bfd).st_ino
+                m = self._prepare(msg, queue, now, State.QUE, f"{prefix}.{ino}", validate=False)
+                durable.write_new(f"{name}/msg", m.encode(), sync=False, dir_fd=bfd)
+                made.append(m)
             if sync:
                 # Group commit: one flush makes every staged file and directory durable.
                 durable.syncfs(qdir)
-            buckets: set[Path] = set()
-            for stage, m in staged:
-                dst = message_path(qdir, State.QUE, m.msg_id)
-                self._publish(stage, dst, qdir / "que", sync, fsync_parent=False)
-                published.append(dst)
-                buckets.add(dst.parent)
+            for i, m in enumerate(made):
+                # I2: each message becomes visible by one rename of a complete directory.
+                self._publish_at(str(i), sdir, m.msg_id, buckets, sync, src_dir_fd=bfd)
+                published.append(m.msg_id)
             if sync:
-                durable.fsync_dirs(buckets)
+                for fd in buckets.values():
+                    durable.fsync_fd(fd)
         except (OSError, SpoolqError) as e:
-            # All or nothing: withdraw what was already published, drop the staging dirs.
-            for p in published:
-                shutil.rmtree(p, ignore_errors=True)
-            for stage, _ in staged:
-                shutil.rmtree(stage, ignore_errors=True)
+            # All or nothing: withdraw what was already published (the batch dir goes below).
+            for msg_id in published:
+                shutil.rmtree(message_path(qdir, State.QUE, msg_id), ignore_errors=True)
             if isinstance(e, SpoolqError):
                 raise
             raise durable.storage_error(e, f"cannot store {len(msgs)} messages in {queue}") from None
-        Counts(qdir / "counts").add({"que": len(staged)})
-        return [m for _, m in staged]
+        finally:
+            for fd in (bfd, *buckets.values()):
+                if fd >= 0:
+                    os.close(fd)
+            if batch is not None:
+                shutil.rmtree(batch, ignore_errors=True)
+        Counts(qdir / "counts").add({"que": len(made)})
+        return made
+
+    def _publish_at(self, src: str, state_dir: Path, msg_id: str, buckets: dict[str, int],
+                    sync: bool, *, src_dir_fd: int | None = None) -> None:
+        """Rename ``src`` (relative to ``src_dir_fd`` if given) to ``msg_id`` in its bucket of
+        ``state_dir``: :meth:`_publish` on open directories. ``buckets`` caches fds on the
+        buckets by the bucket part of the id (``msg_id[:16]``); the caller fsyncs and closes
+        them. A bucket removed by the janitor under us is made again.
+        """
+        key = msg_id[:16]  # YYYYmmdd.HHMM.SS: the bucket
+        for _ in range(10):
+            fd = buckets.get(key)
+            if fd is None:
+                fd = buckets[key] = self._open_bucket(state_dir, msg_id, sync)
+            try:
+                durable._check("rename", msg_id)
+                os.rename(src, msg_id, src_dir_fd=src_dir_fd, dst_dir_fd=fd)
+                return
+            except FileNotFoundError:
+                os.stat(src, dir_fd=src_dir_fd)  # raises if the source is what went missing
+                os.close(buckets.pop(key))  # the bucket was removed: make it again
+            except OSError as e:
+                if e.errno in (39, 17):  # the id already exists: clock went back and inode reused
+                    raise Conflict(f"message id {msg_id} already exists in {state_dir}") from None
+                raise
+        raise StorageError(f"cannot create the bucket directory of {msg_id} in {state_dir}")
+
+    @staticmethod
+    def _open_bucket(state_dir: Path, msg_id: str, sync: bool) -> int:
+        """An fd on the bucket directory that holds ``msg_id`` in ``state_dir``, made as needed."""
+        bucket = state_dir.joinpath(*bucket_of(msg_id))
+        for _ in range(10):
+            try:
+                return os.open(bucket, _DIR_FLAGS)
+            except FileNotFoundError:
+                durable.makedirs(bucket, state_dir, sync=sync)
+        raise StorageError(f"cannot create bucket directory {bucket}")
 
     def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool, *, fsync_parent: bool = True) -> None:
         """Rename ``src`` to ``dst``, creating its bucket directories as needed.
@@ -624,14 +701,19 @@ class FsStore:
                 update(m)
                 durable.write_replace(path / "msg", m.encode(), sync=sync)
             dest = message_path(qdir, dst, msg_id)
+            # The history line is written before the rename so it travels with the directory:
+            # after the rename another process (the daemon) may move the message on at once.
+            now = self.clock()
+            entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
+            try:
+                with open(path / "history", "ab") as f:
+                    f.write(_json(entry) + b"\n")
+            except FileNotFoundError:
+                raise WrongState(f"message {msg_id} left {src} while being moved") from None
             try:
                 self._publish(path, dest, qdir / str(dst), sync)
             except FileNotFoundError:
                 raise WrongState(f"message {msg_id} left {src} while being moved") from None
-            now = self.clock()
-            entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
-            with open(dest / "history", "ab") as f:
-                f.write(_json(entry) + b"\n")
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
         Counts(qdir / "counts").add({_count_key(src, acked): -1, str(dst): 1})
