@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import builtins
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .config import RootConfig, default_root, read_root_config
-from .errors import InvalidInput, InvalidMessage, WrongState
+from .errors import InvalidInput, InvalidMessage, WaitTimeout, WrongState
 from .ids import MessageRef, parse_ref
 from .model import (
     AdminState,
@@ -269,6 +270,12 @@ class Client:
             m.due = 0.0
 
         self.store.update(r.queue, r.msg_id, front)
+        if isinstance(self.store, FsStore):
+            # The daemon watches queue dirs, not message dirs: a touched "kick" makes it rescan.
+            try:
+                (self.store.qdir(r.queue) / "kick").touch()
+            except OSError:
+                pass
 
     def clone(self, ref: Ref) -> Receipt:
         """A new message with the same fields and attachments (done, relayed or err only)."""
@@ -289,6 +296,56 @@ class Client:
                        for n in view.attachments]
         stored = self.store.create(r.queue, m, attachments=sources)
         return self.receipt(r.queue, stored.msg_id)
+
+    def wait(self, ref: Ref, timeout: float | None = None) -> MessageView:
+        """Block until the message is done, relayed or err, and return it.
+
+        Woken by filesystem events (inotify), not by polling. Raises WaitTimeout if
+        ``timeout`` seconds pass first.
+        """
+        from .watch import wait_final
+
+        r = self.ref(ref)
+        view = wait_final(self.store, r.queue, r.msg_id, timeout)
+        if view is None:
+            state = self.store.state_of(r.queue, r.msg_id)
+            raise WaitTimeout(f"message {r.queue}/{r.msg_id} is still in {state} after {timeout:g} s")
+        return view
+
+    def cancel(self, ref: Ref) -> str:
+        """Stop a message: a queued one goes straight to err, a running one has its process
+        group terminated and ends in err with status ``cancelled``. Returns what was done."""
+        from .runner.spawn import kill_group, read_pidfile, same_process
+
+        r = self.ref(ref)
+        for _ in range(5):
+            state = self.store.state_of(r.queue, r.msg_id)
+            if state == State.QUE:
+                try:
+                    self.store.move(r.queue, r.msg_id, State.QUE, State.ERR, note="cancelled")
+                except WrongState:
+                    continue  # the daemon started it meanwhile
+                self.store.set_status(r.queue, r.msg_id, "cancelled")
+                return "cancelled (it was queued)"
+            if state != State.RUN:
+                raise WrongState(f"message {r.queue}/{r.msg_id} is in {state}: only queued or running "
+                                 "messages can be cancelled")
+            mdir = self.store.message_dir(r.queue, r.msg_id)
+            try:
+                (mdir / "cancel").write_bytes(b"")
+            except FileNotFoundError:
+                continue  # it left run meanwhile
+            pf = read_pidfile(mdir)
+            if pf is None or not same_process(*pf):
+                return "marked cancelled (no live script found; the daemon finishes it)"
+            kill_group(pf[0], signal.SIGTERM)
+            deadline = time.monotonic() + 2.0
+            while same_process(*pf) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if same_process(*pf):
+                kill_group(pf[0], signal.SIGKILL)
+            return f"cancelled (terminated process group {pf[0]})"
+        raise WrongState(f"message {r.queue}/{r.msg_id} keeps changing state; try again")
 
     def ack_errs(self, queue: str) -> int:
         return self.store.ack_errs(queue)

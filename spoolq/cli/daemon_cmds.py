@@ -1,0 +1,145 @@
+"""``spoolq serve`` (the daemon) and the commands that follow its work: ``wait``, ``log``, ``cancel``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from typing import Any
+
+from .. import watch
+from ..errors import InvalidInput, WaitTimeout
+from ..model import State
+from . import exitcodes
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the daemon: dispatch queue scripts (and serve HTTP)",
+                       description="Run the spoolq daemon for the spool root: start queue scripts as "
+                                   "messages become due, recover after a crash, and serve the HTTP API.")
+    p.add_argument("--host", default=None, help="host name/address in full ids and where HTTP listens "
+                                                "(default: the root's config, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the root's config, else 3333)")
+    p.add_argument("--no-http", action="store_true", help="do not start the HTTP server")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds running jobs get to finish on SIGTERM before they are stopped and "
+                        "requeued (default 30)")
+    p.add_argument("--token", default=os.environ.get("SPOOLQ_TOKEN"),
+                   help="bearer token the HTTP API requires (env SPOOLQ_TOKEN); required off loopback")
+    p.add_argument("--rescan", type=float, default=30.0,
+                   help="seconds between backstop rescans of the queues (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every job start and end")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("wait", help="wait until a message is done, relayed or err",
+                       description="Block until the message reaches a final state. Exit status: 0 done "
+                                   "or relayed, 9 err, 7 timeout.")
+    p.add_argument("message", help="full id URL or QUEUE/ID")
+    p.add_argument("--timeout", type=float, default=None, help="give up after S seconds (exit 7)")
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("log", help="print a message's job/stdio.log (-f: follow until it ends)")
+    p.add_argument("message", help="full id URL or QUEUE/ID")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new output until the message reaches a final state")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("cancel", help="stop a queued or running message; it ends in err (cancelled)")
+    p.add_argument("message", help="full id URL or QUEUE/ID")
+    p.set_defaults(func=cmd_cancel)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
+    from ..daemon import Daemon
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("spoolq").setLevel(logging.INFO)
+    if "://" in ctx.root and not ctx.root.startswith("file://"):
+        raise InvalidInput("spoolq serve needs a spool directory (file store)")
+    root = ctx.root.removeprefix("file://")
+    os.makedirs(root, exist_ok=True)
+    d = Daemon(root, host=args.host, port=args.port, grace=args.grace, rescan_interval=args.rescan)
+    if not args.no_http and not args.token and not _is_loopback(d.rootcfg.host):
+        raise InvalidInput(f"refusing to serve HTTP on {d.rootcfg.host} without a token: set --token or "
+                           "SPOOLQ_TOKEN (or use --no-http)")
+    d.setup()
+    http: Any = None
+    try:
+        if not args.no_http:
+            http = _start_http(ctx, d, args.token)
+        d.loop()
+    finally:
+        if http is not None:
+            try:
+                http.stop()
+            except Exception as e:  # noqa: BLE001 - shutting down: report and go on
+                logging.getLogger("spoolq").warning("HTTP server did not stop cleanly: %s", e)
+        d.close()
+    return exitcodes.OK
+
+
+def _start_http(ctx: Any, d: Any, token: str | None) -> Any:
+    log = logging.getLogger("spoolq")
+    try:
+        from ..http.server import start_http  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as e:
+        log.warning("HTTP API not available (%s); serving queues only", e)
+        return None
+    from ..client import open as open_client
+
+    client = open_client(str(d.root))
+    return start_http(client, d.rootcfg.host, d.rootcfg.port, token)
+
+
+def _print_view(ctx: Any, view: Any, full_id: str) -> None:
+    if ctx.json:
+        ctx.emit_json(view.to_rq_json(full_id))
+    else:
+        ctx.out(view.status)
+
+
+def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
+    client = ctx.client
+    ref = client.ref(args.message)
+    try:
+        view = client.wait(ref, args.timeout)
+    except WaitTimeout as e:
+        if ctx.json:
+            ctx.emit_json({"error": {"code": e.code, "message": str(e)},
+                           "state": str(client.store.state_of(ref.queue, ref.msg_id))})
+        print(f"spoolq: {e}", file=sys.stderr)
+        return exitcodes.TIMEOUT
+    _print_view(ctx, view, client.full_id(ref.queue, ref.msg_id))
+    return exitcodes.MESSAGE_FAILED if view.state == State.ERR else exitcodes.OK
+
+
+def cmd_log(args: argparse.Namespace, ctx: Any) -> int:
+    client = ctx.client
+    ref = client.ref(args.message)
+    try:
+        watch.follow_log(client.store, ref.queue, ref.msg_id, sys.stdout.buffer, follow=args.follow)
+    except KeyboardInterrupt:
+        return exitcodes.OK
+    return exitcodes.OK
+
+
+def cmd_cancel(args: argparse.Namespace, ctx: Any) -> int:
+    client = ctx.client
+    what = client.cancel(args.message)
+    if ctx.json:
+        ctx.emit_json({"ok": True, "result": what})
+    else:
+        ctx.out(what)
+    return exitcodes.OK

@@ -1,0 +1,70 @@
+"""Start-up recovery: nothing may stay in ``run/`` without a live daemon watching it.
+
+A message in ``run/`` at start belongs to a daemon that died (we hold the root's lock, so
+no other daemon is alive). Its script may still be running: the pid file names it with its
+start time, so the whole process group is killed first, and only a process that is really
+that script (same pid *and* same start time) is touched. Then the message goes back to
+``que/`` with ``count`` incremented (at-least-once), or to ``err/`` if it was cancelled or
+has used up ``max_count``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from ..errors import SpoolqError
+from ..model import State
+from ..runner.protocol import MAX_RESEND_TEXT, Outcome
+from ..runner.spawn import kill_group, read_pidfile, same_process
+from ..store.layout import message_path
+from .jobs import JobRunner
+
+log = logging.getLogger("spoolq.daemon")
+
+
+@dataclass
+class Recovered:
+    requeued: int = 0
+    failed: int = 0
+    killed: int = 0
+
+
+def recover_queue(runner: JobRunner, queue: str) -> Recovered:
+    """Kill orphaned scripts of ``queue`` and move every ``run/`` message out of run."""
+    store = runner.store
+    qdir = store.qdir(queue)
+    rec = Recovered()
+    for msg_id in list(store.ids(queue, State.RUN)):
+        mdir = message_path(qdir, State.RUN, msg_id)
+        pf = read_pidfile(mdir)
+        if pf is not None and same_process(*pf):
+            pid = pf[0]
+            kill_group(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)  # in case it left its group
+            except OSError:
+                pass
+            rec.killed += 1
+            log.warning("%s/%s: killed orphaned script pid %d (and its process group)", queue, msg_id, pid)
+        try:
+            msg = store.get(queue, msg_id).message
+        except SpoolqError as e:
+            log.error("%s/%s: unreadable in run/: %s", queue, msg_id, e)
+            continue
+        if (mdir / "cancel").exists():
+            outcome = Outcome(State.ERR, "cancelled", msg.count)
+        elif msg.count + 1 >= msg.max_count:
+            outcome = Outcome(State.ERR, MAX_RESEND_TEXT + " (was running when the daemon died)",
+                              msg.count + 1)
+        else:
+            outcome = Outcome(State.QUE, "requeued: was running when the daemon died",
+                              msg.count + 1, requeue_delay=0.0)
+        runner.apply(queue, msg, outcome, dups=[], note="recovered")
+        if outcome.state == State.QUE:
+            rec.requeued += 1
+        else:
+            rec.failed += 1
+    return rec

@@ -1,0 +1,424 @@
+"""``spoolq serve``: one supervisor per spool root.
+
+A single-threaded event loop (``selectors``) waits on: the inotify fd (new messages, config
+and admin-state changes, new queues), a self-pipe fed by signals (SIGCHLD, SIGHUP, SIGTERM,
+SIGINT), and each running script's status pipe. Its timeout is the nearest due time, job
+deadline or backstop rescan, so an idle daemon sleeps in the kernel. ``step()`` runs one
+iteration, so tests and tools can drive the loop without sleeping.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import watch
+from ..config import RootConfig, read_root_config, write_root_config
+from ..errors import DaemonRunning, InvalidConfig, QueueNotFound, SpoolqError
+from ..model import AdminState, State
+from ..runner.spawn import kill_group, reserve_low_fds
+from ..store.fs import FsStore
+from ..store.layout import message_path
+from .jobs import Job, JobRunner
+from .queue import QueueState
+from .recovery import recover_queue
+
+log = logging.getLogger("spoolq.daemon")
+
+DIR_EVENTS = watch.IN_CREATE | watch.IN_MOVED_TO | watch.IN_MOVED_FROM | watch.IN_DELETE | watch.IN_ONLYDIR
+QDIR_EVENTS = DIR_EVENTS | watch.IN_CLOSE_WRITE | watch.IN_ATTRIB
+QDIR_NAMES = {"config.json", "pause", "down", "kick"}
+QUE_DEPTH = 3  # que/<day>/<HHMM>/<SS>/<id>
+
+
+class Daemon:
+    def __init__(self, root: str | os.PathLike[str], *, host: str | None = None, port: int | None = None,
+                 grace: float = 30.0, rescan_interval: float = 30.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = FsStore(root)
+        self.root = self.store.root
+        cfg = read_root_config(self.root)
+        self.rootcfg = RootConfig(host=host or cfg.host, port=port if port is not None else cfg.port)
+        self.grace = grace
+        self.rescan_interval = rescan_interval
+        self.clock = clock
+        self.queues: dict[str, QueueState] = {}
+        self.jobs: dict[int, Job] = {}
+        self.watches: dict[int, tuple[str, str | None, Path, int]] = {}  # wd -> (kind, queue, path, level)
+        self.stopping = False
+        self.grace_end: float | None = None
+        self.next_rescan = 0.0
+        self.refresh_queues = True
+        self.flags: set[int] = set()
+        self.watch_trouble = False
+        self._lock_fd = -1
+        self.sel: selectors.BaseSelector  # created in setup(), after fds 3 and 4 are claimed
+        self.ino: watch.Inotify | None = None
+        self.runner: JobRunner | None = None
+
+    # -- setup / teardown ----------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take ``<root>/daemon.pid`` with flock; DaemonRunning if another daemon holds it."""
+        path = self.root / "daemon.pid"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DaemonRunning(f"another spoolq daemon (pid {other}) is serving {self.root} "
+                                    f"(it holds {path})") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd >= 0:
+            try:
+                os.unlink(self.root / "daemon.pid")
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def setup(self) -> None:
+        """Everything before the loop: lock, root config, signals, watches, recovery."""
+        if not reserve_low_fds():  # before this process opens anything else
+            log.info("fds 3 and 4 are taken: scripts are spawned through the slower preexec path")
+        self.sel = selectors.DefaultSelector()
+        self.acquire()
+        write_root_config(self.root, self.rootcfg)
+        self.runner = JobRunner(self.store, self.rootcfg, self.clock,
+                                os.environ.get("RQ_ENV") or _root_env(self.root))
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = rfd
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.sel.register(rfd, selectors.EVENT_READ, "wake")
+        self.ino = watch.Inotify()
+        self.sel.register(self.ino.fd, selectors.EVENT_READ, "inotify")
+        self._watch(self.store.qroot, "root", None, 0)
+        for name in self.store.queues():
+            try:
+                self.store.recount(name)
+                self.store.sweep(name)
+                rec = recover_queue(self.runner, name)
+                if rec.requeued or rec.failed or rec.killed:
+                    log.warning("queue %s: recovered %d message(s) from run/ (%d to err), killed %d "
+                                "orphaned script(s)", name, rec.requeued, rec.failed, rec.killed)
+            except SpoolqError as e:
+                log.error("queue %s: recovery failed: %s", name, e)
+        self.refresh()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.flags.add(signum)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self.ino is not None:
+            self.ino.close()
+        if hasattr(self, "sel"):
+            self.sel.close()
+        self.release()
+
+    # -- watches and queues --------------------------------------------------------------
+    def _watch(self, path: Path, kind: str, queue: str | None, level: int) -> bool:
+        assert self.ino is not None
+        mask = QDIR_EVENTS if kind == "qdir" else DIR_EVENTS
+        try:
+            wd = self.ino.add(path, mask)
+        except OSError as e:
+            if e.errno == errno.ENOSPC and not self.watch_trouble:
+                self.watch_trouble = True
+                log.warning("inotify watch limit reached (fs.inotify.max_user_watches): falling back "
+                            "to rescanning every 5 s")
+            return False
+        self.watches[wd] = (kind, queue, path, level)
+        return True
+
+    def _watch_que_tree(self, qs: QueueState, top: Path, level: int) -> None:
+        """Watch ``top`` and the bucket dirs below it; note messages already inside new buckets."""
+        for path, lvl in watch.walk_dirs(top, QUE_DEPTH - level):
+            self._watch(path, "que", qs.name, level + lvl)
+            if level + lvl == QUE_DEPTH:
+                try:
+                    for n in os.listdir(path):
+                        qs.note_arrival(n)
+                except OSError:
+                    pass
+
+    def refresh(self) -> None:
+        """Sync the set of queues with the disk: new ones are watched, gone ones dropped."""
+        self.refresh_queues = False
+        names = set(self.store.queues())
+        for gone in set(self.queues) - names:
+            log.info("queue %s is gone", gone)
+            del self.queues[gone]
+        for name in sorted(names - set(self.queues)):
+            qs = QueueState(name, self.store.qdir(name))
+            self.queues[name] = qs
+            self._watch(qs.qdir, "qdir", name, 0)
+            self._watch_que_tree(qs, qs.qdir / "que", 0)
+
+    def on_inotify(self) -> None:
+        assert self.ino is not None
+        for ev in self.ino.read():
+            if ev.mask & watch.IN_Q_OVERFLOW:
+                for q in self.queues.values():
+                    q.needs_rescan = q.dirty = True
+                self.refresh_queues = True
+                continue
+            w = self.watches.get(ev.wd)
+            if w is None:
+                continue
+            if ev.mask & watch.IN_IGNORED:
+                del self.watches[ev.wd]
+                continue
+            kind, queue, path, level = w
+            if kind == "root":
+                if not ev.name.startswith("."):
+                    self.refresh_queues = True
+                continue
+            qs = self.queues.get(queue or "")
+            if qs is None:
+                continue
+            if kind == "qdir":
+                if ev.name in QDIR_NAMES:
+                    qs.dirty = True
+                    if ev.name == "kick":
+                        qs.needs_rescan = True
+                continue
+            if level < QUE_DEPTH:
+                if ev.is_dir and ev.mask & (watch.IN_CREATE | watch.IN_MOVED_TO):
+                    self._watch_que_tree(qs, path / ev.name, level + 1)
+            elif ev.mask & (watch.IN_MOVED_TO | watch.IN_CREATE):
+                qs.note_arrival(ev.name)
+            elif ev.mask & (watch.IN_MOVED_FROM | watch.IN_DELETE):
+                qs.note_departure(ev.name)
+
+    # -- signals -------------------------------------------------------------------------
+    def on_signals(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        flags, self.flags = self.flags, set()
+        if signal.SIGHUP in flags:
+            log.info("SIGHUP: re-reading queue configs")
+            self.store._cfg_cache.clear()
+            self.refresh_queues = True
+            for qs in self.queues.values():
+                qs.dirty = qs.needs_rescan = True
+        if flags & {signal.SIGTERM, signal.SIGINT}:
+            self.begin_stop()
+        self.reap()
+
+    def begin_stop(self) -> None:
+        now = self.clock()
+        if self.stopping:
+            self.grace_end = now  # a second signal: no more waiting
+            log.warning("stopping now: terminating %d running job(s)", len(self.jobs))
+            return
+        self.stopping = True
+        self.grace_end = now + self.grace
+        log.warning("stopping: starting nothing new; %d job(s) get %.0f s to finish", len(self.jobs),
+                    self.grace)
+
+    def reap(self) -> None:
+        """Finish every job whose process has exited.
+
+        ``waitid(WNOWAIT)`` sees the exit while the pid is still a zombie, so a timed-out,
+        cancelled or stopped job's process group can be killed (grandchildren included) while
+        its id cannot have been reused; only then is the zombie reaped.
+        """
+        for pid, job in list(self.jobs.items()):
+            try:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    continue
+            except ChildProcessError:
+                pass
+            if job.timed_out or job.stopping or (job.msg_dir / "cancel").exists():
+                kill_group(pid, signal.SIGKILL)
+            try:
+                _, status = os.waitpid(pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                code = -signal.SIGKILL
+            job.spawned.proc.returncode = code  # so subprocess never reaps a reused pid
+            self._finish(job, code)
+
+    def _finish(self, job: Job, code: int) -> None:
+        assert self.runner is not None
+        del self.jobs[job.pid]
+        if not job.eof:
+            try:
+                self.sel.unregister(job.spawned.status_fd)
+            except (KeyError, ValueError):
+                pass
+        qs = self.queues.get(job.queue)
+        cfg = qs.config if qs is not None else None
+        try:
+            outcome = self.runner.finish(job, code, cfg)
+        except Exception:  # noqa: BLE001 - one message must never take the daemon down
+            log.exception("%s/%s: cannot finish the attempt; it stays in run/ until the next "
+                          "start recovers it", job.queue, job.msg_id)
+            if qs is not None:
+                qs.running.discard(job.msg_id)
+                qs.running_keys.pop(job.msg_id, None)
+            return
+        if qs is None:
+            return
+        qs.running.discard(job.msg_id)
+        qs.running_keys.pop(job.msg_id, None)
+        qs.dirty = True
+        if outcome.state == State.QUE:
+            qs.requeued(job.msg_id)
+        if outcome.state not in (State.DONE, State.RELAYED):
+            for d in job.dups:  # the parent did not succeed: its duplicates run on their own
+                qs.requeued(d)
+        else:
+            for d in job.dups:
+                qs.drop(d)
+
+    # -- dispatch ------------------------------------------------------------------------
+    def dispatch(self, qs: QueueState, now: float) -> float | None:
+        """Start what may start in one queue; returns when to look again (a due time) or None."""
+        assert self.runner is not None
+        qs.dirty = False
+        try:
+            cfg = self.store.queue_config(qs.name)
+            qs.config = cfg
+        except QueueNotFound:
+            self.refresh_queues = True
+            return None
+        except (InvalidConfig, SpoolqError) as e:
+            if qs.config is None:
+                log.error("queue %s: unusable config, not running it: %s", qs.name, e)
+                return None
+            cfg = qs.config  # a bad hand edit: keep the last good config
+        try:
+            qs.admin = self.store.admin_state(qs.name)
+        except QueueNotFound:
+            self.refresh_queues = True
+            return None
+        if qs.needs_rescan:
+            qs.rescan()
+        if qs.pending_ids:
+            qs.absorb_pending()
+        if qs.admin != AdminState.UP or self.stopping:
+            return None
+        while len(qs.running) < cfg.num_workers:
+            entry, wake = qs.next_runnable(now)
+            if entry is None:
+                return wake
+            qs.index.pop(entry.msg_id, None)
+            bk = qs.block_key(entry.params)
+            job = self.runner.start(qs.name, entry.msg_id, cfg, bk)
+            if job is None:
+                if self._in_que(qs, entry.msg_id):  # could not start: back with a delay
+                    qs.requeued(entry.msg_id)
+                continue
+            job.dups = qs.coalesce_with(entry)
+            qs.running.add(entry.msg_id)
+            if bk is not None:
+                qs.running_keys[entry.msg_id] = bk
+            self.jobs[job.pid] = job
+            self.sel.register(job.spawned.status_fd, selectors.EVENT_READ, job)
+        return None
+
+    @staticmethod
+    def _in_que(qs: QueueState, msg_id: str) -> bool:
+        return message_path(qs.qdir, State.QUE, msg_id).is_dir()
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self, timeout: float | None) -> None:
+        """One iteration: wait up to ``timeout`` for events, then act on everything pending."""
+        assert self.runner is not None
+        for key, _ in self.sel.select(timeout):
+            if key.data == "wake":
+                self.on_signals()
+            elif key.data == "inotify":
+                self.on_inotify()
+            elif isinstance(key.data, Job):
+                job = key.data
+                if self.jobs.get(job.pid) is not job or job.eof:
+                    continue  # finished earlier in this batch
+                self.runner.read_status(job)
+                if job.eof:
+                    self.sel.unregister(job.spawned.status_fd)
+        if self.flags:
+            self.on_signals()
+        now = self.clock()
+        for job in list(self.jobs.values()):
+            self.runner.check_timeout(job, now)
+        if self.stopping and self.grace_end is not None and now >= self.grace_end:
+            for job in self.jobs.values():
+                if not job.stopping:
+                    job.stopping = True
+                    self.runner.terminate(job, now)
+        if self.refresh_queues:
+            self.refresh()
+        if now >= self.next_rescan:
+            self.next_rescan = now + (5.0 if self.watch_trouble else self.rescan_interval)
+            for qs in self.queues.values():
+                qs.needs_rescan = qs.dirty = True
+                self._watch_que_tree(qs, qs.qdir / "que", 0)
+        for qs in list(self.queues.values()):
+            if qs.dirty or (qs.wake_at is not None and now >= qs.wake_at):
+                try:
+                    qs.wake_at = self.dispatch(qs, now)
+                except Exception:  # noqa: BLE001 - a broken queue must not stop the others
+                    log.exception("queue %s: dispatch failed; retrying in 5 s", qs.name)
+                    qs.needs_rescan, qs.dirty, qs.wake_at = True, False, now + 5.0
+
+    def next_timeout(self) -> float | None:
+        now = self.clock()
+        times = [self.next_rescan]
+        times += [qs.wake_at for qs in self.queues.values() if qs.wake_at is not None]
+        for job in self.jobs.values():
+            if job.deadline is not None and not job.timed_out:
+                times.append(job.deadline)
+            if job.kill_at is not None:
+                times.append(job.kill_at)
+        if self.stopping and self.grace_end is not None and any(not j.stopping for j in self.jobs.values()):
+            times.append(self.grace_end)
+        if any(qs.dirty for qs in self.queues.values()) or self.refresh_queues or self.flags:
+            return 0.0
+        return max(0.0, min(times) - now)
+
+    def loop(self) -> None:
+        """Serve until stopped by SIGTERM/SIGINT and every job is finished or requeued."""
+        log.info("serving %s as %s", self.root, self.rootcfg.base_url)
+        while not (self.stopping and not self.jobs):
+            self.step(self.next_timeout())
+        log.info("stopped")
+
+    def run(self) -> int:
+        self.setup()
+        try:
+            self.loop()
+        finally:
+            self.close()
+        return 0
+
+
+def _root_env(root: Path) -> str:
+    import json
+
+    try:
+        data = json.loads((root / "config.json").read_bytes())
+        env = data.get("env") if isinstance(data, dict) else None
+        return env if isinstance(env, str) and env else "production"
+    except (OSError, ValueError):
+        return "production"

@@ -1,0 +1,260 @@
+"""Starting a queue script the way RQ does (reference/rq-spec.md 3.1), and finding it again.
+
+The child: cwd ``<message>/job``, stdin /dev/null, stdout and stderr appended to
+``job/stdio.log`` after an ``RQ START`` header, fd 3 the write end of the status pipe, fd 4
+the read end of the reply pipe, every ``RQ_*`` variable, its own session (so the daemon can
+kill the whole process group). No shell is involved unless ``exec_prefix`` names one.
+
+The pid file (``<message>/pid``) records ``pid start_ticks``: after a daemon crash the
+next daemon kills exactly those processes, never an unrelated process that reused the pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import RootConfig
+from ..model import Message, QueueConfig
+
+RQ_VER = "3.0.0"
+# Never handed to scripts: the daemon's own secrets and stale values of our variables.
+_SCRUB_PREFIXES = ("RQ_", "SPOOLQ_")
+
+
+class ScriptError(Exception):
+    """The script cannot be started (missing, not executable, bad interpreter)."""
+
+
+_low_fds_owned = False
+
+
+def reserve_low_fds() -> bool:
+    """Claim fds 3 and 4 for spawning, if they are free (RQ's ``exec 3>/dev/null 4>/dev/null``).
+
+    Call it before opening anything else. When both are ours, :func:`spawn` hands the pipes
+    over without running Python code in the child (fast vfork path); when something else
+    already holds 3 or 4 (the daemon embedded in another program), it falls back to a
+    ``preexec_fn`` that does the dup2 in the child.
+    """
+    global _low_fds_owned
+    if _low_fds_owned:
+        return True
+    free = []
+    for fd in (3, 4):
+        try:
+            os.fstat(fd)
+        except OSError:
+            free.append(fd)
+    if free != [3, 4]:
+        return False
+    _park_low_fds()
+    _low_fds_owned = True
+    return True
+
+
+def resolve_script(cfg: QueueConfig, root: Path) -> Path:
+    """The real path to execute, resolved now (symlinked deploys take effect on the next run)."""
+    p = Path(cfg.script)
+    if not p.is_absolute():
+        p = root / p
+    return Path(os.path.realpath(p))
+
+
+def rq_dest(dest: str, base_url: str, queue: str) -> tuple[str, str]:
+    """RQ_DEST and RQ_DEST_QUEUE for a message's ``dest`` (rq-spec 3.1)."""
+    if dest.startswith("http"):
+        full = dest
+    else:
+        name = dest.strip("/")
+        if name.startswith("q/"):
+            name = name[2:].strip("/")
+        full = f"{base_url}/q/{name or queue}/"
+    tail = full.split("/q/", 1)[1] if "/q/" in full else ""
+    return full, tail.split("/", 1)[0]
+
+
+def build_env(*, base: Mapping[str, str], cfg: QueueConfig, msg: Message, queue: str, script: Path,
+              rootcfg: RootConfig, root: Path, msg_dir: Path, rq_env: str) -> dict[str, str]:
+    """The script's environment: the daemon's, scrubbed, plus RQ's variables and ``env_vars``."""
+    env = {k: v for k, v in base.items() if not k.startswith(_SCRUB_PREFIXES)}
+    base_url = rootcfg.base_url
+    full_id = f"{base_url}/q/{queue}/{msg.msg_id}"
+    dest, dest_queue = rq_dest(msg.dest or queue, base_url, queue)
+    env.update(cfg.env_vars)
+    env.update({
+        "RQ_VER": RQ_VER,
+        "RQ_SCRIPT": cfg.script,
+        "RQ_REALSCRIPT": str(script),
+        "RQ_HOST": base_url + "/",
+        "RQ_PORT": str(rootcfg.port),
+        "RQ_DEST": dest,
+        "RQ_DEST_QUEUE": dest_queue,
+        "RQ_MSG_ID": msg.msg_id,
+        "RQ_FULL_MSG_ID": full_id,
+        "RQ_ORIG_MSG_ID": msg.orig_msg_id or full_id,
+        "RQ_MSG_DIR": str(msg_dir / "job"),
+        "RQ_WRITE": "3",
+        "RQ_READ": "4",
+        "RQ_PIPE": "3",
+        "RQ_COUNT": str(msg.count),
+        "RQ_PARAM1": msg.param1,
+        "RQ_PARAM2": msg.param2,
+        "RQ_PARAM3": msg.param3,
+        "RQ_PARAM4": msg.param4,
+        "RQ_ENV": rq_env,
+        "SPOOLQ_ROOT": str(root),
+        "SPOOLQ_QUEUE": queue,
+        "SPOOLQ_MSG_ID": msg.msg_id,
+        "SPOOLQ_MESSAGE_DIR": str(msg_dir),
+        "SPOOLQ_MAX_COUNT": str(msg.max_count),
+    })
+    if msg.force_remote:
+        env["RQ_FORCE_REMOTE"] = "1"
+    return env
+
+
+def build_argv(cfg: QueueConfig, script: Path) -> list[str]:
+    """``exec_prefix`` empty: exec the script itself with one empty argument (RQ's
+    ``exec(path, "")``). Otherwise the prefix is split like a shell would (no shell runs)
+    and the script path appended."""
+    if not cfg.exec_prefix.strip():
+        return [str(script), ""]
+    return [*shlex.split(cfg.exec_prefix), str(script)]
+
+
+@dataclass
+class Spawned:
+    proc: subprocess.Popen[bytes]
+    pid: int
+    start_ticks: int
+    status_fd: int  # read end of the status pipe (non-blocking)
+    reply_fd: int  # write end of the reply pipe (non-blocking)
+
+
+def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script: str) -> Spawned:
+    """Start the script; raises ScriptError if it cannot be executed.
+
+    The pipes reach the child as fds 3 and 4 without any Python code running between fork
+    and exec (so subprocess can use vfork, about twice as fast): the parent points its own
+    reserved fds 3 and 4 (see :func:`reserve_low_fds`) at the pipe ends just for the spawn and
+    passes them down, then points them back at /dev/null. Only the dispatching thread
+    spawns, and fds 3 and 4 are never free, so no other thread can be handed them meanwhile.
+    """
+    job = msg_dir / "job"
+    job.mkdir(exist_ok=True)
+    log_fd = os.open(job / "stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    status_r, status_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    fast = _low_fds_owned
+
+    def child_setup() -> None:  # slow path only: runs in the child between fork and exec
+        hi_w, hi_r = os.dup(status_w), os.dup(reply_r)
+        os.dup2(hi_w, 3)
+        os.dup2(hi_r, 4)
+
+    try:
+        if fast:
+            os.dup2(status_w, 3, inheritable=False)
+            os.dup2(reply_r, 4, inheritable=False)
+        proc = subprocess.Popen(
+            argv, cwd=job, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, pass_fds=(3, 4) if fast else (),
+            preexec_fn=None if fast else child_setup,
+        )
+    except OSError as e:
+        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
+            os.close(fd)
+        why = e.strerror or str(e)
+        if isinstance(e, PermissionError):
+            why = "not executable (Permission denied)"
+        elif e.errno == 8:
+            why = "cannot be executed (Exec format error: no #! line?)"
+        raise ScriptError(f"script cannot start: {e.filename or argv[0]}: {why}") from None
+    except subprocess.SubprocessError as e:
+        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
+            os.close(fd)
+        raise ScriptError(f"script cannot start: {argv[0]}: {e}") from None
+    finally:
+        if fast:
+            _park_low_fds()
+    # The header follows the exec; a script needs far longer to start than this write takes.
+    try:
+        os.write(log_fd, f"\n{proc.pid} - {stamp} - RQ START - {header_script}\n".encode())
+    except OSError:
+        pass
+    os.close(log_fd)
+    os.close(status_w)
+    os.close(reply_r)
+    os.set_blocking(status_r, False)
+    os.set_blocking(reply_w, False)
+    return Spawned(proc, proc.pid, proc_start_ticks(proc.pid) or 0, status_r, reply_w)
+
+
+def _park_low_fds() -> None:
+    """Point fds 3 and 4 at /dev/null (close-on-exec)."""
+    low = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    nul = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 10)  # dup3 refuses old == new
+    os.close(low)
+    for fd in (3, 4):
+        os.dup2(nul, fd, inheritable=False)
+    os.close(nul)
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def write_pidfile(msg_dir: Path, pid: int, ticks: int) -> None:
+    """Record the running script. Not fsync'd and not renamed into place: it matters only
+    while this boot lasts, and a daemon crash cannot tear a finished write(2)."""
+    fd = os.open(msg_dir / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{pid} {ticks}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_pidfile(msg_dir: Path) -> tuple[int, int] | None:
+    try:
+        pid_s, ticks_s = (msg_dir / "pid").read_text().split()[:2]
+        return int(pid_s), int(ticks_s)
+    except (OSError, ValueError):
+        return None
+
+
+def same_process(pid: int, ticks: int) -> bool:
+    """Is ``pid`` still the process that was started with ``ticks``?"""
+    return pid > 1 and proc_start_ticks(pid) == ticks
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal a whole process group; False if it no longer exists."""
+    if pgid <= 1:
+        return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False

@@ -1,0 +1,291 @@
+"""The supervisor: scheduling (due, num_workers, PAUSE/DOWN, coalescing, blocking), config
+reloads, the pidfile, signals, crash recovery, and the follow-up commands wait/log/cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SPOOLQ
+from daemon_util import Served, alive, script, serve_fixture, wait_for
+
+import spoolq
+from spoolq.errors import QueueDown
+from spoolq.model import State
+
+
+@pytest.fixture
+def serve(root: Path) -> Iterator[Any]:
+    yield from serve_fixture(root)
+
+
+def state(client: spoolq.Client, r: Any) -> str:
+    return str(client.get(r).state)
+
+
+def settle(client: spoolq.Client) -> None:
+    """Prove the daemon has handled everything sent so far: a probe message runs to done."""
+    if "probe" not in client.queues():
+        client.create_queue("probe", script=script("rq_script.sh"))
+    assert client.wait(client.send("probe", param1="done"), 30).state == State.DONE
+
+
+def test_pause_and_down(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    client.set_admin_state("test", "PAUSE")
+    a, b = client.send("test"), client.send("test")
+    settle(client)
+    assert (state(client, a), state(client, b)) == ("que", "que")
+    assert client.counts("test")["run"] == 0
+    client.set_admin_state("test", "UP")
+    assert client.wait(a, 30).state == client.wait(b, 30).state == State.DONE
+    client.set_admin_state("test", "DOWN")
+    with pytest.raises(QueueDown):
+        client.send("test")
+    client.set_admin_state("test", "PAUSE")
+    c = client.send("test")
+    client.set_admin_state("test", "DOWN")  # DOWN also runs nothing
+    settle(client)
+    assert state(client, c) == "que"
+    client.set_admin_state("test", "UP")
+    assert client.wait(c, 30).state == State.DONE
+
+
+def test_touching_flag_files_works_like_rq(client: spoolq.Client, serve: Any, root: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    (root / "queue/test/pause").touch()
+    a = client.send("test")
+    settle(client)
+    assert state(client, a) == "que"
+    (root / "queue/test/pause").unlink()
+    assert client.wait(a, 30).state == State.DONE
+
+
+def test_num_workers_and_blocking_params(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """RQ's test_message_blocking: params a, b, a with 3 workers -> run, run, que."""
+    client.create_queue("test", script=script("rq_script.sh"), num_workers=3, blocking_params=[2])
+    serve()
+    locks = [tmp_path / f"unlock{i}" for i in range(3)]
+    msgs = [client.send("test", param1="blocking", param2=p, param3=str(locks[i]))
+            for i, p in enumerate("aba")]
+    wait_for(lambda: [state(client, m) for m in msgs] == ["run", "run", "que"], what="run run que")
+    settle(client)
+    assert state(client, msgs[2]) == "que"
+    locks[0].touch()
+    wait_for(lambda: [state(client, m) for m in msgs] == ["done", "run", "run"], what="done run run")
+    locks[1].touch()
+    locks[2].touch()
+    assert client.wait(msgs[2], 30).state == State.DONE
+
+
+def test_num_workers_limit(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"), num_workers=2)
+    serve()
+    lock = tmp_path / "go"
+    msgs = [client.send("test", param1="blocking", param2=str(i), param3=str(lock)) for i in range(5)]
+    wait_for(lambda: client.counts("test")["run"] == 2, what="two running")
+    settle(client)
+    assert sorted(state(client, m) for m in msgs) == ["que", "que", "que", "run", "run"]
+    lock.touch()
+    for m in msgs:
+        assert client.wait(m, 30).state == State.DONE
+
+
+def test_coalesce_params(client: spoolq.Client, serve: Any) -> None:
+    """RQ's send_test_coalesce: two later messages coalesce into the one that runs first;
+    when the parent fails, its duplicates go back and run on their own."""
+    client.create_queue("test", script=script("rq_script.sh"), coalesce_params=[2])
+    now = time.time()
+    m1 = client.send("test", param1="done", param2="k", due=now + 3)
+    m2 = client.send("test", param1="done", param2="k", due=now + 3)
+    m3 = client.send("test", param1="done", param2="k", due=now - 2)
+    other = client.send("test", param1="done", param2="different", due=now + 1)
+    serve()
+    for m in (m3, m1, m2, other):
+        assert client.wait(m, 30).state == State.DONE
+    full3 = spoolq.open(client.store.root).full_id("test", m3.msg_id)
+    assert client.get(m1).status == client.get(m2).status == f"done - duplicate {full3}"
+    assert client.get(m1).message.dup == full3
+    assert sorted(client.get(m3).message.dups) == sorted(
+        spoolq.open(client.store.root).full_id("test", m.msg_id) for m in (m1, m2))
+    assert client.get(other).status == "done - done sleeping"
+    # The parent errs: the duplicate is released and runs normally.
+    c1 = client.send("test", param1="done", param2="z", delay=1)
+    c2 = client.send("test", param1="err", param2="z")
+    assert client.wait(c2, 30).state == State.ERR
+    assert client.wait(c1, 30).status == "done - done sleeping"
+
+
+def test_due_times_and_run_now(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    later = client.send("test", delay=3600)
+    soon = client.send("test", delay=1)
+    settle(client)
+    assert state(client, later) == "que"
+    assert client.wait(soon, 30).state == State.DONE
+    client.run_now(later)
+    assert client.wait(later, 30).state == State.DONE
+
+
+def test_new_queue_while_running(client: spoolq.Client, serve: Any) -> None:
+    serve()
+    client.create_queue("fresh", script=script("rq_script.sh"))
+    assert client.wait(client.send("fresh"), 30).state == State.DONE
+
+
+def test_config_change_and_sighup(client: spoolq.Client, serve: Any, root: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    s = serve()
+    assert client.wait(client.send("test", param1="env"), 30).state == State.ERR
+    client.update_queue("test", env_vars={"RQTESTENV1": "OWEN", "RQTESTENV2": "32"})
+    assert client.wait(client.send("test", param1="env"), 30).status == "done - env ok"
+    # A hand edit in place (same size, so only SIGHUP is sure to be noticed), then SIGHUP.
+    cfg_path = root / "queue/test/config.json"
+    data = json.loads(cfg_path.read_text())
+    data["env_vars"]["RQTESTENV2"] = "33"
+    with open(cfg_path, "r+") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.truncate()
+    os.kill(s.pid, signal.SIGHUP)
+    assert client.wait(client.send("test", param1="env"), 30).status == "err - env missing"
+
+
+def test_second_daemon_refused(client: spoolq.Client, serve: Any, cli: Any) -> None:
+    s = serve()
+    r = cli("serve", "--no-http", timeout=30)
+    assert r.returncode == 8
+    assert "another spoolq daemon" in r.stderr and str(s.pid) in r.stderr
+
+
+def test_refuses_public_http_without_token(cli: Any) -> None:
+    r = cli("serve", "--host", "0.0.0.0", "--port", "1", env={"SPOOLQ_TOKEN": ""}, timeout=30)
+    assert r.returncode == 2 and "without a token" in r.stderr
+
+
+def test_sigterm_waits_then_requeues(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    s = serve("--grace", "1")
+    pidf = tmp_path / "pid"
+    r = client.send("test", param1="slowfirst", param2=str(pidf))
+    wait_for(lambda: pidf.exists() and pidf.read_text().strip(), what="script start")
+    script_pid = int(pidf.read_text())
+    assert s.stop(timeout=30) == 0
+    v = client.get(r)
+    assert v.state == State.QUE and v.message.count == 0
+    assert "daemon stopped" in v.job_status
+    wait_for(lambda: not alive(script_pid), 10, "script to be stopped")
+
+
+def test_sigterm_lets_short_jobs_finish(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    s = serve("--grace", "20")
+    r = client.send("test", param1="slow", param2="1")
+    wait_for(lambda: state(client, r) == "run", what="running")
+    assert s.stop(timeout=30) == 0
+    assert client.get(r).status == "done - slept"
+
+
+def test_crash_recovery_kills_orphans_and_reruns(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    s = serve()
+    pidf = tmp_path / "pid"
+    r = client.send("test", param1="slowfirst", param2=str(pidf))
+    wait_for(lambda: pidf.exists() and pidf.read_text().strip(), what="script start")
+    orphan = int(pidf.read_text())
+    # The daemon records the pid right after exec (docs/operations.md, "Known window").
+    wait_for(lambda: (client.store.message_dir("test", r.msg_id) / "pid").exists(), what="pid file")
+    s.kill()  # SIGKILL: the script lives on as an orphan
+    assert alive(orphan)
+    assert client.get(r).state == State.RUN
+    serve()
+    v = client.wait(r, 30)
+    wait_for(lambda: not alive(orphan), 10, "orphan to be killed")
+    assert (v.state, v.message.count, v.job_status) == (State.DONE, 1, "second run")
+    log = (client.store.message_dir("test", r.msg_id) / "job" / "stdio.log").read_text()
+    assert log.count("RQ START") == 2
+
+
+def test_wait_log_and_cancel_commands(client: spoolq.Client, serve: Any, cli: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    ok = client.send("test", param1="done")
+    r = cli("wait", f"test/{ok.msg_id}", "--timeout", "30")
+    assert (r.returncode, r.stdout.strip()) == (0, "done - done sleeping")
+    bad = client.send("test", param1="err")
+    assert cli("wait", f"test/{bad.msg_id}", "--timeout", "30").returncode == 9
+    later = client.send("test", delay=3600)
+    assert cli("wait", f"test/{later.msg_id}", "--timeout", "0.5").returncode == 7
+    r = cli("log", f"test/{ok.msg_id}")
+    assert r.returncode == 0 and "RQ START" in r.stdout and "param1 done" in r.stdout
+    slow = client.send("test", param1="slow", param2="1")
+    r = cli("log", "-f", f"test/{slow.msg_id}", timeout=60)
+    assert r.returncode == 0 and "param1 slow" in r.stdout
+    assert client.get(slow).state == State.DONE
+    pidf = tmp_path / "pid"
+    running = client.send("test", param1="slowfirst", param2=str(pidf))
+    wait_for(lambda: pidf.exists() and pidf.read_text().strip(), what="script start")
+    wait_for(lambda: (client.store.message_dir("test", running.msg_id) / "pid").exists(), what="pid file")
+    r = cli("cancel", f"test/{running.msg_id}")
+    assert r.returncode == 0, r.stderr
+    v = client.wait(running, 30)
+    assert (v.state, v.job_status) == (State.ERR, "cancelled")
+    wait_for(lambda: not alive(int(pidf.read_text())), 10, "cancelled script to die")
+    assert cli("cancel", f"test/{later.msg_id}").returncode == 0
+    assert client.get(later).status == "err - cancelled"
+    assert cli("cancel", f"test/{ok.msg_id}").returncode == 4  # already done: a conflict
+
+
+def test_idle_daemon_uses_no_cpu(client: spoolq.Client, root: Path) -> None:
+    for i in range(100):
+        client.create_queue(f"q{i:03d}", script=script("rq_script.sh"))
+    s = Served(root, "--rescan", "10").start()
+    try:
+        time.sleep(1)  # let start-up work finish
+        before = s.cpu_ticks()
+        time.sleep(30)
+        used = s.cpu_ticks() - before
+        hz = os.sysconf("SC_CLK_TCK")
+        print(f"idle daemon with 100 queues: {used} ticks ({used / hz:.3f} s CPU) in 30 s")
+        assert used / hz < 0.3
+    finally:
+        s.stop()
+
+
+def test_serve_cli_help_and_exit(cli: Any) -> None:
+    r = cli("serve", "--help")
+    assert r.returncode == 0 and "--grace" in r.stdout
+    assert subprocess.run([SPOOLQ, "wait", "--help"], capture_output=True).returncode == 0
+
+
+def test_serve_with_http(client: spoolq.Client, root: Path) -> None:
+    import urllib.request
+
+    from daemon_util import free_port
+
+    port = free_port()
+    client.create_queue("test", script=script("rq_script.sh"))
+    p = subprocess.Popen([SPOOLQ, "--root", str(root), "serve", "--port", str(port), "--grace", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 30, "HTTP health")
+        assert client.wait(client.send("test"), 30).state == State.DONE
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0

@@ -1,0 +1,300 @@
+"""The queue-script contract (rq-spec 3): real scripts in bash, Python and Ruby under a real
+``spoolq serve``; plus the pure status-protocol rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_util import alive, script, serve_fixture, wait_for
+
+import spoolq
+from spoolq.model import State
+from spoolq.runner.protocol import MAX_LINE, LineBuffer, decide, parse_completion, parse_dup
+
+HAVE_RUBY = shutil.which("ruby") is not None
+
+
+@pytest.fixture
+def serve(root: Path) -> Iterator[Any]:
+    yield from serve_fixture(root)
+
+
+def run_one(client: spoolq.Client, queue: str, timeout: float = 30, **fields: Any) -> spoolq.model.MessageView:
+    r = client.send(queue, **fields)
+    return client.wait(r, timeout)
+
+
+# -- pure protocol ------------------------------------------------------------------------
+def test_line_buffer_joins_split_lines_and_cuts_long_ones() -> None:
+    lb = LineBuffer()
+    assert lb.feed(b"run par") == []
+    assert lb.feed(b"tial\ndone x\nres") == ["run partial", "done x"]
+    assert lb.flush() == ["res"]
+    lb = LineBuffer()
+    out = lb.feed(b"x" * (MAX_LINE + 10))
+    assert len(out) == 1 and out[0].endswith("[truncated]") and len(out[0]) < MAX_LINE + 20
+    assert lb.feed(b"yyy\ndone ok\n") == ["done ok"]  # the tail of the cut line is dropped
+    assert lb.feed(b"\x00\x01bad\xff\n") == ["  bad\ufffd"]
+
+
+def test_outcome_table() -> None:
+    c = parse_completion
+    assert decide(c("done", "x"), 0, count=0, max_count=15, last_status="", retry_delay=5).state == State.DONE
+    o = decide(c("done", "x"), 1, count=0, max_count=15, last_status="", retry_delay=5)
+    assert o.state == State.ERR and o.status == ("PROCESS EXITED IMPROPERLY - MOVING TO ERR - "
+                                                 "Completion was done but exit status was 1")
+    assert decide(c("err", "why"), 3, count=0, max_count=15, last_status="", retry_delay=5).status == "why"
+    assert decide(None, 0, count=0, max_count=15, last_status="s", retry_delay=5).state == State.DONE
+    o = decide(None, 111, count=2, max_count=15, last_status="", retry_delay=7)
+    assert (o.state, o.count, o.requeue_delay) == (State.QUE, 3, 7)
+    assert decide(None, 111, count=14, max_count=15, last_status="", retry_delay=7).state == State.ERR
+    assert decide(None, 100, count=0, max_count=15, last_status="", retry_delay=7).state == State.ERR
+    o = decide(c("resend", "30-later"), 0, count=2, max_count=3, last_status="", retry_delay=0)
+    assert (o.state, o.status, o.count) == (State.ERR, "HIT MAX RESEND COUNT - MOVING TO ERR", 3)
+    o = decide(c("resend", "30-later"), 0, count=0, max_count=3, last_status="", retry_delay=0)
+    assert (o.state, o.requeue_delay) == (State.QUE, 30)
+    assert parse_dup("5-X-my-queue") is not None and parse_dup("5-X-my-queue").dest == "my-queue"  # type: ignore[union-attr]
+    assert parse_dup("garbage") is None
+
+
+# -- bash: every verb and outcome ---------------------------------------------------------
+@pytest.mark.parametrize(("param1", "state", "status"), [
+    ("done", "done", "done - done sleeping"),
+    ("err", "err", "err - by design"),
+    ("fails", "err", "err - alias of err"),
+    ("relayed", "relayed", "relayed - http://elsewhere:3333/q/x/20240101.0000.00.000.1"),
+    ("sneaky", "err", "err - PROCESS EXITED IMPROPERLY - MOVING TO ERR - Completion was done but exit "
+                      "status was 1"),
+    ("noverb", "done", "done - starting"),
+])
+def test_bash_verbs(client: spoolq.Client, serve: Any, param1: str, state: str, status: str) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    v = run_one(client, "test", param1=param1)
+    assert (str(v.state), v.status) == (state, status)
+    log = (client.store.message_dir("test", v.msg_id) / "job" / "stdio.log").read_text()
+    assert " - RQ START - " + script("rq_script.sh") in log
+    assert f"param1 {param1}" in log
+
+
+def test_exit_codes_0_100_111(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"), max_count=3,
+                        retry={"base": 0.05, "factor": 1.0, "jitter": 0})
+    serve()
+    assert run_one(client, "test", param1="exit", param2="0").state == State.DONE
+    v = run_one(client, "test", param1="exit", param2="100")
+    assert v.state == State.ERR and "exit status was 100" in v.status
+    v = run_one(client, "test", param1="exit", param2="7")
+    assert v.state == State.ERR and "exit status was 7" in v.status
+    v = run_one(client, "test", param1="exit", param2="111")  # retried with backoff until max_count
+    assert v.state == State.ERR and v.message.count == 3
+    assert v.status == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+    log = (client.store.message_dir("test", v.msg_id) / "job" / "stdio.log").read_text()
+    assert log.count("RQ START") == 3  # attempts 0, 1, 2
+
+
+def test_resend_and_max_count(client: spoolq.Client, serve: Any) -> None:
+    """rq-spec 3.4: resend counts; count=2 max=3 always-resend -> err with count 3;
+    count=0 max=8 resend while RQ_COUNT<6 -> done with count 6."""
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    v = run_one(client, "test", param1="resend1")
+    assert (v.state, v.message.count, v.status) == (State.DONE, 1, "done - resent 1")
+    v = run_one(client, "test", param1="always_resend", count=2, max_count=3)
+    assert (v.state, v.message.count, v.job_status) == (State.ERR, 3, "HIT MAX RESEND COUNT - MOVING TO ERR")
+    v = run_one(client, "test", param1="resend2", max_count=8)
+    assert (v.state, v.message.count) == (State.DONE, 6)
+
+
+def test_resend_sets_due(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    t0 = time.time()
+    r = client.send("test", param1="resend1")
+    wait_for(lambda: client.get(r).message.count == 1, what="resend")
+    v = client.get(r)
+    if v.state == State.QUE:
+        assert v.message.due >= t0 + 1 - 0.01
+    assert client.wait(r, 30).state == State.DONE
+
+
+def test_environment(client: spoolq.Client, serve: Any, root: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"), env_vars={"RQTESTENV1": "OWEN", "RQTESTENV2": "32"})
+    s = serve()
+    assert run_one(client, "test", param1="env").status == "done - env ok"
+    v = run_one(client, "test", param1="rqenv", param2="two", param4="four", dest="test")
+    mdir = client.store.message_dir("test", v.msg_id)
+    env = dict(line.split("=", 1) for line in (mdir / "job" / "rqenv.txt").read_text().splitlines())
+    base = f"http://127.0.0.1:{s.port}"
+    assert env["RQ_VER"] == "3.0.0"
+    assert env["RQ_SCRIPT"] == env["RQ_REALSCRIPT"] == script("rq_script.sh")
+    assert env["RQ_HOST"] == base + "/" and env["RQ_PORT"] == str(s.port)
+    assert env["RQ_DEST"] == f"{base}/q/test/" and env["RQ_DEST_QUEUE"] == "test"
+    assert env["RQ_MSG_ID"] == v.msg_id
+    assert env["RQ_FULL_MSG_ID"] == f"{base}/q/test/{v.msg_id}" == env["RQ_ORIG_MSG_ID"]
+    assert env["RQ_MSG_DIR"] == str(root / "queue/test/run" / mdir.relative_to(root / "queue/test/done") / "job")
+    assert (env["RQ_WRITE"], env["RQ_READ"], env["RQ_PIPE"], env["RQ_COUNT"]) == ("3", "4", "3", "0")
+    assert [env[f"RQ_PARAM{i}"] for i in range(1, 5)] == ["rqenv", "two", "", "four"]
+    assert "RQ_ENV" in env and "RQ_FORCE_REMOTE" not in env
+    assert env["SPOOLQ_ROOT"] == str(root) and env["SPOOLQ_QUEUE"] == "test"
+
+
+def test_force_remote_and_full_url_dest(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    r = client.send_message("test", {"dest": "http://far:3333/q/other", "param1": "rqenv", "force_remote": "1"})
+    v = client.wait(r, 30)
+    env = (client.store.message_dir("test", v.msg_id) / "job" / "rqenv.txt").read_text()
+    assert "RQ_FORCE_REMOTE=1" in env and "RQ_DEST=http://far:3333/q/other\n" in env
+    assert "RQ_DEST_QUEUE=other" in env
+
+
+def test_split_long_and_garbage_lines(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    assert run_one(client, "test", param1="split").status == "done - split ok"
+    v = run_one(client, "test", param1="longline")
+    assert v.status == "done - survived"
+
+
+def test_symlinked_script_resolved_each_run(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for d in (v1, v2):
+        d.mkdir()
+        shutil.copy(script("rq_script.sh"), d / "run.sh")
+    cur = tmp_path / "current"
+    cur.symlink_to(v1)
+    client.create_queue("test", script=str(cur / "run.sh"))
+    serve()
+    assert run_one(client, "test", param1="symlink").status == f"done - {v1 / 'run.sh'}"
+    tmp = tmp_path / "current.new"
+    tmp.symlink_to(v2)
+    os.rename(tmp, cur)  # a deploy: the next run uses the new target
+    assert run_one(client, "test", param1="symlink").status == f"done - {v2 / 'run.sh'}"
+
+
+def test_missing_and_broken_scripts_go_to_err_and_recover(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    path = tmp_path / "later.sh"
+    client.create_queue("test", script=str(path))
+    serve()
+    v = run_one(client, "test", param1="done")
+    assert v.state == State.ERR and "script cannot start" in v.status and str(path) in v.status
+    path.write_text("#!/bin/sh\necho 'done fixed' >&3\n")
+    v = run_one(client, "test")
+    assert v.state == State.ERR and "not executable" in v.status
+    path.chmod(0o755)
+    assert run_one(client, "test").status == "done - fixed"
+    path.write_text("echo no shebang\n")
+    v = run_one(client, "test")
+    assert v.state == State.ERR and "Exec format error" in v.status
+    path.write_text("#!/bin/sh\necho 'done fixed again' >&3\n")
+    client.retry(v.msg_id and spoolq.MessageRef("test", v.msg_id))
+    assert client.wait(spoolq.MessageRef("test", v.msg_id), 30).status == "done - fixed again"
+
+
+def test_exec_prefix(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    body = tmp_path / "plain.sh"  # not executable: run through the prefix
+    body.write_text("echo \"done via prefix $0\" >&3\n")
+    client.create_queue("test", script=str(body), exec_prefix="/bin/bash --noprofile")
+    serve()
+    assert run_one(client, "test").status == f"done - via prefix {body}"
+
+
+def test_dup_local_with_attachments_and_to_missing_queue(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    client.create_queue("other", script=script("py_script.py"))
+    serve()
+    att = tmp_path / "note.txt"
+    att.write_text("hello attachment\n")
+    reply = tmp_path / "reply"
+    r = client.send("test", param1="dup", param2="other", param3=str(reply), attachments=[att])
+    assert client.wait(r, 30).status == "done - dup sent"
+    line = reply.read_text().strip()
+    assert line.startswith("ok http://127.0.0.1:") and "/q/other/" in line
+    dup_id = line.split()[1]
+    dup = client.get(dup_id)
+    assert dup.message.param1 == "dup" and dup.message.count == 0
+    assert dup.message.orig_msg_id == spoolq.open(client.store.root).full_id("test", r.msg_id)
+    assert "note.txt" in dup.attachments
+    # The dup runs py_script with param1 "dup": it dups again, to a missing queue.
+    client.wait(dup_id, 30)
+    r = client.send("test", param1="dup", param2="nope_this_q_does_not_exist", param3=str(reply))
+    assert client.wait(r, 30).state == State.DONE  # the source still ends done
+    assert reply.read_text().strip() == "fail couldn't connect to queue - nope_this_q_does_not_exist"
+
+
+def test_dup_to_paused_and_down_queues(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    client.create_queue("target", script=script("rq_script.sh"))
+    serve()
+    reply = tmp_path / "reply"
+    client.set_admin_state("target", "PAUSE")
+    run_one(client, "test", param1="dup", param2="target", param3=str(reply))
+    assert reply.read_text().startswith("ok ")
+    assert client.get(reply.read_text().split()[1]).state == State.QUE
+    client.set_admin_state("target", "DOWN")
+    run_one(client, "test", param1="dup", param2="target", param3=str(reply))
+    assert reply.read_text().strip() == "fail dup failed - status: DOWN"
+
+
+def test_timeout_kills_grandchildren(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"), timeout=1)
+    serve()
+    pidfile = tmp_path / "grandchild.pid"
+    v = run_one(client, "test", param1="grandchild", param2=str(pidfile))
+    assert v.state == State.ERR and v.job_status.startswith("TIMEOUT - killed after 1 s")
+    gc = int(pidfile.read_text())
+    wait_for(lambda: not alive(gc), 10, "grandchild to die")
+
+
+def test_webhook_messages(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    v = run_one(client, "test", param1="done", post_run_webhook=["http://hook.example/a", "http://hook.example/b"])
+    assert v.state == State.DONE
+    assert client.admin_state("webhook") == "PAUSE"
+    hooks = client.list("webhook", "que").items
+    assert sorted(h.message.param1 for h in hooks) == ["http://hook.example/a", "http://hook.example/b"]
+    payload = json.loads(hooks[0].message.param2)
+    assert payload["msg_id"] == spoolq.open(client.store.root).full_id("test", v.msg_id) and payload["state"] == "done"
+    assert "status" not in payload and "_attachments" not in payload
+
+
+# -- Python and Ruby scripts ---------------------------------------------------------------
+@pytest.mark.parametrize("lang", ["py", "rb"])
+def test_other_languages(client: spoolq.Client, serve: Any, tmp_path: Path, lang: str) -> None:
+    if lang == "rb" and not HAVE_RUBY:
+        pytest.skip("ruby is not installed")
+    name = {"py": "py_script.py", "rb": "rb_script.rb"}[lang]
+    word = {"py": "python", "rb": "ruby"}[lang]
+    client.create_queue("test", script=script(name), retry={"base": 0.05, "factor": 1.0, "jitter": 0})
+    client.create_queue("sink", script=script("rq_script.sh"))
+    serve()
+    assert run_one(client, "test", param1="done").status == f"done - {word} done"
+    assert run_one(client, "test", param1="err").status == f"err - {word} err"
+    v = run_one(client, "test", param1="resend", param2="2")
+    assert (v.state, v.message.count, v.status) == (State.DONE, 2, f"done - {word} after 2")
+    v = run_one(client, "test", param1="exit", param2="111", max_count=2)
+    assert (v.state, v.message.count) == (State.ERR, 2)
+    reply = tmp_path / "reply"
+    assert run_one(client, "test", param1="dup", param2="sink", param3=str(reply)).status == f"done - {word} dup"
+    assert reply.read_text().startswith("ok http://")
+    if lang == "rb":
+        v = run_one(client, "test", param1="sneaky")
+        assert v.state == State.ERR and "Completion was done but exit status was 1" in v.status
+
+
+def test_python_reads_attachment(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("test", script=script("py_script.py"))
+    serve()
+    f = tmp_path / "data.txt"
+    f.write_text("forty-two\n")
+    v = run_one(client, "test", param1="attach", param2="data.txt", attachments=[f])
+    assert v.status == "done - attachment says forty-two"
