@@ -1,0 +1,287 @@
+"""The JSON API under ``/api/v1`` (documented in docs/http-api.md and by the OpenAPI document).
+
+Handlers are thin: they validate the HTTP shape, call :class:`spoolq.client.Client`, and
+let :mod:`spoolq.http.errors` turn exceptions into ``{"error": {code, message}}``.
+Blocking handlers are plain ``def`` (FastAPI runs them in its thread pool); the ones that
+stream a request body are ``async``.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any, Literal
+
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from ..errors import InvalidConfig, InvalidInput, InvalidMessage
+from ..model import State
+from ..store import AttachmentSource
+from .actions import ADMIN_ACTIONS, act, bulk
+from .common import (
+    AppContext,
+    LogNotFound,
+    all_summaries,
+    attachment_response,
+    ctx_of,
+    file_response,
+    log_path,
+    queue_summary,
+)
+from .errors import BadRequest
+from .uploads import ParsedForm, form_of
+
+router = APIRouter(prefix="/api/v1")
+
+
+class NewMessage(BaseModel):
+    """A message to send. ``params`` is free JSON; ``param1..4`` are RQ's opaque strings."""
+
+    model_config = ConfigDict(extra="forbid")
+    param1: str | int | float | None = None
+    param2: str | int | float | None = None
+    param3: str | int | float | None = None
+    param4: str | int | float | None = None
+    params: dict[str, Any] | None = None
+    due: float | None = Field(None, description="epoch seconds; default now")
+    delay: float | None = Field(None, description="seconds from now (instead of due)")
+    src: str = ""
+    max_count: int | None = None
+    dest: str | None = None
+    post_run_webhook: list[str] | None = None
+    orig_msg_id: str | None = None
+    state: Literal["que", "prep"] = Field("que", description="prep: attach files, then commit")
+
+
+class AdminAction(StrEnum):
+    pause = "pause"
+    resume = "resume"
+    down = "down"
+    up = "up"
+
+
+class MessageAction(StrEnum):
+    retry = "retry"
+    clone = "clone"
+    run_now = "run-now"
+    cancel = "cancel"
+    commit = "commit"
+
+
+class BulkAction(StrEnum):
+    retry = "retry"
+    delete = "delete"
+    clone = "clone"
+    run_now = "run-now"
+    cancel = "cancel"
+    commit = "commit"
+
+
+class BulkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: BulkAction
+    state: State
+    filter: str = Field("", description="substring of the message JSON or status; empty = all")
+
+
+
+_SEND_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": NewMessage.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string", "description": "the message as JSON (NewMessage)"},
+                    "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                },
+            }},
+        },
+    }
+}
+
+
+def _ctx(request: Request) -> AppContext:
+    return ctx_of(request)
+
+
+# -- service ------------------------------------------------------------------------------
+@router.get("/queues", summary="All queues with admin status and counts per state")
+def list_queues(request: Request) -> list[dict[str, Any]]:
+    return all_summaries(_ctx(request))
+
+
+@router.post("/queues", status_code=201, summary="Create a queue from a config object")
+def create_queue(request: Request, config: dict[str, Any] = Body(  # noqa: B008
+        ..., examples=[{"name": "mail", "script": "/usr/local/bin/send-mail", "num_workers": 2}])
+) -> dict[str, Any]:
+    ctx = _ctx(request)
+    cfg = ctx.client.create_queue(config)
+    return queue_summary(ctx, cfg.name, with_config=True)
+
+
+@router.get("/queues/{queue}", summary="One queue: status, counts, config")
+def get_queue(request: Request, queue: str) -> dict[str, Any]:
+    return queue_summary(_ctx(request), queue, with_config=True)
+
+
+@router.get("/queues/{queue}/config", summary="A queue's config")
+def get_config(request: Request, queue: str) -> dict[str, Any]:
+    return _ctx(request).client.queue_config(queue).to_dict()
+
+
+@router.patch("/queues/{queue}/config", summary="Change config keys (the next run uses them)")
+def patch_config(request: Request, queue: str, changes: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+    if "name" in changes and changes["name"] != queue:
+        raise InvalidConfig("a queue cannot be renamed")
+    return _ctx(request).client.update_queue(queue, **changes).to_dict()
+
+
+@router.post("/queues/{queue}/ack-errs", summary="Acknowledge every error of a queue")
+def ack_errs(request: Request, queue: str) -> dict[str, Any]:
+    return {"queue": queue, "acked": _ctx(request).client.ack_errs(queue)}
+
+
+@router.delete("/queues/{queue}", summary="Delete a queue (refused while it holds work, unless force)")
+def delete_queue(request: Request, queue: str, force: bool = False) -> dict[str, Any]:
+    _ctx(request).client.delete_queue(queue, force=force)
+    return {"queue": queue, "deleted": True}
+
+
+# -- messages -----------------------------------------------------------------------------
+def _send_fields(data: NewMessage) -> dict[str, Any]:
+    fields = data.model_dump(exclude_none=True, exclude={"state"})
+    if fields.get("max_count") is not None and not 1 <= fields["max_count"] <= 2**31:
+        raise InvalidMessage("max_count must be between 1 and 2147483648")
+    return fields
+
+
+def _receipt_json(ctx: AppContext, queue: str, msg_id: str) -> dict[str, Any]:
+    view = ctx.client.get(f"{queue}/{msg_id}")
+    return {"queue": queue, "msg_id": msg_id, "full_id": ctx.client.full_id(queue, msg_id),
+            "state": str(view.state),
+            "attachments": {n: {"md5": a.md5, "size": a.size} for n, a in view.attachments.items()}}
+
+
+def _parse_message(raw: bytes | str) -> NewMessage:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"the message is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage("the message must be a JSON object")
+    try:
+        return NewMessage.model_validate(data)
+    except ValueError as e:
+        raise InvalidMessage(f"invalid message: {e}") from None
+
+
+def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedForm | None) -> dict[str, Any]:
+    """Store a message with the form's files as attachments, in que (one step) or prep.
+
+    Spooled uploads sit on the spool's filesystem, so each attachment is a hard link.
+    """
+    client = ctx.client
+    fields = _send_fields(msg)
+    files = [f for f in form.files if f.filename] if form else []  # skip a browser's empty file input
+    if msg.state == "prep":
+        receipt = client.prep(queue, **fields)
+        for f in files:
+            client.attach(receipt, f.path, name=f.filename)
+    else:
+        sources = [AttachmentSource(name=f.filename, path=str(f.path)) for f in files]
+        receipt = client.send(queue, attachments=sources, **fields)
+    return _receipt_json(ctx, queue, receipt.msg_id)
+
+
+@router.post("/queues/{queue}/messages", status_code=201, openapi_extra=_SEND_BODY,
+             summary="Send a message: JSON, or multipart with a 'message' JSON field and files")
+async def send_message(request: Request, queue: str) -> dict[str, Any]:
+    ctx = _ctx(request)
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        async with form_of(request, ctx.upload_dir) as form:
+            msg = _parse_message(form.get("message") or "{}")
+            return await run_in_threadpool(send_with_files, ctx, queue, msg, form)
+    body = await request.body()
+    if len(body) > 2 * 1024 * 1024:
+        raise InvalidMessage("the message JSON is larger than 2 MiB; put bulk data in an attachment")
+    msg = _parse_message(body or b"")
+    return await run_in_threadpool(send_with_files, ctx, queue, msg, None)
+
+
+@router.get("/queues/{queue}/messages", summary="Messages in one state, newest first, paginated")
+def list_messages(request: Request, queue: str, state: State = State.QUE,
+                  limit: int = Query(50, ge=1, le=1000), cursor: str | None = None,
+                  filter: str | None = None) -> dict[str, Any]:
+    ctx = _ctx(request)
+    page = ctx.client.list(queue, state, limit=limit, cursor=cursor or None, filter=filter or None)
+    return {"queue": queue, "state": str(state), "next_cursor": page.next_cursor,
+            "problems": page.problems,
+            "items": [v.to_rq_json(ctx.client.full_id(queue, v.msg_id)) for v in page.items]}
+
+
+@router.post("/queues/{queue}/bulk", summary="One action over every message a filter matches")
+def bulk_action(request: Request, queue: str, req: BulkRequest) -> dict[str, Any]:
+    return bulk(_ctx(request).client, queue, req.state, req.filter, req.action.value)
+
+
+@router.get("/queues/{queue}/messages/{msg_id}", summary="One message (RQ's JSON plus history)")
+def get_message(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
+    return _ctx(request).client.message_json(f"{queue}/{msg_id}")
+
+
+@router.delete("/queues/{queue}/messages/{msg_id}", summary="Delete a message (not while it runs)")
+def delete_message(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
+    return act(_ctx(request).client, queue, msg_id, "delete")
+
+
+@router.post("/queues/{queue}/messages/{msg_id}/attachments", status_code=201,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                 "schema": {"type": "object", "properties": {
+                     "file": {"type": "string", "format": "binary"},
+                     "name": {"type": "string"}}}}}}},
+             summary="Attach a file to a message in prep (multipart field 'file', optional 'name')")
+async def add_attachment(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
+    ctx = _ctx(request)
+    async with form_of(request, ctx.upload_dir) as form:
+        f = form.file("file")
+        if f is None:
+            raise InvalidInput("missing the multipart file field 'file'")
+        name = form.get("name") or f.filename
+        if not name:
+            raise InvalidInput("the upload has no filename: give one, or a 'name' field")
+        info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path, name=name)
+    return {"name": info.name, "md5": info.md5, "sha256": info.sha256, "size": info.size}
+
+
+@router.post("/queues/{queue}/messages/{msg_id}/{action}",
+             summary="retry (err), clone (final), run-now (que), cancel (run), commit (prep)")
+def message_action(request: Request, queue: str, msg_id: str, action: MessageAction) -> dict[str, Any]:
+    return act(_ctx(request).client, queue, msg_id, action.value)
+
+
+@router.get("/queues/{queue}/messages/{msg_id}/attachments/{name}", response_class=Response,
+            summary="Download an attachment (streamed; Range supported)")
+def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Response:
+    return attachment_response(request, _ctx(request).client, queue, msg_id, name)
+
+
+@router.get("/queues/{queue}/messages/{msg_id}/log", response_class=Response,
+            summary="The job's stdio.log (Range requests: 206 / 416)")
+def get_log(request: Request, queue: str, msg_id: str) -> Response:
+    path = log_path(_ctx(request).client, queue, msg_id)
+    return file_response(request, path, media_type="text/plain; charset=utf-8",
+                         missing=LogNotFound(f"no log yet for {queue}/{msg_id}"))
+
+
+# Registered last: its path would otherwise shadow the other POST /queues/{queue}/... routes.
+@router.post("/queues/{queue}/{action}", summary="pause, resume, down or up")
+def admin(request: Request, queue: str, action: AdminAction) -> dict[str, Any]:
+    ctx = _ctx(request)
+    ctx.client.set_admin_state(queue, ADMIN_ACTIONS[action.value])
+    return queue_summary(ctx, queue)

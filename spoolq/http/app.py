@@ -1,0 +1,100 @@
+"""``create_app(client, token=None)``: the whole HTTP surface as one ASGI app.
+
+Routers, in match order: the JSON API and its SSE streams (``/api/v1``), ``/healthz`` and
+``/metrics``, RQ's routes (their ``.json``/``.txt`` paths must win over the HTML pages at
+the same prefix), then the HTML UI and its static files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from .. import __version__
+from ..client import Client
+from ..errors import SpoolqError
+from . import api, metrics, rq_routes, sse, ui
+from .auth import AuthMiddleware
+from .common import AppContext, default_upload_dir
+from .errors import error_body, error_response, status_for
+from .metrics import ExtraMetrics, RequestMetrics, RequestStats
+from .uploads import sweep_uploads
+
+log = logging.getLogger("spoolq.http")
+HERE = Path(__file__).parent
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    return (not path.startswith("/api/") and request.method == "GET"
+            and "text/html" in request.headers.get("accept", ""))
+
+
+def create_app(client: Client, token: str | None = None, *, upload_dir: Path | None = None,
+               extra_metrics: ExtraMetrics | None = None, poll_interval: float = 0.25,
+               events_interval: float = 1.0) -> FastAPI:
+    """The ASGI app over ``client``. ``token``, when set, is required on every request
+    but ``/healthz``, ``/login`` and static files (see :mod:`spoolq.http.auth`)."""
+    app = FastAPI(title="spoolq", version=__version__,
+                  description="spoolq's HTTP API. Errors are {\"error\": {\"code\", \"message\"}}. "
+                              "See docs/http-api.md.",
+                  openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
+    ctx = AppContext(client=client, token=token or None,
+                     upload_dir=upload_dir or default_upload_dir(client),
+                     poll_interval=poll_interval, events_interval=events_interval)
+    try:
+        ctx.upload_dir.mkdir(parents=True, exist_ok=True)
+        sweep_uploads(ctx.upload_dir)
+    except OSError as e:
+        log.warning("cannot prepare upload directory %s: %s", ctx.upload_dir, e)
+    app.state.ctx = ctx
+    app.state.request_stats = RequestStats()
+    app.state.extra_metrics = extra_metrics
+
+    @app.exception_handler(SpoolqError)
+    async def spoolq_error(request: Request, exc: SpoolqError) -> Response:
+        if _wants_html(request):
+            return ui.error_page(request, exc)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg")))
+        return JSONResponse(error_body("invalid_input", "; ".join(parts) or "invalid request"),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal", "internal error; see the daemon log"),
+                            status_code=status_for(exc))
+
+    app.include_router(api.router)
+    app.include_router(sse.router)
+    app.include_router(metrics.router)
+    app.include_router(rq_routes.router)
+    app.include_router(ui.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(AuthMiddleware, token=ctx.token)
+    app.add_middleware(RequestMetrics, stats=app.state.request_stats)
+    return app
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    return app.openapi()

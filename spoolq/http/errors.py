@@ -1,0 +1,86 @@
+"""The one place that maps spoolq's exception tree to HTTP statuses, and the error shape.
+
+Every error answer of the JSON API is ``{"error": {"code": ..., "message": ...}}`` where
+``code`` is the exception's stable ``code``. RQ's routes answer in RQ's own formats
+(``["fail", reason]`` or a plain-text ``"404 - ..."``) but take their status from here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from .. import errors
+
+
+class HttpConfigError(errors.InvalidInput):
+    """The HTTP server was asked to run in a way that is not allowed (e.g. no token off loopback)."""
+
+    code = "http_config"
+
+
+class AddressInUse(errors.SpoolqError):
+    """The HTTP listen address could not be bound."""
+
+    code = "address_in_use"
+
+
+class BadRequest(errors.InvalidInput):
+    """A request that is malformed at the HTTP level (bad form, bad JSON, bad Range)."""
+
+    code = "bad_request"
+
+
+class NotImplementedYet(errors.SpoolqError):
+    """The action exists in the API but the running spoolq cannot do it."""
+
+    code = "not_implemented"
+
+
+class Forbidden(errors.SpoolqError):
+    """A cross-site or CSRF-unsafe request."""
+
+    code = "forbidden"
+
+
+# Most specific first: the first class the error is an instance of decides.
+_STATUS_BY_CLASS: list[tuple[type[errors.SpoolqError], int]] = [
+    (errors.TooLarge, 413),
+    (errors.InvalidInput, 400),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.QueueDown, 503),
+    (errors.DiskFull, 507),
+    (errors.CorruptMessage, 500),
+    (errors.StorageError, 500),
+    (errors.WaitTimeout, 504),
+    (errors.DaemonRunning, 409),
+    (errors.Unauthorized, 401),
+    (Forbidden, 403),
+    (NotImplementedYet, 501),
+    (AddressInUse, 500),
+]
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status for an exception; 500 only for what is not a :class:`SpoolqError`."""
+    for cls, status in _STATUS_BY_CLASS:
+        if isinstance(exc, cls):
+            return status
+    return 400 if isinstance(exc, errors.SpoolqError) else 500
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The JSON API's answer for an exception."""
+    status = status_for(exc)
+    if isinstance(exc, errors.SpoolqError):
+        body = error_body(exc.code, exc.message)
+    else:
+        body = error_body("internal", "internal error; see the daemon log")
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,351 @@
+"""RQ's HTTP routes, exactly as RQ's clients call them (reference/rq-spec.md section 4).
+
+Answers keep RQ's formats: ``["ok", ...]`` / ``["fail", reason]`` for actions, plain-text
+``"404 - ..."`` pages for missing things, 503 for a DOWN queue. Statuses still come from
+:func:`spoolq.http.errors.status_for`. None of these routes is in the OpenAPI document:
+the JSON API under /api/v1 is the documented interface; these exist so RQ tools work unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+
+from ..errors import (
+    InvalidInput,
+    InvalidName,
+    MessageNotFound,
+    NotFound,
+    QueueDown,
+    QueueNotFound,
+    SpoolqError,
+    WrongState,
+)
+from ..model import State
+from .actions import act
+from .common import AppContext, LogNotFound, attachment_response, ctx_of, file_response, log_path
+from .errors import status_for
+from .uploads import ParsedForm, form_of
+
+router = APIRouter(include_in_schema=False)
+TEXT_404_QUEUE = "404 - Queue not found"
+TEXT_404_MSG = "404 - Message ID not found"
+TEXT_503_DOWN = "503 - Service Unavailable - Operationally Down"
+MESG_FIELD_RE = re.compile(r"^mesg\[([A-Za-z0-9_]+)\](\[\])?$")
+
+
+def _text(status: int, text: str) -> PlainTextResponse:
+    return PlainTextResponse(text, status_code=status)
+
+
+def _fail(e: SpoolqError, text: str | None = None) -> JSONResponse:
+    return JSONResponse(["fail", text or e.message], status_code=status_for(e))
+
+
+def _lookup_error(e: SpoolqError) -> Response:
+    """RQ answers a missing or malformed queue or id with a plain-text 404."""
+    if isinstance(e, QueueNotFound):
+        return _text(404, TEXT_404_QUEUE)
+    if isinstance(e, (InvalidName, MessageNotFound)):
+        return _text(404, TEXT_404_MSG)
+    if isinstance(e, NotFound):
+        return _text(404, f"404 - {e.message}")
+    return _text(status_for(e), f"{status_for(e)} - {e.message}")
+
+
+def _queue_or_error(ctx: AppContext, queue: str) -> Response | None:
+    try:
+        ctx.client.queue_config(queue)
+    except SpoolqError as e:
+        return _lookup_error(e)
+    return None
+
+
+# -- service-wide --------------------------------------------------------------------------
+@router.get("/q.json")
+def queues_json(request: Request) -> list[str]:
+    return ctx_of(request).client.queues()
+
+
+@router.get("/q.txt", response_class=PlainTextResponse)
+def queues_txt(request: Request) -> str:
+    return "".join(f"q/{n}.txt\n" for n in ctx_of(request).client.queues())
+
+
+# -- one queue --------------------------------------------------------------------------
+def _queue_stats(ctx: AppContext, queue: str) -> tuple[str, int, dict[str, int]]:
+    status = str(ctx.client.admin_state(queue))
+    counts = ctx.client.counts(queue)
+    return status, int(time.time() - ctx.started), counts
+
+
+@router.get("/q/{queue}.json")
+def queue_json(request: Request, queue: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        status, uptime, c = _queue_stats(ctx, queue)
+    except SpoolqError as e:
+        return _lookup_error(e)
+    body: dict[str, Any] = {"status": status, "uptime": uptime}
+    for st in ("prep", "que", "run", "done", "err", "relayed"):
+        body[f"{st}_size"] = c.get(st, 0)
+    return JSONResponse(body)
+
+
+@router.get("/q/{queue}.txt")
+def queue_txt(request: Request, queue: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        status, uptime, c = _queue_stats(ctx, queue)
+    except SpoolqError as e:
+        return _lookup_error(e)
+    if status == "DOWN":
+        return PlainTextResponse("status: DOWN\n")
+    lines = [f"status: {status}", f"uptime: {uptime}"]
+    lines += [f"{st}: {c.get(st, 0)}" for st in ("prep", "que", "run", "done", "err", "relayed")]
+    return PlainTextResponse("\n".join(lines) + "\n")
+
+
+@router.get("/q/{queue}/done.json")
+def done_json(request: Request, queue: str, limit: str = "10") -> Response:
+    ctx = ctx_of(request)
+    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+        return _text(400, "400 - limit must be an integer 1-10000")
+    try:
+        page = ctx.client.store.list(queue, State.DONE, limit=int(limit))
+    except SpoolqError as e:
+        return _lookup_error(e)
+    return JSONResponse([v.msg_id for v in page.items])
+
+
+@router.get("/q/{queue}/config.json")
+def config_json(request: Request, queue: str) -> Response:
+    try:
+        return JSONResponse(ctx_of(request).client.queue_config(queue).to_dict())
+    except SpoolqError:
+        return _text(404, f"404 - Queue config for '{queue}' not found")
+
+
+@router.get("/q/{queue}/config")
+def config_live(request: Request, queue: str) -> Response:
+    return config_json(request, queue)
+
+
+# -- new messages ----------------------------------------------------------------------------
+def _mesg_from_form(form: ParsedForm, x_format: str) -> dict[str, Any]:
+    if x_format == "html":
+        mesg: dict[str, Any] = {}
+        for k, v in form.items():
+            m = MESG_FIELD_RE.match(k)
+            if m:
+                if m.group(2):
+                    mesg.setdefault(m.group(1), []).append(v)
+                else:
+                    mesg[m.group(1)] = v
+        return mesg
+    raw = form.get("mesg")
+    if raw is None:
+        raise InvalidInput("missing required form field mesg (the message as JSON)")
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise InvalidInput(f"mesg is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("mesg must be a JSON object")
+    return data
+
+
+def _store_new(ctx: AppContext, queue: str, mesg: dict[str, Any]) -> str:
+    """Create the message per RQ's ``_method``; returns the full id."""
+    method = mesg.pop("_method", None) or "commit"
+    client = ctx.client
+    if method == "single_que":
+        page = client.list(queue, State.QUE, limit=1)
+        if page.items:
+            return client.full_id(queue, page.items[0].msg_id)
+        method = "commit"
+    state = State.PREP if method == "prep" else State.QUE
+    return client.send_message(queue, mesg, state=state).full_id
+
+
+@router.post("/q/{queue}/new_message")
+async def new_message(request: Request, queue: str) -> Response:
+    ctx = ctx_of(request)
+    missing = await run_in_threadpool(_queue_or_error, ctx, queue)
+    if missing is not None:
+        return missing
+    if await run_in_threadpool(lambda: str(ctx.client.admin_state(queue))) == "DOWN":
+        return _text(503, TEXT_503_DOWN)
+    x_format = "json"
+    try:
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                mesg = json.loads(await request.body())
+            except ValueError as e:
+                raise InvalidInput(f"body is not valid JSON: {e}") from None
+            if not isinstance(mesg, dict):
+                raise InvalidInput("the message must be a JSON object")
+            back = None
+        else:
+            async with form_of(request, ctx.upload_dir) as form:
+                x_format = form.get("x_format") or "json"
+                mesg = _mesg_from_form(form, x_format)
+                back = form.get("back")
+        if mesg.get("_method", "commit") not in ("commit", "prep", "single_que", "", None):
+            return _text(400, "400 - Invalid method param")
+        full_id = await run_in_threadpool(_store_new, ctx, queue, mesg)
+    except QueueDown:
+        return _text(503, TEXT_503_DOWN)
+    except SpoolqError as e:
+        return _fail(e)
+    if x_format == "html":
+        target = back if back and back.startswith("/") and not back.startswith("//") else \
+            "/q/" + queue + "/" + full_id.rsplit("/", 1)[1]
+        return RedirectResponse(target, status_code=303)
+    return JSONResponse(["ok", full_id])
+
+
+# -- one message ----------------------------------------------------------------------------
+@router.get("/q/{queue}/{msg_id}.json")
+def message_json(request: Request, queue: str, msg_id: str) -> Response:
+    try:
+        return JSONResponse(ctx_of(request).client.message_json(f"{queue}/{msg_id}"))
+    except SpoolqError as e:
+        return _lookup_error(e)
+
+
+@router.get("/q/{queue}/{msg_id}/state.json")
+def state_json(request: Request, queue: str, msg_id: str) -> Response:
+    try:
+        return JSONResponse([str(ctx_of(request).client.store.state_of(queue, msg_id))])
+    except SpoolqError as e:
+        return _lookup_error(e)
+
+
+@router.get("/q/{queue}/{msg_id}/attach/{name}")
+def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Response:
+    try:
+        return attachment_response(request, ctx_of(request).client, queue, msg_id, name)
+    except SpoolqError as e:
+        return _lookup_error(e)
+
+
+@router.get("/q/{queue}/{msg_id}/log/{log}")
+def get_log(request: Request, queue: str, msg_id: str, log: str) -> Response:
+    try:
+        path = log_path(ctx_of(request).client, queue, msg_id, log)
+        return file_response(request, path, media_type="text/plain; charset=utf-8",
+                             missing=LogNotFound(f"Message ID log '{log}' not found"))
+    except SpoolqError as e:
+        return _lookup_error(e)
+
+
+_RESULT_TEXT = {"commit": "msg commited", "delete": "msg deleted", "destroy": "msg deleted"}
+
+
+def _message_method(ctx: AppContext, queue: str, msg_id: str, method: str) -> None:
+    if method == "commit":
+        if ctx.client.store.state_of(queue, msg_id) != State.PREP:
+            # RQ's answer when the message is no longer in prep (rq-spec 5.1).
+            raise WrongState("cannot find message")
+        ctx.client.commit(f"{queue}/{msg_id}")
+    else:
+        ctx.client.delete(f"{queue}/{msg_id}")
+
+
+@router.post("/q/{queue}/{msg_id}")
+async def message_method(request: Request, queue: str, msg_id: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        async with form_of(request, ctx.upload_dir) as form:
+            method = form.get("_method") or ""
+            x_format = form.get("x_format") or "html"
+    except SpoolqError as e:
+        return _fail(e)
+    if method not in _RESULT_TEXT:
+        return _text(400, "400 - Invalid method param")
+    try:
+        await run_in_threadpool(_message_method, ctx, queue, msg_id, method)
+    except (QueueNotFound, InvalidName) as e:
+        return _lookup_error(e)
+    except MessageNotFound as e:
+        return _fail(e, "cannot find message" if method == "commit" else "msg not found")
+    except SpoolqError as e:
+        return _fail(e)
+    if x_format == "json":
+        return JSONResponse(["ok", _RESULT_TEXT[method]])
+    return RedirectResponse(f"/q/{queue}", status_code=303)
+
+
+async def _simple_action(request: Request, queue: str, msg_id: str, action: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        async with form_of(request, ctx.upload_dir) as form:
+            x_format = form.get("x_format") or "html"
+    except SpoolqError:
+        x_format = "html"
+    try:
+        result = await run_in_threadpool(act, ctx.client, queue, msg_id, action)
+    except (QueueNotFound, InvalidName, MessageNotFound) as e:
+        return _lookup_error(e)
+    except SpoolqError as e:
+        return _fail(e)
+    if x_format == "json":
+        return JSONResponse(["ok", result.get("clone", {}).get("full_id", "ok")])
+    target = f"/q/{queue}" if action == "clone" else f"/q/{queue}/{msg_id}"
+    return RedirectResponse(target, status_code=303)
+
+
+@router.post("/q/{queue}/{msg_id}/clone")
+async def clone(request: Request, queue: str, msg_id: str) -> Response:
+    return await _simple_action(request, queue, msg_id, "clone")
+
+
+@router.post("/q/{queue}/{msg_id}/run_now")
+async def run_now(request: Request, queue: str, msg_id: str) -> Response:
+    return await _simple_action(request, queue, msg_id, "run-now")
+
+
+@router.post("/q/{queue}/{msg_id}/attach/new")
+async def attach_new(request: Request, queue: str, msg_id: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        async with form_of(request, ctx.upload_dir) as form:
+            f = form.file("filedata")
+            if f is None:
+                return _text(404, "404 - Missing required param filedata")
+            if not f.filename:
+                raise InvalidInput("filedata has no filename: the stored name is the upload's filename")
+            info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path,
+                                           name=f.filename)
+    except (QueueNotFound, InvalidName) as e:
+        if isinstance(e, InvalidName) and "ttachment" in e.message:
+            return _fail(e)
+        return _lookup_error(e)
+    except (MessageNotFound, WrongState) as e:
+        return _fail(e, "cannot find message")
+    except SpoolqError as e:
+        return _fail(e)
+    return JSONResponse(["ok", f"{info.md5}-Attached successfully"])
+
+
+@router.post("/q/{queue}/{msg_id}/attach/{name}")
+async def attach_delete(request: Request, queue: str, msg_id: str, name: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        async with form_of(request, ctx.upload_dir) as form:
+            method = form.get("_method")
+        if method != "delete":
+            return _text(400, "400 - Invalid method param")
+        await run_in_threadpool(ctx.client.store.delete_attachment, queue, msg_id, name)
+    except WrongState as e:
+        return _fail(e, "msg not in prep")
+    except SpoolqError as e:
+        return _fail(e)
+    return JSONResponse(["ok", "Attachment deleted successfully"])

@@ -1,0 +1,392 @@
+"""The HTML UI: server-rendered Jinja2 pages, a little vendored-free JS, no build step.
+
+Pages live at RQ's URLs (``/``, ``/q/<q>``, ``/q/<q>/<id>``, ``/new_queue``,
+``/q/<q>/new_message``); every form posts to ``/ui/...`` and carries a double-submit CSRF
+token. Jinja2 autoescapes everything; the log is rendered by spoolq.js into text nodes,
+so neither a user's input nor a script's output can inject markup.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hmac
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from .. import __version__
+from ..errors import InvalidInput, InvalidMessage, SpoolqError
+from ..model import State
+from ..store import AttachmentSource
+from .actions import ACTIONS, ADMIN_ACTIONS, act, bulk
+from .auth import CSRF_COOKIE, CSRF_FIELD, SESSION_COOKIE, check_csrf, csrf_token, session_value
+from .common import STATE_ORDER, AppContext, all_summaries, ctx_of, queue_summary
+from .errors import status_for
+from .uploads import ParsedForm, form_of
+
+router = APIRouter(include_in_schema=False)
+HERE = Path(__file__).parent
+FLASH_COOKIE = "spoolq_flash"
+PAGE_SIZE = 50
+
+
+def _fmt_time(t: Any) -> str:
+    try:
+        v = float(t)
+    except (TypeError, ValueError):
+        return ""
+    if v <= 0:
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(v))
+
+
+def _fmt_size(n: Any) -> str:
+    try:
+        size = float(n)
+    except (TypeError, ValueError):
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _rel(t: Any) -> str:
+    try:
+        d = float(t) - time.time()
+    except (TypeError, ValueError):
+        return ""
+    if abs(d) < 1:
+        return "now"
+    span = abs(d)
+    text = f"{span:.0f}s" if span < 120 else f"{span / 60:.0f}m" if span < 7200 else f"{span / 3600:.1f}h"
+    return f"in {text}" if d > 0 else f"{text} ago"
+
+
+def make_templates() -> Jinja2Templates:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["ts"] = _fmt_time
+    env.filters["size"] = _fmt_size
+    env.filters["rel"] = _rel
+    env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
+    env.globals["version"] = __version__
+    env.globals["states"] = STATE_ORDER
+    return Jinja2Templates(env=env)
+
+
+TEMPLATES = make_templates()
+
+
+def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    ctx = ctx_of(request)
+    context.setdefault("title", "spoolq")
+    flash = request.cookies.get(FLASH_COOKIE)
+    flash_data: dict[str, str] | None = None
+    if flash:
+        try:
+            raw = json.loads(flash)
+            flash_data = {"kind": str(raw.get("kind", "info")), "text": str(raw.get("text", ""))}
+        except (ValueError, AttributeError):
+            flash_data = None
+    resp = TEMPLATES.TemplateResponse(request, name, {
+        "csrf": csrf_token(request), "csrf_field": CSRF_FIELD, "flash": flash_data,
+        "auth": ctx.token is not None, **context}, status_code=status)
+    new = getattr(request.state, "new_csrf", None)
+    if new:
+        resp.set_cookie(CSRF_COOKIE, new, httponly=True, samesite="strict", path="/")
+    if flash:
+        resp.delete_cookie(FLASH_COOKIE, path="/")
+    return resp
+
+
+def redirect(url: str, text: str = "", kind: str = "info") -> RedirectResponse:
+    resp = RedirectResponse(url, status_code=303)
+    if text:
+        resp.set_cookie(FLASH_COOKIE, json.dumps({"kind": kind, "text": text[:500]}), path="/",
+                        samesite="strict", httponly=True, max_age=60)
+    return resp
+
+
+def error_page(request: Request, e: SpoolqError) -> HTMLResponse:
+    return render(request, "error.html", status=status_for(e), title="error", error=e)
+
+
+# -- login ----------------------------------------------------------------------------------
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> HTMLResponse:
+    return render(request, "login.html", title="sign in", next=next, failed=False)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    ctx = ctx_of(request)
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+        token = form.get("token") or ""
+        nxt = form.get("next") or "/"
+    if not nxt.startswith("/") or nxt.startswith("//"):
+        nxt = "/"
+    if ctx.token is None:
+        return redirect(nxt)
+    if not hmac.compare_digest(token.encode(), ctx.token.encode()):
+        return render(request, "login.html", status=401, title="sign in", next=nxt, failed=True)
+    resp = redirect(nxt)
+    resp.set_cookie(SESSION_COOKIE, session_value(ctx.token), httponly=True, samesite="strict", path="/")
+    return resp
+
+
+# -- pages -----------------------------------------------------------------------------------
+@router.get("/", response_class=HTMLResponse)
+def dashboard(request: Request) -> HTMLResponse:
+    queues = all_summaries(ctx_of(request))
+    totals: dict[str, int] = {}
+    for q in queues:
+        for k, v in q["counts"].items():
+            totals[k] = totals.get(k, 0) + v
+    return render(request, "dashboard.html", title="spoolq", queues=queues, totals=totals)
+
+
+@router.get("/new_queue", response_class=HTMLResponse)
+def new_queue_form(request: Request) -> HTMLResponse:
+    return render(request, "new_queue.html", title="new queue", values={}, error=None)
+
+
+def _queue_config_from_form(form: ParsedForm) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"name": (form.get("name") or "").strip(),
+                           "script": (form.get("script") or "").strip(),
+                           "exec_prefix": form.get("exec_prefix") or ""}
+    for key, conv in (("num_workers", int), ("max_count", int), ("timeout", float)):
+        raw = (form.get(key) or "").strip()
+        if raw:
+            try:
+                cfg[key] = conv(raw)
+            except ValueError:
+                raise InvalidInput(f"{key} must be a number, got {raw!r}") from None
+    env = (form.get("env_vars") or "").strip()
+    if env:
+        pairs = {}
+        for line in env.splitlines():
+            if line.strip():
+                k, sep, v = line.partition("=")
+                if not sep:
+                    raise InvalidInput(f"env_vars lines are NAME=value, got {line!r}")
+                pairs[k.strip()] = v
+        cfg["env_vars"] = pairs
+    for key in ("coalesce_params", "blocking_params"):
+        vals = form.getlist(key)
+        if vals:
+            cfg[key] = vals
+    return cfg
+
+
+@router.post("/ui/new_queue")
+async def new_queue(request: Request) -> Response:
+    ctx = ctx_of(request)
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+        try:
+            cfg = _queue_config_from_form(form)
+            await run_in_threadpool(ctx.client.create_queue, cfg)
+        except SpoolqError as e:
+            return render(request, "new_queue.html", status=status_for(e), title="new queue",
+                          values=dict(form.items()), error=e.message)
+    return redirect(f"/q/{cfg['name']}", f"queue {cfg['name']} created")
+
+
+@router.get("/q/{queue}", response_class=HTMLResponse)
+def queue_page(request: Request, queue: str, state: str = "que", filter: str = "",
+               cursor: str = "") -> Response:
+    ctx = ctx_of(request)
+    try:
+        summary = queue_summary(ctx, queue, with_config=True)
+        st = State(state) if state in STATE_ORDER else State.QUE
+        page = ctx.client.list(queue, st, limit=PAGE_SIZE, cursor=cursor or None, filter=filter or None)
+    except SpoolqError as e:
+        return error_page(request, e)
+    next_url = None
+    if page.next_cursor:
+        next_url = f"/q/{quote(queue)}?" + urlencode({"state": st.value, "filter": filter,
+                                                       "cursor": page.next_cursor})
+    return render(request, "queue.html", title=queue, q=summary, state=st.value, filter=filter,
+                  items=page.items, problems=page.problems, next_url=next_url,
+                  first_page=not cursor, now=time.time(),
+                  config_json=json.dumps(summary["config"], indent=2))
+
+
+def _queue_action(ctx: AppContext, queue: str, form: ParsedForm) -> str:
+    action = form.get("action") or ""
+    if action in ADMIN_ACTIONS:
+        ctx.client.set_admin_state(queue, ADMIN_ACTIONS[action])
+        return f"queue {queue}: {action}"
+    if action == "ack_errs":
+        return f"{ctx.client.ack_errs(queue)} errors acknowledged"
+    if action == "config":
+        try:
+            data = json.loads(form.get("config") or "")
+        except ValueError as e:
+            raise InvalidInput(f"config is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or data.get("name", queue) != queue:
+            raise InvalidInput("config must be a JSON object for this queue (a queue cannot be renamed)")
+        ctx.client.update_queue(queue, **data)
+        return "config saved; the next run uses it"
+    if action == "bulk":
+        what = form.get("bulk_action") or ""
+        st = State(form.get("state") or "que") if (form.get("state") or "que") in STATE_ORDER else State.QUE
+        res = bulk(ctx.client, queue, st, form.get("filter") or "", what)
+        text = f"{what}: {res['succeeded']} of {res['matched']} matching messages in {st.value}"
+        if res["failed"]:
+            text += f"; {len(res['failed'])} failed ({res['failed'][0]['message']})"
+        return text
+    raise InvalidInput(f"unknown queue action {action!r}")
+
+
+@router.post("/ui/q/{queue}")
+async def queue_action(request: Request, queue: str) -> Response:
+    ctx = ctx_of(request)
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+        back = f"/q/{quote(queue)}?" + urlencode({"state": form.get("state") or "que",
+                                                   "filter": form.get("filter") or ""})
+        if form.get("action") == "delete_queue":
+            try:
+                await run_in_threadpool(ctx.client.delete_queue, queue, force=bool(form.get("force")))
+            except SpoolqError as e:
+                return redirect(back, e.message, "error")
+            return redirect("/", f"queue {queue} deleted")
+        try:
+            text = await run_in_threadpool(_queue_action, ctx, queue, form)
+        except SpoolqError as e:
+            return redirect(back, e.message, "error")
+    return redirect(back, text)
+
+
+@router.get("/q/{queue}/new_message", response_class=HTMLResponse)
+def new_message_form(request: Request, queue: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        summary = queue_summary(ctx, queue)
+    except SpoolqError as e:
+        return error_page(request, e)
+    return render(request, "new_message.html", title=f"new message · {queue}", q=summary,
+                  values={}, error=None)
+
+
+def _message_from_form(form: ParsedForm) -> tuple[dict[str, Any], str]:
+    fields: dict[str, Any] = {}
+    for k in ("param1", "param2", "param3", "param4", "src"):
+        v = form.get(k)
+        if v:
+            fields[k] = v
+    raw = (form.get("params") or "").strip()
+    if raw:
+        try:
+            params = json.loads(raw)
+        except ValueError as e:
+            raise InvalidMessage(f"params is not valid JSON: {e}") from None
+        if not isinstance(params, dict):
+            raise InvalidMessage("params must be a JSON object")
+        fields["params"] = params
+    due = (form.get("due") or "").strip()
+    delay = (form.get("delay") or "").strip()
+    if due:
+        try:  # <input type=datetime-local>, interpreted as UTC
+            dt = datetime.strptime(due[:16], "%Y-%m-%dT%H:%M")
+        except ValueError:
+            raise InvalidMessage(f"due must be YYYY-MM-DDTHH:MM (UTC), got {due!r}") from None
+        fields["due"] = float(calendar.timegm(dt.timetuple()))
+    elif delay:
+        try:
+            fields["delay"] = float(delay)
+        except ValueError:
+            raise InvalidMessage(f"delay must be seconds, got {delay!r}") from None
+    mc = (form.get("max_count") or "").strip()
+    if mc:
+        if not mc.isdigit():
+            raise InvalidMessage(f"max_count must be a positive integer, got {mc!r}")
+        fields["max_count"] = int(mc)
+    hooks = (form.get("post_run_webhook") or "").split()
+    if hooks:
+        fields["post_run_webhook"] = hooks
+    return fields, (form.get("mode") or "commit")
+
+
+def _send_from_form(ctx: AppContext, queue: str, form: ParsedForm) -> str:
+    fields, mode = _message_from_form(form)
+    files = [f for f in form.files if f.field == "attachment" and f.filename]
+    atts = [AttachmentSource(name=f.filename, path=str(f.path)) for f in files]
+    if mode == "prep":
+        receipt = ctx.client.prep(queue, **fields)
+        for a in atts:
+            ctx.client.attach(receipt, a.path, name=a.name)
+    else:
+        receipt = ctx.client.send(queue, attachments=atts, **fields)
+    return receipt.msg_id
+
+
+@router.post("/ui/q/{queue}/new_message")
+async def send_message(request: Request, queue: str) -> Response:
+    ctx = ctx_of(request)
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+        try:
+            msg_id = await run_in_threadpool(_send_from_form, ctx, queue, form)
+        except SpoolqError as e:
+            try:
+                summary = queue_summary(ctx, queue)
+            except SpoolqError as e2:
+                return error_page(request, e2)
+            return render(request, "new_message.html", status=status_for(e), title="new message",
+                          q=summary, values=dict(form.items()), error=e.message)
+    return redirect(f"/q/{quote(queue)}/{msg_id}", f"message {msg_id} stored")
+
+
+@router.get("/q/{queue}/{msg_id}", response_class=HTMLResponse)
+def message_page(request: Request, queue: str, msg_id: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        view = ctx.client.get(f"{queue}/{msg_id}")
+        summary = queue_summary(ctx, queue)
+    except SpoolqError as e:
+        return error_page(request, e)
+    m = view.message
+    return render(request, "message.html", title=f"{msg_id} · {queue}", q=summary, v=view, m=m,
+                  full_id=ctx.client.full_id(queue, msg_id), now=time.time(),
+                  can_cancel=hasattr(ctx.client, "cancel"))
+
+
+@router.post("/ui/q/{queue}/{msg_id}")
+async def message_action(request: Request, queue: str, msg_id: str) -> Response:
+    ctx = ctx_of(request)
+    page = f"/q/{quote(queue)}/{quote(msg_id)}"
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+        action = form.get("action") or ""
+        try:
+            if action == "attach":
+                f = form.file("attachment")
+                if f is None or not f.filename:
+                    raise InvalidInput("choose a file to attach")
+                info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path,
+                                               name=f.filename)
+                return redirect(page, f"attached {info.name} ({info.size} bytes, md5 {info.md5})")
+            if action not in ACTIONS:
+                raise InvalidInput(f"unknown action {action!r}")
+            res = await run_in_threadpool(act, ctx.client, queue, msg_id, action)
+        except SpoolqError as e:
+            return redirect(page, e.message, "error")
+    if action == "delete":
+        return redirect(f"/q/{quote(queue)}", f"message {msg_id} deleted")
+    if action == "clone":
+        return redirect(f"/q/{quote(queue)}/{res['clone']['msg_id']}", f"cloned from {msg_id}")
+    return redirect(page, f"{action}: done")

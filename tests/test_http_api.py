@@ -1,0 +1,450 @@
+"""The JSON API (/api/v1): in process with TestClient, and against a real server thread."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from http_helpers import daemon, fake_run, free_port, have_daemon
+
+import spoolq
+from spoolq.http.app import create_app
+from spoolq.http.errors import AddressInUse, HttpConfigError
+from spoolq.http.server import start_http
+from spoolq.model import State
+
+API = "/api/v1"
+
+
+@pytest.fixture
+def client(root: Path) -> spoolq.Client:
+    c = spoolq.open(root)
+    c.create_queue("work", script="/bin/true")
+    return c
+
+
+@pytest.fixture
+def http(client: spoolq.Client) -> TestClient:
+    return TestClient(create_app(client, poll_interval=0.02, events_interval=0.05))
+
+
+def err(resp: httpx.Response) -> dict[str, Any]:
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def send(http: TestClient, queue: str = "work", **fields: Any) -> dict[str, Any]:
+    r = http.post(f"{API}/queues/{queue}/messages", json=fields)
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+# -- service -------------------------------------------------------------------------------
+def test_healthz_and_openapi(http: TestClient) -> None:
+    assert http.get("/healthz").json()["status"] == "ok"
+    doc = http.get(f"{API}/openapi.json").json()
+    paths = doc["paths"]
+    assert "/api/v1/queues" in paths and "/api/v1/queues/{queue}/messages" in paths
+    assert "/api/v1/events" in paths and "/metrics" in paths
+    assert not any(p.startswith("/q/") for p in paths), "RQ routes are not part of the documented API"
+    send_body = paths["/api/v1/queues/{queue}/messages"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(send_body)
+
+
+def test_queue_lifecycle(http: TestClient) -> None:
+    r = http.post(f"{API}/queues", json={"name": "mail", "script": "/bin/cat", "num_workers": 3})
+    assert r.status_code == 201
+    assert r.json()["config"]["num_workers"] == 3
+    assert err(http.post(f"{API}/queues", json={"name": "mail", "script": "/bin/cat"}))["code"] == "queue_exists"
+    listing = {q["name"]: q for q in http.get(f"{API}/queues").json()}
+    assert listing["mail"]["status"] == "UP" and listing["mail"]["counts"]["que"] == 0
+    r = http.patch(f"{API}/queues/mail/config", json={"num_workers": 5, "timeout": 30})
+    assert r.status_code == 200 and r.json()["num_workers"] == 5
+    assert http.get(f"{API}/queues/mail/config").json()["timeout"] == 30
+    r = http.patch(f"{API}/queues/mail/config", json={"num_workers": 0})
+    assert r.status_code == 400 and err(r)["code"] == "invalid_config"
+    assert http.patch(f"{API}/queues/mail/config", json={"name": "other"}).status_code == 400
+    for action, status in (("pause", "PAUSE"), ("resume", "UP"), ("down", "DOWN"), ("up", "UP")):
+        assert http.post(f"{API}/queues/mail/{action}").json()["status"] == status
+    assert http.post(f"{API}/queues/mail/sideways").status_code == 400
+    send(http, "mail")
+    r = http.delete(f"{API}/queues/mail")
+    assert r.status_code == 409 and err(r)["code"] == "conflict"
+    assert http.delete(f"{API}/queues/mail", params={"force": "true"}).status_code == 200
+    assert err(http.get(f"{API}/queues/mail"))["code"] == "queue_not_found"
+
+
+def test_down_queue_refuses_with_503(http: TestClient) -> None:
+    http.post(f"{API}/queues/work/down")
+    r = http.post(f"{API}/queues/work/messages", json={"param1": "x"})
+    assert r.status_code == 503 and err(r)["code"] == "queue_down"
+
+
+def test_send_get_list_paginate_filter(http: TestClient) -> None:
+    ids = [send(http, param1=f"p{i}", params={"user": "alice" if i % 2 else "bob"})["msg_id"]
+           for i in range(7)]
+    m = http.get(f"{API}/queues/work/messages/{ids[0]}").json()
+    assert m["param1"] == "p0" and m["state"] == "que" and m["params"] == {"user": "bob"}
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"state": "que", "limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = http.get(f"{API}/queues/work/messages", params=params).json()
+        seen += [i["msg_id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(ids)), "newest first, every message exactly once"
+    alice = http.get(f"{API}/queues/work/messages", params={"filter": "alice"}).json()["items"]
+    assert sorted(i["msg_id"] for i in alice) == sorted(ids[1::2])
+
+
+def test_send_multipart_with_attachments_and_download(http: TestClient, root: Path) -> None:
+    blob = bytes(range(256)) * 400
+    r = http.post(f"{API}/queues/work/messages",
+                  data={"message": json.dumps({"param1": "files"})},
+                  files=[("file", ("data.bin", blob, "application/octet-stream")),
+                         ("file", ("notes.txt", b"hello\n", "text/plain"))])
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["attachments"]["data.bin"]["size"] == len(blob)
+    mid = body["msg_id"]
+    d = http.get(f"{API}/queues/work/messages/{mid}/attachments/data.bin")
+    assert d.status_code == 200 and d.content == blob
+    assert d.headers["content-length"] == str(len(blob))
+    t = http.get(f"{API}/queues/work/messages/{mid}/attachments/notes.txt")
+    assert t.headers["content-type"].startswith("text/plain") and t.text == "hello\n"
+    part = http.get(f"{API}/queues/work/messages/{mid}/attachments/data.bin", headers={"Range": "bytes=256-511"})
+    assert part.status_code == 206 and part.content == blob[256:512]
+    assert not list((root / ".uploads").iterdir()), "spooled uploads are removed after the request"
+    stored = root / "queue" / "work"
+    att = next(stored.glob("que/*/*/*/*/attach/data.bin"))
+    assert att.stat().st_nlink == 1
+
+
+def test_prep_attach_commit(http: TestClient) -> None:
+    mid = send(http, param1="later", state="prep")["msg_id"]
+    r = http.post(f"{API}/queues/work/messages/{mid}/attachments",
+                  files={"file": ("a.txt", b"abc", "text/plain")}, data={"name": "renamed.txt"})
+    assert r.status_code == 201 and r.json()["md5"] == "900150983cd24fb0d6963f7d28e17f72"
+    assert http.post(f"{API}/queues/work/messages/{mid}/commit").status_code == 200
+    m = http.get(f"{API}/queues/work/messages/{mid}").json()
+    assert m["state"] == "que" and m["_attachments"]["renamed.txt"]["size"] == 3
+    r = http.post(f"{API}/queues/work/messages/{mid}/attachments", files={"file": ("b.txt", b"x")})
+    assert r.status_code == 409 and err(r)["code"] == "wrong_state"
+
+
+def test_message_actions(http: TestClient, client: spoolq.Client) -> None:
+    a = send(http, param1="a")["msg_id"]
+    client.store.move("work", a, State.QUE, State.ERR, note="test")
+    r = http.post(f"{API}/queues/work/messages/{a}/retry")
+    assert r.status_code == 200
+    assert http.get(f"{API}/queues/work/messages/{a}").json()["state"] == "que"
+    assert err(http.post(f"{API}/queues/work/messages/{a}/retry"))["code"] == "wrong_state"
+    assert http.post(f"{API}/queues/work/messages/{a}/run-now").status_code == 200
+    assert http.get(f"{API}/queues/work/messages/{a}").json()["due"] == 0
+    fake_run(client, "work", a, ["ok\n"])
+    clone = http.post(f"{API}/queues/work/messages/{a}/clone").json()["clone"]
+    cm = http.get(f"{API}/queues/work/messages/{clone['msg_id']}").json()
+    assert cm["cloned_from"] == a and cm["state"] == "que"
+    r = http.post(f"{API}/queues/work/messages/{clone['msg_id']}/cancel")
+    assert r.status_code in (200, 501)
+    if r.status_code == 501:
+        assert err(r)["code"] == "not_implemented"
+    assert http.delete(f"{API}/queues/work/messages/{a}").status_code == 200
+    assert http.get(f"{API}/queues/work/messages/{a}").status_code == 404
+    assert http.post(f"{API}/queues/work/messages/{a}/explode").status_code == 400
+
+
+def test_bulk_over_filter(http: TestClient, client: spoolq.Client) -> None:
+    for i in range(25):
+        send(http, param1="keep" if i % 5 else "drop", param2=str(i))
+    r = http.post(f"{API}/queues/work/bulk", json={"action": "delete", "state": "que", "filter": "drop"})
+    assert r.json()["matched"] == 5 and r.json()["succeeded"] == 5
+    assert http.get(f"{API}/queues/work").json()["counts"]["que"] == 20
+    for v in client.list("work", State.QUE, limit=100).items[:12]:
+        client.store.move("work", v.msg_id, State.QUE, State.ERR)
+    r = http.post(f"{API}/queues/work/bulk", json={"action": "retry", "state": "err"})
+    assert r.json() == {"queue": "work", "state": "err", "filter": "", "action": "retry", "matched": 12,
+                        "succeeded": 12, "failed": [], "truncated": False}
+    assert http.post(f"{API}/queues/work/bulk", json={"action": "nuke", "state": "err"}).status_code == 400
+
+
+def test_log_range_and_finished_stream(http: TestClient, client: spoolq.Client) -> None:
+    mid = send(http)["msg_id"]
+    r = http.get(f"{API}/queues/work/messages/{mid}/log")
+    assert r.status_code == 404 and err(r)["code"] == "log_not_found"
+    text = "".join(f"\x1b[3{i % 8}mline {i}\x1b[0m\n" for i in range(50))
+    fake_run(client, "work", mid, [text])
+    full = http.get(f"{API}/queues/work/messages/{mid}/log")
+    assert full.status_code == 200 and full.text == text
+    r = http.get(f"{API}/queues/work/messages/{mid}/log", headers={"Range": "bytes=10-"})
+    assert r.status_code == 206 and r.text == text[10:]
+    assert r.headers["content-range"] == f"bytes 10-{len(text) - 1}/{len(text)}"
+    r = http.get(f"{API}/queues/work/messages/{mid}/log", headers={"Range": f"bytes={len(text)}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(text)}"
+    r = http.get(f"{API}/queues/work/messages/{mid}/log", headers={"Range": "bytes=-5"})
+    assert r.status_code == 206 and r.text == text[-5:]
+    events = parse_sse(http.get(f"{API}/queues/work/messages/{mid}/log/stream").text)
+    assert "".join(d["text"] for e, d in events if e == "log") == text
+    assert events[-1][0] == "end" and events[-1][1]["state"] == "done"
+    resumed = parse_sse(http.get(f"{API}/queues/work/messages/{mid}/log/stream",
+                                 params={"offset": len(text) - 7}).text)
+    assert "".join(d["text"] for e, d in resumed if e == "log") == text[-7:]
+
+
+def parse_sse(raw: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for frame in raw.split("\n\n"):
+        event, data = "message", None
+        for line in frame.splitlines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+        if data is not None:
+            out.append((event, data))
+    return out
+
+
+def test_errors_have_one_shape_and_no_5xx(http: TestClient) -> None:
+    cases = [
+        ("get", f"{API}/queues/nope", None, 404, "queue_not_found"),
+        ("get", f"{API}/queues/bad..name", None, 400, "invalid_name"),
+        ("get", f"{API}/queues/work/messages/notanid", None, 400, "invalid_name"),
+        ("get", f"{API}/queues/work/messages/20200101.0000.00.000.1", None, 404, "message_not_found"),
+        ("get", f"{API}/queues/work/messages", {"state": "limbo"}, 400, "invalid_input"),
+        ("get", f"{API}/queues/work/messages", {"limit": "0"}, 400, "invalid_input"),
+        ("get", f"{API}/queues/work/messages", {"cursor": "../../etc"}, 400, "invalid_name"),
+        ("post", f"{API}/queues", {"name": "x"}, 400, "invalid_config"),
+        ("get", f"{API}/nowhere", None, 404, "not_found"),
+    ]
+    for method, url, params, status, code in cases:
+        if method == "get":
+            r = http.get(url, params=params)
+        else:
+            r = http.post(url, json=params)
+        assert (r.status_code, err(r)["code"]) == (status, code), (url, r.text)
+    bad_bodies: list[Any] = [b"{not json", b"[]", json.dumps({"param1": {"nested": 1}}).encode(),
+                             json.dumps({"unknown": 1}).encode(), json.dumps({"due": "soon"}).encode(),
+                             json.dumps({"due": 1e300}).encode(), json.dumps({"max_count": -1}).encode(),
+                             json.dumps({"post_run_webhook": ["ftp://x"]}).encode(), b"\xff\xfe"]
+    for body in bad_bodies:
+        r = http.post(f"{API}/queues/work/messages", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        err(r)
+    r = http.post(f"{API}/queues/work/messages", content=b"--x\r\nbroken", headers={
+        "content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 400
+
+
+def test_metrics(http: TestClient) -> None:
+    send(http)
+    text = http.get("/metrics").text
+    assert 'spoolq_messages{queue="work",state="que"} 1' in text
+    assert 'spoolq_queue_status{queue="work",status="UP"} 1' in text
+    assert "spoolq_http_requests_total{" in text
+
+
+def test_ui_escapes_user_input(http: TestClient, client: spoolq.Client) -> None:
+    mid = send(http, param1="<script>alert('x')</script>", src="<b>bold</b>")["msg_id"]
+    page = http.get(f"/q/work/{mid}").text
+    assert "<script>alert" not in page and "&lt;script&gt;alert(" in page
+    assert "<b>bold</b>" not in page
+    listing = http.get("/q/work", params={"filter": "<script>"}).text
+    assert "<script>alert" not in listing and mid in listing
+
+
+def test_ui_forms_need_csrf_and_same_origin(http: TestClient) -> None:
+    r = http.post("/ui/new_queue", data={"name": "evil", "script": "/bin/true"})
+    assert r.status_code == 403
+    page = http.get("/new_queue")
+    token = page.text.split('name="csrf" value="')[1].split('"')[0]
+    r = http.post("/ui/new_queue", data={"name": "good", "script": "/bin/true", "csrf": token},
+                  follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/q/good"
+    r = http.post(f"{API}/queues/work/pause", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and err(r)["code"] == "forbidden"
+    r = http.post("/q/work/new_message", data={"mesg": "{}"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 403
+
+
+def test_token_auth(client: spoolq.Client) -> None:
+    http = TestClient(create_app(client, token="s3cret"))
+    assert http.get("/healthz").status_code == 200
+    r = http.get(f"{API}/queues")
+    assert r.status_code == 401 and err(r)["code"] == "unauthorized"
+    assert http.get(f"{API}/queues", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert http.get(f"{API}/queues", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    basic = base64.b64encode(b"rq:s3cret").decode()
+    assert http.get("/q.json", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    r = http.get("/", headers={"Accept": "text/html"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    login = http.get("/login")
+    csrf = login.text.split('name="csrf" value="')[1].split('"')[0]
+    bad = http.post("/login", data={"token": "nope", "csrf": csrf, "next": "/"}, follow_redirects=False)
+    assert bad.status_code == 401
+    ok = http.post("/login", data={"token": "s3cret", "csrf": csrf, "next": "/q/work"}, follow_redirects=False)
+    assert ok.status_code == 303 and ok.headers["location"] == "/q/work"
+    assert http.get("/q/work").status_code == 200, "the session cookie now authorizes the UI"
+
+
+def test_start_http_refuses_exposed_address_without_token(client: spoolq.Client) -> None:
+    with pytest.raises(HttpConfigError, match="without a token"):
+        start_http(client, "0.0.0.0", free_port(), None)
+    h = start_http(client, "127.0.0.1", free_port(), None)
+    try:
+        with pytest.raises(AddressInUse):
+            start_http(client, "127.0.0.1", h.port, None)
+    finally:
+        h.stop()
+
+
+@pytest.fixture
+def server(client: spoolq.Client) -> Any:
+    h = start_http(client, "127.0.0.1", free_port(), None, poll_interval=0.02, events_interval=0.05)
+    yield h
+    h.stop()
+
+
+def test_real_server_follows_a_running_log(server: Any, client: spoolq.Client) -> None:
+    mid = client.send("work").msg_id
+    started = threading.Event()
+    lines = [f"\x1b[1;3{i % 7 + 1}mstep {i}\x1b[0m\n" for i in range(8)]
+    t = threading.Thread(target=fake_run, args=(client, "work", mid, lines),
+                         kwargs={"delay": 0.15, "started": started})
+    events: list[tuple[str, dict[str, Any]]] = []
+    with httpx.Client(base_url=server.url, timeout=30) as h, \
+            h.stream("GET", f"{API}/queues/work/messages/{mid}/log/stream") as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        t.start()
+        buf = ""
+        for chunk in resp.iter_text():
+            buf += chunk
+            while "\n\n" in buf:
+                frame, buf = buf.split("\n\n", 1)
+                events += parse_sse(frame + "\n\n")
+            if events and events[-1][0] == "end":
+                break
+    t.join()
+    log_events = [d for e, d in events if e == "log"]
+    assert len(log_events) >= 2, "the log arrived in pieces, while the job ran"
+    assert "".join(d["text"] for d in log_events) == "".join(lines)
+    states = [d["state"] for e, d in events if e == "state"]
+    assert "run" in states and states[-1] == "done"
+    first_run = next(i for i, (e, d) in enumerate(events) if e == "state" and d["state"] == "run")
+    first_done = next(i for i, (e, d) in enumerate(events) if e == "state" and d["state"] == "done")
+    assert any(e == "log" for e, _ in events[first_run:first_done])
+
+
+def test_real_server_events_stream(server: Any, client: spoolq.Client) -> None:
+    got: list[dict[str, Any]] = []
+    with httpx.Client(base_url=server.url, timeout=30) as h, \
+            h.stream("GET", f"{API}/events", params={"queue": "work"}) as resp:
+        buf = ""
+        sent = False
+        for chunk in resp.iter_text():
+            buf += chunk
+            while "\n\n" in buf:
+                frame, buf = buf.split("\n\n", 1)
+                got += [d for e, d in parse_sse(frame + "\n\n") if e == "queue"]
+            if got and not sent:
+                assert got[0]["counts"]["que"] == 0
+                client.send("work")
+                sent = True
+            if any(g["counts"]["que"] == 1 for g in got):
+                break
+    assert got[-1]["name"] == "work" and got[-1]["counts"]["que"] == 1
+
+
+def test_real_server_stops_with_open_streams(client: spoolq.Client) -> None:
+    h = start_http(client, "127.0.0.1", free_port(), None)
+    with httpx.Client(base_url=h.url, timeout=10) as c, c.stream("GET", f"{API}/events") as resp:
+        assert resp.status_code == 200
+        t0 = time.monotonic()
+        h.stop()
+        assert not h.thread.is_alive()
+    assert time.monotonic() - t0 < 30
+
+
+def test_memory_store_attachments_stream(tmp_path: Path) -> None:
+    """A store without file paths (memory:) still serves attachments and uploads."""
+    mem = spoolq.open("memory:")
+    mem.create_queue("m", script="/bin/true")
+    http = TestClient(create_app(mem, upload_dir=tmp_path / "up"))
+    r = http.post(f"{API}/queues/m/messages", data={"message": "{}"},
+                  files={"file": ("x.json", b'{"a": 1}', "application/json")})
+    assert r.status_code == 201, r.text
+    d = http.get(f"{API}/queues/m/messages/{r.json()['msg_id']}/attachments/x.json")
+    assert d.status_code == 200 and d.json() == {"a": 1}
+    assert d.headers["content-type"] == "application/json" and d.headers["content-length"] == "8"
+
+
+@pytest.mark.skipif(not have_daemon(), reason="spoolq serve is not available in this checkout")
+def test_against_the_real_daemon(tmp_path: Path) -> None:
+    """The API as served by ``spoolq serve``: a real script runs, its log streams, it finishes."""
+    script = tmp_path / "job.sh"
+    script.write_text('#!/bin/sh\nfor i in 1 2 3; do printf "\\033[35mtick %s\\033[0m\\n" $i; sleep 0.2; done\n'
+                      'cat "$RQ_MSG_DIR/../attach/in.txt"\n')
+    script.chmod(0o755)
+    root = tmp_path / "spool"
+    root.mkdir()
+    with daemon(root, free_port()) as url, httpx.Client(base_url=url, timeout=60) as h:
+        assert h.post(f"{API}/queues", json={"name": "real", "script": str(script)}).status_code == 201
+        r = h.post(f"{API}/queues/real/messages", data={"message": json.dumps({"param1": "x"})},
+                   files={"file": ("in.txt", b"from the attachment\n")})
+        assert r.status_code == 201, r.text
+        mid = r.json()["msg_id"]
+        with h.stream("GET", f"{API}/queues/real/messages/{mid}/log/stream") as resp:
+            events = parse_sse("".join(resp.iter_text()))
+        text = "".join(d["text"] for e, d in events if e == "log")
+        assert "\x1b[35mtick 1\x1b[0m\n" in text and "tick 3" in text and "from the attachment" in text
+        assert events[-1] == ("end", {"state": "done", "status": events[-1][1]["status"],
+                                      "offset": len(text.encode())})
+        assert h.get(f"{API}/queues/real/messages/{mid}").json()["state"] == "done"
+        assert h.get(f"{API}/queues/real/messages/{mid}/log").text == text
+        assert 'spoolq_messages{queue="real",state="done"} 1' in h.get("/metrics").text
+
+
+def _csrf(page: str) -> str:
+    return page.split('name="csrf" value="')[1].split('"')[0]
+
+
+def test_ui_forms_prep_attach_commit_and_bulk(http: TestClient, client: spoolq.Client) -> None:
+    csrf = _csrf(http.get("/q/work/new_message").text)
+    r = http.post("/ui/q/work/new_message", data={"csrf": csrf, "param1": "ui", "mode": "prep",
+                                                  "params": '{"k": [1, 2]}', "delay": "30"},
+                  files=[("attachment", ("one.txt", b"1", "text/plain")), ("attachment", ("", b"", ""))],
+                  follow_redirects=False)
+    assert r.status_code == 303, r.text
+    page_url = r.headers["location"]
+    mid = page_url.rsplit("/", 1)[1]
+    view = client.get(f"work/{mid}")
+    assert view.state == State.PREP and view.message.params == {"k": [1, 2]} and set(view.attachments) == {"one.txt"}
+    assert view.message.due > time.time() + 20
+    r = http.post(f"/ui/q/work/{mid}", data={"csrf": csrf, "action": "attach"},
+                  files={"attachment": ("two.txt", b"22", "text/plain")}, follow_redirects=False)
+    assert r.status_code == 303
+    page = http.get(page_url).text
+    assert "two.txt" in page and "attached two.txt" in page
+    http.post(f"/ui/q/work/{mid}", data={"csrf": csrf, "action": "commit"})
+    assert client.get(f"work/{mid}").state == State.QUE
+    bad = http.post("/ui/q/work/new_message", data={"csrf": csrf, "params": "[not json"})
+    assert bad.status_code == 400 and "params is not valid JSON" in bad.text
+    for i in range(4):
+        client.send("work", param1=f"bulk-{i}")
+    r = http.post("/ui/q/work", data={"csrf": csrf, "action": "bulk", "bulk_action": "delete", "state": "que",
+                                      "filter": "bulk-"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert client.counts("work")["que"] == 1
+    assert "delete: 4 of 4 matching messages in que" in http.get(r.headers["location"]).text

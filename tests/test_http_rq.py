@@ -1,0 +1,203 @@
+"""RQ's HTTP routes driven the way RQ's clients drive them: curl with form fields and
+multipart uploads (the relay script's exact commands), and raw HTTP/1.0 over a socket."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from http_helpers import fake_run, free_port
+
+import spoolq
+from spoolq.config import RootConfig, write_root_config
+from spoolq.http.server import start_http
+from spoolq.model import State
+
+ID_RE = r"\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+"
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def client(root: Path, port: int) -> spoolq.Client:
+    # Full ids name the host and port from the root's config, as the daemon records them.
+    write_root_config(root, RootConfig(host="127.0.0.1", port=port))
+    c = spoolq.open(root)
+    c.create_queue("test", script="/bin/true")
+    return c
+
+
+@pytest.fixture
+def base(client: spoolq.Client, port: int) -> Any:
+    h = start_http(client, "127.0.0.1", port, None)
+    yield h.url
+    h.stop()
+
+
+def curl(*args: str) -> tuple[int, str]:
+    """Run curl; returns (status, body)."""
+    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def post_mesg(base: str, queue: str, mesg: dict[str, Any]) -> tuple[int, Any]:
+    status, body = curl("-d", "x_format=json", "--data-urlencode", f"mesg={json.dumps(mesg)}",
+                        f"{base}/q/{queue}/new_message")
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def test_new_message_done_flow(base: str, client: spoolq.Client) -> None:
+    status, res = post_mesg(base, "test", {"dest": f"{base}/q/test", "src": "dev", "count": "2",
+                                           "param1": "hello", "max_count": "5"})
+    assert status == 200 and res[0] == "ok"
+    assert re.fullmatch(rf"http://[^/]+/q/test/{ID_RE}", res[1])
+    msg_id = res[1].rsplit("/", 1)[1]
+    status, body = curl(f"{base}/q/test/{msg_id}.json")
+    m = json.loads(body)
+    assert (m["count"], m["max_count"], m["param1"], m["state"], m["status"]) == (2, 5, "hello", "que", "que")
+    assert curl(f"{base}/q/test/{msg_id}/state.json") == (200, '["que"]')
+    fake_run(client, "test", msg_id, ["\x1b[32mdone sleeping\x1b[0m\n"])
+    assert json.loads(curl(f"{base}/q/test/{msg_id}.json")[1])["status"] == "done - finished"
+
+
+def test_prep_attach_commit_like_the_relay_script(base: str, client: spoolq.Client, tmp_path: Path,
+                                                  root: Path) -> None:
+    status, res = post_mesg(base, "test", {"dest": "test", "param1": "x", "_method": "prep"})
+    assert status == 200 and res[0] == "ok"
+    full_id = res[1]
+    short = full_id.rsplit("/", 1)[1]
+    assert client.store.state_of("test", short) == State.PREP
+    img = tmp_path / "studio3.jpg"
+    img.write_bytes(bytes(range(256)) * 375 + b"1234567")  # 96007 bytes, like RQ's fixture
+    md5 = hashlib.md5(img.read_bytes()).hexdigest()
+    # rq-spec 5.2 step 4, verbatim: HTTP/1.0 multipart with filedata, pathname and msg_id.
+    status, body = curl("-0", "-F", "x_format=json", "-F", f"filedata=@{img}", "-F", "pathname=studio3.jpg",
+                        "-F", f"msg_id={short}", f"{full_id}/attach/new")
+    assert (status, json.loads(body)) == (200, ["ok", f"{md5}-Attached successfully"])
+    assert not list((root / ".uploads").iterdir()), "no spooled upload left behind (RackMultipart check)"
+    status, body = curl("-d", "x_format=json", "-d", "_method=commit", "-d", f"msg_id={short}", full_id)
+    assert (status, json.loads(body)) == (200, ["ok", "msg commited"])
+    m = json.loads(curl(f"{full_id}.json")[1])
+    assert m["state"] == "que"
+    assert m["_attachments"]["studio3.jpg"]["md5"] == md5 and m["_attachments"]["studio3.jpg"]["size"] == 96007
+    assert curl("-o", "/dev/null", f"{base}/q/test/{short}/Xstudio54.jpgX")[0] == 404
+    status, body = curl("-o", str(tmp_path / "back.jpg"), f"{base}/q/test/{short}/attach/studio3.jpg")
+    assert status == 200 and (tmp_path / "back.jpg").read_bytes() == img.read_bytes()
+    # Committing again: no longer in prep, RQ's answer.
+    status, body = curl("-d", "x_format=json", "-d", "_method=commit", full_id)
+    assert json.loads(body) == ["fail", "cannot find message"]
+    # Attaching after commit fails the same way.
+    status, body = curl("-F", "x_format=json", "-F", f"filedata=@{img}", f"{full_id}/attach/new")
+    assert json.loads(body) == ["fail", "cannot find message"]
+
+
+def test_rq_error_answers(base: str, client: spoolq.Client) -> None:
+    assert post_mesg(base, "nope", {"dest": "nope"}) == (404, "404 - Queue not found")
+    assert post_mesg(base, "test", {"dest": "test", "_method": "teleport"}) == (400, "400 - Invalid method param")
+    status, res = post_mesg(base, "test", {"dest": "test", "post_run_webhook": 5})
+    assert status == 400 and res[0] == "fail"
+    status, body = curl("-d", "x_format=json", "-d", "mesg={broken", f"{base}/q/test/new_message")
+    assert status == 400 and json.loads(body)[0] == "fail"
+    client.set_admin_state("test", "DOWN")
+    assert post_mesg(base, "test", {"dest": "test"}) == (503, "503 - Service Unavailable - Operationally Down")
+    assert curl(f"{base}/q/test.txt") == (200, "status: DOWN\n")
+    client.set_admin_state("test", "UP")
+    mid = client.prep("test").msg_id
+    assert curl("-F", "x_format=json", f"{base}/q/test/{mid}/attach/new") == (
+        404, "404 - Missing required param filedata")
+    assert curl("-d", "_method=fly", f"{base}/q/test/{mid}") == (400, "400 - Invalid method param")
+    assert curl(f"{base}/q/test/20200101.0000.00.000.1.json") == (404, "404 - Message ID not found")
+    assert curl(f"{base}/q/test/../../etc/passwd")[0] == 404
+    assert curl(f"{base}/q/nope.json") == (404, "404 - Queue not found")
+
+
+def test_queue_listings_and_done_json(base: str, client: spoolq.Client) -> None:
+    client.create_queue("other", script="/bin/true")
+    assert json.loads(curl(f"{base}/q.json")[1]) == ["other", "test"]
+    assert curl(f"{base}/q.txt")[1] == "q/other.txt\nq/test.txt\n"
+    ids = [client.send("test", param1=str(i)).msg_id for i in range(12)]
+    for i in ids:
+        fake_run(client, "test", i, [])
+    client.send("test")
+    qj = json.loads(curl(f"{base}/q/test.json")[1])
+    assert {k: qj[k] for k in ("status", "que_size", "done_size", "run_size", "err_size")} == {
+        "status": "UP", "que_size": 1, "done_size": 12, "run_size": 0, "err_size": 0}
+    txt = curl(f"{base}/q/test.txt")[1].splitlines()
+    assert txt[0] == "status: UP" and "que: 1" in txt and "done: 12" in txt
+    two = json.loads(curl(f"{base}/q/test/done.json?limit=2")[1])
+    assert two == sorted(ids, reverse=True)[:2]
+    assert all(re.fullmatch(ID_RE, i) for i in two)
+    assert len(json.loads(curl(f"{base}/q/test/done.json")[1])) == 10
+    assert curl(f"{base}/q/test/done.json?limit=x")[0] == 400
+
+
+def test_log_range_206_and_416(base: str, client: spoolq.Client) -> None:
+    mid = client.send("test").msg_id
+    assert curl(f"{base}/q/test/{mid}/log/stdio.log") == (404, "404 - Message ID log 'stdio.log' not found")
+    fake_run(client, "test", mid, ["0123456789\n"])
+    status, body = curl("-H", "Range: bytes=2-5", f"{base}/q/test/{mid}/log/stdio.log")
+    assert (status, body) == (206, "2345")
+    status, _ = curl("-H", "Range: bytes=11-", f"{base}/q/test/{mid}/log/stdio.log")
+    assert status == 416
+    assert curl(f"{base}/q/test/{mid}/log/stdio.log") == (200, "0123456789\n")
+
+
+def test_delete_destroy_html_and_single_que(base: str, client: spoolq.Client) -> None:
+    a = client.send("test").msg_id
+    status, body = curl("-d", "_method=delete", "-d", "x_format=json", f"{base}/q/test/{a}")
+    assert (status, json.loads(body)) == (200, ["ok", "msg deleted"])
+    status, body = curl("-d", "_method=delete", "-d", "x_format=json", f"{base}/q/test/{a}")
+    assert json.loads(body) == ["fail", "msg not found"]
+    b = client.send("test").msg_id
+    status, _ = curl("-d", "_method=destroy", f"{base}/q/test/{b}")
+    assert status == 303
+    first = post_mesg(base, "test", {"dest": "test", "_method": "single_que"})[1][1]
+    again = post_mesg(base, "test", {"dest": "test", "_method": "single_que", "param1": "ignored"})[1][1]
+    assert first == again
+    status, _ = curl("-d", "x_format=html", "-d", "mesg[dest]=test", "-d", "mesg[param1]=from-form",
+                     f"{base}/q/test/new_message")
+    assert status == 303
+    status, body = curl("-H", "Content-Type: application/json", "-d", json.dumps({"dest": "test", "param1": "j"}),
+                        f"{base}/q/test/new_message")
+    assert status == 200 and json.loads(body)[0] == "ok"
+
+
+def test_raw_socket_upload_with_fields_after_the_file(base: str, client: spoolq.Client) -> None:
+    """rq-spec 7 #20: a 16 KB CSV upload followed by the form fields, sent over a raw socket."""
+    mid = client.prep("test").msg_id
+    host, port = base.removeprefix("http://").split(":")
+    csv = b"".join(b"%d,name %d,\"quoted, field\"\r\n" % (i, i) for i in range(600))[:16384]
+    boundary = b"----rqboundary7MA4YWxkTrZu0gW"
+    body = (b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"data.csv\"\r\n"
+            b"Content-Type: text/csv\r\n\r\n" + csv + b"\r\n--" + boundary +
+            b"\r\nContent-Disposition: form-data; name=\"x_format\"\r\n\r\njson\r\n--" + boundary +
+            b"\r\nContent-Disposition: form-data; name=\"msg_id\"\r\n\r\n" + mid.encode() + b"\r\n--" +
+            boundary + b"--\r\n")
+    req = (f"POST /q/test/{mid}/attach/new HTTP/1.0\r\nHost: {host}:{port}\r\n"
+           f"Content-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(req)
+        resp = b""
+        while chunk := s.recv(65536):
+            resp += chunk
+    head, _, payload = resp.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+    assert payload.startswith(b'["ok",')
+    assert client.get(f"test/{mid}").attachments["data.csv"].md5 == hashlib.md5(csv).hexdigest()

@@ -1,0 +1,187 @@
+"""The web UI in a real browser (Debian's chromium, headless, via Playwright) against the
+real ``spoolq serve``: create a queue, send a message with an attachment through the form,
+watch its ANSI-coloured log stream in live while the job runs, see it finish, run it again;
+then fail one and retry it. Screenshots go to test-artifacts/ (and, with
+SPOOLQ_UPDATE_SCREENSHOTS=1, to docs/screenshots/ for the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from http_helpers import daemon, free_port, have_daemon
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+DOCS_SHOTS = REPO / "docs" / "screenshots"
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+    pytest.mark.skipif(not have_daemon(), reason="spoolq serve is not available in this checkout"),
+]
+
+# A queue script: ANSI-coloured lines, slowly, one with markup in it; exit status from param1.
+SCRIPT = r"""#!/bin/sh
+n=${RQ_PARAM2:-12}
+i=1
+while [ "$i" -le "$n" ]; do
+  printf '\033[1;34m[%02d]\033[0m \033[32mprocessing chunk %s\033[0m \033[33m%s%%\033[0m\n' "$i" "$i" $((i * 100 / n))
+  [ "$i" -eq 2 ] && printf '\033[31mwarning:\033[0m a line with <script>alert("x")</script> stays text\n'
+  sleep 0.4
+  i=$((i + 1))
+done
+printf '\033[1;32mall done\033[0m\n'
+exit ${RQ_PARAM1:-0}
+"""
+
+
+def shot(page: object, name: str, docs_name: str | None = None) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=False)  # type: ignore[attr-defined]
+    if docs_name and os.environ.get("SPOOLQ_UPDATE_SCREENSHOTS") == "1":
+        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS_SHOTS / docs_name)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    root = tmp_path / "spool"
+    root.mkdir()
+    with daemon(root, free_port()) as url:
+        yield url
+
+
+@pytest.fixture
+def page() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+        pg = ctx.new_page()
+        pg.set_default_timeout(30_000)
+        pg.on("dialog", lambda d: d.accept())
+        yield pg
+        browser.close()
+
+
+def test_live_log_in_the_browser(server: str, page: object, tmp_path: Path) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    script = tmp_path / "colors.sh"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    attachment = tmp_path / "report.csv"
+    attachment.write_bytes(b"id,name\n" + b"".join(b"%d,row %d\n" % (i, i) for i in range(2000)))
+
+    # Create the queue through the form.
+    page.goto(server + "/new_queue")
+    page.fill("input[name=name]", "colors")
+    page.fill("input[name=script]", str(script))
+    page.fill("input[name=num_workers]", "2")
+    page.click("#new-queue-form button[type=submit]")
+    expect(page).to_have_url(server + "/q/colors")
+    expect(page.locator(".flash")).to_contain_text("queue colors created")
+
+    # Send a message with an attachment through the form.
+    page.click("text=+ New message")
+    page.fill("input[name=param1]", "0")
+    page.fill("textarea[name=params]", '{"customer": "acme", "batch": 7}')
+    page.set_input_files("input[name=attachment]", str(attachment))
+    page.click("#new-message-form button[type=submit]")
+    expect(page.locator(".flash")).to_contain_text("stored")
+    msg_url = page.url
+    assert "/q/colors/" in msg_url
+
+    # While it runs, coloured spans stream in.
+    page.wait_for_function(
+        "document.getElementById('msg-state').dataset.state === 'run'"
+        " && document.querySelectorAll('#log span.ansi').length >= 3")
+    assert page.locator("#msg-state").get_attribute("data-state") == "run"
+    assert page.locator("#live-dot").is_visible()
+    green = page.locator("#log span.ansi", has_text="processing chunk 1").first
+    assert green.evaluate("e => getComputedStyle(e).color") == "rgb(13, 188, 121)"
+    shot(page, "message-live-log.png", "message-live-log.png")
+    n_running = page.locator("#log span.ansi").count()
+    page.wait_for_function(f"document.querySelectorAll('#log span.ansi').length > {n_running}")
+
+    # A log line with markup is text, not markup.
+    assert "<script>alert(\"x\")</script>" in (page.locator("#log").text_content() or "")
+    assert page.locator("#log script").count() == 0
+
+    # It reaches done; the page refreshes its actions; the attachment shows md5 and size.
+    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'done'")
+    expect(page.locator("#log")).to_contain_text("all done")
+    expect(page.locator("#clone-btn")).to_be_visible()
+    md5 = hashlib.md5(attachment.read_bytes()).hexdigest()
+    expect(page.locator("#attachments")).to_contain_text(md5)
+    expect(page.locator("#attachments")).to_contain_text("report.csv")
+    shot(page, "message-done.png")
+
+    # Run it again from the UI: a clone with the same params and attachment.
+    page.click("#clone-btn")
+    expect(page.locator(".flash")).to_contain_text("cloned from")
+    assert page.url != msg_url
+    expect(page.locator("#attachments")).to_contain_text(md5)
+    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'done'", timeout=60_000)
+
+    # A failing message: it ends in err, and Retry puts it back to work.
+    page.goto(server + "/q/colors/new_message")
+    page.fill("input[name=param1]", "3")
+    page.fill("input[name=param2]", "2")
+    page.click("#new-message-form button[type=submit]")
+    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'err'")
+    expect(page.locator("#retry-btn")).to_be_visible()
+    page.click("#retry-btn")
+    expect(page.locator(".flash")).to_contain_text("retry: done")
+    expect(page.locator("#history")).to_contain_text("retry")
+    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'err'", timeout=60_000)
+
+    # The queue page lists them, newest first; search narrows to the one that failed.
+    page.goto(server + "/q/colors?state=done")
+    assert page.locator("#messages tbody tr").count() == 2
+    page.goto(server + "/q/colors?state=err")
+    page.fill("input[name=filter]", "acme")
+    page.click(".search button")
+    expect(page.locator(".empty")).to_contain_text("No err messages match")
+
+    # The dashboard shows the counts.
+    page.goto(server + "/")
+    row = page.locator("tr[data-queue=colors]")
+    expect(row.locator("[data-count=done]")).to_have_text("2")
+    expect(row.locator("[data-count=err]")).to_have_text("1")
+    shot(page, "dashboard.png")
+
+
+def test_dashboard_counts_update_live(server: str, page: object) -> None:
+    """The dashboard follows /api/v1/events: counts change without a reload."""
+    import httpx
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    httpx.post(server + "/api/v1/queues", json={"name": "mail", "script": "/bin/true"}).raise_for_status()
+    httpx.post(server + "/api/v1/queues/mail/pause").raise_for_status()
+    page.goto(server + "/")
+    cell = page.locator("tr[data-queue=mail] [data-count=que]")
+    expect(cell).to_have_text("0")
+    page.evaluate("window.__marker = 1")
+    for _ in range(3):
+        httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "x"}).raise_for_status()
+    expect(cell).to_have_text("3", timeout=15_000)
+    assert page.evaluate("window.__marker") == 1, "updated in place, not by reloading"
+    expect(page.locator("tr[data-queue=mail] [data-status]")).to_contain_text("PAUSE")
+    page.goto(server + "/q/mail")
+    tab = page.locator("[data-tab-count=que]")
+    expect(tab).to_have_text("3")
+    httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "y"}).raise_for_status()
+    expect(tab).to_have_text("4", timeout=15_000)
