@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import Cli
 
 from spoolq.cli import exitcodes
-from conftest import Cli
 
 
 def queued(root: Path) -> list[Path]:

@@ -1,0 +1,438 @@
+"""Daemon benchmark (issue 3): spoolq's dispatcher beside raw spawning, python-rq and huey.
+
+    ./bench/run daemon [--quick] [--messages N] [--samples M] [--only a,b,c,d]
+
+Side by side, in one run, each with two jobs in flight at most:
+
+(a) raw: ``os.posix_spawn`` of the no-op program, two in flight (pidfds; nothing else).
+(b) spoolq: ``spoolq serve --no-http`` on a fresh root; a queue with ``num_workers=2`` whose
+    script is the no-op program; durable (the default: every send and every state change
+    is fsync'd).
+(c) python-rq: its default forking ``rq worker`` (two of them) on a local redis-server
+    started for the run (redis' default config: no fsync per write).
+(d) huey: SQLite storage with ``fsync=True``, ``huey_consumer -k process -w 2``.
+
+rq and huey run two kinds of job (bench/jobs.py): ``program`` (a Python function that runs
+the no-op program, the same work spoolq does per message) and ``function`` (a no-op Python
+function, their best case). Ratios against spoolq use ``program``; both are printed.
+
+Two measurements per system:
+
+* throughput: enqueue N messages in bulk (spoolq send_many, rq enqueue_many, huey one call
+  per task: it has no bulk enqueue), then wait until all N are finished. messages/s =
+  N / (first enqueue -> last completion). The no-op program is /bin/true. Completion is
+  what each system reports: spoolq's counts (done), a marker each rq/huey job appends when
+  it ends, waitpid for raw.
+* latency, enqueue -> script start: M single messages, one at a time on an idle system
+  (each waits until the previous one has finished, plus 10 ms). The program is ``stamp``
+  (bench/stamp.c, compiled for the run): it appends its key and clock_gettime(REALTIME) to a
+  file the moment it starts. Latency = that time - the time just before the enqueue call
+  (``from call``: includes spoolq's durable send, ~3 fsyncs). Also shown: from the moment
+  the enqueue call returned (``from ack``).
+
+Prints a table and writes bench/results/daemon-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from bench.common import say  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+TRUE = "/bin/true"
+TARGET_VS_RAW = 0.5
+TARGET_VS_RQ = 3.0
+TARGET_P50_MS = 3.0
+TARGET_P99_MS = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.002) -> float:
+    """Poll ``cond`` until true; the time.time() it became true. TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return time.time()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+class Stamps:
+    """Reads the lines ``<key> <time>`` that started jobs append to one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: dict[str, float] = {}
+        self._off = 0
+
+    def poll(self) -> dict[str, float]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._off)
+                data = f.read()
+        except FileNotFoundError:
+            return self.seen
+        end = data.rfind(b"\n") + 1
+        self._off += end
+        for line in data[:end].splitlines():
+            k, _, t = line.decode().partition(" ")
+            self.seen[k] = float(t)
+        return self.seen
+
+
+def markers(path: Path) -> int:
+    try:
+        return os.stat(path).st_size // 2
+    except FileNotFoundError:
+        return 0
+
+
+def latency_run(m: int, send: Callable[[str], None], stamps: Stamps, finished: Callable[[int], bool],
+                timeout: float = 30.0) -> dict[str, Any]:
+    """M paced samples: enqueue one, wait for its start stamp and its completion, rest 10 ms."""
+    from_call: list[float] = []
+    from_ack: list[float] = []
+    for i in range(m):
+        key = f"k{i}"
+        t_call = time.time()
+        send(key)
+        t_ack = time.time()
+        wait_for(lambda key=key: key in stamps.poll(), timeout, f"job {key} to start", poll=0.0005)
+        wait_for(lambda i=i: finished(i + 1), timeout, f"job {key} to finish", poll=0.0005)
+        started = stamps.seen[key]
+        from_call.append(started - t_call)
+        from_ack.append(started - t_ack)
+        time.sleep(0.01)
+    return {"from_call_ms": common.summary_ms(from_call), "from_ack_ms": common.summary_ms(from_ack)}
+
+
+class Proc:
+    """A child process in its own session, stopped by its own pid/process group only."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.log = log
+        with open(log, "ab") as f:
+            self.p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, cwd=cwd, start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+
+# -- (a) raw posix_spawn --------------------------------------------------------------------
+def bench_raw(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
+    env = {"PATH": "/usr/bin:/bin"}
+    sel = selectors.DefaultSelector()
+    inflight: dict[int, int] = {}
+    started = done = 0
+    t0 = time.time()
+    while done < n:
+        while started < n and len(inflight) < 2:
+            pid = os.posix_spawn(TRUE, [TRUE], env)
+            fd = os.pidfd_open(pid)
+            sel.register(fd, selectors.EVENT_READ)
+            inflight[fd] = pid
+            started += 1
+        for key, _ in sel.select():
+            os.waitpid(inflight.pop(key.fd), 0)
+            sel.unregister(key.fd)
+            os.close(key.fd)
+            done += 1
+    el = time.time() - t0
+    stamps = Stamps(work / "raw-stamps")
+    env_s = {**env, "STAMP_FILE": str(stamps.path)}
+    pids: list[int] = []
+
+    def send(key: str) -> None:  # "enqueue" = spawn
+        pids.append(os.posix_spawn(stamp, [stamp, key], env_s))
+
+    def finished(k: int) -> bool:
+        os.waitpid(pids[k - 1], 0)
+        return True
+
+    lat = latency_run(m, send, stamps, finished)
+    return {"msg_s": n / el, "seconds": el, **lat}
+
+
+# -- (b) spoolq -----------------------------------------------------------------------------
+def bench_spoolq(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
+    import spoolq
+
+    root = work / "spool"
+    client = spoolq.open(root)
+    stamps = Stamps(work / "spoolq-stamps")
+    client.create_queue("tput", script=TRUE, num_workers=2)
+    client.create_queue("lat", script=stamp, num_workers=2, env_vars={"STAMP_FILE": str(stamps.path)})
+    port = free_port()
+    log = work / "spoolq-daemon.log"
+    d = Proc([str(VENV_BIN / "spoolq"), "--root", str(root), "serve", "--no-http", "--port", str(port)],
+             log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: b"serving" in log.read_bytes() or not d.alive(), 30, "spoolq serve to start", 0.01)
+        if not d.alive():
+            raise RuntimeError(f"spoolq serve exited: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+        def finished(q: str, k: int) -> bool:
+            c = client.counts(q)
+            return c["done"] + c["err"] + c["err_acked"] >= k
+
+        t0 = time.time()
+        for i in range(0, n, 1000):
+            client.send_many("tput", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
+        t_end = wait_for(lambda: finished("tput", n), 120 + n / 10, f"{n} spoolq messages")
+        el = t_end - t0
+        c = client.counts("tput")
+        lat = latency_run(m, lambda key: client.send("lat", param1=key), stamps,
+                          lambda k: finished("lat", k))
+        c_lat = client.counts("lat")
+    finally:
+        d.stop()
+    return {"msg_s": n / el, "seconds": el, "counts": c, "counts_lat": c_lat, **lat}
+
+
+# -- (c) python-rq ----------------------------------------------------------------------------
+def bench_rq(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
+    from redis import Redis
+    from rq import Queue, Worker
+
+    from bench import jobs
+
+    redis_bin = shutil.which("redis-server")
+    if not redis_bin:
+        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    rdir = work / "redis"
+    rdir.mkdir()
+    redis = Proc([redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir)], work / "redis.log")
+    workers: list[Proc] = []
+    out: dict[str, Any] = {"redis": subprocess.run([redis_bin, "--version"], capture_output=True, text=True,
+                                                   check=False).stdout.strip()}
+    try:
+        conn = Redis(port=port)
+        wait_for(lambda: _ping(conn), 10, "redis-server", 0.01)
+        url = f"redis://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(common.REPO)}
+        for i in range(2):
+            workers.append(Proc([str(VENV_BIN / "rq"), "worker", "-u", url, "-P", str(common.REPO), "-q",
+                                 "--name", f"bench{i}", "bench"], work / f"rq-worker{i}.log", env=env,
+                                cwd=common.REPO))
+        wait_for(lambda: Worker.count(connection=conn) >= 2, 30, "2 rq workers", 0.05)
+        q = Queue("bench", connection=conn)
+        for kind in ("program", "function"):
+            end = work / f"rq-{kind}-end"
+            stamps = Stamps(work / f"rq-{kind}-stamps")
+            if kind == "program":
+                def data(key: str, sf: str, end: Path = end) -> Any:
+                    return Queue.prepare_data(jobs.run_program, (TRUE, key, sf, str(end)), result_ttl=0)
+            else:
+                def data(key: str, sf: str, end: Path = end) -> Any:
+                    return Queue.prepare_data(jobs.run_function, (key, sf, str(end)), result_ttl=0)
+            t0 = time.time()
+            for i in range(0, n, 1000):
+                q.enqueue_many([data(str(j), "") for j in range(i, min(n, i + 1000))])
+            t_end = wait_for(lambda end=end: markers(end) >= n, 120 + n / 5, f"{n} rq jobs ({kind})")
+            el = t_end - t0
+            lend = work / f"rq-{kind}-lat-end"
+            if kind == "program":
+                def send(key: str, lend: Path = lend, sf: str = str(stamps.path)) -> None:
+                    q.enqueue(jobs.run_program, stamp, key, sf, str(lend), result_ttl=0)
+            else:
+                def send(key: str, lend: Path = lend, sf: str = str(stamps.path)) -> None:
+                    q.enqueue(jobs.run_function, key, sf, str(lend), result_ttl=0)
+            lat = latency_run(m, send, stamps, lambda k, lend=lend: markers(lend) >= k)
+            out[kind] = {"msg_s": n / el, "seconds": el, **lat}
+            say(f"  rq {kind}: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
+    finally:
+        for w in workers:
+            w.stop()
+        redis.stop()
+    return out
+
+
+def _ping(conn: Any) -> bool:
+    try:
+        return bool(conn.ping())
+    except Exception:
+        return False
+
+
+# -- (d) huey -------------------------------------------------------------------------------
+# huey polls its storage. Its defaults (-d 0.1 -m 10: 0.1 s growing to 10 s when idle) would
+# make an idle consumer take up to 10 s to notice a task; 1 ms growing to 10 ms is its best
+# case for latency. -q: log errors only, as rq runs with -q and spoolq logs no line per job.
+HUEY_ARGS = ["-k", "process", "-w", "2", "-d", "0.001", "-m", "0.01", "-q"]
+
+
+def bench_huey(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
+    db = work / "huey.db"
+    os.environ["BENCH_HUEY_DB"] = str(db)
+    from bench import hueyjobs as jobs  # reads BENCH_HUEY_DB
+
+    env = {**os.environ, "PYTHONPATH": str(common.REPO), "BENCH_HUEY_DB": str(db)}
+    out: dict[str, Any] = {"consumer_args": HUEY_ARGS}
+    consumer = Proc([str(VENV_BIN / "huey_consumer"), "bench.hueyjobs.huey", *HUEY_ARGS], work / "huey.log",
+                    env=env, cwd=common.REPO)
+    try:
+        time.sleep(2.0)  # with -q it prints nothing when ready
+        if not consumer.alive():
+            raise RuntimeError(f"huey_consumer exited: {(work / 'huey.log').read_text()[-2000:]}")
+        for kind in ("program", "function"):
+            end = work / f"huey-{kind}-end"
+            stamps = Stamps(work / f"huey-{kind}-stamps")
+            t0 = time.time()
+            for j in range(n):
+                if kind == "program":
+                    jobs.huey_program(TRUE, str(j), "", str(end))
+                else:
+                    jobs.huey_function(str(j), "", str(end))
+            t_end = wait_for(lambda end=end: markers(end) >= n, 120 + n / 5, f"{n} huey tasks ({kind})")
+            el = t_end - t0
+            lend = work / f"huey-{kind}-lat-end"
+            if kind == "program":
+                def send(key: str, lend: Path = lend, sf: str = str(stamps.path)) -> None:
+                    jobs.huey_program(stamp, key, sf, str(lend))
+            else:
+                def send(key: str, lend: Path = lend, sf: str = str(stamps.path)) -> None:
+                    jobs.huey_function(key, sf, str(lend))
+            lat = latency_run(m, send, stamps, lambda k, lend=lend: markers(lend) >= k)
+            out[kind] = {"msg_s": n / el, "seconds": el, **lat}
+            say(f"  huey {kind}: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
+    finally:
+        consumer.stop()
+    return out
+
+
+def compile_stamp(work: Path) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler for bench/stamp.c (apt-get install -y gcc)")
+    exe = work / "stamp"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(common.BENCH / "stamp.c")], check=True)
+    return str(exe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 300 messages, 50 latency samples")
+    ap.add_argument("--messages", type=int, default=None, help="messages per throughput run (default 2000)")
+    ap.add_argument("--samples", type=int, default=None, help="latency samples per system (default 200)")
+    ap.add_argument("--only", default="a,b,c,d", help="which systems to run (default a,b,c,d)")
+    ap.add_argument("--dir", type=Path, default=common.DEFAULT_DATA, help="parent of the data directory")
+    ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    a = ap.parse_args(argv)
+    n = a.messages or (300 if a.quick else 2000)
+    m = a.samples or (50 if a.quick else 200)
+    only = set(a.only.split(","))
+    work = common.make_base(a.dir, "daemon")
+    result: dict[str, Any] = {
+        "kind": "daemon", "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["bench/daemon.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": common.machine(), "fs": common.fs_facts(work), "git": common.git_rev(),
+        "messages": n, "samples": m, "errors": {},
+    }
+    say(f"daemon benchmark in {work}: {n} messages per throughput run, {m} latency samples")
+    try:
+        stamp = compile_stamp(work)
+        runs: list[tuple[str, str, Callable[..., dict[str, Any]]]] = [
+            ("a", "raw", bench_raw), ("b", "spoolq", bench_spoolq), ("c", "rq", bench_rq), ("d", "huey", bench_huey)]
+        for letter, name, fn in runs:
+            if letter not in only:
+                continue
+            say(f"\n({letter}) {name} ...")
+            sub = work / name
+            sub.mkdir()
+            try:
+                result[name] = fn(n, m, stamp, sub)
+            except Exception as e:  # a system that cannot run is reported, the others still run
+                result["errors"][name] = f"{type(e).__name__}: {e}"
+                say(f"  ({letter}) {name} FAILED: {e}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report(result)
+    path = common.write_results("daemon", result)
+    say(f"\nresults: {path}")
+    return 0
+
+
+def report(r: dict[str, Any]) -> None:
+    rows: list[list[Any]] = []
+
+    def row(label: str, v: dict[str, Any] | None) -> None:
+        if not v:
+            rows.append([label, "not run", "", "", "", ""])
+            return
+        c, k = v["from_call_ms"], v["from_ack_ms"]
+        rows.append([label, f"{v['msg_s']:.0f}", f"{c['p50']:.2f}", f"{c['p99']:.2f}", f"{k['p50']:.2f}",
+                     f"{k['p99']:.2f}"])
+
+    row("(a) raw posix_spawn, 2 in flight", r.get("raw"))
+    row("(b) spoolq serve, 2 workers, durable", r.get("spoolq"))
+    for kind in ("program", "function"):
+        row(f"(c) rq forking worker x2, {kind}", (r.get("rq") or {}).get(kind))
+    for kind in ("program", "function"):
+        row(f"(d) huey sqlite, 2 processes, {kind}", (r.get("huey") or {}).get(kind))
+    say("\n" + common.table(rows, ["system", "msg/s", "p50 call", "p99 call", "p50 ack", "p99 ack"]))
+    say("latency = enqueue -> script start, ms; 'call': from just before the enqueue call, "
+        "'ack': from its return")
+    s, raw, rq = r.get("spoolq"), r.get("raw"), (r.get("rq") or {}).get("program")
+    checks = []
+    if s and raw:
+        x = s["msg_s"] / raw["msg_s"]
+        r["ratio_spoolq_raw"] = x
+        checks.append(f"(b)/(a) = {x:.2f} (target >= {TARGET_VS_RAW}) {common.verdict(x >= TARGET_VS_RAW)}")
+    if s and rq:
+        x = s["msg_s"] / rq["msg_s"]
+        r["ratio_spoolq_rq"] = x
+        checks.append(f"(b)/(c program) = {x:.2f} (target >= {TARGET_VS_RQ}) {common.verdict(x >= TARGET_VS_RQ)}")
+        fn = (r.get("rq") or {}).get("function")
+        if fn:
+            r["ratio_spoolq_rq_function"] = s["msg_s"] / fn["msg_s"]
+            checks.append(f"(b)/(c function) = {s['msg_s'] / fn['msg_s']:.2f}")
+    if s:
+        p50, p99 = s["from_call_ms"]["p50"], s["from_call_ms"]["p99"]
+        checks.append(f"spoolq p50 {p50:.2f} ms (target <= {TARGET_P50_MS}) {common.verdict(p50 <= TARGET_P50_MS)}, "
+                      f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS}) {common.verdict(p99 <= TARGET_P99_MS)}")
+    for c in checks:
+        say(c)
+    for k, e in r["errors"].items():
+        say(f"{k}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
