@@ -6,4 +6,5 @@ scripts/bootstrap.sh test
 echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest"
-exec .venv/bin/pytest -q -p no:cacheprovider "$@"
+# Two workers: CI has two cores; every test uses its own root and free ports.
+exec .venv/bin/pytest -q -n 2 -p no:cacheprovider "$@"
