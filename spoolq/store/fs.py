@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import builtins
 import copy
-import hashlib
 import itertools
 import json
 import os
 import secrets
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +46,8 @@ from ..model import (
     State,
     check_transition,
 )
-from .base import AttachmentSource, attachment_name
+from .attachments import add_attachment
+from .base import AttachmentSource
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 
 CHUNK = 1024 * 1024
@@ -252,7 +251,7 @@ class FsStore:
                 attach_dir = Path(stage) / "attach"
                 durable.mkdir(attach_dir)
                 for a in attachments:
-                    self._add_attachment(attach_dir, a, qdir, sync)
+                    add_attachment(attach_dir, a, sync)
             durable.write_new("msg", data, sync=sync, dir_fd=sfd)
             if sync:
                 durable.fsync_fd(sfd)  # the names msg (and attach) in the stage
@@ -391,79 +390,6 @@ class FsStore:
         if sync and fsync_parent:
             durable.fsync_dir(dst.parent)
 
-    def _add_attachment(self, attach_dir: Path, src: AttachmentSource, qdir: Path, sync: bool) -> AttachmentInfo:
-        name = attachment_name(src)
-        tmp = attach_dir / f".{name}.tmp"
-        final = attach_dir / name
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        size = 0
-        try:
-            if src.path is not None:
-                path = src.path
-                if not os.path.isabs(path):
-                    raise InvalidInput(f"Invalid pathname, must be normalized {path} (ie. must start with /")
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    raise InvalidInput(f"No such file {path} to attach to message") from None
-                if stat.S_ISDIR(st.st_mode):
-                    raise InvalidInput(f"Attachment currently cannot be a directory {path}")
-                if not stat.S_ISREG(st.st_mode):
-                    raise InvalidInput(f"Attachment currently not of supported type: {path}")
-                if not os.access(path, os.R_OK):
-                    raise InvalidInput(f"Attachment currently cannot be read: {path}")
-                linked = False
-                if st.st_dev == os.stat(attach_dir).st_dev:
-                    try:
-                        durable.link(path, tmp)
-                        linked = True
-                    except OSError:
-                        linked = False  # e.g. protected_hardlinks: fall back to a copy
-                if linked:
-                    with open(tmp, "rb") as f:
-                        while chunk := f.read(CHUNK):
-                            md5.update(chunk)
-                            sha.update(chunk)
-                            size += len(chunk)
-                        if sync:
-                            durable.fsync_fd(f.fileno())
-                else:
-                    with open(path, "rb") as f:
-                        size = self._copy_stream(f, tmp, md5, sha, sync)
-            elif src.stream is not None:
-                size = self._copy_stream(src.stream, tmp, md5, sha, sync)
-            else:
-                raise InvalidInput("an attachment needs a path or a stream")
-            info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
-                                  path=str(final))
-            durable.write_replace(attach_dir / f".{name}.json", _json(info.to_dict()), sync=sync)
-            os.rename(tmp, final)
-            if sync:
-                durable.fsync_dir(attach_dir)
-            return info
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    @staticmethod
-    def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:
-        size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            while chunk := f.read(CHUNK):
-                md5.update(chunk)
-                sha.update(chunk)
-                durable.write_stream_chunk(fd, chunk)
-                size += len(chunk)
-            if sync:
-                durable.fsync_fd(fd)
-        finally:
-            os.close(fd)
-        return size
-
     def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
         qdir = self._existing_qdir(queue)
         cfg = self.queue_config(queue)
@@ -477,7 +403,7 @@ class FsStore:
                 durable.mkdir(attach_dir)
             except FileExistsError:
                 pass
-            return self._add_attachment(attach_dir, source, qdir, cfg.fsync)
+            return add_attachment(attach_dir, source, cfg.fsync)
         except OSError as e:
             raise durable.storage_error(e, f"cannot attach to {queue}/{msg_id}") from None
 

@@ -1,0 +1,100 @@
+"""Attachments of the filesystem store: link or copy, hash, record, publish by rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .. import durable
+from ..errors import InvalidInput
+from ..model import AttachmentInfo
+from .base import AttachmentSource, attachment_name
+
+CHUNK = 1024 * 1024
+
+
+def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> AttachmentInfo:
+    """Store one attachment in ``attach_dir``: hard link (same filesystem) or streamed copy.
+
+    The data lands as ``.<name>.tmp``, is hashed (md5, sha256) and fsync'd, its metadata is
+    written to ``.<name>.json``, and one rename publishes it under its name (re-attaching
+    the same name replaces it). On any error the temporary file is removed.
+    """
+    name = attachment_name(src)
+    tmp = attach_dir / f".{name}.tmp"
+    final = attach_dir / name
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    size = 0
+    try:
+        if src.path is not None:
+            path = src.path
+            if not os.path.isabs(path):
+                raise InvalidInput(f"Invalid pathname, must be normalized {path} (ie. must start with /")
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise InvalidInput(f"No such file {path} to attach to message") from None
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidInput(f"Attachment currently cannot be a directory {path}")
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInput(f"Attachment currently not of supported type: {path}")
+            if not os.access(path, os.R_OK):
+                raise InvalidInput(f"Attachment currently cannot be read: {path}")
+            linked = False
+            if st.st_dev == os.stat(attach_dir).st_dev:
+                try:
+                    durable.link(path, tmp)
+                    linked = True
+                except OSError:
+                    linked = False  # e.g. protected_hardlinks: fall back to a copy
+            if linked:
+                with open(tmp, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        md5.update(chunk)
+                        sha.update(chunk)
+                        size += len(chunk)
+                    if sync:
+                        durable.fsync_fd(f.fileno())
+            else:
+                with open(path, "rb") as f:
+                    size = _copy_stream(f, tmp, md5, sha, sync)
+        elif src.stream is not None:
+            size = _copy_stream(src.stream, tmp, md5, sha, sync)
+        else:
+            raise InvalidInput("an attachment needs a path or a stream")
+        info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
+                              path=str(final))
+        durable.write_replace(attach_dir / f".{name}.json", _json(info.to_dict()), sync=sync)
+        os.rename(tmp, final)
+        if sync:
+            durable.fsync_dir(attach_dir)
+        return info
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:
+    size = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        while chunk := f.read(CHUNK):
+            md5.update(chunk)
+            sha.update(chunk)
+            durable.write_stream_chunk(fd, chunk)
+            size += len(chunk)
+        if sync:
+            durable.fsync_fd(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
