@@ -100,7 +100,9 @@ class JobRunner:
         """que -> run, then exec the script. None if the message was taken by someone else
         or could not start (it is then in err, or back in que for a storage problem)."""
         try:
-            msg = self.store.move(queue, msg_id, State.QUE, State.RUN, note="run")
+            # Not fsync'd: if a crash loses this rename the message is still in que, which is
+            # where recovery would put it; the move out of run is the durable one.
+            msg = self.store.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False)
         except (WrongState, MessageNotFound):
             return None
         qdir = self.store.qdir(queue)

@@ -131,8 +131,13 @@ class Store(Protocol):
         *,
         update: Callable[[Message], None] | None = None,
         note: str = "",
+        sync: bool | None = None,
     ) -> Message:
         """Move a message from ``src`` to ``dst`` (one atomic step), optionally rewriting it first.
+
+        ``sync=False`` skips the fsyncs for a move whose loss in a crash is harmless (the
+        daemon's que -> run: recovery would put the message back in que anyway); by default
+        the queue's ``fsync`` setting decides.
 
         Raises WrongState if the transition is not allowed or the message is not in ``src``
         (someone else moved it: the caller lost a race and must not act on it).

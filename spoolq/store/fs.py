@@ -611,10 +611,11 @@ class FsStore:
         *,
         update: Callable[[Message], None] | None = None,
         note: str = "",
+        sync: bool | None = None,
     ) -> Message:
         check_transition(src, dst)
         qdir = self._existing_qdir(queue)
-        sync = self.queue_config(queue).fsync
+        sync = self.queue_config(queue).fsync if sync is None else sync and self.queue_config(queue).fsync
         path = message_path(qdir, src, validate_msg_id(msg_id))
         acked = False
         if src == State.ERR and not path.is_dir():

@@ -294,6 +294,7 @@ class MemoryStore:
         *,
         update: Callable[[Message], None] | None = None,
         note: str = "",
+        sync: bool | None = None,
     ) -> Message:
         check_transition(src, dst)
         with self._lock:
