@@ -69,9 +69,7 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
         info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
                               path=str(final))
         durable.write_replace(attach_dir / f".{name}.json", _json(info.to_dict()), sync=sync)
-        os.rename(tmp, final)
-        if sync:
-            durable.fsync_dir(attach_dir)
+        durable.rename(tmp, final, sync=sync)
         return info
     except BaseException:
         try:
@@ -79,6 +77,7 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
         except OSError:
             pass
         raise
+
 
 def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:
     size = 0
