@@ -72,7 +72,6 @@ def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Pat
     client = spoolq.open(root)
     client.create_queue("q", script="/bin/true")
     rng = random.Random(1234)
-    kills = 0
     for round_ in range(25):
         procs = [subprocess.Popen([sys.executable, "-c", KILLABLE, str(root), f"r{round_}p{k}"]) for k in range(2)]
         time.sleep(0.25 + rng.random() * 0.5)  # let imports finish, then kill mid-stream
@@ -80,7 +79,6 @@ def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Pat
             time.sleep(rng.random() * 0.05)
             p.send_signal(signal.SIGKILL)
             p.wait()
-            kills += 1
     dirs = all_message_dirs(root)
     assert dirs, "the producers should have stored something before being killed"
     for state, p in dirs:
@@ -109,4 +107,3 @@ def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Pat
         if not (cursor := page.next_cursor):
             break
     assert listed == counts["que"]
-    assert kills == 50

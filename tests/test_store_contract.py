@@ -316,12 +316,16 @@ def test_ids_iterates_every_message_of_a_state(store: Store) -> None:
     assert list(store.ids("q", State.RUN)) == []
 
 
-def test_message_dir_has_a_job_dir_for_scripts(store: Store) -> None:
+def test_files_in_the_message_dir_travel_with_the_message(store: Store) -> None:
     make_queue(store)
     m = store.create("q", msg()).msg_id
-    d = store.message_dir("q", m)
-    (d / "job").mkdir(exist_ok=True)
-    assert (d / "job").is_dir()
+    job = store.message_dir("q", m) / "job"
+    job.mkdir(exist_ok=True)
+    (job / "stdio.log").write_text("attempt 1\n")
+    store.move("q", m, State.QUE, State.RUN)
+    store.move("q", m, State.RUN, State.QUE)
+    assert (store.message_dir("q", m) / "job" / "stdio.log").read_text() == "attempt 1\n"
+
 
 
 @pytest.mark.parametrize("ref,expect", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import durable
-from spoolq.errors import CorruptMessage, DiskFull, StorageError
+from spoolq.errors import CorruptMessage, DiskFull, MessageNotFound, StorageError
 from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore
@@ -97,7 +97,7 @@ def test_corrupt_msg_is_reported_and_set_aside(fs: FsStore) -> None:
     aside = list((fs.qroot / "q" / "corrupt").iterdir())
     assert len(aside) == 1 and (aside[0] / "CORRUPT").read_text().strip()
     assert fs.counts("q")["que"] == 1
-    with pytest.raises(Exception):  # noqa: B017 - it is gone from the state tree
+    with pytest.raises(MessageNotFound):  # gone from the state tree, kept in corrupt/
         fs.get("q", bad.msg_id)
 
 
@@ -148,7 +148,9 @@ def test_fault_during_move_keeps_the_message_where_it_was(fs: FsStore) -> None:
     with pytest.raises(StorageError):
         fs.move("q", m.msg_id, State.QUE, State.RUN, update=lambda x: setattr(x, "count", 5))
     durable.faults.clear()
-    assert fs.state_of("q", m.msg_id) == State.QUE
+    v = fs.get("q", m.msg_id)
+    assert v.state == State.QUE
+    assert [h["state"] for h in v.message.history] == ["que"]  # no record of a move that failed
 
 
 def test_sweep_removes_debris_of_dead_producers(fs: FsStore) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -70,7 +69,6 @@ class FsStore:
         self.url = f"file://{self.root}"
         self.clock = clock
         self._cfg_cache: dict[str, tuple[tuple[int, int], QueueConfig]] = {}
-        self._lock = threading.Lock()
         try:
             self.qroot.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -615,7 +613,8 @@ class FsStore:
     ) -> Message:
         check_transition(src, dst)
         qdir = self._existing_qdir(queue)
-        sync = self.queue_config(queue).fsync if sync is None else sync and self.queue_config(queue).fsync
+        queue_sync = self.queue_config(queue).fsync
+        sync = queue_sync if sync is None else sync and queue_sync
         path = message_path(qdir, src, validate_msg_id(msg_id))
         acked = False
         if src == State.ERR and not path.is_dir():
@@ -630,16 +629,22 @@ class FsStore:
             dest = message_path(qdir, dst, msg_id)
             # The history line is written before the rename so it travels with the directory:
             # after the rename another process (the daemon) may move the message on at once.
+            # If the rename fails, the line is cut off again: history never claims a move
+            # that did not happen.
             now = self.clock()
             entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
             try:
-                with open(path / "history", "ab") as f:
-                    f.write(_json(entry) + b"\n")
+                with open(path / "history", "ab") as hist:
+                    before = hist.tell()
+                    hist.write(_json(entry) + b"\n")
+                    hist.flush()
+                    try:
+                        self._publish(path, dest, qdir / str(dst), sync)
+                    except BaseException:
+                        hist.truncate(before)
+                        raise
             except FileNotFoundError:
-                raise WrongState(f"message {msg_id} left {src} while being moved") from None
-            try:
-                self._publish(path, dest, qdir / str(dst), sync)
-            except FileNotFoundError:
+                # open() or the rename found no message: someone else moved or deleted it.
                 raise WrongState(f"message {msg_id} left {src} while being moved") from None
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
