@@ -87,6 +87,17 @@ def test_num_workers_and_blocking_params(client: spoolq.Client, serve: Any, tmp_
     assert client.wait(msgs[2], 30).state == State.DONE
 
 
+def test_counts_stay_exact_under_a_burst(client: spoolq.Client, serve: Any) -> None:
+    # The daemon moves messages out of que while producers are still adding their +1s.
+    client.create_queue("test", script="/bin/true", num_workers=4)
+    serve()
+    for _ in range(6):
+        client.send_many("test", [{} for _ in range(100)])
+    wait_for(lambda: client.counts("test")["done"] == 600, what="600 messages done")
+    c = client.counts("test")
+    assert c == client.store.recount("test") and c["que"] == c["run"] == 0
+
+
 def test_num_workers_limit(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
     client.create_queue("test", script=script("rq_script.sh"), num_workers=2)
     serve()

@@ -87,6 +87,11 @@ class Counts:
     section of one read and one write, no fsync: the counts are derived data). A crash
     between a rename and its delta leaves a count off by one until :meth:`rewrite` is given
     a fresh walk (``spoolq stats --recount``, and the daemon at start).
+
+    Deltas land in any order: a producer adds ``que +1`` after its rename, and the daemon
+    may already have moved the message on and added ``que -1``. So the file keeps the raw
+    sums, which may dip below zero for a moment, and only :meth:`read` clamps them.
+    Clamping each delta instead would lose the ``-1`` and leave ``que`` one too high.
     """
 
     def __init__(self, path: Path) -> None:
@@ -116,7 +121,8 @@ class Counts:
             raw = os.pread(fd, 65536, 0)
         finally:
             os.close(fd)
-        return self._parse(raw) if raw else None
+        counts = self._parse(raw) if raw else None
+        return {k: max(0, v) for k, v in counts.items()} if counts is not None else None
 
     def add(self, deltas: dict[str, int]) -> None:
         try:
@@ -130,7 +136,7 @@ class Counts:
             if counts is None:
                 counts = dict.fromkeys(COUNT_KEYS, 0)
             for k, v in deltas.items():
-                counts[k] = max(0, counts.get(k, 0) + v)
+                counts[k] = counts.get(k, 0) + v  # raw sums: see the class docstring
             self._write(fd, counts)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
