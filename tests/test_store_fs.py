@@ -133,6 +133,43 @@ def test_injected_disk_faults_leave_nothing_partial(fs: FsStore, tmp_path: Path,
     assert len(visible_messages(fs)) == 1
 
 
+def _fsyncs_of_one_send(store: FsStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    store.create("q", Message())
+    monkeypatch.setattr(os, "fsync", real)
+    return calls
+
+
+def test_a_send_costs_two_flushes_where_the_fs_keeps_new_names(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The msg file, then the bucket it was renamed into. The stage directory is fsync'd too
+    # unless the filesystem makes a new file's name durable with the file (ext4, xfs, btrfs).
+    fs = FsStore(tmp_path / "spool", clock=lambda: 1_800_000_000.25)  # one bucket for all
+    fs.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true"}))
+    fs.create("q", Message())  # makes the bucket directories
+    calls = _fsyncs_of_one_send(fs, monkeypatch)
+    if durable.new_names_durable_with_file(fs.root):
+        assert calls[0] == "msg" and len(calls) == 2, calls
+    else:
+        assert calls[0] == "msg" and len(calls) == 3, calls
+    monkeypatch.setenv("SPOOLQ_FSYNC_DIRS", "always")
+    assert len(_fsyncs_of_one_send(fs, monkeypatch)) == 3
+
+
+def test_filesystem_kinds_are_told_apart(tmp_path: Path) -> None:
+    assert durable.fs_magic("/proc") == 0x9FA0  # procfs: the statfs call itself works
+    assert not durable.new_names_durable_with_file("/proc")
+    if os.path.isdir("/dev/shm"):
+        assert not durable.new_names_durable_with_file("/dev/shm")  # tmpfs: not on the list
+
+
 @pytest.mark.parametrize("op", ["write", "fsync", "rename", "mkdir"])
 def test_injected_faults_in_group_commit_are_all_or_nothing(fs: FsStore, op: str) -> None:
     durable.faults[op] = [errno.EIO, 3]

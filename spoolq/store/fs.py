@@ -251,8 +251,10 @@ class FsStore:
                 for a in attachments:
                     add_attachment(attach_dir, a, sync)
             durable.write_new("msg", data, sync=sync, dir_fd=sfd)
-            if sync:
-                durable.fsync_fd(sfd)  # the names msg (and attach) in the stage
+            if sync and (attachments or not durable.new_names_durable_with_file(stage)):
+                # The names msg (and attach) in the stage. On ext4/xfs/btrfs the fsync of
+                # the new msg file has already made them durable (durable.py explains).
+                durable.fsync_fd(sfd)
             # I2: the message becomes visible by one rename of a complete directory.
             self._publish_at(stage, qdir / str(state), m.msg_id, buckets, sync)
             stage, published = None, True
