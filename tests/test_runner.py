@@ -64,6 +64,26 @@ def test_outcome_table() -> None:
     assert parse_dup("garbage") is None
 
 
+def test_pid_files_name_exactly_the_process_that_was_spawned(tmp_path: Path) -> None:
+    from spoolq.runner.spawn import START_WINDOW_NS, read_pidfile, same_process, spawn, write_pidfile
+
+    sp = spawn(["/bin/sleep", "30"], env={}, msg_dir=tmp_path, header_script="sleep")
+    try:
+        write_pidfile(tmp_path, sp.pid, sp.spawned_ns)
+        assert read_pidfile(tmp_path) == (sp.pid, sp.spawned_ns)
+        assert same_process(sp.pid, sp.spawned_ns)
+        # The same pid recorded at another time is another process (a reused pid).
+        assert not same_process(sp.pid, sp.spawned_ns - START_WINDOW_NS - 10**9)
+        assert not same_process(sp.pid, sp.spawned_ns + 10**9)
+        assert not same_process(1, sp.spawned_ns)
+    finally:
+        sp.proc.kill()
+        sp.proc.wait()
+    assert not same_process(sp.pid, sp.spawned_ns)  # gone
+    (tmp_path / "pid").write_text("garbage\n")
+    assert read_pidfile(tmp_path) is None
+
+
 # -- bash: every verb and outcome ---------------------------------------------------------
 @pytest.mark.parametrize(("param1", "state", "status"), [
     ("done", "done", "done - done sleeping"),

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import durable
 from ..config import RootConfig
 from ..errors import MessageNotFound, QueueDown, QueueExists, QueueNotFound, SpoolqError, WrongState
 from ..model import AdminState, Message, QueueConfig, State
@@ -68,6 +69,7 @@ class Job:
     timed_out: bool = False
     stopping: bool = False
     eof: bool = False
+    cancelled: bool = False  # a cancel file was seen
     status_written: bool = False
     dups: list[str] = field(default_factory=list)
 
@@ -84,12 +86,13 @@ class JobRunner:
     """Starts and finishes attempts for the supervisor. All store access is synchronous."""
 
     def __init__(self, store: FsStore, rootcfg: RootConfig, clock: Callable[[], float],
-                 rq_env: str) -> None:
+                 rq_env: str, group_sync: durable.GroupSync | None = None) -> None:
         self.store = store
         self.root = store.root
         self.rootcfg = rootcfg
         self.clock = clock
         self.rq_env = rq_env
+        self.group_sync = group_sync
 
     def full_id(self, queue: str, msg_id: str) -> str:
         return f"{self.rootcfg.base_url}/q/{queue}/{msg_id}"
@@ -125,7 +128,7 @@ class JobRunner:
                                                         msg.count, requeue_delay=30.0))
             return None
         try:
-            write_pidfile(msg_dir, sp.pid, sp.start_ticks)
+            write_pidfile(msg_dir, sp.pid, sp.spawned_ns)
         except OSError as e:
             log.error("%s/%s: cannot write pid file: %s", queue, msg_id, e)
         now = self.clock()
@@ -247,7 +250,7 @@ class JobRunner:
                 os.close(fd)
             except OSError:
                 pass
-        cancelled = (job.msg_dir / "cancel").exists()
+        cancelled = job.cancelled or (job.msg_dir / "cancel").exists()
         policy = cfg.retry if cfg is not None else None
         delay = policy.delay(job.msg.count, random.random()) if policy is not None else 60.0
         if job.stopping and not cancelled:
@@ -263,15 +266,22 @@ class JobRunner:
             current: str | None = job.last_status
         else:
             current = None if (job.msg_dir / "status").exists() else ""
-        self.apply(job.queue, job.msg, outcome, dups=job.dups, current_status=current)
+        self.apply(job.queue, job.msg, outcome, dups=job.dups, current_status=current,
+                   cancel_file=cancelled, group_sync=True, cfg=cfg)
         return outcome
 
     def finish_without_run(self, queue: str, msg: Message, outcome: Outcome) -> None:
         self.apply(queue, msg, outcome, dups=[])
 
     def apply(self, queue: str, msg: Message, outcome: Outcome, *, dups: list[str],
-              src: State = State.RUN, note: str = "", current_status: str | None = None) -> None:
-        """Make ``outcome`` happen: status, webhooks, then the one move out of ``src``."""
+              src: State = State.RUN, note: str = "", current_status: str | None = None,
+              cancel_file: bool = True, group_sync: bool = False, cfg: QueueConfig | None = None) -> None:
+        """Make ``outcome`` happen: status, webhooks, then the one move out of ``src``.
+
+        ``group_sync``: a plain move (nothing in ``msg`` changes) is made durable by the
+        daemon's group-commit thread instead of an fsync here (durable.GroupSync).
+        ``cancel_file=False``: the caller knows there is no cancel file to remove.
+        """
         msg_id = msg.msg_id
         mdir = message_path(self.store.qdir(queue), src, msg_id)
         if outcome.status != current_status:
@@ -279,7 +289,7 @@ class JobRunner:
                 self.store.set_status(queue, msg_id, outcome.status)
             except SpoolqError:
                 pass
-        for f in ("pid", "cancel", ".pid.tmp"):
+        for f in ("pid", "cancel") if cancel_file else ("pid",):
             try:
                 os.unlink(mdir / f)
             except OSError:
@@ -300,13 +310,17 @@ class JobRunner:
             update(final)
             self.webhooks(queue, final, outcome.state)
         changed = (outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and dups))
+        deferred = group_sync and not changed and self.group_sync is not None
         try:
             # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message.
             self.store.move(queue, msg_id, src, outcome.state, update=update if changed else None,
-                            note=note or outcome.state.value)
+                            note=note or outcome.state.value, sync=False if deferred else None,
+                            current=msg if src == State.RUN else None)
         except (WrongState, MessageNotFound, QueueNotFound) as e:
             log.warning("%s/%s: cannot move to %s: %s", queue, msg_id, outcome.state, e)
             return
+        if deferred and self.group_sync is not None and (cfg is None or cfg.fsync):
+            self.group_sync.add(message_path(self.store.qdir(queue), outcome.state, msg_id).parent)
         if finished_ok:
             for d in dups:
                 self.finish_duplicate(queue, d, parent_full, outcome.state)

@@ -41,6 +41,7 @@ class QueueState:
     running_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     pending_ids: set[str] = field(default_factory=set)
     needs_rescan: bool = True
+    config_stale: bool = True  # config.json, pause or down changed since last read
     dirty: bool = True
     wake_at: float | None = None
 

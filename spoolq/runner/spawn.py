@@ -5,8 +5,13 @@ The child: cwd ``<message>/job``, stdin /dev/null, stdout and stderr appended to
 the read end of the reply pipe, every ``RQ_*`` variable, its own session (so the daemon can
 kill the whole process group). No shell is involved unless ``exec_prefix`` names one.
 
-The pid file (``<message>/pid``) records ``pid start_ticks``: after a daemon crash the
-next daemon kills exactly those processes, never an unrelated process that reused the pid.
+The pid file (``<message>/pid``, as RQ keeps it) records ``pid spawn_time``, the
+CLOCK_BOOTTIME nanoseconds just before the spawn. After a daemon crash the next daemon
+kills a pid only if that process started within :data:`START_WINDOW_NS` of that moment
+(``/proc/<pid>/stat`` gives start times on the same clock), never an unrelated process
+that reused the pid: reuse within two seconds would take the whole pid space wrapping.
+Reading the start time back at spawn would be exact, but it costs a /proc read while the
+child is busy exec'ing, on the hot path of every message.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from ..config import RootConfig
 from ..model import Message, QueueConfig
 
 RQ_VER = "3.0.0"
+START_WINDOW_NS = 2_000_000_000
+"""How long after the recorded spawn time a process may have started and still be ours."""
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 # Never handed to scripts: the daemon's own secrets and stale values of our variables.
 _SCRUB_PREFIXES = ("RQ_", "SPOOLQ_")
 
@@ -134,7 +142,7 @@ def build_argv(cfg: QueueConfig, script: Path) -> list[str]:
 class Spawned:
     proc: subprocess.Popen[bytes]
     pid: int
-    start_ticks: int
+    spawned_ns: int  # CLOCK_BOOTTIME just before the spawn (see same_process)
     status_fd: int  # read end of the status pipe (non-blocking)
     reply_fd: int  # write end of the reply pipe (non-blocking)
 
@@ -155,6 +163,7 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
     reply_r, reply_w = os.pipe()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
     fast = _low_fds_owned
+    spawned_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
     def child_setup() -> None:  # slow path only: runs in the child between fork and exec
         hi_w, hi_r = os.dup(status_w), os.dup(reply_r)
@@ -166,7 +175,7 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
             os.dup2(status_w, 3, inheritable=False)
             os.dup2(reply_r, 4, inheritable=False)
         proc = subprocess.Popen(
-            argv, cwd=job, env=env, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+            argv, cwd=job, env=env, stdin=_devnull(), stdout=log_fd, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, pass_fds=(3, 4) if fast else (),
             preexec_fn=None if fast else child_setup,
         )
@@ -196,17 +205,27 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
     os.close(reply_r)
     os.set_blocking(status_r, False)
     os.set_blocking(reply_w, False)
-    return Spawned(proc, proc.pid, proc_start_ticks(proc.pid) or 0, status_r, reply_w)
+    return Spawned(proc, proc.pid, spawned_ns, status_r, reply_w)
+
+
+_devnull_fd = -1
+
+
+def _devnull() -> int:
+    """One /dev/null fd (above 10, close-on-exec) kept open for every spawn's stdin."""
+    global _devnull_fd
+    if _devnull_fd < 0:
+        low = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        _devnull_fd = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 10)  # dup3 refuses old == new
+        os.close(low)
+    return _devnull_fd
 
 
 def _park_low_fds() -> None:
     """Point fds 3 and 4 at /dev/null (close-on-exec)."""
-    low = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    nul = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 10)  # dup3 refuses old == new
-    os.close(low)
+    nul = _devnull()
     for fd in (3, 4):
         os.dup2(nul, fd, inheritable=False)
-    os.close(nul)
 
 
 def proc_start_ticks(pid: int) -> int | None:
@@ -224,27 +243,38 @@ def proc_start_ticks(pid: int) -> int | None:
         return None
 
 
-def write_pidfile(msg_dir: Path, pid: int, ticks: int) -> None:
+def write_pidfile(msg_dir: Path, pid: int, spawned_ns: int) -> None:
     """Record the running script. Not fsync'd and not renamed into place: it matters only
     while this boot lasts, and a daemon crash cannot tear a finished write(2)."""
     fd = os.open(msg_dir / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, f"{pid} {ticks}\n".encode())
+        os.write(fd, f"{pid} {spawned_ns}\n".encode())
     finally:
         os.close(fd)
 
 
 def read_pidfile(msg_dir: Path) -> tuple[int, int] | None:
+    """``(pid, spawned_ns)`` from a message's pid file; None if absent or unreadable."""
     try:
-        pid_s, ticks_s = (msg_dir / "pid").read_text().split()[:2]
-        return int(pid_s), int(ticks_s)
+        pid_s, ns_s = (msg_dir / "pid").read_text().split()[:2]
+        return int(pid_s), int(ns_s)
     except (OSError, ValueError):
         return None
 
 
-def same_process(pid: int, ticks: int) -> bool:
-    """Is ``pid`` still the process that was started with ``ticks``?"""
-    return pid > 1 and proc_start_ticks(pid) == ticks
+def same_process(pid: int, spawned_ns: int) -> bool:
+    """Is ``pid`` still the script that was spawned at ``spawned_ns`` (CLOCK_BOOTTIME)?
+
+    Its start time, in clock ticks on the same clock, must fall between one tick before
+    (the tick truncates) and :data:`START_WINDOW_NS` after the recorded moment.
+    """
+    if pid <= 1:
+        return False
+    ticks = proc_start_ticks(pid)
+    if ticks is None:
+        return False
+    started = ticks * _TICK_NS
+    return spawned_ns - 2 * _TICK_NS <= started <= spawned_ns + START_WINDOW_NS
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:

@@ -132,12 +132,15 @@ class Store(Protocol):
         update: Callable[[Message], None] | None = None,
         note: str = "",
         sync: bool | None = None,
+        current: Message | None = None,
     ) -> Message:
         """Move a message from ``src`` to ``dst`` (one atomic step), optionally rewriting it first.
 
         ``sync=False`` skips the fsyncs for a move whose loss in a crash is harmless (the
         daemon's que -> run: recovery would put the message back in que anyway); by default
-        the queue's ``fsync`` setting decides.
+        the queue's ``fsync`` setting decides. ``current``: the caller's copy of the message
+        as stored (the daemon's, for a message in run that only it changes), so a move
+        without ``update`` need not read it again.
 
         Raises WrongState if the transition is not allowed or the message is not in ``src``
         (someone else moved it: the caller lost a race and must not act on it).

@@ -149,7 +149,7 @@ class FsStore:
         return sorted(out)
 
     def queue_config(self, name: str) -> QueueConfig:
-        path = self._existing_qdir(name) / "config.json"
+        path = self.qdir(name) / "config.json"
         try:
             st = path.stat()
             key = (st.st_mtime_ns, st.st_size)
@@ -447,7 +447,7 @@ class FsStore:
 
     def _read_msg(self, queue: str, state: State, path: Path, acked: bool = False) -> Message:
         try:
-            raw = (path / "msg").read_bytes()
+            raw = _read_file(path / "msg")
             m = Message.from_dict(json.loads(raw))
         except FileNotFoundError:
             if not path.is_dir():
@@ -612,19 +612,25 @@ class FsStore:
         update: Callable[[Message], None] | None = None,
         note: str = "",
         sync: bool | None = None,
+        current: Message | None = None,
     ) -> Message:
         check_transition(src, dst)
-        qdir = self._existing_qdir(queue)
-        queue_sync = self.queue_config(queue).fsync
-        sync = queue_sync if sync is None else sync and queue_sync
+        cfg = self.queue_config(queue)  # raises QueueNotFound
+        qdir = self.qroot / queue
+        sync = cfg.fsync if sync is None else sync and cfg.fsync
         path = message_path(qdir, src, validate_msg_id(msg_id))
         acked = False
         if src == State.ERR and not path.is_dir():
             path, acked = message_path(qdir, src, msg_id, acked=True), True
-        if not path.is_dir():
-            raise WrongState(f"message {msg_id} is not in {src}")
         try:
-            m = self._read_msg(queue, src, path, acked)
+            if current is not None and update is None:
+                m = copy.copy(current)
+                m.history = list(current.history)
+            else:
+                try:
+                    m = self._read_msg(queue, src, path, acked)
+                except MessageNotFound:
+                    raise WrongState(f"message {msg_id} is not in {src}") from None
             if update is not None:
                 update(m)
                 durable.write_replace(path / "msg", m.encode(), sync=sync)
@@ -636,18 +642,23 @@ class FsStore:
             now = self.clock()
             entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
             try:
-                with open(path / "history", "ab") as hist:
-                    before = hist.tell()
-                    hist.write(_json(entry) + b"\n")
-                    hist.flush()
-                    try:
-                        self._publish(path, dest, qdir / str(dst), sync)
-                    except BaseException:
-                        hist.truncate(before)
-                        raise
+                hfd = os.open(path / "history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
-                # open() or the rename found no message: someone else moved or deleted it.
-                raise WrongState(f"message {msg_id} left {src} while being moved") from None
+                # No message directory: someone else moved or deleted it.
+                raise WrongState(f"message {msg_id} is not in {src}") from None
+            try:
+                before = os.lseek(hfd, 0, os.SEEK_END)
+                os.write(hfd, _json(entry) + b"\n")
+                try:
+                    self._publish(path, dest, qdir / str(dst), sync)
+                except FileNotFoundError:
+                    os.ftruncate(hfd, before)
+                    raise WrongState(f"message {msg_id} left {src} while being moved") from None
+                except BaseException:
+                    os.ftruncate(hfd, before)
+                    raise
+            finally:
+                os.close(hfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
         Counts(qdir / "counts").add({_count_key(src, acked): -1, str(dst): 1})
@@ -736,6 +747,18 @@ class FsStore:
                     _rmdir_if_stale(sdir / day / hm, now)
                 _rmdir_if_stale(sdir / day, now)
         return removed
+
+
+def _read_file(path: Path) -> bytes:
+    """The whole file, in as few syscalls as it takes (Path.read_bytes makes ten)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _listdir(path: Path) -> list[str]:

@@ -295,6 +295,7 @@ class MemoryStore:
         update: Callable[[Message], None] | None = None,
         note: str = "",
         sync: bool | None = None,
+        current: Message | None = None,
     ) -> Message:
         check_transition(src, dst)
         with self._lock:
