@@ -18,6 +18,7 @@ from .config import RootConfig, default_root, read_root_config
 from .errors import InvalidInput, InvalidMessage, WaitTimeout, WrongState
 from .ids import MessageRef, parse_ref
 from .model import (
+    ADMIN_ACTIONS,
     AdminState,
     AttachmentInfo,
     ListPage,
@@ -118,11 +119,26 @@ class Client:
         return self.store.admin_state(name)
 
     def set_admin_state(self, name: str, state: AdminState | str) -> None:
+        """Make a queue's admin state exactly UP, PAUSE or DOWN (both flags set to match).
+
+        For RQ's one-flag actions (pause, resume, down, up) use :meth:`admin_action`.
+        """
         try:
             st = AdminState(str(state).upper())
         except ValueError:
             raise InvalidInput(f"admin state must be UP, PAUSE or DOWN, not {state!r}") from None
         self.store.set_admin_state(name, st)
+
+    def admin_action(self, name: str, action: str) -> AdminState:
+        """RQ's admin actions (rq-spec 6.1): ``pause`` and ``down`` set their flag, ``resume``
+        clears pause, ``up`` clears down; the other flag is left alone, so a queue that is
+        both paused and down stays paused after ``up``. Returns the resulting state."""
+        try:
+            flag, on = ADMIN_ACTIONS[action.lower()]
+        except (KeyError, AttributeError):
+            raise InvalidInput(f"admin action must be pause, resume, down or up, not {action!r}") from None
+        self.store.set_admin_flag(name, flag, on)
+        return self.store.admin_state(name)
 
     # -- sending -------------------------------------------------------------------------
     def _build(

@@ -68,6 +68,17 @@ class AdminState(StrEnum):
     PAUSE = "PAUSE"
     DOWN = "DOWN"
 
+    @classmethod
+    def of_flags(cls, pause: bool, down: bool) -> AdminState:
+        """RQ's rule: the ``down`` flag wins, then ``pause``."""
+        return cls.DOWN if down else cls.PAUSE if pause else cls.UP
+
+
+ADMIN_FLAGS = ("pause", "down")
+ADMIN_ACTIONS: dict[str, tuple[str, bool]] = {
+    "pause": ("pause", True), "resume": ("pause", False), "down": ("down", True), "up": ("down", False)}
+"""RQ's admin actions (rq-spec 6.1): each sets or clears one flag and leaves the other alone."""
+
 
 def _param(value: Any, name: str) -> str:
     if value is None:

@@ -156,6 +156,13 @@ def test_resume_does_not_lift_down(cli: Cli, q: str) -> None:
     cli("queue", "up", q)
     cli("queue", "pause", q)
     assert cli.json("queue", "up", q)["admin_state"] == "PAUSE"
+    # Pausing a DOWN queue must not open it for sends; up then leaves it paused.
+    cli("queue", "resume", q)
+    cli("queue", "down", q)
+    assert cli.json("queue", "pause", q)["admin_state"] == "DOWN"
+    assert cli("send", q, "--param1", "sneaked").returncode == 5
+    assert cli.json("queue", "up", q)["admin_state"] == "PAUSE"
+    assert cli.json("queue", "resume", q)["admin_state"] == "UP"
 
 
 def test_down_refuses_sends_pause_accepts(cli: Cli, q: str, client: spoolq.Client) -> None:

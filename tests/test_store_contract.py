@@ -91,6 +91,23 @@ def test_update_and_delete_queue(store: Store) -> None:
         store.queue_config("q")
 
 
+def test_admin_flags_are_independent(store: Store) -> None:
+    # RQ 6.1: down wins over pause; each action touches its own flag only.
+    make_queue(store)
+    store.set_admin_flag("q", "down", True)
+    store.set_admin_flag("q", "pause", True)
+    assert store.admin_state("q") == AdminState.DOWN
+    with pytest.raises(QueueDown):
+        store.create("q", msg())
+    store.set_admin_flag("q", "down", False)
+    assert store.admin_state("q") == AdminState.PAUSE
+    store.set_admin_flag("q", "pause", False)
+    assert store.admin_state("q") == AdminState.UP
+    store.set_admin_flag("q", "pause", False)  # clearing a clear flag is fine
+    with pytest.raises(InvalidInput):
+        store.set_admin_flag("q", "../config.json", True)
+
+
 def test_admin_states(store: Store) -> None:
     make_queue(store)
     assert store.admin_state("q") == AdminState.UP

@@ -206,14 +206,7 @@ def queue_admin(args: argparse.Namespace, ctx: Ctx) -> int:
     name = queue_name(args.name)
     action: str = args.admin_action
     current = ctx.client.admin_state(name)
-    target = {"pause": AdminState.PAUSE, "down": AdminState.DOWN}.get(action)
-    if action == "resume":
-        target = AdminState.UP if current == AdminState.PAUSE else current
-    elif action == "up":
-        target = AdminState.UP if current == AdminState.DOWN else current
-    assert target is not None
-    if target != current:
-        ctx.client.set_admin_state(name, target)
+    target = ctx.client.admin_action(name, action)
     note = ""
     if action == "resume" and target == AdminState.DOWN:
         note = f" (down, not paused: `spoolq queue up {name}` to accept messages)"

@@ -10,8 +10,8 @@ from ..errors import InvalidInput, SpoolqError
 from ..model import State
 from .errors import NotImplementedYet
 
-ADMIN_ACTIONS = {"pause": "PAUSE", "resume": "UP", "down": "DOWN", "up": "UP"}
-"""Queue admin actions and the admin state each sets (RQ's pause/resume/down/up)."""
+ADMIN_ACTIONS = ("pause", "resume", "down", "up")
+"""Queue admin actions (RQ's): each sets or clears one flag (Client.admin_action)."""
 ACTIONS = ("retry", "delete", "clone", "run-now", "cancel", "commit")
 BULK_LIMIT = 100_000
 """Most messages one bulk request acts on; a bigger set needs several requests."""

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from ..errors import InvalidConfig, InvalidInput, InvalidMessage
 from ..model import State
 from ..store import AttachmentSource
-from .actions import ADMIN_ACTIONS, act, bulk
+from .actions import act, bulk
 from .common import (
     AppContext,
     LogNotFound,
@@ -283,5 +283,5 @@ def get_log(request: Request, queue: str, msg_id: str) -> Response:
 @router.post("/queues/{queue}/{action}", summary="pause, resume, down or up")
 def admin(request: Request, queue: str, action: AdminAction) -> dict[str, Any]:
     ctx = _ctx(request)
-    ctx.client.set_admin_state(queue, ADMIN_ACTIONS[action.value])
+    ctx.client.admin_action(queue, action.value)
     return queue_summary(ctx, queue)

@@ -227,7 +227,7 @@ def queue_page(request: Request, queue: str, state: str = "que", filter: str = "
 def _queue_action(ctx: AppContext, queue: str, form: ParsedForm) -> str:
     action = form.get("action") or ""
     if action in ADMIN_ACTIONS:
-        ctx.client.set_admin_state(queue, ADMIN_ACTIONS[action])
+        ctx.client.admin_action(queue, action)
         return f"queue {queue}: {action}"
     if action == "ack_errs":
         return f"{ctx.client.ack_errs(queue)} errors acknowledged"

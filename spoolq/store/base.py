@@ -64,7 +64,13 @@ class Store(Protocol):
     def admin_state(self, name: str) -> AdminState: ...
 
     def set_admin_state(self, name: str, state: AdminState) -> None:
-        """UP, PAUSE or DOWN; persisted so it survives restarts."""
+        """Make the admin state exactly UP, PAUSE or DOWN (both flags set accordingly);
+        persisted so it survives restarts."""
+
+    def set_admin_flag(self, name: str, flag: str, on: bool) -> None:
+        """Set or clear one admin flag, ``pause`` or ``down``, leaving the other as it is
+        (RQ's pause/resume/down/up actions; the state is DOWN if down is set, else PAUSE
+        if pause is set, else UP)."""
 
     # -- creating messages --------------------------------------------------------
     def create(

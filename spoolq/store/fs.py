@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..ids import bucket_of, id_prefix, make_id, validate_attachment_name, validate_msg_id, validate_queue_name
 from ..model import (
+    ADMIN_FLAGS,
     AdminState,
     AttachmentInfo,
     ListPage,
@@ -170,25 +171,26 @@ class FsStore:
 
     def admin_state(self, name: str) -> AdminState:
         qdir = self._existing_qdir(name)
-        if (qdir / "down").exists():
-            return AdminState.DOWN
-        if (qdir / "pause").exists():
-            return AdminState.PAUSE
-        return AdminState.UP
+        return AdminState.of_flags((qdir / "pause").exists(), (qdir / "down").exists())
 
     def set_admin_state(self, name: str, state: AdminState) -> None:
-        qdir = self._existing_qdir(name)
-        want = {"down": state == AdminState.DOWN, "pause": state == AdminState.PAUSE}
+        self.set_admin_flag(name, "down", state == AdminState.DOWN)
+        self.set_admin_flag(name, "pause", state == AdminState.PAUSE)
+
+    def set_admin_flag(self, name: str, flag: str, on: bool) -> None:
+        if flag not in ADMIN_FLAGS:
+            raise InvalidInput(f"admin flag must be pause or down, not {flag!r}")
+        p = self._existing_qdir(name) / flag
         try:
-            for flag, on in want.items():
-                p = qdir / flag
-                if on and not p.exists():
-                    durable.write_replace(p, b"")
-                elif not on and p.exists():
-                    p.unlink()
-                    durable.fsync_dir(qdir)
+            if on and not p.exists():
+                durable.write_replace(p, b"")
+            elif not on and p.exists():
+                p.unlink()
+                durable.fsync_dir(p.parent)
+        except FileNotFoundError:
+            pass  # removed meanwhile by someone else: the wanted end state
         except OSError as e:
-            raise durable.storage_error(e, f"cannot set {name} {state}") from None
+            raise durable.storage_error(e, f"cannot {'set' if on else 'clear'} {flag} on {name}") from None
 
     # -- creating ------------------------------------------------------------------------
     def _stage(self, qdir: Path) -> str:

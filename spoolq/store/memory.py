@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..ids import make_id, sort_key, validate_attachment_name, validate_msg_id, validate_queue_name
 from ..model import (
+    ADMIN_FLAGS,
     AdminState,
     AttachmentInfo,
     ListPage,
@@ -58,7 +59,7 @@ class _Entry:
 @dataclass
 class _Queue:
     config: QueueConfig
-    admin: AdminState = AdminState.UP
+    flags: set[str] = field(default_factory=set)
     messages: dict[str, _Entry] = field(default_factory=dict)
 
 
@@ -115,15 +116,27 @@ class MemoryStore:
         return QueueConfig.from_dict(self._queue(name).config.to_dict())
 
     def admin_state(self, name: str) -> AdminState:
-        return self._queue(name).admin
+        f = self._queue(name).flags
+        return AdminState.of_flags("pause" in f, "down" in f)
 
     def set_admin_state(self, name: str, state: AdminState) -> None:
-        self._queue(name).admin = AdminState(state)
+        state = AdminState(state)
+        self.set_admin_flag(name, "down", state == AdminState.DOWN)
+        self.set_admin_flag(name, "pause", state == AdminState.PAUSE)
+
+    def set_admin_flag(self, name: str, flag: str, on: bool) -> None:
+        if flag not in ADMIN_FLAGS:
+            raise InvalidInput(f"admin flag must be pause or down, not {flag!r}")
+        flags = self._queue(name).flags
+        if on:
+            flags.add(flag)
+        else:
+            flags.discard(flag)
 
     # -- creating ------------------------------------------------------------------------
     def _new(self, queue: str, msg: Message, state: State) -> Message:
         q = self._queue(queue)
-        if q.admin == AdminState.DOWN:
+        if "down" in q.flags:
             raise QueueDown(f"queue {queue} is DOWN: it refuses new messages")
         now = self.clock()
         m = Message.from_dict(msg.to_dict())
