@@ -16,12 +16,17 @@ from typing import NamedTuple
 
 from .errors import InvalidName
 
-MSG_ID_RE = re.compile(r"^\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+$")
-QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+# \Z, not $ (which also matches before a final newline), and ASCII digits only: these names
+# become paths.
+MSG_ID_RE = re.compile(r"^\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+\Z", re.ASCII)
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z", re.ASCII)
 # Attachment names end up as file names and, in scripts, on command lines: no dot-files,
-# no separators, no whitespace, no shell metacharacters.
-ATTACH_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+,=@-]{0,254}$")
-FULL_ID_RE = re.compile(r"^https?://[^/\s]+(?:/[^\s]*)?/q/([^/\s]+)/(\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+)/?$")
+# no separators, no whitespace, no shell metacharacters. At most 200 characters, so the
+# store's derived names (".<name>.json.<pid>.tmp") still fit in 255 bytes.
+ATTACH_NAME_MAX = 200
+ATTACH_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+,=@-]*\Z", re.ASCII)
+FULL_ID_RE = re.compile(r"^https?://[^/\s]+(?:/[^\s]*)?/q/([^/\s]+)/(\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+)/?\Z",
+                        re.ASCII)
 
 
 def id_prefix(t: float) -> str:
@@ -73,6 +78,8 @@ def validate_attachment_name(name: str) -> str:
         raise InvalidName("attachment name must be a non-empty string")
     if name.startswith("."):
         raise InvalidName(f"Attachment name as a dot-file not allowed: {name}")
+    if len(name) > ATTACH_NAME_MAX:
+        raise InvalidName(f"attachment name too long: {len(name)} characters, at most {ATTACH_NAME_MAX}")
     if not ATTACH_NAME_RE.match(name):
         raise InvalidName(
             f"Attachment name has invalid character. not allowed: {name!r} "

@@ -353,6 +353,9 @@ def test_send_prep_with_attachment(cli: Cli, q: str, tmp_path: Path, client: spo
     for args in (["--attach", str(dot)], ["--prep", "--attach", str(f), "--attach", str(dot)]):
         r = cli("send", q, *args)
         assert r.returncode == exitcodes.USAGE and "dot-file" in r.stderr, args
+    for name, why in (("nl\n", "invalid character"), ("x" * 201, "too long"), ("a;b", "invalid character")):
+        r = cli("attach", full_id, str(f), "--name", name)
+        assert r.returncode == exitcodes.USAGE and why in r.stderr, (name, r.stderr)
     c = client.recount(q)
     assert (c["prep"], c["que"]) == (1, 0), "a refused send leaves no message, not even in prep"
 
@@ -449,6 +452,33 @@ def test_ls_reports_corrupt_messages_on_stderr(cli: Cli, q: str, client: spoolq.
     assert r.returncode == 0
     assert [m["msg_id"] for m in json.loads(r.stdout)["items"]] == [good]
     assert "unreadable msg" in r.stderr and bad in r.stderr
+
+
+def test_hand_damage_never_crashes_a_listing(cli: Cli, q: str, client: spoolq.Client) -> None:
+    ids = _sent_in_order(client, q, 7)
+    dirs = [client.store.message_dir(q, i) for i in ids]
+    (dirs[1] / "msg").unlink()
+    (dirs[1] / "msg").mkdir()  # msg is a directory
+    other = json.loads((dirs[2] / "msg").read_text())
+    other["msg_id"] = "20000101.0000.00.000.1"
+    (dirs[2] / "msg").write_text(json.dumps(other))  # names another message
+    (dirs[3] / "attach").mkdir()
+    (dirs[3] / "attach" / "gone.bin").symlink_to("/nonexistent/file")  # dangling, no .json
+    (dirs[4] / "history").write_text('{"state": "run", "at": "yesterday"}\n{"state": "x", "at": 1e300}\n')
+    (dirs[5] / "counts-not-here").write_text("")
+    (dirs[0].parent / "20200101.0000.00.000.99").write_text("a stray file, not a message")
+    (client.store.qroot / q / "counts").write_text('{"que": "abc", "run": null}')
+    r = cli("ls", q)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    listed = [m["msg_id"] for m in cli.json("ls", q)["items"]]
+    assert listed == [ids[6], ids[5], ids[4], ids[3], ids[0]]  # newest first, the damaged two set aside
+    for i in (ids[3], ids[4]):
+        r = cli("show", f"{q}/{i}")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert cli.json("show", f"{q}/{ids[3]}")["_attachments"]["gone.bin"]["size"] == 0
+    assert "?" in cli("show", f"{q}/{ids[4]}").stdout
+    assert cli("send", q, "--param1", "after").returncode == 0  # damaged counts: no crash after the rename
+    assert cli.json("stats", q, "--recount")["queues"][0]["counts"]["que"] == 6
 
 
 def test_human_output_escapes_control_characters(cli: Cli, q: str) -> None:
@@ -552,7 +582,7 @@ def test_sweep(cli: Cli, q: str, root: Path) -> None:
 
 
 # -- names, roots, error shapes ------------------------------------------------------------------
-HOSTILE = ["../x", "a b", ";rm -rf", ".hidden", "..", "x" * 300, "a/b", "é", ""]
+HOSTILE = ["../x", "a b", ";rm -rf", ".hidden", "..", "x" * 300, "a/b", "é", "", "nl\n", "\u0661\u0662"]
 
 
 @pytest.mark.parametrize("name", HOSTILE)

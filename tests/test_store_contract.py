@@ -207,7 +207,8 @@ def test_send_with_attachments_in_one_step(store: Store, tmp_path: Path) -> None
     assert {n: a.size for n, a in v.attachments.items()} == {"a.txt": 1, "b.txt": 1}
 
 
-@pytest.mark.parametrize("name", [".hidden", "a/b", "../etc", "a b", "x;rm", "$(x)", "a|b", "", "a\nb", "`x`"])
+@pytest.mark.parametrize("name", [".hidden", "a/b", "../etc", "a b", "x;rm", "$(x)", "a|b", "", "a\nb", "`x`",
+                                  "trailing\n", "nul\x00", "x" * 201])
 def test_hostile_attachment_names(store: Store, name: str) -> None:
     make_queue(store)
     m = store.create("q", msg(), state=State.PREP)
@@ -225,7 +226,8 @@ def test_bad_attachment_paths(store: Store, tmp_path: Path) -> None:
             store.attach("q", m.msg_id, AttachmentSource(path=path))
 
 
-@pytest.mark.parametrize("bad", ["../../etc", "20261123.0920.08.804", "x", "20261123.0920.08.804.1/..", ""])
+@pytest.mark.parametrize("bad", ["../../etc", "20261123.0920.08.804", "x", "20261123.0920.08.804.1/..", "",
+                                 "20261123.0920.08.804.1\n", "20261123.0920.08.804.\u0661"])
 def test_hostile_message_ids(store: Store, bad: str) -> None:
     make_queue(store)
     with pytest.raises(InvalidName):

@@ -28,7 +28,10 @@ def fmt_time(epoch: float | None) -> str:
     """An epoch as ``2026-11-23 09:21:45Z`` (UTC, like message ids); ``-`` for none."""
     if not epoch:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(epoch)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"  # a hand-edited history entry: shown, never a crash
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Iterable[int] = ()) -> str:

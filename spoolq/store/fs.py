@@ -456,12 +456,20 @@ class FsStore:
                 raise MessageNotFound(f"message {path.name} moved or vanished while reading") from None
             self._set_aside(queue, state, path, acked, "msg file missing")
             raise CorruptMessage(f"message {path.name} in {queue}/{state} has no msg file; set aside") from None
-        except (ValueError, SpoolqError) as e:
-            self._set_aside(queue, state, path, acked, f"unreadable msg: {e}")
+        except (IsADirectoryError, NotADirectoryError, ValueError, RecursionError, SpoolqError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            self._set_aside(queue, state, path, acked, f"unreadable msg: {why}")
             raise CorruptMessage(
-                f"message {path.name} in {queue}/{state} has an unreadable msg file ({e}); "
+                f"message {path.name} in {queue}/{state} has an unreadable msg file ({why}); "
                 f"set aside in {self.qdir(queue) / 'corrupt'}"
             ) from None
+        except OSError as e:  # EACCES, EIO: not the message's fault, so it is not moved
+            raise durable.storage_error(e, f"cannot read {queue}/{path.name}") from None
+        if m.msg_id != path.name.removeprefix("."):
+            why = f"msg names another id ({m.msg_id!r})"
+            self._set_aside(queue, state, path, acked, why)
+            raise CorruptMessage(f"message {path.name} in {queue}/{state}: {why}; "
+                                 f"set aside in {self.qdir(queue) / 'corrupt'}")
         return m
 
     def _set_aside(self, queue: str, state: State, path: Path, acked: bool, why: str) -> None:
@@ -509,9 +517,12 @@ class FsStore:
                 meta = json.loads((adir / f".{n}.json").read_bytes())
                 atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
                                          sha256=str(meta.get("sha256", "")), path=str(adir / n))
-            except (OSError, ValueError, KeyError):
-                st = (adir / n).stat()
-                atts[n] = AttachmentInfo(name=n, size=st.st_size, md5="", sha256="", path=str(adir / n))
+            except (OSError, ValueError, KeyError, TypeError):
+                try:
+                    size = (adir / n).stat().st_size
+                except OSError:
+                    size = 0  # a dangling link or a vanished file: listed, never a crash
+                atts[n] = AttachmentInfo(name=n, size=size, md5="", sha256="", path=str(adir / n))
         return MessageView(queue=queue, message=m, state=state, job_status=job_status,
                            attachments=atts, acked=acked)
 

@@ -62,8 +62,11 @@ def iter_entries(
                     continue
                 bdir = sdir / day / hm / ss
                 try:
-                    names = os.listdir(bdir)
-                except FileNotFoundError:
+                    # d_type from scandir, no stat: a stray file with an id-like name is not
+                    # a message.
+                    with os.scandir(bdir) as it:
+                        names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+                except (FileNotFoundError, NotADirectoryError):
                     continue
                 found: list[tuple[tuple[str, int], str, bool]] = []
                 for n in names:
@@ -108,7 +111,10 @@ class Counts:
             return None
         if not isinstance(d, dict):
             return None
-        return {k: int(d.get(k, 0)) for k in COUNT_KEYS}
+        try:
+            return {k: int(d.get(k, 0)) for k in COUNT_KEYS}
+        except (TypeError, ValueError, OverflowError):
+            return None  # damaged by hand: the caller recounts (or starts from zero)
 
     def read(self) -> dict[str, int] | None:
         """The counts, or None if the cache is missing or unreadable (the caller recounts)."""
