@@ -7,6 +7,7 @@ thin. A message is named by a :class:`~spoolq.ids.MessageRef`, a full id URL or 
 from __future__ import annotations
 
 import builtins
+import math
 import os
 import signal
 import time
@@ -174,9 +175,7 @@ class Client:
             "count": count or 0,
         }
         if delay is not None:
-            if delay < 0:
-                raise InvalidMessage("delay must not be negative")
-            data["due"] = time.time() + delay
+            data["due"] = time.time() + _delay(delay)
         elif due is not None:
             data["due"] = due
         data["max_count"] = max_count if max_count is not None else self.store.queue_config(queue).max_count
@@ -201,16 +200,20 @@ class Client:
     def send_many(self, queue: str, messages: Iterable[Mapping[str, Any] | Message]) -> list[Receipt]:
         """Send many messages with one group commit (all stored, or none)."""
         default_max = self.store.queue_config(queue).max_count
+        now = time.time()
         msgs: list[Message] = []
         for item in messages:
-            if isinstance(item, Message):
-                msgs.append(item)
-                continue
-            d = dict(item)
+            # Every message is validated here, as send validates one: the store trusts these.
+            d = item.to_dict() if isinstance(item, Message) else dict(item)
             if "delay" in d:
-                d["due"] = time.time() + float(d.pop("delay"))
-            d.setdefault("max_count", default_max)
-            msgs.append(Message.from_dict(d))
+                if d.get("due") not in (None, ""):
+                    raise InvalidMessage("give due or delay, not both")
+                d["due"] = now + _delay(d.pop("delay"))
+            if d.get("max_count") in (None, ""):
+                d["max_count"] = default_max
+            m = Message.from_dict(d)
+            m.encode()  # size and serializability, before anything is written
+            msgs.append(m)
         return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
 
     def prep(self, queue: str, **fields: Any) -> Receipt:
@@ -368,6 +371,17 @@ class Client:
 
     def sweep(self, queue: str) -> builtins.list[str]:
         return self.store.sweep(queue)
+
+
+def _delay(value: Any) -> float:
+    """A delay in seconds: a finite, non-negative number."""
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        raise InvalidMessage(f"delay must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(d) or d < 0:
+        raise InvalidMessage(f"delay must be a non-negative number of seconds, got {value!r}")
+    return d
 
 
 def open(url: str | os.PathLike[str] | None = None) -> Client:  # noqa: A001 - spoolq.open is the API

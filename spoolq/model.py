@@ -86,16 +86,52 @@ def _param(value: Any, name: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (str, int, float)):
-        return str(value)
+        text = str(value)
+        # Params reach scripts as environment variables (RQ_PARAM1...): no NUL, valid UTF-8.
+        if "\x00" in text:
+            raise InvalidMessage(f"{name} must not contain a NUL character")
+        if not _utf8(text):
+            raise InvalidMessage(f"{name} is not valid Unicode text (lone surrogate)")
+        return text
     raise InvalidMessage(f"{name} must be a string or a number, not {type(value).__name__}")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+MAX_PARAMS_DEPTH = 32
+"""How deeply ``params`` may nest: deep enough for any real payload, far from recursion limits."""
+
+
+def _check_params(value: Any, path: str = "params", depth: int = 0) -> None:
+    """``params`` must be plain JSON, nested at most :data:`MAX_PARAMS_DEPTH` deep."""
+    if depth > MAX_PARAMS_DEPTH:
+        raise InvalidMessage(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidMessage(f"{path}: keys must be strings")
+            _check_params(v, f"{path}.{k}", depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_params(v, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidMessage(f"{path}: numbers must be finite")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise InvalidMessage(f"{path}: {type(value).__name__} is not a JSON value")
+
+
 def _int(value: Any, name: str, lo: int = 0, hi: int = 2**31) -> int:
-    if isinstance(value, bool):
-        raise InvalidMessage(f"{name} must be an integer")
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise InvalidMessage(f"{name} must be an integer, got {value!r}")
     try:
         n = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidMessage(f"{name} must be an integer, got {value!r}") from None
     if not lo <= n <= hi:
         raise InvalidMessage(f"{name} must be between {lo} and {hi}, got {n}")
@@ -180,6 +216,7 @@ class Message:
         params = data.get("params") or {}
         if not isinstance(params, dict):
             raise InvalidMessage("params must be a JSON object")
+        _check_params(params)
         m.params = params
         if data.get("created_at") not in (None, ""):
             m.created_at = _epoch(data["created_at"], "created_at")
@@ -226,8 +263,11 @@ class Message:
     def encode(self) -> bytes:
         """Serialize for storage, refusing anything over :data:`MAX_MSG_BYTES`."""
         try:
-            data = json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as e:
+            # UTF-8, not \u escapes: `cat msg` and grep show the text as sent; a lone
+            # surrogate cannot be encoded and is refused here.
+            data = json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False,
+                              ensure_ascii=False).encode()
+        except (TypeError, ValueError, RecursionError) as e:
             raise InvalidMessage(f"message is not JSON-serializable: {e}") from None
         if len(data) > MAX_MSG_BYTES:
             raise TooLarge(
@@ -334,12 +374,12 @@ class QueueConfig:
             raise InvalidConfig(f"unknown queue kind {c.kind!r} (known: script)")
         if c.kind == "script" and not c.script:
             raise InvalidConfig("script is required: the path of the program to run per message")
-        try:
-            c.num_workers = int(data.get("num_workers", 1))
-        except (TypeError, ValueError):
-            raise InvalidConfig("num_workers must be an integer 1-128") from None
-        if not 1 <= c.num_workers <= 128:
-            raise InvalidConfig("num_workers must be an integer 1-128")
+        nw = data.get("num_workers", 1)
+        if isinstance(nw, str) and nw.strip().isdigit():
+            nw = int(nw)  # RQ's configs hold it as a string
+        if isinstance(nw, bool) or not isinstance(nw, int) or not 1 <= nw <= 128:
+            raise InvalidConfig(f"num_workers must be an integer 1-128, got {nw!r}")
+        c.num_workers = nw
         prefix = data.get("exec_prefix", "")
         if prefix is None:
             prefix = ""
@@ -349,6 +389,8 @@ class QueueConfig:
         env = data.get("env_vars") or {}
         if not isinstance(env, dict):
             raise InvalidConfig("env_vars must be an object of NAME: value")
+        if any(isinstance(v, str) and not _utf8(v) for v in env.values()):
+            raise InvalidConfig("env_vars values must be valid Unicode text")
         for k, v in env.items():
             if not isinstance(k, str) or not ENV_NAME_RE.match(k):
                 raise InvalidConfig(f"env_vars name {k!r} is not a valid environment variable name")
@@ -453,3 +495,29 @@ class ListPage:
     items: list[MessageView]
     next_cursor: str | None = None
     problems: list[str] = field(default_factory=list)
+
+
+SEARCHED_FIELDS = ("msg_id", "src", "dest", "param1", "param2", "param3", "param4", "orig_msg_id")
+
+
+def search_text(data: dict[str, Any], job_status: str) -> str:
+    """What a list filter searches, casefolded: the id, src, dest, param1..param4, every
+    ``params`` entry as ``key=value`` (nested keys joined by dots), and the status text.
+    Field names themselves are not searched, so ``m1`` does not match every ``param1``."""
+    parts = [str(data.get(k) or "") for k in SEARCHED_FIELDS]
+
+    def walk(v: Any, key: str) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{key}.{k}" if key else str(k))
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, key)
+        else:
+            parts.append(f"{key}={v}")
+
+    params = data.get("params")
+    if isinstance(params, dict):
+        walk(params, "")
+    parts.append(job_status)
+    return "\n".join(parts).casefold()

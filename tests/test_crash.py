@@ -93,9 +93,11 @@ def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Pat
             assert hashlib.md5(data).hexdigest() == meta["md5"] and len(data) == meta["size"]
         if state == "que" and m["param2"].startswith("prep"):
             assert (p / "attach" / "late.bin").is_file()  # committed only after its attachment
-    # Debris of the dead producers is swept; what is visible is what is counted.
+    # Debris of the dead producers is swept (half-written attachments of prep messages
+    # included); what is visible is what is counted.
     client.sweep("q")
     assert list((root / "queue" / "q" / ".tmp").iterdir()) == []
+    assert [a for _, p in dirs for a in p.glob("attach/.*.tmp")] == []
     counts = client.recount("q")
     assert counts["que"] + counts["prep"] == len(dirs)
     # every visible queued message can be read through the API

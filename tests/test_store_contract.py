@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from pathlib import Path
@@ -257,6 +258,34 @@ def test_list_newest_first_with_cursor_and_filter(store: Store) -> None:
     assert store.list("q", State.DONE).items == []
 
 
+@pytest.mark.parametrize("fields", [
+    {"param1": "a\x00b"}, {"param2": "\ud800"}, {"params": {"k": "\udc80"}},
+    {"params": {"deep": functools.reduce(lambda acc, _: [acc], range(40), [])}},
+    {"params": {"n": float("inf")}}, {"count": 1.5}, {"max_count": 1e400},
+])
+def test_unsafe_message_values_are_refused(store: Store, fields: dict[str, Any]) -> None:
+    # Each of these was once accepted and then broke the daemon or every later listing.
+    make_queue(store)
+    with pytest.raises(InvalidMessage):
+        store.create("q", Message.from_dict(fields))
+    assert store.counts("q")["que"] == 0
+
+
+def test_filter_searches_values_in_any_script(store: Store) -> None:
+    make_queue(store)
+    cafe = store.create("q", msg(param1="Café Zürich", params={"cust": "ACME", "tags": ["Blue"]})).msg_id
+    store.create("q", msg(param1="plain"))
+    store.set_status("q", cafe, "run STRASSE 5")
+
+    def found(text: str) -> list[str]:
+        return [v.msg_id for v in store.list("q", State.QUE, filter=text).items]
+
+    for text in ("café", "ZÜRICH", "acme", "cust=acme", "tags=blue", "straße", cafe):
+        assert found(text) == [cafe], text
+    assert len(found("m1")) == 0, "field names are not searched"
+    assert len(found("plain")) == 1
+
+
 def test_counts_follow_every_change(store: Store) -> None:
     make_queue(store)
     a = store.create("q", msg()).msg_id
@@ -366,3 +395,18 @@ def test_bad_message_references(ref: str) -> None:
 
     with pytest.raises(InvalidName):
         parse_ref(ref)
+
+
+@pytest.mark.parametrize("items", [
+    [Message(param1="x", due=-5)], [Message(max_count=0)], [{"delay": -100}], [{"delay": 5, "due": 1}],
+    [{"delay": "abc"}], [{"param1": "ok"}, {"param1": ["not", "a", "string"]}],
+])
+def test_client_send_many_validates_everything_first(store: Store, items: list[Any]) -> None:
+    # The store's group commit trusts its input; the client must refuse bad messages before
+    # any is stored, or they would be acknowledged and then set aside as corrupt.
+    from spoolq.client import Client
+
+    make_queue(store)
+    with pytest.raises(InvalidMessage):
+        Client(store).send_many("q", items)
+    assert store.counts("q")["que"] == 0 and list(store.ids("q", State.QUE)) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import durable
-from spoolq.errors import CorruptMessage, DiskFull, MessageNotFound, StorageError
+from spoolq.errors import CorruptMessage, InvalidInput, DiskFull, MessageNotFound, StorageError
 from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore
@@ -201,6 +201,24 @@ def test_sweep_removes_debris_of_dead_producers(fs: FsStore) -> None:
     mine.mkdir()
     removed = fs.sweep("q")
     assert str(dead) in removed and not dead.exists() and mine.exists()
+
+
+def test_same_file_attached_twice_and_partial_attachments(fs: FsStore, tmp_path: Path) -> None:
+    f = tmp_path / "f.txt"
+    f.write_text("one")
+    with pytest.raises(InvalidInput, match="two attachments named"):
+        fs.create("q", Message(), attachments=[AttachmentSource(path=str(f)), AttachmentSource(path=str(f))])
+    m = fs.create("q", Message(), state=State.PREP)
+    fs.attach("q", m.msg_id, AttachmentSource(path=str(f)))
+    fs.attach("q", m.msg_id, AttachmentSource(path=str(f)))  # same inode again: no .tmp left behind
+    adir = fs.message_dir("q", m.msg_id) / "attach"
+    (adir / ".big.bin.999999999.tmp").write_bytes(b"half")  # its writer (no such pid) died
+    (adir / f".other.bin.{os.getpid()}.tmp").write_bytes(b"in progress")  # a live writer's
+    assert str(adir / ".big.bin.999999999.tmp") in fs.sweep("q")
+    assert sorted(p.name for p in adir.glob(".*.tmp")) == [f".other.bin.{os.getpid()}.tmp"]
+    fs.commit("q", m.msg_id)  # a committed message keeps no partial attachment
+    adir = fs.message_dir("q", m.msg_id) / "attach"
+    assert sorted(os.listdir(adir)) == [".f.txt.json", "f.txt"]
 
 
 def test_sweep_prunes_empty_buckets_only(fs: FsStore) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,7 +26,7 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
     the same name replaces it). On any error the temporary file is removed.
     """
     name = attachment_name(src)
-    tmp = attach_dir / f".{name}.tmp"
+    tmp = attach_dir / f".{name}.{os.getpid()}.tmp"  # the pid tells sweep whether its writer lives
     final = attach_dir / name
     md5, sha = hashlib.md5(), hashlib.sha256()
     size = 0
@@ -69,7 +70,10 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
         info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
                               path=str(final))
         durable.write_replace(attach_dir / f".{name}.json", _json(info.to_dict()), sync=sync)
-        durable.rename(tmp, final, sync=sync)
+        if _same_file(tmp, final):
+            os.unlink(tmp)  # the same file attached again: rename(2) of two links to one inode does nothing
+        else:
+            durable.rename(tmp, final, sync=sync)
         return info
     except BaseException:
         try:
@@ -77,6 +81,46 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
         except OSError:
             pass
         raise
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def remove_partial(attach_dir: Path, older_than: float = 0.0) -> list[str]:
+    """Remove half-written attachments, ``.<name>.<pid>.tmp``: at once when process ``pid``
+    is gone, else once older than ``older_than`` seconds."""
+    removed: list[str] = []
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(attach_dir) if n.startswith(".") and n.endswith(".tmp")]
+    except OSError:
+        return removed
+    for n in names:
+        p = attach_dir / n
+        pid = n[:-4].rpartition(".")[2]
+        writer_alive = pid.isdigit() and pid_alive(int(pid))
+        try:
+            if not writer_alive or now - p.lstat().st_mtime >= older_than:
+                p.unlink()
+                removed.append(str(p))
+        except OSError:
+            continue
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Does process ``pid`` exist (on this host)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:

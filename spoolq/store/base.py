@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..errors import InvalidName
+from ..errors import InvalidInput, InvalidName
 from ..ids import validate_attachment_name
 from ..model import AdminState, AttachmentInfo, ListPage, Message, MessageView, QueueConfig, State
 
@@ -39,6 +39,16 @@ def attachment_name(src: AttachmentSource) -> str:
     if not name:
         raise InvalidName("an attachment needs a name")
     return validate_attachment_name(name)
+
+
+def check_attachment_names(attachments: Sequence[AttachmentSource]) -> None:
+    """Every attachment of one message needs its own valid name (InvalidName, InvalidInput)."""
+    seen: set[str] = set()
+    for a in attachments:
+        name = attachment_name(a)
+        if name in seen:
+            raise InvalidInput(f"two attachments named {name!r}: give them different names")
+        seen.add(name)
 
 
 class Store(Protocol):

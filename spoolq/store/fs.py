@@ -45,9 +45,10 @@ from ..model import (
     QueueConfig,
     State,
     check_transition,
+    search_text,
 )
-from .attachments import add_attachment
-from .base import AttachmentSource
+from .attachments import add_attachment, pid_alive, remove_partial
+from .base import AttachmentSource, check_attachment_names
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 
 CHUNK = 1024 * 1024
@@ -248,6 +249,7 @@ class FsStore:
             m = self._prepare(msg, queue, now, state, make_id(now, os.fstat(sfd).st_ino))
             data = m.encode()
             if attachments:
+                check_attachment_names(attachments)
                 attach_dir = Path(stage) / "attach"
                 durable.mkdir(attach_dir)
                 for a in attachments:
@@ -426,8 +428,9 @@ class FsStore:
             pass
 
     def commit(self, queue: str, msg_id: str) -> None:
-        state, _, _ = self.locate(queue, msg_id)
+        state, path, _ = self.locate(queue, msg_id)
         if state == State.PREP:
+            remove_partial(path / "attach")  # debris of an attach that was killed mid-stream
             self.move(queue, msg_id, State.PREP, State.QUE, note="commit")
 
     # -- reading -------------------------------------------------------------------------
@@ -551,7 +554,7 @@ class FsStore:
         if cursor is not None:
             validate_msg_id(cursor)
         limit = max(1, min(int(limit), 10000))
-        needle = filter.lower().encode() if filter else None
+        needle = filter.casefold() if filter else None
         page = ListPage(items=[])
         last: str | None = None
         for msg_id, path, acked in iter_entries(qdir, state, before=cursor):
@@ -570,14 +573,22 @@ class FsStore:
         return page
 
     @staticmethod
-    def _matches(path: Path, needle: bytes) -> bool:
-        for name in ("msg", "status"):
-            try:
-                if needle in (path / name).read_bytes().lower():
-                    return True
-            except OSError:
-                continue
-        return False
+    def _matches(path: Path, needle: str) -> bool:
+        """Does the message at ``path`` match a list filter (model.search_text)? A message
+        that cannot be read does not match here; listing it reports it."""
+        try:
+            data = json.loads(_read_file(path / "msg"))
+        except (OSError, ValueError, RecursionError):
+            return True  # let _view report it as corrupt rather than hide it
+        if not isinstance(data, dict):
+            return True
+        status = ""
+        try:
+            js = json.loads(_read_file(path / "status"))
+            status = str(js.get("job_status", "")) if isinstance(js, dict) else ""
+        except (OSError, ValueError):
+            pass
+        return needle in search_text(data, status)
 
     def ids(self, queue: str, state: State) -> Iterator[str]:
         qdir = self._existing_qdir(queue)
@@ -745,10 +756,13 @@ class FsStore:
             except FileNotFoundError:
                 continue
             pid = n.split(".", 1)[0]
-            owner_alive = pid.isdigit() and _pid_alive(int(pid))
+            owner_alive = pid.isdigit() and pid_alive(int(pid))
             if n.startswith("deleted.") or (not owner_alive and age > 1.0) or age > older_than:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(str(p))
+        # Half-written attachments of messages still in prep, left by a writer that died.
+        for _, path, _ in iter_entries(qdir, State.PREP):
+            removed += remove_partial(path / "attach", older_than)
         # Only the three bucket levels are pruned, never anything inside a message.
         for st in State:
             sdir = qdir / str(st)
@@ -790,16 +804,6 @@ def _rmdir_if_stale(path: Path, now: float) -> bool:
         return True
     except OSError:
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _json(obj: Any, indent: int | None = None) -> bytes:

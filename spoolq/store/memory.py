@@ -11,7 +11,6 @@ import builtins
 import hashlib
 import io
 import itertools
-import json
 import os
 import tempfile
 import threading
@@ -42,8 +41,9 @@ from ..model import (
     QueueConfig,
     State,
     check_transition,
+    search_text,
 )
-from .base import AttachmentSource, attachment_name
+from .base import AttachmentSource, attachment_name, check_attachment_names
 from .layout import COUNT_KEYS
 
 
@@ -158,6 +158,7 @@ class MemoryStore:
     ) -> Message:
         if state not in (State.QUE, State.PREP):
             raise InvalidInput("new messages start in que or prep")
+        check_attachment_names(attachments)
         with self._lock:
             m = self._new(queue, msg, state)
             entry = _Entry(m, state)
@@ -252,7 +253,7 @@ class MemoryStore:
             if cursor is not None:
                 ck = sort_key(cursor)
                 ids = [i for i in ids if sort_key(i) < ck]
-            needle = filter.lower() if filter else None
+            needle = filter.casefold() if filter else None
             page = ListPage(items=[])
             last = None
             for i in ids:
@@ -261,10 +262,8 @@ class MemoryStore:
                     break
                 last = i
                 e = q.messages[i]
-                if needle is not None:
-                    text = json.dumps(e.msg.to_dict()).lower() + json.dumps({"job_status": e.status}).lower()
-                    if needle not in text:
-                        continue
+                if needle is not None and needle not in search_text(e.msg.to_dict(), e.status):
+                    continue
                 page.items.append(self._view(queue, e))
             return page
 
