@@ -117,7 +117,18 @@ class Client:
         return self.store.queue_config(name)
 
     def admin_state(self, name: str) -> AdminState:
+        """UP, PAUSE or DOWN: the admin flags (RQ 6.1)."""
         return self.store.admin_state(name)
+
+    def queue_status(self, name: str) -> str:
+        """RQ's combined status: ``SCRIPTERROR`` while the daemon cannot start the queue's
+        script, else the admin state (UP, PAUSE, DOWN)."""
+        admin = self.store.admin_state(name)
+        return "SCRIPTERROR" if self.store.script_error(name) is not None else str(admin)
+
+    def script_error(self, name: str) -> str | None:
+        """Why the daemon cannot start this queue's script, or None."""
+        return self.store.script_error(name)
 
     def set_admin_state(self, name: str, state: AdminState | str) -> None:
         """Make a queue's admin state exactly UP, PAUSE or DOWN (both flags set to match).

@@ -25,10 +25,12 @@ def free_port() -> int:
 class Served:
     """A running ``spoolq serve --no-http`` on one root; stderr goes to ``<root>/../daemon.log``."""
 
-    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None,
+                 low_fds_taken: bool = False) -> None:
         self.root = root
         self.args = args
         self.env = env
+        self.low_fds_taken = low_fds_taken  # start with fds 3 and 4 open (as s6 or systemd may)
         self.port = free_port()
         self.log_path = root.parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -43,7 +45,8 @@ class Served:
         self.proc = subprocess.Popen(
             [SPOOLQ, "--root", str(self.root), "serve", "--no-http", "--port", str(self.port), "-v",
              *self.args],
-            stdout=self._log, stderr=self._log, env=e, start_new_session=True)
+            stdout=self._log, stderr=self._log, env=e, start_new_session=True,
+            **(_low_fds_kwargs() if self.low_fds_taken else {}))
         if wait:
             self.wait_ready()
         return self
@@ -80,6 +83,14 @@ class Served:
         with open(f"/proc/{self.pid}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
         return int(rest[11]) + int(rest[12])  # utime + stime
+
+
+def _low_fds_kwargs() -> dict[str, Any]:
+    def setup() -> None:
+        nul = os.open(os.devnull, os.O_RDWR)
+        os.dup2(nul, 3)
+        os.dup2(nul, 4)
+    return {"preexec_fn": setup, "pass_fds": (3, 4)}
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
@@ -121,10 +132,11 @@ def serve_fixture(root: Path) -> Any:
     """Generator behind the ``serve`` fixture: ``serve(*args)`` starts a daemon (grace 1 s)."""
     started: list[Served] = []
 
-    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None) -> Served:
+    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None,
+              low_fds_taken: bool = False) -> Served:
         if not any(a.startswith("--grace") for a in args):
             args = ("--grace", "1", *args)
-        s = Served(root, *args, env=env)
+        s = Served(root, *args, env=env, low_fds_taken=low_fds_taken)
         started.append(s)
         return s.start(wait=wait)
 

@@ -226,6 +226,116 @@ def test_crash_recovery_kills_orphans_and_reruns(client: spoolq.Client, serve: A
     assert log.count("RQ START") == 2
 
 
+def test_scripts_get_fds_3_and_4_when_the_daemon_started_with_them_taken(client: spoolq.Client,
+                                                                         serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    s = serve(low_fds_taken=True)
+    assert "fds 3 and 4 are taken" in s.log()
+    assert client.wait(client.send("test", param1="done"), 30).status == "done - done sleeping"
+
+
+def test_the_log_header_comes_before_any_output(client: spoolq.Client, serve: Any) -> None:
+    # exec_prefix echo: the fastest possible first line, racing the header.
+    client.create_queue("test", script=script("rq_script.sh"), exec_prefix="/bin/echo FIRSTLINE",
+                        num_workers=2)
+    serve()
+    rs = client.send_many("test", [{} for _ in range(30)])
+    for r in rs:
+        client.wait(r, 30)
+        log = (client.store.message_dir("test", r.msg_id) / "job" / "stdio.log").read_text()
+        header, first = log.split("\n")[1:3]
+        assert header.endswith(" - RQ START - " + script("rq_script.sh")), log
+        assert int(header.split(" - ")[0]) > 1 and first.startswith("FIRSTLINE"), log
+
+
+def test_a_missing_script_holds_the_queue_until_it_is_fixed(client: spoolq.Client, serve: Any, cli: Any,
+                                                             tmp_path: Path) -> None:
+    path = tmp_path / "later.sh"
+    client.create_queue("test", script=str(path), num_workers=2)
+    serve()
+    rs = client.send_many("test", [{"param1": str(i)} for i in range(20)])
+    wait_for(lambda: client.counts("test")["err"] == 1, what="the first message in err")
+    show = cli.json("queue", "show", "test")
+    assert show["status"] == "SCRIPTERROR" and "No such file" in show["script_error"]
+    errs = client.list("test", State.ERR).items
+    assert len(errs) == 1 and "later.sh" in errs[0].status
+    time.sleep(0.5)
+    assert client.counts("test")["que"] == 19, "the rest wait, not thrown into err"
+    path.write_text("#!/bin/sh\necho done fixed >&3\n")
+    path.chmod(0o755)
+    for r in rs:
+        if r.msg_id != errs[0].msg_id:
+            assert client.wait(r, 30).status == "done - fixed"  # the daemon rechecks by itself
+    assert cli.json("queue", "show", "test")["status"] == "UP"
+
+
+def test_verbose_logs_every_job(client: spoolq.Client, serve: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    s = serve()  # the fixture passes -v
+    r = client.send("test", param1="err")
+    client.wait(r, 30)
+    wait_for(lambda: f"test/{r.msg_id}: pid" in s.log(), what="the end line")
+    assert f"test/{r.msg_id}: started pid" in s.log()
+    assert "-> err - by design" in s.log()
+
+
+def test_bad_interpreter_is_named(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    path = tmp_path / "interp.sh"
+    path.write_text("#!/no/such/interpreter\n")
+    path.chmod(0o755)
+    client.create_queue("test", script=str(path))
+    serve()
+    v = client.wait(client.send("test"), 30)
+    assert v.state == State.ERR and "bad interpreter '/no/such/interpreter'" in v.status
+
+
+def test_recovery_kills_what_an_exited_script_left_running(client: spoolq.Client, serve: Any,
+                                                           tmp_path: Path) -> None:
+    # As under systemd or init: orphans are reparented to a reaper (here this test process,
+    # a child subreaper), which reaps the script once it exits; its background child lives on.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    try:
+        body = tmp_path / "leaver.sh"
+        leftover = tmp_path / "leftover.pid"
+        body.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {leftover}\nsleep 1\nexit 0\n")
+        body.chmod(0o755)
+        client.create_queue("test", script=str(body), max_count=1)
+        s = serve()
+        r = client.send("test")
+        wait_for(lambda: leftover.exists() and leftover.read_text().strip(), what="the script's child")
+        child = int(leftover.read_text())
+        s.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # reap the script when it exits, as init would
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            script_pid = int((client.store.message_dir("test", r.msg_id) / "pid").read_text().split()[0])
+            if not alive(script_pid):
+                break
+            time.sleep(0.05)
+        assert alive(child)
+        leftover.unlink()
+        s2 = serve()
+        wait_for(lambda: not alive(child), 10, "the leftover child to be killed")
+        assert "left running by its exited script" in s2.log()
+        # max_count 1: a crash still earns the message its run again.
+        v = client.wait(r, 30)
+        assert v.state == State.DONE and v.message.count == 1
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+        for _ in range(50):
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+
+
 def test_wait_log_and_cancel_commands(client: spoolq.Client, serve: Any, cli: Any, tmp_path: Path) -> None:
     client.create_queue("test", script=script("rq_script.sh"))
     serve()
@@ -297,6 +407,15 @@ def test_serve_with_http(client: spoolq.Client, root: Path) -> None:
 
         wait_for(healthy, 30, "HTTP health")
         assert client.wait(client.send("test"), 30).state == State.DONE
+        assert client.wait(client.send("test", param1="err"), 30).state == State.ERR
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        # Runs, outcomes and durations come from the daemon itself.
+        assert 'spoolq_job_starts_total{queue="test"} 2' in text
+        assert 'spoolq_job_outcomes_total{queue="test",outcome="done"} 1' in text
+        assert 'spoolq_job_outcomes_total{queue="test",outcome="err"} 1' in text
+        assert 'spoolq_job_duration_seconds_count{queue="test"} 2' in text
+        assert 'spoolq_job_duration_seconds_bucket{queue="test",le="+Inf"} 2' in text
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0

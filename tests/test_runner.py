@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,21 +202,34 @@ def test_symlinked_script_resolved_each_run(client: spoolq.Client, serve: Any, t
 
 
 def test_missing_and_broken_scripts_go_to_err_and_recover(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    # Each broken script sends the message that tried into err with a clear status and holds
+    # the rest (SCRIPTERROR); fixing the script lets them run. SIGHUP makes the daemon look
+    # again at once instead of within SCRIPT_RECHECK seconds.
     path = tmp_path / "later.sh"
     client.create_queue("test", script=str(path))
-    serve()
+    s = serve()
+
+    def recheck() -> None:
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGHUP)
+
     v = run_one(client, "test", param1="done")
     assert v.state == State.ERR and "script cannot start" in v.status and str(path) in v.status
     path.write_text("#!/bin/sh\necho 'done fixed' >&3\n")
-    v = run_one(client, "test")
-    assert v.state == State.ERR and "not executable" in v.status
+    waiting = client.send("test")
+    recheck()
+    wait_for(lambda: "not executable" in (client.script_error("test") or ""), what="the new reason")
+    assert client.get(waiting).state == State.QUE
     path.chmod(0o755)
-    assert run_one(client, "test").status == "done - fixed"
+    recheck()
+    assert client.wait(waiting, 30).status == "done - fixed"
+    assert client.script_error("test") is None
     path.write_text("echo no shebang\n")
     v = run_one(client, "test")
     assert v.state == State.ERR and "Exec format error" in v.status
     path.write_text("#!/bin/sh\necho 'done fixed again' >&3\n")
-    client.retry(v.msg_id and spoolq.MessageRef("test", v.msg_id))
+    recheck()
+    client.retry(spoolq.MessageRef("test", v.msg_id))
     assert client.wait(spoolq.MessageRef("test", v.msg_id), 30).status == "done - fixed again"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import durable
-from spoolq.errors import CorruptMessage, InvalidInput, DiskFull, MessageNotFound, StorageError
+from spoolq.errors import CorruptMessage, DiskFull, InvalidInput, MessageNotFound, StorageError
 from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore

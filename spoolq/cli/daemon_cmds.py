@@ -65,7 +65,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
-    logging.getLogger("spoolq").setLevel(logging.INFO)
+    # Start-up, recovery and trouble always; every job's start and end with -v.
+    logging.getLogger("spoolq").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if "://" in ctx.root and not ctx.root.startswith("file://"):
         raise InvalidInput("spoolq serve needs a spool directory (file store)")
     root = ctx.root.removeprefix("file://")
@@ -100,7 +101,8 @@ def _start_http(ctx: Any, d: Any, token: str | None) -> Any:
     from ..client import open as open_client
 
     client = open_client(str(d.root))
-    return start_http(client, d.rootcfg.host, d.rootcfg.port, token)
+    extra = d.runner.stats.render if d.runner is not None else None
+    return start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra)
 
 
 def _print_view(ctx: Any, view: Any, full_id: str) -> None:

@@ -109,7 +109,10 @@ def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
 def _queue_json(ctx: Ctx, name: str, *, counts: bool = True) -> dict[str, Any]:
     c = ctx.client
     d: dict[str, Any] = {"name": name, "admin_state": str(c.admin_state(name)),
-                         "config": c.queue_config(name).to_dict()}
+                         "status": c.queue_status(name), "config": c.queue_config(name).to_dict()}
+    why = c.script_error(name)
+    if why is not None:
+        d["script_error"] = why
     if counts:
         d["counts"] = c.counts(name)
     return d
@@ -138,6 +141,7 @@ def queue_list(args: argparse.Namespace, ctx: Ctx) -> int:
         try:
             cfg = ctx.client.queue_config(name)
             rows.append({"name": name, "admin_state": str(ctx.client.admin_state(name)),
+                         "status": ctx.client.queue_status(name),
                          "num_workers": cfg.num_workers, "script": cfg.script})
         except SpoolqError as e:
             print(f"spoolq: {name}: {e}", file=sys.stderr)
@@ -148,7 +152,7 @@ def queue_list(args: argparse.Namespace, ctx: Ctx) -> int:
     elif rows:
         ctx.out(output.table(
             ["QUEUE", "STATE", "WORKERS", "SCRIPT"],
-            [[r["name"], r["admin_state"] or "?", r["num_workers"] or "?", r["script"] or "?"]
+            [[r["name"], r.get("status") or "?", r["num_workers"] or "?", r["script"] or "?"]
              for r in rows], numeric=[2]))
     else:
         print(f"spoolq: no queues in {ctx.root} (create one with `spoolq queue create`)",
@@ -166,6 +170,7 @@ def queue_show(args: argparse.Namespace, ctx: Ctx) -> int:
     ctx.out(output.key_values([
         ("queue", name),
         ("admin state", d["admin_state"]),
+        *([("SCRIPTERROR", d["script_error"])] if "script_error" in d else []),
         ("script", cfg["script"]),
         ("exec prefix", cfg["exec_prefix"] or "-"),
         ("workers", cfg["num_workers"]),

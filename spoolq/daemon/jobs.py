@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import durable
 from ..config import RootConfig
-from ..errors import MessageNotFound, QueueDown, QueueExists, QueueNotFound, SpoolqError, WrongState
+from ..errors import CorruptMessage, MessageNotFound, QueueDown, QueueExists, QueueNotFound, SpoolqError, WrongState
 from ..model import AdminState, Message, QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import Completion, LineBuffer, Outcome
@@ -28,14 +28,17 @@ from ..runner.spawn import (
     Spawned,
     build_argv,
     build_env,
+    check_script,
     kill_group,
     resolve_script,
+    script_problem,
     spawn,
     write_pidfile,
 )
 from ..store.base import AttachmentSource
 from ..store.fs import FsStore
 from ..store.layout import message_path
+from .stats import JobStats
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -50,6 +53,11 @@ WEBHOOK_PLACEHOLDER = """#!/bin/sh
 echo "err webhook sender not installed yet" >&3
 exit 0
 """
+
+
+class ScriptUnusable(Exception):
+    """The queue's script cannot be started (missing, not executable, bad interpreter):
+    the message that tried is in err; the supervisor holds the queue in SCRIPTERROR."""
 
 
 @dataclass
@@ -93,6 +101,7 @@ class JobRunner:
         self.clock = clock
         self.rq_env = rq_env
         self.group_sync = group_sync
+        self.stats = JobStats()
 
     def full_id(self, queue: str, msg_id: str) -> str:
         return f"{self.rootcfg.base_url}/q/{queue}/{msg_id}"
@@ -108,19 +117,32 @@ class JobRunner:
             msg = self.store.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False)
         except (WrongState, MessageNotFound):
             return None
+        except CorruptMessage as e:
+            log.error("%s", e)  # set aside by the store; the queue goes on
+            return None
         qdir = self.store.qdir(queue)
         msg_dir = message_path(qdir, State.RUN, msg_id)
         if (msg_dir / "cancel").exists():
             self.finish_without_run(queue, msg, Outcome(State.ERR, "cancelled", msg.count))
             return None
-        script = resolve_script(cfg, self.root)
         try:
+            # With a prefix the exec succeeds whatever the script: check it is there first.
+            script = check_script(cfg, self.root) if cfg.exec_prefix.strip() else resolve_script(cfg, self.root)
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
                             rootcfg=self.rootcfg, root=self.root, msg_dir=msg_dir, rq_env=self.rq_env)
             sp = spawn(build_argv(cfg, script), env=env, msg_dir=msg_dir, header_script=str(script))
         except ScriptError as e:
-            log.warning("%s/%s: %s", queue, msg_id, e)
-            self.finish_without_run(queue, msg, Outcome(State.ERR, str(e), msg.count))
+            why = script_problem(cfg, self.root) or str(e)  # "bad interpreter" beats ENOENT
+            log.warning("%s/%s: %s", queue, msg_id, why)
+            self.stats.script_error(queue)
+            self.finish_without_run(queue, msg, Outcome(State.ERR, why, msg.count))
+            raise ScriptUnusable(why) from None
+        except (ValueError, UnicodeError) as e:
+            # A value no environment can hold (a NUL, a lone surrogate) in a message written
+            # by hand or by an older spoolq: this message can never run.
+            log.warning("%s/%s: cannot start: %s", queue, msg_id, e)
+            self.finish_without_run(queue, msg, Outcome(State.ERR, f"cannot start: invalid value in the "
+                                                        f"message or env_vars: {e}", msg.count))
             return None
         except OSError as e:  # disk full, EMFILE...: not the message's fault; try again later
             log.error("%s/%s: cannot start: %s", queue, msg_id, e)
@@ -136,6 +158,8 @@ class JobRunner:
                   block_key=block_key)
         if cfg.timeout is not None:
             job.deadline = now + cfg.timeout
+        self.stats.started(queue)
+        log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
 
     # -- while running -------------------------------------------------------------------
@@ -268,6 +292,10 @@ class JobRunner:
             current = None if (job.msg_dir / "status").exists() else ""
         self.apply(job.queue, job.msg, outcome, dups=job.dups, current_status=current,
                    cancel_file=cancelled, group_sync=True, cfg=cfg)
+        took = self.clock() - job.started
+        self.stats.finished(job.queue, str(outcome.state), took)
+        log.debug("%s/%s: pid %d exit %d after %.3f s -> %s%s", job.queue, job.msg_id, job.pid, exit_code,
+                  took, outcome.state, f" - {outcome.status}" if outcome.status else "")
         return outcome
 
     def finish_without_run(self, queue: str, msg: Message, outcome: Outcome) -> None:
@@ -316,7 +344,7 @@ class JobRunner:
             self.store.move(queue, msg_id, src, outcome.state, update=update if changed else None,
                             note=note or outcome.state.value, sync=False if deferred else None,
                             current=msg if src == State.RUN else None)
-        except (WrongState, MessageNotFound, QueueNotFound) as e:
+        except (WrongState, MessageNotFound, QueueNotFound, CorruptMessage) as e:
             log.warning("%s/%s: cannot move to %s: %s", queue, msg_id, outcome.state, e)
             return
         if deferred and self.group_sync is not None and (cfg is None or cfg.fsync):

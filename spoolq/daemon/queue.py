@@ -42,6 +42,7 @@ class QueueState:
     pending_ids: set[str] = field(default_factory=set)
     needs_rescan: bool = True
     config_stale: bool = True  # config.json, pause or down changed since last read
+    script_error: str | None = None  # SCRIPTERROR: why the script cannot start
     dirty: bool = True
     wake_at: float | None = None
 

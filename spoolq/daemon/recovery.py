@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..errors import SpoolqError
 from ..model import State
 from ..runner.protocol import MAX_RESEND_TEXT, Outcome
-from ..runner.spawn import kill_group, read_pidfile, same_process
+from ..runner.spawn import kill_group, leftover_processes, read_pidfile, same_process
 from ..store.layout import message_path
 from .jobs import JobRunner
 
@@ -49,6 +49,15 @@ def recover_queue(runner: JobRunner, queue: str) -> Recovered:
                 pass
             rec.killed += 1
             log.warning("%s/%s: killed orphaned script pid %d (and its process group)", queue, msg_id, pid)
+        elif pf is not None:
+            # The script is gone (reaped by init) but may have left children behind.
+            for pid in leftover_processes(pf[0], msg_id):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    rec.killed += 1
+                    log.warning("%s/%s: killed pid %d, left running by its exited script", queue, msg_id, pid)
+                except OSError:
+                    pass
         try:
             msg = store.get(queue, msg_id).message
         except SpoolqError as e:
@@ -56,7 +65,10 @@ def recover_queue(runner: JobRunner, queue: str) -> Recovered:
             continue
         if (mdir / "cancel").exists():
             outcome = Outcome(State.ERR, "cancelled", msg.count)
-        elif msg.count + 1 >= msg.max_count:
+        elif msg.count + 1 > msg.max_count:
+            # A crash is not the message's fault: it gets one more run even at max_count
+            # (max_count 1 still runs again), but a message that keeps killing the daemon
+            # ends in err.
             outcome = Outcome(State.ERR, MAX_RESEND_TEXT + " (was running when the daemon died)",
                               msg.count + 1)
         else:

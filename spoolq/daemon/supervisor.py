@@ -23,10 +23,10 @@ from .. import durable, watch
 from ..config import RootConfig, read_root_config, write_root_config
 from ..errors import DaemonRunning, InvalidConfig, QueueNotFound, SpoolqError
 from ..model import AdminState, State
-from ..runner.spawn import kill_group, reserve_low_fds
+from ..runner.spawn import kill_group, reserve_low_fds, script_problem
 from ..store.fs import FsStore
 from ..store.layout import message_path
-from .jobs import Job, JobRunner
+from .jobs import Job, JobRunner, ScriptUnusable
 from .queue import QueueState
 from .recovery import recover_queue
 
@@ -36,6 +36,8 @@ DIR_EVENTS = watch.IN_CREATE | watch.IN_MOVED_TO | watch.IN_MOVED_FROM | watch.I
 QDIR_EVENTS = DIR_EVENTS | watch.IN_CLOSE_WRITE | watch.IN_ATTRIB
 QDIR_NAMES = {"config.json", "pause", "down", "kick"}
 QUE_DEPTH = 3  # que/<day>/<HHMM>/<SS>/<id>
+SCRIPT_RECHECK = 5.0
+"""Seconds between checks of a SCRIPTERROR queue's script (config changes recheck at once)."""
 
 
 class Daemon:
@@ -83,9 +85,11 @@ class Daemon:
         self._lock_fd = fd
 
     def release(self) -> None:
+        # The file stays (emptied): unlinking it before the unlock would let a second daemon
+        # lock the old inode while a third locks a new file at the same path.
         if self._lock_fd >= 0:
             try:
-                os.unlink(self.root / "daemon.pid")
+                os.ftruncate(self._lock_fd, 0)
             except OSError:
                 pass
             os.close(self._lock_fd)
@@ -112,6 +116,7 @@ class Daemon:
         self._watch(self.store.qroot, "root", None, 0)
         for name in self.store.queues():
             try:
+                self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
                 self.store.recount(name)
                 self.store.sweep(name)
                 rec = recover_queue(self.runner, name)
@@ -321,6 +326,18 @@ class Daemon:
                 return None
             qs.config_stale = False
         cfg = qs.config
+        if qs.script_error is not None:
+            # SCRIPTERROR (RQ's oper status): nothing starts until the script can run again.
+            # Checked on every config change and every SCRIPT_RECHECK seconds.
+            why = script_problem(cfg, self.root)
+            if why is not None:
+                if why != qs.script_error:
+                    qs.script_error = why
+                    self._record_script_error(qs, why)
+                return now + SCRIPT_RECHECK
+            log.warning("queue %s: the script can run again; resuming", qs.name)
+            qs.script_error = None
+            self._record_script_error(qs, None)
         if qs.needs_rescan:
             qs.rescan()
         if qs.pending_ids:
@@ -333,7 +350,14 @@ class Daemon:
                 return wake
             qs.index.pop(entry.msg_id, None)
             bk = qs.block_key(entry.params)
-            job = self.runner.start(qs.name, entry.msg_id, cfg, bk)
+            try:
+                job = self.runner.start(qs.name, entry.msg_id, cfg, bk)
+            except ScriptUnusable as e:
+                log.error("queue %s: SCRIPTERROR: %s; holding its messages until the script is fixed",
+                          qs.name, e)
+                qs.script_error = str(e)
+                self._record_script_error(qs, qs.script_error)
+                return now + SCRIPT_RECHECK
             if job is None:
                 if self._in_que(qs, entry.msg_id):  # could not start: back with a delay
                     qs.requeued(entry.msg_id)
@@ -345,6 +369,13 @@ class Daemon:
             self.jobs[job.pid] = job
             self.sel.register(job.spawned.status_fd, selectors.EVENT_READ, job)
         return None
+
+    def _record_script_error(self, qs: QueueState, why: str | None) -> None:
+        """Show SCRIPTERROR (or its end) to every reader of the spool: the ``scripterror`` file."""
+        try:
+            self.store.set_script_error(qs.name, why)
+        except SpoolqError as e:
+            log.warning("queue %s: %s", qs.name, e)
 
     @staticmethod
     def _in_que(qs: QueueState, msg_id: str) -> bool:

@@ -99,10 +99,14 @@ def queue_summary(ctx: AppContext, name: str, *, with_config: bool = False) -> d
     ctx.throughput.record(name, counts)
     out: dict[str, Any] = {
         "name": name,
-        "status": str(client.admin_state(name)),
+        "status": client.queue_status(name),
+        "admin": str(client.admin_state(name)),
         "counts": counts,
         "done_per_min": ctx.throughput.per_minute(name),
     }
+    why = client.script_error(name)
+    if why is not None:
+        out["script_error"] = why
     if with_config:
         out["config"] = client.queue_config(name).to_dict()
     return out

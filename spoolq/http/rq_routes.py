@@ -80,7 +80,7 @@ def queues_txt(request: Request) -> str:
 
 # -- one queue --------------------------------------------------------------------------
 def _queue_stats(ctx: AppContext, queue: str) -> tuple[str, int, dict[str, int]]:
-    status = str(ctx.client.admin_state(queue))
+    status = ctx.client.queue_status(queue)
     counts = ctx.client.counts(queue)
     return status, int(time.time() - ctx.started), counts
 

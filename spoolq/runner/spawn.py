@@ -19,7 +19,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Mapping
@@ -33,6 +35,8 @@ RQ_VER = "3.0.0"
 START_WINDOW_NS = 2_000_000_000
 """How long after the recorded spawn time a process may have started and still be ours."""
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+PID_WIDTH = 7
+"""The header's pid field, right-aligned: Linux pids have at most 7 digits (pid_max 4194304)."""
 # Never handed to scripts: the daemon's own secrets and stale values of our variables.
 _SCRUB_PREFIXES = ("RQ_", "SPOOLQ_")
 
@@ -74,6 +78,67 @@ def resolve_script(cfg: QueueConfig, root: Path) -> Path:
     if not p.is_absolute():
         p = root / p
     return Path(os.path.realpath(p))
+
+
+def check_script(cfg: QueueConfig, root: Path) -> Path:
+    """The resolved script, or ScriptError saying plainly why it cannot run.
+
+    Without ``exec_prefix`` the script itself is exec'd: it must be an executable file, and
+    a ``#!`` interpreter must exist. With a prefix, the script must exist and the prefix's
+    program must be found.
+    """
+    script = resolve_script(cfg, root)
+    try:
+        st = os.stat(script)
+    except OSError as e:
+        raise ScriptError(f"script cannot start: {cfg.script}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ScriptError(f"script cannot start: {cfg.script}: not a regular file")
+    if cfg.exec_prefix.strip():
+        try:
+            prog = shlex.split(cfg.exec_prefix)[0]
+        except (ValueError, IndexError):
+            raise ScriptError(f"exec_prefix cannot be parsed: {cfg.exec_prefix!r}") from None
+        if shutil.which(prog) is None:
+            raise ScriptError(f"script cannot start: exec_prefix program {prog!r} not found")
+        return script
+    if not os.access(script, os.X_OK):
+        raise ScriptError(f"script cannot start: {script}: not executable (Permission denied)")
+    head = _head(script)
+    if head is not None and not head.startswith((b"#!", b"\x7fELF")):
+        raise ScriptError(f"script cannot start: {script}: cannot be executed (Exec format error: "
+                          "no #! line?)")
+    interp = _interpreter(head)
+    if interp is not None and not os.access(interp, os.X_OK):
+        raise ScriptError(f"script cannot start: {script}: bad interpreter {interp!r} "
+                          "(no such file, or not executable)")
+    return script
+
+
+def script_problem(cfg: QueueConfig, root: Path) -> str | None:
+    """Why the queue's script cannot run, or None if :func:`check_script` finds it runnable."""
+    try:
+        check_script(cfg, root)
+    except ScriptError as e:
+        return str(e)
+    return None
+
+
+def _head(script: Path) -> bytes | None:
+    """The first bytes of the script (None if it cannot be read: exec will say why)."""
+    try:
+        with open(script, "rb") as f:
+            return f.read(256)
+    except OSError:
+        return None
+
+
+def _interpreter(head: bytes | None) -> str | None:
+    """The program on a ``#!`` line, or None."""
+    if head is None or not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return os.fsdecode(words[0]) if words else None
 
 
 def rq_dest(dest: str, base_url: str, queue: str) -> tuple[str, str]:
@@ -170,13 +235,24 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
         os.dup2(hi_w, 3)
         os.dup2(hi_r, 4)
 
+    # The header goes in before the script can write anything. Its pid is not known until
+    # the spawn, so the field is written as blanks and filled in right after (pid_at).
+    header = f"\n{'':>{PID_WIDTH}} - {stamp} - RQ START - {header_script}\n".encode()
+    pid_at = -1
+    try:
+        _write_all(log_fd, header)
+        pid_at = os.lseek(log_fd, 0, os.SEEK_CUR) - len(header) + 1
+    except OSError:
+        pass  # a full disk: the script still runs; its output may fail the same way
     try:
         if fast:
             os.dup2(status_w, 3, inheritable=False)
             os.dup2(reply_r, 4, inheritable=False)
+        # pass_fds (3, 4) on both paths: close_fds runs after preexec_fn, and would close
+        # the pipes the slow path has just put on 3 and 4.
         proc = subprocess.Popen(
             argv, cwd=job, env=env, stdin=_devnull(), stdout=log_fd, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, pass_fds=(3, 4) if fast else (),
+            start_new_session=True, close_fds=True, pass_fds=(3, 4),
             preexec_fn=None if fast else child_setup,
         )
     except OSError as e:
@@ -195,11 +271,15 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
     finally:
         if fast:
             _park_low_fds()
-    # The header follows the exec; a script needs far longer to start than this write takes.
-    try:
-        os.write(log_fd, f"\n{proc.pid} - {stamp} - RQ START - {header_script}\n".encode())
-    except OSError:
-        pass
+    if pid_at >= 0:
+        try:
+            fd = os.open(job / "stdio.log", os.O_WRONLY | os.O_CLOEXEC)  # not O_APPEND: pwrite in place
+            try:
+                os.pwrite(fd, str(proc.pid).rjust(PID_WIDTH).encode(), pid_at)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
     os.close(log_fd)
     os.close(status_w)
     os.close(reply_r)
@@ -219,6 +299,12 @@ def _devnull() -> int:
         _devnull_fd = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 10)  # dup3 refuses old == new
         os.close(low)
     return _devnull_fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _park_low_fds() -> None:
@@ -275,6 +361,37 @@ def same_process(pid: int, spawned_ns: int) -> bool:
         return False
     started = ticks * _TICK_NS
     return spawned_ns - 2 * _TICK_NS <= started <= spawned_ns + START_WINDOW_NS
+
+
+def leftover_processes(pgid: int, msg_id: str) -> list[int]:
+    """Processes still in the process group or session ``pgid`` that carry this message's
+    ``SPOOLQ_MSG_ID`` in their environment: what a script left running after it exited.
+
+    Used by recovery once the script itself is gone. A pid is not reused while a group or
+    session still uses its number, so members of group ``pgid`` are the script's own; the
+    environment check guards against a whole new group that got the number later.
+    """
+    mark = f"SPOOLQ_MSG_ID={msg_id}".encode()
+    found: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat", "rb") as f:
+                data = f.read()
+            fields = data[data.rfind(b")") + 2:].split()
+            if pgid not in (int(fields[2]), int(fields[3])):  # pgrp, session
+                continue
+            with open(f"/proc/{e}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    found.append(int(e))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:

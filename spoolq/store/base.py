@@ -77,6 +77,12 @@ class Store(Protocol):
         """Make the admin state exactly UP, PAUSE or DOWN (both flags set accordingly);
         persisted so it survives restarts."""
 
+    def script_error(self, name: str) -> str | None:
+        """Why the daemon cannot start this queue's script (its SCRIPTERROR), or None."""
+
+    def set_script_error(self, name: str, why: str | None) -> None:
+        """Record (or clear, with None) the daemon's SCRIPTERROR for a queue."""
+
     def set_admin_flag(self, name: str, flag: str, on: bool) -> None:
         """Set or clear one admin flag, ``pause`` or ``down``, leaving the other as it is
         (RQ's pause/resume/down/up actions; the state is DOWN if down is set, else PAUSE

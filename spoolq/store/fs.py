@@ -178,6 +178,23 @@ class FsStore:
         self.set_admin_flag(name, "down", state == AdminState.DOWN)
         self.set_admin_flag(name, "pause", state == AdminState.PAUSE)
 
+    def script_error(self, name: str) -> str | None:
+        try:
+            text = (self.qdir(name) / "scripterror").read_text(errors="replace").strip()
+        except OSError:
+            return None
+        return text or "script cannot start"
+
+    def set_script_error(self, name: str, why: str | None) -> None:
+        p = self._existing_qdir(name) / "scripterror"
+        try:
+            if why is None:
+                p.unlink(missing_ok=True)
+            else:
+                durable.write_replace(p, why.encode() + b"\n", sync=False)  # the daemon re-derives it
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot record the script error of {name}") from None
+
     def set_admin_flag(self, name: str, flag: str, on: bool) -> None:
         if flag not in ADMIN_FLAGS:
             raise InvalidInput(f"admin flag must be pause or down, not {flag!r}")

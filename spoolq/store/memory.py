@@ -60,6 +60,7 @@ class _Entry:
 class _Queue:
     config: QueueConfig
     flags: set[str] = field(default_factory=set)
+    script_error: str | None = None
     messages: dict[str, _Entry] = field(default_factory=dict)
 
 
@@ -123,6 +124,12 @@ class MemoryStore:
         state = AdminState(state)
         self.set_admin_flag(name, "down", state == AdminState.DOWN)
         self.set_admin_flag(name, "pause", state == AdminState.PAUSE)
+
+    def script_error(self, name: str) -> str | None:
+        return self._queue(name).script_error
+
+    def set_script_error(self, name: str, why: str | None) -> None:
+        self._queue(name).script_error = why
 
     def set_admin_flag(self, name: str, flag: str, on: bool) -> None:
         if flag not in ADMIN_FLAGS:

@@ -1,0 +1,82 @@
+"""What the daemon has run since it started, for ``/metrics``: starts, outcomes, durations.
+
+Counters live in the daemon's memory (the HTTP server runs in the same process and reads
+them from its thread); per-queue totals on disk are the counts cache.
+"""
+
+from __future__ import annotations
+
+import threading
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+"""Upper bounds (seconds) of the script-duration histogram."""
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+class JobStats:
+    """Thread-safe counters: fed by the daemon loop, read by the HTTP thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.starts: dict[str, int] = {}
+        self.outcomes: dict[tuple[str, str], int] = {}
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        self.script_errors: dict[str, int] = {}
+
+    def started(self, queue: str) -> None:
+        with self._lock:
+            self.starts[queue] = self.starts.get(queue, 0) + 1
+
+    def script_error(self, queue: str) -> None:
+        with self._lock:
+            self.script_errors[queue] = self.script_errors.get(queue, 0) + 1
+
+    def finished(self, queue: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            key = (queue, outcome)
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
+            b = self.buckets.setdefault(queue, [0] * (len(DURATION_BUCKETS) + 1))
+            for i, le in enumerate(DURATION_BUCKETS):
+                if seconds <= le:
+                    b[i] += 1
+                    break
+            else:
+                b[-1] += 1
+            self.sums[queue] = self.sums.get(queue, 0.0) + seconds
+
+    def render(self) -> str:
+        """Prometheus text: spoolq_job_starts_total, spoolq_job_outcomes_total,
+        spoolq_job_duration_seconds (histogram), spoolq_script_errors_total."""
+        with self._lock:
+            starts = sorted(self.starts.items())
+            outcomes = sorted(self.outcomes.items())
+            buckets = {q: list(b) for q, b in sorted(self.buckets.items())}
+            sums = dict(self.sums)
+            errors = sorted(self.script_errors.items())
+        lines = ["# HELP spoolq_job_starts_total Scripts started, per queue.",
+                 "# TYPE spoolq_job_starts_total counter"]
+        lines += [f'spoolq_job_starts_total{{queue="{_label(q)}"}} {n}' for q, n in starts]
+        lines += ["# HELP spoolq_job_outcomes_total Attempts ended, per queue and the state they "
+                  "left the message in (done, relayed, err, que = retry later).",
+                  "# TYPE spoolq_job_outcomes_total counter"]
+        lines += [f'spoolq_job_outcomes_total{{queue="{_label(q)}",outcome="{o}"}} {n}'
+                  for (q, o), n in outcomes]
+        lines += ["# HELP spoolq_job_duration_seconds Script run time, from spawn to exit.",
+                  "# TYPE spoolq_job_duration_seconds histogram"]
+        for q, b in buckets.items():
+            ql = _label(q)
+            total = 0
+            for le, n in zip((*DURATION_BUCKETS, float("inf")), b, strict=True):
+                total += n
+                le_s = "+Inf" if le == float("inf") else f"{le:g}"
+                lines.append(f'spoolq_job_duration_seconds_bucket{{queue="{ql}",le="{le_s}"}} {total}')
+            lines.append(f'spoolq_job_duration_seconds_sum{{queue="{ql}"}} {sums.get(q, 0.0):.6f}')
+            lines.append(f'spoolq_job_duration_seconds_count{{queue="{ql}"}} {total}')
+        lines += ["# HELP spoolq_script_errors_total Times a queue's script could not be started.",
+                  "# TYPE spoolq_script_errors_total counter"]
+        lines += [f'spoolq_script_errors_total{{queue="{_label(q)}"}} {n}' for q, n in errors]
+        return "\n".join(lines) + "\n"
