@@ -240,7 +240,12 @@ class Client:
         return self.store.attach(r.queue, r.msg_id, src)
 
     def commit(self, ref: Ref) -> None:
+        """prep -> que. Committing a queued message again is a no-op (idempotent, as in RQ);
+        a message already past que cannot be committed (WrongState)."""
         r = self.ref(ref)
+        state = self.store.state_of(r.queue, r.msg_id)
+        if state not in (State.PREP, State.QUE):
+            raise WrongState(f"message {r.queue}/{r.msg_id} is in {state}: only prep can be committed")
         self.store.commit(r.queue, r.msg_id)
 
     # -- reading -------------------------------------------------------------------------
@@ -285,7 +290,11 @@ class Client:
             m.count = 0
             m.due = time.time()
 
-        self.store.move(r.queue, r.msg_id, State.ERR, State.QUE, update=reset, note="retry")
+        try:
+            self.store.move(r.queue, r.msg_id, State.ERR, State.QUE, update=reset, note="retry")
+        except WrongState:
+            state = self.store.state_of(r.queue, r.msg_id)  # MessageNotFound if there is none
+            raise WrongState(f"message {r.queue}/{r.msg_id} is in {state}: only err can be retried") from None
 
     def run_now(self, ref: Ref) -> None:
         """Move a queued message to the front: its due time becomes 0 (RQ's run_message)."""

@@ -7,6 +7,7 @@ records them so the CLI and the daemon agree.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,16 @@ from . import durable
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3333
 SYSTEM_ROOT = Path("/var/spool/spoolq")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: the only addresses served without a token."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_root() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from spoolq.http.server import start_http
 from spoolq.model import State
 
 API = "/api/v1"
+LOCAL = "http://127.0.0.1"  # the Host a server without a token answers to
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ def client(root: Path) -> spoolq.Client:
 
 @pytest.fixture
 def http(client: spoolq.Client) -> TestClient:
-    return TestClient(create_app(client, poll_interval=0.02, events_interval=0.05))
+    return TestClient(create_app(client, poll_interval=0.02, events_interval=0.05), base_url=LOCAL)
 
 
 def err(resp: httpx.Response) -> dict[str, Any]:
@@ -248,6 +250,100 @@ def test_errors_have_one_shape_and_no_5xx(http: TestClient) -> None:
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("fields", [
+    {"param1": "\ud800"}, {"params": {"k": "\udc80"}}, {"param2": "a\u0000b"},
+    {"params": {"deep": functools.reduce(lambda acc, _: [acc], range(40), [])}},
+])
+def test_values_that_would_poison_the_spool_are_refused(http: TestClient, fields: dict[str, Any]) -> None:
+    # Each was once answered 201 and then broke the daemon or every later listing.
+    body = json.dumps(fields).encode()  # \ud800 stays an escape: valid JSON, invalid text
+    r = http.post(f"{API}/queues/work/messages", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    r = http.post("/q/work/new_message", data={"mesg": body.decode(), "x_format": "json"})
+    assert r.status_code == 400 and r.json()[0] == "fail", r.text
+    for state in ("que", "prep"):
+        assert http.get(f"{API}/queues/work/messages", params={"state": state}).status_code == 200
+
+
+def test_deep_json_anywhere_is_a_400(http: TestClient) -> None:
+    deep = ("[" * 5000 + "]" * 5000).encode()
+    for url in (f"{API}/queues/work/messages", f"{API}/queues", f"{API}/queues/work/bulk"):
+        r = http.post(url, content=b'{"params": {"a": ' + deep + b"}}", headers={"content-type": "application/json"})
+        assert r.status_code == 400, (url, r.status_code, r.text[:200])
+        err(r)
+    r = http.post("/q/work/new_message", data={"mesg": '{"params": {"a": ' + deep.decode() + "}}"})
+    assert r.status_code < 500
+
+
+def test_bodies_are_capped_except_uploads(http: TestClient) -> None:
+    from spoolq.http.limits import MAX_BODY
+
+    big = b'{"param1": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    for url in (f"{API}/queues/work/messages", f"{API}/queues", "/q/work/new_message"):
+        r = http.post(url, content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and err(r)["code"] == "too_large", (url, r.text[:200])
+
+    def chunked() -> Any:  # no Content-Length: counted while it streams in
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b" " * 65536
+
+    r = http.post(f"{API}/queues", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    files = {"file": ("big.bin", b"\0" * (MAX_BODY + 10), "application/octet-stream")}
+    r = http.post(f"{API}/queues/work/messages", data={"message": "{}"}, files=files)
+    assert r.status_code == 201, "attachments stream to disk and are not capped"
+
+
+def test_served_files_are_inert(http: TestClient) -> None:
+    page = b"<script>fetch('/api/v1/queues')</script>"
+    files = [("file", ("page.html", page, "text/html")),
+             ("file", ("pic.png", b"\x89PNG\r\n", "image/png"))]
+    m = http.post(f"{API}/queues/work/messages", data={"message": "{}"}, files=files).json()
+    base = f"{API}/queues/work/messages/{m['msg_id']}/attachments"
+    for url in (f"{base}/page.html", f"/q/work/{m['msg_id']}/attach/page.html"):
+        r = http.get(url)
+        assert r.headers["content-disposition"].startswith("attachment;"), url
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "sandbox" in r.headers["content-security-policy"]
+    assert http.get(f"{base}/pic.png").headers["content-disposition"].startswith("inline;")
+    head = http.head(f"{base}/page.html")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(len(page))
+    r = http.get(f"{base}/page.html", headers={"Range": "bytes=9-3"})  # invalid: ignored (RFC 9110)
+    assert r.status_code == 200 and r.content == page
+    assert http.get("/").headers["x-frame-options"] == "DENY"
+
+
+def test_only_loopback_names_without_a_token(client: spoolq.Client) -> None:
+    # A page on another site that rebinds its name to 127.0.0.1 sends its own Host.
+    app = create_app(client)
+    evil = TestClient(app, base_url="http://rebind.attacker.example:3333")
+    r = evil.post(f"{API}/queues", json={"name": "pwned", "script": "/bin/true"})
+    assert r.status_code == 403 and "Host" in err(r)["message"]
+    assert "pwned" not in client.queues()
+    for base in ("http://127.0.0.1:3333", "http://localhost", "http://[::1]:8080"):
+        assert TestClient(app, base_url=base).get(f"{API}/queues").status_code == 200, base
+    tokened = TestClient(create_app(client, token="t"), base_url="http://spool.example.org")
+    assert tokened.get(f"{API}/queues", headers={"Authorization": "Bearer t"}).status_code == 200
+
+
+def test_status_codes_say_what_happened(http: TestClient, client: spoolq.Client) -> None:
+    missing = f"{API}/queues/work/messages/20200101.0000.00.000.1"
+    r = http.post(f"{missing}/retry")
+    assert r.status_code == 404 and err(r)["code"] == "message_not_found"
+    m = send(http)
+    client.store.move("work", m["msg_id"], State.QUE, State.RUN)
+    client.store.move("work", m["msg_id"], State.RUN, State.DONE)
+    r = http.post(f"{API}/queues/work/messages/{m['msg_id']}/commit")
+    assert r.status_code == 409, r.text
+    assert http.get("/q/bad..name.json").text.startswith("404 - Queue")
+    doc = http.get(f"{API}/openapi.json").json()
+    ops = [op for path in doc["paths"].values() for op in path.values()]
+    assert not any("422" in op["responses"] for op in ops)
+    assert all(op["responses"]["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+               for op in ops)
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
 def test_metrics(http: TestClient) -> None:
     send(http)
     text = http.get("/metrics").text
@@ -280,7 +376,7 @@ def test_ui_forms_need_csrf_and_same_origin(http: TestClient) -> None:
 
 
 def test_token_auth(client: spoolq.Client) -> None:
-    http = TestClient(create_app(client, token="s3cret"))
+    http = TestClient(create_app(client, token="s3cret"))  # any Host once a token guards it
     assert http.get("/healthz").status_code == 200
     r = http.get(f"{API}/queues")
     assert r.status_code == 401 and err(r)["code"] == "unauthorized"
@@ -381,7 +477,7 @@ def test_memory_store_attachments_stream(tmp_path: Path) -> None:
     """A store without file paths (memory:) still serves attachments and uploads."""
     mem = spoolq.open("memory:")
     mem.create_queue("m", script="/bin/true")
-    http = TestClient(create_app(mem, upload_dir=tmp_path / "up"))
+    http = TestClient(create_app(mem, upload_dir=tmp_path / "up"), base_url=LOCAL)
     r = http.post(f"{API}/queues/m/messages", data={"message": "{}"},
                   files={"file": ("x.json", b'{"a": 1}', "application/json")})
     assert r.status_code == 201, r.text

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
 from typing import Any
 
 from .. import watch
+from ..config import is_loopback
 from ..errors import InvalidInput, WaitTimeout
 from ..model import State
 from . import exitcodes
@@ -51,15 +51,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_cancel)
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     from ..daemon import Daemon
 
@@ -72,7 +63,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     root = ctx.root.removeprefix("file://")
     os.makedirs(root, exist_ok=True)
     d = Daemon(root, host=args.host, port=args.port, grace=args.grace, rescan_interval=args.rescan)
-    if not args.no_http and not args.token and not _is_loopback(d.rootcfg.host):
+    if not args.no_http and not args.token and not is_loopback(d.rootcfg.host):
         raise InvalidInput(f"refusing to serve HTTP on {d.rootcfg.host} without a token: set --token or "
                            "SPOOLQ_TOKEN (or use --no-http)")
     d.setup()

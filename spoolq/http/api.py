@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -167,6 +167,15 @@ def _receipt_json(ctx: AppContext, queue: str, msg_id: str) -> dict[str, Any]:
             "attachments": {n: {"md5": a.md5, "size": a.size} for n, a in view.attachments.items()}}
 
 
+def validation_text(e: ValidationError) -> str:
+    """pydantic's errors as ``field: problem`` clauses (its own text is multi-line and noisy)."""
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid"
+
+
 def _parse_message(raw: bytes | str) -> NewMessage:
     try:
         data = json.loads(raw)
@@ -176,8 +185,8 @@ def _parse_message(raw: bytes | str) -> NewMessage:
         raise InvalidMessage("the message must be a JSON object")
     try:
         return NewMessage.model_validate(data)
-    except ValueError as e:
-        raise InvalidMessage(f"invalid message: {e}") from None
+    except ValidationError as e:
+        raise InvalidMessage(f"invalid message: {validation_text(e)}") from None
 
 
 def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedForm | None) -> dict[str, Any]:
@@ -265,14 +274,16 @@ def message_action(request: Request, queue: str, msg_id: str, action: MessageAct
     return act(_ctx(request).client, queue, msg_id, action.value)
 
 
+@router.head("/queues/{queue}/messages/{msg_id}/attachments/{name}", include_in_schema=False)
 @router.get("/queues/{queue}/messages/{msg_id}/attachments/{name}", response_class=Response,
-            summary="Download an attachment (streamed; Range supported)")
+            summary="Download an attachment (streamed; Range supported; HEAD too)")
 def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Response:
     return attachment_response(request, _ctx(request).client, queue, msg_id, name)
 
 
+@router.head("/queues/{queue}/messages/{msg_id}/log", include_in_schema=False)
 @router.get("/queues/{queue}/messages/{msg_id}/log", response_class=Response,
-            summary="The job's stdio.log (Range requests: 206 / 416)")
+            summary="The job's stdio.log (Range requests: 206 / 416; HEAD too)")
 def get_log(request: Request, queue: str, msg_id: str) -> Response:
     path = log_path(_ctx(request).client, queue, msg_id)
     return file_response(request, path, media_type="text/plain; charset=utf-8",

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
@@ -21,9 +22,10 @@ from .. import __version__
 from ..client import Client
 from ..errors import SpoolqError
 from . import api, metrics, rq_routes, sse, ui
-from .auth import AuthMiddleware
+from .auth import AuthMiddleware, SecurityHeaders
 from .common import AppContext, default_upload_dir
 from .errors import error_body, error_response, status_for
+from .limits import BodyLimit
 from .metrics import ExtraMetrics, RequestMetrics, RequestStats
 from .uploads import sweep_uploads
 
@@ -54,6 +56,7 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
         sweep_uploads(ctx.upload_dir)
     except OSError as e:
         log.warning("cannot prepare upload directory %s: %s", ctx.upload_dir, e)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.ctx = ctx
     app.state.request_stats = RequestStats()
     app.state.extra_metrics = extra_metrics
@@ -79,6 +82,10 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> Response:
+        return JSONResponse(error_body("invalid_input", "JSON nested too deeply"), status_code=400)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
@@ -91,9 +98,48 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
     app.include_router(rq_routes.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(AuthMiddleware, token=ctx.token)
     app.add_middleware(RequestMetrics, stats=app.state.request_stats)
     return app
+
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string", "description": "stable machine-readable code, e.g. queue_not_found"},
+        "message": {"type": "string"}}}},
+}
+ERROR_STATUSES = {"400": "Bad input", "401": "A token is required", "403": "Refused (cross-site, Host, CSRF)",
+                  "404": "No such queue, message, attachment or log", "409": "The message is in the wrong state",
+                  "413": "Request body or message too large", "503": "The queue is DOWN",
+                  "507": "The spool's disk is full"}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, told the truth about errors: every operation answers errors as
+    ``Error`` (never FastAPI's 422 shape), and a bearer token is accepted everywhere."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = ERROR_SCHEMA
+    ref = {"$ref": "#/components/schemas/Error"}
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            for code, text in ERROR_STATUSES.items():
+                responses.setdefault(code, {"description": text, "content": {"application/json": {"schema": ref}}})
+    doc["components"]["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "Required when the server listens off loopback (--token / SPOOLQ_TOKEN)."}}
+    doc["security"] = [{"bearer": []}, {}]
+    app.openapi_schema = doc
+    return doc
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:

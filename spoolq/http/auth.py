@@ -6,6 +6,9 @@
   routes), HTTP basic auth with the token as password (RQ tools that put credentials in the
   URL), or the session cookie the UI's login form sets. ``/healthz``, ``/login`` and
   ``/static`` stay public.
+- DNS rebinding: without a token, a request whose ``Host`` is not a loopback name or
+  address (a page on another site that made its name resolve to 127.0.0.1) is refused with
+  403 before anything else: the token is what protects a server on a real address.
 - Cross-site: an unsafe method with an ``Origin`` (or ``Sec-Fetch-Site: cross-site``) that
   is not this server is refused with 403. Browsers always send these on cross-site form
   posts; curl and RQ's clients never do. The UI's forms also carry a double-submit CSRF
@@ -25,6 +28,7 @@ from urllib.parse import quote, urlsplit
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..config import is_loopback
 from .errors import Forbidden, error_body
 
 SESSION_COOKIE = "spoolq_session"
@@ -93,6 +97,10 @@ class AuthMiddleware:
             return
         headers = _headers(scope)
         path: str = scope.get("path", "")
+        if not self.token and not _loopback_host(headers.get("host", "")):
+            await _send_json(send, 403, error_body(Forbidden.code, "this server answers only to loopback "
+                                                   "names (Host header refused)"))
+            return
         if scope.get("method", "GET") in UNSAFE_METHODS and cross_site(headers):
             await _send_json(send, 403, error_body(Forbidden.code, "cross-site request refused"))
             return
@@ -107,6 +115,16 @@ class AuthMiddleware:
                              [(b"www-authenticate", b'Bearer realm="spoolq"')])
             return
         await self.app(scope, receive, send)
+
+
+def _loopback_host(host: str) -> bool:
+    """A ``Host`` header naming this machine's loopback (any port); absent counts (HTTP/1.0)."""
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if host.startswith("[") and "]" in host:
+        name = host[: host.index("]") + 1]
+    return is_loopback(name)
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -135,3 +153,28 @@ def check_csrf(request: Request, submitted: str | None) -> None:
     cookie = request.cookies.get(CSRF_COOKIE, "")
     if not cookie or not submitted or not hmac.compare_digest(cookie.encode(), submitted.encode()):
         raise Forbidden("the form's CSRF token is missing or stale; reload the page and try again")
+
+
+class SecurityHeaders:
+    """Headers on every response: no MIME sniffing, and no framing by other sites
+    (clickjacking). Files served from the spool add a sandbox CSP of their own (common.py)."""
+
+    EXTRA = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+             (b"referrer-policy", b"same-origin")]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *((k, v) for k, v in self.EXTRA if k not in have)]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

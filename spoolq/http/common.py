@@ -140,6 +140,9 @@ def log_path(client: Client, queue: str, msg_id: str, name: str = "stdio.log") -
 
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+INLINE_TYPES = frozenset({"text/plain", "image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf",
+                          "application/json"})
+"""Attachment types a browser may show in place; anything else (HTML, SVG...) downloads."""
 
 
 def _read_span(path: Path, fh: Any, start: int, length: int) -> Iterator[bytes]:
@@ -167,14 +170,19 @@ def file_response(request: Request, path: Path, *, media_type: str, missing: Not
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise missing from None
     size = os.fstat(fh.fileno()).st_size
-    headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-cache"}
+    # Whatever a script wrote or a user uploaded is served inert: no sniffing, a sandbox
+    # with no scripts, and a download (not a page on our origin) unless it is a plain type.
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"}
     if filename:
-        headers["Content-Disposition"] = f"inline; filename=\"{filename}\""
+        how = "inline" if media_type.split(";")[0] in INLINE_TYPES else "attachment"
+        headers["Content-Disposition"] = f"{how}; filename=\"{filename}\""
     rng = request.headers.get("range")
     start, end, status = 0, size - 1, 200
     if rng:
         m = _RANGE_RE.match(rng.strip())
-        if m and (m.group(1) or m.group(2)):
+        inverted = bool(m and m.group(1) and m.group(2) and int(m.group(2)) < int(m.group(1)))
+        if m and (m.group(1) or m.group(2)) and not inverted:  # "9-3" is invalid: ignored (RFC 9110)
             if m.group(1):
                 start = int(m.group(1))
                 end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1

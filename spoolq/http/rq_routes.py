@@ -48,9 +48,10 @@ def _fail(e: SpoolqError, text: str | None = None) -> JSONResponse:
     return JSONResponse(["fail", text or e.message], status_code=status_for(e))
 
 
-def _lookup_error(e: SpoolqError) -> Response:
-    """RQ answers a missing or malformed queue or id with a plain-text 404."""
-    if isinstance(e, QueueNotFound):
+def _lookup_error(e: SpoolqError, *, queue_only: bool = False) -> Response:
+    """RQ answers a missing or malformed queue or id with a plain-text 404 (``queue_only``:
+    no message was named, so a bad name is a bad queue name)."""
+    if isinstance(e, QueueNotFound) or (queue_only and isinstance(e, InvalidName)):
         return _text(404, TEXT_404_QUEUE)
     if isinstance(e, (InvalidName, MessageNotFound)):
         return _text(404, TEXT_404_MSG)
@@ -91,7 +92,7 @@ def queue_json(request: Request, queue: str) -> Response:
     try:
         status, uptime, c = _queue_stats(ctx, queue)
     except SpoolqError as e:
-        return _lookup_error(e)
+        return _lookup_error(e, queue_only=True)
     body: dict[str, Any] = {"status": status, "uptime": uptime}
     for st in ("prep", "que", "run", "done", "err", "relayed"):
         body[f"{st}_size"] = c.get(st, 0)
@@ -104,7 +105,7 @@ def queue_txt(request: Request, queue: str) -> Response:
     try:
         status, uptime, c = _queue_stats(ctx, queue)
     except SpoolqError as e:
-        return _lookup_error(e)
+        return _lookup_error(e, queue_only=True)
     if status == "DOWN":
         return PlainTextResponse("status: DOWN\n")
     lines = [f"status: {status}", f"uptime: {uptime}"]
@@ -228,7 +229,7 @@ def state_json(request: Request, queue: str, msg_id: str) -> Response:
         return _lookup_error(e)
 
 
-@router.get("/q/{queue}/{msg_id}/attach/{name}")
+@router.api_route("/q/{queue}/{msg_id}/attach/{name}", methods=["GET", "HEAD"])
 def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Response:
     try:
         return attachment_response(request, ctx_of(request).client, queue, msg_id, name)
@@ -236,7 +237,7 @@ def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Resp
         return _lookup_error(e)
 
 
-@router.get("/q/{queue}/{msg_id}/log/{log}")
+@router.api_route("/q/{queue}/{msg_id}/log/{log}", methods=["GET", "HEAD"])
 def get_log(request: Request, queue: str, msg_id: str, log: str) -> Response:
     try:
         path = log_path(ctx_of(request).client, queue, msg_id, log)

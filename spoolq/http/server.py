@@ -8,7 +8,6 @@ handlers: the daemon owns the signals and calls :meth:`HttpHandle.stop`.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
 import threading
 import time
@@ -18,18 +17,9 @@ from typing import Any
 import uvicorn
 
 from ..client import Client
+from ..config import is_loopback
 from .app import create_app
 from .errors import AddressInUse, HttpConfigError
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``; everything else counts as exposed."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _ThreadServer(uvicorn.Server):
