@@ -81,6 +81,8 @@ ADMIN_ACTIONS: dict[str, tuple[str, bool]] = {
 
 
 def _param(value: Any, name: str) -> str:
+    if type(value) is str and value.isascii() and "\x00" not in value:
+        return value  # the common case, checked in C: ASCII holds no surrogates
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -187,20 +189,23 @@ class Message:
         """
         if not isinstance(data, dict):
             raise InvalidMessage("a message must be a JSON object")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known - DERIVED_KEYS
-        if strict and unknown:
-            raise InvalidMessage(f"unknown message field(s): {', '.join(sorted(unknown))}")
+        if strict:
+            unknown = set(data) - _MESSAGE_FIELDS - DERIVED_KEYS
+            if unknown:
+                raise InvalidMessage(f"unknown message field(s): {', '.join(sorted(unknown))}")
+        get = data.get
         m = cls()
-        m.dest = _param(data.get("dest"), "dest")
-        m.msg_id = _param(data.get("msg_id"), "msg_id")
-        m.src = _param(data.get("src"), "src")
-        if data.get("count") not in (None, ""):
+        m.dest = _param(get("dest"), "dest")
+        m.msg_id = _param(get("msg_id"), "msg_id")
+        m.src = _param(get("src"), "src")
+        if get("count") not in (None, ""):
             m.count = _int(data["count"], "count")
-        if data.get("max_count") not in (None, ""):
+        if get("max_count") not in (None, ""):
             m.max_count = _int(data["max_count"], "max_count", 1)
-        for i in range(1, 5):
-            setattr(m, f"param{i}", _param(data.get(f"param{i}"), f"param{i}"))
+        m.param1 = _param(get("param1"), "param1")
+        m.param2 = _param(get("param2"), "param2")
+        m.param3 = _param(get("param3"), "param3")
+        m.param4 = _param(get("param4"), "param4")
         if data.get("due") not in (None, ""):
             m.due = _epoch(data["due"], "due")
         m.orig_msg_id = _param(data.get("orig_msg_id"), "orig_msg_id")
@@ -274,6 +279,9 @@ class Message:
                 f"message is {len(data)} bytes; the limit is {MAX_MSG_BYTES} (put bulk data in an attachment)"
             )
         return data
+
+
+_MESSAGE_FIELDS = frozenset(Message.__dataclass_fields__)
 
 
 @dataclass

@@ -151,15 +151,16 @@ class FsStore:
         return sorted(out)
 
     def queue_config(self, name: str) -> QueueConfig:
-        path = self.qdir(name) / "config.json"
+        # On every send and move: one stat and a cache hit, without building Path objects.
+        path = f"{self.qroot}/{validate_queue_name(name)}/config.json"
         try:
-            st = path.stat()
+            st = os.stat(path)
             key = (st.st_mtime_ns, st.st_size)
             cached = self._cfg_cache.get(name)
             if cached and cached[0] == key:
                 return cached[1]
-            raw = path.read_bytes()
-        except FileNotFoundError:
+            raw = _read_file(Path(path))
+        except (FileNotFoundError, NotADirectoryError):
             raise QueueNotFound(f"no such queue: {name}") from None
         try:
             cfg = QueueConfig.from_dict(json.loads(raw))
@@ -251,7 +252,7 @@ class FsStore:
         if state not in (State.QUE, State.PREP):
             raise InvalidInput("new messages start in que or prep")
         cfg = self._check_accepting(queue)
-        qdir = self.qdir(queue)
+        qdir = self.qroot / queue  # validated by _check_accepting
         sync = cfg.fsync
         stage: str | None = None
         sfd = -1
