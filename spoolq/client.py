@@ -108,12 +108,16 @@ class Client:
         return cfg
 
     def delete_queue(self, name: str, *, force: bool = False) -> None:
+        """Delete a queue (moved to ``<root>/deleted/``). Refused (Conflict) while it holds
+        messages in prep, que or run, unless ``force``."""
         self.store.delete_queue(name, force=force)
 
     def queues(self) -> list[str]:
+        """Every queue's name, sorted."""
         return self.store.queues()
 
     def queue_config(self, name: str) -> QueueConfig:
+        """The queue's config (QueueNotFound if there is no such queue)."""
         return self.store.queue_config(name)
 
     def admin_state(self, name: str) -> AdminState:
@@ -192,10 +196,38 @@ class Client:
         data["max_count"] = max_count if max_count is not None else self.store.queue_config(queue).max_count
         return Message.from_dict(data)
 
-    def send(self, queue: str, *, attachments: Sequence[AttachmentLike] = (), **fields: Any) -> Receipt:
-        """Send one message; returns after it is durable. Fields: param1..param4, params, due
-        or delay, src, max_count, dest, post_run_webhook, orig_msg_id, count."""
-        m = self._build(queue, **fields)
+    def send(
+        self,
+        queue: str,
+        *,
+        param1: Any = None,
+        param2: Any = None,
+        param3: Any = None,
+        param4: Any = None,
+        params: Mapping[str, Any] | None = None,
+        due: float | None = None,
+        delay: float | None = None,
+        src: str = "",
+        max_count: int | None = None,
+        dest: str | None = None,
+        post_run_webhook: Sequence[str] | None = None,
+        orig_msg_id: str | None = None,
+        count: int | None = None,
+        attachments: Sequence[AttachmentLike] = (),
+    ) -> Receipt:
+        """Send one message to ``queue``; returns once it is durable (file and directory
+        fsync'd, unless the queue says ``"fsync": false``).
+
+        ``param1``..``param4`` are RQ's opaque strings (numbers are turned into text);
+        ``params`` is free JSON. ``due`` (epoch seconds) or ``delay`` (seconds from now)
+        hold it back; ``max_count`` defaults to the queue's. ``attachments`` are paths (hard
+        linked on the same filesystem, copied otherwise) or :class:`AttachmentSource`.
+        Raises QueueNotFound, QueueDown, InvalidMessage, TooLarge, DiskFull or StorageError;
+        on any error nothing is stored.
+        """
+        m = self._build(queue, param1=param1, param2=param2, param3=param3, param4=param4, params=params,
+                        due=due, delay=delay, src=src, max_count=max_count, dest=dest,
+                        post_run_webhook=post_run_webhook, orig_msg_id=orig_msg_id, count=count)
         stored = self.store.create(queue, m, attachments=[_attachment(a) for a in attachments])
         return self.receipt(queue, stored.msg_id)
 
@@ -227,13 +259,34 @@ class Client:
             msgs.append(m)
         return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
 
-    def prep(self, queue: str, **fields: Any) -> Receipt:
-        """Create a message in prep: attach files to it, then :meth:`commit` it."""
-        m = self._build(queue, **fields)
+    def prep(
+        self,
+        queue: str,
+        *,
+        param1: Any = None,
+        param2: Any = None,
+        param3: Any = None,
+        param4: Any = None,
+        params: Mapping[str, Any] | None = None,
+        due: float | None = None,
+        delay: float | None = None,
+        src: str = "",
+        max_count: int | None = None,
+        dest: str | None = None,
+        post_run_webhook: Sequence[str] | None = None,
+        orig_msg_id: str | None = None,
+    ) -> Receipt:
+        """Create a message in prep (two-phase send): :meth:`attach` files to it, then
+        :meth:`commit` it. Fields as for :meth:`send`."""
+        m = self._build(queue, param1=param1, param2=param2, param3=param3, param4=param4, params=params,
+                        due=due, delay=delay, src=src, max_count=max_count, dest=dest,
+                        post_run_webhook=post_run_webhook, orig_msg_id=orig_msg_id)
         return self.receipt(queue, self.store.create(queue, m, state=State.PREP).msg_id)
 
     def attach(self, ref: Ref, path: str | os.PathLike[str] | None = None, *, name: str | None = None,
                stream: BinaryIO | None = None) -> AttachmentInfo:
+        """Attach a file (``path``, hard linked or copied) or a ``stream`` under ``name``
+        (default: the file's basename) to a message in prep; returns its md5, sha256, size."""
         r = self.ref(ref)
         src = AttachmentSource(name=name, path=os.path.abspath(os.fspath(path)) if path is not None else None,
                                stream=stream)
@@ -250,6 +303,7 @@ class Client:
 
     # -- reading -------------------------------------------------------------------------
     def get(self, ref: Ref) -> MessageView:
+        """The message as it is now: fields, state, status text, history, attachments."""
         r = self.ref(ref)
         return self.store.get(r.queue, r.msg_id)
 
@@ -261,6 +315,10 @@ class Client:
 
     def list(self, queue: str, state: State | str = State.QUE, *, limit: int = 50, cursor: str | None = None,
              filter: str | None = None) -> ListPage:
+        """One page of messages in ``state``, newest first: at most ``limit``, older than
+        ``cursor`` (the page's ``next_cursor``), matching ``filter`` (a case-insensitive
+        substring of the id, src, dest, params or status). Unreadable messages are set aside
+        and named in ``problems``."""
         try:
             st = State(state)
         except ValueError:
@@ -268,9 +326,11 @@ class Client:
         return self.store.list(queue, st, limit=limit, cursor=cursor, filter=filter)
 
     def counts(self, queue: str) -> dict[str, int]:
+        """Messages per state (``prep que run done relayed err err_acked``), in O(1)."""
         return self.store.counts(queue)
 
     def recount(self, queue: str) -> dict[str, int]:
+        """Count by walking the queue's tree and rewrite the counts cache (slow; repairs)."""
         return self.store.recount(queue)
 
     def open_attachment(self, ref: Ref, name: str) -> BinaryIO:
@@ -279,6 +339,7 @@ class Client:
 
     # -- acting on messages --------------------------------------------------------------
     def delete(self, ref: Ref) -> None:
+        """Remove a message in any state but run (cancel a running one first)."""
         r = self.ref(ref)
         self.store.delete(r.queue, r.msg_id)
 
@@ -387,9 +448,12 @@ class Client:
         raise WrongState(f"message {r.queue}/{r.msg_id} keeps changing state; try again")
 
     def ack_errs(self, queue: str) -> int:
+        """Acknowledge every error of ``queue`` (they stay, counted as ``err_acked``);
+        returns how many."""
         return self.store.ack_errs(queue)
 
     def sweep(self, queue: str) -> builtins.list[str]:
+        """Remove debris of dead producers and empty old buckets; returns what went."""
         return self.store.sweep(queue)
 
 

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from .errors import InvalidConfig, InvalidMessage, TooLarge
-from .ids import validate_queue_name
+from .ids import bucket_of, validate_queue_name
 
 MAX_MSG_BYTES = 1024 * 1024
 """Largest serialized ``msg`` accepted. Bulk data belongs in attachments."""
@@ -487,6 +487,8 @@ class MessageView:
         d["state"] = str(self.state)
         d["status"] = self.status
         d["queue"] = self.queue
+        day, hm, ss = bucket_of(self.message.msg_id)  # RQ's derived "path", relative to the root
+        d["path"] = f"queue/{self.queue}/{self.state}/{day}/{hm}/{ss}/{'.' if self.acked else ''}{self.message.msg_id}"
         if full_id:
             d["full_msg_id"] = full_id
         if self.acked:

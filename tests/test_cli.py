@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,7 @@ def test_send_fields_attachments_and_show_json(cli: Cli, q: str, tmp_path: Path)
     assert m["post_run_webhook"] == ["http://example.com/hook"]
     assert m["due"] == 2000000000
     assert (m["state"], m["status"]) == ("que", "que")
+    assert (cli.root / m["path"] / "msg").is_file(), "RQ's derived path, relative to the root"
     atts = m["_attachments"]
     assert set(atts) == {"a.bin", "notes.txt"}
     for name, path in (("a.bin", a), ("notes.txt", b)):
@@ -631,3 +633,12 @@ def test_usage_errors_exit_2(cli: Cli) -> None:
     assert cli("queue").returncode == exitcodes.USAGE
     assert cli("send").returncode == exitcodes.USAGE
     assert cli("queue", "create", "x").returncode == exitcodes.USAGE  # --script is required
+
+
+def test_cli_reference_in_the_docs_is_current() -> None:
+    # docs/cli.md's reference section is generated from the parser; a changed --help must
+    # come with a regenerated page (scripts/cli_reference.py).
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(repo / "scripts" / "cli_reference.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import durable
-from spoolq.errors import CorruptMessage, DiskFull, InvalidInput, MessageNotFound, StorageError
+from spoolq.errors import CorruptMessage, DiskFull, InvalidInput, MessageNotFound, QueueNotFound, StorageError
 from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore
@@ -219,6 +219,21 @@ def test_same_file_attached_twice_and_partial_attachments(fs: FsStore, tmp_path:
     fs.commit("q", m.msg_id)  # a committed message keeps no partial attachment
     adir = fs.message_dir("q", m.msg_id) / "attach"
     assert sorted(os.listdir(adir)) == [".f.txt.json", "f.txt"]
+
+
+def test_half_made_queues_are_swept_and_reads_create_nothing(fs: FsStore, tmp_path: Path) -> None:
+    dead = fs.qroot / ".new.q2.999999999.abcd"  # its creator (no such pid) died
+    dead.mkdir()
+    (dead / "config.json").write_text("{}")
+    os.utime(dead, (0, 0))
+    live = fs.qroot / f".new.q3.{os.getpid()}.abcd"
+    live.mkdir()
+    assert fs.sweep_root() == [str(dead)] and live.exists() and fs.queues() == ["q"]
+    nowhere = FsStore(tmp_path / "typo" / "root")
+    assert nowhere.queues() == []
+    with pytest.raises(QueueNotFound):
+        nowhere.counts("q")
+    assert not (tmp_path / "typo").exists(), "a read must not create a spool"
 
 
 def test_sweep_prunes_empty_buckets_only(fs: FsStore) -> None:

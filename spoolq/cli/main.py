@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A per-machine message queue manager whose database is the filesystem.",
     )
     p.add_argument("--root", default=os.environ.get("SPOOLQ_ROOT"),
-                   help="spool root directory or store URL (env SPOOLQ_ROOT; default %(default)s or "
-                        "/var/spool/spoolq, else ~/.local/state/spoolq)")
+                   help="spool root directory or store URL (default: $SPOOLQ_ROOT, else /var/spool/spoolq "
+                        "when writable, else ~/.local/state/spoolq)")
     p.add_argument("--json", action="store_true", help="print stable machine-readable JSON")
     p.add_argument("--version", action="version", version=f"spoolq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

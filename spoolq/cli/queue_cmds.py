@@ -77,7 +77,8 @@ def register(sub: Any) -> None:
     p.add_argument("--recount", action="store_true",
                    help="recount from the messages on disk instead of the counts cache")
 
-    p = command(sub, "ack-errs", ack_errs, "acknowledge every error of a queue (they stay, uncounted)")
+    p = command(sub, "ack-errs", ack_errs,
+                "acknowledge every error of a queue (they stay in err, counted as err_acked)")
     p.add_argument("queue", metavar="QUEUE")
 
     p = command(sub, "sweep", sweep, "remove debris of dead producers and empty bucket directories")

@@ -97,6 +97,7 @@ class Daemon:
 
     def setup(self) -> None:
         """Everything before the loop: lock, root config, signals, watches, recovery."""
+        self.store.ensure_root()
         if not reserve_low_fds():  # before this process opens anything else
             log.info("fds 3 and 4 are taken: scripts are spawned through the slower preexec path")
         self.sel = selectors.DefaultSelector()
@@ -114,6 +115,8 @@ class Daemon:
         self.ino = watch.Inotify()
         self.sel.register(self.ino.fd, selectors.EVENT_READ, "inotify")
         self._watch(self.store.qroot, "root", None, 0)
+        for path in self.store.sweep_root():
+            log.info("removed %s, a queue whose creator died half-way", path)
         for name in self.store.queues():
             try:
                 self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true

@@ -71,6 +71,11 @@ class FsStore:
         self.url = f"file://{self.root}"
         self.clock = clock
         self._cfg_cache: dict[str, tuple[tuple[int, int], QueueConfig]] = {}
+        # Nothing is created until something is written (create_queue): a mistyped --root
+        # given to a read command must not leave an empty spool behind.
+
+    def ensure_root(self) -> None:
+        """Create the spool root and its ``queue/`` directory if they are missing."""
         try:
             self.qroot.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -90,6 +95,7 @@ class FsStore:
         qdir = self.qdir(config.name)
         if qdir.exists():
             raise QueueExists(f"queue {config.name} already exists")
+        self.ensure_root()
         # I1: a queue appears whole or not at all: built in a staging dir, then renamed.
         stage = self.qroot / f".new.{config.name}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
@@ -760,6 +766,28 @@ class FsStore:
         if n:
             Counts(qdir / "counts").add({"err": -n, "err_acked": n})
         return n
+
+    def sweep_root(self, *, older_than: float = 3600.0) -> builtins.list[str]:
+        """Remove ``queue/.new.<name>.<pid>.<rand>``: queues whose creator died before its
+        rename (I1), once that process is gone, or older than ``older_than`` seconds."""
+        removed: list[str] = []
+        now = time.time()
+        try:
+            names = [n for n in os.listdir(self.qroot) if n.startswith(".new.")]
+        except OSError:
+            return removed
+        for n in names:
+            p = self.qroot / n
+            parts = n.split(".")
+            alive = len(parts) == 5 and parts[3].isdigit() and pid_alive(int(parts[3]))
+            try:
+                age = now - p.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if (not alive and age > 1.0) or age > older_than:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+        return removed
 
     def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
         """I6: debris of dead producers (staging dirs) goes; empty old buckets go."""

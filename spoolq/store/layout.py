@@ -5,11 +5,13 @@ The layout (docs/internals.md has the full table)::
     <root>/config.json                      host and port that name this machine in full ids
     <root>/queue/<q>/config.json            the queue config
     <root>/queue/<q>/pause | down           admin-state flag files (RQ semantics)
+    <root>/queue/<q>/scripterror            the daemon's SCRIPTERROR reason, while it lasts
+    <root>/queue/<q>/kick                   touched by run-now: the daemon rescans que/
     <root>/queue/<q>/counts                 counts cache (derived; see Counts)
     <root>/queue/<q>/.tmp/                  staging: messages being written, invisible
     <root>/queue/<q>/corrupt/               messages set aside because their files are unreadable
     <root>/queue/<q>/<state>/<YYYYMMDD>/<HHMM>/<SS>/<id>/   one message
-    <root>/deleted/<q>.<time>/              deleted queues, kept until removed by hand
+    <root>/deleted/<q>.<time>.<rand>/       deleted queues, kept until removed by hand
 """
 
 from __future__ import annotations
