@@ -254,9 +254,7 @@ class Client:
                 d["due"] = now + _delay(d.pop("delay"))
             if d.get("max_count") in (None, ""):
                 d["max_count"] = default_max
-            m = Message.from_dict(d)
-            m.encode()  # size and serializability, before anything is written
-            msgs.append(m)
+            msgs.append(Message.from_dict(d))  # size is checked by the store, before any rename
         return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
 
     def prep(

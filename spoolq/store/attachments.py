@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import time
@@ -12,7 +11,7 @@ from typing import Any, BinaryIO
 
 from .. import durable
 from ..errors import InvalidInput
-from ..model import AttachmentInfo
+from ..model import COMPACT_JSON, AttachmentInfo
 from .base import AttachmentSource, attachment_name
 
 CHUNK = 1024 * 1024
@@ -140,4 +139,4 @@ def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return COMPACT_JSON.encode(obj).encode()

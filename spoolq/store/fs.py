@@ -37,6 +37,7 @@ from ..errors import (
 from ..ids import bucket_of, id_prefix, make_id, validate_attachment_name, validate_msg_id, validate_queue_name
 from ..model import (
     ADMIN_FLAGS,
+    COMPACT_JSON,
     AdminState,
     AttachmentInfo,
     ListPage,
@@ -855,4 +856,4 @@ def _rmdir_if_stale(path: Path, now: float) -> bool:
 def _json(obj: Any, indent: int | None = None) -> bytes:
     if indent:
         return (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode()
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return COMPACT_JSON.encode(obj).encode()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..ids import MSG_ID_RE, bucket_of, sort_key
-from ..model import State
+from ..model import COMPACT_JSON, State
 
 COUNT_KEYS = ("prep", "que", "run", "done", "relayed", "err", "err_acked")
 
@@ -154,7 +154,7 @@ class Counts:
 
     @staticmethod
     def _write(fd: int, counts: dict[str, int]) -> None:
-        data = json.dumps(counts, separators=(",", ":")).encode()
+        data = COMPACT_JSON.encode(counts).encode()
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
 
