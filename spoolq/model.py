@@ -497,6 +497,9 @@ class MessageView:
         d["path"] = f"queue/{self.queue}/{self.state}/{day}/{hm}/{ss}/{'.' if self.acked else ''}{self.message.msg_id}"
         if full_id:
             d["full_msg_id"] = full_id
+            # RQ: "the full id of the first message in a relay, dup or clone chain (input
+            # value or own full id)"; an original's own id is filled in here, on read.
+            d["orig_msg_id"] = d.get("orig_msg_id") or full_id
         if self.acked:
             d["acked"] = True
         if self.attachments:

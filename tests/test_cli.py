@@ -203,6 +203,7 @@ def test_send_fields_attachments_and_show_json(cli: Cli, q: str, tmp_path: Path)
     assert m["due"] == 2000000000
     assert (m["state"], m["status"]) == ("que", "que")
     assert (cli.root / m["path"] / "msg").is_file(), "RQ's derived path, relative to the root"
+    assert m["orig_msg_id"] == full_id, "an original is the first of its chain"
     atts = m["_attachments"]
     assert set(atts) == {"a.bin", "notes.txt"}
     for name, path in (("a.bin", a), ("notes.txt", b)):
