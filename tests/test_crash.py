@@ -73,8 +73,14 @@ def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Pat
     client.create_queue("q", script="/bin/true")
     rng = random.Random(1234)
     for round_ in range(25):
+        before = len(all_message_dirs(root))
         procs = [subprocess.Popen([sys.executable, "-c", KILLABLE, str(root), f"r{round_}p{k}"]) for k in range(2)]
-        time.sleep(0.25 + rng.random() * 0.5)  # let imports finish, then kill mid-stream
+        # Wait until they are sending (imports take long on a loaded CI machine), then kill
+        # them at a random moment mid-stream.
+        deadline = time.monotonic() + 30
+        while len(all_message_dirs(root)) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.3)
         for p in procs:
             time.sleep(rng.random() * 0.05)
             p.send_signal(signal.SIGKILL)
