@@ -393,6 +393,13 @@ def test_token_auth(client: spoolq.Client) -> None:
     ok = http.post("/login", data={"token": "s3cret", "csrf": csrf, "next": "/q/work"}, follow_redirects=False)
     assert ok.status_code == 303 and ok.headers["location"] == "/q/work"
     assert http.get("/q/work").status_code == 200, "the session cookie now authorizes the UI"
+    page = http.get("/q/work").text
+    assert 'action="/logout"' in page
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    out = http.post("/logout", data={"csrf": csrf}, follow_redirects=False)
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    r = http.get("/q/work", headers={"Accept": "text/html"}, follow_redirects=False)
+    assert r.status_code == 303, "signed out: back to the login form"
 
 
 def test_start_http_refuses_exposed_address_without_token(client: spoolq.Client) -> None:

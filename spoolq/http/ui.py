@@ -8,6 +8,7 @@ so neither a user's input nor a script's output can inject markup.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import hmac
 import json
@@ -123,6 +124,9 @@ def error_page(request: Request, e: SpoolqError) -> HTMLResponse:
 
 
 # -- login ----------------------------------------------------------------------------------
+LOGIN_FAILURE_DELAY = 1.0
+"""Seconds a wrong token waits before its answer: brute force gets one guess a second."""
+
 @router.get("/login")
 def login_form(request: Request, next: str = "/") -> HTMLResponse:
     return render(request, "login.html", title="sign in", next=next, failed=False)
@@ -140,9 +144,21 @@ async def login(request: Request) -> Response:
     if ctx.token is None:
         return redirect(nxt)
     if not hmac.compare_digest(token.encode(), ctx.token.encode()):
+        await asyncio.sleep(LOGIN_FAILURE_DELAY)  # one guess per second per connection, at most
         return render(request, "login.html", status=401, title="sign in", next=nxt, failed=True)
     resp = redirect(nxt)
-    resp.set_cookie(SESSION_COOKIE, session_value(ctx.token), httponly=True, samesite="strict", path="/")
+    resp.set_cookie(SESSION_COOKIE, session_value(ctx.token), httponly=True, samesite="strict", path="/",
+                    secure=request.url.scheme == "https")
+    return resp
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    ctx = ctx_of(request)
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+    resp = redirect("/login")
+    resp.delete_cookie(SESSION_COOKIE, path="/")
     return resp
 
 
