@@ -804,6 +804,8 @@ class FsStore:
                 continue
             pid = n.split(".", 1)[0]
             owner_alive = pid.isdigit() and pid_alive(int(pid))
+            # A second's grace even for a dead owner: a producer in another pid namespace
+            # (a container sharing the spool) looks dead from here while it writes.
             if n.startswith("deleted.") or (not owner_alive and age > 1.0) or age > older_than:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(str(p))
