@@ -35,8 +35,7 @@ RQ_VER = "3.0.0"
 START_WINDOW_NS = 2_000_000_000
 """How long after the recorded spawn time a process may have started and still be ours."""
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-PID_WIDTH = 7
-"""The header's pid field, right-aligned: Linux pids have at most 7 digits (pid_max 4194304)."""
+
 # Never handed to scripts: the daemon's own secrets and stale values of our variables.
 _SCRUB_PREFIXES = ("RQ_", "SPOOLQ_")
 
@@ -235,13 +234,14 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
         os.dup2(hi_w, 3)
         os.dup2(hi_r, 4)
 
-    # The header goes in before the script can write anything. Its pid is not known until
-    # the spawn, so the field is written as blanks and filled in right after (pid_at).
-    header = f"\n{'':>{PID_WIDTH}} - {stamp} - RQ START - {header_script}\n".encode()
-    pid_at = -1
+    # The header goes in before the script can write anything, so it always comes first.
+    # RQ's header starts with the script's pid, written by the child between fork and exec;
+    # here no Python runs in the child (vfork), and the pid is not known before the spawn.
+    # Writing it afterwards would race the script's output, and patching it in place would
+    # break the log's append-only promise to live readers, so the header has no pid: it is
+    # in the message's pid file while the script runs, and in `serve -v`'s log.
     try:
-        _write_all(log_fd, header)
-        pid_at = os.lseek(log_fd, 0, os.SEEK_CUR) - len(header) + 1
+        _write_all(log_fd, f"\n{stamp} - RQ START - {header_script}\n".encode())
     except OSError:
         pass  # a full disk: the script still runs; its output may fail the same way
     try:
@@ -271,15 +271,6 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
     finally:
         if fast:
             _park_low_fds()
-    if pid_at >= 0:
-        try:
-            fd = os.open(job / "stdio.log", os.O_WRONLY | os.O_CLOEXEC)  # not O_APPEND: pwrite in place
-            try:
-                os.pwrite(fd, str(proc.pid).rjust(PID_WIDTH).encode(), pid_at)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
     os.close(log_fd)
     os.close(status_w)
     os.close(reply_r)
