@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypedDict, Unpack
 
 from .config import RootConfig, default_root, read_root_config
 from .errors import InvalidInput, InvalidMessage, WaitTimeout, WrongState
@@ -31,6 +31,27 @@ from .model import (
 from .store import AttachmentSource, FsStore, Store, open_store
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
+
+
+class MessageFields(TypedDict, total=False):
+    """What a sender may set on a new message (:meth:`Client.send`, ``prep``, ``send_many``)."""
+
+    param1: Any
+    param2: Any
+    param3: Any
+    param4: Any
+    params: Mapping[str, Any]
+    due: float
+    delay: float
+    src: str
+    max_count: int
+    dest: str
+    post_run_webhook: Sequence[str]
+    orig_msg_id: str
+    count: int
+
+
+MESSAGE_FIELD_NAMES = frozenset(MessageFields.__annotations__)
 
 
 @dataclass(frozen=True)
@@ -126,9 +147,14 @@ class Client:
 
     def queue_status(self, name: str) -> str:
         """RQ's combined status: ``SCRIPTERROR`` while the daemon cannot start the queue's
-        script, else the admin state (UP, PAUSE, DOWN)."""
+        script, else the admin state (UP, PAUSE, DOWN). See :meth:`status_parts`."""
+        return self.status_parts(name)[0]
+
+    def status_parts(self, name: str) -> tuple[str, AdminState, str | None]:
+        """``(status, admin state, script error)`` read once each: what every summary shows."""
         admin = self.store.admin_state(name)
-        return "SCRIPTERROR" if self.store.script_error(name) is not None else str(admin)
+        why = self.store.script_error(name)
+        return ("SCRIPTERROR" if why is not None else str(admin)), admin, why
 
     def script_error(self, name: str) -> str | None:
         """Why the daemon cannot start this queue's script, or None."""
@@ -157,77 +183,43 @@ class Client:
         return self.store.admin_state(name)
 
     # -- sending -------------------------------------------------------------------------
-    def _build(
-        self,
-        queue: str,
-        *,
-        param1: Any = None,
-        param2: Any = None,
-        param3: Any = None,
-        param4: Any = None,
-        params: Mapping[str, Any] | None = None,
-        due: float | None = None,
-        delay: float | None = None,
-        src: str = "",
-        max_count: int | None = None,
-        dest: str | None = None,
-        post_run_webhook: Sequence[str] | None = None,
-        orig_msg_id: str | None = None,
-        count: int | None = None,
-    ) -> Message:
-        if due is not None and delay is not None:
-            raise InvalidMessage("give due or delay, not both")
-        data: dict[str, Any] = {
-            "dest": dest or queue,
-            "src": src,
-            "param1": param1,
-            "param2": param2,
-            "param3": param3,
-            "param4": param4,
-            "params": dict(params or {}),
-            "post_run_webhook": list(post_run_webhook or []),
-            "orig_msg_id": orig_msg_id or "",
-            "count": count or 0,
-        }
+    def _build(self, queue: str, fields: Mapping[str, Any], *, default_max: int | None = None,
+               now: float | None = None) -> Message:
+        """A validated message from :class:`MessageFields` (send, prep and send_many share it)."""
+        unknown = set(fields) - MESSAGE_FIELD_NAMES
+        if unknown:
+            raise InvalidMessage(f"unknown message field(s): {', '.join(sorted(unknown))}")
+        d = dict(fields)
+        delay = d.pop("delay", None)
         if delay is not None:
-            data["due"] = time.time() + _delay(delay)
-        elif due is not None:
-            data["due"] = due
-        data["max_count"] = max_count if max_count is not None else self.store.queue_config(queue).max_count
-        return Message.from_dict(data)
+            if d.get("due") not in (None, ""):
+                raise InvalidMessage("give due or delay, not both")
+            d["due"] = (time.time() if now is None else now) + _delay(delay)
+        if d.get("params") is not None:
+            d["params"] = dict(d["params"])
+        hooks = d.get("post_run_webhook")
+        if hooks is not None and not isinstance(hooks, str):
+            d["post_run_webhook"] = list(hooks)
+        d["dest"] = d.get("dest") or queue
+        if d.get("max_count") in (None, ""):
+            d["max_count"] = default_max if default_max is not None else self.store.queue_config(queue).max_count
+        return Message.from_dict(d)
 
-    def send(
-        self,
-        queue: str,
-        *,
-        param1: Any = None,
-        param2: Any = None,
-        param3: Any = None,
-        param4: Any = None,
-        params: Mapping[str, Any] | None = None,
-        due: float | None = None,
-        delay: float | None = None,
-        src: str = "",
-        max_count: int | None = None,
-        dest: str | None = None,
-        post_run_webhook: Sequence[str] | None = None,
-        orig_msg_id: str | None = None,
-        count: int | None = None,
-        attachments: Sequence[AttachmentLike] = (),
-    ) -> Receipt:
+    def send(self, queue: str, *, attachments: Sequence[AttachmentLike] = (),
+             **fields: Unpack[MessageFields]) -> Receipt:
         """Send one message to ``queue``; returns once it is durable (file and directory
         fsync'd, unless the queue says ``"fsync": false``).
 
-        ``param1``..``param4`` are RQ's opaque strings (numbers are turned into text);
-        ``params`` is free JSON. ``due`` (epoch seconds) or ``delay`` (seconds from now)
-        hold it back; ``max_count`` defaults to the queue's. ``attachments`` are paths (hard
-        linked on the same filesystem, copied otherwise) or :class:`AttachmentSource`.
-        Raises QueueNotFound, QueueDown, InvalidMessage, TooLarge, DiskFull or StorageError;
-        on any error nothing is stored.
+        Fields (:class:`MessageFields`): ``param1``..``param4`` are RQ's opaque strings
+        (numbers are turned into text); ``params`` is free JSON; ``due`` (epoch seconds) or
+        ``delay`` (seconds from now) hold it back; ``max_count`` defaults to the queue's;
+        also ``src``, ``dest``, ``post_run_webhook``, ``orig_msg_id``, ``count``. An unknown
+        field is an InvalidMessage. ``attachments`` are paths (hard linked on the same
+        filesystem, copied otherwise) or :class:`AttachmentSource`. Raises QueueNotFound,
+        QueueDown, InvalidMessage, TooLarge, DiskFull or StorageError; on any error nothing
+        is stored.
         """
-        m = self._build(queue, param1=param1, param2=param2, param3=param3, param4=param4, params=params,
-                        due=due, delay=delay, src=src, max_count=max_count, dest=dest,
-                        post_run_webhook=post_run_webhook, orig_msg_id=orig_msg_id, count=count)
+        m = self._build(queue, fields)
         stored = self.store.create(queue, m, attachments=[_attachment(a) for a in attachments])
         return self.receipt(queue, stored.msg_id)
 
@@ -240,45 +232,19 @@ class Client:
         stored = self.store.create(queue, m, state=state, attachments=[_attachment(a) for a in attachments])
         return self.receipt(queue, stored.msg_id)
 
-    def send_many(self, queue: str, messages: Iterable[Mapping[str, Any] | Message]) -> list[Receipt]:
-        """Send many messages with one group commit (all stored, or none)."""
+    def send_many(self, queue: str, messages: Iterable[MessageFields | Message]) -> list[Receipt]:
+        """Send many messages with one group commit (all stored, or none). Each is validated
+        first, as :meth:`send` validates one: the store's group commit trusts them."""
         default_max = self.store.queue_config(queue).max_count
         now = time.time()
-        msgs: list[Message] = []
-        for item in messages:
-            # Every message is validated here, as send validates one: the store trusts these.
-            d = item.to_dict() if isinstance(item, Message) else dict(item)
-            if "delay" in d:
-                if d.get("due") not in (None, ""):
-                    raise InvalidMessage("give due or delay, not both")
-                d["due"] = now + _delay(d.pop("delay"))
-            if d.get("max_count") in (None, ""):
-                d["max_count"] = default_max
-            msgs.append(Message.from_dict(d))  # size is checked by the store, before any rename
+        msgs = [Message.from_dict(item.to_dict()) if isinstance(item, Message)
+                else self._build(queue, item, default_max=default_max, now=now) for item in messages]
         return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
 
-    def prep(
-        self,
-        queue: str,
-        *,
-        param1: Any = None,
-        param2: Any = None,
-        param3: Any = None,
-        param4: Any = None,
-        params: Mapping[str, Any] | None = None,
-        due: float | None = None,
-        delay: float | None = None,
-        src: str = "",
-        max_count: int | None = None,
-        dest: str | None = None,
-        post_run_webhook: Sequence[str] | None = None,
-        orig_msg_id: str | None = None,
-    ) -> Receipt:
+    def prep(self, queue: str, **fields: Unpack[MessageFields]) -> Receipt:
         """Create a message in prep (two-phase send): :meth:`attach` files to it, then
         :meth:`commit` it. Fields as for :meth:`send`."""
-        m = self._build(queue, param1=param1, param2=param2, param3=param3, param4=param4, params=params,
-                        due=due, delay=delay, src=src, max_count=max_count, dest=dest,
-                        post_run_webhook=post_run_webhook, orig_msg_id=orig_msg_id)
+        m = self._build(queue, fields)
         return self.receipt(queue, self.store.create(queue, m, state=State.PREP).msg_id)
 
     def attach(self, ref: Ref, path: str | os.PathLike[str] | None = None, *, name: str | None = None,
@@ -294,9 +260,6 @@ class Client:
         """prep -> que. Committing a queued message again is a no-op (idempotent, as in RQ);
         a message already past que cannot be committed (WrongState)."""
         r = self.ref(ref)
-        state = self.store.state_of(r.queue, r.msg_id)
-        if state not in (State.PREP, State.QUE):
-            raise WrongState(f"message {r.queue}/{r.msg_id} is in {state}: only prep can be committed")
         self.store.commit(r.queue, r.msg_id)
 
     # -- reading -------------------------------------------------------------------------

@@ -81,14 +81,15 @@ def write_new(path: str | os.PathLike[str], data: bytes, *, sync: bool = True, m
     _check("write", path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         if sync:
             fsync_fd(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """write(2) until all of ``data`` is written (no fault injection: callers add it)."""
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -107,7 +108,7 @@ def write_replace(path: str | os.PathLike[str], data: bytes, *, sync: bool = Tru
         _check("write", tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if sync:
                 fsync_fd(fd)
         finally:
@@ -166,7 +167,7 @@ def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
 def write_stream_chunk(fd: int, chunk: bytes) -> None:
     """Write one chunk of a streamed file (attachments); injected faults apply."""
     _check("write")
-    _write_all(fd, chunk)
+    write_all(fd, chunk)
 
 
 _libc: ctypes.CDLL | None = None
@@ -184,10 +185,12 @@ NEW_NAME_DURABLE_FS = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x9123683E: "btrfs
 _fs_magic: dict[int, int] = {}
 
 
-def fs_magic(path: str | os.PathLike[str]) -> int:
-    """``f_type`` of statfs(2) for the filesystem holding ``path`` (0 if unknown); cached by device."""
+def fs_magic(path: str | os.PathLike[str], dev: int | None = None) -> int:
+    """``f_type`` of statfs(2) for the filesystem holding ``path`` (0 if unknown); cached by
+    device (``dev``, when the caller has it already, saves a stat)."""
     global _libc
-    dev = os.stat(path).st_dev
+    if dev is None:
+        dev = os.stat(path).st_dev
     magic = _fs_magic.get(dev)
     if magic is None:
         if _libc is None:
@@ -199,7 +202,7 @@ def fs_magic(path: str | os.PathLike[str]) -> int:
     return magic
 
 
-def new_names_durable_with_file(path: str | os.PathLike[str]) -> bool:
+def new_names_durable_with_file(path: str | os.PathLike[str], dev: int | None = None) -> bool:
     """Does fsync of a new file below ``path`` also make its (new) directory entries durable?
 
     True on ext4, xfs and btrfs (see :data:`NEW_NAME_DURABLE_FS`), unless the environment
@@ -209,7 +212,7 @@ def new_names_durable_with_file(path: str | os.PathLike[str]) -> bool:
     if os.environ.get("SPOOLQ_FSYNC_DIRS") == "always":
         return False
     try:
-        return fs_magic(path) in NEW_NAME_DURABLE_FS
+        return fs_magic(path, dev) in NEW_NAME_DURABLE_FS
     except OSError:
         return False
 

@@ -196,6 +196,9 @@ def test_prep_attach_commit(store: Store, tmp_path: Path) -> None:
         store.attach("q", m.msg_id, AttachmentSource(name="late", stream=io.BytesIO(b"x")))
     with pytest.raises(AttachmentNotFound):
         store.open_attachment("q", m.msg_id, "missing")
+    store.move("q", m.msg_id, State.QUE, State.RUN)
+    with pytest.raises(WrongState, match="only prep"):  # past que: a commit is a mistake, said so
+        store.commit("q", m.msg_id)
 
 
 def test_send_with_attachments_in_one_step(store: Store, tmp_path: Path) -> None:
@@ -399,7 +402,7 @@ def test_bad_message_references(ref: str) -> None:
 
 @pytest.mark.parametrize("items", [
     [Message(param1="x", due=-5)], [Message(max_count=0)], [{"delay": -100}], [{"delay": 5, "due": 1}],
-    [{"delay": "abc"}], [{"param1": "ok"}, {"param1": ["not", "a", "string"]}],
+    [{"delay": "abc"}], [{"param1": "ok"}, {"param1": ["not", "a", "string"]}], [{"parm1": "typo"}],
 ])
 def test_client_send_many_validates_everything_first(store: Store, items: list[Any]) -> None:
     # The store's group commit trusts its input; the client must refuse bad messages before
@@ -410,3 +413,6 @@ def test_client_send_many_validates_everything_first(store: Store, items: list[A
     with pytest.raises(InvalidMessage):
         Client(store).send_many("q", items)
     assert store.counts("q")["que"] == 0 and list(store.ids("q", State.QUE)) == []
+    if isinstance(items[0], dict):  # send refuses the same field as one message
+        with pytest.raises(InvalidMessage):
+            Client(store).send("q", **items[-1])

@@ -213,6 +213,7 @@ def test_same_file_attached_twice_and_partial_attachments(fs: FsStore, tmp_path:
     fs.attach("q", m.msg_id, AttachmentSource(path=str(f)))  # same inode again: no .tmp left behind
     adir = fs.message_dir("q", m.msg_id) / "attach"
     (adir / ".big.bin.999999999.tmp").write_bytes(b"half")  # its writer (no such pid) died
+    os.utime(adir / ".big.bin.999999999.tmp", (0, 0))  # and more than a second ago
     (adir / f".other.bin.{os.getpid()}.tmp").write_bytes(b"in progress")  # a live writer's
     assert str(adir / ".big.bin.999999999.tmp") in fs.sweep("q")
     assert sorted(p.name for p in adir.glob(".*.tmp")) == [f".other.bin.{os.getpid()}.tmp"]

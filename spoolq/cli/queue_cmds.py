@@ -109,9 +109,9 @@ def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
 
 def _queue_json(ctx: Ctx, name: str, *, counts: bool = True) -> dict[str, Any]:
     c = ctx.client
-    d: dict[str, Any] = {"name": name, "admin_state": str(c.admin_state(name)),
-                         "status": c.queue_status(name), "config": c.queue_config(name).to_dict()}
-    why = c.script_error(name)
+    status, admin, why = c.status_parts(name)
+    d: dict[str, Any] = {"name": name, "admin_state": str(admin), "status": status,
+                         "config": c.queue_config(name).to_dict()}
     if why is not None:
         d["script_error"] = why
     if counts:
@@ -141,8 +141,8 @@ def queue_list(args: argparse.Namespace, ctx: Ctx) -> int:
     for name in ctx.client.queues():
         try:
             cfg = ctx.client.queue_config(name)
-            rows.append({"name": name, "admin_state": str(ctx.client.admin_state(name)),
-                         "status": ctx.client.queue_status(name),
+            status, admin, _ = ctx.client.status_parts(name)
+            rows.append({"name": name, "admin_state": str(admin), "status": status,
                          "num_workers": cfg.num_workers, "script": cfg.script})
         except SpoolqError as e:
             print(f"spoolq: {name}: {e}", file=sys.stderr)

@@ -28,8 +28,8 @@ from ..runner.spawn import (
     Spawned,
     build_argv,
     build_env,
-    check_script,
     kill_group,
+    require_file,
     resolve_script,
     script_problem,
     spawn,
@@ -127,7 +127,7 @@ class JobRunner:
             return None
         try:
             # With a prefix the exec succeeds whatever the script: check it is there first.
-            script = check_script(cfg, self.root) if cfg.exec_prefix.strip() else resolve_script(cfg, self.root)
+            script = require_file(cfg, self.root) if cfg.exec_prefix.strip() else resolve_script(cfg, self.root)
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
                             rootcfg=self.rootcfg, root=self.root, msg_dir=msg_dir, rq_env=self.rq_env)
             sp = spawn(build_argv(cfg, script), env=env, msg_dir=msg_dir, header_script=str(script))
@@ -291,7 +291,7 @@ class JobRunner:
         else:
             current = None if (job.msg_dir / "status").exists() else ""
         self.apply(job.queue, job.msg, outcome, dups=job.dups, current_status=current,
-                   cancel_file=cancelled, group_sync=True, cfg=cfg)
+                   cancel_file=cancelled, durable_later=True, cfg=cfg)
         took = self.clock() - job.started
         self.stats.finished(job.queue, str(outcome.state), took)
         log.debug("%s/%s: pid %d exit %d after %.3f s -> %s%s", job.queue, job.msg_id, job.pid, exit_code,
@@ -303,12 +303,13 @@ class JobRunner:
 
     def apply(self, queue: str, msg: Message, outcome: Outcome, *, dups: list[str],
               src: State = State.RUN, note: str = "", current_status: str | None = None,
-              cancel_file: bool = True, group_sync: bool = False, cfg: QueueConfig | None = None) -> None:
+              cancel_file: bool = True, durable_later: bool = False, cfg: QueueConfig | None = None) -> None:
         """Make ``outcome`` happen: status, webhooks, then the one move out of ``src``.
 
-        ``group_sync``: a plain move (nothing in ``msg`` changes) is made durable by the
-        daemon's group-commit thread instead of an fsync here (durable.GroupSync).
-        ``cancel_file=False``: the caller knows there is no cancel file to remove.
+        ``durable_later``: a plain move (nothing in ``msg`` changes) is made durable by the
+        daemon's group-commit thread instead of an fsync here (durable.GroupSync); ``cfg``
+        says whether the queue wants fsyncs at all. ``cancel_file=False``: the caller knows
+        there is no cancel file to remove.
         """
         msg_id = msg.msg_id
         mdir = message_path(self.store.qdir(queue), src, msg_id)
@@ -338,7 +339,7 @@ class JobRunner:
             update(final)
             self.webhooks(queue, final, outcome.state)
         changed = (outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and dups))
-        deferred = group_sync and not changed and self.group_sync is not None
+        deferred = durable_later and not changed and self.group_sync is not None
         try:
             # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message.
             self.store.move(queue, msg_id, src, outcome.state, update=update if changed else None,

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import threading
 
+from ..prometheus import label as _label
+
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 """Upper bounds (seconds) of the script-duration histogram."""
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
 class JobStats:

@@ -31,7 +31,7 @@ from .common import (
     log_path,
     queue_summary,
 )
-from .errors import BadRequest
+from .errors import BadRequest, validation_text
 from .uploads import ParsedForm, form_of
 
 router = APIRouter(prefix="/api/v1")
@@ -167,15 +167,6 @@ def _receipt_json(ctx: AppContext, queue: str, msg_id: str) -> dict[str, Any]:
             "attachments": {n: {"md5": a.md5, "size": a.size} for n, a in view.attachments.items()}}
 
 
-def validation_text(e: ValidationError) -> str:
-    """pydantic's errors as ``field: problem`` clauses (its own text is multi-line and noisy)."""
-    parts = []
-    for err in e.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg")))
-    return "; ".join(parts) or "invalid"
-
-
 def _parse_message(raw: bytes | str) -> NewMessage:
     try:
         data = json.loads(raw)
@@ -186,7 +177,7 @@ def _parse_message(raw: bytes | str) -> NewMessage:
     try:
         return NewMessage.model_validate(data)
     except ValidationError as e:
-        raise InvalidMessage(f"invalid message: {validation_text(e)}") from None
+        raise InvalidMessage(f"invalid message: {validation_text(e.errors())}") from None
 
 
 def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedForm | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ..errors import SpoolqError
 from . import api, metrics, rq_routes, sse, ui
 from .auth import AuthMiddleware, SecurityHeaders
 from .common import AppContext, default_upload_dir
-from .errors import error_body, error_response, status_for
+from .errors import error_body, error_response, status_for, validation_text
 from .limits import BodyLimit
 from .metrics import ExtraMetrics, RequestMetrics, RequestStats
 from .uploads import sweep_uploads
@@ -69,12 +69,7 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg")))
-        return JSONResponse(error_body("invalid_input", "; ".join(parts) or "invalid request"),
-                            status_code=400)
+        return JSONResponse(error_body("invalid_input", validation_text(exc.errors())), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,7 +28,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import is_loopback
-from .errors import Forbidden, error_body
+from .errors import Forbidden, send_error
 
 SESSION_COOKIE = "spoolq_session"
 CSRF_COOKIE = "spoolq_csrf"
@@ -98,11 +97,11 @@ class AuthMiddleware:
         headers = _headers(scope)
         path: str = scope.get("path", "")
         if not self.token and not _loopback_host(headers.get("host", "")):
-            await _send_json(send, 403, error_body(Forbidden.code, "this server answers only to loopback "
-                                                   "names (Host header refused)"))
+            await send_error(send, 403, Forbidden.code, "this server answers only to loopback names "
+                             "(Host header refused)")
             return
         if scope.get("method", "GET") in UNSAFE_METHODS and cross_site(headers):
-            await _send_json(send, 403, error_body(Forbidden.code, "cross-site request refused"))
+            await send_error(send, 403, Forbidden.code, "cross-site request refused")
             return
         if self.token and not path.startswith(PUBLIC_PREFIXES) and not authorized(headers, self.token):
             accept = headers.get("accept", "")
@@ -110,8 +109,7 @@ class AuthMiddleware:
                 target = path + (("?" + scope["query_string"].decode()) if scope.get("query_string") else "")
                 await _send(send, 303, b"", [(b"location", f"/login?next={quote(target)}".encode())])
                 return
-            await _send_json(send, 401, error_body("unauthorized",
-                                                   "a token is required: Authorization: Bearer <token>"),
+            await send_error(send, 401, "unauthorized", "a token is required: Authorization: Bearer <token>",
                              [(b"www-authenticate", b'Bearer realm="spoolq"')])
             return
         await self.app(scope, receive, send)
@@ -121,9 +119,7 @@ def _loopback_host(host: str) -> bool:
     """A ``Host`` header naming this machine's loopback (any port); absent counts (HTTP/1.0)."""
     if not host:
         return True
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if host.startswith("[") and "]" in host:
-        name = host[: host.index("]") + 1]
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
     return is_loopback(name)
 
 
@@ -131,11 +127,6 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _send_json(send: Send, status: int, obj: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    await _send(send, status, json.dumps(obj).encode(),
-                [(b"content-type", b"application/json"), *(extra or [])])
 
 
 def csrf_token(request: Request) -> str:

@@ -97,14 +97,14 @@ def queue_summary(ctx: AppContext, name: str, *, with_config: bool = False) -> d
     client = ctx.client
     counts = client.counts(name)
     ctx.throughput.record(name, counts)
+    status, admin, why = client.status_parts(name)
     out: dict[str, Any] = {
         "name": name,
-        "status": client.queue_status(name),
-        "admin": str(client.admin_state(name)),
+        "status": status,
+        "admin": str(admin),
         "counts": counts,
         "done_per_min": ctx.throughput.per_minute(name),
     }
-    why = client.script_error(name)
     if why is not None:
         out["script_error"] = why
     if with_config:
@@ -170,9 +170,10 @@ def file_response(request: Request, path: Path, *, media_type: str, missing: Not
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise missing from None
     size = os.fstat(fh.fileno()).st_size
-    # Whatever a script wrote or a user uploaded is served inert: no sniffing, a sandbox
-    # with no scripts, and a download (not a page on our origin) unless it is a plain type.
-    headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+    # Whatever a script wrote or a user uploaded is served inert: a sandbox with no scripts
+    # (nosniff comes with every response, auth.SecurityHeaders), and a download (not a page
+    # on our origin) unless it is a plain type.
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-cache",
                "Content-Security-Policy": "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"}
     if filename:
         how = "inline" if media_type.split(";")[0] in INLINE_TYPES else "attachment"

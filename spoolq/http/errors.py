@@ -7,6 +7,8 @@ Every error answer of the JSON API is ``{"error": {"code": ..., "message": ...}}
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -84,3 +86,23 @@ def error_response(exc: BaseException) -> JSONResponse:
         body = error_body("internal", "internal error; see the daemon log")
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_text(errors: Iterable[Mapping[str, Any]]) -> str:
+    """pydantic's/FastAPI's validation errors as ``field: problem`` clauses (at most five;
+    the ``body`` prefix of a location is dropped): one line, not pydantic's own text."""
+    parts = []
+    for err in list(errors)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def send_error(send: Any, status: int, code: str, message: str,
+                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Answer with the JSON error shape straight from ASGI middleware (before any route)."""
+    body = json.dumps(error_body(code, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})

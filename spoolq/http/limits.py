@@ -9,11 +9,10 @@ the client sends it chunked.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..model import MAX_MSG_BYTES
+from .errors import send_error
 
 MAX_BODY = 4 * MAX_MSG_BYTES
 """Largest non-multipart request body: room for the biggest message, JSON-escaped."""
@@ -76,9 +75,5 @@ class BodyLimit:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {"code": "too_large", "message": f"request body over {limit} bytes; "
-                                 "send files as multipart attachments"}}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 413, "too_large", f"request body over {limit} bytes; send files as multipart "
+                     "attachments", [(b"connection", b"close")])

@@ -17,14 +17,11 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..prometheus import label as _label
 from .common import all_summaries, ctx_of
 
 router = APIRouter()
 ExtraMetrics = Callable[[], str]
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
 class RequestStats:

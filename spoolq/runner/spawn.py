@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import durable
 from ..config import RootConfig
 from ..model import Message, QueueConfig
 
@@ -86,13 +87,7 @@ def check_script(cfg: QueueConfig, root: Path) -> Path:
     a ``#!`` interpreter must exist. With a prefix, the script must exist and the prefix's
     program must be found.
     """
-    script = resolve_script(cfg, root)
-    try:
-        st = os.stat(script)
-    except OSError as e:
-        raise ScriptError(f"script cannot start: {cfg.script}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ScriptError(f"script cannot start: {cfg.script}: not a regular file")
+    script = require_file(cfg, root)
     if cfg.exec_prefix.strip():
         try:
             prog = shlex.split(cfg.exec_prefix)[0]
@@ -111,6 +106,20 @@ def check_script(cfg: QueueConfig, root: Path) -> Path:
     if interp is not None and not os.access(interp, os.X_OK):
         raise ScriptError(f"script cannot start: {script}: bad interpreter {interp!r} "
                           "(no such file, or not executable)")
+    return script
+
+
+def require_file(cfg: QueueConfig, root: Path) -> Path:
+    """The resolved script if it is a regular file, else ScriptError. One stat: what the
+    daemon checks before each run with an ``exec_prefix`` (whose program would otherwise
+    start and fail on a missing script); :func:`check_script` does the rest on failure."""
+    script = resolve_script(cfg, root)
+    try:
+        st = os.stat(script)
+    except OSError as e:
+        raise ScriptError(f"script cannot start: {cfg.script}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ScriptError(f"script cannot start: {cfg.script}: not a regular file")
     return script
 
 
@@ -241,7 +250,7 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
     # break the log's append-only promise to live readers, so the header has no pid: it is
     # in the message's pid file while the script runs, and in `serve -v`'s log.
     try:
-        _write_all(log_fd, f"\n{stamp} - RQ START - {header_script}\n".encode())
+        durable.write_all(log_fd, f"\n{stamp} - RQ START - {header_script}\n".encode())
     except OSError:
         pass  # a full disk: the script still runs; its output may fail the same way
     try:
@@ -292,12 +301,6 @@ def _devnull() -> int:
     return _devnull_fd
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _park_low_fds() -> None:
     """Point fds 3 and 4 at /dev/null (close-on-exec)."""
     nul = _devnull()
@@ -305,17 +308,24 @@ def _park_low_fds() -> None:
         os.dup2(nul, fd, inheritable=False)
 
 
-def proc_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); None if gone."""
+def _proc_stat(pid: int | str) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (state) on; None if the process is gone.
+
+    comm (field 2) may hold spaces and parentheses: the split starts after the last ')'.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = data[data.rfind(b")") + 2:].split()
+    return data[data.rfind(b")") + 2:].split()
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); None if gone."""
+    fields = _proc_stat(pid)
     try:
-        return int(rest[19])
+        return int(fields[19]) if fields is not None else None
     except (IndexError, ValueError):
         return None
 
@@ -372,10 +382,8 @@ def leftover_processes(pgid: int, msg_id: str) -> list[int]:
         if not e.isdigit():
             continue
         try:
-            with open(f"/proc/{e}/stat", "rb") as f:
-                data = f.read()
-            fields = data[data.rfind(b")") + 2:].split()
-            if pgid not in (int(fields[2]), int(fields[3])):  # pgrp, session
+            fields = _proc_stat(e)
+            if fields is None or pgid not in (int(fields[2]), int(fields[3])):  # pgrp, session
                 continue
             with open(f"/proc/{e}/environ", "rb") as f:
                 if mark in f.read().split(b"\0"):

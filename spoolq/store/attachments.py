@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -87,39 +86,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def remove_partial(attach_dir: Path, older_than: float = 0.0) -> list[str]:
-    """Remove half-written attachments, ``.<name>.<pid>.tmp``: at once when process ``pid``
-    is gone, else once older than ``older_than`` seconds."""
-    removed: list[str] = []
-    now = time.time()
-    try:
-        names = [n for n in os.listdir(attach_dir) if n.startswith(".") and n.endswith(".tmp")]
-    except OSError:
-        return removed
-    for n in names:
-        p = attach_dir / n
-        pid = n[:-4].rpartition(".")[2]
-        writer_alive = pid.isdigit() and pid_alive(int(pid))
-        try:
-            if not writer_alive or now - p.lstat().st_mtime >= older_than:
-                p.unlink()
-                removed.append(str(p))
-        except OSError:
-            continue
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Does process ``pid`` exist (on this host)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _copy_stream(f: BinaryIO, tmp: Path, md5: Any, sha: Any, sync: bool) -> int:

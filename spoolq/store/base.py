@@ -112,7 +112,8 @@ class Store(Protocol):
     def delete_attachment(self, queue: str, msg_id: str, name: str) -> None: ...
 
     def commit(self, queue: str, msg_id: str) -> None:
-        """prep -> que. Committing a message already past prep is a no-op (idempotent)."""
+        """prep -> que. Committing a queued message again is a no-op (idempotent, as in RQ);
+        one already running or finished raises WrongState."""
 
     # -- reading ------------------------------------------------------------------
     def get(self, queue: str, msg_id: str) -> MessageView:

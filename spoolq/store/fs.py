@@ -48,8 +48,9 @@ from ..model import (
     check_transition,
     search_text,
 )
-from .attachments import add_attachment, pid_alive, remove_partial
+from .attachments import add_attachment
 from .base import AttachmentSource, check_attachment_names
+from .debris import is_debris, remove_partial
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 
 CHUNK = 1024 * 1024
@@ -271,7 +272,8 @@ class FsStore:
             # it and fsyncs it.
             sfd = os.open(stage, _DIR_FLAGS)
             now = self.clock()
-            m = self._prepare(msg, queue, now, state, make_id(now, os.fstat(sfd).st_ino))
+            sst = os.fstat(sfd)
+            m = self._prepare(msg, queue, now, state, make_id(now, sst.st_ino))
             data = m.encode()
             if attachments:
                 check_attachment_names(attachments)
@@ -280,7 +282,7 @@ class FsStore:
                 for a in attachments:
                     add_attachment(attach_dir, a, sync)
             durable.write_new("msg", data, sync=sync, dir_fd=sfd)
-            if sync and (attachments or not durable.new_names_durable_with_file(stage)):
+            if sync and (attachments or not durable.new_names_durable_with_file(stage, sst.st_dev)):
                 # The names msg (and attach) in the stage. On ext4/xfs/btrfs the fsync of
                 # the new msg file has already made them durable (durable.py explains).
                 durable.fsync_fd(sfd)
@@ -457,6 +459,8 @@ class FsStore:
         if state == State.PREP:
             remove_partial(path / "attach")  # debris of an attach that was killed mid-stream
             self.move(queue, msg_id, State.PREP, State.QUE, note="commit")
+        elif state != State.QUE:
+            raise WrongState(f"message {queue}/{msg_id} is in {state}: only prep can be committed")
 
     # -- reading -------------------------------------------------------------------------
     def locate(self, queue: str, msg_id: str) -> tuple[State, Path, bool]:
@@ -514,13 +518,7 @@ class FsStore:
 
     def _view(self, queue: str, state: State, path: Path, acked: bool) -> MessageView:
         m = self._read_msg(queue, state, path, acked)
-        job_status = ""
-        try:
-            js = json.loads((path / "status").read_bytes())
-            if isinstance(js, dict):
-                job_status = str(js.get("job_status", ""))
-        except (OSError, ValueError):
-            pass
+        job_status = _job_status(path)
         try:
             with open(path / "history", "rb") as f:
                 for line in f:
@@ -600,20 +598,15 @@ class FsStore:
     @staticmethod
     def _matches(path: Path, needle: str) -> bool:
         """Does the message at ``path`` match a list filter (model.search_text)? A message
-        that cannot be read does not match here; listing it reports it."""
+        that cannot be read counts as a match, so that listing it reports it (I7) instead
+        of a filter hiding it."""
         try:
             data = json.loads(_read_file(path / "msg"))
         except (OSError, ValueError, RecursionError):
-            return True  # let _view report it as corrupt rather than hide it
+            return True
         if not isinstance(data, dict):
             return True
-        status = ""
-        try:
-            js = json.loads(_read_file(path / "status"))
-            status = str(js.get("job_status", "")) if isinstance(js, dict) else ""
-        except (OSError, ValueError):
-            pass
-        return needle in search_text(data, status)
+        return needle in search_text(data, _job_status(path))
 
     def ids(self, queue: str, state: State) -> Iterator[str]:
         qdir = self._existing_qdir(queue)
@@ -779,13 +772,8 @@ class FsStore:
             return removed
         for n in names:
             p = self.qroot / n
-            parts = n.split(".")
-            alive = len(parts) == 5 and parts[3].isdigit() and pid_alive(int(parts[3]))
-            try:
-                age = now - p.lstat().st_mtime
-            except FileNotFoundError:
-                continue
-            if (not alive and age > 1.0) or age > older_than:
+            parts = n.split(".")  # "", "new", name, pid, rand
+            if is_debris(p, parts[3] if len(parts) == 5 else "", older_than, now):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(str(p))
         return removed
@@ -798,15 +786,7 @@ class FsStore:
         tmp = qdir / ".tmp"
         for n in os.listdir(tmp) if tmp.is_dir() else []:
             p = tmp / n
-            try:
-                age = now - p.lstat().st_mtime
-            except FileNotFoundError:
-                continue
-            pid = n.split(".", 1)[0]
-            owner_alive = pid.isdigit() and pid_alive(int(pid))
-            # A second's grace even for a dead owner: a producer in another pid namespace
-            # (a container sharing the spool) looks dead from here while it writes.
-            if n.startswith("deleted.") or (not owner_alive and age > 1.0) or age > older_than:
+            if n.startswith("deleted.") or is_debris(p, n.split(".", 1)[0], older_than, now):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(str(p))
         # Half-written attachments of messages still in prep, left by a writer that died.
@@ -823,6 +803,15 @@ class FsStore:
                     _rmdir_if_stale(sdir / day / hm, now)
                 _rmdir_if_stale(sdir / day, now)
         return removed
+
+
+def _job_status(path: Path) -> str:
+    """The script's latest status text from a message's ``status`` file ("" if none)."""
+    try:
+        js = json.loads(_read_file(path / "status"))
+    except (OSError, ValueError):
+        return ""
+    return str(js.get("job_status", "")) if isinstance(js, dict) else ""
 
 
 def _read_file(path: Path) -> bytes:

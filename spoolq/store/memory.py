@@ -221,8 +221,11 @@ class MemoryStore:
 
     def commit(self, queue: str, msg_id: str) -> None:
         with self._lock:
-            if self._entry(queue, msg_id).state == State.PREP:
+            state = self._entry(queue, msg_id).state
+            if state == State.PREP:
                 self.move(queue, msg_id, State.PREP, State.QUE, note="commit")
+            elif state != State.QUE:
+                raise WrongState(f"message {queue}/{msg_id} is in {state}: only prep can be committed")
 
     # -- reading -------------------------------------------------------------------------
     def _view(self, queue: str, e: _Entry) -> MessageView:
