@@ -268,11 +268,12 @@ class Client:
         r = self.ref(ref)
         return self.store.get(r.queue, r.msg_id)
 
-    def message_json(self, ref: Ref) -> dict[str, Any]:
-        """RQ's get_message JSON: fields plus derived ``state``, ``status``, ``_attachments``."""
+    def message_json(self, ref: Ref, *, local_paths: bool = True) -> dict[str, Any]:
+        """RQ's get_message JSON: fields plus derived ``state``, ``status``, ``_attachments``
+        (``local_paths=False``: attachment paths relative to the root, as HTTP serves them)."""
         r = self.ref(ref)
         view = self.store.get(r.queue, r.msg_id)
-        return view.to_rq_json(self.full_id(r.queue, r.msg_id))
+        return view.to_rq_json(self.full_id(r.queue, r.msg_id), local_paths=local_paths)
 
     def list(self, queue: str, state: State | str = State.QUE, *, limit: int = 50, cursor: str | None = None,
              filter: str | None = None) -> ListPage:

@@ -70,6 +70,10 @@ class AttachmentNotFound(NotFound):
     code = "attachment_not_found"
 
 
+class LogNotFound(NotFound):
+    code = "log_not_found"
+
+
 class Conflict(SpoolqError):
     """The request clashes with the current state (exists already, wrong state...)."""
 
@@ -122,3 +126,15 @@ class WaitTimeout(SpoolqError):
 
 class Unauthorized(SpoolqError):
     code = "unauthorized"
+
+
+class Unavailable(SpoolqError):
+    """Something the command needs is not available: a port in use, an unwritable root."""
+
+    code = "unavailable"
+
+
+class AddressInUse(Unavailable):
+    """The HTTP listen address could not be bound."""
+
+    code = "address_in_use"

@@ -25,6 +25,9 @@ QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z", re.ASCII)
 # store's derived names (".<name>.json.<pid>.tmp") still fit in 255 bytes.
 ATTACH_NAME_MAX = 200
 ATTACH_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+,=@-]*\Z", re.ASCII)
+# Files of a message's job/ directory that may be served (stdio.log and whatever a script
+# writes beside it): plain names only.
+LOG_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z", re.ASCII)
 FULL_ID_RE = re.compile(r"^https?://[^/\s]+(?:/[^\s]*)?/q/([^/\s]+)/(\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+)/?\Z",
                         re.ASCII)
 
@@ -71,6 +74,11 @@ def validate_msg_id(msg_id: str) -> str:
     if not isinstance(msg_id, str) or not MSG_ID_RE.match(msg_id):
         raise InvalidName(f"invalid message id {msg_id!r}: expected YYYYmmdd.HHMM.SS.mmm.N")
     return msg_id
+
+
+def log_name_ok(name: str) -> bool:
+    """May ``name`` name a file of a message's ``job/`` directory (``stdio.log``...)?"""
+    return isinstance(name, str) and bool(LOG_NAME_RE.match(name))
 
 
 def validate_attachment_name(name: str) -> str:

@@ -290,6 +290,10 @@ class Message:
 _MESSAGE_FIELDS = frozenset(Message.__dataclass_fields__)
 
 
+RETRY_LIMITS = {"base": 365 * 86400.0, "factor": 100.0, "max_delay": 365 * 86400.0, "jitter": 1.0}
+"""Upper bounds of the retry parameters: a year between attempts at most, a jitter of 100 %."""
+
+
 @dataclass
 class RetryPolicy:
     """Backoff for exit 111 (temporary failure): ``min(max_delay, base * factor**count)`` ± jitter."""
@@ -300,8 +304,14 @@ class RetryPolicy:
     jitter: float = 0.1
 
     def delay(self, count: int, rand: float = 0.5) -> float:
-        """Delay before attempt ``count`` (``rand`` in [0, 1) spreads it by ``jitter``)."""
-        d = min(self.max_delay, self.base * (self.factor ** max(0, count)))
+        """Delay before attempt ``count`` (``rand`` in [0, 1) spreads it by ``jitter``).
+
+        Never raises: ``factor ** count`` past the float range is simply ``max_delay``."""
+        try:
+            d = self.base * (self.factor ** min(max(0, count), 100_000))
+        except OverflowError:
+            d = math.inf
+        d = min(self.max_delay, d)
         return max(0.0, d * (1 + self.jitter * (2 * rand - 1)))
 
     @classmethod
@@ -311,11 +321,11 @@ class RetryPolicy:
         if not isinstance(data, dict):
             raise InvalidConfig("retry must be an object {base, factor, max_delay, jitter}")
         p = cls()
-        for k in ("base", "factor", "max_delay", "jitter"):
+        for k, hi in RETRY_LIMITS.items():
             if k in data:
                 v = data[k]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
-                    raise InvalidConfig(f"retry.{k} must be a non-negative number")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:
+                    raise InvalidConfig(f"retry.{k} must be a number from 0 to {hi:g}, got {v!r}")
                 setattr(p, k, float(v))
         unknown = set(data) - {"base", "factor", "max_delay", "jitter"}
         if unknown:
@@ -486,8 +496,12 @@ class MessageView:
         """RQ's status text: ``state`` or ``"state - job_status"``."""
         return f"{self.state} - {self.job_status}" if self.job_status else str(self.state)
 
-    def to_rq_json(self, full_id: str | None = None) -> dict[str, Any]:
-        """The JSON RQ's ``get_message`` returns: msg fields plus ``state``, ``status``, ``_attachments``."""
+    def to_rq_json(self, full_id: str | None = None, *, local_paths: bool = True) -> dict[str, Any]:
+        """The JSON RQ's ``get_message`` returns: msg fields plus ``state``, ``status``, ``_attachments``.
+
+        ``local_paths=False`` (HTTP) gives each attachment's ``path`` relative to the spool
+        root, like the message's own ``path``: a remote reader has no use for, and no business
+        with, where the spool lives."""
         d = self.message.to_dict()
         d["history"] = list(self.message.history)
         d["state"] = str(self.state)
@@ -504,6 +518,9 @@ class MessageView:
             d["acked"] = True
         if self.attachments:
             d["_attachments"] = {n: a.to_dict() for n, a in sorted(self.attachments.items())}
+            if not local_paths:
+                for n, a in d["_attachments"].items():
+                    a["path"] = f"{d['path']}/attach/{n}"
         return d
 
 

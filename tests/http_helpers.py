@@ -24,6 +24,9 @@ import spoolq
 from spoolq.model import State
 
 SPOOLQ = str(Path(sys.executable).parent / "spoolq")
+TOKEN = "test-token-0123456789abcdef"
+"""The token the in-process apps and test daemons are given (SPOOLQ_TOKEN)."""
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def free_port() -> int:
@@ -50,14 +53,17 @@ def fake_run(client: spoolq.Client, queue: str, msg_id: str, lines: list[str], *
 
 
 @contextmanager
-def daemon(root: Path, port: int, token: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
-    """Run the real ``spoolq serve`` on ``root``; yields its base URL; stops it after."""
+def daemon(root: Path, port: int, token: str | None = TOKEN, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """Run the real ``spoolq serve`` on ``root``; yields its base URL; stops it after.
+
+    ``token`` goes in SPOOLQ_TOKEN; None lets the daemon make ``<root>/token`` itself."""
     env = dict(os.environ)
     env.pop("SPOOLQ_ROOT", None)
     env.pop("SPOOLQ_TOKEN", None)
-    args = [SPOOLQ, "--root", str(root), "serve", "--port", str(port), *extra]
+    env.pop("SPOOLQ_ANONYMOUS", None)
     if token:
-        args += ["--token", token]
+        env["SPOOLQ_TOKEN"] = token
+    args = [SPOOLQ, "--root", str(root), "serve", "--port", str(port), *extra]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

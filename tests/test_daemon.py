@@ -178,9 +178,17 @@ def test_second_daemon_refused(client: spoolq.Client, serve: Any, cli: Any) -> N
     assert "another spoolq daemon" in r.stderr and str(s.pid) in r.stderr
 
 
-def test_refuses_public_http_without_token(cli: Any) -> None:
-    r = cli("serve", "--host", "0.0.0.0", "--port", "1", env={"SPOOLQ_TOKEN": ""}, timeout=30)
-    assert r.returncode == 2 and "without a token" in r.stderr
+def test_tokens_never_on_the_command_line_and_never_short(cli: Any, root: Path, tmp_path: Path) -> None:
+    r = cli("serve", "--token", "a-long-enough-token-1234567890", timeout=30)
+    assert r.returncode == 2 and "visible to every user in ps" in r.stderr
+    r = cli("serve", env={"SPOOLQ_TOKEN": "short"}, timeout=30)
+    assert r.returncode == 2 and "at least 16" in r.stderr
+    loose = tmp_path / "token"
+    loose.write_text("a-long-enough-token-1234567890\n")
+    loose.chmod(0o644)
+    r = cli("serve", "--token-file", str(loose), timeout=30)
+    assert r.returncode == 2 and "readable by others" in r.stderr
+    assert not (root / "token").exists(), "no token file is made when the configured one is refused"
 
 
 def test_sigterm_waits_then_requeues(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:

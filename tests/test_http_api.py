@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from http_helpers import daemon, fake_run, free_port, have_daemon
+from http_helpers import AUTH, TOKEN, daemon, fake_run, free_port, have_daemon
 
 import spoolq
 from spoolq.http.app import create_app
@@ -22,7 +22,7 @@ from spoolq.http.server import start_http
 from spoolq.model import State
 
 API = "/api/v1"
-LOCAL = "http://127.0.0.1"  # the Host a server without a token answers to
+LOCAL = "http://127.0.0.1"  # a loopback Host: anonymous requests are answered only under such names
 
 
 @pytest.fixture
@@ -34,7 +34,9 @@ def client(root: Path) -> spoolq.Client:
 
 @pytest.fixture
 def http(client: spoolq.Client) -> TestClient:
-    return TestClient(create_app(client, poll_interval=0.02, events_interval=0.05), base_url=LOCAL)
+    """The app, with the token on every request (tests of anonymous access make their own)."""
+    return TestClient(create_app(client, TOKEN, poll_interval=0.02, events_interval=0.05), base_url=LOCAL,
+                      headers=AUTH)
 
 
 def err(resp: httpx.Response) -> dict[str, Any]:
@@ -313,17 +315,17 @@ def test_served_files_are_inert(http: TestClient) -> None:
     assert http.get("/").headers["x-frame-options"] == "DENY"
 
 
-def test_only_loopback_names_without_a_token(client: spoolq.Client) -> None:
+def test_anonymous_only_under_loopback_names(client: spoolq.Client) -> None:
     # A page on another site that rebinds its name to 127.0.0.1 sends its own Host.
-    app = create_app(client)
+    app = create_app(client, TOKEN)
     evil = TestClient(app, base_url="http://rebind.attacker.example:3333")
-    r = evil.post(f"{API}/queues", json={"name": "pwned", "script": "/bin/true"})
+    r = evil.post("/q/work/new_message", data={"mesg": "{}"})
     assert r.status_code == 403 and "Host" in err(r)["message"]
-    assert "pwned" not in client.queues()
+    assert evil.get(f"{API}/queues").status_code == 403
+    assert client.counts("work")["que"] == 0
     for base in ("http://127.0.0.1:3333", "http://localhost", "http://[::1]:8080"):
         assert TestClient(app, base_url=base).get(f"{API}/queues").status_code == 200, base
-    tokened = TestClient(create_app(client, token="t"), base_url="http://spool.example.org")
-    assert tokened.get(f"{API}/queues", headers={"Authorization": "Bearer t"}).status_code == 200
+    assert evil.get(f"{API}/queues", headers=AUTH).status_code == 200, "with the token any Host will do"
 
 
 def test_status_codes_say_what_happened(http: TestClient, client: spoolq.Client) -> None:
@@ -375,14 +377,13 @@ def test_ui_forms_need_csrf_and_same_origin(http: TestClient) -> None:
     assert r.status_code == 403
 
 
-def test_token_auth(client: spoolq.Client) -> None:
-    http = TestClient(create_app(client, token="s3cret"))  # any Host once a token guards it
+def test_token_auth_sessions_and_sign_out(client: spoolq.Client) -> None:
+    http = TestClient(create_app(client, TOKEN, anonymous="none"))
     assert http.get("/healthz").status_code == 200
     r = http.get(f"{API}/queues")
     assert r.status_code == 401 and err(r)["code"] == "unauthorized"
-    assert http.get(f"{API}/queues", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert http.get(f"{API}/queues", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    basic = base64.b64encode(b"rq:s3cret").decode()
+    assert http.get(f"{API}/queues", headers=AUTH).status_code == 200
+    basic = base64.b64encode(f"rq:{TOKEN}".encode()).decode()
     assert http.get("/q.json", headers={"Authorization": f"Basic {basic}"}).status_code == 200
     r = http.get("/", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"].startswith("/login")
@@ -390,32 +391,36 @@ def test_token_auth(client: spoolq.Client) -> None:
     csrf = login.text.split('name="csrf" value="')[1].split('"')[0]
     bad = http.post("/login", data={"token": "nope", "csrf": csrf, "next": "/"}, follow_redirects=False)
     assert bad.status_code == 401
-    ok = http.post("/login", data={"token": "s3cret", "csrf": csrf, "next": "/q/work"}, follow_redirects=False)
+    ok = http.post("/login", data={"token": TOKEN, "csrf": csrf, "next": "/q/work"}, follow_redirects=False)
     assert ok.status_code == 303 and ok.headers["location"] == "/q/work"
+    session = http.cookies["spoolq_session"]
+    assert TOKEN not in session, "the cookie is a session id, not the token nor derived from it"
     assert http.get("/q/work").status_code == 200, "the session cookie now authorizes the UI"
     page = http.get("/q/work").text
     assert 'action="/logout"' in page
-    csrf = page.split('name="csrf" value="')[1].split('"')[0]
-    out = http.post("/logout", data={"csrf": csrf}, follow_redirects=False)
+    out = http.post("/logout", headers={"Origin": "http://testserver"}, follow_redirects=False)
     assert out.status_code == 303 and out.headers["location"] == "/login"
     r = http.get("/q/work", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303, "signed out: back to the login form"
+    replay = TestClient(http.app, cookies={"spoolq_session": session})
+    r = replay.get(f"{API}/queues")
+    assert r.status_code == 401, "signing out revokes the session on the server, not only in the browser"
 
 
 def test_start_http_refuses_exposed_address_without_token(client: spoolq.Client) -> None:
     with pytest.raises(HttpConfigError, match="without a token"):
         start_http(client, "0.0.0.0", free_port(), None)
-    h = start_http(client, "127.0.0.1", free_port(), None)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
     try:
         with pytest.raises(AddressInUse):
-            start_http(client, "127.0.0.1", h.port, None)
+            start_http(client, "127.0.0.1", h.port, TOKEN)
     finally:
         h.stop()
 
 
 @pytest.fixture
 def server(client: spoolq.Client) -> Any:
-    h = start_http(client, "127.0.0.1", free_port(), None, poll_interval=0.02, events_interval=0.05)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN, poll_interval=0.02, events_interval=0.05)
     yield h
     h.stop()
 
@@ -471,7 +476,7 @@ def test_real_server_events_stream(server: Any, client: spoolq.Client) -> None:
 
 
 def test_real_server_stops_with_open_streams(client: spoolq.Client) -> None:
-    h = start_http(client, "127.0.0.1", free_port(), None)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
     with httpx.Client(base_url=h.url, timeout=10) as c, c.stream("GET", f"{API}/events") as resp:
         assert resp.status_code == 200
         t0 = time.monotonic()
@@ -484,7 +489,7 @@ def test_memory_store_attachments_stream(tmp_path: Path) -> None:
     """A store without file paths (memory:) still serves attachments and uploads."""
     mem = spoolq.open("memory:")
     mem.create_queue("m", script="/bin/true")
-    http = TestClient(create_app(mem, upload_dir=tmp_path / "up"), base_url=LOCAL)
+    http = TestClient(create_app(mem, TOKEN, upload_dir=tmp_path / "up"), base_url=LOCAL, headers=AUTH)
     r = http.post(f"{API}/queues/m/messages", data={"message": "{}"},
                   files={"file": ("x.json", b'{"a": 1}', "application/json")})
     assert r.status_code == 201, r.text
@@ -502,7 +507,7 @@ def test_against_the_real_daemon(tmp_path: Path) -> None:
     script.chmod(0o755)
     root = tmp_path / "spool"
     root.mkdir()
-    with daemon(root, free_port()) as url, httpx.Client(base_url=url, timeout=60) as h:
+    with daemon(root, free_port()) as url, httpx.Client(base_url=url, timeout=60, headers=AUTH) as h:
         assert h.post(f"{API}/queues", json={"name": "real", "script": str(script)}).status_code == 201
         r = h.post(f"{API}/queues/real/messages", data={"message": json.dumps({"param1": "x"})},
                    files={"file": ("in.txt", b"from the attachment\n")})

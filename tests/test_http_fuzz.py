@@ -14,6 +14,7 @@ from typing import Any
 
 import schemathesis
 from fastapi.testclient import TestClient
+from http_helpers import AUTH, TOKEN
 from hypothesis import HealthCheck, settings
 
 import spoolq
@@ -26,21 +27,24 @@ _client.create_queue("work", script="/bin/true")
 _ids = [_client.send("work", param1=str(i)).msg_id for i in range(3)]
 _client.prep("work", param1="prepped")
 
-app = create_app(_client)
+app = create_app(_client, TOKEN)
 
 
 def _as_loopback(inner: Any) -> Any:
-    """The app as a browser on this machine reaches it (schemathesis sends Host: testserver,
-    which a server without a token refuses: test_http_api covers that refusal)."""
+    """The app as the token holder on this machine reaches it: schemathesis sends Host:
+    testserver, which anonymous requests may not use, and no token, without which every
+    change is refused before its handler runs (test_http_security covers both refusals)."""
     async def shim(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            scope = {**scope, "headers": [*((k, v) for k, v in scope["headers"] if k != b"host"),
-                                          (b"host", b"127.0.0.1")]}
+            scope = {**scope, "headers": [*((k, v) for k, v in scope["headers"]
+                                            if k not in (b"host", b"authorization")),
+                                          (b"host", b"127.0.0.1"),
+                                          (b"authorization", AUTH["Authorization"].encode())]}
         await inner(scope, receive, send)
     return shim
 
 
-_http = TestClient(app, base_url="http://127.0.0.1")
+_http = TestClient(app, base_url="http://127.0.0.1", headers=AUTH)
 schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", _as_loopback(app)).exclude(
     path_regex=r"(/events|/log/stream)$")
 
@@ -96,3 +100,37 @@ def test_rq_and_html_paths_never_5xx(parts: list[str], suffix: str) -> None:
         assert r.status_code < 500, (path, r.status_code, r.text[:300])
     r = _http.post(path, data={"_method": "commit", "x_format": "json"}, follow_redirects=False)
     assert r.status_code < 500, (path, r.status_code, r.text[:300])
+
+
+# -- headers and RQ's query parameters, which schemathesis does not reach --------------------
+_header_text = st.one_of(st.text(max_size=40), st.sampled_from(["\xb2", "²", "1" * 5000, "-1", "0x10", " 7 ", ""]))
+
+
+@given(limit=st.one_of(st.text(max_size=12), st.sampled_from(["²", "%C2%B2", "9" * 5000, "0", "10001"])))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_rq_query_parameters_never_5xx(limit: str) -> None:
+    r = _http.get("/q/work/done.json", params={"limit": limit})
+    assert r.status_code < 500, (limit, r.status_code, r.text[:200])
+
+
+@given(value=_header_text)
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_last_event_id_never_5xx(value: str) -> None:
+    url = f"/api/v1/queues/work/messages/{_ids[0]}/log/stream"
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = value.encode()
+    with _http.stream("GET", url, headers=[(b"last-event-id", raw)]) as r:  # type: ignore[arg-type]
+        assert r.status_code < 500, (value, r.status_code)
+
+
+@given(first=st.one_of(st.just(""), st.from_regex(r"[0-9]{1,30}", fullmatch=True), st.just("9" * 4400)),
+       last=st.one_of(st.just(""), st.from_regex(r"[0-9]{1,30}", fullmatch=True), st.just("9" * 4400)),
+       junk=st.sampled_from(["", "²", "x"]))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_range_headers_never_5xx(first: str, last: str, junk: str) -> None:
+    rng = f"bytes={first}{junk}-{last}"
+    for url in ("/api/v1/queues/work/messages/" + _ids[0] + "/log", f"/q/work/{_ids[0]}/log/stdio.log"):
+        r = _http.get(url, headers={"Range": rng.encode()})  # type: ignore[dict-item]
+        assert r.status_code < 500, (rng[:60], r.status_code, r.text[:200])

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from http_helpers import daemon, free_port, have_daemon
+from http_helpers import AUTH, SPOOLQ, TOKEN, daemon, free_port, have_daemon
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -53,11 +54,21 @@ def shot(page: object, name: str, docs_name: str | None = None) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The real daemon: (its URL, its root)."""
     root = tmp_path / "spool"
     root.mkdir()
     with daemon(root, free_port()) as url:
-        yield url
+        yield url, root
+
+
+def login_url(root: Path) -> str:
+    """A one-time sign-in link from ``spoolq login-url``, as a user would get one."""
+    env = {**os.environ, "SPOOLQ_TOKEN": TOKEN}
+    r = subprocess.run([SPOOLQ, "--root", str(root), "login-url"], capture_output=True, text=True, env=env,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 @pytest.fixture
@@ -74,10 +85,24 @@ def page() -> Iterator[object]:
         browser.close()
 
 
-def test_live_log_in_the_browser(server: str, page: object, tmp_path: Path) -> None:
+def test_live_log_in_the_browser(served: tuple[str, Path], page: object, tmp_path: Path) -> None:
     from playwright.sync_api import Page, expect
 
     assert isinstance(page, Page)
+    server, root = served
+    csp_violations: list[str] = []
+    page.on("console", lambda m: csp_violations.append(m.text) if "Content Security Policy" in m.text else None)
+    # Anonymous on loopback: the UI reads, and says how to sign in.
+    page.goto(server + "/")
+    expect(page.locator(".read-only")).to_contain_text("sign in")
+    # Sign in with the one-time link the CLI prints; a second use is refused.
+    link = login_url(root)
+    page.goto(link)
+    expect(page).to_have_url(server + "/")
+    expect(page.locator(".read-only")).to_have_count(0)
+    expect(page.locator("text=Sign out")).to_be_visible()
+    page.goto(link)
+    expect(page.locator(".flash-error")).to_contain_text("used already")
     script = tmp_path / "colors.sh"
     script.write_text(SCRIPT)
     script.chmod(0o755)
@@ -104,23 +129,23 @@ def test_live_log_in_the_browser(server: str, page: object, tmp_path: Path) -> N
     assert "/q/colors/" in msg_url
 
     # While it runs, coloured spans stream in.
-    page.wait_for_function(
-        "document.getElementById('msg-state').dataset.state === 'run'"
-        " && document.querySelectorAll('#log span.ansi').length >= 3")
+    # (Locator assertions, not wait_for_function: the UI's CSP forbids the eval it uses.)
+    expect(page.locator("#msg-state")).to_have_attribute("data-state", "run")
+    expect(page.locator("#log span.ansi").nth(2)).to_be_attached()
     assert page.locator("#msg-state").get_attribute("data-state") == "run"
     assert page.locator("#live-dot").is_visible()
     green = page.locator("#log span.ansi", has_text="processing chunk 1").first
     assert green.evaluate("e => getComputedStyle(e).color") == "rgb(13, 188, 121)"
     shot(page, "message-live-log.png", "message-live-log.png")
     n_running = page.locator("#log span.ansi").count()
-    page.wait_for_function(f"document.querySelectorAll('#log span.ansi').length > {n_running}")
+    expect(page.locator("#log span.ansi").nth(n_running)).to_be_attached()
 
     # A log line with markup is text, not markup.
     assert "<script>alert(\"x\")</script>" in (page.locator("#log").text_content() or "")
     assert page.locator("#log script").count() == 0
 
     # It reaches done; the page refreshes its actions; the attachment shows md5 and size.
-    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'done'")
+    expect(page.locator("#msg-state")).to_have_attribute("data-state", "done")
     expect(page.locator("#log")).to_contain_text("all done")
     expect(page.locator("#clone-btn")).to_be_visible()
     md5 = hashlib.md5(attachment.read_bytes()).hexdigest()
@@ -133,19 +158,19 @@ def test_live_log_in_the_browser(server: str, page: object, tmp_path: Path) -> N
     expect(page.locator(".flash")).to_contain_text("cloned from")
     assert page.url != msg_url
     expect(page.locator("#attachments")).to_contain_text(md5)
-    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'done'", timeout=60_000)
+    expect(page.locator("#msg-state")).to_have_attribute("data-state", "done", timeout=60_000)
 
     # A failing message: it ends in err, and Retry puts it back to work.
     page.goto(server + "/q/colors/new_message")
     page.fill("input[name=param1]", "3")
     page.fill("input[name=param2]", "2")
     page.click("#new-message-form button[type=submit]")
-    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'err'")
+    expect(page.locator("#msg-state")).to_have_attribute("data-state", "err")
     expect(page.locator("#retry-btn")).to_be_visible()
     page.click("#retry-btn")
     expect(page.locator(".flash")).to_contain_text("retry: done")
     expect(page.locator("#history")).to_contain_text("retry")
-    page.wait_for_function("document.getElementById('msg-state').dataset.state === 'err'", timeout=60_000)
+    expect(page.locator("#msg-state")).to_have_attribute("data-state", "err", timeout=60_000)
 
     # The queue page lists them, newest first; search narrows to the one that failed.
     page.goto(server + "/q/colors?state=done")
@@ -161,27 +186,31 @@ def test_live_log_in_the_browser(server: str, page: object, tmp_path: Path) -> N
     expect(row.locator("[data-count=done]")).to_have_text("2")
     expect(row.locator("[data-count=err]")).to_have_text("1")
     shot(page, "dashboard.png")
+    assert not csp_violations, f"the UI's own pages break its CSP: {csp_violations}"
 
 
-def test_dashboard_counts_update_live(server: str, page: object) -> None:
-    """The dashboard follows /api/v1/events: counts change without a reload."""
+def test_dashboard_counts_update_live(served: tuple[str, Path], page: object) -> None:
+    """The dashboard follows /api/v1/events: counts change without a reload (read-only,
+    anonymous on loopback: the events stream and the pages need no sign-in)."""
     import httpx
     from playwright.sync_api import Page, expect
 
     assert isinstance(page, Page)
-    httpx.post(server + "/api/v1/queues", json={"name": "mail", "script": "/bin/true"}).raise_for_status()
-    httpx.post(server + "/api/v1/queues/mail/pause").raise_for_status()
+    server, _ = served
+    httpx.post(server + "/api/v1/queues", json={"name": "mail", "script": "/bin/true"},
+               headers=AUTH).raise_for_status()
+    httpx.post(server + "/api/v1/queues/mail/pause", headers=AUTH).raise_for_status()
     page.goto(server + "/")
     cell = page.locator("tr[data-queue=mail] [data-count=que]")
     expect(cell).to_have_text("0")
     page.evaluate("window.__marker = 1")
     for _ in range(3):
-        httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "x"}).raise_for_status()
+        httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "x"}, headers=AUTH).raise_for_status()
     expect(cell).to_have_text("3", timeout=15_000)
     assert page.evaluate("window.__marker") == 1, "updated in place, not by reloading"
     expect(page.locator("tr[data-queue=mail] [data-status]")).to_contain_text("PAUSE")
     page.goto(server + "/q/mail")
     tab = page.locator("[data-tab-count=que]")
     expect(tab).to_have_text("3")
-    httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "y"}).raise_for_status()
+    httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "y"}, headers=AUTH).raise_for_status()
     expect(tab).to_have_text("4", timeout=15_000)

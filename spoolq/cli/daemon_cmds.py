@@ -8,9 +8,10 @@ import os
 import sys
 from typing import Any
 
-from .. import watch
+from .. import credentials, watch
 from ..config import is_loopback
-from ..errors import InvalidInput, WaitTimeout
+from ..credentials import AccessLevel
+from ..errors import InvalidInput, Unavailable, WaitTimeout
 from ..model import State
 from . import exitcodes
 
@@ -26,8 +27,20 @@ def register(sub: Any) -> None:
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds running jobs get to finish on SIGTERM before they are stopped and "
                         "requeued (default 30)")
-    p.add_argument("--token", default=os.environ.get("SPOOLQ_TOKEN"),
-                   help="bearer token the HTTP API requires (env SPOOLQ_TOKEN); required off loopback")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="read the HTTP token from FILE (mode 0600; env SPOOLQ_TOKEN_FILE). Default: "
+                        "SPOOLQ_TOKEN, else ROOT/token, created at the first start. Whoever holds the "
+                        "token can run commands as this user")
+    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
+    p.add_argument("--anonymous", default=os.environ.get("SPOOLQ_ANONYMOUS") or "rq",
+                   choices=[str(a) for a in AccessLevel],
+                   help="what requests without the token may do on a loopback server (env "
+                        "SPOOLQ_ANONYMOUS): none; read (every GET); rq (default: read + RQ's message "
+                        "routes, so RQ's HTTP clients work); all (everything). Off loopback: none")
+    p.add_argument("--trust-loopback", action="store_true",
+                   help="RQ's model: everything open on loopback without a token, queue creation and "
+                        "config included (same as --anonymous all). Any local user or process can then run "
+                        "commands as this user: use it only on a machine you alone use")
     p.add_argument("--rescan", type=float, default=30.0,
                    help="seconds between backstop rescans of the queues (default 30)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every job start and end")
@@ -46,6 +59,14 @@ def register(sub: Any) -> None:
                    help="keep printing new output until the message reaches a final state")
     p.set_defaults(func=cmd_log)
 
+    p = sub.add_parser("login-url", help="print a one-time sign-in link for the running daemon's web UI",
+                       description="Ask the running daemon (with the root's token) for a sign-in link to its "
+                                   "web UI. The link works once, within --ttl seconds.")
+    p.add_argument("--ttl", type=float, default=600.0, help="seconds the link stays valid (default 600)")
+    p.add_argument("--next", default="/", help="the page to open after signing in (default /)")
+    p.add_argument("--token-file", default=None, metavar="FILE", help="as for serve (default ROOT/token)")
+    p.set_defaults(func=cmd_login_url)
+
     p = sub.add_parser("cancel", help="stop a queued or running message; it ends in err (cancelled)")
     p.add_argument("message", help="full id URL or QUEUE/ID")
     p.set_defaults(func=cmd_cancel)
@@ -58,19 +79,32 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
                         format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
     # Start-up, recovery and trouble always; every job's start and end with -v.
     logging.getLogger("spoolq").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.token is not None:
+        raise InvalidInput("--token is not accepted: a command line is visible to every user in ps. "
+                           "Put the token in a file (--token-file, mode 0600) or in SPOOLQ_TOKEN")
+    anonymous = AccessLevel.ALL if args.trust_loopback else AccessLevel(args.anonymous)
     if "://" in ctx.root and not ctx.root.startswith("file://"):
         raise InvalidInput("spoolq serve needs a spool directory (file store)")
     root = ctx.root.removeprefix("file://")
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise Unavailable(f"cannot create the spool root {root}: {e.strerror or e}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise Unavailable(f"the spool root {root} is not writable by this user (uid {os.geteuid()}); "
+                          "give it to this user, or choose another with --root / SPOOLQ_ROOT")
     d = Daemon(root, host=args.host, port=args.port, grace=args.grace, rescan_interval=args.rescan)
-    if not args.no_http and not args.token and not is_loopback(d.rootcfg.host):
-        raise InvalidInput(f"refusing to serve HTTP on {d.rootcfg.host} without a token: set --token or "
-                           "SPOOLQ_TOKEN (or use --no-http)")
+    token = None if args.no_http else credentials.load_or_create(root, args.token_file)
     d.setup()
     http: Any = None
     try:
         if not args.no_http:
-            http = _start_http(ctx, d, args.token)
+            assert token is not None
+            if anonymous == AccessLevel.ALL and is_loopback(d.rootcfg.host):
+                logging.getLogger("spoolq").warning(
+                    "--trust-loopback: anyone on this machine can create queues and change what they "
+                    "run over HTTP, i.e. run commands as this user")
+            http = _start_http(ctx, d, token.value, anonymous)
         d.loop()
     finally:
         if http is not None:
@@ -82,18 +116,54 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     return exitcodes.OK
 
 
-def _start_http(ctx: Any, d: Any, token: str | None) -> Any:
-    log = logging.getLogger("spoolq")
-    try:
-        from ..http.server import start_http  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as e:
-        log.warning("HTTP API not available (%s); serving queues only", e)
-        return None
+SERVE_LINK_TTL = 24 * 3600.0
+"""The sign-in link ``serve`` prints at start stays valid this long, and for one use."""
+
+
+def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
     from ..client import open as open_client
+    from ..http.server import start_http
 
     client = open_client(str(d.root))
     extra = d.runner.stats.render if d.runner is not None else None
-    return start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra)
+    http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous)
+    code = http.app.state.auth.links.mint(SERVE_LINK_TTL)
+    # Like Jupyter: the way into the UI, printed once. The link works once, for a day.
+    print(f"spoolq: web UI at {d.rootcfg.base_url}/ ; sign in once with {d.rootcfg.base_url}/login?code={code} "
+          "(spoolq login-url makes another)", file=sys.stderr, flush=True)
+    return http
+
+
+def cmd_login_url(args: argparse.Namespace, ctx: Any) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from ..config import read_root_config
+
+    root = ctx.root.removeprefix("file://")
+    token = credentials.configured(root, args.token_file)
+    if token is None:
+        raise Unavailable(f"no token for {root}: the daemon writes ROOT/token at its first start "
+                          "(or set SPOOLQ_TOKEN / --token-file as the daemon has them)")
+    base = read_root_config(root).base_url
+    req = urllib.request.Request(f"{base}/api/v1/login-links", method="POST",
+                                 data=json.dumps({"ttl": args.ttl, "next": args.next}).encode(),
+                                 headers={"Authorization": f"Bearer {token.value}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own daemon's URL
+            link = json.loads(resp.read())["url"]
+    except urllib.error.HTTPError as e:
+        raise Unavailable(f"the daemon at {base} refused: HTTP {e.code} {e.read()[:200].decode(errors='replace')}") \
+            from None
+    except (OSError, ValueError, KeyError) as e:
+        raise Unavailable(f"no spoolq daemon answers at {base} ({e}); start it with spoolq serve") from None
+    if ctx.json:
+        ctx.emit_json({"url": link, "expires_in": args.ttl})
+    else:
+        ctx.out(link)
+    return exitcodes.OK
 
 
 def _print_view(ctx: Any, view: Any, full_id: str) -> None:

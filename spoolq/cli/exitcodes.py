@@ -15,6 +15,7 @@ TIMEOUT = 7  # `wait` gave up
 DAEMON_RUNNING = 8  # `serve`: another daemon holds this root
 MESSAGE_FAILED = 9  # `wait`: the message ended in err
 UNAUTHORIZED = 10
+UNAVAILABLE = 11  # `serve`: the port is in use, the root cannot be written
 
 _BY_CLASS: list[tuple[type[errors.SpoolqError], int]] = [
     (errors.InvalidInput, USAGE),
@@ -25,6 +26,7 @@ _BY_CLASS: list[tuple[type[errors.SpoolqError], int]] = [
     (errors.WaitTimeout, TIMEOUT),
     (errors.DaemonRunning, DAEMON_RUNNING),
     (errors.Unauthorized, UNAUTHORIZED),
+    (errors.Unavailable, UNAVAILABLE),
 ]
 
 

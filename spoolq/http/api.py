@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,14 +22,17 @@ from ..errors import InvalidConfig, InvalidInput, InvalidMessage
 from ..model import State
 from ..store import AttachmentSource
 from .actions import act, bulk
+from .auth import LINK_TTL, policy_of
 from .common import (
     AppContext,
-    LogNotFound,
+    AttachName,
+    MsgId,
+    QueueName,
     all_summaries,
     attachment_response,
     ctx_of,
     file_response,
-    log_path,
+    open_log,
     queue_summary,
 )
 from .errors import BadRequest, validation_text
@@ -110,6 +114,23 @@ def _ctx(request: Request) -> AppContext:
 
 
 # -- service ------------------------------------------------------------------------------
+class LoginLinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    next: str = Field("/", description="the page to open after signing in (a path on this server)")
+    ttl: float = Field(LINK_TTL, gt=0, le=86400, description="seconds the link stays valid (it works once)")
+
+
+@router.post("/login-links", status_code=201,
+             summary="A one-time sign-in link for the web UI (what `spoolq login-url` prints)")
+def login_link(request: Request, req: LoginLinkRequest | None = Body(None)) -> dict[str, Any]:  # noqa: B008
+    req = req or LoginLinkRequest.model_validate({})
+    nxt = req.next if req.next.startswith("/") and not req.next.startswith("//") else "/"
+    code = policy_of(request).links.mint(req.ttl)
+    url = str(request.base_url).rstrip("/") + "/login?" + urlencode({"code": code, "next": nxt})
+    return {"url": url, "expires_in": req.ttl}
+
+
+
 @router.get("/queues", summary="All queues with admin status and counts per state")
 def list_queues(request: Request) -> list[dict[str, Any]]:
     return all_summaries(_ctx(request))
@@ -125,29 +146,29 @@ def create_queue(request: Request, config: dict[str, Any] = Body(  # noqa: B008
 
 
 @router.get("/queues/{queue}", summary="One queue: status, counts, config")
-def get_queue(request: Request, queue: str) -> dict[str, Any]:
+def get_queue(request: Request, queue: QueueName) -> dict[str, Any]:
     return queue_summary(_ctx(request), queue, with_config=True)
 
 
 @router.get("/queues/{queue}/config", summary="A queue's config")
-def get_config(request: Request, queue: str) -> dict[str, Any]:
+def get_config(request: Request, queue: QueueName) -> dict[str, Any]:
     return _ctx(request).client.queue_config(queue).to_dict()
 
 
 @router.patch("/queues/{queue}/config", summary="Change config keys (the next run uses them)")
-def patch_config(request: Request, queue: str, changes: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+def patch_config(request: Request, queue: QueueName, changes: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
     if "name" in changes and changes["name"] != queue:
         raise InvalidConfig("a queue cannot be renamed")
     return _ctx(request).client.update_queue(queue, **changes).to_dict()
 
 
 @router.post("/queues/{queue}/ack-errs", summary="Acknowledge every error of a queue")
-def ack_errs(request: Request, queue: str) -> dict[str, Any]:
+def ack_errs(request: Request, queue: QueueName) -> dict[str, Any]:
     return {"queue": queue, "acked": _ctx(request).client.ack_errs(queue)}
 
 
 @router.delete("/queues/{queue}", summary="Delete a queue (refused while it holds work, unless force)")
-def delete_queue(request: Request, queue: str, force: bool = False) -> dict[str, Any]:
+def delete_queue(request: Request, queue: QueueName, force: bool = False) -> dict[str, Any]:
     _ctx(request).client.delete_queue(queue, force=force)
     return {"queue": queue, "deleted": True}
 
@@ -200,7 +221,7 @@ def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedFo
 
 @router.post("/queues/{queue}/messages", status_code=201, openapi_extra=_SEND_BODY,
              summary="Send a message: JSON, or multipart with a 'message' JSON field and files")
-async def send_message(request: Request, queue: str) -> dict[str, Any]:
+async def send_message(request: Request, queue: QueueName) -> dict[str, Any]:
     ctx = _ctx(request)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
@@ -215,28 +236,28 @@ async def send_message(request: Request, queue: str) -> dict[str, Any]:
 
 
 @router.get("/queues/{queue}/messages", summary="Messages in one state, newest first, paginated")
-def list_messages(request: Request, queue: str, state: State = State.QUE,
+def list_messages(request: Request, queue: QueueName, state: State = State.QUE,
                   limit: int = Query(50, ge=1, le=1000), cursor: str | None = None,
                   filter: str | None = None) -> dict[str, Any]:
     ctx = _ctx(request)
     page = ctx.client.list(queue, state, limit=limit, cursor=cursor or None, filter=filter or None)
     return {"queue": queue, "state": str(state), "next_cursor": page.next_cursor,
             "problems": page.problems,
-            "items": [v.to_rq_json(ctx.client.full_id(queue, v.msg_id)) for v in page.items]}
+            "items": [v.to_rq_json(ctx.client.full_id(queue, v.msg_id), local_paths=False) for v in page.items]}
 
 
 @router.post("/queues/{queue}/bulk", summary="One action over every message a filter matches")
-def bulk_action(request: Request, queue: str, req: BulkRequest) -> dict[str, Any]:
+def bulk_action(request: Request, queue: QueueName, req: BulkRequest) -> dict[str, Any]:
     return bulk(_ctx(request).client, queue, req.state, req.filter, req.action.value)
 
 
 @router.get("/queues/{queue}/messages/{msg_id}", summary="One message (RQ's JSON plus history)")
-def get_message(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
-    return _ctx(request).client.message_json(f"{queue}/{msg_id}")
+def get_message(request: Request, queue: QueueName, msg_id: MsgId) -> dict[str, Any]:
+    return _ctx(request).client.message_json(f"{queue}/{msg_id}", local_paths=False)
 
 
 @router.delete("/queues/{queue}/messages/{msg_id}", summary="Delete a message (not while it runs)")
-def delete_message(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
+def delete_message(request: Request, queue: QueueName, msg_id: MsgId) -> dict[str, Any]:
     return act(_ctx(request).client, queue, msg_id, "delete")
 
 
@@ -246,7 +267,7 @@ def delete_message(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
                      "file": {"type": "string", "format": "binary"},
                      "name": {"type": "string"}}}}}}},
              summary="Attach a file to a message in prep (multipart field 'file', optional 'name')")
-async def add_attachment(request: Request, queue: str, msg_id: str) -> dict[str, Any]:
+async def add_attachment(request: Request, queue: QueueName, msg_id: MsgId) -> dict[str, Any]:
     ctx = _ctx(request)
     async with form_of(request, ctx.upload_dir) as form:
         f = form.file("file")
@@ -261,29 +282,28 @@ async def add_attachment(request: Request, queue: str, msg_id: str) -> dict[str,
 
 @router.post("/queues/{queue}/messages/{msg_id}/{action}",
              summary="retry (err), clone (final), run-now (que), cancel (run), commit (prep)")
-def message_action(request: Request, queue: str, msg_id: str, action: MessageAction) -> dict[str, Any]:
+def message_action(request: Request, queue: QueueName, msg_id: MsgId, action: MessageAction) -> dict[str, Any]:
     return act(_ctx(request).client, queue, msg_id, action.value)
 
 
 @router.head("/queues/{queue}/messages/{msg_id}/attachments/{name}", include_in_schema=False)
 @router.get("/queues/{queue}/messages/{msg_id}/attachments/{name}", response_class=Response,
             summary="Download an attachment (streamed; Range supported; HEAD too)")
-def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Response:
+def get_attachment(request: Request, queue: QueueName, msg_id: MsgId, name: AttachName) -> Response:
     return attachment_response(request, _ctx(request).client, queue, msg_id, name)
 
 
 @router.head("/queues/{queue}/messages/{msg_id}/log", include_in_schema=False)
 @router.get("/queues/{queue}/messages/{msg_id}/log", response_class=Response,
             summary="The job's stdio.log (Range requests: 206 / 416; HEAD too)")
-def get_log(request: Request, queue: str, msg_id: str) -> Response:
-    path = log_path(_ctx(request).client, queue, msg_id)
-    return file_response(request, path, media_type="text/plain; charset=utf-8",
-                         missing=LogNotFound(f"no log yet for {queue}/{msg_id}"))
+def get_log(request: Request, queue: QueueName, msg_id: MsgId) -> Response:
+    fh = open_log(_ctx(request).client, queue, msg_id)
+    return file_response(request, fh, media_type="text/plain; charset=utf-8")
 
 
 # Registered last: its path would otherwise shadow the other POST /queues/{queue}/... routes.
 @router.post("/queues/{queue}/{action}", summary="pause, resume, down or up")
-def admin(request: Request, queue: str, action: AdminAction) -> dict[str, Any]:
+def admin(request: Request, queue: QueueName, action: AdminAction) -> dict[str, Any]:
     ctx = _ctx(request)
     ctx.client.admin_action(queue, action.value)
     return queue_summary(ctx, queue)

@@ -15,15 +15,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..client import Client
 from ..errors import SpoolqError
 from . import api, metrics, rq_routes, sse, ui
-from .auth import AuthMiddleware, SecurityHeaders
-from .common import AppContext, default_upload_dir
+from .auth import AccessLevel, AuthMiddleware, AuthPolicy, SecurityHeaders
+from .common import MAX_STREAMS, AppContext, default_upload_dir
 from .errors import error_body, error_response, status_for, validation_text
 from .limits import BodyLimit
 from .metrics import ExtraMetrics, RequestMetrics, RequestStats
@@ -39,18 +41,26 @@ def _wants_html(request: Request) -> bool:
             and "text/html" in request.headers.get("accept", ""))
 
 
-def create_app(client: Client, token: str | None = None, *, upload_dir: Path | None = None,
+def create_app(client: Client, token: str | None = None, *, anonymous: AccessLevel | str = AccessLevel.RQ,
+               loopback_only: bool = True, upload_dir: Path | None = None,
                extra_metrics: ExtraMetrics | None = None, poll_interval: float = 0.25,
-               events_interval: float = 1.0) -> FastAPI:
-    """The ASGI app over ``client``. ``token``, when set, is required on every request
-    but ``/healthz``, ``/login`` and static files (see :mod:`spoolq.http.auth`)."""
+               events_interval: float = 1.0, max_streams: int = MAX_STREAMS) -> FastAPI:
+    """The ASGI app over ``client``.
+
+    ``token`` is the credential that may do everything; without it nothing beyond the
+    ``anonymous`` level can be done over HTTP. ``anonymous`` is what requests without
+    credentials may do when the server listens on loopback only (``loopback_only``; off
+    loopback they get the public paths only). See :mod:`spoolq.http.auth`.
+    ``max_streams`` caps the SSE streams open at once (more get 503).
+    """
     app = FastAPI(title="spoolq", version=__version__,
                   description="spoolq's HTTP API. Errors are {\"error\": {\"code\", \"message\"}}. "
                               "See docs/http-api.md.",
                   openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
-    ctx = AppContext(client=client, token=token or None,
+    policy = AuthPolicy(token=token or None, anonymous=AccessLevel(anonymous), loopback_only=loopback_only)
+    ctx = AppContext(client=client, auth=policy,
                      upload_dir=upload_dir or default_upload_dir(client),
-                     poll_interval=poll_interval, events_interval=events_interval)
+                     poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams)
     try:
         ctx.upload_dir.mkdir(parents=True, exist_ok=True)
         sweep_uploads(ctx.upload_dir)
@@ -58,6 +68,7 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
         log.warning("cannot prepare upload directory %s: %s", ctx.upload_dir, e)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.ctx = ctx
+    app.state.auth = policy
     app.state.request_stats = RequestStats()
     app.state.extra_metrics = extra_metrics
 
@@ -69,13 +80,26 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return JSONResponse(error_body("invalid_input", validation_text(exc.errors())), status_code=400)
+        errors = list(exc.errors())
+        # A path parameter that fails its pattern is a bad queue, message or attachment name.
+        code = "invalid_name" if errors and all(e.get("loc", ("",))[0] == "path" for e in errors) else "invalid_input"
+        return JSONResponse(error_body(code, validation_text(errors)), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path only;
+            # GET and DELETE of one path are separate routes here.
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away mid-request: nobody reads this answer, and it is no error of ours.
+        log.debug("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError) -> Response:
@@ -93,11 +117,24 @@ def create_app(client: Client, token: str | None = None, *, upload_dir: Path | N
     app.include_router(rq_routes.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    # add_middleware wraps: the last added runs first. Outermost: security headers (on every
+    # answer, the middlewares' own 401/403/413 included), metrics, then authentication, which
+    # decides before the body limit lets the route read a byte.
     app.add_middleware(BodyLimit)
-    app.add_middleware(SecurityHeaders)
-    app.add_middleware(AuthMiddleware, token=ctx.token)
+    app.add_middleware(AuthMiddleware, policy=policy)
     app.add_middleware(RequestMetrics, stats=app.state.request_stats)
+    app.add_middleware(SecurityHeaders)
     return app
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: FastAPI, scope: Any) -> list[str]:
+    """Every method some route of ``app`` answers on this request's path (for ``Allow``)."""
+    routes = app.router.routes
+    return [m for m in HTTP_METHODS
+            if any(r.matches({**scope, "type": "http", "method": m})[0] == Match.FULL for r in routes)]
 
 
 ERROR_SCHEMA = {
@@ -107,6 +144,7 @@ ERROR_SCHEMA = {
         "message": {"type": "string"}}}},
 }
 ERROR_STATUSES = {"400": "Bad input", "401": "A token is required", "403": "Refused (cross-site, Host, CSRF)",
+                  "429": "Too many wrong tokens from this address",
                   "404": "No such queue, message, attachment or log", "409": "The message is in the wrong state",
                   "413": "Request body or message too large", "503": "The queue is DOWN",
                   "507": "The spool's disk is full"}
@@ -131,7 +169,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 responses.setdefault(code, {"description": text, "content": {"application/json": {"schema": ref}}})
     doc["components"]["securitySchemes"] = {"bearer": {
         "type": "http", "scheme": "bearer",
-        "description": "Required when the server listens off loopback (--token / SPOOLQ_TOKEN)."}}
+        "description": "The daemon's token (<root>/token, SPOOLQ_TOKEN or --token-file). Needed for "
+                       "everything but reading (and RQ's message routes) on a loopback server, and for "
+                       "everything off loopback."}}
     doc["security"] = [{"bearer": []}, {}]
     app.openapi_schema = doc
     return doc

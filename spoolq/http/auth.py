@@ -1,26 +1,40 @@
-"""Authentication (token) and cross-site protection, as one ASGI middleware.
+"""Who may do what over HTTP, decided before a byte of the request body is read.
 
-- Without a token (loopback only, enforced by :func:`spoolq.http.server.start_http`) every
-  request is allowed, but state-changing requests from another site are refused.
-- With a token, a request must carry it: ``Authorization: Bearer <token>`` (API and RQ
-  routes), HTTP basic auth with the token as password (RQ tools that put credentials in the
-  URL), or the session cookie the UI's login form sets. ``/healthz``, ``/login`` and
-  ``/static`` stay public.
-- DNS rebinding: without a token, a request whose ``Host`` is not a loopback name or
-  address (a page on another site that made its name resolve to 127.0.0.1) is refused with
-  403 before anything else: the token is what protects a server on a real address.
-- Cross-site: an unsafe method with an ``Origin`` (or ``Sec-Fetch-Site: cross-site``) that
-  is not this server is refused with 403. Browsers always send these on cross-site form
-  posts; curl and RQ's clients never do. The UI's forms also carry a double-submit CSRF
-  token (:func:`check_csrf`).
+The trust model (docs/security.md): whoever can change what a queue executes can run
+commands as the daemon's user, so that always needs a credential, on loopback too.
+
+- **Credentials**: the root's token (``Authorization: Bearer <token>``, or HTTP basic auth
+  with the token as the password for RQ tools that keep credentials in the URL), or a UI
+  session (a random id in an HttpOnly, SameSite=Strict cookie, made by signing in with the
+  token or a one-time login link; kept in memory, revoked by "Sign out", gone at restart).
+  Any valid credential may do everything.
+- **Anonymous requests** get the server's :class:`AccessLevel` (``serve --anonymous``, default
+  ``rq``), and only when the server listens on loopback and the ``Host`` header names
+  loopback (a page whose name was rebound to 127.0.0.1 sends its own name: refused, 403).
+  Off loopback anonymous requests get nothing but the public paths.
+- **Public paths** (``/healthz``, ``/login``, ``/logout``, ``/static/*``) need nothing; ``/login``
+  takes at most :data:`LOGIN_MAX_BODY` bytes.
+- **Cross-site**: an unsafe method with an ``Origin`` (or ``Sec-Fetch-Site: cross-site``) that is
+  not this server is refused (403). A request authenticated by the session cookie (which a
+  browser attaches by itself) must also *prove* it is same-origin (``Origin`` or
+  ``Sec-Fetch-Site``); the UI's forms carry a double-submit CSRF token too.
+- **Guessing**: every wrong token is answered after a second, and a client address with
+  more than :data:`FAILURES_ALLOWED` wrong tokens in :data:`FAILURE_WINDOW` seconds gets 429
+  for credentialed requests, without their credential being checked at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -28,20 +42,187 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import is_loopback
+from ..credentials import AccessLevel
 from .errors import Forbidden, send_error
 
 SESSION_COOKIE = "spoolq_session"
 CSRF_COOKIE = "spoolq_csrf"
 CSRF_FIELD = "csrf"
-PUBLIC_PREFIXES = ("/healthz", "/login", "/static/", "/favicon.ico")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+LOGIN_MAX_BODY = 4096
+"""The sign-in form (a token, a CSRF value, a path) fits in far less."""
+SESSION_IDLE = 12 * 3600.0
+SESSION_MAX_AGE = 7 * 86400.0
+MAX_SESSIONS = 10_000
+FAILURE_DELAY = 1.0
+"""Seconds a wrong token waits for its answer."""
+FAILURES_ALLOWED = 20
+FAILURE_WINDOW = 60.0
+LINK_TTL = 600.0
+"""Seconds a one-time login link made on request (``spoolq login-url``) stays valid."""
+
+# RQ's message routes (rq-spec 4): send, commit/delete, clone, run_now, attach, detach.
+_RQ_MESSAGE_ROUTE = re.compile(r"^/q/[^/]+/[^/]+(?:/clone|/run_now|/attach/[^/]+)?$")
 
 
-def session_value(token: str) -> str:
-    """The session cookie's value: derived from the token, so it is valid exactly while the token is."""
-    return hmac.new(token.encode(), b"spoolq-ui-session", hashlib.sha256).hexdigest()
+_RANK = {AccessLevel.NONE: 0, AccessLevel.READ: 1, AccessLevel.RQ: 2, AccessLevel.ALL: 3}
+PUBLIC = -1
 
 
+def required_rank(method: str, path: str) -> int:
+    """The least :class:`AccessLevel` rank a request needs (:data:`PUBLIC` for public paths)."""
+    if path.startswith("/static/") or path == "/favicon.ico":
+        return PUBLIC
+    if path == "/healthz" and method in ("GET", "HEAD"):
+        return PUBLIC
+    if path in ("/login", "/logout"):
+        return PUBLIC
+    if method in ("GET", "HEAD"):
+        return _RANK[AccessLevel.READ]
+    if method == "POST" and _RQ_MESSAGE_ROUTE.match(path):
+        return _RANK[AccessLevel.RQ]
+    return _RANK[AccessLevel.ALL]
+
+
+# -- sessions, one-time links, the guessing throttle ------------------------------------------
+class SessionStore:
+    """UI sessions: random ids, kept in memory (a restart signs everyone out), revocable."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, tuple[float, float]] = {}  # sha256(id) -> (created, last seen)
+        self.clock = clock
+
+    @staticmethod
+    def _key(sid: str) -> str:
+        return hashlib.sha256(sid.encode()).hexdigest()
+
+    def create(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            if len(self._sessions) >= MAX_SESSIONS:
+                self._prune(now)
+                while len(self._sessions) >= MAX_SESSIONS:  # still full: drop the oldest
+                    del self._sessions[min(self._sessions, key=lambda k: self._sessions[k][0])]
+            self._sessions[self._key(sid)] = (now, now)
+        return sid
+
+    def valid(self, sid: str) -> bool:
+        if not sid or len(sid) > 128:
+            return False
+        key = self._key(sid)
+        now = self.clock()
+        with self._lock:
+            got = self._sessions.get(key)
+            if got is None:
+                return False
+            created, seen = got
+            if now - seen > SESSION_IDLE or now - created > SESSION_MAX_AGE:
+                del self._sessions[key]
+                return False
+            self._sessions[key] = (created, now)
+            return True
+
+    def revoke(self, sid: str) -> None:
+        with self._lock:
+            self._sessions.pop(self._key(sid), None)
+
+    def _prune(self, now: float) -> None:
+        for k, (created, seen) in list(self._sessions.items()):
+            if now - seen > SESSION_IDLE or now - created > SESSION_MAX_AGE:
+                del self._sessions[k]
+
+
+class LoginLinks:
+    """One-time login codes: each signs one browser in, once, before it expires."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._codes: dict[str, float] = {}  # sha256(code) -> expiry
+        self.clock = clock
+
+    def mint(self, ttl: float = LINK_TTL) -> str:
+        code = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            for k, exp in list(self._codes.items()):
+                if exp < now:
+                    del self._codes[k]
+            if len(self._codes) >= 1000:
+                del self._codes[min(self._codes, key=self._codes.__getitem__)]
+            self._codes[hashlib.sha256(code.encode()).hexdigest()] = now + ttl
+        return code
+
+    def redeem(self, code: str) -> bool:
+        """True once for a valid, unexpired code; the code is spent either way."""
+        if not code or len(code) > 128:
+            return False
+        with self._lock:
+            exp = self._codes.pop(hashlib.sha256(code.encode()).hexdigest(), None)
+        return exp is not None and exp >= self.clock()
+
+
+class FailureThrottle:
+    """Wrong tokens per client address in a sliding window (guessing is slowed to a crawl)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._fails: dict[str, list[float]] = {}
+        self.clock = clock
+
+    def blocked(self, who: str) -> float:
+        """Seconds until ``who`` may try again (0: now)."""
+        now = self.clock()
+        with self._lock:
+            times = [t for t in self._fails.get(who, []) if now - t < FAILURE_WINDOW]
+            if times:
+                self._fails[who] = times
+            else:
+                self._fails.pop(who, None)
+            return FAILURE_WINDOW - (now - times[0]) if len(times) >= FAILURES_ALLOWED else 0.0
+
+    def failed(self, who: str) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._fails) > 10_000:
+                self._fails = {k: v for k, v in self._fails.items() if v and now - v[-1] < FAILURE_WINDOW}
+            self._fails.setdefault(who, []).append(now)
+
+
+@dataclass
+class AuthPolicy:
+    """The server's token, what anonymous requests may do, and its sessions and links."""
+
+    token: str | None = None
+    anonymous: AccessLevel = AccessLevel.RQ
+    loopback_only: bool = True
+    sessions: SessionStore = field(default_factory=SessionStore)
+    links: LoginLinks = field(default_factory=LoginLinks)
+    throttle: FailureThrottle = field(default_factory=FailureThrottle)
+
+    @property
+    def anonymous_level(self) -> AccessLevel:
+        """Off loopback, anonymous requests get nothing whatever was configured."""
+        return self.anonymous if self.loopback_only else AccessLevel.NONE
+
+    def token_matches(self, candidate: str) -> bool:
+        return self.token is not None and hmac.compare_digest(candidate.encode(), self.token.encode())
+
+
+def principal(request: Request) -> str | None:
+    """How the request authenticated: ``token``, ``session`` or None (anonymous)."""
+    state = request.scope.get("state") or {}
+    value = state.get("spoolq_principal")
+    return value if isinstance(value, str) else None
+
+
+def policy_of(request: Request) -> AuthPolicy:
+    pol: AuthPolicy = request.app.state.auth
+    return pol
+
+
+# -- the middleware ---------------------------------------------------------------------------
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
@@ -55,20 +236,21 @@ def _cookies(header: str) -> dict[str, str]:
     return out
 
 
-def authorized(headers: dict[str, str], token: str) -> bool:
+def presented_token(headers: dict[str, str]) -> str | None:
+    """The token a request presents in ``Authorization`` (bearer, or basic's password)."""
     auth = headers.get("authorization", "")
+    if not auth:
+        return None
     scheme, _, cred = auth.partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode()):
-        return True
+    if scheme.lower() == "bearer":
+        return cred.strip()
     if scheme.lower() == "basic":
         try:
             _, _, password = base64.b64decode(cred.strip(), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            password = ""
-        if password and hmac.compare_digest(password.encode(), token.encode()):
-            return True
-    cookie = _cookies(headers.get("cookie", "")).get(SESSION_COOKIE, "")
-    return bool(cookie) and hmac.compare_digest(cookie.encode(), session_value(token).encode())
+            return ""
+        return password
+    return ""  # a scheme we do not know is a wrong credential, not an absent one
 
 
 def cross_site(headers: dict[str, str]) -> bool:
@@ -83,36 +265,12 @@ def cross_site(headers: dict[str, str]) -> bool:
     return urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
 
 
-class AuthMiddleware:
-    """Token check and cross-site refusal for every HTTP request (see the module docstring)."""
-
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app = app
-        self.token = token
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = _headers(scope)
-        path: str = scope.get("path", "")
-        if not self.token and not _loopback_host(headers.get("host", "")):
-            await send_error(send, 403, Forbidden.code, "this server answers only to loopback names "
-                             "(Host header refused)")
-            return
-        if scope.get("method", "GET") in UNSAFE_METHODS and cross_site(headers):
-            await send_error(send, 403, Forbidden.code, "cross-site request refused")
-            return
-        if self.token and not path.startswith(PUBLIC_PREFIXES) and not authorized(headers, self.token):
-            accept = headers.get("accept", "")
-            if scope.get("method") == "GET" and "text/html" in accept and not path.startswith("/api/"):
-                target = path + (("?" + scope["query_string"].decode()) if scope.get("query_string") else "")
-                await _send(send, 303, b"", [(b"location", f"/login?next={quote(target)}".encode())])
-                return
-            await send_error(send, 401, "unauthorized", "a token is required: Authorization: Bearer <token>",
-                             [(b"www-authenticate", b'Bearer realm="spoolq"')])
-            return
-        await self.app(scope, receive, send)
+def same_origin_proof(headers: dict[str, str]) -> bool:
+    """A browser said this request comes from our own pages (it sends Origin on every POST)."""
+    if headers.get("sec-fetch-site") == "same-origin":
+        return True
+    origin = headers.get("origin")
+    return bool(origin) and origin != "null" and urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
 
 
 def _loopback_host(host: str) -> bool:
@@ -123,16 +281,94 @@ def _loopback_host(host: str) -> bool:
     return is_loopback(name)
 
 
+def client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "?"
+
+
+class AuthMiddleware:
+    """Decides every HTTP request from its method, path and headers (module docstring)."""
+
+    def __init__(self, app: ASGIApp, policy: AuthPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        pol = self.policy
+        headers = _headers(scope)
+        path: str = scope.get("path", "")
+        method: str = scope.get("method", "GET")
+        if method in UNSAFE_METHODS and cross_site(headers):
+            await send_error(send, 403, Forbidden.code, "cross-site request refused")
+            return
+        need = required_rank(method, path)
+        who: str | None = None
+        token = presented_token(headers)
+        if token is not None and need != PUBLIC:
+            address = client_address(scope)
+            wait = pol.throttle.blocked(address)
+            if wait:
+                await send_error(send, 429, "too_many_failures",
+                                 f"too many wrong tokens from {address}; try again in {wait:.0f} s",
+                                 [(b"retry-after", str(int(wait) + 1).encode())])
+                return
+            if not pol.token_matches(token):
+                pol.throttle.failed(address)
+                await asyncio.sleep(FAILURE_DELAY)
+                await send_error(send, 401, "unauthorized", "wrong token",
+                                 [(b"www-authenticate", b'Bearer realm="spoolq"')])
+                return
+            who = "token"
+        elif pol.sessions.valid(_cookies(headers.get("cookie", "")).get(SESSION_COOKIE, "")):
+            if method in UNSAFE_METHODS and not same_origin_proof(headers):
+                await send_error(send, 403, Forbidden.code, "a signed-in browser request must come from this "
+                                 "server's own pages (no Origin header); use a bearer token from scripts")
+                return
+            who = "session"
+        scope.setdefault("state", {})["spoolq_principal"] = who
+        if who is not None or need == PUBLIC:
+            await self.app(scope, receive, send)
+            return
+        if _RANK[pol.anonymous_level] < need:
+            await self._refuse(scope, send, headers, path, method)
+            return
+        if pol.loopback_only and not _loopback_host(headers.get("host", "")):
+            await send_error(send, 403, Forbidden.code, "this server answers anonymous requests only under "
+                             "loopback names (Host header refused); present the token")
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, headers: dict[str, str], path: str, method: str) -> None:
+        """401, or for a browser on a page or a form post, a redirect to the sign-in page."""
+        browser = "text/html" in headers.get("accept", "") and not path.startswith("/api/")
+        if browser and method in ("GET", "HEAD", "POST"):
+            if method == "GET":
+                target = path + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+            else:  # back to the page the form was on, when it is ours
+                ref = urlsplit(headers.get("referer", ""))
+                target = ref.path if ref.path.startswith("/") and ref.netloc == headers.get("host") else "/"
+            await _send(send, 303, b"", [(b"location", f"/login?next={quote(target)}".encode())])
+            return
+        await send_error(send, 401, "unauthorized", "a token is required: Authorization: Bearer <token> "
+                         "(the daemon's token is in <root>/token)",
+                         [(b"www-authenticate", b'Bearer realm="spoolq"')])
+
+
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
+# -- CSRF ---------------------------------------------------------------------------------------
 def csrf_token(request: Request) -> str:
     """The CSRF token for this browser: the cookie's value, or a new one (set by the page)."""
     existing = request.cookies.get(CSRF_COOKIE)
-    if existing and len(existing) >= 32:
+    if existing and 32 <= len(existing) <= 128:
         return existing
     token: str = getattr(request.state, "new_csrf", "") or secrets.token_urlsafe(32)
     request.state.new_csrf = token
@@ -146,9 +382,16 @@ def check_csrf(request: Request, submitted: str | None) -> None:
         raise Forbidden("the form's CSRF token is missing or stale; reload the page and try again")
 
 
+# -- headers on every response ------------------------------------------------------------------
+UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+          "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+
+
 class SecurityHeaders:
-    """Headers on every response: no MIME sniffing, and no framing by other sites
-    (clickjacking). Files served from the spool add a sandbox CSP of their own (common.py)."""
+    """Headers on every response, errors from the other middlewares included: no MIME
+    sniffing, no framing by other sites (clickjacking), and on HTML pages a CSP that allows
+    only this server's own scripts and styles. Files served from the spool set a sandbox
+    CSP of their own (common.py), which is kept."""
 
     EXTRA = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
              (b"referrer-policy", b"same-origin")]
@@ -163,9 +406,13 @@ class SecurityHeaders:
 
         async def with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
-                have = {k.lower() for k, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  *((k, v) for k, v in self.EXTRA if k not in have)]}
+                raw = list(message.get("headers", []))
+                have = {k.lower() for k, _ in raw}
+                extra = [(k, v) for k, v in self.EXTRA if k not in have]
+                ctype = dict((k.lower(), v) for k, v in raw).get(b"content-type", b"")
+                if ctype.startswith(b"text/html") and b"content-security-policy" not in have:
+                    extra.append((b"content-security-policy", UI_CSP.encode()))
+                message = {**message, "headers": [*raw, *extra]}
             await send(message)
 
         await self.app(scope, receive, with_headers)

@@ -11,25 +11,31 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path as FsPath
+from typing import Annotated, Any, BinaryIO
 
-from fastapi import Request
+from fastapi import Path, Request
 from starlette.responses import Response, StreamingResponse
 
 from ..client import Client
-from ..errors import AttachmentNotFound, NotFound, QueueNotFound, SpoolqError
+from ..errors import QueueNotFound, SpoolqError
 from ..model import State
 from ..store import FsStore
+from .auth import AuthPolicy
 from .errors import BadRequest
 
 CHUNK = 256 * 1024
+
+# Path parameters with the patterns the store enforces, so the OpenAPI document says what a
+# valid name is (ids.py holds the same rules; a mismatch is a 400 before any handler runs).
+QueueName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$", max_length=128,
+                                description="a queue name: 1-128 of A-Z a-z 0-9 _ -, not starting with _ or -")]
+MsgId = Annotated[str, Path(pattern=r"^[0-9]{8}\.[0-9]{4}\.[0-9]{2}\.[0-9]{3}\.[0-9]{1,20}$", max_length=48,
+                            description="a message id, YYYYmmdd.HHMM.SS.mmm.N (UTC)")]
+AttachName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._+,=@-]{0,199}$", max_length=200,
+                                 description="an attachment name: no dot-files, separators or spaces")]
 FINISHED_KEYS = ("done", "relayed", "err", "err_acked")
 STATE_ORDER = ("prep", "que", "run", "done", "err", "relayed")
-
-
-class LogNotFound(NotFound):
-    code = "log_not_found"
 
 
 class Throughput:
@@ -71,13 +77,43 @@ class AppContext:
     """Everything a request handler needs, held on ``app.state.ctx`` (no globals)."""
 
     client: Client
-    token: str | None = None
-    upload_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
+    upload_dir: FsPath = field(default_factory=lambda: FsPath(tempfile.gettempdir()))
     throughput: Throughput = field(default_factory=Throughput)
     stopping: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.time)
     poll_interval: float = 0.25
     events_interval: float = 1.0
+    max_streams: int = 100
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots(100))
+
+    def __post_init__(self) -> None:
+        self.streams = StreamSlots(self.max_streams)
+
+
+MAX_STREAMS = 100
+"""SSE streams open at once; each polls while it lives, so a thousand of them slowed every
+other request (median API latency 0.97 s in an audit). More get 503 with Retry-After."""
+
+
+class StreamSlots:
+    """A counter of open SSE streams with a ceiling (thread-safe: handlers run in threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open = max(0, self.open - 1)
 
 
 def ctx_of(request: Request) -> AppContext:
@@ -85,11 +121,11 @@ def ctx_of(request: Request) -> AppContext:
     return ctx
 
 
-def default_upload_dir(client: Client) -> Path:
+def default_upload_dir(client: Client) -> FsPath:
     """Spooled uploads live on the spool's filesystem, so attaching them is a hard link."""
     if isinstance(client.store, FsStore):
         return client.store.root / ".uploads"
-    return Path(tempfile.gettempdir()) / "spoolq-uploads"
+    return FsPath(tempfile.gettempdir()) / "spoolq-uploads"
 
 
 def queue_summary(ctx: AppContext, name: str, *, with_config: bool = False) -> dict[str, Any]:
@@ -132,20 +168,20 @@ def parse_state(value: str) -> State:
         raise BadRequest(f"unknown state {value!r}: use one of {', '.join(State)}") from None
 
 
-def log_path(client: Client, queue: str, msg_id: str, name: str = "stdio.log") -> Path:
-    """The path of a message's job log (it moves with the message; resolve it per use)."""
-    if name != "stdio.log" and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", name):
-        raise LogNotFound(f"Message ID log '{name}' not found")
-    return client.store.message_dir(queue, msg_id) / "job" / name
+def open_log(client: Client, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
+    """A message's job log (``job/<name>``), opened without following symbolic links."""
+    return client.store.open_log(queue, msg_id, name)
 
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+RANGE_DIGITS = 18
+"""Longer numbers in a Range header are past any file: no int() of 4,300 digits (ValueError)."""
 INLINE_TYPES = frozenset({"text/plain", "image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf",
                           "application/json"})
 """Attachment types a browser may show in place; anything else (HTML, SVG...) downloads."""
 
 
-def _read_span(path: Path, fh: Any, start: int, length: int) -> Iterator[bytes]:
+def _read_span(fh: BinaryIO, start: int, length: int) -> Iterator[bytes]:
     try:
         fh.seek(start)
         left = length
@@ -159,17 +195,18 @@ def _read_span(path: Path, fh: Any, start: int, length: int) -> Iterator[bytes]:
         fh.close()
 
 
-def file_response(request: Request, path: Path, *, media_type: str, missing: NotFound,
-                  filename: str | None = None) -> Response:
-    """Serve a file streamed in chunks, honouring a single ``Range: bytes=a-b`` (206/416).
+def _byte_pos(digits: str, size: int) -> int:
+    """A Range position; anything longer than RANGE_DIGITS digits lies past the end."""
+    return int(digits) if len(digits) <= RANGE_DIGITS else size + 1
 
-    The file may be growing (a running job's log): its size is taken once, at open.
+
+def file_response(request: Request, fh: BinaryIO, *, media_type: str, filename: str | None = None) -> Response:
+    """Serve an open file streamed in chunks, honouring a single ``Range: bytes=a-b`` (206/416).
+
+    The file may be growing (a running job's log): its size is taken once, here. The
+    response closes ``fh``.
     """
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the streaming generator
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        raise missing from None
-    size = os.fstat(fh.fileno()).st_size
+    size = fh.seek(0, os.SEEK_END)  # works for files and in-memory streams alike
     # Whatever a script wrote or a user uploaded is served inert: a sandbox with no scripts
     # (nosniff comes with every response, auth.SecurityHeaders), and a download (not a page
     # on our origin) unless it is a plain type.
@@ -182,13 +219,14 @@ def file_response(request: Request, path: Path, *, media_type: str, missing: Not
     start, end, status = 0, size - 1, 200
     if rng:
         m = _RANGE_RE.match(rng.strip())
-        inverted = bool(m and m.group(1) and m.group(2) and int(m.group(2)) < int(m.group(1)))
-        if m and (m.group(1) or m.group(2)) and not inverted:  # "9-3" is invalid: ignored (RFC 9110)
-            if m.group(1):
-                start = int(m.group(1))
-                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        first, last = (m.group(1), m.group(2)) if m else ("", "")
+        inverted = bool(first and last and _byte_pos(last, size) < _byte_pos(first, size))
+        if m and (first or last) and not inverted:  # "9-3" is invalid: ignored (RFC 9110)
+            if first:
+                start = _byte_pos(first, size)
+                end = min(_byte_pos(last, size), size - 1) if last else size - 1
             else:  # suffix range: the last N bytes
-                start = max(0, size - int(m.group(2)))
+                start = max(0, size - _byte_pos(last, size))
             if start >= size or end < start:
                 fh.close()
                 return Response(status_code=416, headers={"Content-Range": f"bytes */{size}",
@@ -201,26 +239,12 @@ def file_response(request: Request, path: Path, *, media_type: str, missing: Not
     if request.method == "HEAD":
         fh.close()
         return Response(status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(_read_span(path, fh, start, length), status_code=status,
+    return StreamingResponse(_read_span(fh, start, length), status_code=status,
                              headers=headers, media_type=media_type)
 
 
 def attachment_response(request: Request, client: Client, queue: str, msg_id: str, name: str) -> Response:
-    """Download an attachment with its content type and length, streamed."""
-    view = client.get(f"{queue}/{msg_id}")
-    info = view.attachments.get(name)
-    if info is None:
-        raise AttachmentNotFound(f"Message ID attachment '{name}' not found")
+    """Download an attachment with its content type and length, streamed (Range too)."""
+    fh = client.open_attachment(f"{queue}/{msg_id}", name)
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    if info.path:
-        return file_response(request, Path(info.path), media_type=media_type, filename=name,
-                             missing=AttachmentNotFound(f"Message ID attachment '{name}' not found"))
-    stream = client.open_attachment(f"{queue}/{msg_id}", name)
-
-    def chunks() -> Iterator[bytes]:
-        with stream:
-            while chunk := stream.read(CHUNK):
-                yield chunk
-
-    return StreamingResponse(chunks(), media_type=media_type,
-                             headers={"Content-Length": str(info.size)})
+    return file_response(request, fh, media_type=media_type, filename=name)

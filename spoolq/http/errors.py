@@ -22,10 +22,7 @@ class HttpConfigError(errors.InvalidInput):
     code = "http_config"
 
 
-class AddressInUse(errors.SpoolqError):
-    """The HTTP listen address could not be bound."""
-
-    code = "address_in_use"
+AddressInUse = errors.AddressInUse
 
 
 class BadRequest(errors.InvalidInput):
@@ -46,6 +43,12 @@ class Forbidden(errors.SpoolqError):
     code = "forbidden"
 
 
+class ServiceBusy(errors.SpoolqError):
+    """A server-wide limit is reached (open live streams); try again later."""
+
+    code = "busy"
+
+
 # Most specific first: the first class the error is an instance of decides.
 _STATUS_BY_CLASS: list[tuple[type[errors.SpoolqError], int]] = [
     (errors.TooLarge, 413),
@@ -61,7 +64,8 @@ _STATUS_BY_CLASS: list[tuple[type[errors.SpoolqError], int]] = [
     (errors.Unauthorized, 401),
     (Forbidden, 403),
     (NotImplementedYet, 501),
-    (AddressInUse, 500),
+    (ServiceBusy, 503),
+    (errors.AddressInUse, 500),
 ]
 
 
@@ -85,6 +89,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     else:
         body = error_body("internal", "internal error; see the daemon log")
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, ServiceBusy):
+        headers = {"Retry-After": "5"}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

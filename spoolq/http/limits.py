@@ -1,61 +1,85 @@
-"""Request bodies that are not uploads are small: one middleware caps them.
+"""Request bodies: size caps, and clients that stop sending.
 
 Attachments arrive as ``multipart/form-data`` and are streamed to disk (uploads.py), so
 they may be as large as the disk allows. Every other body (JSON messages and configs,
 RQ's url-encoded forms) is parsed in memory, so it is refused with 413 past
 :data:`MAX_BODY`: by ``Content-Length`` before a byte is read, or while it streams in when
-the client sends it chunked.
+the client sends it chunked. ``/login`` (public) takes :data:`~spoolq.http.auth.LOGIN_MAX_BODY`
+bytes and no multipart at all.
+
+A client that stops sending half-way through a body is cut off after
+:data:`BODY_IDLE_TIMEOUT` seconds of silence (408); the server's header timeout
+(protocol.py) covers the part before the body.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..model import MAX_MSG_BYTES
+from .auth import LOGIN_MAX_BODY
 from .errors import send_error
 
 MAX_BODY = 4 * MAX_MSG_BYTES
 """Largest non-multipart request body: room for the biggest message, JSON-escaped."""
+BODY_IDLE_TIMEOUT = 60.0
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a non-multipart body over :data:`MAX_BODY` bytes."""
+    """ASGI middleware: 413 for a non-multipart body over :data:`MAX_BODY` bytes (any body
+    over the small limit on ``/login``), 408 for a body that stalls."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY, idle_timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.idle_timeout = BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
-        if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
-            await self.app(scope, receive, send)
-            return
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        limit: int | None = self.limit
+        if scope.get("path") == "/login":
+            limit = LOGIN_MAX_BODY
+        elif multipart:
+            limit = None  # streamed to disk by uploads.py, which caps its fields itself
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
-        if declared > self.limit:
-            await _too_large(send, self.limit)
+        if limit is not None and declared > limit:
+            await _too_large(send, limit)
             return
         seen = 0
-        started = refused = False
+        started = refused = body_done = False
 
-        async def counting_receive() -> Message:
-            nonlocal seen, refused
+        async def guarded_receive() -> Message:
+            nonlocal seen, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:
+                return await receive()  # after the body only a disconnect can come: no timer
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout)
+            except TimeoutError:
+                refused = True
+                if not started:
+                    await send_error(send, 408, "timeout", f"the request body stalled for {self.idle_timeout:g} s",
+                                     [(b"connection", b"close")])
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                body_done = not message.get("more_body", False)
+                if limit is not None and seen > limit:
                     # Answer now (the app may be mid-parse and would call it a 400), then tell
                     # the app the client left; whatever it sends after is dropped.
                     refused = True
                     if not started:
-                        await _too_large(send, self.limit)
+                        await _too_large(send, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -68,7 +92,7 @@ class BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, guarded_receive, tracking_send)
         except Exception:
             if not refused:
                 raise

@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..model import State
 from .actions import act
-from .common import AppContext, LogNotFound, attachment_response, ctx_of, file_response, log_path
+from .common import AppContext, attachment_response, ctx_of, file_response, open_log
 from .errors import status_for
 from .uploads import ParsedForm, form_of
 
@@ -116,7 +116,7 @@ def queue_txt(request: Request, queue: str) -> Response:
 @router.get("/q/{queue}/done.json")
 def done_json(request: Request, queue: str, limit: str = "10") -> Response:
     ctx = ctx_of(request)
-    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+    if not re.fullmatch(r"[0-9]{1,5}", limit) or not 1 <= int(limit) <= 10000:  # ASCII: "²".isdigit()
         return _text(400, "400 - limit must be an integer 1-10000")
     try:
         page = ctx.client.store.list(queue, State.DONE, limit=int(limit))
@@ -216,7 +216,7 @@ async def new_message(request: Request, queue: str) -> Response:
 @router.get("/q/{queue}/{msg_id}.json")
 def message_json(request: Request, queue: str, msg_id: str) -> Response:
     try:
-        return JSONResponse(ctx_of(request).client.message_json(f"{queue}/{msg_id}"))
+        return JSONResponse(ctx_of(request).client.message_json(f"{queue}/{msg_id}", local_paths=False))
     except SpoolqError as e:
         return _lookup_error(e)
 
@@ -240,9 +240,8 @@ def get_attachment(request: Request, queue: str, msg_id: str, name: str) -> Resp
 @router.api_route("/q/{queue}/{msg_id}/log/{log}", methods=["GET", "HEAD"])
 def get_log(request: Request, queue: str, msg_id: str, log: str) -> Response:
     try:
-        path = log_path(ctx_of(request).client, queue, msg_id, log)
-        return file_response(request, path, media_type="text/plain; charset=utf-8",
-                             missing=LogNotFound(f"Message ID log '{log}' not found"))
+        fh = open_log(ctx_of(request).client, queue, msg_id, log)
+        return file_response(request, fh, media_type="text/plain; charset=utf-8")
     except SpoolqError as e:
         return _lookup_error(e)
 

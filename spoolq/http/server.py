@@ -18,9 +18,13 @@ import uvicorn
 
 from ..client import Client
 from ..config import is_loopback
+from ..errors import AddressInUse
 from .app import create_app
-from .errors import AddressInUse, HttpConfigError
+from .errors import HttpConfigError
+from .protocol import GuardedH11Protocol
 
+MAX_CONNECTIONS = 1000
+"""Connections (and requests in flight) beyond this get 503 at once instead of piling up."""
 
 class _ThreadServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the process that embeds it."""
@@ -81,17 +85,20 @@ def start_http(client: Client, host: str = "127.0.0.1", port: int = 3333, token:
                *, log_level: str = "warning", **app_options: Any) -> HttpHandle:
     """Serve spoolq's HTTP API, RQ routes and UI on ``host:port`` in a background thread.
 
-    Off loopback a token is required (raises :class:`HttpConfigError` without one).
-    Returns once the server accepts connections.
+    Off loopback a token is required (raises :class:`HttpConfigError` without one), and
+    anonymous requests get nothing but the public paths. Returns once the server accepts
+    connections.
     """
-    if not token and not is_loopback(host):
+    loopback = is_loopback(host)
+    if not token and not loopback:
         raise HttpConfigError(
-            f"refusing to serve HTTP on {host} without a token: set --token or SPOOLQ_TOKEN, "
+            f"refusing to serve HTTP on {host} without a token: set SPOOLQ_TOKEN or --token-file, "
             "or listen on 127.0.0.1")
-    app = create_app(client, token=token, **app_options)
+    app = create_app(client, token=token, loopback_only=loopback, **app_options)
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2, ws="none")
+                            timeout_graceful_shutdown=2, ws="none", http=GuardedH11Protocol,
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
     server = _ThreadServer(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="spoolq-http",
                               daemon=True)

@@ -13,16 +13,19 @@ import asyncio
 import codecs
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import IO, Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from ..errors import MessageNotFound, SpoolqError
+from ..errors import LogNotFound, MessageNotFound, SpoolqError
 from ..model import FINAL_STATES, State
-from .common import AppContext, all_summaries, ctx_of, log_path
+from .common import AppContext, MsgId, QueueName, StreamSlots, all_summaries, ctx_of, open_log
+from .errors import BadRequest, ServiceBusy
 
 router = APIRouter(prefix="/api/v1")
 READ_MAX = 256 * 1024
@@ -52,11 +55,11 @@ class LogFollower:
         view = self.ctx.client.get(f"{self.queue}/{self.msg_id}")
         if self.fh is None:
             try:
-                self.fh = open(log_path(self.ctx.client, self.queue, self.msg_id), "rb")  # noqa: SIM115
+                self.fh = open_log(self.ctx.client, self.queue, self.msg_id)
                 size = os.fstat(self.fh.fileno()).st_size
                 self.offset = min(self.offset, size)
                 self.fh.seek(self.offset)
-            except (FileNotFoundError, NotADirectoryError):
+            except LogNotFound:
                 self.fh = None
         text = ""
         if self.fh is not None:
@@ -118,15 +121,17 @@ async def follow_log(ctx: AppContext, request: Request, queue: str, msg_id: str,
 @router.get("/queues/{queue}/messages/{msg_id}/log/stream",
             summary="SSE: follow the job's log (events log, state, end)",
             response_class=StreamingResponse)
-def stream_log(request: Request, queue: str, msg_id: str,
+def stream_log(request: Request, queue: QueueName, msg_id: MsgId,
                offset: int = Query(0, ge=0, le=2**62)) -> StreamingResponse:
     ctx = ctx_of(request)
     ctx.client.get(f"{queue}/{msg_id}")  # 404 now rather than inside the stream
-    last = request.headers.get("last-event-id", "")
-    if last.isdigit():
+    last = request.headers.get("last-event-id", "").strip()
+    if last:
+        # The ids we send are byte offsets; anything else did not come from us.
+        if not re.fullmatch(r"[0-9]{1,18}", last):
+            raise BadRequest("Last-Event-ID must be a byte offset (the id of a log event)")
         offset = int(last)
-    return StreamingResponse(follow_log(ctx, request, queue, msg_id, offset),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return _stream(ctx, follow_log(ctx, request, queue, msg_id, offset))
 
 
 async def queue_events(ctx: AppContext, request: Request, only: str | None) -> AsyncIterator[str]:
@@ -163,5 +168,27 @@ def events(request: Request, queue: str | None = None) -> StreamingResponse:
     ctx = ctx_of(request)
     if queue:
         ctx.client.queue_config(queue)
-    return StreamingResponse(queue_events(ctx, request, queue), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return _stream(ctx, queue_events(ctx, request, queue))
+
+
+class _SlotStream(StreamingResponse):
+    """An SSE response that gives its stream slot back however it ends (finished, client
+    gone, cancelled, never started)."""
+
+    def __init__(self, events: AsyncIterator[str], slots: StreamSlots) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slots.give_back()
+
+
+def _stream(ctx: AppContext, events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response holding one of the server's stream slots while it lives (503 when
+    they are all taken: each open stream polls, and a thousand slowed everything else)."""
+    if not ctx.streams.take():
+        raise ServiceBusy(f"{ctx.streams.limit} live streams are open already; try again later")
+    return _SlotStream(events, ctx.streams)

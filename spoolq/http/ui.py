@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import hmac
 import json
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, Request
@@ -29,7 +28,17 @@ from ..errors import InvalidInput, InvalidMessage, SpoolqError
 from ..model import State
 from ..store import AttachmentSource
 from .actions import ACTIONS, ADMIN_ACTIONS, act, bulk
-from .auth import CSRF_COOKIE, CSRF_FIELD, SESSION_COOKIE, check_csrf, csrf_token, session_value
+from .auth import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    FAILURE_DELAY,
+    SESSION_COOKIE,
+    check_csrf,
+    client_address,
+    csrf_token,
+    policy_of,
+    principal,
+)
 from .common import STATE_ORDER, AppContext, all_summaries, ctx_of, queue_summary
 from .errors import status_for
 from .uploads import ParsedForm, form_of
@@ -100,9 +109,11 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
             flash_data = {"kind": str(raw.get("kind", "info")), "text": str(raw.get("text", ""))}
         except (ValueError, AttributeError):
             flash_data = None
+    who = principal(request)
     resp = TEMPLATES.TemplateResponse(request, name, {
         "csrf": csrf_token(request), "csrf_field": CSRF_FIELD, "flash": flash_data,
-        "auth": ctx.token is not None, **context}, status_code=status)
+        "signed_in": who is not None, "session": who == "session",
+        "can_change": who is not None or ctx.auth.anonymous_level == "all", **context}, status_code=status)
     new = getattr(request.state, "new_csrf", None)
     if new:
         resp.set_cookie(CSRF_COOKIE, new, httponly=True, samesite="strict", path="/")
@@ -124,39 +135,73 @@ def error_page(request: Request, e: SpoolqError) -> HTMLResponse:
 
 
 # -- login ----------------------------------------------------------------------------------
-LOGIN_FAILURE_DELAY = 1.0
-"""Seconds a wrong token waits before its answer: brute force gets one guess a second."""
+def _safe_next(nxt: str | None) -> str:
+    """Only a path on this server: never an open redirect to another site."""
+    nxt = nxt or "/"
+    return nxt if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/"
+
+
+def _signed_in(request: Request, target: str) -> Response:
+    """Start a UI session and go to ``target``."""
+    resp = redirect(target)
+    resp.set_cookie(SESSION_COOKIE, policy_of(request).sessions.create(), httponly=True, samesite="strict",
+                    path="/", secure=request.url.scheme == "https")
+    return resp
+
 
 @router.get("/login")
-def login_form(request: Request, next: str = "/") -> HTMLResponse:
-    return render(request, "login.html", title="sign in", next=next, failed=False)
+def login_form(request: Request, next: str = "/", code: str = "") -> Response:
+    nxt = _safe_next(next)
+    if code:
+        if policy_of(request).links.redeem(code):
+            return _signed_in(request, nxt)
+        return render(request, "login.html", status=401, title="sign in", next=nxt, failed=True,
+                      why="That sign-in link was used already or has expired: ask for a new one with "
+                          "`spoolq login-url`, or paste the token.")
+    return render(request, "login.html", title="sign in", next=nxt, failed=False, why="")
+
+
+async def _small_form(request: Request) -> dict[str, str]:
+    """The sign-in form: url-encoded, a few KiB at most (BodyLimit enforces the size)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise InvalidInput("sign in with the form (application/x-www-form-urlencoded)")
+    body = await request.body()
+    try:
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=8)
+    except ValueError as e:
+        raise InvalidInput(f"bad form: {e}") from None
+    return {k: v for k, v in pairs}
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    ctx = ctx_of(request)
-    async with form_of(request, ctx.upload_dir) as form:
-        check_csrf(request, form.get(CSRF_FIELD))
-        token = form.get("token") or ""
-        nxt = form.get("next") or "/"
-    if not nxt.startswith("/") or nxt.startswith("//"):
-        nxt = "/"
-    if ctx.token is None:
+    pol = policy_of(request)
+    who = client_address(request.scope)
+    wait = pol.throttle.blocked(who)
+    if wait:
+        return render(request, "login.html", status=429, title="sign in", next="/", failed=True,
+                      why=f"Too many wrong tokens from {who}: try again in {wait:.0f} s.")
+    form = await _small_form(request)
+    check_csrf(request, form.get(CSRF_FIELD))
+    nxt = _safe_next(form.get("next"))
+    if pol.token is None:
         return redirect(nxt)
-    if not hmac.compare_digest(token.encode(), ctx.token.encode()):
-        await asyncio.sleep(LOGIN_FAILURE_DELAY)  # one guess per second per connection, at most
-        return render(request, "login.html", status=401, title="sign in", next=nxt, failed=True)
-    resp = redirect(nxt)
-    resp.set_cookie(SESSION_COOKIE, session_value(ctx.token), httponly=True, samesite="strict", path="/",
-                    secure=request.url.scheme == "https")
-    return resp
+    if not pol.token_matches(form.get("token", "").strip()):
+        pol.throttle.failed(who)
+        await asyncio.sleep(FAILURE_DELAY)  # and at most FAILURES_ALLOWED guesses a minute
+        return render(request, "login.html", status=401, title="sign in", next=nxt, failed=True,
+                      why="Wrong token.")
+    return _signed_in(request, nxt)
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    ctx = ctx_of(request)
-    async with form_of(request, ctx.upload_dir) as form:
-        check_csrf(request, form.get(CSRF_FIELD))
+    # No body is read: a cross-site post is refused by the middleware (Origin), and signing
+    # out is all this can do. The session is revoked here, not just forgotten by the browser.
+    sid = request.cookies.get(SESSION_COOKIE)
+    if sid:
+        policy_of(request).sessions.revoke(sid)
     resp = redirect("/login")
     resp.delete_cookie(SESSION_COOKIE, path="/")
     return resp

@@ -25,8 +25,11 @@ from ..errors import TooLarge
 from .errors import BadRequest
 
 MAX_FIELD_BYTES = 2 * 1024 * 1024
-"""Largest non-file form field (a message's JSON is at most 1 MiB)."""
-MAX_FIELDS = 1000
+"""All the non-file fields of one form together (a message's JSON is at most 1 MiB, and
+JSON escaping may double it): before, 1,000 fields of 2 MiB each were allowed (2 GB)."""
+MAX_FIELDS = 100
+"""Parts (fields and files) of one form: RQ's largest form has a dozen."""
+MAX_PART_HEADER_BYTES = 8192
 MAX_URLENCODED_BYTES = 4 * 1024 * 1024
 FLUSH_BYTES = 1024 * 1024
 UPLOAD_PREFIX = "upload."
@@ -116,6 +119,8 @@ class _StreamingForm:
         self._upload: UploadedFile | None = None
         self._buf = bytearray()
         self.nfields = 0
+        self.field_bytes = 0  # non-file bytes of the whole form so far
+        self.header_bytes = 0  # header bytes of the current part
 
     def callbacks(self) -> Any:
         return {
@@ -133,14 +138,22 @@ class _StreamingForm:
         self._buf = bytearray()
         self._file = None
         self._upload = None
+        self.header_bytes = 0
         self.nfields += 1
         if self.nfields > MAX_FIELDS:
             raise BadRequest(f"too many form parts (limit {MAX_FIELDS})")
 
+    def _header_bytes(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > MAX_PART_HEADER_BYTES:
+            raise BadRequest(f"a form part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_bytes(end - start)
         self._hname += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_bytes(end - start)
         self._hvalue += data[start:end]
 
     def on_header_end(self) -> None:
@@ -167,8 +180,10 @@ class _StreamingForm:
             self._upload.size += end - start
             return
         self._buf += data[start:end]
-        if len(self._buf) > MAX_FIELD_BYTES:
-            raise TooLarge(f"form field {self._name!r} is larger than {MAX_FIELD_BYTES} bytes")
+        self.field_bytes += end - start
+        if self.field_bytes > MAX_FIELD_BYTES:
+            raise TooLarge(f"the form's fields (files aside) are larger than {MAX_FIELD_BYTES} bytes; "
+                           "send bulk data as a file")
 
     def on_part_end(self) -> None:
         if self._file is not None:

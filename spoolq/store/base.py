@@ -139,7 +139,12 @@ class Store(Protocol):
     def counts(self, queue: str) -> dict[str, int]:
         """Messages per state (``err`` excludes acknowledged errors, counted as ``err_acked``)."""
 
-    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO: ...
+    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
+        """An attachment's bytes (AttachmentNotFound; never through a symbolic link)."""
+
+    def open_log(self, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
+        """A file of the message's ``job/`` directory, by default the script's output
+        (LogNotFound when there is none yet; never through a symbolic link)."""
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         """The message's directory (the runner's cwd is ``<dir>/job``)."""

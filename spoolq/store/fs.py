@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import errno
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ from ..errors import (
     CorruptMessage,
     InvalidConfig,
     InvalidInput,
+    LogNotFound,
     MessageNotFound,
     QueueDown,
     QueueExists,
@@ -34,7 +36,15 @@ from ..errors import (
     StorageError,
     WrongState,
 )
-from ..ids import bucket_of, id_prefix, make_id, validate_attachment_name, validate_msg_id, validate_queue_name
+from ..ids import (
+    bucket_of,
+    id_prefix,
+    log_name_ok,
+    make_id,
+    validate_attachment_name,
+    validate_msg_id,
+    validate_queue_name,
+)
 from ..model import (
     ADMIN_FLAGS,
     COMPACT_JSON,
@@ -50,6 +60,7 @@ from ..model import (
 )
 from .attachments import add_attachment
 from .base import AttachmentSource, check_attachment_names
+from .beneath import NotBeneath, open_beneath
 from .debris import is_debris, remove_partial
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 
@@ -634,11 +645,33 @@ class FsStore:
 
     def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
         validate_attachment_name(name)
-        _, path, _ = self.locate(queue, msg_id)
         try:
-            return open(path / "attach" / name, "rb")
-        except FileNotFoundError:
+            return self._open_beneath(queue, msg_id, "attach", name)
+        except (FileNotFoundError, NotADirectoryError, NotBeneath):
             raise AttachmentNotFound(f"Message ID attachment '{name}' not found") from None
+
+    def open_log(self, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        try:
+            return self._open_beneath(queue, msg_id, "job", name)
+        except (FileNotFoundError, NotADirectoryError, NotBeneath):
+            raise LogNotFound(f"Message ID log '{name}' not found") from None
+
+    def _open_beneath(self, queue: str, msg_id: str, area: str, name: str) -> BinaryIO:
+        """``<message>/<area>/<name>``, opened without following any symbolic link below the
+        queue directory: scripts can write into their message (store/beneath.py)."""
+        _, path, _ = self.locate(queue, msg_id)
+        qdir = self.qroot / queue
+        for _ in range(3):
+            try:
+                return open_beneath(qdir, [*path.relative_to(qdir).parts, area, name])
+            except FileNotFoundError:
+                _, moved, _ = self.locate(queue, msg_id)  # it may have moved on meanwhile
+                if moved == path:
+                    raise
+                path = moved
+        raise FileNotFoundError(errno.ENOENT, "the message keeps moving", name)
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         return self.locate(queue, msg_id)[1]

@@ -24,13 +24,14 @@ from ..errors import (
     AttachmentNotFound,
     Conflict,
     InvalidInput,
+    LogNotFound,
     MessageNotFound,
     QueueDown,
     QueueExists,
     QueueNotFound,
     WrongState,
 )
-from ..ids import make_id, sort_key, validate_attachment_name, validate_msg_id, validate_queue_name
+from ..ids import log_name_ok, make_id, sort_key, validate_attachment_name, validate_msg_id, validate_queue_name
 from ..model import (
     ADMIN_FLAGS,
     AdminState,
@@ -297,6 +298,14 @@ class MemoryStore:
         if name not in e.attachments:
             raise AttachmentNotFound(f"Message ID attachment '{name}' not found")
         return io.BytesIO(e.attachments[name][0])
+
+    def open_log(self, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        try:
+            return open(self.message_dir(queue, msg_id) / "job" / name, "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise LogNotFound(f"Message ID log '{name}' not found") from None
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         self._entry(queue, msg_id)

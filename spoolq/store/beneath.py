@@ -1,0 +1,60 @@
+"""Open a file below a directory without following any symbolic link on the way.
+
+Scripts run with write access to their message directory, and whatever they leave there
+(``ln -s /etc/passwd ../attach/passwd.txt``, an archive unpacked into ``job/``) is later
+served over HTTP. So files served from a message are opened one path component at a time
+from the queue directory, each with ``O_NOFOLLOW``: a symbolic link anywhere below the
+queue directory, the message directory itself included, is refused (``ELOOP``,
+``ENOTDIR``) instead of followed. This is what ``openat2(RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS)`` does, without needing Linux 5.6.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from typing import BinaryIO
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block us
+
+
+class NotBeneath(OSError):
+    """A component is a symbolic link, or not what it must be (a directory, a regular file)."""
+
+
+def open_beneath(base: str | os.PathLike[str], parts: Sequence[str]) -> BinaryIO:
+    """Open ``base/parts[0]/.../parts[-1]`` for reading, a regular file, with no symlink
+    anywhere below ``base``. Raises FileNotFoundError for a missing component and
+    :class:`NotBeneath` for a link or a non-regular file."""
+    if not parts or any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts):
+        raise NotBeneath(errno.EINVAL, "bad path component", "/".join(parts))
+    fd = os.open(base, _DIR)
+    try:
+        for p in parts[:-1]:
+            try:
+                nfd = os.open(p, _DIR, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise NotBeneath(e.errno, "not a plain directory (a symbolic link?)", p) from None
+                raise
+            os.close(fd)
+            fd = nfd
+        try:
+            ffd = os.open(parts[-1], _FILE, dir_fd=fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise NotBeneath(e.errno, "a symbolic link", parts[-1]) from None
+            raise
+    finally:
+        os.close(fd)
+    try:
+        if not stat.S_ISREG(os.fstat(ffd).st_mode):
+            raise NotBeneath(errno.EINVAL, "not a regular file", parts[-1])
+        os.set_blocking(ffd, True)
+        return os.fdopen(ffd, "rb")
+    except BaseException:
+        os.close(ffd)
+        raise

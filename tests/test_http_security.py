@@ -1,0 +1,440 @@
+"""The hardening audit's attacks on the HTTP side, each replayed (issue 7, items 1-7).
+
+Most run against the app in process; the ones about sockets, headers on the wire and the
+daemon's token file run against a real server thread or the real ``spoolq serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from http_helpers import AUTH, SPOOLQ, TOKEN, daemon, free_port
+
+import spoolq
+from spoolq.http import auth
+from spoolq.http.app import create_app
+from spoolq.http.server import start_http
+from spoolq.model import RetryPolicy, State
+
+API = "/api/v1"
+LOCAL = "http://127.0.0.1:3333"
+EVIL = {"name": "x", "script": "/etc/hostname", "exec_prefix": 'sh -c "id > /tmp/out"'}
+
+
+@pytest.fixture
+def client(root: Path) -> spoolq.Client:
+    c = spoolq.open(root)
+    c.create_queue("work", script="/bin/true")
+    return c
+
+
+def anon(client: spoolq.Client, level: str = "rq", **kw: Any) -> TestClient:
+    """The app as any local process reaches it: loopback, no credentials."""
+    return TestClient(create_app(client, TOKEN, anonymous=level, **kw), base_url=LOCAL)
+
+
+# -- 1. changing what a queue executes needs the token, on loopback too ------------------------
+def test_no_queue_changes_without_the_token(client: spoolq.Client) -> None:
+    http = anon(client)
+    before = client.queue_config("work").to_dict()
+    attempts = [
+        ("POST", f"{API}/queues", EVIL),
+        ("PATCH", f"{API}/queues/work/config", {"exec_prefix": 'sh -c "id > /tmp/out"'}),
+        ("PATCH", f"{API}/queues/work/config", {"env_vars": {"LD_PRELOAD": "/tmp/evil.so"}}),
+        ("PATCH", f"{API}/queues/work/config", {"env_vars": {"BASH_ENV": "/tmp/x", "PATH": "/tmp"}}),
+        ("PATCH", f"{API}/queues/work/config", {"script": "/bin/sh"}),
+        ("PATCH", f"{API}/queues/work/config", {"kind": "script"}),
+        ("DELETE", f"{API}/queues/work?force=true", None),
+        ("POST", f"{API}/queues/work/pause", None),
+    ]
+    for method, url, body in attempts:
+        r = http.request(method, url, json=body)
+        assert r.status_code == 401, (method, url, r.status_code, r.text)
+        assert r.json()["error"]["code"] == "unauthorized"
+    # The UI's forms are refused too (a browser is sent to sign in), before the form is read.
+    http.cookies.set("spoolq_csrf", "c" * 40)
+    r = http.post("/ui/new_queue", data={"name": "x", "script": "/etc/hostname", "csrf": "c" * 40},
+                  headers={"Accept": "text/html"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    r = http.post("/ui/q/work", data={"action": "config", "config": json.dumps({"exec_prefix": "sh -c id"})})
+    assert r.status_code == 401
+    assert client.queues() == ["work"] and client.queue_config("work").to_dict() == before
+    assert client.admin_state("work") == "UP"
+    # With the token all of it works.
+    r = http.post(f"{API}/queues", json={"name": "y", "script": "/bin/true"}, headers=AUTH)
+    assert r.status_code == 201
+
+
+def test_anonymous_levels(client: spoolq.Client) -> None:
+    mid = client.send("work", param1="a").msg_id
+    rq_send = ("POST", "/q/work/new_message", {"data": {"mesg": "{}"}})
+    api_send = ("POST", f"{API}/queues/work/messages", {"json": {}})
+    read = ("GET", f"{API}/queues/work/messages/{mid}", {})
+    create = ("POST", f"{API}/queues", {"json": {"name": "made", "script": "/bin/true"}})
+    expected = {  # level -> allowed requests
+        "none": set(),
+        "read": {"read"},
+        "rq": {"read", "rq_send"},
+        "all": {"read", "rq_send", "api_send", "create"},
+    }
+    for level, allowed in expected.items():
+        http = anon(client, level)
+        for name, (method, url, kw) in {"rq_send": rq_send, "api_send": api_send, "read": read,
+                                        "create": create}.items():
+            r = http.request(method, url, **kw)
+            if name in allowed:
+                assert r.status_code < 400, (level, name, r.status_code, r.text)
+            else:
+                assert r.status_code == 401, (level, name, r.status_code, r.text)
+        assert http.get("/healthz").status_code == 200, "public whatever the level"
+    client.delete_queue("made", force=True)
+
+
+def test_off_loopback_anonymous_gets_nothing(client: spoolq.Client) -> None:
+    h = start_http(client, "0.0.0.0", free_port(), TOKEN, anonymous="all")
+    try:
+        url = f"http://127.0.0.1:{h.port}"
+        assert httpx.get(url + "/healthz").status_code == 200
+        assert httpx.get(url + f"{API}/queues").status_code == 401
+        assert httpx.post(url + "/q/work/new_message", data={"mesg": "{}"}).status_code == 401
+        assert httpx.get(url + f"{API}/queues", headers=AUTH).status_code == 200
+    finally:
+        h.stop()
+
+
+def test_the_audit_repro_runs_nothing(tmp_path: Path) -> None:
+    """The audit's exact attack against the real daemon: no token, a queue whose prefix runs
+    ``id``, one message. Nothing may run; the daemon made a 0600 token file."""
+    root = tmp_path / "spool"
+    root.mkdir()
+    out = tmp_path / "out"
+    evil = dict(EVIL, exec_prefix=f'sh -c "id > {out}"')
+    with daemon(root, free_port(), token=None) as url:
+        token_file = root / "token"
+        st = token_file.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
+        r = httpx.post(url + f"{API}/queues", json=evil)
+        assert r.status_code == 401
+        c = spoolq.open(root)
+        c.create_queue("victim", script="/bin/true")
+        r = httpx.patch(url + f"{API}/queues/victim/config", json={"exec_prefix": evil["exec_prefix"]})
+        assert r.status_code == 401
+        ok, full_id = httpx.post(url + "/q/victim/new_message", data={"mesg": "{}"}).json()
+        assert ok == "ok", "RQ's message routes stay open on loopback"
+        assert c.wait(full_id, 30).state == State.DONE
+        assert not out.exists(), "the attacker's command ran"
+        # The token holder can; the CLI reads the same file.
+        r = httpx.get(url + f"{API}/queues", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        link = subprocess.run([SPOOLQ, "--root", str(root), "login-url"], capture_output=True, text=True,
+                              timeout=30, env={k: v for k, v in os.environ.items() if k != "SPOOLQ_TOKEN"})
+        assert link.returncode == 0, link.stderr
+        assert link.stdout.startswith(url + "/login?code=")
+        with httpx.Client() as browser:
+            first = browser.get(link.stdout.strip(), follow_redirects=False)
+            assert first.status_code == 303 and "spoolq_session" in first.cookies
+            second = httpx.get(link.stdout.strip(), follow_redirects=False)
+            assert second.status_code == 401, "a sign-in link works once"
+
+
+def test_serve_prints_a_sign_in_link(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    root.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOLQ_")}
+    env["SPOOLQ_TOKEN"] = TOKEN
+    proc = subprocess.Popen([SPOOLQ, "--root", str(root), "serve", "--port", str(port)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = ""
+        for line in proc.stderr:  # noqa: B007 - the line is used after the loop
+            if "login?code=" in line:
+                break
+        link = line.split("sign in once with ", 1)[1].split()[0]
+        r = httpx.get(link, follow_redirects=False)
+        assert r.status_code == 303 and "spoolq_session" in r.cookies
+        assert TOKEN not in line, "the token itself is never printed"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# -- 2. nothing is read before authentication; caps on what is read -----------------------------
+def _raw(port: int, head: bytes, body: bytes = b"", read_timeout: float = 10.0) -> bytes:
+    """Send a request head (and part of a body) on a raw socket; return the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(head + body)
+        chunks = []
+        try:
+            while data := s.recv(65536):
+                chunks.append(data)
+                if b"\r\n\r\n" in b"".join(chunks) and b"content-length: 0" not in b"".join(chunks).lower():
+                    joined = b"".join(chunks)
+                    hdr, _, rest = joined.partition(b"\r\n\r\n")
+                    for line in hdr.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:") and len(rest) >= int(line.split(b":")[1]):
+                            return joined
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+@pytest.fixture
+def server(client: spoolq.Client, tmp_path: Path) -> Any:
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    yield h
+    h.stop()
+
+
+def _uploads(client: spoolq.Client) -> list[str]:
+    d = Path(client.store.root) / ".uploads"  # type: ignore[attr-defined]
+    return os.listdir(d) if d.is_dir() else []
+
+
+def test_login_refuses_big_bodies_before_reading_them(server: Any, client: spoolq.Client) -> None:
+    # The audit: 400 fields of 2 MiB (RSS 163 -> 964 MB), a 1 GiB file part (886 MB spooled).
+    boundary = b"xyz"
+    head = (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+            b"Content-Length: 1073741824\r\n\r\n")
+    part = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="f"; filename="a.bin"\r\n\r\n' + b"x" * 65536
+    answer = _raw(server.port, head, part)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert _uploads(client) == [], "nothing of an unauthenticated body reaches the disk"
+    # Without a Content-Length (chunked), the cap holds while it streams.
+    chunk = b"a=" + b"b" * 8000
+    head = (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    answer = _raw(server.port, head, b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_protected_routes_refuse_before_the_body(server: Any, client: spoolq.Client) -> None:
+    for path in (f"{API}/queues/work/messages", "/ui/q/work/new_message", f"{API}/queues"):
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 1073741824\r\n\r\n").encode()
+        answer = _raw(server.port, head, b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; "
+                      b"filename=\"a\"\r\n\r\n" + b"x" * 65536)
+        assert answer.startswith(b"HTTP/1.1 401"), (path, answer[:200])
+    assert _uploads(client) == []
+    assert client.counts("work")["que"] == 0
+
+
+def test_form_fields_are_capped(client: spoolq.Client) -> None:
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
+    many = [(f"f{i}", ("", b"x")) for i in range(101)]
+    r = http.post("/q/work/new_message", files=many)
+    assert r.status_code == 400 and "too many form parts" in r.text
+    big = [("mesg", (None, b"{}")), *[(f"pad{i}", (None, b"x" * (512 * 1024))) for i in range(5)]]
+    r = http.post("/q/work/new_message", files=big)
+    assert r.status_code == 413, r.text
+    hdr = http.post("/q/work/new_message", content=b"--b\r\nContent-Disposition: form-data; name=\"" + b"n" * 9000
+                    + b"\"\r\n\r\nv\r\n--b--\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert hdr.status_code == 400, hdr.text
+    assert client.counts("work")["que"] == 0
+
+
+def test_stalled_headers_and_bodies_are_cut_off(client: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spoolq.http import limits, protocol
+
+    monkeypatch.setattr(protocol.GuardedH11Protocol, "header_timeout", 0.5)
+    monkeypatch.setattr(limits, "BODY_IDLE_TIMEOUT", 0.5)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    try:
+        for partial in (b"", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
+            with socket.create_connection(("127.0.0.1", h.port), timeout=30) as s:
+                s.sendall(partial)
+                assert s.recv(100) == b"", "the server closed the connection"
+        # A body that stops half-way gets 408 and the connection is closed.
+        head = (f"POST {API}/queues/work/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        answer = _raw(h.port, head.encode(), b'{"param1": ', read_timeout=30)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        # Kept-alive connections still work.
+        with httpx.Client(base_url=f"http://127.0.0.1:{h.port}") as c:
+            assert c.get("/healthz").status_code == 200 and c.get("/healthz").status_code == 200
+    finally:
+        h.stop()
+
+
+# -- 3. /metrics labels come from a fixed set ---------------------------------------------------
+def test_metrics_labels_are_bounded(server: Any) -> None:
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        for i in range(50):
+            s.sendall(f"X{'M' * 2000}{i} /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            s.recv(4096)
+    text = httpx.get(f"{server.url}/metrics").text
+    lines = [ln for ln in text.splitlines() if ln.startswith("spoolq_http_requests_total{")]
+    assert not any("MMMM" in ln for ln in lines), "a made-up method became a label"
+    methods = {ln.split('method="')[1].split('"')[0] for ln in lines}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+    assert any('route="/healthz"' in ln for ln in lines)
+    assert len(text) < 20_000
+
+
+# -- 4. symbolic links out of a message are never followed --------------------------------------
+def test_symlinks_in_a_message_are_not_served(client: spoolq.Client, tmp_path: Path) -> None:
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    mid = client.send("work", param1="x").msg_id
+    mdir = client.store.message_dir("work", mid)
+    (mdir / "attach").mkdir()
+    (mdir / "attach" / "passwd.txt").symlink_to(secret)
+    (mdir / "attach" / ".passwd.txt.json").write_text(json.dumps({"md5": "0", "size": 11}))
+    (mdir / "job").mkdir()
+    (mdir / "job" / "stdio.log").symlink_to(secret)
+    (mdir / "job" / "other.log").symlink_to(secret)
+    urls = [f"{API}/queues/work/messages/{mid}/attachments/passwd.txt", f"/q/work/{mid}/attach/passwd.txt",
+            f"{API}/queues/work/messages/{mid}/log", f"/q/work/{mid}/log/stdio.log", f"/q/work/{mid}/log/other.log"]
+    for url in urls:
+        r = http.get(url)
+        assert r.status_code == 404 and "root:x" not in r.text, (url, r.status_code, r.text)
+    # A job/ directory that is itself a link, and a message directory swapped for a link.
+    (mdir / "job" / "stdio.log").unlink()
+    (mdir / "job" / "other.log").unlink()
+    (mdir / "job").rmdir()
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "stdio.log").write_text("root:x:0:0\n")
+    (mdir / "job").symlink_to(tmp_path / "fake")
+    assert http.get(f"/q/work/{mid}/log/stdio.log").status_code == 404
+    with http.stream("GET", f"{API}/queues/work/messages/{mid}/log/stream") as stream:
+        assert stream.status_code == 200
+    # Real files are still served.
+    (mdir / "job").unlink()
+    (mdir / "job").mkdir()
+    (mdir / "job" / "stdio.log").write_text("fine\n")
+    assert http.get(f"/q/work/{mid}/log/stdio.log").text == "fine\n"
+
+
+# -- 5. bad input is a 4xx, never a 500 ---------------------------------------------------------
+def test_the_audits_500s_are_4xx(client: spoolq.Client) -> None:
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
+    mid = client.send("work").msg_id
+    client.store.move("work", mid, State.QUE, State.RUN)
+    log = client.store.message_dir("work", mid) / "job"
+    log.mkdir()
+    (log / "stdio.log").write_text("hello\n")
+    assert http.get("/q/work/done.json?limit=%C2%B2").status_code == 400
+    stream = f"{API}/queues/work/messages/{mid}/log/stream"
+    for value in (b"\xb2", b"1" * 5000):
+        with http.stream("GET", stream, headers=[(b"last-event-id", value)]) as r:  # type: ignore[arg-type]
+            assert r.status_code == 400, value[:10]
+    for url in (f"{API}/queues/work/messages/{mid}/log", f"/q/work/{mid}/log/stdio.log"):
+        r = http.get(url, headers={"Range": "bytes=" + "9" * 4301 + "-"})
+        assert r.status_code == 416, (url, r.status_code)
+        r = http.get(url, headers={"Range": "bytes=0-" + "9" * 4301})
+        assert r.status_code == 206 and r.text == "hello\n"
+
+
+# -- 6. retry parameters are bounded; the delay never overflows ---------------------------------
+def test_retry_parameters_are_bounded(client: spoolq.Client) -> None:
+    for bad in ({"base": 1e308, "factor": 1e308}, {"factor": 1e6}, {"max_delay": 1e12}, {"jitter": 5}):
+        with pytest.raises(spoolq.errors.InvalidConfig):
+            client.update_queue("work", retry=bad)
+    policy = RetryPolicy(base=86400.0, factor=100.0, max_delay=30 * 86400.0, jitter=1.0)
+    for count in (0, 1, 10, 1000, 2**31):
+        assert 0 <= policy.delay(count, 0.999) <= 2 * 30 * 86400.0
+
+
+# -- 7. the smaller items -----------------------------------------------------------------------
+def test_headers_on_every_answer_and_csp_on_pages(client: spoolq.Client) -> None:
+    http = anon(client, "read")
+    page = http.get("/", headers={"Accept": "text/html"})
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    for r in (http.post(f"{API}/queues", json={}),  # 401 from the middleware
+              TestClient(http.app, base_url="http://evil.example").get(f"{API}/queues"),  # 403
+              http.post(f"{API}/queues", json={}, headers={"Origin": "http://evil.example"})):
+        assert r.status_code in (401, 403), r.status_code
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+
+
+def test_no_absolute_paths_leak(client: spoolq.Client, tmp_path: Path) -> None:
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
+    f = tmp_path / "a.txt"
+    f.write_text("a")
+    mid = client.send("work", attachments=[f]).msg_id
+    root = str(client.store.root)  # type: ignore[attr-defined]
+    assert root not in http.get("/healthz").text
+    for url in (f"{API}/queues/work/messages/{mid}", f"/q/work/{mid}.json"):
+        body = http.get(url).json()
+        assert body["_attachments"]["a.txt"]["path"].startswith("queue/work/que/"), body["_attachments"]
+        assert root not in json.dumps(body), url
+    listing = http.get(f"{API}/queues/work/messages").text
+    assert root not in listing
+
+
+def test_wrong_tokens_are_throttled(client: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "FAILURE_DELAY", 0.0)  # the throttle, not the per-guess second, is tested
+    http = anon(client)
+    wrong = {"Authorization": "Bearer " + "w" * 32}
+    codes = [http.get(f"{API}/queues", headers=wrong).status_code for _ in range(auth.FAILURES_ALLOWED)]
+    assert set(codes) == {401}
+    r = http.get(f"{API}/queues", headers=AUTH)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0, \
+        "once over the limit even a right guess is not evaluated"
+    assert http.get(f"{API}/queues").status_code == 200, "anonymous reads are not credentials"
+
+
+def test_stream_subscribers_are_capped(client: spoolq.Client) -> None:
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN, max_streams=2, events_interval=0.05)
+    try:
+        with httpx.Client(base_url=h.url, timeout=10) as c, c.stream("GET", f"{API}/events") as a, \
+                c.stream("GET", f"{API}/events") as b:
+            assert a.status_code == b.status_code == 200
+            r = c.get(f"{API}/events")
+            assert r.status_code == 503 and r.headers["retry-after"]
+        deadline = time.monotonic() + 10
+        while h.app.state.ctx.streams.open and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server notices the closed streams at its next poll
+        with httpx.Client(base_url=h.url, timeout=10) as c, c.stream("GET", f"{API}/events") as again:
+            assert again.status_code == 200, "slots come back when streams end"
+    finally:
+        h.stop()
+
+
+def test_client_disconnects_are_not_internal_errors(server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="spoolq")
+    aborted = [  # the audit aborted 20 logins and got 2,800 lines of tracebacks
+        (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+         b"Content-Length: 2000\r\n\r\ntoken=abc"),
+        (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+         b"Content-Length: 3000\r\n\r\n--xyz\r\nContent-Disposition: form-data; name=\"token\"\r\n\r\na"),
+        (b"POST /q/work/new_message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+         b"boundary=xyz\r\nContent-Length: 100000\r\n\r\n"
+         b"--xyz\r\nContent-Disposition: form-data; name=\"mesg\"\r\n\r\n{"),
+    ]
+    for _ in range(3):
+        for request in aborted:
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
+                s.sendall(request)
+    time.sleep(0.5)  # let the server notice the aborted requests (nothing to wait on: it must stay quiet)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records]
+
+
+def test_openapi_names_patterns_and_405_allow(client: spoolq.Client) -> None:
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
+    doc = http.get(f"{API}/openapi.json").json()
+    params = doc["paths"]["/api/v1/queues/{queue}/messages/{msg_id}"]["get"]["parameters"]
+    by_name = {p["name"]: p["schema"] for p in params}
+    assert by_name["queue"]["pattern"].startswith("^[A-Za-z0-9]")
+    assert by_name["msg_id"]["pattern"].startswith("^[0-9]{8}")
+    r = http.put(f"{API}/queues/work")
+    assert r.status_code == 405
+    assert {"GET", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}
