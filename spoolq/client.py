@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypedDict, Unpack
 
 from .config import RootConfig, default_root, read_root_config
-from .errors import InvalidInput, InvalidMessage, WaitTimeout, WrongState
+from .errors import InvalidInput, InvalidMessage, SpoolqError, WaitTimeout, WrongState
 from .ids import MessageRef, parse_ref
 from .model import (
     ADMIN_ACTIONS,
     AdminState,
     AttachmentInfo,
+    IdPage,
     ListPage,
     Message,
     MessageView,
@@ -276,16 +277,21 @@ class Client:
         return view.to_rq_json(self.full_id(r.queue, r.msg_id), local_paths=local_paths)
 
     def list(self, queue: str, state: State | str = State.QUE, *, limit: int = 50, cursor: str | None = None,
-             filter: str | None = None) -> ListPage:
+             filter: str | None = None, scan_limit: int | None = None) -> ListPage:
         """One page of messages in ``state``, newest first: at most ``limit``, older than
         ``cursor`` (the page's ``next_cursor``), matching ``filter`` (a case-insensitive
-        substring of the id, src, dest, params or status). Unreadable messages are set aside
-        and named in ``problems``."""
-        try:
-            st = State(state)
-        except ValueError:
-            raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(State)}") from None
-        return self.store.list(queue, st, limit=limit, cursor=cursor, filter=filter)
+        substring of the id, src, dest, orig_msg_id, param1..4, a ``params`` entry written
+        ``key=value``, or the status). ``scan_limit`` bounds how many messages one call
+        examines: a page may then be short and still have a ``next_cursor`` to search on
+        from. Unreadable messages are set aside and named in ``problems``."""
+        return self.store.list(queue, _state(state), limit=limit, cursor=cursor, filter=filter,
+                               scan_limit=scan_limit)
+
+    def find_ids(self, queue: str, state: State | str, *, filter: str | None = None, cursor: str | None = None,
+                 limit: int = 1000, scan_limit: int | None = None) -> IdPage:
+        """Like :meth:`list`, ids only: what bulk operations walk."""
+        return self.store.find_ids(queue, _state(state), filter=filter, cursor=cursor, limit=limit,
+                                   scan_limit=scan_limit)
 
     def counts(self, queue: str) -> dict[str, int]:
         """Messages per state (``prep que run done relayed err err_acked``), in O(1)."""
@@ -304,6 +310,11 @@ class Client:
         """Remove a message in any state but run (cancel a running one first)."""
         r = self.ref(ref)
         self.store.delete(r.queue, r.msg_id)
+
+    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+        """Delete many messages of ``queue`` at once (none may be running); returns the
+        ``(msg_id, error)`` of those that could not be deleted."""
+        return self.store.delete_many(queue, msg_ids)
 
     def retry(self, ref: Ref) -> None:
         """err -> que, due now, with ``count`` reset so the message gets its full ``max_count``."""
@@ -417,6 +428,13 @@ class Client:
     def sweep(self, queue: str) -> builtins.list[str]:
         """Remove debris of dead producers and empty old buckets; returns what went."""
         return self.store.sweep(queue)
+
+
+def _state(state: State | str) -> State:
+    try:
+        return State(state)
+    except ValueError:
+        raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(State)}") from None
 
 
 def _delay(value: Any) -> float:

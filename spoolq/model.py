@@ -21,6 +21,10 @@ MAX_MSG_BYTES = 1024 * 1024
 """Largest serialized ``msg`` accepted. Bulk data belongs in attachments."""
 
 DEFAULT_MAX_COUNT = 15
+MAX_ENV_VALUE = 128 * 1024 - 64
+"""Bytes of a value that reaches a script as an environment variable (param1..4, dest,
+orig_msg_id, env_vars). Linux refuses to exec with any one ``NAME=value`` string over
+128 KiB (MAX_ARG_STRLEN): such a message could be stored but never run."""
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -96,6 +100,14 @@ def _param(value: Any, name: str) -> str:
             raise InvalidMessage(f"{name} is not valid Unicode text (lone surrogate)")
         return text
     raise InvalidMessage(f"{name} must be a string or a number, not {type(value).__name__}")
+
+
+def _env_value(text: str, name: str) -> str:
+    """``text`` if a script can receive it as an environment variable (see MAX_ENV_VALUE)."""
+    if len(text) * 4 > MAX_ENV_VALUE and len(text.encode()) > MAX_ENV_VALUE:
+        raise TooLarge(f"{name} is {len(text.encode())} bytes: scripts get it as an environment variable, "
+                       f"which Linux caps at 128 KiB; put bulk data in params or an attachment")
+    return text
 
 
 def _utf8(text: str) -> bool:
@@ -202,20 +214,20 @@ class Message:
                 raise InvalidMessage(f"unknown message field(s): {', '.join(sorted(unknown))}")
         get = data.get
         m = cls()
-        m.dest = _param(get("dest"), "dest")
+        m.dest = _env_value(_param(get("dest"), "dest"), "dest")
         m.msg_id = _param(get("msg_id"), "msg_id")
         m.src = _param(get("src"), "src")
         if get("count") not in (None, ""):
             m.count = _int(data["count"], "count")
         if get("max_count") not in (None, ""):
             m.max_count = _int(data["max_count"], "max_count", 1)
-        m.param1 = _param(get("param1"), "param1")
-        m.param2 = _param(get("param2"), "param2")
-        m.param3 = _param(get("param3"), "param3")
-        m.param4 = _param(get("param4"), "param4")
+        m.param1 = _env_value(_param(get("param1"), "param1"), "param1")
+        m.param2 = _env_value(_param(get("param2"), "param2"), "param2")
+        m.param3 = _env_value(_param(get("param3"), "param3"), "param3")
+        m.param4 = _env_value(_param(get("param4"), "param4"), "param4")
         if data.get("due") not in (None, ""):
             m.due = _epoch(data["due"], "due")
-        m.orig_msg_id = _param(data.get("orig_msg_id"), "orig_msg_id")
+        m.orig_msg_id = _env_value(_param(data.get("orig_msg_id"), "orig_msg_id"), "orig_msg_id")
         hooks = data.get("post_run_webhook") or []
         if isinstance(hooks, str):
             hooks = hooks.split()
@@ -381,7 +393,8 @@ class QueueConfig:
                    "coalesce_param4", "ordering", "schedule"}
         unknown = set(data) - known - ignored
         if unknown:
-            raise InvalidConfig(f"unknown queue config key(s): {', '.join(sorted(unknown))}")
+            raise InvalidConfig(f"unknown queue config key(s): {', '.join(sorted(unknown))}; the keys are "
+                                f"{', '.join(cls.__dataclass_fields__)}")
         name = data.get("name")
         try:
             validate_queue_name(name)  # type: ignore[arg-type]
@@ -422,6 +435,8 @@ class QueueConfig:
                 raise InvalidConfig(f"env_vars may not set {k}: RQ_* and SPOOLQ_* are set by spoolq")
             if not isinstance(v, (str, int, float)) or isinstance(v, bool) or "\0" in str(v):
                 raise InvalidConfig(f"env_vars value for {k} must be a string")
+            if len(str(v).encode()) > MAX_ENV_VALUE:
+                raise InvalidConfig(f"env_vars value for {k} is over 128 KiB, more than Linux passes to a program")
         c.env_vars = {k: str(v) for k, v in env.items()}
         coalesce = data.get("coalesce_params")
         if coalesce is None and data.get("coalesce") in (True, "true", "yes", "1", 1):
@@ -526,11 +541,25 @@ class MessageView:
 
 @dataclass
 class ListPage:
-    """One page of a listing, newest first. ``next_cursor`` is None on the last page."""
+    """One page of a listing, newest first. ``next_cursor`` is None on the last page.
+
+    A filtered listing examines at most ``scan_limit`` messages per call (when the caller
+    sets one), so a page may hold fewer than ``limit`` items and still have a
+    ``next_cursor``: the search goes on from there. ``scanned`` says how many were examined."""
 
     items: list[MessageView]
     next_cursor: str | None = None
     problems: list[str] = field(default_factory=list)
+    scanned: int = 0
+
+
+@dataclass
+class IdPage:
+    """Ids in one state that a filter matches, newest first (``Store.find_ids``)."""
+
+    ids: list[str]
+    next_cursor: str | None = None
+    scanned: int = 0
 
 
 SEARCHED_FIELDS = ("msg_id", "src", "dest", "param1", "param2", "param3", "param4", "orig_msg_id")

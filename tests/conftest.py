@@ -37,13 +37,13 @@ class Cli:
         self.root = root
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+                 timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         e = dict(os.environ)
         e.pop("SPOOLQ_ROOT", None)
         if env:
             e.update(env)
         return subprocess.run([SPOOLQ, "--root", str(self.root), *args], input=input, env=e,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
     def json(self, *args: str, **kw: Any) -> Any:
         r = self("--json", *args, **kw)

@@ -400,7 +400,7 @@ def test_status_overview_and_message_status(cli: Cli, q: str, script: Path,
     qrow = over[1]["counts"]
     assert (qrow["que"], qrow["done"], qrow["err"]) == (1, 1, 0)
     lines = cli("status").stdout.splitlines()
-    assert lines[0].split() == ["QUEUE", "ADMIN", "PREP", "QUE", "RUN", "DONE", "RELAYED", "ERR", "ACKED"]
+    assert lines[0].split() == ["QUEUE", "STATUS", "PREP", "QUE", "RUN", "DONE", "RELAYED", "ERR", "ACKED"]
     assert lines[2].split() == ["q", "UP", "0", "1", "0", "1", "0", "0", "0"]
     assert cli("status", f"{q}/20200101.0000.00.000.1").returncode == exitcodes.NOT_FOUND
 

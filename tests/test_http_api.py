@@ -170,18 +170,39 @@ def test_message_actions(http: TestClient, client: spoolq.Client) -> None:
     assert http.post(f"{API}/queues/work/messages/{a}/explode").status_code == 400
 
 
+def finished(http: TestClient, op: dict[str, Any]) -> dict[str, Any]:
+    """A bulk operation's final state (``?wait`` blocks until it ends)."""
+    r = http.get(op["url"], params={"wait": 30})
+    assert r.status_code == 200 and r.json()["status"] != "running", r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
 def test_bulk_over_filter(http: TestClient, client: spoolq.Client) -> None:
     for i in range(25):
         send(http, param1="keep" if i % 5 else "drop", param2=str(i))
     r = http.post(f"{API}/queues/work/bulk", json={"action": "delete", "state": "que", "filter": "drop"})
-    assert r.json()["matched"] == 5 and r.json()["succeeded"] == 5
+    assert r.status_code == 202 and r.json()["status"] in ("running", "done")
+    op = finished(http, r.json())
+    assert (op["status"], op["scanned"], op["matched"], op["succeeded"], op["failures"], op["remaining"]) == \
+        ("done", 25, 5, 5, 0, 20)
     assert http.get(f"{API}/queues/work").json()["counts"]["que"] == 20
     for v in client.list("work", State.QUE, limit=100).items[:12]:
         client.store.move("work", v.msg_id, State.QUE, State.ERR)
-    r = http.post(f"{API}/queues/work/bulk", json={"action": "retry", "state": "err"})
-    assert r.json() == {"queue": "work", "state": "err", "filter": "", "action": "retry", "matched": 12,
-                        "succeeded": 12, "failed": [], "truncated": False}
+    op = finished(http, http.post(f"{API}/queues/work/bulk", json={"action": "retry", "state": "err"}).json())
+    assert {k: op[k] for k in ("queue", "state", "filter", "action", "matched", "succeeded", "failed",
+                               "remaining")} == {"queue": "work", "state": "err", "filter": "", "action": "retry",
+                                                 "matched": 12, "succeeded": 12, "failed": [], "remaining": 0}
     assert http.post(f"{API}/queues/work/bulk", json={"action": "nuke", "state": "err"}).status_code == 400
+    # Count first, then act on exactly what was counted, even once more messages match.
+    count = finished(http, http.post(f"{API}/queues/work/bulk",
+                                     json={"action": "count", "state": "que", "filter": "keep"}).json())
+    assert count["matched"] == 20 and count["selection_kept"]
+    send(http, param1="keep", param2="late")
+    op = finished(http, http.post(f"{API}/queues/work/bulk", json={"action": "delete", "state": "que",
+                                                                   "ids_from": count["id"]}).json())
+    assert (op["matched"], op["succeeded"], op["remaining"]) == (20, 20, 1)
+    assert [v.message.param2 for v in client.list("work", State.QUE).items] == ["late"]
+    assert http.get(f"{API}/operations").json()[0]["id"] == op["id"]
 
 
 def test_log_range_and_finished_stream(http: TestClient, client: spoolq.Client) -> None:
@@ -553,6 +574,14 @@ def test_ui_forms_prep_attach_commit_and_bulk(http: TestClient, client: spoolq.C
         client.send("work", param1=f"bulk-{i}")
     r = http.post("/ui/q/work", data={"csrf": csrf, "action": "bulk", "bulk_action": "delete", "state": "que",
                                       "filter": "bulk-"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/operations/")
+    op_id = r.headers["location"].rsplit("/", 1)[1]
+    count = finished(http, {"url": f"{API}/operations/{op_id}"})
+    assert count["action"] == "count" and count["matched"] == 4 and client.counts("work")["que"] == 5
+    page = http.get(r.headers["location"]).text
+    assert "4 que messages match." in page and "Delete these 4" in page
+    r = http.post(f"/ui/operations/{op_id}", data={"csrf": csrf, "action": "apply"}, follow_redirects=False)
     assert r.status_code == 303
+    done = finished(http, {"url": f"{API}/operations/{r.headers['location'].rsplit('/', 1)[1]}"})
+    assert (done["action"], done["succeeded"], done["remaining"]) == ("delete", 4, 1)
     assert client.counts("work")["que"] == 1
-    assert "delete: 4 of 4 matching messages in que" in http.get(r.headers["location"]).text

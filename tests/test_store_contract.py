@@ -289,6 +289,37 @@ def test_filter_searches_values_in_any_script(store: Store) -> None:
     assert len(found("plain")) == 1
 
 
+def test_a_scan_limit_bounds_each_search_and_the_cursor_goes_on(store: Store) -> None:
+    make_queue(store)
+    ids = [store.create("q", msg(param1=f"n{i}", params={"hit": i % 10 == 0})).msg_id for i in range(95)]
+    want = sorted((m for i, m in enumerate(ids) if i % 10 == 0), key=sort_key, reverse=True)
+    found: list[str] = []
+    cursor = None
+    calls = 0
+    while True:
+        page = store.list("q", State.QUE, limit=50, cursor=cursor, filter="hit=true", scan_limit=20)
+        assert page.scanned <= 20
+        calls += 1
+        found += [v.msg_id for v in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert found == want and calls == 5, "95 messages, 20 examined per call"
+    ids_page = store.find_ids("q", State.QUE, filter="hit=true", limit=3)
+    assert ids_page.ids == want[:3] and ids_page.next_cursor is not None
+
+
+def test_delete_many(store: Store) -> None:
+    make_queue(store)
+    a, b, c = (store.create("q", msg()).msg_id for _ in range(3))
+    store.move("q", c, State.QUE, State.RUN)
+    failures = store.delete_many("q", [a, b, c, "20200101.0000.00.000.1"])
+    assert [(m, type(e)) for m, e in failures] == [(c, WrongState), ("20200101.0000.00.000.1", MessageNotFound)]
+    assert store.counts("q")["que"] == 0 and store.counts("q")["run"] == 1
+    with pytest.raises(MessageNotFound):
+        store.get("q", a)
+
+
 def test_counts_follow_every_change(store: Store) -> None:
     make_queue(store)
     a = store.create("q", msg()).msg_id

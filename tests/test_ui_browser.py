@@ -214,3 +214,73 @@ def test_dashboard_counts_update_live(served: tuple[str, Path], page: object) ->
     expect(tab).to_have_text("3")
     httpx.post(server + "/api/v1/queues/mail/messages", json={"param1": "y"}, headers=AUTH).raise_for_status()
     expect(tab).to_have_text("4", timeout=15_000)
+
+
+def test_bulk_actions_in_the_browser(served: tuple[str, Path], page: object) -> None:
+    """Bulk actions show their count before they act, run as operations with live
+    progress, and end with a result that matches what is left (hardening issue, item 15)."""
+    from playwright.sync_api import Page, expect
+
+    import spoolq
+
+    assert isinstance(page, Page)
+    server, root = served
+    client = spoolq.open(root)
+    client.create_queue("bulk", script="/bin/true")
+    client.set_admin_state("bulk", "PAUSE")
+    client.send_many("bulk", [{"param1": f"m{i}", "params": {"kind": "drop" if i % 50 == 0 else "keep"}}
+                              for i in range(500)])
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: dialogs.append(d.message))
+    page.goto(login_url(root))
+    # With a search: the matches are counted first, then exactly those are deleted.
+    page.goto(server + "/q/bulk?state=que&filter=kind%3Ddrop")
+    expect(page.locator("#search-note")).to_contain_text("Searched 500 que messages")
+    page.click("button:has-text('Delete matching')")
+    expect(page.locator("#apply-form")).to_contain_text("10 que messages match.")
+    page.click("#apply-form button")
+    assert dialogs[-1] == "Delete these 10 messages? This cannot be undone."
+    expect(page.locator("[data-op=status]")).to_have_text("done")
+    expect(page.locator("[data-op=succeeded]")).to_have_text("10")
+    expect(page.locator("[data-op=remaining]")).to_have_text("490")
+    # Without a search the dialog names the count at once.
+    page.goto(server + "/q/bulk?state=que")
+    page.click("button:has-text('Delete all')")
+    assert dialogs[-1] == "Delete all 490 messages in que? This cannot be undone."
+    expect(page.locator("[data-op=status]")).to_have_text("done")
+    expect(page.locator("[data-op=remaining]")).to_have_text("0")
+    assert client.recount("bulk")["que"] == 0
+    shot(page, "bulk-operation.png")
+
+
+def test_pages_fit_a_phone(served: tuple[str, Path], page: object) -> None:
+    """At 420 px nothing widens the page: wide tables scroll inside themselves; the run tab
+    offers what can be done to running messages; the form explains coalesce and blocking."""
+    from playwright.sync_api import Page, expect
+
+    import spoolq
+
+    assert isinstance(page, Page)
+    server, root = served
+    client = spoolq.open(root)
+    for name in ("a-queue-with-a-rather-long-name", "mail"):
+        client.create_queue(name, script="/bin/true")
+        client.set_admin_state(name, "PAUSE")
+        client.send(name, param1="x" * 200)
+    page.set_viewport_size({"width": 420, "height": 800})
+    page.goto(login_url(root))
+    for path in ("/", "/q/mail", "/q/mail?state=que", "/new_queue", f"/q/mail/{client.list('mail').items[0].msg_id}"):
+        page.goto(server + path)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 420, f"{path} is {width} px wide at a 420 px viewport"
+    shot(page, "message-420px.png")
+    page.goto(server + "/new_queue")
+    expect(page.locator("#coalesce-help")).to_contain_text("done once")
+    expect(page.locator("#blocking-help")).to_contain_text("Never two messages")
+    # The run tab: no "All run:" with nothing after it.
+    msg = client.list("mail").items[0].msg_id
+    client.store.move("mail", msg, spoolq.model.State.QUE, spoolq.model.State.RUN)
+    page.goto(server + "/q/mail?state=run")
+    expect(page.locator("#bulk-form")).to_contain_text("Cancel all")
+    page.goto(server + "/q/mail?state=done")
+    expect(page.locator("#bulk-form")).to_have_count(0)

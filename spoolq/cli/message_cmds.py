@@ -47,7 +47,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-count", metavar="N", help="retry limit (default: the queue's max_count)")
     p.add_argument("--dest", metavar="D", help="RQ dest field (informational; default QUEUE)")
     p.add_argument("--webhook", action="append", default=[], metavar="URL",
-                   help="URL posted to after the run (repeatable)")
+                   help="URL to tell the message's final state (repeatable). Recorded, and queued in "
+                        "the local webhook queue when the message finishes; that queue waits, paused, "
+                        "until a sender is installed: this spoolq sends no POST yet")
     p.add_argument("--prep", action="store_true",
                    help="leave the message in prep: add files with `attach`, then `commit`")
     p.add_argument("--from-file", metavar="FILE",
@@ -71,7 +73,9 @@ def register(sub: Any) -> None:
                    help="prep, que, run, done, relayed or err (default que)")
     p.add_argument("--limit", default="50", metavar="N", help="at most N messages (1-10000, default 50)")
     p.add_argument("--cursor", metavar="ID", help="continue after this id (the previous page's next_cursor)")
-    p.add_argument("--filter", metavar="TEXT", help="only messages whose JSON or status contains TEXT")
+    p.add_argument("--filter", metavar="TEXT",
+                   help="only messages with TEXT (any case) in their id, src, dest, orig_msg_id, "
+                        "param1..param4, a params entry written key=value, or their status")
 
     p = command(sub, "retry", retry, "move failed messages (err) back to que, due now, count reset")
     p.add_argument("msgs", nargs="+", metavar="MSG")

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
     p = command(qsub, "show", queue_show, "show a queue's config, admin state and counts")
     p.add_argument("name", metavar="NAME")
 
-    p = command(qsub, "set", queue_set, "change config keys (values are parsed as JSON when they parse)")
+    p = command(qsub, "set", queue_set, "change config keys (values are parsed as JSON when they parse); "
+                "keys: " + ", ".join(QueueConfig.__dataclass_fields__) + "; a script path is made absolute")
     p.add_argument("name", metavar="NAME")
     p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
 
@@ -119,14 +120,18 @@ def _queue_json(ctx: Ctx, name: str, *, counts: bool = True) -> dict[str, Any]:
     return d
 
 
+def _warn_about_script(cfg: QueueConfig) -> None:
+    if not os.path.isfile(cfg.script):
+        print(f"spoolq: warning: script {cfg.script} does not exist (yet); "
+              "messages will wait (SCRIPTERROR) until it does", file=sys.stderr)
+    elif not cfg.exec_prefix and not os.access(cfg.script, os.X_OK):
+        print(f"spoolq: warning: script {cfg.script} is not executable", file=sys.stderr)
+
+
 def queue_create(args: argparse.Namespace, ctx: Ctx) -> int:
     # Validated in full before the spool is opened: bad input leaves no trace on disk.
     cfg = _config_from_args(args, queue_name(args.name))
-    if not os.path.isfile(cfg.script):
-        print(f"spoolq: warning: script {cfg.script} does not exist (yet); "
-              "messages will fail until it does", file=sys.stderr)
-    elif not cfg.exec_prefix and not os.access(cfg.script, os.X_OK):
-        print(f"spoolq: warning: script {cfg.script} is not executable", file=sys.stderr)
+    _warn_about_script(cfg)
     ctx.client.create_queue(cfg)
     if ctx.json:
         ctx.emit_json(_queue_json(ctx, cfg.name))
@@ -197,7 +202,13 @@ def queue_set(args: argparse.Namespace, ctx: Ctx) -> int:
         if key == "name":
             raise InvalidInput("a queue cannot be renamed")
         changes[key] = json_or_text(raw)
+        if key == "script" and isinstance(changes[key], str) and changes[key]:
+            # As `queue create --script` does: a path typed here means one from here. (The
+            # daemon would resolve a relative one against the spool root, RQ's rule.)
+            changes[key] = os.path.abspath(changes[key])
     cfg = ctx.client.update_queue(name, **changes)
+    if "script" in changes:
+        _warn_about_script(cfg)
     if ctx.json:
         ctx.emit_json({"name": name, "config": cfg.to_dict(), "changed": sorted(changes)})
     else:
@@ -243,7 +254,11 @@ def _count_rows(ctx: Ctx, names: list[str], *, recount: bool = False,
         row: dict[str, Any] = {"name": name}
         try:
             if admin:
-                row["admin_state"] = str(ctx.client.admin_state(name))
+                status_text, admin_state, why = ctx.client.status_parts(name)
+                row["admin_state"] = str(admin_state)
+                row["status"] = status_text  # SCRIPTERROR while the daemon cannot start the script
+                if why is not None:
+                    row["script_error"] = why
             row["counts"] = ctx.client.recount(name) if recount else ctx.client.counts(name)
         except SpoolqError as e:
             if len(names) == 1:
@@ -257,12 +272,12 @@ def _count_rows(ctx: Ctx, names: list[str], *, recount: bool = False,
 
 
 def _count_table(rows: list[dict[str, Any]], *, admin: bool) -> str:
-    headers = ["QUEUE", *(["ADMIN"] if admin else []), *COUNT_HEADERS]
+    headers = ["QUEUE", *(["STATUS"] if admin else []), *COUNT_HEADERS]
     first = 2 if admin else 1
     body = []
     for r in rows:
         counts = r["counts"] or {}
-        body.append([r["name"], *([r["admin_state"] or "?"] if admin else []),
+        body.append([r["name"], *([r.get("status") or r["admin_state"] or "?"] if admin else []),
                      *[counts.get(k, "?") for k in COUNT_KEYS]])
     return output.table(headers, body, numeric=range(first, first + len(COUNT_KEYS)))
 

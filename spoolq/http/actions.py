@@ -1,4 +1,4 @@
-"""Message actions shared by the API, the RQ routes and the UI, singly or in bulk."""
+"""Message actions shared by the API, the RQ routes, the UI and bulk operations (operations.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..client import Client
-from ..errors import InvalidInput, SpoolqError
-from ..model import State
+from ..errors import InvalidInput
 from .errors import NotImplementedYet
 
 ADMIN_ACTIONS = ("pause", "resume", "down", "up")
 """Queue admin actions (RQ's): each sets or clears one flag (Client.admin_action)."""
 ACTIONS = ("retry", "delete", "clone", "run-now", "cancel", "commit")
-BULK_LIMIT = 100_000
-"""Most messages one bulk request acts on; a bigger set needs several requests."""
 
 
 def act(client: Client, queue: str, msg_id: str, action: str) -> dict[str, Any]:
@@ -41,43 +38,3 @@ def act(client: Client, queue: str, msg_id: str, action: str) -> dict[str, Any]:
     else:
         raise InvalidInput(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
     return result
-
-
-def matching_ids(client: Client, queue: str, state: State, filter: str | None,
-                 limit: int = BULK_LIMIT) -> list[str]:
-    """Every id in ``state`` whose message matches ``filter`` (newest first), up to ``limit``."""
-    ids: list[str] = []
-    cursor: str | None = None
-    while len(ids) < limit:
-        page = client.list(queue, state, limit=min(1000, limit - len(ids)), cursor=cursor,
-                           filter=filter or None)
-        ids.extend(v.msg_id for v in page.items)
-        if page.next_cursor is None:
-            break
-        cursor = page.next_cursor
-    return ids[:limit]
-
-
-def bulk(client: Client, queue: str, state: State, filter: str | None, action: str) -> dict[str, Any]:
-    """Do ``action`` to everything in ``state`` that ``filter`` matches.
-
-    The set is taken first, then acted on one message at a time: a message that moved on
-    meanwhile is reported under ``failed`` and the rest still go through.
-    """
-    if action not in ACTIONS:
-        raise InvalidInput(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
-    ids = matching_ids(client, queue, state, filter)
-    ok = 0
-    failed: list[dict[str, str]] = []
-    for msg_id in ids:
-        try:
-            act(client, queue, msg_id, action)
-            ok += 1
-        except NotImplementedYet:
-            raise
-        except SpoolqError as e:
-            if len(failed) < 100:
-                failed.append({"msg_id": msg_id, "code": e.code, "message": e.message})
-    return {"queue": queue, "state": str(state), "filter": filter or "", "action": action,
-            "matched": len(ids), "succeeded": ok, "failed": failed,
-            "truncated": len(ids) >= BULK_LIMIT}

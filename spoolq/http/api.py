@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Body, Query, Request
+from fastapi import Path as FastPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from ..errors import InvalidConfig, InvalidInput, InvalidMessage
 from ..model import State
 from ..store import AttachmentSource
-from .actions import act, bulk
+from .actions import act
 from .auth import LINK_TTL, policy_of
 from .common import (
     AppContext,
@@ -39,6 +40,9 @@ from .errors import BadRequest, validation_text
 from .uploads import ParsedForm, form_of
 
 router = APIRouter(prefix="/api/v1")
+SEARCH_SCAN = 20_000
+"""A filtered listing examines at most this many messages per request (about half a second
+on this project's VM), then answers with what it found and a cursor to search on from."""
 
 
 class NewMessage(BaseModel):
@@ -82,14 +86,16 @@ class BulkAction(StrEnum):
     run_now = "run-now"
     cancel = "cancel"
     commit = "commit"
+    count_matches = "count"  # (not `count`: that name is str.count)
 
 
 class BulkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: BulkAction
     state: State
-    filter: str = Field("", description="substring of the message JSON or status; empty = all")
-
+    filter: str = Field("", description="the list filter (model.search_text); empty = every message")
+    ids_from: str | None = Field(None, description="act on exactly the ids a finished 'count' found")
+    then: BulkAction | None = Field(None, description="for a count: the action a UI offers next")
 
 
 _SEND_BODY = {
@@ -238,17 +244,43 @@ async def send_message(request: Request, queue: QueueName) -> dict[str, Any]:
 @router.get("/queues/{queue}/messages", summary="Messages in one state, newest first, paginated")
 def list_messages(request: Request, queue: QueueName, state: State = State.QUE,
                   limit: int = Query(50, ge=1, le=1000), cursor: str | None = None,
-                  filter: str | None = None) -> dict[str, Any]:
+                  filter: str | None = None,
+                  scan: int = Query(SEARCH_SCAN, ge=1, le=1_000_000,
+                                    description="with a filter: messages examined at most by this call")
+                  ) -> dict[str, Any]:
     ctx = _ctx(request)
-    page = ctx.client.list(queue, state, limit=limit, cursor=cursor or None, filter=filter or None)
+    page = ctx.client.list(queue, state, limit=limit, cursor=cursor or None, filter=filter or None,
+                           scan_limit=scan if filter else None)
     return {"queue": queue, "state": str(state), "next_cursor": page.next_cursor,
-            "problems": page.problems,
+            "scanned": page.scanned, "problems": page.problems,
             "items": [v.to_rq_json(ctx.client.full_id(queue, v.msg_id), local_paths=False) for v in page.items]}
 
 
-@router.post("/queues/{queue}/bulk", summary="One action over every message a filter matches")
+@router.post("/queues/{queue}/bulk", status_code=202,
+             summary="Start one action over every message a filter matches (a background operation)")
 def bulk_action(request: Request, queue: QueueName, req: BulkRequest) -> dict[str, Any]:
-    return bulk(_ctx(request).client, queue, req.state, req.filter, req.action.value)
+    op = _ctx(request).operations.start(queue, req.state, req.filter or None, req.action.value,
+                                        ids_from=req.ids_from, then=req.then.value if req.then else None)
+    return op.to_json()
+
+
+OpId = Annotated[str, FastPath(pattern=r"^[0-9a-f]{16}$", description="an operation id")]
+
+
+@router.get("/operations", summary="Bulk operations, newest first (kept until restart)")
+def list_operations(request: Request) -> list[dict[str, Any]]:
+    return [op.to_json() for op in _ctx(request).operations.recent()]
+
+
+@router.get("/operations/{op_id}", summary="One bulk operation's progress; ?wait=S waits until it ends")
+def get_operation(request: Request, op_id: OpId, wait: float = Query(0, ge=0, le=60)) -> dict[str, Any]:
+    ops = _ctx(request).operations
+    return (ops.wait(op_id, wait) if wait else ops.get(op_id)).to_json()
+
+
+@router.post("/operations/{op_id}/cancel", summary="Stop a bulk operation (what it did stays done)")
+def cancel_operation(request: Request, op_id: OpId) -> dict[str, Any]:
+    return _ctx(request).operations.cancel(op_id).to_json()
 
 
 @router.get("/queues/{queue}/messages/{msg_id}", summary="One message (RQ's JSON plus history)")

@@ -23,6 +23,7 @@ from ..model import State
 from ..store import FsStore
 from .auth import AuthPolicy
 from .errors import BadRequest
+from .operations import Operations
 
 CHUNK = 256 * 1024
 
@@ -85,10 +86,12 @@ class AppContext:
     poll_interval: float = 0.25
     events_interval: float = 1.0
     max_streams: int = 100
-    streams: StreamSlots = field(default_factory=lambda: StreamSlots(100))
+    streams: StreamSlots = field(init=False)
+    operations: Operations = field(init=False)
 
     def __post_init__(self) -> None:
         self.streams = StreamSlots(self.max_streams)
+        self.operations = Operations(self.client)
 
 
 MAX_STREAMS = 100

@@ -27,7 +27,8 @@ from .. import __version__
 from ..errors import InvalidInput, InvalidMessage, SpoolqError
 from ..model import State
 from ..store import AttachmentSource
-from .actions import ACTIONS, ADMIN_ACTIONS, act, bulk
+from . import api
+from .actions import ACTIONS, ADMIN_ACTIONS, act
 from .auth import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -272,14 +273,15 @@ def queue_page(request: Request, queue: str, state: str = "que", filter: str = "
     try:
         summary = queue_summary(ctx, queue, with_config=True)
         st = State(state) if state in STATE_ORDER else State.QUE
-        page = ctx.client.list(queue, st, limit=PAGE_SIZE, cursor=cursor or None, filter=filter or None)
+        page = ctx.client.list(queue, st, limit=PAGE_SIZE, cursor=cursor or None, filter=filter or None,
+                               scan_limit=api.SEARCH_SCAN if filter else None)
     except SpoolqError as e:
         return error_page(request, e)
     next_url = None
     if page.next_cursor:
         next_url = f"/q/{quote(queue)}?" + urlencode({"state": st.value, "filter": filter,
                                                        "cursor": page.next_cursor})
-    return render(request, "queue.html", title=queue, q=summary, state=st.value, filter=filter,
+    return render(request, "queue.html", title=queue, q=summary, state=st.value, filter=filter, scanned=page.scanned,
                   items=page.items, problems=page.problems, next_url=next_url,
                   first_page=not cursor, now=time.time(),
                   config_json=json.dumps(summary["config"], indent=2))
@@ -301,15 +303,23 @@ def _queue_action(ctx: AppContext, queue: str, form: ParsedForm) -> str:
             raise InvalidInput("config must be a JSON object for this queue (a queue cannot be renamed)")
         ctx.client.update_queue(queue, **data)
         return "config saved; the next run uses it"
-    if action == "bulk":
-        what = form.get("bulk_action") or ""
-        st = State(form.get("state") or "que") if (form.get("state") or "que") in STATE_ORDER else State.QUE
-        res = bulk(ctx.client, queue, st, form.get("filter") or "", what)
-        text = f"{what}: {res['succeeded']} of {res['matched']} matching messages in {st.value}"
-        if res["failed"]:
-            text += f"; {len(res['failed'])} failed ({res['failed'][0]['message']})"
-        return text
     raise InvalidInput(f"unknown queue action {action!r}")
+
+
+def _start_bulk(ctx: AppContext, queue: str, form: ParsedForm) -> str:
+    """A bulk action from the queue page: with a search, count the matches first (the page
+    of that count offers the action on exactly what it found); without, act at once (the
+    confirm dialog showed the count). Returns the operation's page."""
+    what = form.get("bulk_action") or ""
+    if what not in ACTIONS:
+        raise InvalidInput(f"unknown bulk action {what!r}")
+    st = State(form.get("state") or "que") if (form.get("state") or "que") in STATE_ORDER else State.QUE
+    flt = (form.get("filter") or "").strip()
+    if flt:
+        op = ctx.operations.start(queue, st, flt, "count", then=what)
+    else:
+        op = ctx.operations.start(queue, st, None, what)
+    return f"/operations/{op.id}"
 
 
 @router.post("/ui/q/{queue}")
@@ -319,6 +329,12 @@ async def queue_action(request: Request, queue: str) -> Response:
         check_csrf(request, form.get(CSRF_FIELD))
         back = f"/q/{quote(queue)}?" + urlencode({"state": form.get("state") or "que",
                                                    "filter": form.get("filter") or ""})
+        if form.get("action") == "bulk":
+            try:
+                target = await run_in_threadpool(_start_bulk, ctx, queue, form)
+            except SpoolqError as e:
+                return redirect(back, e.message, "error")
+            return redirect(target)
         if form.get("action") == "delete_queue":
             try:
                 await run_in_threadpool(ctx.client.delete_queue, queue, force=bool(form.get("force")))
@@ -451,3 +467,34 @@ async def message_action(request: Request, queue: str, msg_id: str) -> Response:
     if action == "clone":
         return redirect(f"/q/{quote(queue)}/{res['clone']['msg_id']}", f"cloned from {msg_id}")
     return redirect(page, f"{action}: done")
+
+
+# -- bulk operations ---------------------------------------------------------------------
+@router.get("/operations/{op_id}", response_class=HTMLResponse)
+def operation_page(request: Request, op_id: str) -> Response:
+    ctx = ctx_of(request)
+    try:
+        op = ctx.operations.get(op_id)
+    except SpoolqError as e:
+        return error_page(request, e)
+    return render(request, "operation.html", title=f"{op.action} · {op.queue}", op=op.to_json())
+
+
+@router.post("/ui/operations/{op_id}")
+async def operation_action(request: Request, op_id: str) -> Response:
+    ctx = ctx_of(request)
+    page = f"/operations/{quote(op_id)}"
+    async with form_of(request, ctx.upload_dir) as form:
+        check_csrf(request, form.get(CSRF_FIELD))
+        action = form.get("action") or ""
+    try:
+        op = ctx.operations.get(op_id)
+        if action == "cancel":
+            ctx.operations.cancel(op_id)
+            return redirect(page, "stopping: what was done stays done")
+        if action == "apply" and op.then:
+            new = await run_in_threadpool(ctx.operations.start, op.queue, op.state, None, op.then, op.id)
+            return redirect(f"/operations/{new.id}")
+        raise InvalidInput(f"unknown operation action {action!r}")
+    except SpoolqError as e:
+        return redirect(page, e.message, "error")

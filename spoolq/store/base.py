@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..errors import InvalidInput, InvalidName
+from ..errors import InvalidInput, InvalidName, SpoolqError
 from ..ids import validate_attachment_name
-from ..model import AdminState, AttachmentInfo, ListPage, Message, MessageView, QueueConfig, State
+from ..model import AdminState, AttachmentInfo, IdPage, ListPage, Message, MessageView, QueueConfig, State
 
 
 @dataclass
@@ -129,9 +129,16 @@ class Store(Protocol):
         limit: int = 50,
         cursor: str | None = None,
         filter: str | None = None,
+        scan_limit: int | None = None,
     ) -> ListPage:
         """Messages in ``state``, newest first. ``cursor`` is the ``next_cursor`` of the
-        previous page; ``filter`` is a substring matched against the message JSON and status."""
+        previous page; ``filter`` is a casefolded substring of model.search_text (the id,
+        src, dest, param1..4, orig_msg_id, ``params`` as ``key=value``, the status);
+        ``scan_limit`` bounds how many messages one call examines (see ListPage)."""
+
+    def find_ids(self, queue: str, state: State, *, filter: str | None = None, cursor: str | None = None,
+                 limit: int = 1000, scan_limit: int | None = None) -> IdPage:
+        """What :meth:`list` would list, ids only (bulk operations walk a state with it)."""
 
     def ids(self, queue: str, state: State) -> Iterator[str]:
         """Every id in ``state``, in no particular order (for the daemon's scans)."""
@@ -182,6 +189,10 @@ class Store(Protocol):
 
     def delete(self, queue: str, msg_id: str) -> None:
         """Remove a message (any state but run: cancel it first)."""
+
+    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+        """Delete each message (as :meth:`delete`), cheaper than one by one; returns the
+        ``(msg_id, error)`` of those that could not be deleted."""
 
     def ack_errs(self, queue: str) -> int:
         """Acknowledge every unacknowledged error; returns how many."""

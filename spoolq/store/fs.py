@@ -50,19 +50,20 @@ from ..model import (
     COMPACT_JSON,
     AdminState,
     AttachmentInfo,
+    IdPage,
     ListPage,
     Message,
     MessageView,
     QueueConfig,
     State,
     check_transition,
-    search_text,
 )
 from .attachments import add_attachment
 from .base import AttachmentSource, check_attachment_names
 from .beneath import NotBeneath, open_beneath
 from .debris import is_debris, remove_partial
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
+from .search import Needle, Scan, read_whole, scan, status_text
 
 CHUNK = 1024 * 1024
 # Order in which locate() looks for a message: the common states of a live message first.
@@ -583,21 +584,11 @@ class FsStore:
         limit: int = 50,
         cursor: str | None = None,
         filter: str | None = None,
+        scan_limit: int | None = None,
     ) -> ListPage:
-        qdir = self._existing_qdir(queue)
-        if cursor is not None:
-            validate_msg_id(cursor)
-        limit = max(1, min(int(limit), 10000))
-        needle = filter.casefold() if filter else None
-        page = ListPage(items=[])
-        last: str | None = None
-        for msg_id, path, acked in iter_entries(qdir, state, before=cursor):
-            if len(page.items) >= limit:
-                page.next_cursor = last
-                break
-            last = msg_id
-            if needle is not None and not self._matches(path, needle):
-                continue
+        found = self._scan(queue, state, limit, cursor, filter, scan_limit)
+        page = ListPage(items=[], next_cursor=found.next_cursor, scanned=found.scanned)
+        for _, path, acked in found.hits:
             try:
                 page.items.append(self._view(queue, state, path, acked))
             except CorruptMessage as e:
@@ -606,18 +597,19 @@ class FsStore:
                 continue  # moved on while we listed
         return page
 
-    @staticmethod
-    def _matches(path: Path, needle: str) -> bool:
-        """Does the message at ``path`` match a list filter (model.search_text)? A message
-        that cannot be read counts as a match, so that listing it reports it (I7) instead
-        of a filter hiding it."""
-        try:
-            data = json.loads(_read_file(path / "msg"))
-        except (OSError, ValueError, RecursionError):
-            return True
-        if not isinstance(data, dict):
-            return True
-        return needle in search_text(data, _job_status(path))
+    def find_ids(self, queue: str, state: State, *, filter: str | None = None, cursor: str | None = None,
+                 limit: int = 1000, scan_limit: int | None = None) -> IdPage:
+        found = self._scan(queue, state, limit, cursor, filter, scan_limit)
+        return IdPage(ids=[h[0] for h in found.hits], next_cursor=found.next_cursor, scanned=found.scanned)
+
+    def _scan(self, queue: str, state: State, limit: int, cursor: str | None, filter: str | None,
+              scan_limit: int | None) -> Scan:
+        qdir = self._existing_qdir(queue)
+        if cursor is not None:
+            validate_msg_id(cursor)
+        limit = max(1, min(int(limit), 10000))
+        return scan(qdir, state, Needle(filter) if filter else None, cursor=cursor, limit=limit,
+                    scan_limit=None if scan_limit is None else max(1, int(scan_limit)))
 
     def ids(self, queue: str, state: State) -> Iterator[str]:
         qdir = self._existing_qdir(queue)
@@ -763,21 +755,49 @@ class FsStore:
             raise durable.storage_error(e, f"cannot set status of {queue}/{msg_id}") from None
 
     def delete(self, queue: str, msg_id: str) -> None:
-        state, path, acked = self.locate(queue, msg_id)
-        if state == State.RUN:
-            raise WrongState(f"message {msg_id} is running: cancel it first")
-        qdir = self.qdir(queue)
-        trash = qdir / ".tmp" / f"deleted.{msg_id}.{secrets.token_hex(3)}"
-        try:
-            os.rename(path, trash)  # I2 again: it disappears in one step
-            if self.queue_config(queue).fsync:
-                durable.fsync_dir(path.parent)
-        except FileNotFoundError:
-            raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
-        except OSError as e:
-            raise durable.storage_error(e, f"cannot delete {queue}/{msg_id}") from None
-        Counts(qdir / "counts").add({_count_key(state, acked): -1})
-        shutil.rmtree(trash, ignore_errors=True)
+        failures = self.delete_many(queue, [msg_id])
+        if failures:
+            raise failures[0][1]
+
+    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+        """Delete each message (none may be running); one fsync per touched bucket and one
+        counts update for the lot. Returns ``(msg_id, error)`` for those that could not go."""
+        qdir = self._existing_qdir(queue)
+        sync = self.queue_config(queue).fsync
+        failures: list[tuple[str, SpoolqError]] = []
+        deltas: dict[str, int] = {}
+        touched: dict[Path, None] = {}
+        trash: list[Path] = []
+        for msg_id in msg_ids:
+            try:
+                state, path, acked = self.locate(queue, msg_id)
+                if state == State.RUN:
+                    raise WrongState(f"message {msg_id} is running: cancel it first")
+                dest = qdir / ".tmp" / f"deleted.{msg_id}.{secrets.token_hex(3)}"
+                try:
+                    os.rename(path, dest)  # I2 again: it disappears in one step
+                except FileNotFoundError:
+                    raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
+                except OSError as e:
+                    raise durable.storage_error(e, f"cannot delete {queue}/{msg_id}") from None
+            except SpoolqError as e:
+                failures.append((msg_id, e))
+                continue
+            trash.append(dest)
+            touched[path.parent] = None
+            key = _count_key(state, acked)
+            deltas[key] = deltas.get(key, 0) - 1
+        if sync:
+            for d in touched:
+                try:
+                    durable.fsync_dir(d)
+                except OSError:
+                    pass  # the message is gone from the tree already; at worst it comes back
+        if deltas:
+            Counts(qdir / "counts").add(deltas)
+        for t in trash:
+            shutil.rmtree(t, ignore_errors=True)
+        return failures
 
     def ack_errs(self, queue: str) -> int:
         qdir = self._existing_qdir(queue)
@@ -841,22 +861,13 @@ class FsStore:
 def _job_status(path: Path) -> str:
     """The script's latest status text from a message's ``status`` file ("" if none)."""
     try:
-        js = json.loads(_read_file(path / "status"))
-    except (OSError, ValueError):
+        return status_text(_read_file(path / "status"))
+    except OSError:
         return ""
-    return str(js.get("job_status", "")) if isinstance(js, dict) else ""
 
 
 def _read_file(path: Path) -> bytes:
-    """The whole file, in as few syscalls as it takes (Path.read_bytes makes ten)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return read_whole(path)
 
 
 def _listdir(path: Path) -> list[str]:

@@ -50,6 +50,17 @@ def iter_entries(
     Walks the bucket tree lazily, so the newest N cost a few small directory reads however
     many messages the state holds. ``before`` (a cursor id) skips everything not older.
     """
+    for bdir, entries in iter_buckets(qdir, state, newest_first=newest_first, before=before):
+        for msg_id, name, acked in entries:
+            yield msg_id, bdir / name, acked
+
+
+def iter_buckets(
+    qdir: Path, state: State | str, *, newest_first: bool = True, before: str | None = None
+) -> Iterator[tuple[Path, list[tuple[str, str, bool]]]]:
+    """Yield ``(bucket directory, [(msg_id, entry name, acked), ...])`` bucket by bucket, in
+    id order (what :func:`iter_entries` walks; scans that touch every message use it to
+    build one path per bucket instead of one per message)."""
     sdir = qdir / str(state)
     cb = bucket_of(before) if before else None
     ckey = sort_key(before) if before else None
@@ -81,8 +92,8 @@ def iter_entries(
                         continue
                     found.append((k, n, acked))
                 found.sort(reverse=newest_first)
-                for _, n, acked in found:
-                    yield (n[1:] if acked else n), bdir / n, acked
+                if found:
+                    yield bdir, [((n[1:] if acked else n), n, acked) for _, n, acked in found]
 
 
 class Counts:

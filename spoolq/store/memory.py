@@ -29,6 +29,7 @@ from ..errors import (
     QueueDown,
     QueueExists,
     QueueNotFound,
+    SpoolqError,
     WrongState,
 )
 from ..ids import log_name_ok, make_id, sort_key, validate_attachment_name, validate_msg_id, validate_queue_name
@@ -36,6 +37,7 @@ from ..model import (
     ADMIN_FLAGS,
     AdminState,
     AttachmentInfo,
+    IdPage,
     ListPage,
     Message,
     MessageView,
@@ -254,7 +256,16 @@ class MemoryStore:
         limit: int = 50,
         cursor: str | None = None,
         filter: str | None = None,
+        scan_limit: int | None = None,
     ) -> ListPage:
+        with self._lock:
+            found = self.find_ids(queue, state, filter=filter, cursor=cursor, limit=limit, scan_limit=scan_limit)
+            q = self._queue(queue)
+            return ListPage(items=[self._view(queue, q.messages[i]) for i in found.ids],
+                            next_cursor=found.next_cursor, scanned=found.scanned)
+
+    def find_ids(self, queue: str, state: State, *, filter: str | None = None, cursor: str | None = None,
+                 limit: int = 1000, scan_limit: int | None = None) -> IdPage:
         with self._lock:
             q = self._queue(queue)
             if cursor is not None:
@@ -265,17 +276,18 @@ class MemoryStore:
                 ck = sort_key(cursor)
                 ids = [i for i in ids if sort_key(i) < ck]
             needle = filter.casefold() if filter else None
-            page = ListPage(items=[])
+            page = IdPage(ids=[])
             last = None
             for i in ids:
-                if len(page.items) >= limit:
+                if len(page.ids) >= limit or (scan_limit is not None and page.scanned >= scan_limit):
                     page.next_cursor = last
                     break
+                page.scanned += 1
                 last = i
                 e = q.messages[i]
                 if needle is not None and needle not in search_text(e.msg.to_dict(), e.status):
                     continue
-                page.items.append(self._view(queue, e))
+                page.ids.append(i)
             return page
 
     def ids(self, queue: str, state: State) -> Iterator[str]:
@@ -363,6 +375,15 @@ class MemoryStore:
             if e.state == State.RUN:
                 raise WrongState(f"message {msg_id} is running: cancel it first")
             del self._queue(queue).messages[msg_id]
+
+    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+        failures: list[tuple[str, SpoolqError]] = []
+        for msg_id in msg_ids:
+            try:
+                self.delete(queue, msg_id)
+            except SpoolqError as e:
+                failures.append((msg_id, e))
+        return failures
 
     def ack_errs(self, queue: str) -> int:
         with self._lock:

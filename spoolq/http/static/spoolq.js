@@ -165,6 +165,27 @@ function liveTabs(nav) {
   });
 }
 
+/* ---- a bulk operation's progress: poll its JSON until it ends, then show the result ---- */
+function liveOperation(card) {
+  const tick = async () => {
+    let op;
+    try {
+      const r = await fetch(card.dataset.operation, {headers: {"Accept": "application/json"}});
+      if (!r.ok) return;
+      op = await r.json();
+    } catch (e) { setTimeout(tick, 2000); return; }
+    for (const el of card.querySelectorAll("[data-op]")) {
+      const v = op[el.dataset.op];
+      el.textContent = v === null || v === undefined ? "…" : String(v);
+    }
+    const bar = card.querySelector("[data-op-progress]");
+    if (bar) bar.value = op.scanned;
+    if (op.status === "running") setTimeout(tick, 500);
+    else window.location.reload();  // the finished page offers what comes next
+  };
+  setTimeout(tick, 300);
+}
+
 document.addEventListener("click", ev => {
   const btn = ev.target.closest("[data-confirm]");
   if (btn && !window.confirm(btn.dataset.confirm)) ev.preventDefault();
@@ -177,4 +198,6 @@ document.addEventListener("DOMContentLoaded", () => {
   if (table) liveDashboard(table);
   const tabs = document.querySelector("nav[data-live-queue]");
   if (tabs) liveTabs(tabs);
+  const op = document.querySelector("[data-operation][data-status=running]");
+  if (op) liveOperation(op);
 });
