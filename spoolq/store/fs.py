@@ -105,7 +105,7 @@ class FsStore:
             for sub in (*[str(s) for s in State], ".tmp", "corrupt"):
                 durable.mkdir(stage / sub)
             durable.write_new(stage / "config.json", _json(config.to_dict(), indent=2))
-            durable.write_new(stage / "counts", _json(dict.fromkeys(COUNT_KEYS, 0)), sync=False)
+            durable.write_new(stage / "counts", Counts.record(dict.fromkeys(COUNT_KEYS, 0)), sync=False)
             try:
                 durable.rename(stage, qdir)
             except OSError as e:
@@ -301,7 +301,7 @@ class FsStore:
                     os.close(fd)
             if stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
-        Counts(qdir / "counts").add({str(state): 1})
+        self._counts(qdir).add({str(state): 1})
         return m
 
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
@@ -357,7 +357,7 @@ class FsStore:
                     os.close(fd)
             if batch is not None:
                 shutil.rmtree(batch, ignore_errors=True)
-        Counts(qdir / "counts").add({"que": len(made)})
+        self._counts(qdir).add({"que": len(made)})
         return made
 
     def _publish_at(self, src: str, state_dir: Path, msg_id: str, buckets: dict[str, int],
@@ -622,6 +622,11 @@ class FsStore:
 
     def recount(self, queue: str) -> dict[str, int]:
         qdir = self._existing_qdir(queue)
+        return self._counts(qdir).rewrite()
+
+    @staticmethod
+    def _counts(qdir: Path) -> Counts:
+        """The counts cache of the queue in ``qdir``, able to rebuild itself from the tree."""
 
         def walk() -> dict[str, int]:
             counts = dict.fromkeys(COUNT_KEYS, 0)
@@ -630,7 +635,7 @@ class FsStore:
                     counts[_count_key(st, acked)] += 1
             return counts
 
-        return Counts(qdir / "counts").rewrite(walk)
+        return Counts(qdir / "counts", walk)
 
     def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
         validate_attachment_name(name)
@@ -703,7 +708,7 @@ class FsStore:
                 os.close(hfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
-        Counts(qdir / "counts").add({_count_key(src, acked): -1, str(dst): 1})
+        self._counts(qdir).add({_count_key(src, acked): -1, str(dst): 1})
         m.history.append(entry)
         return m
 
@@ -743,7 +748,7 @@ class FsStore:
             raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
         except OSError as e:
             raise durable.storage_error(e, f"cannot delete {queue}/{msg_id}") from None
-        Counts(qdir / "counts").add({_count_key(state, acked): -1})
+        self._counts(qdir).add({_count_key(state, acked): -1})
         shutil.rmtree(trash, ignore_errors=True)
 
     def ack_errs(self, queue: str) -> int:
