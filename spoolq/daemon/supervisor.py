@@ -117,6 +117,7 @@ class Daemon:
         self._watch(self.store.qroot, "root", None, 0)
         for path in self.store.sweep_root():
             log.info("removed %s, a queue whose creator died half-way", path)
+        log.info("spool %s is on %s", self.root, durable.fs_description(self.root))
         for name in self.store.queues():
             try:
                 self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true

@@ -290,7 +290,9 @@ class FsStore:
             self._publish_at(stage, qdir / str(state), m.msg_id, buckets, sync)
             stage, published = None, True
             if sync:
-                durable.fsync_fd(buckets[m.msg_id[:16]])  # the rename
+                # The rename: its new entry, then (where renames are not atomic on disk) its
+                # removal from .tmp, else e2fsck may keep the .tmp entry (durable.py).
+                durable.fsync_after_rename(buckets[m.msg_id[:16]], f"{qdir}/.tmp", dev=sst.st_dev)
         except OSError as e:
             if published:  # visible, but maybe not durable: withdraw it
                 shutil.rmtree(message_path(qdir, state, m.msg_id), ignore_errors=True)
@@ -344,6 +346,8 @@ class FsStore:
             if sync:
                 for fd in buckets.values():
                     durable.fsync_fd(fd)
+                if durable.rename_needs_source_sync(batch):
+                    durable.fsync_fd(bfd)  # the renames' source: the batch directory (durable.py)
         except (OSError, SpoolqError) as e:
             # All or nothing: withdraw what was already published (the batch dir goes below).
             for msg_id in published:
@@ -396,7 +400,7 @@ class FsStore:
                 durable.makedirs(bucket, state_dir, sync=sync)
         raise StorageError(f"cannot create bucket directory {bucket}")
 
-    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool, *, fsync_parent: bool = True) -> None:
+    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool) -> None:
         """Rename ``src`` to ``dst``, creating its bucket directories as needed.
 
         A janitor may remove an empty bucket between our mkdir and our rename: ENOENT on the
@@ -417,9 +421,10 @@ class FsStore:
                 raise
         else:
             raise StorageError(f"cannot create bucket directory {dst.parent}")
-        # rename is one journal transaction: fsync of the destination directory commits it.
-        if sync and fsync_parent:
-            durable.fsync_dir(dst.parent)
+        # On a journaling filesystem the rename is one transaction, which the fsync of the
+        # destination directory commits; elsewhere the source directory is fsync'd as well.
+        if sync:
+            durable.fsync_after_rename(dst.parent, src.parent)
 
     def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
         qdir = self._existing_qdir(queue)
@@ -743,7 +748,7 @@ class FsStore:
         try:
             os.rename(path, trash)  # I2 again: it disappears in one step
             if self.queue_config(queue).fsync:
-                durable.fsync_dir(path.parent)
+                durable.fsync_after_rename(trash.parent, path.parent)  # .tmp, then the bucket
         except FileNotFoundError:
             raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
         except OSError as e:
