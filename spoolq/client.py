@@ -6,7 +6,6 @@ thin. A message is named by a :class:`~spoolq.ids.MessageRef`, a full id URL or 
 
 from __future__ import annotations
 
-import builtins
 import math
 import os
 import signal
@@ -28,7 +27,7 @@ from .model import (
     QueueConfig,
     State,
 )
-from .store import AttachmentSource, FsStore, Store, open_store
+from .store import AttachmentSource, FsStore, Store, SweepResult, open_store
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -413,9 +412,17 @@ class Client:
         returns how many."""
         return self.store.ack_errs(queue)
 
-    def sweep(self, queue: str) -> builtins.list[str]:
-        """Remove debris of dead producers and empty old buckets; returns what went."""
+    def sweep(self, queue: str) -> SweepResult:
+        """Remove debris of dead producers and empty old buckets, and put complete messages a
+        crash left in staging into their state (at-least-once); returns what it did."""
         return self.store.sweep(queue)
+
+    def recover_lost_found(self, path: str | os.PathLike[str] | None = None) -> SweepResult:
+        """Put back the message directories that e2fsck moved into ``path`` (default: the
+        ``lost+found`` of the spool's filesystem) after a power cut; filesystem store only."""
+        if not isinstance(self.store, FsStore):
+            raise InvalidInput("lost+found recovery needs a filesystem store")
+        return self.store.recover_lost_found(path)
 
 
 def _delay(value: Any) -> float:

@@ -580,7 +580,7 @@ def test_sweep(cli: Cli, q: str, root: Path) -> None:
     r = cli.json("sweep", q)
     assert r["queue"] == q and str(debris) in r["removed"]
     assert not debris.exists()
-    assert cli("sweep", q).stdout.strip().endswith("0 removed")
+    assert cli("sweep", q).stdout.strip().endswith("0 removed, 0 recovered")
     assert cli("sweep", "nosuch").returncode == exitcodes.NOT_FOUND
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -219,10 +220,100 @@ def test_sweep_removes_debris_of_dead_producers(fs: FsStore) -> None:
     dead.mkdir()
     (dead / "msg").write_text("{half")
     os.utime(dead, (0, 0))
+    empty = tmp / "999999999.1.abc"  # a 0-byte msg: an "fsync": false send cut by a power loss
+    empty.mkdir()
+    (empty / "msg").write_bytes(b"")
+    os.utime(empty, (0, 0))
     mine = tmp / f"{os.getpid()}.0.live"  # a live producer's stage must survive
     mine.mkdir()
-    removed = fs.sweep("q")
-    assert str(dead) in removed and not dead.exists() and mine.exists()
+    res = fs.sweep("q")
+    assert str(dead) in res.removed and str(empty) in res.removed and res.recovered == []
+    assert not dead.exists() and not empty.exists() and mine.exists()
+    assert visible_messages(fs) == []
+
+
+def _stage_by_hand(fs: FsStore, name: str, state: State = State.QUE) -> tuple[Path, str]:
+    """A complete staged message, as a producer that died between its fsync and its rename
+    (or e2fsck keeping only the .tmp entry after a power cut) leaves it."""
+    tmp = fs.qroot / "q" / ".tmp"
+    m = fs.create("q", Message.from_dict({"param1": name}), state=state)
+    src = fs.message_dir("q", m.msg_id)
+    stage = tmp / name
+    os.rename(src, stage)
+    fs.recount("q")
+    os.utime(stage, (0, 0))
+    return stage, m.msg_id
+
+
+def test_sweep_puts_complete_staged_messages_into_their_state(fs: FsStore) -> None:
+    stage, msg_id = _stage_by_hand(fs, "999999999.0.abc")
+    prep_stage, prep_id = _stage_by_hand(fs, "999999999.1.abc", State.PREP)
+    assert visible_messages(fs) == [] and fs.counts("q")["que"] == 0
+    # A send_many batch: its subdirectories are the messages.
+    batch = fs.qroot / "q" / ".tmp" / "999999999.2.abc"
+    batch.mkdir()
+    ids = []
+    for i, m in enumerate(fs.create_many("q", [Message.from_dict({"param1": f"b{i}"}) for i in range(3)])):
+        os.rename(fs.message_dir("q", m.msg_id), batch / str(i))
+        ids.append(m.msg_id)
+    (batch / "3").mkdir()  # not written yet when the producer died
+    os.utime(batch, (0, 0))
+    fs.recount("q")
+    res = fs.sweep("q")
+    assert sorted(res.recovered) == sorted([f"q/{i} -> que (recovered from .tmp)" for i in (msg_id, *ids)]
+                                           + [f"q/{prep_id} -> prep (recovered from .tmp)"])
+    assert fs.get("q", msg_id).state == State.QUE and fs.get("q", prep_id).state == State.PREP
+    assert fs.get("q", msg_id).message.history[-1]["note"] == "recovered from .tmp"
+    assert all(fs.get("q", i).message.param1 == f"b{n}" for n, i in enumerate(ids))
+    assert list((fs.qroot / "q" / ".tmp").iterdir()) == []
+    assert fs.counts("q")["que"] == 4 and fs.counts("q")["prep"] == 1
+    # A second directory of a message that is stored already (e2fsck can make one) is not a
+    # second message, and is not deleted either: it may share files with the stored one.
+    stale = fs.qroot / "q" / ".tmp" / "999999999.3.abc"
+    shutil.copytree(fs.message_dir("q", msg_id), stale)
+    os.utime(stale, (0, 0))
+    res = fs.sweep("q")
+    assert res.recovered == [] and len(res.problems) == 1 and "stored already" in res.problems[0]
+    assert not stale.exists() and len(visible_messages(fs)) == 5
+    (aside,) = (fs.qroot / "q" / "corrupt").iterdir()
+    assert aside.name.startswith(f".tmp.{msg_id}.") and "stored already" in (aside / "CORRUPT").read_text()
+
+
+def test_lost_found_message_directories_go_back_to_their_queue(fs: FsStore, tmp_path: Path) -> None:
+    lf = tmp_path / "lost+found"
+    lf.mkdir()
+    done = fs.create("q", Message.from_dict({"param1": "done"}))
+    fs.move("q", done.msg_id, State.QUE, State.RUN)
+    fs.move("q", done.msg_id, State.RUN, State.DONE)
+    running = fs.create("q", Message.from_dict({"param1": "running"}))
+    fs.move("q", running.msg_id, State.QUE, State.RUN)
+    old = fs.create("q", Message.from_dict({"param1": "old", "dest": "http://h:1/q/q/"}))
+    # e2fsck names what it reconnects after the inode: #<ino>. A bucket can lose its entry too.
+    os.rename(fs.message_dir("q", done.msg_id), lf / f"#{done.msg_id.rsplit('.', 1)[1]}")
+    os.rename(fs.message_dir("q", running.msg_id), lf / "#2")
+    bucket = lf / "#3"
+    bucket.mkdir()
+    os.rename(fs.message_dir("q", old.msg_id), bucket / old.msg_id)
+    msg = json.loads((bucket / old.msg_id / "msg").read_bytes())
+    msg["history"][0].pop("queue")  # a message written before the queue was recorded: dest tells
+    (bucket / old.msg_id / "msg").write_text(json.dumps(msg))
+    other = lf / "#4"  # a message of a queue this root does not have
+    other.mkdir()
+    (other / "msg").write_text(json.dumps({**msg, "msg_id": "20200101.0000.00.000.9", "dest": "elsewhere",
+                                           "history": [{"state": "que", "at": 1, "queue": "elsewhere"}]}))
+    (lf / "#5").mkdir()  # not a message: left alone, unreported
+    fs.recount("q")
+    res = fs.recover_lost_found(lf)
+    assert sorted(res.recovered) == sorted([f"q/{done.msg_id} -> done (recovered from lost+found)",
+                                            f"q/{running.msg_id} -> que (recovered from lost+found)",
+                                            f"q/{old.msg_id} -> que (recovered from lost+found)"])
+    assert len(res.problems) == 1 and "not in this root" in res.problems[0]
+    assert fs.recover_lost_found(lf).recovered == []  # idempotent
+    assert fs.get("q", done.msg_id).state == State.DONE  # the last state its history names
+    assert fs.get("q", running.msg_id).state == State.QUE  # run: only the daemon puts messages there
+    assert fs.get("q", old.msg_id).state == State.QUE
+    assert sorted(p.name for p in lf.iterdir()) == ["#4", "#5"]
+    assert fs.counts("q") == fs.recount("q")
 
 
 def test_same_file_attached_twice_and_partial_attachments(fs: FsStore, tmp_path: Path) -> None:
@@ -237,7 +328,7 @@ def test_same_file_attached_twice_and_partial_attachments(fs: FsStore, tmp_path:
     (adir / ".big.bin.999999999.tmp").write_bytes(b"half")  # its writer (no such pid) died
     os.utime(adir / ".big.bin.999999999.tmp", (0, 0))  # and more than a second ago
     (adir / f".other.bin.{os.getpid()}.tmp").write_bytes(b"in progress")  # a live writer's
-    assert str(adir / ".big.bin.999999999.tmp") in fs.sweep("q")
+    assert str(adir / ".big.bin.999999999.tmp") in fs.sweep("q").removed
     assert sorted(p.name for p in adir.glob(".*.tmp")) == [f".other.bin.{os.getpid()}.tmp"]
     fs.commit("q", m.msg_id)  # a committed message keeps no partial attachment
     adir = fs.message_dir("q", m.msg_id) / "attach"

@@ -8,10 +8,9 @@ one state, moves only along :data:`spoolq.model.TRANSITIONS`, and every move is 
 
 from __future__ import annotations
 
-import builtins
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -31,6 +30,16 @@ class AttachmentSource:
     name: str | None = None
     path: str | None = None
     stream: BinaryIO | None = None
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: debris removed, messages put back into a state, and what it left
+    alone for a person to look at (each a line of text)."""
+
+    removed: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 def attachment_name(src: AttachmentSource) -> str:
@@ -184,5 +193,6 @@ class Store(Protocol):
     def recount(self, queue: str) -> dict[str, int]:
         """Recompute the counts from the messages themselves (after a crash or by hand)."""
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
-        """Remove debris of dead producers and empty buckets; returns what was removed."""
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
+        """Remove debris of dead producers and empty buckets, and put complete messages that
+        a crash left in staging into their state; returns what it did."""

@@ -49,9 +49,10 @@ from ..model import (
     search_text,
 )
 from .attachments import add_attachment
-from .base import AttachmentSource, check_attachment_names
-from .debris import is_debris, remove_partial
+from .base import AttachmentSource, SweepResult, check_attachment_names
+from .debris import remove_partial
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
+from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
 
 CHUNK = 1024 * 1024
 # Order in which locate() looks for a message: the common states of a live message first.
@@ -246,7 +247,9 @@ class FsStore:
             m.due = now
         if not m.dest:
             m.dest = queue
-        m.history = [{"state": str(state), "at": now}]
+        # The queue is recorded so that a message directory e2fsck put in lost+found can be
+        # given back to its queue (store/sweep.py).
+        m.history = [{"state": str(state), "at": now, "queue": queue}]
         return m
 
     def create(
@@ -512,14 +515,21 @@ class FsStore:
     def _set_aside(self, queue: str, state: State, path: Path, acked: bool, why: str) -> None:
         """I7: a message whose files are unreadable is moved out of the state tree, not deleted."""
         qdir = self.qdir(queue)
-        dest = qdir / "corrupt" / f"{state}.{path.name.lstrip('.')}.{secrets.token_hex(3)}"
+        if self._move_to_corrupt(qdir, path, f"{state}.{path.name.lstrip('.')}", why):
+            self._counts(qdir).add({_count_key(state, acked): -1})
+
+    @staticmethod
+    def _move_to_corrupt(qdir: Path, path: Path, label: str, why: str) -> bool:
+        """Move the directory ``path`` to ``<q>/corrupt/<label>.<rand>`` with a ``CORRUPT``
+        note saying why, for a person to look at (I7); False if it could not be moved."""
+        dest = qdir / "corrupt" / f"{label}.{secrets.token_hex(3)}"
         try:
             (qdir / "corrupt").mkdir(exist_ok=True)
-            os.rename(path, dest)
+            durable.rename(path, dest)
             (dest / "CORRUPT").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}\n")
         except OSError:
-            return
-        Counts(qdir / "counts").add({_count_key(state, acked): -1})
+            return False
+        return True
 
     def _view(self, queue: str, state: State, path: Path, acked: bool) -> MessageView:
         m = self._read_msg(queue, state, path, acked)
@@ -774,45 +784,22 @@ class FsStore:
     def sweep_root(self, *, older_than: float = 3600.0) -> builtins.list[str]:
         """Remove ``queue/.new.<name>.<pid>.<rand>``: queues whose creator died before its
         rename (I1), once that process is gone, or older than ``older_than`` seconds."""
-        removed: list[str] = []
-        now = time.time()
-        try:
-            names = [n for n in os.listdir(self.qroot) if n.startswith(".new.")]
-        except OSError:
-            return removed
-        for n in names:
-            p = self.qroot / n
-            parts = n.split(".")  # "", "new", name, pid, rand
-            if is_debris(p, parts[3] if len(parts) == 5 else "", older_than, now):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(str(p))
-        return removed
+        return sweep_root(self, older_than)
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
-        """I6: debris of dead producers (staging dirs) goes; empty old buckets go."""
-        qdir = self._existing_qdir(queue)
-        removed: list[str] = []
-        now = time.time()
-        tmp = qdir / ".tmp"
-        for n in os.listdir(tmp) if tmp.is_dir() else []:
-            p = tmp / n
-            if n.startswith("deleted.") or is_debris(p, n.split(".", 1)[0], older_than, now):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(str(p))
-        # Half-written attachments of messages still in prep, left by a writer that died.
-        for _, path, _ in iter_entries(qdir, State.PREP):
-            removed += remove_partial(path / "attach", older_than)
-        # Only the three bucket levels are pruned, never anything inside a message.
-        for st in State:
-            sdir = qdir / str(st)
-            for day in _listdir(sdir):
-                for hm in _listdir(sdir / day):
-                    for ss in _listdir(sdir / day / hm):
-                        if _rmdir_if_stale(sdir / day / hm / ss, now):
-                            removed.append(str(sdir / day / hm / ss))
-                    _rmdir_if_stale(sdir / day / hm, now)
-                _rmdir_if_stale(sdir / day, now)
-        return removed
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
+        """I6: complete staged messages of dead producers go into their state, the rest of
+        their debris goes, empty old buckets go (store/sweep.py)."""
+        return sweep_queue(self, queue, older_than)
+
+    def recover_lost_found(self, lost_found: str | os.PathLike[str] | None = None) -> SweepResult:
+        """I10: put back message directories that e2fsck moved to ``lost_found`` (default:
+        ``lost+found`` at the top of the spool's filesystem), see store/sweep.py."""
+        if lost_found is None:
+            try:
+                lost_found = lost_found_of(self.root)
+            except OSError:
+                return SweepResult()
+        return recover_lost_found(self, Path(lost_found))
 
 
 def _job_status(path: Path) -> str:
@@ -834,24 +821,6 @@ def _read_file(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return [n for n in os.listdir(path) if n.isdigit()]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _rmdir_if_stale(path: Path, now: float) -> bool:
-    """Remove an empty bucket not touched for a minute (ENOTEMPTY keeps a busy one)."""
-    try:
-        if now - path.stat().st_mtime < 60:
-            return False
-        path.rmdir()
-        return True
-    except OSError:
-        return False
 
 
 def _json(obj: Any, indent: int | None = None) -> bytes:
