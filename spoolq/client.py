@@ -75,7 +75,7 @@ Ref = MessageRef | Receipt | str
 def _attachment(a: AttachmentLike) -> AttachmentSource:
     if isinstance(a, AttachmentSource):
         if a.path is not None and not os.path.isabs(a.path):
-            return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream)
+            return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream, link=a.link)
         return a
     return AttachmentSource(path=os.path.abspath(os.fspath(a)))
 
@@ -213,8 +213,9 @@ class Client:
         (numbers are turned into text); ``params`` is free JSON; ``due`` (epoch seconds) or
         ``delay`` (seconds from now) hold it back; ``max_count`` defaults to the queue's;
         also ``src``, ``dest``, ``post_run_webhook``, ``orig_msg_id``, ``count``. An unknown
-        field is an InvalidMessage. ``attachments`` are paths (hard linked on the same
-        filesystem, copied otherwise) or :class:`AttachmentSource`. Raises QueueNotFound,
+        field is an InvalidMessage. ``attachments`` are paths (copied: a reflink where the
+        filesystem can) or :class:`AttachmentSource` (``link=True`` hard-links a file you
+        will not change in place). Raises QueueNotFound,
         QueueDown, InvalidMessage, TooLarge, DiskFull or StorageError; on any error nothing
         is stored.
         """
@@ -247,12 +248,13 @@ class Client:
         return self.receipt(queue, self.store.create(queue, m, state=State.PREP).msg_id)
 
     def attach(self, ref: Ref, path: str | os.PathLike[str] | None = None, *, name: str | None = None,
-               stream: BinaryIO | None = None) -> AttachmentInfo:
-        """Attach a file (``path``, hard linked or copied) or a ``stream`` under ``name``
-        (default: the file's basename) to a message in prep; returns its md5, sha256, size."""
+               stream: BinaryIO | None = None, link: bool = False) -> AttachmentInfo:
+        """Attach a file (``path``, copied; hard-linked with ``link=True``, see
+        :class:`AttachmentSource`) or a ``stream`` under ``name`` (default: the file's
+        basename) to a message in prep; returns its md5, sha256, size."""
         r = self.ref(ref)
         src = AttachmentSource(name=name, path=os.path.abspath(os.fspath(path)) if path is not None else None,
-                               stream=stream)
+                               stream=stream, link=link)
         return self.store.attach(r.queue, r.msg_id, src)
 
     def commit(self, ref: Ref) -> None:

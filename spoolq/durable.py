@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -323,6 +324,23 @@ def _fsync_path_or_fd(d: str | os.PathLike[str] | int) -> None:
         fsync_fd(d)
     else:
         fsync_dir(d)
+
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): share the source's extents (reflink)
+
+
+def clone_file(src_fd: int, dst_fd: int) -> bool:
+    """Make ``dst_fd`` a reflink copy of ``src_fd`` (ioctl FICLONE): no data is copied, the
+    extents are shared copy-on-write (btrfs, xfs with reflink, bcachefs...). False where the
+    filesystem cannot (the caller copies instead); a real failure (ENOSPC, EIO) raises."""
+    _check("write")
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+        return False  # EOPNOTSUPP, EXDEV (other fs), EINVAL, ENOTTY, EPERM...
+    return True
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:

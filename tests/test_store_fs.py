@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -83,13 +84,22 @@ def test_config_edited_by_hand_is_picked_up(fs: FsStore) -> None:
     assert fs.queue_config("q").num_workers == 9
 
 
-def test_same_filesystem_attachments_are_hard_links(fs: FsStore, tmp_path: Path) -> None:
+def test_attachments_are_copies_unless_a_link_is_asked_for(fs: FsStore, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
-    src.write_bytes(os.urandom(100_000))
+    data = os.urandom(100_000)
+    src.write_bytes(data)
     m = fs.create("q", Message(), attachments=[AttachmentSource(path=str(src))])
     stored = Path(fs.get("q", m.msg_id).attachments["big.bin"].path)
-    assert stored.stat().st_ino == src.stat().st_ino
-    assert src.stat().st_nlink == 2
+    assert stored.stat().st_ino != src.stat().st_ino and src.stat().st_nlink == 1
+    with open(src, "r+b") as f:  # the source rewritten in place after the send
+        f.write(b"changed")
+    assert stored.read_bytes() == data  # the message keeps what was sent
+    meta = json.loads((stored.parent / ".big.bin.json").read_bytes())
+    assert meta == {"md5": hashlib.md5(data).hexdigest(), "sha256": hashlib.sha256(data).hexdigest(),
+                    "size": len(data)}  # and no path: the directory moves from state to state
+    linked = fs.create("q", Message(), attachments=[AttachmentSource(path=str(src), link=True)])
+    stored = Path(fs.get("q", linked.msg_id).attachments["big.bin"].path)
+    assert stored.stat().st_ino == src.stat().st_ino and src.stat().st_nlink == 2
 
 
 def test_corrupt_msg_is_reported_and_set_aside(fs: FsStore) -> None:
@@ -322,8 +332,9 @@ def test_same_file_attached_twice_and_partial_attachments(fs: FsStore, tmp_path:
     with pytest.raises(InvalidInput, match="two attachments named"):
         fs.create("q", Message(), attachments=[AttachmentSource(path=str(f)), AttachmentSource(path=str(f))])
     m = fs.create("q", Message(), state=State.PREP)
-    fs.attach("q", m.msg_id, AttachmentSource(path=str(f)))
-    fs.attach("q", m.msg_id, AttachmentSource(path=str(f)))  # same inode again: no .tmp left behind
+    fs.attach("q", m.msg_id, AttachmentSource(path=str(f), link=True))
+    fs.attach("q", m.msg_id, AttachmentSource(path=str(f), link=True))  # same inode again: no .tmp left
+    fs.attach("q", m.msg_id, AttachmentSource(path=str(f)))  # and a copy over the link
     adir = fs.message_dir("q", m.msg_id) / "attach"
     (adir / ".big.bin.999999999.tmp").write_bytes(b"half")  # its writer (no such pid) died
     os.utime(adir / ".big.bin.999999999.tmp", (0, 0))  # and more than a second ago

@@ -23,13 +23,18 @@ from ..model import AdminState, AttachmentInfo, ListPage, Message, MessageView, 
 class AttachmentSource:
     """An attachment to add: a local file (``path``) or a readable binary stream (``stream``).
 
-    ``name`` defaults to the file's basename. A file on the spool's filesystem is hard-linked
-    (no copy); anything else is copied. Either way md5, sha256 and size are recorded.
+    ``name`` defaults to the file's basename. A file is copied, so rewriting it later cannot
+    change the message (a reflink where the filesystem can share extents, btrfs or xfs with
+    reflink: no data is copied then). ``link=True`` hard-links a file on the spool's
+    filesystem instead (copied elsewhere): the caller promises never to change it in place,
+    since the message would change with it and no longer match its recorded md5. Either way
+    md5, sha256 and size are recorded.
     """
 
     name: str | None = None
     path: str | None = None
     stream: BinaryIO | None = None
+    link: bool = False
 
 
 @dataclass

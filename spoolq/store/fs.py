@@ -768,17 +768,26 @@ class FsStore:
 
     def ack_errs(self, queue: str) -> int:
         qdir = self._existing_qdir(queue)
+        sync = self.queue_config(queue).fsync
         n = 0
-        for msg_id, path, acked in list(iter_entries(qdir, State.ERR)):
-            if acked:
-                continue
-            try:
-                os.rename(path, path.with_name("." + msg_id))
+        buckets: dict[Path, None] = {}
+        try:
+            for msg_id, path, acked in list(iter_entries(qdir, State.ERR)):
+                if acked:
+                    continue
+                try:
+                    os.rename(path, path.with_name("." + msg_id))  # a rename within its bucket
+                except FileNotFoundError:
+                    continue
                 n += 1
-            except FileNotFoundError:
-                continue
-        if n:
-            Counts(qdir / "counts").add({"err": -n, "err_acked": n})
+                buckets[path.parent] = None
+            if sync:
+                durable.fsync_dirs(buckets)  # each bucket once: every rename in it is durable
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot acknowledge the errors of {queue}") from None
+        finally:
+            if n:
+                self._counts(qdir).add({"err": -n, "err_acked": n})
         return n
 
     def sweep_root(self, *, older_than: float = 3600.0) -> builtins.list[str]:
