@@ -11,7 +11,8 @@ state it may be in, exactly once, with its fields, and no message may be left in
 
 * send scenario: producers send single messages, messages with an attachment, batches
   (``send --from-file``) and two-phase messages (``send --prep`` then ``commit``) to a
-  paused queue;
+  paused queue, and single messages to an ``"fsync": false`` queue, of which only
+  consistency is checked (docs/internals.md, "What "fsync": false can lose");
 * move scenario: a real ``spoolq serve`` runs a script over the queue while producers send,
   so messages move que -> run -> done all the time (the daemon's unsynced and group-committed
   renames); an acknowledged message may be in any state afterwards, never nowhere.
@@ -37,6 +38,7 @@ import pytest
 from conftest import SPOOLQ
 from daemon_util import Served, wait_for
 
+import spoolq
 from spoolq.model import State
 
 COPIES = 3  # power cuts per filesystem and scenario
@@ -150,9 +152,12 @@ def producers(w: Writers, acks: Acks, stop: threading.Event, attach_src: Path,
         if w.spoolq("commit", f"q/{msg_id}")[0] == 0:
             acks.add(msg_id, f"prep-{i}", que)
 
+    def no_fsync(i: int) -> None:  # an "fsync": false queue: nothing is promised but consistency
+        w.spoolq("send", "nf", "--param1", f"nf-{i}")
+
     bodies: dict[str, Callable[[int], None]] = {
         "single": single("single"), "attach": single("attach"), "batch": batch, "prep": two_phase,
-        "moving": single("moving"),
+        "moving": single("moving"), "nofsync": no_fsync,
     }
 
     def loop(body: Callable[[int], None]) -> None:
@@ -182,6 +187,22 @@ def stored_messages(root: Path) -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+def check_no_fsync_queue(root: Path) -> str:
+    """What docs/internals.md promises of an "fsync": false queue after a power cut: its
+    last messages may be gone, and one whose ``msg`` had not reached the disk is set aside
+    in corrupt/ when read; never half a message shown, never a crash."""
+    client = spoolq.open(root)
+    shown = aside = 0
+    for st in State:
+        page = client.list("nf", st, limit=10000)
+        assert all(v.message.param1.startswith("nf-") for v in page.items), page.items
+        assert all("set aside" in p for p in page.problems), page.problems
+        shown += len(page.items)
+        aside += len(page.problems)
+        assert client.list("nf", st, limit=10000).problems == []  # set aside once, then gone
+    return f"no-fsync queue: {shown} listed, {aside} set aside"
+
+
 def check_copy(kind: loopfs.FsKind, image: Path, work: Path, n: int,
                acked: dict[str, tuple[str, frozenset[str]]], report: list[str]) -> None:
     """Repair, mount and recover the copy ``image``; every message in ``acked`` must be there."""
@@ -201,9 +222,10 @@ def check_copy(kind: loopfs.FsKind, image: Path, work: Path, n: int,
                 problems.append(f"{msg_id} ({param1}): acked, may be in {sorted(states)}, found {where}")
         left = loopfs.message_dirs_in(mnt / "lost+found")
         put_back = daemon.log().count("put back ") + daemon.log().count("set aside in ")
+        nf = check_no_fsync_queue(root) if (root / "queue" / "nf").is_dir() else ""
         report.append(f"{kind.name} copy {n}: {len(acked)} acked, {len(orphans)} message dir(s) in "
                       f"lost+found after fsck, {put_back} put back or set aside by recovery, {len(left)} left in "
-                      f"lost+found, {len(problems)} missing or misplaced")
+                      f"lost+found, {len(problems)} missing or misplaced; {nf}")
         assert not problems and not left, (
             f"{kind.name}, copy {n}: {len(problems)} of {len(acked)} acked messages lost or misplaced; "
             f"message dirs left in lost+found: {[str(p) for p in left]}\n" + "\n".join(problems)
@@ -231,9 +253,11 @@ def power_cuts(kind_name: str, scenario: str, tmp_path: Path, seed: int) -> None
             assert w.spoolq("queue", "create", "q", "--script", str(script), "--workers", "2")[0] == 0, w.errors
             if scenario == "send":
                 assert w.spoolq("queue", "pause", "q")[0] == 0, w.errors  # recovery must not run them
+                assert w.spoolq("queue", "create", "nf", "--script", str(script), "--no-fsync")[0] == 0, w.errors
+                assert w.spoolq("queue", "pause", "nf")[0] == 0, w.errors
                 attach_src = mnt / "attach.bin"
                 attach_src.write_bytes(os.urandom(3000) * 7)
-                kinds: tuple[str, ...] = ("single", "attach", "batch", "prep")
+                kinds: tuple[str, ...] = ("single", "attach", "batch", "prep", "nofsync")
             else:
                 attach_src = tmp_path / "unused"
                 daemon = Served(root).start()
