@@ -3,7 +3,8 @@
 # the chosen task needs. Safe to run again: each step is skipped when already done.
 #
 #   scripts/bootstrap.sh run     the daemon's needs (Python packages)
-#   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby (script tests)
+#   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby (script tests),
+#                                xfsprogs and e2fsprogs (power-cut tests on loop-mounted images)
 #   scripts/bootstrap.sh bench   + redis-server and the peers benchmarked against
 set -euo pipefail
 mode=${1:-run}
@@ -56,6 +57,6 @@ if [ ! -f "$stamp" ]; then
 fi
 
 case "$mode" in
-  test) apt_install chromium ruby ;;
+  test) apt_install chromium ruby xfsprogs e2fsprogs ;;  # xfsprogs, e2fsprogs: tests/test_powercut.py
   bench) apt_install redis-server ;;
 esac

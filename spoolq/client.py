@@ -29,7 +29,7 @@ from .model import (
     QueueConfig,
     State,
 )
-from .store import AttachmentSource, FsStore, Store, open_store
+from .store import AttachmentSource, FsStore, Store, SweepResult, open_store
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -77,7 +77,7 @@ Ref = MessageRef | Receipt | str
 def _attachment(a: AttachmentLike) -> AttachmentSource:
     if isinstance(a, AttachmentSource):
         if a.path is not None and not os.path.isabs(a.path):
-            return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream)
+            return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream, link=a.link)
         return a
     return AttachmentSource(path=os.path.abspath(os.fspath(a)))
 
@@ -215,8 +215,9 @@ class Client:
         (numbers are turned into text); ``params`` is free JSON; ``due`` (epoch seconds) or
         ``delay`` (seconds from now) hold it back; ``max_count`` defaults to the queue's;
         also ``src``, ``dest``, ``post_run_webhook``, ``orig_msg_id``, ``count``. An unknown
-        field is an InvalidMessage. ``attachments`` are paths (hard linked on the same
-        filesystem, copied otherwise) or :class:`AttachmentSource`. Raises QueueNotFound,
+        field is an InvalidMessage. ``attachments`` are paths (copied: a reflink where the
+        filesystem can) or :class:`AttachmentSource` (``link=True`` hard-links a file you
+        will not change in place). Raises QueueNotFound,
         QueueDown, InvalidMessage, TooLarge, DiskFull or StorageError; on any error nothing
         is stored.
         """
@@ -249,12 +250,13 @@ class Client:
         return self.receipt(queue, self.store.create(queue, m, state=State.PREP).msg_id)
 
     def attach(self, ref: Ref, path: str | os.PathLike[str] | None = None, *, name: str | None = None,
-               stream: BinaryIO | None = None) -> AttachmentInfo:
-        """Attach a file (``path``, hard linked or copied) or a ``stream`` under ``name``
-        (default: the file's basename) to a message in prep; returns its md5, sha256, size."""
+               stream: BinaryIO | None = None, link: bool = False) -> AttachmentInfo:
+        """Attach a file (``path``, copied; hard-linked with ``link=True``, see
+        :class:`AttachmentSource`) or a ``stream`` under ``name`` (default: the file's
+        basename) to a message in prep; returns its md5, sha256, size."""
         r = self.ref(ref)
         src = AttachmentSource(name=name, path=os.path.abspath(os.fspath(path)) if path is not None else None,
-                               stream=stream)
+                               stream=stream, link=link)
         return self.store.attach(r.queue, r.msg_id, src)
 
     def commit(self, ref: Ref) -> None:
@@ -425,9 +427,17 @@ class Client:
         returns how many."""
         return self.store.ack_errs(queue)
 
-    def sweep(self, queue: str) -> builtins.list[str]:
-        """Remove debris of dead producers and empty old buckets; returns what went."""
+    def sweep(self, queue: str) -> SweepResult:
+        """Remove debris of dead producers and empty old buckets, and put complete messages a
+        crash left in staging into their state (at-least-once); returns what it did."""
         return self.store.sweep(queue)
+
+    def recover_lost_found(self, path: str | os.PathLike[str] | None = None) -> SweepResult:
+        """Put back the message directories that e2fsck moved into ``path`` (default: the
+        ``lost+found`` of the spool's filesystem) after a power cut; filesystem store only."""
+        if not isinstance(self.store, FsStore):
+            raise InvalidInput("lost+found recovery needs a filesystem store")
+        return self.store.recover_lost_found(path)
 
 
 def _state(state: State | str) -> State:

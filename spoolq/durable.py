@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -181,7 +182,10 @@ _libc: ctypes.CDLL | None = None
 #    commits 14ece1028b3e and 0893ed458b4b);
 #  * btrfs: fsync of a new inode logs its new ancestors (btrfs_log_inode_parent).
 # Elsewhere (NFS, ZFS, tmpfs, FUSE, unknown) spoolq fsyncs the directory as well.
-NEW_NAME_DURABLE_FS = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
+EXT4_MAGIC = 0xEF53
+XFS_MAGIC = 0x58465342
+BTRFS_MAGIC = 0x9123683E
+NEW_NAME_DURABLE_FS = {EXT4_MAGIC: "ext2/3/4", XFS_MAGIC: "xfs", BTRFS_MAGIC: "btrfs"}
 _fs_magic: dict[int, int] = {}
 
 
@@ -217,6 +221,128 @@ def new_names_durable_with_file(path: str | os.PathLike[str], dev: int | None = 
         return False
 
 
+# Does a rename need its source directory fsync'd as well as its destination?
+#
+# On a journaling filesystem a rename is one transaction: the new entry, the removal of the
+# old one, the moved directory's ".." and both parents' link counts commit together, so the
+# fsync of either directory makes all of it durable, and after a crash the entry is in one
+# place or the other (I4). That holds for ext4 with a journal, xfs and btrfs.
+#
+# ext4 without a journal (and ext2, ext3 mounted by their own drivers) writes each directory
+# block on its own. fsync of the destination writes the new entry but not the source's
+# removal: after a power cut e2fsck finds two entries for one directory, keeps the first it
+# meets (often the one in .tmp) and clears the other. Had the removal reached the disk
+# without the new entry, e2fsck would find no entry at all and move the directory to
+# lost+found. So there spoolq fsyncs the source directory too, after the destination, before
+# "ok": both entries are then durable and nothing is left for e2fsck to choose. The moved
+# directory's own ".." and the parents' link counts are not made durable: e2fsck derives
+# them from the entries it keeps (pass 3 rewrites "..", pass 4 recounts links), so they
+# cannot lose a message. Unknown filesystems are treated the same way (unsafe).
+_rename_safe: dict[int, bool] = {}
+
+
+def _sysfs_block_name(dev: int) -> str | None:
+    """The kernel's name of block device ``dev`` (``vda``, ``dm-0``, ``loop3``), or None."""
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/uevent") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return line.strip().split("=", 1)[1].replace("/", "!")  # as in sb->s_id
+    except OSError:
+        return None
+    return None
+
+
+def ext4_has_journal(dev: int) -> bool | None:
+    """Is the ext4 filesystem on device ``dev`` journaled? None when it cannot be told (not
+    mounted by the ext4 driver, no sysfs): callers treat that as "no"."""
+    name = _sysfs_block_name(dev)
+    if name is None:
+        return None
+    try:
+        with open(f"/sys/fs/ext4/{name}/journal_task") as f:
+            return f.read().strip() not in ("", "<none>")  # the jbd2 thread's pid, or <none>
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    if os.path.isdir(f"/sys/fs/ext4/{name}") and os.path.isdir(f"/proc/fs/jbd2/{name}-8"):
+        return True  # a kernel without journal_task; the journal's jbd2 entry is there
+    return None  # ext2/ext3 driver, an external journal, or an older kernel: not known
+
+
+def fs_description(path: str | os.PathLike[str], dev: int | None = None) -> str:
+    """A short name of the filesystem holding ``path`` as durability sees it: ``ext4
+    (journal)``, ``ext4 (no journal)``, ``xfs``, ``btrfs``, or ``other (0x...)``."""
+    if dev is None:
+        dev = os.stat(path).st_dev
+    magic = fs_magic(path, dev)
+    if magic == EXT4_MAGIC:
+        journal = ext4_has_journal(dev)
+        return "ext2/3/4 (journal unknown)" if journal is None else "ext4 (journal)" if journal else "ext4 (no journal)"
+    return {XFS_MAGIC: "xfs", BTRFS_MAGIC: "btrfs", 0x01021994: "tmpfs"}.get(magic, f"other (0x{magic:x})")
+
+
+def rename_needs_source_sync(path: str | os.PathLike[str], dev: int | None = None) -> bool:
+    """Must a rename on the filesystem holding ``path`` also fsync its source directory?
+
+    False on ext4 with a journal, xfs and btrfs (a rename is one transaction there); True on
+    ext4 without a journal, ext2/ext3 and every filesystem not known to be safe, and always
+    with ``SPOOLQ_FSYNC_DIRS=always``. Cached by device. The long comment above says why.
+    """
+    if os.environ.get("SPOOLQ_FSYNC_DIRS") == "always":
+        return True
+    try:
+        if dev is None:
+            dev = os.stat(path).st_dev
+        safe = _rename_safe.get(dev)
+        if safe is None:
+            magic = fs_magic(path, dev)
+            safe = magic in (XFS_MAGIC, BTRFS_MAGIC) or (magic == EXT4_MAGIC and ext4_has_journal(dev) is True)
+            _rename_safe[dev] = safe
+    except OSError:
+        return True
+    return not safe
+
+
+def fsync_after_rename(dst_dir: str | os.PathLike[str] | int, src_dir: str | os.PathLike[str] | int,
+                       *, dev: int | None = None) -> None:
+    """Make a rename from ``src_dir`` into ``dst_dir`` (paths or open fds) durable: fsync the
+    destination, then the source where :func:`rename_needs_source_sync` says so. ``dev``:
+    the filesystem's device, if the caller has it (saves a stat)."""
+    _fsync_path_or_fd(dst_dir)
+    if src_dir != dst_dir and rename_needs_source_sync(_path_of(dst_dir), dev):
+        _fsync_path_or_fd(src_dir)
+
+
+def _path_of(d: str | os.PathLike[str] | int) -> str:
+    return f"/proc/self/fd/{d}" if isinstance(d, int) else os.fspath(d)
+
+
+def _fsync_path_or_fd(d: str | os.PathLike[str] | int) -> None:
+    if isinstance(d, int):
+        fsync_fd(d)
+    else:
+        fsync_dir(d)
+
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): share the source's extents (reflink)
+
+
+def clone_file(src_fd: int, dst_fd: int) -> bool:
+    """Make ``dst_fd`` a reflink copy of ``src_fd`` (ioctl FICLONE): no data is copied, the
+    extents are shared copy-on-write (btrfs, xfs with reflink, bcachefs...). False where the
+    filesystem cannot (the caller copies instead); a real failure (ENOSPC, EIO) raises."""
+    _check("write")
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+        return False  # EOPNOTSUPP, EXDEV (other fs), EINVAL, ENOTTY, EPERM...
+    return True
+
+
 def syncfs(path: str | os.PathLike[str]) -> None:
     """Flush everything dirty on the filesystem holding ``path`` (group commit).
 
@@ -248,18 +374,22 @@ def fsync_dirs(paths: Iterable[str | os.PathLike[str]]) -> None:
 class GroupSync:
     """Directory fsyncs done by a background thread, shared by everything queued meanwhile.
 
-    The daemon renames a message out of ``run/`` and goes on at once; this thread fsyncs the
-    destination directory. While one round of fsyncs is in flight, new directories gather,
-    and the next round syncs each distinct one once: group commit with no timer, so a move
-    is durable about one device flush after it happened, and a busy daemon pays one flush
-    per bucket per round instead of one per message. A crash inside that window leaves the
-    message in ``run/`` (rename is atomic on the journaling filesystems spoolq supports),
-    and recovery runs it again: the at-least-once promise, unchanged.
+    The daemon renames a message and goes on at once; this thread fsyncs the directories the
+    rename touched. While one round of fsyncs is in flight, new directories gather, and the
+    next round syncs each distinct one once: group commit with no timer, so a move is
+    durable about one device flush after it happened, and a busy daemon pays one flush per
+    bucket per round instead of one per message. Within a round every destination is synced
+    before any source (:meth:`add_rename`), so the new entry reaches the disk first.
+
+    A crash inside that window leaves the message in its old state or its new one: rename
+    is atomic on the journaling filesystems, and on the others (ext4 without a journal)
+    e2fsck keeps one of the two entries, or, if only the removal had reached the disk, puts
+    the directory in lost+found, from where the daemon's start puts it back (docs/internals.md).
     """
 
     def __init__(self, on_error: Callable[[str, OSError], None] | None = None) -> None:
         self._cond = threading.Condition()
-        self._pending: dict[str, None] = {}
+        self._pending: dict[str, int] = {}  # directory -> 0 (a destination) or 1 (a source)
         self._queued = 0  # directories handed in so far
         self._synced = 0  # of those, how many are durable (or failed and were reported)
         self._stop = False
@@ -267,11 +397,27 @@ class GroupSync:
         self._thread = threading.Thread(target=self._run, name="spoolq-groupsync", daemon=True)
         self._thread.start()
 
-    def add(self, directory: str | os.PathLike[str]) -> None:
+    def add(self, directory: str | os.PathLike[str], *, source: bool = False) -> None:
+        """fsync ``directory`` in the next round (after every destination if ``source``)."""
+        d = os.fspath(directory)
         with self._cond:
-            self._pending[os.fspath(directory)] = None
+            self._pending[d] = min(self._pending.get(d, 1), int(source))
             self._queued += 1
             self._cond.notify_all()
+
+    def add_rename(self, src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str], *,
+                   only_where_unsafe: bool = False) -> None:
+        """Make a rename from ``src_dir`` into ``dst_dir`` durable in the next round, as
+        :func:`fsync_after_rename` would: the destination, then the source where the
+        filesystem needs it. ``only_where_unsafe``: nothing at all on a filesystem where a
+        rename is atomic on disk (the daemon's que -> run move, which may be lost there)."""
+        if not rename_needs_source_sync(dst_dir):
+            if not only_where_unsafe:
+                self.add(dst_dir)
+            return
+        self.add(dst_dir)
+        if os.fspath(src_dir) != os.fspath(dst_dir):
+            self.add(src_dir, source=True)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything added so far is fsync'd; False on timeout."""
@@ -292,7 +438,8 @@ class GroupSync:
                 self._cond.wait_for(lambda: self._pending or self._stop)
                 if not self._pending and self._stop:
                     return
-                batch, self._pending = list(self._pending), {}
+                batch = sorted(self._pending, key=self._pending.__getitem__)  # destinations first
+                self._pending = {}
                 upto = self._queued
             for d in batch:
                 try:

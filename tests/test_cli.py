@@ -363,6 +363,64 @@ def test_send_prep_with_attachment(cli: Cli, q: str, tmp_path: Path, client: spo
     assert (c["prep"], c["que"]) == (1, 0), "a refused send leaves no message, not even in prep"
 
 
+def _stored_attachment(root: Path, q: str, full_id: str, name: str) -> Path:
+    (path,) = (root / "queue" / q).glob(f"*/*/*/*/{short(full_id)}/attach/{name}")
+    return path
+
+
+def test_an_attached_file_rewritten_later_does_not_change_the_message(cli: Cli, q: str, root: Path,
+                                                                      tmp_path: Path) -> None:
+    # The audit: send --attach hard-linked a file on the spool's filesystem, so rewriting it
+    # afterwards changed the stored attachment behind its recorded md5.
+    f = tmp_path / "report.csv"
+    f.write_bytes(b"original,data\n" * 1000)
+    full_id = send(cli, q, "--attach", str(f))
+    with open(f, "r+b") as out:  # rewritten in place, as an editor or a log writer would
+        out.write(b"CHANGED")
+    stored = _stored_attachment(root, q, full_id, "report.csv")
+    assert stored.read_bytes() == b"original,data\n" * 1000 and f.stat().st_nlink == 1
+    m = cli.json("show", full_id)
+    assert m["_attachments"]["report.csv"]["md5"] == hashlib.md5(stored.read_bytes()).hexdigest()
+    # .<name>.json holds the hashes and size, no path: the directory moves between states.
+    meta = json.loads((stored.parent / ".report.csv.json").read_bytes())
+    assert sorted(meta) == ["md5", "sha256", "size"]
+
+
+def test_move_hands_attached_files_over(cli: Cli, q: str, root: Path, tmp_path: Path) -> None:
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(50_000))
+    ino = f.stat().st_ino
+    full_id = send(cli, q, "--attach", str(f), "--move")
+    assert not f.exists()  # handed over: nobody else holds the name to rewrite it
+    assert _stored_attachment(root, q, full_id, "big.bin").stat().st_ino == ino  # linked, not copied
+    g = tmp_path / "late.bin"
+    g.write_bytes(b"late")
+    prep = cli.json("send", q, "--prep")["full_id"]
+    assert cli.json("attach", prep, str(g), "--move")["md5"] == hashlib.md5(b"late").hexdigest()
+    assert not g.exists()
+    r = cli("attach", prep, "-", "--name", "x", "--move", input="x")
+    assert r.returncode == exitcodes.USAGE and "stdin" in r.stderr
+    r = cli("send", q, "--move")
+    assert r.returncode == exitcodes.USAGE and "--attach" in r.stderr
+    h = tmp_path / "kept.bin"
+    h.write_bytes(b"k")
+    assert cli("send", q, "--attach", str(h), "--attach", str(tmp_path / "missing"), "--move").returncode != 0
+    assert h.exists(), "a failed send removes nothing"
+
+
+def test_ack_errs_makes_its_renames_durable(cli: Cli, q: str, client: spoolq.Client) -> None:
+    # Each acknowledgement is a rename in its bucket; ack-errs must fsync those buckets, so
+    # a failing fsync (injected at the durable seam) must be reported, not ignored.
+    for _ in range(2):
+        r = client.send(q)
+        client.store.move(q, r.msg_id, State.QUE, State.RUN)
+        client.store.move(q, r.msg_id, State.RUN, State.ERR)
+    r = cli("ack-errs", q, env={"SPOOLQ_FAULT_INJECT": "fsync:EIO"})
+    assert r.returncode == exitcodes.STORAGE and "cannot acknowledge" in r.stderr, (r.returncode, r.stderr)
+    assert client.counts(q)["err_acked"] == 2  # the renames happened: counted as they are
+    assert cli("ack-errs", q).returncode == 0
+
+
 # -- reading ---------------------------------------------------------------------------------
 def test_show_human_and_errors(cli: Cli, q: str, tmp_path: Path) -> None:
     f = tmp_path / "att.txt"
@@ -580,7 +638,7 @@ def test_sweep(cli: Cli, q: str, root: Path) -> None:
     r = cli.json("sweep", q)
     assert r["queue"] == q and str(debris) in r["removed"]
     assert not debris.exists()
-    assert cli("sweep", q).stdout.strip().endswith("0 removed")
+    assert cli("sweep", q).stdout.strip().endswith("0 removed, 0 recovered")
     assert cli("sweep", "nosuch").returncode == exitcodes.NOT_FOUND
 
 

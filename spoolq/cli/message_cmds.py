@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..errors import InvalidInput, SpoolqError, WrongState
 from ..ids import MessageRef
 from ..model import Message, MessageView, State
+from ..store import AttachmentSource
 from . import exitcodes, output
 from .common import command, integer, key_value, number, queue_name, refs
 
@@ -40,7 +41,10 @@ def register(sub: Any) -> None:
     p.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="a named parameter in the message's params object (repeatable)")
     p.add_argument("--attach", action="append", default=[], metavar="FILE",
-                   help="attach a file (hard-linked when on the spool's filesystem; repeatable)")
+                   help="attach a copy of a file (a reflink where the filesystem can; repeatable)")
+    p.add_argument("--move", action="store_true",
+                   help="hand the --attach files over: hard-link them into the message (copy them "
+                        "from another filesystem) and remove them once the message is stored")
     p.add_argument("--due", metavar="EPOCH", help="run no earlier than this time (epoch seconds)")
     p.add_argument("--delay", metavar="SECS", help="run no earlier than SECS from now")
     p.add_argument("--src", metavar="S", default="", help="free-form source tag")
@@ -60,6 +64,9 @@ def register(sub: Any) -> None:
     p.add_argument("msg", metavar="MSG")
     p.add_argument("file", metavar="FILE", help="the file, or '-' for stdin (needs --name)")
     p.add_argument("--name", metavar="N", help="attachment name (default: the file's basename)")
+    p.add_argument("--move", action="store_true",
+                   help="hand the file over: hard-link it (copy it from another filesystem) and "
+                        "remove it once attached")
 
     p = command(sub, "commit", commit, "move a message from prep to que (idempotent)")
     p.add_argument("msg", metavar="MSG")
@@ -128,6 +135,8 @@ def _receipt_json(ctx: Ctx, queue: str, msg_id: str, **extra: Any) -> dict[str, 
 def send(args: argparse.Namespace, ctx: Ctx) -> int:
     queue = queue_name(args.queue)
     fields = _send_fields(args)
+    if args.move and not args.attach:
+        raise InvalidInput("--move hands over the --attach files: give at least one")
     if args.from_file is not None:
         return _send_lines(args, ctx, queue, fields)
     attachments = [os.path.abspath(a) for a in args.attach]
@@ -136,19 +145,32 @@ def send(args: argparse.Namespace, ctx: Ctx) -> int:
         r = client.prep(queue, **fields)
         try:
             for path in attachments:
-                client.attach(r, path)
+                client.attach(r, path, link=args.move)
         except BaseException:
             client.delete(r)  # a half-attached prep message is of no use to anyone
             raise
         state = "prep"
     else:
-        r = client.send(queue, attachments=attachments, **fields)
+        r = client.send(queue, attachments=[AttachmentSource(path=a, link=args.move) for a in attachments],
+                        **fields)
         state = "que"
+    if args.move:
+        _remove_moved(attachments)
     if ctx.json:
         ctx.emit_json(_receipt_json(ctx, queue, r.msg_id, state=state))
     else:
         ctx.out(r.full_id)
     return 0
+
+
+def _remove_moved(paths: list[str]) -> None:
+    """``--move``: the files are stored, so their old names go (as mv(1) would). A name that
+    cannot be removed is only a warning: the message holds its own link or copy."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError as e:
+            print(f"spoolq: warning: attached, but could not remove {p}: {e.strerror}", file=sys.stderr)
 
 
 def _open_input(path: str) -> tuple[BinaryIO, int | None]:
@@ -240,11 +262,15 @@ def _send_lines(args: argparse.Namespace, ctx: Ctx, queue: str, fields: dict[str
 def attach(args: argparse.Namespace, ctx: Ctx) -> int:
     (ref,) = refs([args.msg])
     if args.file == "-":
+        if args.move:
+            raise InvalidInput("--move hands over a file: stdin ('-') cannot be moved")
         if not args.name:
             raise InvalidInput("attaching stdin ('-') needs --name")
         info = ctx.client.attach(ref, name=args.name, stream=sys.stdin.buffer)
     else:
-        info = ctx.client.attach(ref, args.file, name=args.name)
+        info = ctx.client.attach(ref, args.file, name=args.name, link=args.move)
+        if args.move:
+            _remove_moved([args.file])
     full_id = ctx.client.full_id(ref.queue, ref.msg_id)
     if ctx.json:
         ctx.emit_json({"full_id": full_id, "name": info.name, **info.to_dict()})

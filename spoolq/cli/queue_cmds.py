@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, SpoolqError
 from ..model import AdminState, QueueConfig
+from ..store import SweepResult
 from ..store.layout import COUNT_KEYS
 from . import output
 from .common import command, integer, json_or_text, key_value, number, queue_name, refs
@@ -82,8 +83,12 @@ def register(sub: Any) -> None:
                 "acknowledge every error of a queue (they stay in err, counted as err_acked)")
     p.add_argument("queue", metavar="QUEUE")
 
-    p = command(sub, "sweep", sweep, "remove debris of dead producers and empty bucket directories")
-    p.add_argument("queue", metavar="QUEUE")
+    p = command(sub, "sweep", sweep,
+                "remove debris of dead producers and empty buckets; put back messages a crash left behind")
+    p.add_argument("queue", nargs="?", metavar="QUEUE", help="the queue to sweep (default: every queue)")
+    p.add_argument("--lost-found", metavar="PATH",
+                   help="first put back the message directories e2fsck moved to PATH (the lost+found "
+                        "of the spool's filesystem) after a power cut")
 
 
 # -- queue ... ------------------------------------------------------------------------------
@@ -325,12 +330,26 @@ def ack_errs(args: argparse.Namespace, ctx: Ctx) -> int:
 
 
 def sweep(args: argparse.Namespace, ctx: Ctx) -> int:
-    name = queue_name(args.queue)
-    removed = ctx.client.sweep(name)
+    names = [queue_name(args.queue)] if args.queue else ctx.client.queues()
+    total = SweepResult()
+    if args.lost_found:
+        found = ctx.client.recover_lost_found(args.lost_found)
+        total.recovered += found.recovered
+        total.problems += found.problems
+    for name in names:
+        r = ctx.client.sweep(name)
+        for field in ("removed", "recovered", "problems"):
+            getattr(total, field).extend(getattr(r, field))
     if ctx.json:
-        ctx.emit_json({"queue": name, "removed": removed})
-    else:
-        for path in removed:
-            ctx.out(f"removed {output.clean(path)}")
-        ctx.out(f"swept {name}: {len(removed)} removed")
+        ctx.emit_json({"queue": args.queue, "removed": total.removed, "recovered": total.recovered,
+                       "problems": total.problems})
+        return 0
+    for path in total.removed:
+        ctx.out(f"removed {output.clean(path)}")
+    for line in total.recovered:
+        ctx.out(f"recovered {output.clean(line)}")
+    for line in total.problems:
+        print(f"spoolq: left alone: {output.clean(line)}", file=sys.stderr)
+    ctx.out(f"swept {args.queue or 'all queues'}: {len(total.removed)} removed, "
+            f"{len(total.recovered)} recovered")
     return 0

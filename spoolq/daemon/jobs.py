@@ -122,6 +122,13 @@ class JobRunner:
             return None
         qdir = self.store.qdir(queue)
         msg_dir = message_path(qdir, State.RUN, msg_id)
+        if self.group_sync is not None and cfg.fsync:
+            # Where a rename is not atomic on disk (ext4 without a journal) a producer's fsync
+            # of the que bucket can write this move's removal long before anything writes the
+            # run bucket: the message would be in neither after a power cut. Both are synced
+            # soon, new entry first; what is left of the window, lost+found recovery covers.
+            self.group_sync.add_rename(message_path(qdir, State.QUE, msg_id).parent, msg_dir.parent,
+                                       only_where_unsafe=True)
         if (msg_dir / "cancel").exists():
             self.finish_without_run(queue, msg, Outcome(State.ERR, "cancelled", msg.count))
             return None
@@ -349,7 +356,8 @@ class JobRunner:
             log.warning("%s/%s: cannot move to %s: %s", queue, msg_id, outcome.state, e)
             return
         if deferred and self.group_sync is not None and (cfg is None or cfg.fsync):
-            self.group_sync.add(message_path(self.store.qdir(queue), outcome.state, msg_id).parent)
+            qdir = self.store.qdir(queue)
+            self.group_sync.add_rename(mdir.parent, message_path(qdir, outcome.state, msg_id).parent)
         if finished_ok:
             for d in dups:
                 self.finish_duplicate(queue, d, parent_full, outcome.state)

@@ -117,11 +117,18 @@ class Daemon:
         self._watch(self.store.qroot, "root", None, 0)
         for path in self.store.sweep_root():
             log.info("removed %s, a queue whose creator died half-way", path)
+        log.info("spool %s is on %s", self.root, durable.fs_description(self.root))
+        found = self.store.recover_lost_found()  # I10: what e2fsck moved there after a power cut
+        for line in found.recovered:
+            log.warning("put back %s", line)
+        for line in found.problems:
+            log.warning("lost+found: %s", line)
         for name in self.store.queues():
             try:
                 self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
                 self.store.recount(name)
-                self.store.sweep(name)
+                for line in self.store.sweep(name).recovered:
+                    log.warning("put back %s", line)  # I6: a complete message left in staging
                 rec = recover_queue(self.runner, name)
                 if rec.requeued or rec.failed or rec.killed:
                     log.warning("queue %s: recovered %d message(s) from run/ (%d to err), killed %d "

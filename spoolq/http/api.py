@@ -220,7 +220,7 @@ def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedFo
         for f in files:
             client.attach(receipt, f.path, name=f.filename)
     else:
-        sources = [AttachmentSource(name=f.filename, path=str(f.path)) for f in files]
+        sources = [AttachmentSource(name=f.filename, path=str(f.path), link=True) for f in files]
         receipt = client.send(queue, attachments=sources, **fields)
     return _receipt_json(ctx, queue, receipt.msg_id)
 

@@ -323,7 +323,7 @@ async def attach_new(request: Request, queue: str, msg_id: str) -> Response:
             if not f.filename:
                 raise InvalidInput("filedata has no filename: the stored name is the upload's filename")
             info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path,
-                                           name=f.filename)
+                                           name=f.filename, link=True)  # our own spooled upload
     except (QueueNotFound, InvalidName) as e:
         if isinstance(e, InvalidName) and "ttachment" in e.message:
             return _fail(e)

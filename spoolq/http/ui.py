@@ -401,7 +401,7 @@ def _message_from_form(form: ParsedForm) -> tuple[dict[str, Any], str]:
 def _send_from_form(ctx: AppContext, queue: str, form: ParsedForm) -> str:
     fields, mode = _message_from_form(form)
     files = [f for f in form.files if f.field == "attachment" and f.filename]
-    atts = [AttachmentSource(name=f.filename, path=str(f.path)) for f in files]
+    atts = [AttachmentSource(name=f.filename, path=str(f.path), link=True) for f in files]
     if mode == "prep":
         receipt = ctx.client.prep(queue, **fields)
         for a in atts:

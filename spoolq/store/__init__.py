@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..errors import InvalidInput
-from .base import AttachmentSource, Store
+from .base import AttachmentSource, Store, SweepResult
 from .fs import FsStore
 from .memory import MemoryStore
 
-__all__ = ["AttachmentSource", "FsStore", "MemoryStore", "Store", "open_store"]
+__all__ = ["AttachmentSource", "FsStore", "MemoryStore", "Store", "SweepResult", "open_store"]
 
 
 def open_store(url: str) -> Store:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -24,13 +24,28 @@ from ..model import AdminState, AttachmentInfo, IdPage, ListPage, Message, Messa
 class AttachmentSource:
     """An attachment to add: a local file (``path``) or a readable binary stream (``stream``).
 
-    ``name`` defaults to the file's basename. A file on the spool's filesystem is hard-linked
-    (no copy); anything else is copied. Either way md5, sha256 and size are recorded.
+    ``name`` defaults to the file's basename. A file is copied, so rewriting it later cannot
+    change the message (a reflink where the filesystem can share extents, btrfs or xfs with
+    reflink: no data is copied then). ``link=True`` hard-links a file on the spool's
+    filesystem instead (copied elsewhere): the caller promises never to change it in place,
+    since the message would change with it and no longer match its recorded md5. Either way
+    md5, sha256 and size are recorded.
     """
 
     name: str | None = None
     path: str | None = None
     stream: BinaryIO | None = None
+    link: bool = False
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: debris removed, messages put back into a state, and what it left
+    alone for a person to look at (each a line of text)."""
+
+    removed: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 def attachment_name(src: AttachmentSource) -> str:
@@ -200,5 +215,6 @@ class Store(Protocol):
     def recount(self, queue: str) -> dict[str, int]:
         """Recompute the counts from the messages themselves (after a crash or by hand)."""
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
-        """Remove debris of dead producers and empty buckets; returns what was removed."""
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
+        """Remove debris of dead producers and empty buckets, and put complete messages that
+        a crash left in staging into their state; returns what it did."""

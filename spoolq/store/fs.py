@@ -59,11 +59,12 @@ from ..model import (
     check_transition,
 )
 from .attachments import add_attachment
-from .base import AttachmentSource, check_attachment_names
+from .base import AttachmentSource, SweepResult, check_attachment_names
 from .beneath import NotBeneath, open_beneath
-from .debris import is_debris, remove_partial
+from .debris import remove_partial
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 from .search import Needle, Scan, read_whole, scan, status_text
+from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
 
 CHUNK = 1024 * 1024
 # Order in which locate() looks for a message: the common states of a live message first.
@@ -117,7 +118,7 @@ class FsStore:
             for sub in (*[str(s) for s in State], ".tmp", "corrupt"):
                 durable.mkdir(stage / sub)
             durable.write_new(stage / "config.json", _json(config.to_dict(), indent=2))
-            durable.write_new(stage / "counts", _json(dict.fromkeys(COUNT_KEYS, 0)), sync=False)
+            durable.write_new(stage / "counts", Counts.record(dict.fromkeys(COUNT_KEYS, 0)), sync=False)
             try:
                 durable.rename(stage, qdir)
             except OSError as e:
@@ -258,7 +259,9 @@ class FsStore:
             m.due = now
         if not m.dest:
             m.dest = queue
-        m.history = [{"state": str(state), "at": now}]
+        # The queue is recorded so that a message directory e2fsck put in lost+found can be
+        # given back to its queue (store/sweep.py).
+        m.history = [{"state": str(state), "at": now, "queue": queue}]
         return m
 
     def create(
@@ -302,7 +305,9 @@ class FsStore:
             self._publish_at(stage, qdir / str(state), m.msg_id, buckets, sync)
             stage, published = None, True
             if sync:
-                durable.fsync_fd(buckets[m.msg_id[:16]])  # the rename
+                # The rename: its new entry, then (where renames are not atomic on disk) its
+                # removal from .tmp, else e2fsck may keep the .tmp entry (durable.py).
+                durable.fsync_after_rename(buckets[m.msg_id[:16]], f"{qdir}/.tmp", dev=sst.st_dev)
         except OSError as e:
             if published:  # visible, but maybe not durable: withdraw it
                 shutil.rmtree(message_path(qdir, state, m.msg_id), ignore_errors=True)
@@ -313,7 +318,7 @@ class FsStore:
                     os.close(fd)
             if stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
-        Counts(qdir / "counts").add({str(state): 1})
+        self._counts(qdir).add({str(state): 1})
         return m
 
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
@@ -356,6 +361,8 @@ class FsStore:
             if sync:
                 for fd in buckets.values():
                     durable.fsync_fd(fd)
+                if durable.rename_needs_source_sync(batch):
+                    durable.fsync_fd(bfd)  # the renames' source: the batch directory (durable.py)
         except (OSError, SpoolqError) as e:
             # All or nothing: withdraw what was already published (the batch dir goes below).
             for msg_id in published:
@@ -369,7 +376,7 @@ class FsStore:
                     os.close(fd)
             if batch is not None:
                 shutil.rmtree(batch, ignore_errors=True)
-        Counts(qdir / "counts").add({"que": len(made)})
+        self._counts(qdir).add({"que": len(made)})
         return made
 
     def _publish_at(self, src: str, state_dir: Path, msg_id: str, buckets: dict[str, int],
@@ -408,7 +415,7 @@ class FsStore:
                 durable.makedirs(bucket, state_dir, sync=sync)
         raise StorageError(f"cannot create bucket directory {bucket}")
 
-    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool, *, fsync_parent: bool = True) -> None:
+    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool) -> None:
         """Rename ``src`` to ``dst``, creating its bucket directories as needed.
 
         A janitor may remove an empty bucket between our mkdir and our rename: ENOENT on the
@@ -429,9 +436,10 @@ class FsStore:
                 raise
         else:
             raise StorageError(f"cannot create bucket directory {dst.parent}")
-        # rename is one journal transaction: fsync of the destination directory commits it.
-        if sync and fsync_parent:
-            durable.fsync_dir(dst.parent)
+        # On a journaling filesystem the rename is one transaction, which the fsync of the
+        # destination directory commits; elsewhere the source directory is fsync'd as well.
+        if sync:
+            durable.fsync_after_rename(dst.parent, src.parent)
 
     def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
         qdir = self._existing_qdir(queue)
@@ -519,14 +527,21 @@ class FsStore:
     def _set_aside(self, queue: str, state: State, path: Path, acked: bool, why: str) -> None:
         """I7: a message whose files are unreadable is moved out of the state tree, not deleted."""
         qdir = self.qdir(queue)
-        dest = qdir / "corrupt" / f"{state}.{path.name.lstrip('.')}.{secrets.token_hex(3)}"
+        if self._move_to_corrupt(qdir, path, f"{state}.{path.name.lstrip('.')}", why):
+            self._counts(qdir).add({_count_key(state, acked): -1})
+
+    @staticmethod
+    def _move_to_corrupt(qdir: Path, path: Path, label: str, why: str) -> bool:
+        """Move the directory ``path`` to ``<q>/corrupt/<label>.<rand>`` with a ``CORRUPT``
+        note saying why, for a person to look at (I7); False if it could not be moved."""
+        dest = qdir / "corrupt" / f"{label}.{secrets.token_hex(3)}"
         try:
             (qdir / "corrupt").mkdir(exist_ok=True)
-            os.rename(path, dest)
+            durable.rename(path, dest)
             (dest / "CORRUPT").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}\n")
         except OSError:
-            return
-        Counts(qdir / "counts").add({_count_key(state, acked): -1})
+            return False
+        return True
 
     def _view(self, queue: str, state: State, path: Path, acked: bool) -> MessageView:
         m = self._read_msg(queue, state, path, acked)
@@ -625,6 +640,11 @@ class FsStore:
 
     def recount(self, queue: str) -> dict[str, int]:
         qdir = self._existing_qdir(queue)
+        return self._counts(qdir).rewrite()
+
+    @staticmethod
+    def _counts(qdir: Path) -> Counts:
+        """The counts cache of the queue in ``qdir``, able to rebuild itself from the tree."""
 
         def walk() -> dict[str, int]:
             counts = dict.fromkeys(COUNT_KEYS, 0)
@@ -633,7 +653,7 @@ class FsStore:
                     counts[_count_key(st, acked)] += 1
             return counts
 
-        return Counts(qdir / "counts").rewrite(walk)
+        return Counts(qdir / "counts", walk)
 
     def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
         validate_attachment_name(name)
@@ -728,7 +748,7 @@ class FsStore:
                 os.close(hfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
-        Counts(qdir / "counts").add({_count_key(src, acked): -1, str(dst): 1})
+        self._counts(qdir).add({_count_key(src, acked): -1, str(dst): 1})
         m.history.append(entry)
         return m
 
@@ -787,75 +807,64 @@ class FsStore:
             touched[path.parent] = None
             key = _count_key(state, acked)
             deltas[key] = deltas.get(key, 0) - 1
-        if sync:
-            for d in touched:
-                try:
-                    durable.fsync_dir(d)
-                except OSError:
-                    pass  # the message is gone from the tree already; at worst it comes back
+        if sync and trash:
+            try:
+                # .tmp first, then each bucket the messages left (durable.fsync_after_rename,
+                # once per directory for the lot).
+                durable.fsync_dir(qdir / ".tmp")
+                if durable.rename_needs_source_sync(qdir):
+                    durable.fsync_dirs(touched)
+            except OSError:
+                pass  # gone from the tree already; a power cut may bring one back, never lose one
         if deltas:
-            Counts(qdir / "counts").add(deltas)
+            self._counts(qdir).add(deltas)
         for t in trash:
             shutil.rmtree(t, ignore_errors=True)
         return failures
 
     def ack_errs(self, queue: str) -> int:
         qdir = self._existing_qdir(queue)
+        sync = self.queue_config(queue).fsync
         n = 0
-        for msg_id, path, acked in list(iter_entries(qdir, State.ERR)):
-            if acked:
-                continue
-            try:
-                os.rename(path, path.with_name("." + msg_id))
+        buckets: dict[Path, None] = {}
+        try:
+            for msg_id, path, acked in list(iter_entries(qdir, State.ERR)):
+                if acked:
+                    continue
+                try:
+                    os.rename(path, path.with_name("." + msg_id))  # a rename within its bucket
+                except FileNotFoundError:
+                    continue
                 n += 1
-            except FileNotFoundError:
-                continue
-        if n:
-            Counts(qdir / "counts").add({"err": -n, "err_acked": n})
+                buckets[path.parent] = None
+            if sync:
+                durable.fsync_dirs(buckets)  # each bucket once: every rename in it is durable
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot acknowledge the errors of {queue}") from None
+        finally:
+            if n:
+                self._counts(qdir).add({"err": -n, "err_acked": n})
         return n
 
     def sweep_root(self, *, older_than: float = 3600.0) -> builtins.list[str]:
         """Remove ``queue/.new.<name>.<pid>.<rand>``: queues whose creator died before its
         rename (I1), once that process is gone, or older than ``older_than`` seconds."""
-        removed: list[str] = []
-        now = time.time()
-        try:
-            names = [n for n in os.listdir(self.qroot) if n.startswith(".new.")]
-        except OSError:
-            return removed
-        for n in names:
-            p = self.qroot / n
-            parts = n.split(".")  # "", "new", name, pid, rand
-            if is_debris(p, parts[3] if len(parts) == 5 else "", older_than, now):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(str(p))
-        return removed
+        return sweep_root(self, older_than)
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
-        """I6: debris of dead producers (staging dirs) goes; empty old buckets go."""
-        qdir = self._existing_qdir(queue)
-        removed: list[str] = []
-        now = time.time()
-        tmp = qdir / ".tmp"
-        for n in os.listdir(tmp) if tmp.is_dir() else []:
-            p = tmp / n
-            if n.startswith("deleted.") or is_debris(p, n.split(".", 1)[0], older_than, now):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(str(p))
-        # Half-written attachments of messages still in prep, left by a writer that died.
-        for _, path, _ in iter_entries(qdir, State.PREP):
-            removed += remove_partial(path / "attach", older_than)
-        # Only the three bucket levels are pruned, never anything inside a message.
-        for st in State:
-            sdir = qdir / str(st)
-            for day in _listdir(sdir):
-                for hm in _listdir(sdir / day):
-                    for ss in _listdir(sdir / day / hm):
-                        if _rmdir_if_stale(sdir / day / hm / ss, now):
-                            removed.append(str(sdir / day / hm / ss))
-                    _rmdir_if_stale(sdir / day / hm, now)
-                _rmdir_if_stale(sdir / day, now)
-        return removed
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
+        """I6: complete staged messages of dead producers go into their state, the rest of
+        their debris goes, empty old buckets go (store/sweep.py)."""
+        return sweep_queue(self, queue, older_than)
+
+    def recover_lost_found(self, lost_found: str | os.PathLike[str] | None = None) -> SweepResult:
+        """I10: put back message directories that e2fsck moved to ``lost_found`` (default:
+        ``lost+found`` at the top of the spool's filesystem), see store/sweep.py."""
+        if lost_found is None:
+            try:
+                lost_found = lost_found_of(self.root)
+            except OSError:
+                return SweepResult()
+        return recover_lost_found(self, Path(lost_found))
 
 
 def _job_status(path: Path) -> str:
@@ -868,24 +877,6 @@ def _job_status(path: Path) -> str:
 
 def _read_file(path: Path) -> bytes:
     return read_whole(path)
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return [n for n in os.listdir(path) if n.isdigit()]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _rmdir_if_stale(path: Path, now: float) -> bool:
-    """Remove an empty bucket not touched for a minute (ENOTEMPTY keeps a busy one)."""
-    try:
-        if now - path.stat().st_mtime < 60:
-            return False
-        path.rmdir()
-        return True
-    except OSError:
-        return False
 
 
 def _json(obj: Any, indent: int | None = None) -> bytes:

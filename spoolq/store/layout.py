@@ -101,33 +101,55 @@ class Counts:
 
     Every state change adds its delta under an exclusive ``flock`` on the file (a critical
     section of one read and one write, no fsync: the counts are derived data). A crash
-    between a rename and its delta leaves a count off by one until :meth:`rewrite` is given
-    a fresh walk (``spoolq stats --recount``, and the daemon at start).
+    between a rename and its delta leaves a count off by one until :meth:`rewrite` walks
+    the tree again (``spoolq stats --recount``, and the daemon at start).
 
     Deltas land in any order: a producer adds ``que +1`` after its rename, and the daemon
     may already have moved the message on and added ``que -1``. So the file keeps the raw
     sums, which may dip below zero for a moment, and only :meth:`read` clamps them.
     Clamping each delta instead would lose the ``-1`` and leave ``que`` one too high.
+
+    The file is always one record of :data:`RECORD` bytes (JSON padded with spaces), written
+    with one ``pwrite`` at offset 0 and never truncated, so a process killed at any instant
+    leaves the old record or the new one, never a mix. (A shorter record followed by a
+    truncate left ``{..."que":9...}}`` when killed in between.) Replacing the file by a
+    rename would break the lock: writers would hold flocks on different inodes.
+    ``walk`` (the tree walk) rebuilds a file that does not parse, under the lock.
     """
 
-    def __init__(self, path: Path) -> None:
+    RECORD = 512
+    """Bytes per record: seven counts of up to 19 digits take about 220."""
+
+    def __init__(self, path: Path, walk: Callable[[], dict[str, int]] | None = None) -> None:
         self.path = path
+        self.walk = walk
 
     def _open(self) -> int:
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    @staticmethod
-    def _parse(raw: bytes) -> dict[str, int] | None:
+    @classmethod
+    def record(cls, counts: dict[str, int]) -> bytes:
+        """``counts`` as one fixed-width record (space-padded JSON, a newline at the end)."""
+        data = COMPACT_JSON.encode(counts).encode()
+        if len(data) >= cls.RECORD:
+            raise ValueError(f"counts do not fit a {cls.RECORD}-byte record: {data[:80]!r}...")
+        return data + b" " * (cls.RECORD - 1 - len(data)) + b"\n"
+
+    @classmethod
+    def _parse(cls, raw: bytes) -> dict[str, int] | None:
         try:
-            d = json.loads(raw)
+            d = json.loads(raw[: cls.RECORD])  # a longer file: an old record's tail, hand edits
         except ValueError:
             return None
         if not isinstance(d, dict):
             return None
         try:
-            return {k: int(d.get(k, 0)) for k in COUNT_KEYS}
+            counts = {k: int(d.get(k, 0)) for k in COUNT_KEYS}
         except (TypeError, ValueError, OverflowError):
-            return None  # damaged by hand: the caller recounts (or starts from zero)
+            return None  # damaged by hand: the caller recounts
+        if any(abs(v) >= 2**63 for v in counts.values()):
+            return None
+        return counts
 
     def read(self) -> dict[str, int] | None:
         """The counts, or None if the cache is missing or unreadable (the caller recounts)."""
@@ -137,45 +159,55 @@ class Counts:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            raw = os.pread(fd, 65536, 0)
+            raw = os.pread(fd, self.RECORD, 0)
         finally:
             os.close(fd)
         counts = self._parse(raw) if raw else None
         return {k: max(0, v) for k, v in counts.items()} if counts is not None else None
 
     def add(self, deltas: dict[str, int]) -> None:
+        """Add ``deltas`` (state -> change) under the lock. A file that is missing, empty or
+        does not parse is rebuilt by ``walk`` instead (never started again from zeros): the
+        walk sees this change's rename already, so the deltas are not added to it."""
         try:
             fd = self._open()
         except OSError:
             return  # derived data: a failed update is repaired by the next recount
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = os.pread(fd, 65536, 0)
+            raw = os.pread(fd, self.RECORD + 1, 0)
             counts = self._parse(raw) if raw else None
-            if counts is None:
-                counts = dict.fromkeys(COUNT_KEYS, 0)
-            for k, v in deltas.items():
-                counts[k] = counts.get(k, 0) + v  # raw sums: see the class docstring
-            self._write(fd, counts)
+            if counts is None and self.walk is not None:
+                counts = self.walk()  # missing, empty or damaged
+            else:
+                if counts is None:
+                    counts = dict.fromkeys(COUNT_KEYS, 0)
+                for k, v in deltas.items():
+                    counts[k] = counts.get(k, 0) + v  # raw sums: see the class docstring
+            self._write(fd, counts, longer=len(raw) > self.RECORD)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
                 raise
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _write(fd: int, counts: dict[str, int]) -> None:
-        data = COMPACT_JSON.encode(counts).encode()
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+    @classmethod
+    def _write(cls, fd: int, counts: dict[str, int], *, longer: bool) -> None:
+        os.pwrite(fd, cls.record(counts), 0)  # the whole record in one write: see the class docstring
+        if longer:
+            os.ftruncate(fd, cls.RECORD)  # tidies a longer file once; not needed to parse it
 
-    def rewrite(self, walk: Callable[[], dict[str, int]]) -> dict[str, int]:
-        """Recount under the lock: producers wait for the walk, so no delta is lost."""
+    def rewrite(self, walk: Callable[[], dict[str, int]] | None = None) -> dict[str, int]:
+        """Recount under the lock (with ``walk``, default the one given at construction):
+        producers wait for the walk, so no delta is lost."""
+        fn = walk or self.walk
+        if fn is None:
+            raise ValueError("Counts.rewrite needs a walk")
         fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            counts = walk()
-            self._write(fd, counts)
+            counts = fn()
+            self._write(fd, counts, longer=os.fstat(fd).st_size > self.RECORD)
             return counts
         finally:
             os.close(fd)

@@ -46,7 +46,7 @@ from ..model import (
     check_transition,
     search_text,
 )
-from .base import AttachmentSource, attachment_name, check_attachment_names
+from .base import AttachmentSource, SweepResult, attachment_name, check_attachment_names
 from .layout import COUNT_KEYS
 
 
@@ -394,6 +394,6 @@ class MemoryStore:
                     n += 1
             return n
 
-    def sweep(self, queue: str, *, older_than: float = 3600.0) -> builtins.list[str]:
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
         self._queue(queue)
-        return []
+        return SweepResult()
