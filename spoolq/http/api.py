@@ -218,7 +218,7 @@ def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedFo
     if msg.state == "prep":
         receipt = client.prep(queue, **fields)
         for f in files:
-            client.attach(receipt, f.path, name=f.filename)
+            client.attach(receipt, f.path, name=f.filename, link=True)  # our own spooled upload
     else:
         sources = [AttachmentSource(name=f.filename, path=str(f.path), link=True) for f in files]
         receipt = client.send(queue, attachments=sources, **fields)
@@ -308,7 +308,8 @@ async def add_attachment(request: Request, queue: QueueName, msg_id: MsgId) -> d
         name = form.get("name") or f.filename
         if not name:
             raise InvalidInput("the upload has no filename: give one, or a 'name' field")
-        info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path, name=name)
+        info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path, name=name,
+                                       link=True)  # our own spooled upload: no copy
     return {"name": info.name, "md5": info.md5, "sha256": info.sha256, "size": info.size}
 
 

@@ -405,7 +405,7 @@ def _send_from_form(ctx: AppContext, queue: str, form: ParsedForm) -> str:
     if mode == "prep":
         receipt = ctx.client.prep(queue, **fields)
         for a in atts:
-            ctx.client.attach(receipt, a.path, name=a.name)
+            ctx.client.attach(receipt, a.path, name=a.name, link=True)  # our own spooled upload
     else:
         receipt = ctx.client.send(queue, attachments=atts, **fields)
     return receipt.msg_id
@@ -455,7 +455,7 @@ async def message_action(request: Request, queue: str, msg_id: str) -> Response:
                 if f is None or not f.filename:
                     raise InvalidInput("choose a file to attach")
                 info = await run_in_threadpool(ctx.client.attach, f"{queue}/{msg_id}", f.path,
-                                               name=f.filename)
+                                               name=f.filename, link=True)  # our own spooled upload
                 return redirect(page, f"attached {info.name} ({info.size} bytes, md5 {info.md5})")
             if action not in ACTIONS:
                 raise InvalidInput(f"unknown action {action!r}")
