@@ -13,6 +13,7 @@ from ..config import is_loopback
 from ..errors import InvalidInput, WaitTimeout
 from ..model import State
 from . import exitcodes
+from .common import command, warn_if_unserved
 
 
 def register(sub: Any) -> None:
@@ -33,22 +34,21 @@ def register(sub: Any) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log every job start and end")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("wait", help="wait until a message is done, relayed or err",
-                       description="Block until the message reaches a final state. Exit status: 0 done "
-                                   "or relayed, 9 err, 7 timeout.")
+    p = command(sub, "wait", cmd_wait, "wait until a message is done, relayed or err")
+    p.description = ("Block until the message reaches a final state. Exit status: 0 done or relayed, "
+                     "9 err, 7 timeout.")
     p.add_argument("message", help="full id URL or QUEUE/ID")
     p.add_argument("--timeout", type=float, default=None, help="give up after S seconds (exit 7)")
-    p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("log", help="print a message's job/stdio.log (-f: follow until it ends)")
+    p = command(sub, "log", cmd_log, "print a message's job/stdio.log (-f: follow until it ends)")
+    p.description = ("Print the message's job/stdio.log. With -f, keep printing until the message "
+                     "reaches a final state; the exit status is then wait's: 0 done or relayed, 9 err.")
     p.add_argument("message", help="full id URL or QUEUE/ID")
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep printing new output until the message reaches a final state")
-    p.set_defaults(func=cmd_log)
 
-    p = sub.add_parser("cancel", help="stop a queued or running message; it ends in err (cancelled)")
+    p = command(sub, "cancel", cmd_cancel, "stop a queued or running message; it ends in err (cancelled)")
     p.add_argument("message", help="full id URL or QUEUE/ID")
-    p.set_defaults(func=cmd_cancel)
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
@@ -103,9 +103,16 @@ def _print_view(ctx: Any, view: Any, full_id: str) -> None:
         ctx.out(view.status)
 
 
+def _warn_if_waiting(ctx: Any, ref: Any) -> None:
+    """For wait and log -f: warn when the message is not final and nothing will move it."""
+    if not ctx.client.store.state_of(ref.queue, ref.msg_id).final:
+        warn_if_unserved(ctx, "the message will not change state until one does")
+
+
 def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
     client = ctx.client
     ref = client.ref(args.message)
+    _warn_if_waiting(ctx, ref)
     try:
         view = client.wait(ref, args.timeout)
     except WaitTimeout as e:
@@ -121,10 +128,14 @@ def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
 def cmd_log(args: argparse.Namespace, ctx: Any) -> int:
     client = ctx.client
     ref = client.ref(args.message)
+    if args.follow:
+        _warn_if_waiting(ctx, ref)
     try:
-        watch.follow_log(client.store, ref.queue, ref.msg_id, sys.stdout.buffer, follow=args.follow)
+        view = watch.follow_log(client.store, ref.queue, ref.msg_id, sys.stdout.buffer, follow=args.follow)
     except KeyboardInterrupt:
         return exitcodes.OK
+    if args.follow and view.state == State.ERR:
+        return exitcodes.MESSAGE_FAILED  # as wait: followed to the end, and it failed
     return exitcodes.OK
 
 

@@ -10,7 +10,6 @@ iteration, so tests and tools can drive the loop without sleeping.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import selectors
@@ -21,11 +20,12 @@ from pathlib import Path
 
 from .. import durable, watch
 from ..config import RootConfig, read_root_config, write_root_config
-from ..errors import DaemonRunning, InvalidConfig, QueueNotFound, SpoolqError
+from ..errors import InvalidConfig, QueueNotFound, SpoolqError
 from ..model import AdminState, State
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
 from ..store.fs import FsStore
 from ..store.layout import message_path
+from . import pidfile
 from .jobs import Job, JobRunner, ScriptUnusable
 from .queue import QueueState
 from .recovery import recover_queue
@@ -69,30 +69,11 @@ class Daemon:
     # -- setup / teardown ----------------------------------------------------------------
     def acquire(self) -> None:
         """Take ``<root>/daemon.pid`` with flock; DaemonRunning if another daemon holds it."""
-        path = self.root / "daemon.pid"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DaemonRunning(f"another spoolq daemon (pid {other}) is serving {self.root} "
-                                    f"(it holds {path})") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = pidfile.acquire(self.root)
 
     def release(self) -> None:
-        # The file stays (emptied): unlinking it before the unlock would let a second daemon
-        # lock the old inode while a third locks a new file at the same path.
         if self._lock_fd >= 0:
-            try:
-                os.ftruncate(self._lock_fd, 0)
-            except OSError:
-                pass
-            os.close(self._lock_fd)
+            pidfile.release(self._lock_fd)
             self._lock_fd = -1
 
     def setup(self) -> None:
