@@ -26,6 +26,7 @@ from ..runner.spawn import kill_group, reserve_low_fds, script_problem
 from ..store.fs import FsStore
 from ..store.layout import message_path
 from . import pidfile
+from .finish import Finish
 from .jobs import Job, JobRunner, ScriptUnusable
 from .queue import QueueState
 from .recovery import recover_queue
@@ -103,10 +104,13 @@ class Daemon:
                 self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
                 self.store.recount(name)
                 self.store.sweep(name)
+                # D2: run/ is emptied before anything is dispatched. Moves the store refuses
+                # are held by the finisher and retried while the daemon runs.
                 rec = recover_queue(self.runner, name)
-                if rec.requeued or rec.failed or rec.killed:
-                    log.warning("queue %s: recovered %d message(s) from run/ (%d to err), killed %d "
-                                "orphaned script(s)", name, rec.requeued, rec.failed, rec.killed)
+                if rec.requeued or rec.failed or rec.killed or rec.held:
+                    log.warning("queue %s: recovered %d message(s) from run/ (%d to err, %d held for a "
+                                "retry), killed %d orphaned script(s)", name, rec.requeued, rec.failed,
+                                rec.held, rec.killed)
             except SpoolqError as e:
                 log.error("queue %s: recovery failed: %s", name, e)
         self.refresh()
@@ -261,28 +265,27 @@ class Daemon:
             except (KeyError, ValueError):
                 pass
         qs = self.queues.get(job.queue)
-        cfg = qs.config if qs is not None else None
-        try:
-            outcome = self.runner.finish(job, code, cfg)
-        except Exception:  # noqa: BLE001 - one message must never take the daemon down
-            log.exception("%s/%s: cannot finish the attempt; it stays in run/ until the next "
-                          "start recovers it", job.queue, job.msg_id)
-            if qs is not None:
-                qs.running.discard(job.msg_id)
-                qs.running_keys.pop(job.msg_id, None)
-            return
-        if qs is None:
-            return
-        qs.running.discard(job.msg_id)
-        qs.running_keys.pop(job.msg_id, None)
+        fin = self.runner.finish(job, code, qs.config if qs is not None else None)
+        if self.runner.finisher.settle(fin):
+            self._finished(fin)
+        # Else it is held and retried (finish.py): the message stays in run/ and keeps its
+        # worker slot until its outcome is on disk.
+
+    def _finished(self, fin: Finish) -> None:
+        """An attempt's outcome is on disk: free the worker slot, release or drop the dups."""
+        qs = self.queues.get(fin.queue)
+        if qs is None or fin.pid is None:
+            return  # recovery's and unstarted attempts' come back through inotify if requeued
+        qs.running.discard(fin.msg_id)
+        qs.running_keys.pop(fin.msg_id, None)
         qs.dirty = True
-        if outcome.state == State.QUE:
-            qs.requeued(job.msg_id)
-        if outcome.state not in (State.DONE, State.RELAYED):
-            for d in job.dups:  # the parent did not succeed: its duplicates run on their own
+        if fin.outcome.state == State.QUE:
+            qs.requeued(fin.msg_id)
+        if fin.outcome.state not in (State.DONE, State.RELAYED):
+            for d in fin.dups:  # the parent did not succeed: its duplicates run on their own
                 qs.requeued(d)
         else:
-            for d in job.dups:
+            for d in fin.dups:
                 qs.drop(d)
 
     # -- dispatch ------------------------------------------------------------------------
@@ -393,6 +396,8 @@ class Daemon:
                     self.runner.terminate(job, now)
         if self.refresh_queues:
             self.refresh()
+        for fin in self.runner.finisher.retry(now, lambda _queue: True):
+            self._finished(fin)
         if now >= self.next_rescan:
             self.next_rescan = now + (5.0 if self.watch_trouble else self.rescan_interval)
             for qs in self.queues.values():
@@ -408,6 +413,7 @@ class Daemon:
                     qs.config_stale = True
 
     def next_timeout(self) -> float | None:
+        assert self.runner is not None
         now = self.clock()
         times = [self.next_rescan]
         times += [qs.wake_at for qs in self.queues.values() if qs.wake_at is not None]
@@ -416,16 +422,36 @@ class Daemon:
                 times.append(job.deadline)
             if job.kill_at is not None:
                 times.append(job.kill_at)
-        if self.stopping and self.grace_end is not None and any(not j.stopping for j in self.jobs.values()):
+        retry = self.runner.finisher.next_retry()
+        if retry is not None:
+            times.append(retry)
+        if self.stopping and self.grace_end is not None and (
+                any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held):
             times.append(self.grace_end)
         if any(qs.dirty for qs in self.queues.values()) or self.refresh_queues or self.flags:
             return 0.0
         return max(0.0, min(times) - now)
 
+    def _done(self) -> bool:
+        """Stopping, nothing running, and no held finish left to wait for (or no more time)."""
+        if not (self.stopping and not self.jobs):
+            return False
+        assert self.runner is not None
+        held = self.runner.finisher.held
+        if not held:
+            return True
+        if self.grace_end is not None and self.clock() < self.grace_end:
+            return False
+        for fin in held:
+            log.error("%s/%s: stopping with its outcome (%s) not on disk; it stays in %s/ and the "
+                      "next start recovers it (it runs again)", fin.queue, fin.msg_id, fin.outcome.state,
+                      fin.src)
+        return True
+
     def loop(self) -> None:
         """Serve until stopped by SIGTERM/SIGINT and every job is finished or requeued."""
         log.info("serving %s as %s", self.root, self.rootcfg.base_url)
-        while not (self.stopping and not self.jobs):
+        while not self._done():
             self.step(self.next_timeout())
         log.info("stopped")
 
