@@ -1,9 +1,11 @@
 """The daemon when the disk refuses: an attempt whose end cannot be written is held and
-retried until it lands, and recovery goes on past a message it cannot move. Full disks are
-real (a tmpfs filled to the last byte)."""
+retried until it lands, recovery goes on past a message it cannot move, and a daemon starts
+and serves reads on a full disk. Full disks are real (a tmpfs filled to the last byte)."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from daemon_util import Served, free_port, script, serve_fixture, wait_for
-from fulldisk import tmpfs
+from fulldisk import fill, tmpfs
+from http_helpers import daemon
 
 import spoolq
 from spoolq.model import QueueConfig, RetryPolicy, State
@@ -123,3 +127,34 @@ def test_retry_delay_falls_back_to_max_delay_on_overflow() -> None:
     assert retry_delay(cfg, 0, 0.5) == 120.0
     assert retry_delay(cfg, 2, 0.5) == 120.0  # base * factor**2 raises OverflowError in Python
     assert retry_delay(None, 3, 0.5) == 60.0
+
+
+def test_the_daemon_starts_and_serves_reads_on_a_full_disk(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "spool", "8m") as root:
+        client = spoolq.open(root)
+        client.create_queue("q", script=script("rq_script.sh"))
+        port = free_port()
+        with daemon(root, port):
+            pass  # a first start writes what a first start writes (config.json...)
+        config = (root / "config.json").stat()
+        fill(root)
+        with daemon(root, port) as url:
+            assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+            r = httpx.get(url + "/api/v1/queues", timeout=10)
+            assert r.status_code == 200 and "q" in r.text
+        after = (root / "config.json").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (config.st_ino, config.st_mtime_ns)  # not rewritten
+
+
+def test_serve_does_not_rewrite_an_unchanged_root_config(root: Path, client: spoolq.Client) -> None:
+    client.create_queue("q", script=script("rq_script.sh"))
+    s = Served(root).start()
+    s.stop()
+    before = (root / "config.json").stat()
+    s = Served(root)
+    s.port = int(json.loads((root / "config.json").read_text())["port"])  # the same as last time
+    s.start()
+    s.stop()
+    after = (root / "config.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert os.path.getsize(root / "daemon.pid") == 0  # emptied at a clean stop

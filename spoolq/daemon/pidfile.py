@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from ..errors import DaemonRunning
 
+log = logging.getLogger("spoolq.daemon")
+
 PIDFILE = "daemon.pid"
 
 
 def acquire(root: Path) -> int:
-    """Lock ``<root>/daemon.pid``; returns the locked fd. DaemonRunning if another daemon holds it."""
+    """Lock ``<root>/daemon.pid``; returns the locked fd. DaemonRunning if another daemon holds it.
+
+    Writing the pid is a courtesy: on a full disk it fails with a warning and the daemon
+    starts all the same (the lock is what counts).
+    """
     path = root / PIDFILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -32,8 +39,12 @@ def acquire(root: Path) -> int:
             raise DaemonRunning(f"another spoolq daemon (pid {other}) is serving {root} "
                                 f"(it holds {path})") from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        log.warning("cannot write the pid into %s: %s; serving anyway (the lock is what counts)",
+                    path, e.strerror)
     return fd
 
 

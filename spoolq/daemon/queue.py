@@ -43,6 +43,8 @@ class QueueState:
     needs_rescan: bool = True
     config_stale: bool = True  # config.json, pause or down changed since last read
     script_error: str | None = None  # SCRIPTERROR: why the script cannot start
+    hold_until: float = 0.0  # the store failed to start a message: wait before trying again
+    hold_for: float = 0.0
     dirty: bool = True
     wake_at: float | None = None
 

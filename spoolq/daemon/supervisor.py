@@ -20,13 +20,13 @@ from pathlib import Path
 
 from .. import durable, watch
 from ..config import RootConfig, read_root_config, write_root_config
-from ..errors import InvalidConfig, QueueNotFound, SpoolqError
+from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
 from ..model import AdminState, State
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
 from ..store.fs import FsStore
 from ..store.layout import message_path
 from . import pidfile
-from .finish import Finish
+from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .jobs import Job, JobRunner, ScriptUnusable
 from .queue import QueueState
 from .recovery import recover_queue
@@ -78,13 +78,22 @@ class Daemon:
             self._lock_fd = -1
 
     def setup(self) -> None:
-        """Everything before the loop: lock, root config, signals, watches, recovery."""
+        """Everything before the loop: lock, root config, signals, watches, recovery.
+
+        Nothing here needs to write except recovery's moves (which are held and retried
+        when the disk refuses them): on a full disk the daemon starts, serves reads and
+        runs what it can.
+        """
         self.store.ensure_root()
         if not reserve_low_fds():  # before this process opens anything else
             log.info("fds 3 and 4 are taken: scripts are spawned through the slower preexec path")
         self.sel = selectors.DefaultSelector()
         self.acquire()
-        write_root_config(self.root, self.rootcfg)
+        try:
+            write_root_config(self.root, self.rootcfg)
+        except OSError as e:
+            log.warning("cannot record host and port in %s: %s; full ids printed by the CLI may "
+                        "name another port until it is written", self.root / "config.json", e.strerror)
         self.group_sync = durable.GroupSync(on_error=_group_sync_failed)
         self.runner = JobRunner(self.store, self.rootcfg, self.clock,
                                 os.environ.get("RQ_ENV") or _root_env(self.root), self.group_sync)
@@ -102,8 +111,14 @@ class Daemon:
         for name in self.store.queues():
             try:
                 self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
-                self.store.recount(name)
-                self.store.sweep(name)
+            except SpoolqError as e:
+                log.warning("queue %s: %s", name, e)
+            for chore in (self.store.recount, self.store.sweep):
+                try:  # derived data and debris: a full disk must not keep the daemon from starting
+                    chore(name)
+                except (SpoolqError, OSError) as e:
+                    log.warning("queue %s: %s failed: %s", name, chore.__name__, e)
+            try:
                 # D2: run/ is emptied before anything is dispatched. Moves the store refuses
                 # are held by the finisher and retried while the daemon runs.
                 rec = recover_queue(self.runner, name)
@@ -331,6 +346,8 @@ class Daemon:
             qs.absorb_pending()
         if qs.admin != AdminState.UP or self.stopping:
             return None
+        if now < qs.hold_until:
+            return qs.hold_until
         while len(qs.running) < cfg.num_workers:
             entry, wake = qs.next_runnable(now)
             if entry is None:
@@ -345,6 +362,16 @@ class Daemon:
                 qs.script_error = str(e)
                 self._record_script_error(qs, qs.script_error)
                 return now + SCRIPT_RECHECK
+            except StorageError as e:
+                # The move into run failed (disk full...): the message is still queued. Every
+                # other message would fail the same way, so the queue waits, with backoff.
+                qs.requeued(entry.msg_id)
+                qs.hold_for = min(RETRY_MAX, max(RETRY_FIRST, qs.hold_for * 2))
+                qs.hold_until = now + qs.hold_for
+                log.error("queue %s: cannot start %s: %s; trying again in %g s", qs.name, entry.msg_id,
+                          e, qs.hold_for)
+                return qs.hold_until
+            qs.hold_for = 0.0
             if job is None:
                 if self._in_que(qs, entry.msg_id):  # could not start: back with a delay
                     qs.requeued(entry.msg_id)
