@@ -416,7 +416,7 @@ def test_commands_warn_when_no_daemon_serves_the_root(client: spoolq.Client, ser
 def test_idle_daemon_uses_no_cpu(client: spoolq.Client, root: Path) -> None:
     for i in range(100):
         client.create_queue(f"q{i:03d}", script=script("rq_script.sh"))
-    s = Served(root, "--rescan", "10").start()
+    s = Served(root).start()
     try:
         time.sleep(1)  # let start-up work finish
         before = s.cpu_ticks()

@@ -29,8 +29,11 @@ def register(sub: Any) -> None:
                         "requeued (default 30)")
     p.add_argument("--token", default=os.environ.get("SPOOLQ_TOKEN"),
                    help="bearer token the HTTP API requires (env SPOOLQ_TOKEN); required off loopback")
-    p.add_argument("--rescan", type=float, default=30.0,
-                   help="seconds between backstop rescans of the queues (default 30)")
+    p.add_argument("--sweep", type=float, default=300.0, metavar="S",
+                   help="seconds between sweeps of staging debris and empty buckets (default 300)")
+    # Obsolete: the daemon no longer rescans queues periodically. Accepted (and ignored, with
+    # a warning) so that unit files written for older versions still start.
+    p.add_argument("--rescan", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log every job start and end")
     p.set_defaults(func=cmd_serve)
 
@@ -52,7 +55,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
-    from ..daemon import Daemon
+    from ..daemon.supervisor import Daemon
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
@@ -62,7 +65,10 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
         raise InvalidInput("spoolq serve needs a spool directory (file store)")
     root = ctx.root.removeprefix("file://")
     os.makedirs(root, exist_ok=True)
-    d = Daemon(root, host=args.host, port=args.port, grace=args.grace, rescan_interval=args.rescan)
+    if args.rescan is not None:
+        logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
+                                            "rescans queues (see docs/operations.md)")
+    d = Daemon(root, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep)
     if not args.no_http and not args.token and not is_loopback(d.rootcfg.host):
         raise InvalidInput(f"refusing to serve HTTP on {d.rootcfg.host} without a token: set --token or "
                            "SPOOLQ_TOKEN (or use --no-http)")
