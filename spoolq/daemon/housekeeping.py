@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..store.fs import FsStore
+from ..store.layout import Counts
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -55,6 +56,22 @@ class Housekeeper:
     def busy(self) -> bool:
         """Tasks are still in flight (a new round of sweeps waits for the last one)."""
         return self._outstanding > 0
+
+    def start_up(self, queues: list[str]) -> None:
+        """The start-up chores: sweep the root, recount every queue, then sweep them.
+
+        Recounts go smallest first, by the counts cache (read without a walk; a queue
+        without one goes last): a million-message queue must not keep small ones waiting.
+        """
+        self.submit(SWEEP_ROOT)
+        for name in sorted(queues, key=self._cached_size):
+            self.submit(RECOUNT, name)
+        for name in queues:
+            self.submit(SWEEP, name)
+
+    def _cached_size(self, queue: str) -> float:
+        counts = Counts(self.store.qdir(queue) / "counts").read()
+        return float(sum(counts.values())) if counts is not None else float("inf")
 
     def submit(self, kind: str, queue: str = "") -> None:
         self._outstanding += 1

@@ -134,11 +134,7 @@ class Daemon:
         self.refresh(starting=True)
         # The walks go to the housekeeping thread; a queue starts nothing until its recount
         # is done (the recount holds its counts lock).
-        self.housekeeper.submit(SWEEP_ROOT)
-        for name in self.queues:
-            self.housekeeper.submit(RECOUNT, name)
-        for name in self.queues:
-            self.housekeeper.submit(SWEEP, name)
+        self.housekeeper.start_up(list(self.queues))
         self.next_sweep = self.clock() + self.sweep_interval
 
     def _on_signal(self, signum: int, _frame: object) -> None:
