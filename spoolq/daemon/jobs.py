@@ -5,6 +5,7 @@ the disk refuses) is :mod:`.finish`'s.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -321,3 +322,13 @@ def crash_outcome(msg: Message, why: str) -> Outcome:
     if msg.count + 1 > msg.max_count:
         return Outcome(State.ERR, f"{MAX_RESEND_TEXT} ({why})", msg.count + 1)
     return Outcome(State.QUE, f"requeued: {why}", msg.count + 1, requeue_delay=0.0)
+
+
+def root_env(root: Path) -> str:
+    """``RQ_ENV`` for scripts: the root config's ``env``, else ``production``."""
+    try:
+        data = json.loads((root / "config.json").read_bytes())
+        env = data.get("env") if isinstance(data, dict) else None
+        return env if isinstance(env, str) and env else "production"
+    except (OSError, ValueError):
+        return "production"

@@ -19,7 +19,6 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from .. import durable, watch
 from ..config import RootConfig, read_root_config, write_root_config
@@ -32,7 +31,7 @@ from ..store.layout import message_path
 from . import pidfile
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
-from .jobs import Job, JobRunner, ScriptUnusable
+from .jobs import Job, JobRunner, ScriptUnusable, crash_outcome, root_env
 from .queue import QUE_DEPTH, QueueState
 from .recovery import recover_queue
 from .watches import OVERFLOW, Watches
@@ -106,7 +105,7 @@ class Daemon:
                         "name another port until it is written", self.root / "config.json", e.strerror)
         self.group_sync = durable.GroupSync(on_error=_group_sync_failed)
         self.runner = JobRunner(self.store, self.rootcfg, self.clock,
-                                os.environ.get("RQ_ENV") or _root_env(self.root), self.group_sync)
+                                os.environ.get("RQ_ENV") or root_env(self.root), self.group_sync)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -309,7 +308,14 @@ class Daemon:
             except (KeyError, ValueError):
                 pass
         qs = self.queues.get(job.queue)
-        fin = self.runner.finish(job, code, qs.config if qs is not None else None)
+        try:
+            fin = self.runner.finish(job, code, qs.config if qs is not None else None)
+        except Exception:  # noqa: BLE001 - a bug reading its end must not strand the message
+            log.exception("%s/%s: cannot conclude the attempt; requeueing it as after a crash",
+                          job.queue, job.msg_id)
+            fin = Finish(job.queue, job.msg, crash_outcome(job.msg, "the daemon could not conclude the "
+                                                                    "attempt"), dups=job.dups, pid=job.pid,
+                         exit_code=code)
         if self.runner.finisher.settle(fin):
             self._finished(fin)
         # Else it is held and retried (finish.py): the message stays in run/ and keeps its
@@ -575,17 +581,6 @@ class Daemon:
         finally:
             self.close()
         return 0
-
-
-def _root_env(root: Path) -> str:
-    import json
-
-    try:
-        data = json.loads((root / "config.json").read_bytes())
-        env = data.get("env") if isinstance(data, dict) else None
-        return env if isinstance(env, str) and env else "production"
-    except (OSError, ValueError):
-        return "production"
 
 
 def _group_sync_failed(directory: str, e: OSError) -> None:
