@@ -125,14 +125,18 @@ class Daemon:
                 log.warning("queue %s: %s", name, e)
             # D2: run/ is emptied before anything is dispatched. Moves the store refuses are
             # held by the finisher and retried; nothing else is written here.
-            rec = recover_queue(self.runner, name)
+            try:
+                rec = recover_queue(self.runner, name)
+            except Exception:  # noqa: BLE001 - run/ unreadable: the other queues still start
+                log.exception("queue %s: recovery failed", name)
+                continue
             if rec.requeued or rec.failed or rec.killed or rec.held:
                 log.warning("queue %s: recovered %d message(s) from run/ (%d to err, %d held for a "
                             "retry), killed %d orphaned script(s)", name, rec.requeued, rec.failed,
                             rec.held, rec.killed)
         self.refresh(starting=True)
-        # The walks go to the housekeeping thread; a queue starts nothing until its recount
-        # is done (the recount holds its counts lock).
+        # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
+        # recount is done (the recount holds its counts lock).
         self.housekeeper.start_up(list(self.queues))
         self.next_sweep = self.clock() + self.sweep_interval
 
