@@ -29,7 +29,7 @@ from .model import (
     QueueConfig,
     State,
 )
-from .store import AttachmentSource, FsStore, Store, SweepResult, open_store
+from .store import AttachmentSource, FsStore, Store, SweepResult, kicks, open_store
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -346,11 +346,11 @@ class Client:
 
         self.store.update(r.queue, r.msg_id, front)
         if isinstance(self.store, FsStore):
-            # The daemon watches queue dirs, not message dirs: a touched "kick" makes it rescan.
+            # The daemon does not watch message dirs: kick/<id> makes it read this one again.
             try:
-                (self.store.qdir(r.queue) / "kick").touch()
+                kicks.request(self.store.qdir(r.queue), r.msg_id)
             except OSError:
-                pass
+                pass  # a hint only: the message is at the front on disk; the daemon sees it later
 
     def clone(self, ref: Ref) -> Receipt:
         """A new message with the same fields and attachments (done, relayed or err only)."""

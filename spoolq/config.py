@@ -70,7 +70,10 @@ def read_root_config(root: str | os.PathLike[str]) -> RootConfig:
     return cfg
 
 
-def write_root_config(root: str | os.PathLike[str], cfg: RootConfig) -> None:
+def write_root_config(root: str | os.PathLike[str], cfg: RootConfig) -> bool:
+    """Record host and port in the root's config.json, keeping its other keys. Writes only
+    when they differ from what is there (a daemon must start on a full disk); returns
+    whether it wrote. OSError when the write fails."""
     path = Path(root) / "config.json"
     try:
         data = json.loads(path.read_bytes())
@@ -78,5 +81,8 @@ def write_root_config(root: str | os.PathLike[str], cfg: RootConfig) -> None:
             data = {}
     except (OSError, ValueError):
         data = {}
+    if data.get("host") == cfg.host and data.get("port") == cfg.port and type(data.get("port")) is int:
+        return False
     data.update({"host": cfg.host, "port": cfg.port})
     durable.write_replace(path, (json.dumps(data, indent=2) + "\n").encode())
+    return True

@@ -374,10 +374,57 @@ def test_wait_log_and_cancel_commands(client: spoolq.Client, serve: Any, cli: An
     assert cli("cancel", f"test/{ok.msg_id}").returncode == 4  # already done: a conflict
 
 
+def test_wait_takes_json_after_the_command(client: spoolq.Client, serve: Any, cli: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    ok = client.send("test", param1="done")
+    r = cli("wait", f"test/{ok.msg_id}", "--json", "--timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "done - done sleeping"
+
+
+def test_log_follow_exits_as_wait_when_the_message_ends_in_err(client: spoolq.Client, serve: Any,
+                                                               cli: Any) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    bad = client.send("test", param1="err")
+    r = cli("log", "-f", f"test/{bad.msg_id}")
+    assert (r.returncode, client.get(bad).state) == (9, State.ERR)  # wait's status for err
+    assert "param1 err" in r.stdout
+    assert cli("log", f"test/{bad.msg_id}").returncode == 0  # printing a log is not following it
+
+
+def test_commands_warn_when_no_daemon_serves_the_root(client: spoolq.Client, serve: Any, cli: Any,
+                                                      root: Path) -> None:
+    client.create_queue("test", script=script("rq_script.sh"))
+    warning = f"spoolq: warning: no daemon is serving {root} (start it with spoolq serve)"
+    r = cli("send", "test", "--param1", "done")
+    assert r.returncode == 0 and r.stderr == f"{warning}; the message will wait\n"
+    full_id = r.stdout.strip()
+    assert not (root / "daemon.pid").exists()  # asking created nothing
+    r = cli("wait", full_id, "--timeout", "0.1")
+    assert r.returncode == 7 and r.stderr.startswith(f"{warning}; the message will not change state")
+    follow = subprocess.Popen([SPOOLQ, "--root", str(root), "log", "-f", full_id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stderr is not None
+        assert follow.stderr.readline().startswith(warning)
+    finally:
+        follow.kill()
+        follow.wait(10)
+    s = serve()
+    r = cli("wait", full_id, "--timeout", "30")
+    assert (r.returncode, r.stderr) == (0, "")
+    r = cli("send", "test", "--param1", "done")
+    assert (r.returncode, r.stderr) == (0, "")
+    s.stop()
+    assert cli("send", "test").stderr.startswith(warning)  # a stopped daemon serves no more
+
+
 def test_idle_daemon_uses_no_cpu(client: spoolq.Client, root: Path) -> None:
     for i in range(100):
         client.create_queue(f"q{i:03d}", script=script("rq_script.sh"))
-    s = Served(root, "--rescan", "10").start()
+    s = Served(root).start()
     try:
         time.sleep(1)  # let start-up work finish
         before = s.cpu_ticks()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,19 @@ def command(sub: Any, name: str, handler: Handler, help: str, **kw: Any) -> argp
                    help="print stable machine-readable JSON")
     p.set_defaults(func=handler)
     return p
+
+
+def warn_if_unserved(ctx: Ctx, what: str) -> None:
+    """One line on stderr when no daemon serves the root, so nothing will run: ``what`` says
+    what that means for this command. Only for the filesystem store, whose daemon holds
+    ``<root>/daemon.pid`` locked; asking never creates the file (a read-only root stays so)."""
+    from ..daemon.pidfile import is_served
+    from ..store.fs import FsStore
+
+    store = ctx.client.store
+    if isinstance(store, FsStore) and not is_served(store.root):
+        print(f"spoolq: warning: no daemon is serving {store.root} (start it with spoolq serve); {what}",
+              file=sys.stderr)
 
 
 def queue_name(name: str) -> str:

@@ -14,6 +14,7 @@ from ..credentials import AccessLevel
 from ..errors import InvalidInput, Unavailable, WaitTimeout
 from ..model import State
 from . import exitcodes
+from .common import command, warn_if_unserved
 
 
 def register(sub: Any) -> None:
@@ -41,23 +42,26 @@ def register(sub: Any) -> None:
                    help="RQ's model: everything open on loopback without a token, queue creation and "
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
-    p.add_argument("--rescan", type=float, default=30.0,
-                   help="seconds between backstop rescans of the queues (default 30)")
+    p.add_argument("--sweep", type=float, default=300.0, metavar="S",
+                   help="seconds between sweeps of staging debris and empty buckets (default 300)")
+    # Obsolete: the daemon no longer rescans queues periodically. Accepted (and ignored, with
+    # a warning) so that unit files written for older versions still start.
+    p.add_argument("--rescan", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log every job start and end")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("wait", help="wait until a message is done, relayed or err",
-                       description="Block until the message reaches a final state. Exit status: 0 done "
-                                   "or relayed, 9 err, 7 timeout.")
+    p = command(sub, "wait", cmd_wait, "wait until a message is done, relayed or err")
+    p.description = ("Block until the message reaches a final state. Exit status: 0 done or relayed, "
+                     "9 err, 7 timeout.")
     p.add_argument("message", help="full id URL or QUEUE/ID")
     p.add_argument("--timeout", type=float, default=None, help="give up after S seconds (exit 7)")
-    p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("log", help="print a message's job/stdio.log (-f: follow until it ends)")
+    p = command(sub, "log", cmd_log, "print a message's job/stdio.log (-f: follow until it ends)")
+    p.description = ("Print the message's job/stdio.log. With -f, keep printing until the message "
+                     "reaches a final state; the exit status is then wait's: 0 done or relayed, 9 err.")
     p.add_argument("message", help="full id URL or QUEUE/ID")
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep printing new output until the message reaches a final state")
-    p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("login-url", help="print a one-time sign-in link for the running daemon's web UI",
                        description="Ask the running daemon (with the root's token) for a sign-in link to its "
@@ -67,13 +71,12 @@ def register(sub: Any) -> None:
     p.add_argument("--token-file", default=None, metavar="FILE", help="as for serve (default ROOT/token)")
     p.set_defaults(func=cmd_login_url)
 
-    p = sub.add_parser("cancel", help="stop a queued or running message; it ends in err (cancelled)")
+    p = command(sub, "cancel", cmd_cancel, "stop a queued or running message; it ends in err (cancelled)")
     p.add_argument("message", help="full id URL or QUEUE/ID")
-    p.set_defaults(func=cmd_cancel)
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
-    from ..daemon import Daemon
+    from ..daemon.supervisor import Daemon
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
@@ -93,7 +96,10 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     if not os.access(root, os.W_OK | os.X_OK):
         raise Unavailable(f"the spool root {root} is not writable by this user (uid {os.geteuid()}); "
                           "give it to this user, or choose another with --root / SPOOLQ_ROOT")
-    d = Daemon(root, host=args.host, port=args.port, grace=args.grace, rescan_interval=args.rescan)
+    if args.rescan is not None:
+        logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
+                                            "rescans queues (see docs/operations.md)")
+    d = Daemon(root, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep)
     token = None if args.no_http else credentials.load_or_create(root, args.token_file)
     d.setup()
     http: Any = None
@@ -173,9 +179,16 @@ def _print_view(ctx: Any, view: Any, full_id: str) -> None:
         ctx.out(view.status)
 
 
+def _warn_if_waiting(ctx: Any, ref: Any) -> None:
+    """For wait and log -f: warn when the message is not final and nothing will move it."""
+    if not ctx.client.store.state_of(ref.queue, ref.msg_id).final:
+        warn_if_unserved(ctx, "the message will not change state until one does")
+
+
 def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
     client = ctx.client
     ref = client.ref(args.message)
+    _warn_if_waiting(ctx, ref)
     try:
         view = client.wait(ref, args.timeout)
     except WaitTimeout as e:
@@ -191,10 +204,14 @@ def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
 def cmd_log(args: argparse.Namespace, ctx: Any) -> int:
     client = ctx.client
     ref = client.ref(args.message)
+    if args.follow:
+        _warn_if_waiting(ctx, ref)
     try:
-        watch.follow_log(client.store, ref.queue, ref.msg_id, sys.stdout.buffer, follow=args.follow)
+        view = watch.follow_log(client.store, ref.queue, ref.msg_id, sys.stdout.buffer, follow=args.follow)
     except KeyboardInterrupt:
         return exitcodes.OK
+    if args.follow and view.state == State.ERR:
+        return exitcodes.MESSAGE_FAILED  # as wait: followed to the end, and it failed
     return exitcodes.OK
 
 

@@ -24,7 +24,7 @@ from ..ids import MessageRef
 from ..model import Message, MessageView, State
 from ..store import AttachmentSource
 from . import exitcodes, output
-from .common import command, integer, key_value, number, queue_name, refs
+from .common import command, integer, key_value, number, queue_name, refs, warn_if_unserved
 
 if TYPE_CHECKING:
     from .main import Ctx
@@ -156,6 +156,8 @@ def send(args: argparse.Namespace, ctx: Ctx) -> int:
         state = "que"
     if args.move:
         _remove_moved(attachments)
+    if state == "que":
+        warn_if_unserved(ctx, "the message will wait")
     if ctx.json:
         ctx.emit_json(_receipt_json(ctx, queue, r.msg_id, state=state))
     else:
@@ -250,6 +252,8 @@ def _send_lines(args: argparse.Namespace, ctx: Ctx, queue: str, fields: dict[str
         bar.close()
         if f is not sys.stdin.buffer:
             f.close()
+    if ids:
+        warn_if_unserved(ctx, "the messages will wait")
     if ctx.json:
         ctx.emit_json({"queue": queue, "count": len(ids), "msg_ids": ids,
                        "full_ids": [client.full_id(queue, i) for i in ids]})
@@ -283,6 +287,8 @@ def commit(args: argparse.Namespace, ctx: Ctx) -> int:
     (ref,) = refs([args.msg])
     ctx.client.commit(ref)
     state = ctx.client.store.state_of(ref.queue, ref.msg_id)
+    if state == State.QUE:
+        warn_if_unserved(ctx, "the message will wait")
     if ctx.json:
         ctx.emit_json(_receipt_json(ctx, ref.queue, ref.msg_id, state=str(state)))
     else:

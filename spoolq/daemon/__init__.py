@@ -1,5 +1,22 @@
-"""The daemon: one supervisor per spool root (``spoolq serve``), dispatching queue scripts."""
+"""The daemon: one supervisor per spool root (``spoolq serve``), dispatching queue scripts.
 
-from .supervisor import Daemon
+``Daemon`` is imported lazily, so the CLI can ask :mod:`.pidfile` whether a daemon is there
+without loading the supervisor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .supervisor import Daemon
 
 __all__ = ["Daemon"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Daemon":
+        from .supervisor import Daemon
+
+        return Daemon
+    raise AttributeError(name)

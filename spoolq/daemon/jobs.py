@@ -1,9 +1,6 @@
-"""The life of one attempt: start (que -> run), status lines and dup requests, and the end.
-
-Order of the durable steps at the end (docs/internals-daemon.md): status text, webhook
-messages, then the one rename out of ``run/``. A crash before the rename re-runs the
-message (at-least-once); a crash after it leaves nothing to redo except coalesced
-duplicates, which simply stay queued and run on their own.
+"""The life of one attempt: start (que -> run), status lines and dup requests, and the
+decision at its end. Applying that decision (the move out of ``run/``, and holding it when
+the disk refuses) is :mod:`.finish`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +16,10 @@ from pathlib import Path
 
 from .. import durable
 from ..config import RootConfig
-from ..errors import CorruptMessage, MessageNotFound, QueueDown, QueueExists, QueueNotFound, SpoolqError, WrongState
-from ..model import AdminState, Message, QueueConfig, State
+from ..errors import CorruptMessage, MessageNotFound, QueueDown, QueueNotFound, SpoolqError, WrongState
+from ..model import Message, QueueConfig, State
 from ..runner import protocol
-from ..runner.protocol import Completion, LineBuffer, Outcome
+from ..runner.protocol import MAX_RESEND_TEXT, Completion, LineBuffer, Outcome
 from ..runner.spawn import (
     ScriptError,
     Spawned,
@@ -38,21 +35,15 @@ from ..runner.spawn import (
 from ..store.base import AttachmentSource
 from ..store.fs import FsStore
 from ..store.layout import message_path
+from .finish import Finish, Finisher
 from .stats import JobStats
 
 log = logging.getLogger("spoolq.daemon")
 
-WEBHOOK_QUEUE = "webhook"
 RELAY_QUEUE = "relay"
 KILL_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL when the daemon stops a job."""
 KNOWN_VERBS = {"run", "done", "err", "fails", "relayed", "resend", "dup"}
-WEBHOOK_PLACEHOLDER = """#!/bin/sh
-# Placeholder created by spoolq: the webhook sender is not installed yet. The queue is
-# created PAUSEd so webhook messages wait; resume it once a real sender is configured.
-echo "err webhook sender not installed yet" >&3
-exit 0
-"""
 
 
 class ScriptUnusable(Exception):
@@ -100,8 +91,9 @@ class JobRunner:
         self.rootcfg = rootcfg
         self.clock = clock
         self.rq_env = rq_env
-        self.group_sync = group_sync
         self.stats = JobStats()
+        self.group_sync = group_sync
+        self.finisher = Finisher(store, self.full_id, clock, self.stats, group_sync)
 
     def full_id(self, queue: str, msg_id: str) -> str:
         return f"{self.rootcfg.base_url}/q/{queue}/{msg_id}"
@@ -110,7 +102,11 @@ class JobRunner:
     def start(self, queue: str, msg_id: str, cfg: QueueConfig,
               block_key: tuple[str, ...] | None) -> Job | None:
         """que -> run, then exec the script. None if the message was taken by someone else
-        or could not start (it is then in err, or back in que for a storage problem)."""
+        or could not start (it is then in err, or back in que for a storage problem).
+
+        Raises StorageError when the store cannot make the move (disk full): the message is
+        still in que and the caller waits before trying that queue again.
+        """
         try:
             # Not fsync'd: if a crash loses this rename the message is still in que, which is
             # where recovery would put it; the move out of run is the durable one.
@@ -269,8 +265,13 @@ class JobRunner:
         job.kill_at = now + KILL_GRACE
 
     # -- end -----------------------------------------------------------------------------
-    def finish(self, job: Job, exit_code: int, cfg: QueueConfig | None) -> Outcome:
-        """Decide and apply the outcome of an exited script (rq-spec 3.3)."""
+    def finish(self, job: Job, exit_code: int, cfg: QueueConfig | None) -> Finish:
+        """Decide the outcome of an exited script (rq-spec 3.3); the caller settles it.
+
+        Never raises for the message's sake: a retry policy that cannot compute a delay
+        falls back to its ``max_delay``, and a decision that fails for any other reason
+        requeues the message as a crash would (count + 1), so no outcome is ever missing.
+        """
         if not job.eof:
             self.read_status(job)
             rest = job.lines.flush()
@@ -282,130 +283,60 @@ class JobRunner:
             except OSError:
                 pass
         cancelled = job.cancelled or (job.msg_dir / "cancel").exists()
-        policy = cfg.retry if cfg is not None else None
-        delay = policy.delay(job.msg.count, random.random()) if policy is not None else 60.0
-        if job.stopping and not cancelled:
-            outcome = Outcome(State.QUE, "requeued: the daemon stopped while it ran", job.msg.count)
-        else:
-            outcome = protocol.decide(job.completion, exit_code, count=job.msg.count,
-                                      max_count=job.msg.max_count, last_status=job.last_status,
-                                      retry_delay=delay, cancelled=cancelled,
-                                      timed_out=job.timeout if job.timed_out else None)
+        try:
+            outcome = self._decide(job, exit_code, cfg, cancelled)
+        except Exception:  # noqa: BLE001 - a bug must not leave the message without an outcome
+            log.exception("%s/%s: cannot decide the outcome; requeueing it as after a crash",
+                          job.queue, job.msg_id)
+            outcome = crash_outcome(job.msg, "the daemon could not decide the outcome")
         # The status file already says the right thing when the script's last line is the
         # outcome's text (or there is no status at all and none is wanted): skip a rewrite.
         if job.status_written:
             current: str | None = job.last_status
         else:
             current = None if (job.msg_dir / "status").exists() else ""
-        self.apply(job.queue, job.msg, outcome, dups=job.dups, current_status=current,
-                   cancel_file=cancelled, durable_later=True, cfg=cfg)
-        took = self.clock() - job.started
-        self.stats.finished(job.queue, str(outcome.state), took)
-        log.debug("%s/%s: pid %d exit %d after %.3f s -> %s%s", job.queue, job.msg_id, job.pid, exit_code,
-                  took, outcome.state, f" - {outcome.status}" if outcome.status else "")
-        return outcome
+        return Finish(job.queue, job.msg, outcome, dups=job.dups, current_status=current,
+                      cancel_file=cancelled, durable_later=True, cfg=cfg, pid=job.pid,
+                      exit_code=exit_code, took=self.clock() - job.started)
+
+    def _decide(self, job: Job, exit_code: int, cfg: QueueConfig | None, cancelled: bool) -> Outcome:
+        if job.stopping and not cancelled:
+            return Outcome(State.QUE, "requeued: the daemon stopped while it ran", job.msg.count)
+        return protocol.decide(job.completion, exit_code, count=job.msg.count,
+                               max_count=job.msg.max_count, last_status=job.last_status,
+                               retry_delay=retry_delay(cfg, job.msg.count, random.random()),
+                               cancelled=cancelled, timed_out=job.timeout if job.timed_out else None)
 
     def finish_without_run(self, queue: str, msg: Message, outcome: Outcome) -> None:
-        self.apply(queue, msg, outcome, dups=[])
+        """End an attempt whose script never started (held and retried if the store refuses)."""
+        self.finisher.settle(Finish(queue, msg, outcome))
 
-    def apply(self, queue: str, msg: Message, outcome: Outcome, *, dups: list[str],
-              src: State = State.RUN, note: str = "", current_status: str | None = None,
-              cancel_file: bool = True, durable_later: bool = False, cfg: QueueConfig | None = None) -> None:
-        """Make ``outcome`` happen: status, webhooks, then the one move out of ``src``.
 
-        ``durable_later``: a plain move (nothing in ``msg`` changes) is made durable by the
-        daemon's group-commit thread instead of an fsync here (durable.GroupSync); ``cfg``
-        says whether the queue wants fsyncs at all. ``cancel_file=False``: the caller knows
-        there is no cancel file to remove.
-        """
-        msg_id = msg.msg_id
-        mdir = message_path(self.store.qdir(queue), src, msg_id)
-        if outcome.status != current_status:
-            try:
-                self.store.set_status(queue, msg_id, outcome.status)
-            except SpoolqError:
-                pass
-        for f in ("pid", "cancel") if cancel_file else ("pid",):
-            try:
-                os.unlink(mdir / f)
-            except OSError:
-                pass
-        parent_full = self.full_id(queue, msg_id)
-        finished_ok = outcome.state in (State.DONE, State.RELAYED)
-        now = self.clock()
+def retry_delay(cfg: QueueConfig | None, count: int, rand: float) -> float:
+    """The backoff before the next try after exit 111; a policy whose numbers overflow
+    (``base`` and ``factor`` near 1e308) means "as long as allowed": its ``max_delay``."""
+    if cfg is None:
+        return 60.0
+    try:
+        return cfg.retry.delay(count, rand)
+    except (ArithmeticError, ValueError):
+        return cfg.retry.max_delay
 
-        def update(m: Message) -> None:
-            m.count = outcome.count
-            if outcome.state == State.QUE:
-                m.due = now + outcome.requeue_delay
-            if finished_ok and dups:
-                m.dups = [self.full_id(queue, d) for d in dups]
 
-        if outcome.state.final:
-            final = Message.from_dict(msg.to_dict())
-            update(final)
-            self.webhooks(queue, final, outcome.state)
-        changed = (outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and dups))
-        deferred = durable_later and not changed and self.group_sync is not None
-        try:
-            # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message.
-            self.store.move(queue, msg_id, src, outcome.state, update=update if changed else None,
-                            note=note or outcome.state.value, sync=False if deferred else None,
-                            current=msg if src == State.RUN else None)
-        except (WrongState, MessageNotFound, QueueNotFound, CorruptMessage) as e:
-            log.warning("%s/%s: cannot move to %s: %s", queue, msg_id, outcome.state, e)
-            return
-        if deferred and self.group_sync is not None and (cfg is None or cfg.fsync):
-            qdir = self.store.qdir(queue)
-            self.group_sync.add_rename(mdir.parent, message_path(qdir, outcome.state, msg_id).parent)
-        if finished_ok:
-            for d in dups:
-                self.finish_duplicate(queue, d, parent_full, outcome.state)
+def crash_outcome(msg: Message, why: str) -> Outcome:
+    """What a crash earns a message found in run: one more run, unless that takes ``count``
+    past ``max_count`` (a crash is not the message's fault, but one that keeps killing the
+    daemon must end). Due at once."""
+    if msg.count + 1 > msg.max_count:
+        return Outcome(State.ERR, f"{MAX_RESEND_TEXT} ({why})", msg.count + 1)
+    return Outcome(State.QUE, f"requeued: {why}", msg.count + 1, requeue_delay=0.0)
 
-    def finish_duplicate(self, queue: str, msg_id: str, parent_full: str, state: State) -> None:
-        """A coalesced duplicate ends with its parent, without running (rq-spec 3.4)."""
-        try:
-            self.store.set_status(queue, msg_id, f"duplicate {parent_full}")
 
-            def mark(m: Message) -> None:
-                m.dup = parent_full
-
-            self.store.move(queue, msg_id, State.QUE, state, update=mark, note=f"duplicate of {parent_full}")
-        except SpoolqError as e:
-            log.info("%s/%s: duplicate not finished with its parent: %s", queue, msg_id, e)
-
-    def webhooks(self, queue: str, msg: Message, state: State) -> None:
-        """One message in the local ``webhook`` queue per ``post_run_webhook`` URL (rq-spec 3.3)."""
-        if not msg.post_run_webhook or queue == WEBHOOK_QUEUE:
-            return
-        data = msg.to_dict()
-        data["msg_id"] = self.full_id(queue, msg.msg_id)
-        data["state"] = str(state)
-        data.pop("history", None)
-        payload = json.dumps(data, separators=(",", ":"))
-        try:
-            self.ensure_webhook_queue()
-            for url in msg.post_run_webhook:
-                self.store.create(WEBHOOK_QUEUE, Message(dest=WEBHOOK_QUEUE, param1=url, param2=payload,
-                                                         src=data["msg_id"]))
-        except SpoolqError as e:
-            log.error("%s/%s: cannot queue webhook: %s", queue, msg.msg_id, e)
-
-    def ensure_webhook_queue(self) -> None:
-        if WEBHOOK_QUEUE in self.store.queues():
-            return
-        sdir = self.root / "scripts"
-        sdir.mkdir(exist_ok=True)
-        script = sdir / "webhook-placeholder"
-        if not script.exists():
-            tmp = sdir / ".webhook-placeholder.tmp"
-            tmp.write_text(WEBHOOK_PLACEHOLDER)
-            tmp.chmod(0o755)
-            os.rename(tmp, script)
-        try:
-            self.store.create_queue(QueueConfig.from_dict({"name": WEBHOOK_QUEUE, "script": str(script)}))
-            self.store.set_admin_state(WEBHOOK_QUEUE, AdminState.PAUSE)
-            log.warning("created the webhook queue, PAUSEd, with a placeholder script: install a "
-                        "sender and resume it to deliver webhooks")
-        except QueueExists:
-            pass
+def root_env(root: Path) -> str:
+    """``RQ_ENV`` for scripts: the root config's ``env``, else ``production``."""
+    try:
+        data = json.loads((root / "config.json").read_bytes())
+        env = data.get("env") if isinstance(data, dict) else None
+        return env if isinstance(env, str) and env else "production"
+    except (OSError, ValueError):
+        return "production"

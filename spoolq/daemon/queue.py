@@ -1,9 +1,15 @@
 """One queue's scheduling state: which queued messages exist, when they are due, which run.
 
-The index mirrors ``que/`` on disk. inotify events add and remove single entries; a full
-rescan (at start, on a ``kick``, on overflow, and every backstop interval) re-syncs it. The
-index is a cache: the store's ``move`` is what decides, so a stale entry can only cost a
-failed move (WrongState), never a double start.
+The index mirrors ``que/`` on disk, and only while the queue can run (UP): a PAUSEd or
+DOWN queue has no index and no watches on ``que/``, so its messages cost nothing however
+many there are. When it can run again it is indexed by a :class:`Walk` of ``que/``, done
+in slices (``work``) between the daemon's other duties, oldest bucket first; messages
+already indexed can start meanwhile. After that inotify keeps the index current, one
+message per event, and nothing re-reads the queue periodically. A full walk happens again
+only when events may have been lost (inotify overflow, SIGHUP, a failed dispatch).
+
+The index is a cache (D3): the store's ``move`` is what decides, so a stale entry can only
+cost a failed move (WrongState), never a double start.
 """
 
 from __future__ import annotations
@@ -11,20 +17,78 @@ from __future__ import annotations
 import heapq
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..ids import sort_key
+from ..ids import MSG_ID_RE
 from ..model import AdminState, QueueConfig, State
-from ..store.layout import iter_entries, message_path
+from ..store.layout import message_path
+
+QUE_DEPTH = 3
+"""que/<day>/<HHMM>/<SS>/<id>: bucket directories are levels 0..3 below que/."""
+_WIDTHS = (8, 4, 2)  # name lengths of the bucket levels 1..3
+
+
+class Entry:
+    """What the scheduler needs of one queued message (slots: a million of them add up)."""
+
+    __slots__ = ("msg_id", "due", "params", "mtime_ns", "gen")
+
+    def __init__(self, msg_id: str, due: float, params: tuple[str, str, str, str], mtime_ns: int,
+                 gen: int = 0) -> None:
+        self.msg_id = msg_id
+        self.due = due
+        self.params = params
+        self.mtime_ns = mtime_ns
+        self.gen = gen
+
+
+def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
+    """The message's due time and params, or None if it is gone or unreadable (the store
+    sets unreadable messages aside when the daemon tries to start them, I7)."""
+    p = f"{msg_dir}/msg"
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        data = json.loads(b"".join(chunks))
+        due = float(data.get("due") or 0.0)
+        params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    return Entry(msg_id, due, params, st.st_mtime_ns)  # type: ignore[arg-type]
 
 
 @dataclass
-class Entry:
-    msg_id: str
-    due: float
-    params: tuple[str, str, str, str]
-    mtime_ns: int
+class Walk:
+    """A walk of (part of) ``que/`` that can stop after any message and go on later.
+
+    ``stack`` holds directories still to visit, the oldest on top; ``names`` the messages
+    of the bucket being read, the oldest last. Each directory is watched *before* it is
+    listed, so a message that arrives after the listing is an inotify event, and one that
+    arrives before it is listed: none is missed. A ``full`` walk ends by dropping entries
+    it did not see (of an older ``gen``): messages that left ``que/`` while events were lost.
+    """
+
+    stack: list[tuple[Path, int]]
+    full: bool
+    gen: int
+    bucket: Path | None = None
+    names: list[str] = field(default_factory=list)
+    sweep: list[str] | None = None  # a full walk's last phase: ids to check for staleness
+    read: int = 0
+
+
+WatchFn = Callable[[Path, int], None]
+"""Called with each directory of ``que/`` (and its level) before the walk lists it."""
 
 
 @dataclass
@@ -34,90 +98,183 @@ class QueueState:
     config: QueueConfig | None = None
     admin: AdminState = AdminState.UP
     index: dict[str, Entry] = field(default_factory=dict)
-    heap: list[tuple[float, tuple[str, int], str]] = field(default_factory=list)
+    heap: list[tuple[float, str]] = field(default_factory=list)
     # child id -> parent id: coalesced duplicates waiting for their parent to finish.
     absorbed: dict[str, str] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
     running_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     pending_ids: set[str] = field(default_factory=set)
-    needs_rescan: bool = True
+    indexed: bool = False  # que/ is watched and the index is (being) kept
+    walk: Walk | None = None
+    gen: int = 0
+    ready: bool = True  # False until the start-up recount is done: it holds the counts lock
     config_stale: bool = True  # config.json, pause or down changed since last read
     script_error: str | None = None  # SCRIPTERROR: why the script cannot start
+    hold_until: float = 0.0  # the store failed to start a message: wait before trying again
+    hold_for: float = 0.0
     dirty: bool = True
     wake_at: float | None = None
 
     # -- index maintenance ---------------------------------------------------------------
-    def _read(self, msg_id: str, path: Path | None = None) -> Entry | None:
-        p = (path or message_path(self.qdir, State.QUE, msg_id)) / "msg"
-        try:
-            st = os.stat(p)
-            data = json.loads(p.read_bytes())
-            due = float(data.get("due") or 0.0)
-            params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return None
-        return Entry(msg_id, due, params, st.st_mtime_ns)  # type: ignore[arg-type]
-
     def _put(self, e: Entry) -> None:
+        """Index ``e``; a new due gets a new heap entry (the old one is skipped when it surfaces)."""
+        e.gen = self.gen
         old = self.index.get(e.msg_id)
         self.index[e.msg_id] = e
         if old is None or old.due != e.due:
-            heapq.heappush(self.heap, (e.due, sort_key(e.msg_id), e.msg_id))
+            heapq.heappush(self.heap, (e.due, e.msg_id))
+
+    def start_index(self) -> None:
+        """Begin indexing ``que/`` from scratch (the queue became runnable)."""
+        self.indexed = True
+        self.rewalk()
+
+    def rewalk(self) -> None:
+        """Walk all of ``que/`` again, keeping what is indexed: events may have been lost."""
+        if not self.indexed:
+            return
+        self.gen += 1
+        self.walk = Walk(stack=[(self.qdir / str(State.QUE), 0)], full=True, gen=self.gen)
+
+    def add_walk_root(self, path: Path, level: int) -> None:
+        """A bucket directory appeared: walk it too (its messages may predate its watch)."""
+        if not self.indexed:
+            return
+        if self.walk is None:
+            self.walk = Walk(stack=[], full=False, gen=self.gen)
+        self.walk.stack.append((path, level))
+
+    def unindex(self) -> None:
+        """Forget ``que/`` (the queue cannot run): no index, no walk, no pending reads."""
+        self.indexed = False
+        self.walk = None
+        self.index = {}
+        self.heap = []
+        self.absorbed = {}
+        self.pending_ids = set()
 
     def note_arrival(self, msg_id: str) -> None:
-        self.pending_ids.add(msg_id)
-        self.dirty = True
+        """A message appeared in ``que/`` or was kicked: read it at the next ``work``."""
+        if self.indexed:
+            self.pending_ids.add(msg_id)
+            self.dirty = True
 
     def note_departure(self, msg_id: str) -> None:
         self.pending_ids.discard(msg_id)
         self.index.pop(msg_id, None)
         self.absorbed.pop(msg_id, None)
 
-    def absorb_pending(self) -> None:
-        """Read the messages that events announced."""
-        ids, self.pending_ids = self.pending_ids, set()
-        for msg_id in ids:
+    def has_work(self) -> bool:
+        return bool(self.pending_ids) or self.walk is not None
+
+    def absorb(self, until: float, now: Callable[[], float]) -> bool:
+        """Read the messages events announced, until ``now() >= until``; True if any was
+        indexed (the queue should be dispatched). Left-overs wait for the next call."""
+        added = False
+        while self.pending_ids and now() < until:
+            msg_id = self.pending_ids.pop()
             if msg_id in self.running:
                 continue
-            e = self._read(msg_id)
+            e = read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id))
             if e is not None:
                 self._put(e)
+                added = True
+        return added
 
-    def rescan(self) -> None:
-        """Re-sync the index with ``que/`` (new, changed and vanished messages)."""
-        seen: set[str] = set()
-        for msg_id, path, _ in iter_entries(self.qdir, State.QUE, newest_first=False):
-            seen.add(msg_id)
-            old = self.index.get(msg_id)
-            if old is not None:
-                try:
-                    if os.stat(path / "msg").st_mtime_ns == old.mtime_ns:
-                        continue
-                except OSError:
-                    continue
-            e = self._read(msg_id, path)
-            if e is not None:
-                self._put(e)
-        for gone in set(self.index) - seen:
-            del self.index[gone]
-            self.absorbed.pop(gone, None)
-        self.heap = [(e.due, sort_key(e.msg_id), e.msg_id) for e in self.index.values()]
-        heapq.heapify(self.heap)
-        self.needs_rescan = False
+    def walk_on(self, until: float, now: Callable[[], float], watch: WatchFn) -> bool:
+        """Go on with the walk until ``now() >= until``; True if anything was indexed.
+        Bounded, so that indexing a million messages never holds up the other queues."""
+        added = False
+        w = self.walk
+        while w is not None and now() < until:
+            if w.names:
+                added |= self._walk_message(w)
+            elif w.stack:
+                self._walk_dir(w, watch)
+            elif w.full and w.sweep is None:
+                w.sweep = list(self.index)
+            elif w.sweep:
+                for _ in range(min(len(w.sweep), 1000)):
+                    msg_id = w.sweep.pop()
+                    e = self.index.get(msg_id)
+                    if e is not None and e.gen < w.gen and msg_id not in self.pending_ids:
+                        del self.index[msg_id]  # left que/ while events were lost
+                        self.absorbed.pop(msg_id, None)
+            else:
+                self.walk = w = None
+        return added
+
+    def _walk_dir(self, w: Walk, watch: WatchFn) -> None:
+        path, level = w.stack.pop()
+        watch(path, level)  # before listing: what arrives after the listing is an event
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return
+        if level < QUE_DEPTH:
+            width = _WIDTHS[level]
+            subs = sorted((n for n in names if len(n) == width and n.isdigit()), reverse=True)
+            w.stack.extend((path / n, level + 1) for n in subs)  # oldest on top
+        else:
+            w.bucket = path
+            # Newest first, popped from the end: the oldest messages are indexed (and can
+            # start) first. Ids of one bucket differ only in the millisecond and the inode.
+            w.names = sorted((n for n in names if MSG_ID_RE.match(n)), reverse=True)
+
+    def _walk_message(self, w: Walk) -> bool:
+        msg_id = w.names.pop()
+        if msg_id in self.running:
+            return False
+        assert w.bucket is not None
+        path = w.bucket / msg_id
+        old = self.index.get(msg_id)
+        if old is not None:
+            try:
+                if os.stat(f"{path}/msg").st_mtime_ns == old.mtime_ns:
+                    old.gen = self.gen  # unchanged: seen, no need to read it
+                    return False
+            except OSError:
+                return False  # gone since the listing: its departure event drops it
+        w.read += 1
+        e = read_entry(msg_id, path)
+        if e is None:
+            return False
+        self._put(e)
+        return True
 
     def drop(self, msg_id: str) -> None:
         self.index.pop(msg_id, None)
         self.absorbed.pop(msg_id, None)
 
+    def put_back(self, e: Entry) -> None:
+        """An entry taken off the heap for a start that did not happen: schedule it again."""
+        if not self.indexed:
+            return
+        self.index.pop(e.msg_id, None)  # so _put pushes it even with an unchanged due
+        self._put(e)
+
     def requeued(self, msg_id: str) -> None:
         """A message this daemon put back in que (resend, 111, parent failed): read it again.
         A duplicate heap entry is harmless: the stale copy is skipped when it surfaces."""
         self.absorbed.pop(msg_id, None)
-        e = self._read(msg_id)
-        if e is not None:
-            self.index[msg_id] = e
-            heapq.heappush(self.heap, (e.due, sort_key(e.msg_id), e.msg_id))
+        if self.indexed:
+            e = read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id))
+            if e is not None:
+                self.index.pop(msg_id, None)
+                self._put(e)
         self.dirty = True
+
+    def refresh_entry(self, e: Entry) -> Entry:
+        """``e`` as it is on disk now, if its ``msg`` changed since it was indexed (a hand
+        edit, or a ``run-now`` whose kick is not handled yet): one stat per start."""
+        path = message_path(self.qdir, State.QUE, e.msg_id)
+        try:
+            if os.stat(f"{path}/msg").st_mtime_ns == e.mtime_ns:
+                return e
+        except OSError:
+            return e  # gone: the move will say so
+        fresh = read_entry(e.msg_id, path)
+        return fresh if fresh is not None else e
 
     # -- scheduling ----------------------------------------------------------------------
     def block_key(self, params: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -127,17 +284,17 @@ class QueueState:
     def next_runnable(self, now: float) -> tuple[Entry | None, float | None]:
         """The message to start now, or (None, when the head becomes due) — RQ's scheduler:
         order by due; with blocking_params skip messages whose tuple is already running."""
-        skipped: list[tuple[float, tuple[str, int], str]] = []
+        skipped: list[tuple[float, str]] = []
         pick: Entry | None = None
         wake: float | None = None
         blocked = set(self.running_keys.values())
         while self.heap:
-            due, key, msg_id = self.heap[0]
+            due, msg_id = self.heap[0]
             e = self.index.get(msg_id)
             if e is None or e.due != due or msg_id in self.absorbed or msg_id in self.running:
                 heapq.heappop(self.heap)
                 if e is not None and e.due == due and msg_id in self.absorbed:
-                    skipped.append((due, key, msg_id))  # comes back if its parent fails
+                    skipped.append((due, msg_id))  # comes back if its parent fails
                 continue
             bk = self.block_key(e.params)
             if bk is not None and bk in blocked:

@@ -6,6 +6,10 @@ start time, so the whole process group is killed first, and only a process that 
 that script (same pid *and* same start time) is touched. Then the message goes back to
 ``que/`` with ``count`` incremented (at-least-once), or to ``err/`` if it was cancelled or
 has used up ``max_count``.
+
+One message never stops the others: whatever fails for one is logged, and a move the store
+refuses (disk full, a damaged message directory) is held by the daemon and retried while it
+runs (:mod:`.finish`), so no message waits for another restart.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from dataclasses import dataclass
 
 from ..errors import SpoolqError
 from ..model import State
-from ..runner.protocol import MAX_RESEND_TEXT, Outcome
+from ..runner.protocol import Outcome
 from ..runner.spawn import kill_group, leftover_processes, read_pidfile, same_process
 from ..store.layout import message_path
-from .jobs import JobRunner
+from .finish import Finish
+from .jobs import JobRunner, crash_outcome
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -30,53 +35,54 @@ class Recovered:
     requeued: int = 0
     failed: int = 0
     killed: int = 0
+    held: int = 0  # the store refused the move: retried by the daemon
 
 
 def recover_queue(runner: JobRunner, queue: str) -> Recovered:
     """Kill orphaned scripts of ``queue`` and move every ``run/`` message out of run."""
-    store = runner.store
-    qdir = store.qdir(queue)
     rec = Recovered()
-    for msg_id in list(store.ids(queue, State.RUN)):
-        mdir = message_path(qdir, State.RUN, msg_id)
-        pf = read_pidfile(mdir)
-        if pf is not None and same_process(*pf):
-            pid = pf[0]
-            kill_group(pid, signal.SIGKILL)
+    for msg_id in list(runner.store.ids(queue, State.RUN)):
+        try:
+            _recover_one(runner, queue, msg_id, rec)
+        except Exception:  # noqa: BLE001 - one message must not keep the others in run/
+            log.exception("%s/%s: recovery failed; going on with the others", queue, msg_id)
+    return rec
+
+
+def _recover_one(runner: JobRunner, queue: str, msg_id: str, rec: Recovered) -> None:
+    store = runner.store
+    mdir = message_path(store.qdir(queue), State.RUN, msg_id)
+    pf = read_pidfile(mdir)
+    if pf is not None and same_process(*pf):
+        pid = pf[0]
+        kill_group(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)  # in case it left its group
+        except OSError:
+            pass
+        rec.killed += 1
+        log.warning("%s/%s: killed orphaned script pid %d (and its process group)", queue, msg_id, pid)
+    elif pf is not None:
+        # The script is gone (reaped by init) but may have left children behind.
+        for pid in leftover_processes(pf[0], msg_id):
             try:
-                os.kill(pid, signal.SIGKILL)  # in case it left its group
+                os.kill(pid, signal.SIGKILL)
+                rec.killed += 1
+                log.warning("%s/%s: killed pid %d, left running by its exited script", queue, msg_id, pid)
             except OSError:
                 pass
-            rec.killed += 1
-            log.warning("%s/%s: killed orphaned script pid %d (and its process group)", queue, msg_id, pid)
-        elif pf is not None:
-            # The script is gone (reaped by init) but may have left children behind.
-            for pid in leftover_processes(pf[0], msg_id):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    rec.killed += 1
-                    log.warning("%s/%s: killed pid %d, left running by its exited script", queue, msg_id, pid)
-                except OSError:
-                    pass
-        try:
-            msg = store.get(queue, msg_id).message
-        except SpoolqError as e:
-            log.error("%s/%s: unreadable in run/: %s", queue, msg_id, e)
-            continue
-        if (mdir / "cancel").exists():
-            outcome = Outcome(State.ERR, "cancelled", msg.count)
-        elif msg.count + 1 > msg.max_count:
-            # A crash is not the message's fault: it gets one more run even at max_count
-            # (max_count 1 still runs again), but a message that keeps killing the daemon
-            # ends in err.
-            outcome = Outcome(State.ERR, MAX_RESEND_TEXT + " (was running when the daemon died)",
-                              msg.count + 1)
-        else:
-            outcome = Outcome(State.QUE, "requeued: was running when the daemon died",
-                              msg.count + 1, requeue_delay=0.0)
-        runner.apply(queue, msg, outcome, dups=[], note="recovered")
-        if outcome.state == State.QUE:
-            rec.requeued += 1
-        else:
-            rec.failed += 1
-    return rec
+    try:
+        msg = store.get(queue, msg_id).message
+    except SpoolqError as e:
+        log.error("%s/%s: unreadable in run/: %s", queue, msg_id, e)
+        return
+    if (mdir / "cancel").exists():
+        outcome = Outcome(State.ERR, "cancelled", msg.count)
+    else:
+        outcome = crash_outcome(msg, "was running when the daemon died")
+    if not runner.finisher.settle(Finish(queue, msg, outcome, note="recovered")):
+        rec.held += 1
+    elif outcome.state == State.QUE:
+        rec.requeued += 1
+    else:
+        rec.failed += 1

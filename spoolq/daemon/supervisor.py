@@ -1,229 +1,266 @@
 """``spoolq serve``: one supervisor per spool root.
 
-A single-threaded event loop (``selectors``) waits on: the inotify fd (new messages, config
-and admin-state changes, new queues), a self-pipe fed by signals (SIGCHLD, SIGHUP, SIGTERM,
-SIGINT), and each running script's status pipe. Its timeout is the nearest due time, job
-deadline or backstop rescan, so an idle daemon sleeps in the kernel. ``step()`` runs one
-iteration, so tests and tools can drive the loop without sleeping.
+A single-threaded event loop (``selectors``) waits on: the inotify fd (new messages, kicks,
+config and admin-state changes, new queues), a self-pipe fed by signals (SIGCHLD, SIGHUP,
+SIGTERM, SIGINT), the housekeeping thread's pipe, and each running script's status pipe.
+Its timeout is the nearest due time, job deadline, retry of a held finish or sweep, so an
+idle daemon sleeps in the kernel. Work that grows with the number of messages is never
+done in one piece here: queues are indexed in slices of at most :data:`SLICE` seconds
+between other duties, and whole-tree walks (recount, sweep) run on the housekeeping
+thread. ``step()`` runs one iteration, so tests and tools can drive the loop without
+sleeping.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import selectors
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from .. import durable, watch
 from ..config import RootConfig, read_root_config, write_root_config
-from ..errors import DaemonRunning, InvalidConfig, QueueNotFound, SpoolqError
+from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
 from ..model import AdminState, State
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
+from ..store import kicks
 from ..store.fs import FsStore
 from ..store.layout import message_path
-from .jobs import Job, JobRunner, ScriptUnusable
-from .queue import QueueState
+from . import pidfile
+from .finish import RETRY_FIRST, RETRY_MAX, Finish
+from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
+from .jobs import Job, JobRunner, ScriptUnusable, crash_outcome, root_env
+from .queue import QUE_DEPTH, QueueState
 from .recovery import recover_queue
+from .watches import OVERFLOW, Watches
 
 log = logging.getLogger("spoolq.daemon")
 
-DIR_EVENTS = watch.IN_CREATE | watch.IN_MOVED_TO | watch.IN_MOVED_FROM | watch.IN_DELETE | watch.IN_ONLYDIR
-QDIR_EVENTS = DIR_EVENTS | watch.IN_CLOSE_WRITE | watch.IN_ATTRIB
-QDIR_NAMES = {"config.json", "pause", "down", "kick"}
-QUE_DEPTH = 3  # que/<day>/<HHMM>/<SS>/<id>
+QDIR_NAMES = {"config.json", "pause", "down"}
 SCRIPT_RECHECK = 5.0
 """Seconds between checks of a SCRIPTERROR queue's script (config changes recheck at once)."""
+SLICE = 0.004
+"""Seconds of indexing per loop iteration at most: what a big queue can delay the others."""
+BIG_WALK = 10_000
+"""A walk that read this many messages is worth a line in the log without -v."""
+WATCH_TROUBLE_WALK = 5.0
+"""Without enough inotify watches, queues are walked (in slices) this often instead."""
 
 
 class Daemon:
     def __init__(self, root: str | os.PathLike[str], *, host: str | None = None, port: int | None = None,
-                 grace: float = 30.0, rescan_interval: float = 30.0,
+                 grace: float = 30.0, sweep_interval: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = FsStore(root)
         self.root = self.store.root
         cfg = read_root_config(self.root)
         self.rootcfg = RootConfig(host=host or cfg.host, port=port if port is not None else cfg.port)
         self.grace = grace
-        self.rescan_interval = rescan_interval
+        self.sweep_interval = sweep_interval
         self.clock = clock
         self.queues: dict[str, QueueState] = {}
         self.jobs: dict[int, Job] = {}
-        self.watches: dict[int, tuple[str, str | None, Path, int]] = {}  # wd -> (kind, queue, path, level)
         self.stopping = False
         self.grace_end: float | None = None
-        self.next_rescan = 0.0
+        self.next_sweep = 0.0
+        self.next_trouble_walk = 0.0
         self.refresh_queues = True
         self.flags: set[int] = set()
-        self.watch_trouble = False
         self._lock_fd = -1
+        self._turn = 0  # which queue indexes first in this iteration (round robin)
         self.sel: selectors.BaseSelector  # created in setup(), after fds 3 and 4 are claimed
-        self.ino: watch.Inotify | None = None
+        self.watches: Watches | None = None
         self.runner: JobRunner | None = None
         self.group_sync: durable.GroupSync | None = None
+        self.housekeeper: Housekeeper | None = None
 
     # -- setup / teardown ----------------------------------------------------------------
     def acquire(self) -> None:
         """Take ``<root>/daemon.pid`` with flock; DaemonRunning if another daemon holds it."""
-        path = self.root / "daemon.pid"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DaemonRunning(f"another spoolq daemon (pid {other}) is serving {self.root} "
-                                    f"(it holds {path})") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = pidfile.acquire(self.root)
 
     def release(self) -> None:
-        # The file stays (emptied): unlinking it before the unlock would let a second daemon
-        # lock the old inode while a third locks a new file at the same path.
         if self._lock_fd >= 0:
-            try:
-                os.ftruncate(self._lock_fd, 0)
-            except OSError:
-                pass
-            os.close(self._lock_fd)
+            pidfile.release(self._lock_fd)
             self._lock_fd = -1
 
     def setup(self) -> None:
-        """Everything before the loop: lock, root config, signals, watches, recovery."""
+        """Everything before the loop: lock, root config, signals, watches, recovery.
+
+        Nothing here needs to write except recovery's moves (which are held and retried
+        when the disk refuses them): on a full disk the daemon starts, serves reads and
+        runs what it can.
+        """
         self.store.ensure_root()
         if not reserve_low_fds():  # before this process opens anything else
             log.info("fds 3 and 4 are taken: scripts are spawned through the slower preexec path")
         self.sel = selectors.DefaultSelector()
         self.acquire()
-        write_root_config(self.root, self.rootcfg)
+        try:
+            write_root_config(self.root, self.rootcfg)
+        except OSError as e:
+            log.warning("cannot record host and port in %s: %s; full ids printed by the CLI may "
+                        "name another port until it is written", self.root / "config.json", e.strerror)
         self.group_sync = durable.GroupSync(on_error=_group_sync_failed)
         self.runner = JobRunner(self.store, self.rootcfg, self.clock,
-                                os.environ.get("RQ_ENV") or _root_env(self.root), self.group_sync)
+                                os.environ.get("RQ_ENV") or root_env(self.root), self.group_sync)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.sel.register(rfd, selectors.EVENT_READ, "wake")
-        self.ino = watch.Inotify()
-        self.sel.register(self.ino.fd, selectors.EVENT_READ, "inotify")
-        self._watch(self.store.qroot, "root", None, 0)
-        for path in self.store.sweep_root():
-            log.info("removed %s, a queue whose creator died half-way", path)
+        self.watches = Watches(WATCH_TROUBLE_WALK)
+        self.sel.register(self.watches.fd, selectors.EVENT_READ, "inotify")
+        self.housekeeper = Housekeeper(self.store)
+        self.sel.register(self.housekeeper.fd, selectors.EVENT_READ, "housekeeping")
+        self.watches.add(self.store.qroot, "root")
         log.info("spool %s is on %s", self.root, durable.fs_description(self.root))
         found = self.store.recover_lost_found()  # I10: what e2fsck moved there after a power cut
         for line in found.recovered:
             log.warning("put back %s", line)
         for line in found.problems:
             log.warning("lost+found: %s", line)
-        for name in self.store.queues():
+        names = self.store.queues()
+        for name in names:
             try:
                 self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
-                self.store.recount(name)
-                for line in self.store.sweep(name).recovered:
-                    log.warning("put back %s", line)  # I6: a complete message left in staging
-                rec = recover_queue(self.runner, name)
-                if rec.requeued or rec.failed or rec.killed:
-                    log.warning("queue %s: recovered %d message(s) from run/ (%d to err), killed %d "
-                                "orphaned script(s)", name, rec.requeued, rec.failed, rec.killed)
             except SpoolqError as e:
-                log.error("queue %s: recovery failed: %s", name, e)
-        self.refresh()
+                log.warning("queue %s: %s", name, e)
+            # D2: run/ is emptied before anything is dispatched. Moves the store refuses are
+            # held by the finisher and retried; nothing else is written here.
+            try:
+                rec = recover_queue(self.runner, name)
+            except Exception:  # noqa: BLE001 - run/ unreadable: the other queues still start
+                log.exception("queue %s: recovery failed", name)
+                continue
+            if rec.requeued or rec.failed or rec.killed or rec.held:
+                log.warning("queue %s: recovered %d message(s) from run/ (%d to err, %d held for a "
+                            "retry), killed %d orphaned script(s)", name, rec.requeued, rec.failed,
+                            rec.held, rec.killed)
+        self.refresh(starting=True)
+        # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
+        # recount is done (the recount holds its counts lock).
+        self.housekeeper.start_up(list(self.queues))
+        self.next_sweep = self.clock() + self.sweep_interval
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.flags.add(signum)
 
     def close(self) -> None:
+        if self.housekeeper is not None:
+            self.housekeeper.close()
         if self.group_sync is not None:
             self.group_sync.close()  # every finished move durable before the lock is let go
         signal.set_wakeup_fd(-1)
-        if self.ino is not None:
-            self.ino.close()
+        if self.watches is not None:
+            self.watches.close()
         if hasattr(self, "sel"):
             self.sel.close()
         self.release()
 
     # -- watches and queues --------------------------------------------------------------
-    def _watch(self, path: Path, kind: str, queue: str | None, level: int) -> bool:
-        assert self.ino is not None
-        mask = QDIR_EVENTS if kind == "qdir" else DIR_EVENTS
-        try:
-            wd = self.ino.add(path, mask)
-        except OSError as e:
-            if e.errno == errno.ENOSPC and not self.watch_trouble:
-                self.watch_trouble = True
-                log.warning("inotify watch limit reached (fs.inotify.max_user_watches): falling back "
-                            "to rescanning every 5 s")
-            return False
-        self.watches[wd] = (kind, queue, path, level)
-        return True
+    def _watch_kicks(self, qs: QueueState) -> None:
+        """Watch ``kick/`` and handle the kicks already there (run-now while we were away)."""
+        assert self.watches is not None
+        kdir = kicks.kick_dir(qs.qdir)
+        if kdir.is_dir():
+            self.watches.add(kdir, "kick", qs.name)
+        for name in kicks.pending(qs.qdir):
+            self._kicked(qs, name)
 
-    def _watch_que_tree(self, qs: QueueState, top: Path, level: int) -> None:
-        """Watch ``top`` and the bucket dirs below it; note messages already inside new buckets."""
-        for path, lvl in watch.walk_dirs(top, QUE_DEPTH - level):
-            self._watch(path, "que", qs.name, level + lvl)
-            if level + lvl == QUE_DEPTH:
-                try:
-                    for n in os.listdir(path):
-                        qs.note_arrival(n)
-                except OSError:
-                    pass
+    def _kicked(self, qs: QueueState, name: str) -> None:
+        msg_id = kicks.consume(qs.qdir, name)
+        if msg_id is not None:
+            qs.note_arrival(msg_id)  # read it again (an unindexed queue reads all when indexed)
 
-    def refresh(self) -> None:
-        """Sync the set of queues with the disk: new ones are watched, gone ones dropped."""
+    def _index(self, qs: QueueState) -> None:
+        """The queue can run: watch ``que/`` and index it, in slices (``_index_work``)."""
+        qs.start_index()
+        log.debug("queue %s: indexing que/", qs.name)
+
+    def _unindex(self, qs: QueueState) -> None:
+        """The queue cannot run (PAUSE, DOWN): its messages cost nothing until it can."""
+        assert self.watches is not None
+        qs.unindex()
+        self.watches.drop(qs.name, ("que",))
+        log.debug("queue %s: %s, not indexed", qs.name, qs.admin)
+
+    def refresh(self, *, starting: bool = False) -> None:
+        """Sync the set of queues with the disk: new ones are watched, gone ones dropped.
+        ``starting``: the queues found at start wait for their recount (``ready``)."""
+        assert self.watches is not None
         self.refresh_queues = False
         names = set(self.store.queues())
         for gone in set(self.queues) - names:
             log.info("queue %s is gone", gone)
+            self.watches.drop(gone, ("qdir", "kick", "que"))
             del self.queues[gone]
         for name in sorted(names - set(self.queues)):
-            qs = QueueState(name, self.store.qdir(name))
+            qs = QueueState(name, self.store.qdir(name), ready=not starting)
             self.queues[name] = qs
-            self._watch(qs.qdir, "qdir", name, 0)
-            self._watch_que_tree(qs, qs.qdir / "que", 0)
+            self.watches.add(qs.qdir, "qdir", name)
+            self._watch_kicks(qs)
 
     def on_inotify(self) -> None:
-        assert self.ino is not None
-        for ev in self.ino.read():
-            if ev.mask & watch.IN_Q_OVERFLOW:
-                for q in self.queues.values():
-                    q.needs_rescan = q.dirty = q.config_stale = True
-                self.refresh_queues = True
+        assert self.watches is not None
+        for ev, w in self.watches.events():
+            kind, path, level = w.kind, w.path, w.level
+            if kind == OVERFLOW:
+                log.warning("inotify queue overflow: walking every queue again")
+                self._walk_all()
                 continue
-            w = self.watches.get(ev.wd)
-            if w is None:
-                continue
-            if ev.mask & watch.IN_IGNORED:
-                del self.watches[ev.wd]
-                continue
-            kind, queue, path, level = w
             if kind == "root":
                 if not ev.name.startswith("."):
                     self.refresh_queues = True
                 continue
-            qs = self.queues.get(queue or "")
+            qs = self.queues.get(w.queue or "")
             if qs is None:
                 continue
             if kind == "qdir":
                 if ev.name in QDIR_NAMES:
                     qs.dirty = qs.config_stale = True
-                    if ev.name == "kick":
-                        qs.needs_rescan = True
+                elif ev.name == kicks.KICK_DIR and ev.is_dir and ev.mask & (watch.IN_CREATE | watch.IN_MOVED_TO):
+                    self._watch_kicks(qs)
                 continue
-            if level < QUE_DEPTH:
+            if kind == "kick":
+                self._kicked(qs, ev.name)
+            elif level < QUE_DEPTH:
                 if ev.is_dir and ev.mask & (watch.IN_CREATE | watch.IN_MOVED_TO):
-                    self._watch_que_tree(qs, path / ev.name, level + 1)
+                    qs.add_walk_root(path / ev.name, level + 1)
             elif ev.mask & (watch.IN_MOVED_TO | watch.IN_CREATE):
                 qs.note_arrival(ev.name)
             elif ev.mask & (watch.IN_MOVED_FROM | watch.IN_DELETE):
                 qs.note_departure(ev.name)
+
+    def _walk_all(self) -> None:
+        """Events may have been lost: re-read configs, kicks and every indexed ``que/``."""
+        assert self.watches is not None
+        self.refresh_queues = True
+        for qs in self.queues.values():
+            qs.config_stale = qs.dirty = True
+            qs.rewalk()
+            self.watches.add(qs.qdir, "qdir", qs.name)
+            self._watch_kicks(qs)
+
+    def on_housekeeping(self) -> None:
+        assert self.housekeeper is not None
+        for res in self.housekeeper.results():
+            what = f"queue {res.queue}" if res.queue else str(self.root)
+            if res.error:
+                log.warning("%s: %s failed: %s", what, res.kind, res.error)
+            for path in res.removed:
+                log.info("%s: swept %s", what, path)
+            for line in res.recovered:
+                log.warning("%s: put back %s", what, line)  # I6: a complete message left in staging
+            for line in res.problems:
+                log.warning("%s: sweep: %s", what, line)
+            log.debug("%s: %s done", what, res.kind)
+            qs = self.queues.get(res.queue)
+            if res.kind == RECOUNT and qs is not None:
+                qs.ready = qs.dirty = True  # its moves no longer wait for the recount's lock
 
     # -- signals -------------------------------------------------------------------------
     def on_signals(self) -> None:
@@ -234,11 +271,9 @@ class Daemon:
             pass
         flags, self.flags = self.flags, set()
         if signal.SIGHUP in flags:
-            log.info("SIGHUP: re-reading queue configs")
+            log.info("SIGHUP: re-reading queue configs and walking the queues")
             self.store._cfg_cache.clear()
-            self.refresh_queues = True
-            for qs in self.queues.values():
-                qs.dirty = qs.needs_rescan = qs.config_stale = True
+            self._walk_all()
         if flags & {signal.SIGTERM, signal.SIGINT}:
             self.begin_stop()
         self.reap()
@@ -287,55 +322,77 @@ class Daemon:
             except (KeyError, ValueError):
                 pass
         qs = self.queues.get(job.queue)
-        cfg = qs.config if qs is not None else None
         try:
-            outcome = self.runner.finish(job, code, cfg)
-        except Exception:  # noqa: BLE001 - one message must never take the daemon down
-            log.exception("%s/%s: cannot finish the attempt; it stays in run/ until the next "
-                          "start recovers it", job.queue, job.msg_id)
-            if qs is not None:
-                qs.running.discard(job.msg_id)
-                qs.running_keys.pop(job.msg_id, None)
-            return
-        if qs is None:
-            return
-        qs.running.discard(job.msg_id)
-        qs.running_keys.pop(job.msg_id, None)
+            fin = self.runner.finish(job, code, qs.config if qs is not None else None)
+        except Exception:  # noqa: BLE001 - a bug reading its end must not strand the message
+            log.exception("%s/%s: cannot conclude the attempt; requeueing it as after a crash",
+                          job.queue, job.msg_id)
+            fin = Finish(job.queue, job.msg, crash_outcome(job.msg, "the daemon could not conclude the "
+                                                                    "attempt"), dups=job.dups, pid=job.pid,
+                         exit_code=code)
+        if self.runner.finisher.settle(fin):
+            self._finished(fin)
+        # Else it is held and retried (finish.py): the message stays in run/ and keeps its
+        # worker slot until its outcome is on disk.
+
+    def _finished(self, fin: Finish) -> None:
+        """An attempt's outcome is on disk: free the worker slot, release or drop the dups."""
+        qs = self.queues.get(fin.queue)
+        if qs is None or fin.pid is None:
+            return  # recovery's and unstarted attempts' come back through inotify if requeued
+        qs.running.discard(fin.msg_id)
+        qs.running_keys.pop(fin.msg_id, None)
         qs.dirty = True
-        if outcome.state == State.QUE:
-            qs.requeued(job.msg_id)
-        if outcome.state not in (State.DONE, State.RELAYED):
-            for d in job.dups:  # the parent did not succeed: its duplicates run on their own
+        if fin.outcome.state == State.QUE:
+            qs.requeued(fin.msg_id)
+        if fin.outcome.state not in (State.DONE, State.RELAYED):
+            for d in fin.dups:  # the parent did not succeed: its duplicates run on their own
                 qs.requeued(d)
         else:
-            for d in job.dups:
+            for d in fin.dups:
                 qs.drop(d)
 
     # -- dispatch ------------------------------------------------------------------------
+    def _reload(self, qs: QueueState) -> bool:
+        """Re-read config and admin state if inotify said they changed; False: not runnable."""
+        if not (qs.config_stale or qs.config is None):
+            return True
+        # Only when inotify saw config.json, pause or down change (or SIGHUP): three stats
+        # fewer per message on a busy queue.
+        try:
+            qs.config = self.store.queue_config(qs.name)
+        except QueueNotFound:
+            self.refresh_queues = True
+            return False
+        except (InvalidConfig, SpoolqError) as e:
+            if qs.config is None:
+                log.error("queue %s: unusable config, not running it: %s", qs.name, e)
+                return False
+            log.error("queue %s: unusable config, keeping the last good one: %s", qs.name, e)
+        try:
+            qs.admin = self.store.admin_state(qs.name)
+        except QueueNotFound:
+            self.refresh_queues = True
+            return False
+        qs.config_stale = False
+        return True
+
     def dispatch(self, qs: QueueState, now: float) -> float | None:
         """Start what may start in one queue; returns when to look again (a due time) or None."""
         assert self.runner is not None
         qs.dirty = False
-        if qs.config_stale or qs.config is None:
-            # Re-read only when inotify saw config.json, pause or down change (or on a
-            # rescan or SIGHUP): three stats fewer per message on a busy queue.
-            try:
-                qs.config = self.store.queue_config(qs.name)
-            except QueueNotFound:
-                self.refresh_queues = True
-                return None
-            except (InvalidConfig, SpoolqError) as e:
-                if qs.config is None:
-                    log.error("queue %s: unusable config, not running it: %s", qs.name, e)
-                    return None
-                log.error("queue %s: unusable config, keeping the last good one: %s", qs.name, e)
-            try:
-                qs.admin = self.store.admin_state(qs.name)
-            except QueueNotFound:
-                self.refresh_queues = True
-                return None
-            qs.config_stale = False
+        if not self._reload(qs):
+            return None
         cfg = qs.config
+        assert cfg is not None
+        if qs.admin != AdminState.UP:
+            if qs.indexed:
+                self._unindex(qs)
+            return None
+        if not qs.indexed:
+            self._index(qs)
+        if self.stopping or not qs.ready:
+            return None
         if qs.script_error is not None:
             # SCRIPTERROR (RQ's oper status): nothing starts until the script can run again.
             # Checked on every config change and every SCRIPT_RECHECK seconds.
@@ -348,16 +405,18 @@ class Daemon:
             log.warning("queue %s: the script can run again; resuming", qs.name)
             qs.script_error = None
             self._record_script_error(qs, None)
-        if qs.needs_rescan:
-            qs.rescan()
-        if qs.pending_ids:
-            qs.absorb_pending()
-        if qs.admin != AdminState.UP or self.stopping:
-            return None
+        if now < qs.hold_until:
+            return qs.hold_until
+        if cfg.coalesce_params and qs.walk is not None and qs.walk.full:
+            return None  # every duplicate must be indexed before a parent is chosen
         while len(qs.running) < cfg.num_workers:
             entry, wake = qs.next_runnable(now)
             if entry is None:
                 return wake
+            fresh = qs.refresh_entry(entry)
+            if fresh is not entry:  # changed on disk since indexed: schedule what is there now
+                qs.put_back(fresh)
+                continue
             qs.index.pop(entry.msg_id, None)
             bk = qs.block_key(entry.params)
             try:
@@ -368,6 +427,16 @@ class Daemon:
                 qs.script_error = str(e)
                 self._record_script_error(qs, qs.script_error)
                 return now + SCRIPT_RECHECK
+            except StorageError as e:
+                # The move into run failed (disk full...): the message is still queued. Every
+                # other message would fail the same way, so the queue waits, with backoff.
+                qs.put_back(entry)
+                qs.hold_for = min(RETRY_MAX, max(RETRY_FIRST, qs.hold_for * 2))
+                qs.hold_until = now + qs.hold_for
+                log.error("queue %s: cannot start %s: %s; trying again in %g s", qs.name, entry.msg_id,
+                          e, qs.hold_for)
+                return qs.hold_until
+            qs.hold_for = 0.0
             if job is None:
                 if self._in_que(qs, entry.msg_id):  # could not start: back with a delay
                     qs.requeued(entry.msg_id)
@@ -391,15 +460,44 @@ class Daemon:
     def _in_que(qs: QueueState, msg_id: str) -> bool:
         return message_path(qs.qdir, State.QUE, msg_id).is_dir()
 
+    def _index_work(self) -> None:
+        """At most SLICE seconds of indexing: first the messages events announced (someone
+        may be waiting for them), then the walks, taking turns between queues."""
+        assert self.watches is not None
+        busy = [qs for qs in self.queues.values() if qs.indexed and qs.has_work()]
+        if not busy:
+            return
+        self._turn = (self._turn + 1) % len(busy)
+        busy = busy[self._turn:] + busy[:self._turn]
+        clock = time.perf_counter  # a CPU budget, not a schedule: not the injected clock
+        until = clock() + SLICE
+        for qs in busy:
+            if qs.absorb(until, clock):
+                qs.dirty = True
+        for qs in busy:
+            w = qs.walk
+            if w is None:
+                continue
+            if qs.walk_on(until, clock, self.watches.que_watcher(qs.name)) or qs.walk is None:
+                qs.dirty = True  # new entries, or a finished walk (a coalescing queue waits for it)
+            if qs.walk is None and w.full:
+                log.log(logging.INFO if w.read >= BIG_WALK else logging.DEBUG,
+                        "queue %s: indexed que/: %d queued message(s), %d read", qs.name, len(qs.index),
+                        w.read)
+            if clock() >= until:
+                return
+
     # -- the loop ------------------------------------------------------------------------
     def step(self, timeout: float | None) -> None:
         """One iteration: wait up to ``timeout`` for events, then act on everything pending."""
-        assert self.runner is not None
+        assert self.runner is not None and self.housekeeper is not None and self.watches is not None
         for key, _ in self.sel.select(timeout):
             if key.data == "wake":
                 self.on_signals()
             elif key.data == "inotify":
                 self.on_inotify()
+            elif key.data == "housekeeping":
+                self.on_housekeeping()
             elif isinstance(key.data, Job):
                 job = key.data
                 if self.jobs.get(job.pid) is not job or job.eof:
@@ -419,39 +517,74 @@ class Daemon:
                     self.runner.terminate(job, now)
         if self.refresh_queues:
             self.refresh()
-        if now >= self.next_rescan:
-            self.next_rescan = now + (5.0 if self.watch_trouble else self.rescan_interval)
-            for qs in self.queues.values():
-                qs.needs_rescan = qs.dirty = qs.config_stale = True
-                self._watch_que_tree(qs, qs.qdir / "que", 0)
+        if now >= self.next_sweep and not self.housekeeper.busy:
+            self.next_sweep = now + self.sweep_interval
+            self.housekeeper.submit(SWEEP_ROOT)
+            for name in self.queues:
+                self.housekeeper.submit(SWEEP, name)
+        if self.watches.trouble and now >= self.next_trouble_walk:
+            self.next_trouble_walk = now + WATCH_TROUBLE_WALK
+            self._walk_all()
+        for fin in self.runner.finisher.retry(now, self._ready):
+            self._finished(fin)
+        if not self.stopping:
+            self._index_work()
         for qs in list(self.queues.values()):
             if qs.dirty or (qs.wake_at is not None and now >= qs.wake_at):
                 try:
                     qs.wake_at = self.dispatch(qs, now)
                 except Exception:  # noqa: BLE001 - a broken queue must not stop the others
-                    log.exception("queue %s: dispatch failed; retrying in 5 s", qs.name)
-                    qs.needs_rescan, qs.dirty, qs.wake_at = True, False, now + 5.0
-                    qs.config_stale = True
+                    log.exception("queue %s: dispatch failed; walking it again, retrying in 5 s", qs.name)
+                    qs.rewalk()
+                    qs.dirty, qs.wake_at, qs.config_stale = False, now + 5.0, True
+
+    def _ready(self, queue: str) -> bool:
+        qs = self.queues.get(queue)
+        return qs is None or qs.ready
 
     def next_timeout(self) -> float | None:
+        assert self.runner is not None
+        indexing = not self.stopping and any(qs.indexed and qs.has_work() for qs in self.queues.values())
+        if indexing or any(qs.dirty for qs in self.queues.values()) or self.refresh_queues or self.flags:
+            return 0.0
         now = self.clock()
-        times = [self.next_rescan]
+        times = [self.next_sweep]
         times += [qs.wake_at for qs in self.queues.values() if qs.wake_at is not None]
         for job in self.jobs.values():
             if job.deadline is not None and not job.timed_out:
                 times.append(job.deadline)
             if job.kill_at is not None:
                 times.append(job.kill_at)
-        if self.stopping and self.grace_end is not None and any(not j.stopping for j in self.jobs.values()):
+        retry = self.runner.finisher.next_retry()
+        if retry is not None:
+            times.append(retry)
+        if self.watches is not None and self.watches.trouble:
+            times.append(self.next_trouble_walk)
+        if self.stopping and self.grace_end is not None and (
+                any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held):
             times.append(self.grace_end)
-        if any(qs.dirty for qs in self.queues.values()) or self.refresh_queues or self.flags:
-            return 0.0
         return max(0.0, min(times) - now)
+
+    def _done(self) -> bool:
+        """Stopping, nothing running, and no held finish left to wait for (or no more time)."""
+        if not (self.stopping and not self.jobs):
+            return False
+        assert self.runner is not None
+        held = self.runner.finisher.held
+        if not held:
+            return True
+        if self.grace_end is not None and self.clock() < self.grace_end:
+            return False
+        for fin in held:
+            log.error("%s/%s: stopping with its outcome (%s) not on disk; it stays in %s/ and the "
+                      "next start recovers it (it runs again)", fin.queue, fin.msg_id, fin.outcome.state,
+                      fin.src)
+        return True
 
     def loop(self) -> None:
         """Serve until stopped by SIGTERM/SIGINT and every job is finished or requeued."""
         log.info("serving %s as %s", self.root, self.rootcfg.base_url)
-        while not (self.stopping and not self.jobs):
+        while not self._done():
             self.step(self.next_timeout())
         log.info("stopped")
 
@@ -462,17 +595,6 @@ class Daemon:
         finally:
             self.close()
         return 0
-
-
-def _root_env(root: Path) -> str:
-    import json
-
-    try:
-        data = json.loads((root / "config.json").read_bytes())
-        env = data.get("env") if isinstance(data, dict) else None
-        return env if isinstance(env, str) and env else "production"
-    except (OSError, ValueError):
-        return "production"
 
 
 def _group_sync_failed(directory: str, e: OSError) -> None:

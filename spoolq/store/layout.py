@@ -6,7 +6,7 @@ The layout (docs/internals.md has the full table)::
     <root>/queue/<q>/config.json            the queue config
     <root>/queue/<q>/pause | down           admin-state flag files (RQ semantics)
     <root>/queue/<q>/scripterror            the daemon's SCRIPTERROR reason, while it lasts
-    <root>/queue/<q>/kick                   touched by run-now: the daemon rescans que/
+    <root>/queue/<q>/kick/<id>              run-now's note: the daemon reads that message again
     <root>/queue/<q>/counts                 counts cache (derived; see Counts)
     <root>/queue/<q>/.tmp/                  staging: messages being written, invisible
     <root>/queue/<q>/corrupt/               messages set aside because their files are unreadable

@@ -1,0 +1,249 @@
+"""The end of an attempt, and what happens when the disk refuses it.
+
+A :class:`Finish` is an attempt's outcome, decided once and kept in memory until it is on
+disk. :meth:`Finisher.settle` makes it happen, in this order (docs/internals.md, "The run
+state"): the final status text, removal of ``pid`` and ``cancel``, the webhook messages,
+then the commit point, the one move out of ``run/``, and last the coalesced duplicates.
+
+If a step fails (disk full while rewriting ``msg``, EIO, anything), the Finish is *held*:
+retried after 1 s, 2 s, 4 s ... at most 60 s apart, from the daemon's loop, while every
+other queue goes on. The message stays in ``run/`` meanwhile, which is exactly where a
+crash would leave it (recovery would re-run it: at-least-once), so holding loses nothing,
+and once space returns it reaches its state without a restart. Each step records that it
+is done, so a retry does not queue a webhook twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import durable
+from ..errors import CorruptMessage, MessageNotFound, QueueExists, QueueNotFound, SpoolqError, StorageError, WrongState
+from ..model import AdminState, Message, QueueConfig, State
+from ..runner.protocol import Outcome
+from ..store.fs import FsStore
+from ..store.layout import message_path
+from .stats import JobStats
+
+log = logging.getLogger("spoolq.daemon")
+
+WEBHOOK_QUEUE = "webhook"
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+"""Seconds before the first retry of a held finish, and the most between two retries."""
+WEBHOOK_PLACEHOLDER = """#!/bin/sh
+# Placeholder created by spoolq: the webhook sender is not installed yet. The queue is
+# created PAUSEd so webhook messages wait; resume it once a real sender is configured.
+echo "err webhook sender not installed yet" >&3
+exit 0
+"""
+
+
+@dataclass
+class Finish:
+    """One message's way out of ``src``: where to, and how far it got."""
+
+    queue: str
+    msg: Message  # as stored when the attempt started (the daemon alone changes it in run)
+    outcome: Outcome
+    dups: list[str] = field(default_factory=list)
+    src: State = State.RUN
+    note: str = ""
+    current_status: str | None = None  # what the status file says now; None: unknown
+    cancel_file: bool = True  # a cancel marker may be there to remove
+    durable_later: bool = False  # a plain move may be fsync'd by the group-commit thread
+    cfg: QueueConfig | None = None
+    # Set when it ends a job of this daemon: the supervisor frees the worker slot after it.
+    pid: int | None = None
+    exit_code: int = 0
+    took: float = 0.0  # seconds the script ran
+    # Progress, kept across retries.
+    due: float | None = None  # for a requeue: fixed at the first try
+    hooks_queued: int = 0
+    tries: int = 0
+    retry_at: float = 0.0
+
+    @property
+    def msg_id(self) -> str:
+        return self.msg.msg_id
+
+
+class Finisher:
+    """Applies outcomes, and holds the ones the store refused until it takes them."""
+
+    def __init__(self, store: FsStore, full_id: Callable[[str, str], str], clock: Callable[[], float],
+                 stats: JobStats, group_sync: durable.GroupSync | None = None) -> None:
+        self.store = store
+        self.full_id = full_id
+        self.clock = clock
+        self.stats = stats
+        self.group_sync = group_sync
+        self.held: list[Finish] = []
+
+    # -- settling and retrying -----------------------------------------------------------
+    def settle(self, fin: Finish) -> bool:
+        """Make ``fin`` happen; if anything fails, hold it for a retry. True when done."""
+        try:
+            self._commit(fin)
+        except Exception as e:  # noqa: BLE001 - one message must never take the daemon down
+            self._hold(fin, e)
+            return False
+        return True
+
+    def retry(self, now: float, ready: Callable[[str], bool]) -> list[Finish]:
+        """Try every held finish that is due again; returns those that are now done.
+        ``ready(queue)`` False postpones a queue's (its start-up recount holds the counts lock)."""
+        done: list[Finish] = []
+        for fin in [f for f in self.held if f.retry_at <= now]:
+            if not ready(fin.queue):
+                fin.retry_at = now + RETRY_FIRST
+                continue
+            try:
+                self._commit(fin)
+            except Exception as e:  # noqa: BLE001 - as in settle
+                self._hold(fin, e)
+                continue
+            self.held.remove(fin)
+            log.warning("%s/%s: finished (%s) at try %d", fin.queue, fin.msg_id, fin.outcome.state,
+                        fin.tries + 1)
+            done.append(fin)
+        return done
+
+    def next_retry(self) -> float | None:
+        return min((f.retry_at for f in self.held), default=None)
+
+    def _hold(self, fin: Finish, e: Exception) -> None:
+        fin.tries += 1
+        wait = min(RETRY_MAX, RETRY_FIRST * 2 ** min(fin.tries - 1, 16))
+        fin.retry_at = self.clock() + wait
+        if fin not in self.held:
+            self.held.append(fin)
+        where = f"{fin.queue}/{fin.msg_id}"
+        if fin.tries > 1:
+            log.debug("%s: try %d to finish failed: %s; next in %g s", where, fin.tries, e, wait)
+            return
+        log.error("%s: cannot finish the attempt (-> %s): %s; the outcome is kept in memory and "
+                  "tried again in %g s, then with backoff up to %g s (it stays in %s/ meanwhile)",
+                  where, fin.outcome.state, e, wait, RETRY_MAX, fin.src,
+                  exc_info=not isinstance(e, (StorageError, OSError)))  # anything else is a bug
+
+    # -- the steps -----------------------------------------------------------------------
+    def _commit(self, fin: Finish) -> None:
+        queue, msg, outcome = fin.queue, fin.msg, fin.outcome
+        msg_id = msg.msg_id
+        mdir = message_path(self.store.qdir(queue), fin.src, msg_id)
+        if outcome.status != fin.current_status:
+            try:
+                self.store.set_status(queue, msg_id, outcome.status)  # moves with the directory
+            except (MessageNotFound, QueueNotFound):
+                pass  # gone by hand: the move below says so
+            fin.current_status = outcome.status
+        for f in ("pid", "cancel") if fin.cancel_file or fin.tries else ("pid",):
+            try:
+                os.unlink(mdir / f)
+            except OSError:
+                pass
+        parent_full = self.full_id(queue, msg_id)
+        finished_ok = outcome.state in (State.DONE, State.RELAYED)
+        if outcome.state == State.QUE and fin.due is None:
+            fin.due = self.clock() + outcome.requeue_delay
+        due = fin.due
+
+        def update(m: Message) -> None:
+            m.count = outcome.count
+            if due is not None:
+                m.due = due
+            if finished_ok and fin.dups:
+                m.dups = [self.full_id(queue, d) for d in fin.dups]
+
+        if outcome.state.final and fin.hooks_queued < len(msg.post_run_webhook):
+            final = Message.from_dict(msg.to_dict())
+            update(final)
+            self._webhooks(fin, final)
+        changed = outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and bool(fin.dups))
+        deferred = fin.durable_later and not changed and self.group_sync is not None
+        try:
+            # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message.
+            self.store.move(queue, msg_id, fin.src, outcome.state, update=update if changed else None,
+                            note=fin.note or outcome.state.value, sync=False if deferred else None,
+                            current=msg if fin.src == State.RUN else None)
+        except (WrongState, MessageNotFound, QueueNotFound, CorruptMessage) as e:
+            # Not where this daemon left it (moved or deleted by hand): nothing to retry.
+            log.warning("%s/%s: cannot move to %s: %s", queue, msg_id, outcome.state, e)
+            return
+        if deferred and self.group_sync is not None and (fin.cfg is None or fin.cfg.fsync):
+            # Destination first, then (where renames are not atomic on disk) the source.
+            dest = message_path(self.store.qdir(queue), outcome.state, msg_id)
+            self.group_sync.add_rename(mdir.parent, dest.parent)
+        if fin.pid is not None:
+            self.stats.finished(queue, str(outcome.state), fin.took)
+            log.debug("%s/%s: pid %d exit %d after %.3f s -> %s%s", queue, msg_id, fin.pid, fin.exit_code,
+                      fin.took, outcome.state, f" - {outcome.status}" if outcome.status else "")
+        if finished_ok:
+            for d in fin.dups:
+                self.finish_duplicate(queue, d, parent_full, outcome.state)
+
+    def finish_duplicate(self, queue: str, msg_id: str, parent_full: str, state: State) -> None:
+        """A coalesced duplicate ends with its parent, without running (rq-spec 3.4)."""
+        try:
+            self.store.set_status(queue, msg_id, f"duplicate {parent_full}")
+
+            def mark(m: Message) -> None:
+                m.dup = parent_full
+
+            self.store.move(queue, msg_id, State.QUE, state, update=mark, note=f"duplicate of {parent_full}")
+        except SpoolqError as e:
+            # It stays queued and runs on its own: at-least-once, nothing lost.
+            log.info("%s/%s: duplicate not finished with its parent: %s", queue, msg_id, e)
+
+    def _webhooks(self, fin: Finish, msg: Message) -> None:
+        """One message in the local ``webhook`` queue per ``post_run_webhook`` URL (rq-spec 3.3).
+
+        A storage failure holds the finish (the webhooks not yet queued are queued at the
+        retry); any other refusal (the webhook queue is DOWN...) drops that webhook, logged.
+        """
+        if fin.queue == WEBHOOK_QUEUE:
+            fin.hooks_queued = len(msg.post_run_webhook)
+            return
+        data = msg.to_dict()
+        data["msg_id"] = self.full_id(fin.queue, msg.msg_id)
+        data["state"] = str(fin.outcome.state)
+        data.pop("history", None)
+        payload = json.dumps(data, separators=(",", ":"))
+        try:
+            self.ensure_webhook_queue()
+        except OSError as e:
+            raise durable.storage_error(e, "cannot create the webhook queue") from None
+        while fin.hooks_queued < len(msg.post_run_webhook):
+            url = msg.post_run_webhook[fin.hooks_queued]
+            try:
+                self.store.create(WEBHOOK_QUEUE, Message(dest=WEBHOOK_QUEUE, param1=url, param2=payload,
+                                                         src=data["msg_id"]))
+            except StorageError:
+                raise
+            except SpoolqError as e:
+                log.error("%s/%s: cannot queue webhook %s: %s", fin.queue, msg.msg_id, url, e)
+            fin.hooks_queued += 1
+
+    def ensure_webhook_queue(self) -> None:
+        if WEBHOOK_QUEUE in self.store.queues():
+            return
+        sdir = self.store.root / "scripts"
+        sdir.mkdir(exist_ok=True)
+        script = sdir / "webhook-placeholder"
+        if not script.exists():
+            tmp = sdir / ".webhook-placeholder.tmp"
+            tmp.write_text(WEBHOOK_PLACEHOLDER)
+            tmp.chmod(0o755)
+            os.rename(tmp, script)
+        try:
+            self.store.create_queue(QueueConfig.from_dict({"name": WEBHOOK_QUEUE, "script": str(script)}))
+            self.store.set_admin_state(WEBHOOK_QUEUE, AdminState.PAUSE)
+            log.warning("created the webhook queue, PAUSEd, with a placeholder script: install a "
+                        "sender and resume it to deliver webhooks")
+        except QueueExists:
+            pass

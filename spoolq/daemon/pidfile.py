@@ -1,0 +1,84 @@
+"""``<root>/daemon.pid``: the lock that makes one daemon the only one serving a spool root.
+
+The daemon holds an exclusive ``flock`` on the file for its whole life (D1); the kernel
+drops it when the process dies, so a stale file never blocks a start. Anyone may ask
+whether a daemon is there by trying a shared lock without blocking: it is granted only
+when nobody holds the exclusive one. The pid written into the file is for people
+(``cat daemon.pid``), never for the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from ..errors import DaemonRunning
+
+log = logging.getLogger("spoolq.daemon")
+
+PIDFILE = "daemon.pid"
+
+
+def acquire(root: Path) -> int:
+    """Lock ``<root>/daemon.pid``; returns the locked fd. DaemonRunning if another daemon holds it.
+
+    Writing the pid is a courtesy: on a full disk it fails with a warning and the daemon
+    starts all the same (the lock is what counts).
+    """
+    path = root / PIDFILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise DaemonRunning(f"another spoolq daemon (pid {other}) is serving {root} "
+                                f"(it holds {path})") from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        log.warning("cannot write the pid into %s: %s; serving anyway (the lock is what counts)",
+                    path, e.strerror)
+    return fd
+
+
+def release(fd: int) -> None:
+    """Empty the file and let go of the lock.
+
+    The file stays: unlinking it before the unlock would let a second daemon lock the old
+    inode while a third locks a new file at the same path.
+    """
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def is_served(root: str | os.PathLike[str]) -> bool:
+    """Does a daemon hold ``<root>/daemon.pid``'s lock right now?
+
+    Opens the file read-only and never creates it, so asking leaves nothing behind (a
+    read-only root stays untouched). A missing file means no daemon ever served the root;
+    a file that cannot be opened (permissions) counts as served, so callers do not warn
+    about what they cannot know.
+    """
+    try:
+        fd = os.open(Path(root) / PIDFILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)  # closing drops the shared lock if we got it
+    return False
