@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from .errors import LogNotFound
+
 if TYPE_CHECKING:
     from .model import MessageView
     from .store.base import Store
@@ -179,9 +181,9 @@ def follow_log(store: Store, queue: str, msg_id: str, out: BinaryIO, *, follow: 
             view = store.get(queue, msg_id)
             mdir = store.message_dir(queue, msg_id)
             if f is None:
-                try:
-                    f = open(mdir / "job" / "stdio.log", "rb")  # noqa: SIM115 - kept open across moves
-                except FileNotFoundError:
+                try:  # never through a link a script left (store/beneath.py); kept open across moves
+                    f = store.open_log(queue, msg_id)
+                except LogNotFound:
                     f = None
             if f is not None:
                 _copy(f, out)

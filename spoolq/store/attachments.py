@@ -31,6 +31,7 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
     final = attach_dir / name
     md5, sha = hashlib.md5(), hashlib.sha256()
     size = 0
+    linked = False
     try:
         if src.path is not None:
             path = src.path
@@ -46,7 +47,6 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
                 raise InvalidInput(f"Attachment currently not of supported type: {path}")
             if not os.access(path, os.R_OK):
                 raise InvalidInput(f"Attachment currently cannot be read: {path}")
-            linked = False
             if src.link and st.st_dev == os.stat(attach_dir).st_dev:
                 try:
                     durable.link(path, tmp)
@@ -68,7 +68,9 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
         info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
                               path=str(final))
         # No path in the file: the message directory moves from state to state.
-        meta = {"md5": info.md5, "sha256": info.sha256, "size": info.size}
+        meta: dict[str, Any] = {"md5": info.md5, "sha256": info.sha256, "size": info.size}
+        if linked:  # served although it has other links: spoolq made this one (store/beneath.py)
+            meta["linked_inode"] = os.stat(tmp).st_ino
         durable.write_replace(attach_dir / f".{name}.json", _json(meta), sync=sync)
         if _same_file(tmp, final):
             os.unlink(tmp)  # the same file linked again: rename(2) of two links to one inode does nothing

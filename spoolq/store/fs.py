@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ from ..model import (
 )
 from .attachments import add_attachment
 from .base import AttachmentSource, SweepResult, check_attachment_names
-from .beneath import NotBeneath, open_beneath
+from .beneath import NotBeneath, open_beneath, open_dir_beneath
 from .debris import remove_partial
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 from .search import Needle, Scan, read_whole, scan, status_text
@@ -557,25 +558,7 @@ class FsStore:
                         m.history.append(h)
         except OSError:
             pass
-        atts: dict[str, AttachmentInfo] = {}
-        adir = path / "attach"
-        try:
-            names = os.listdir(adir)
-        except OSError:
-            names = []
-        for n in names:
-            if n.startswith("."):
-                continue
-            try:
-                meta = json.loads((adir / f".{n}.json").read_bytes())
-                atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
-                                         sha256=str(meta.get("sha256", "")), path=str(adir / n))
-            except (OSError, ValueError, KeyError, TypeError):
-                try:
-                    size = (adir / n).stat().st_size
-                except OSError:
-                    size = 0  # a dangling link or a vanished file: listed, never a crash
-                atts[n] = AttachmentInfo(name=n, size=size, md5="", sha256="", path=str(adir / n))
+        atts = _attachments(self.qroot / queue, path)
         return MessageView(queue=queue, message=m, state=state, job_status=job_status,
                            attachments=atts, acked=acked)
 
@@ -658,7 +641,7 @@ class FsStore:
     def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
         validate_attachment_name(name)
         try:
-            return self._open_beneath(queue, msg_id, "attach", name)
+            return self._open_beneath(queue, msg_id, "attach", name, linked_inode=True)
         except (FileNotFoundError, NotADirectoryError, NotBeneath):
             raise AttachmentNotFound(f"Message ID attachment '{name}' not found") from None
 
@@ -670,14 +653,18 @@ class FsStore:
         except (FileNotFoundError, NotADirectoryError, NotBeneath):
             raise LogNotFound(f"Message ID log '{name}' not found") from None
 
-    def _open_beneath(self, queue: str, msg_id: str, area: str, name: str) -> BinaryIO:
-        """``<message>/<area>/<name>``, opened without following any symbolic link below the
-        queue directory: scripts can write into their message (store/beneath.py)."""
+    def _open_beneath(self, queue: str, msg_id: str, area: str, name: str, *,
+                      linked_inode: bool = False) -> BinaryIO:
+        """``<message>/<area>/<name>``, opened without following any symbolic or second
+        hard link below the queue directory: scripts can write into their message
+        (store/beneath.py). With ``linked_inode``, an attachment spoolq hard-linked itself
+        (its metadata names the inode) is served."""
         _, path, _ = self.locate(queue, msg_id)
         qdir = self.qroot / queue
         for _ in range(3):
             try:
-                return open_beneath(qdir, [*path.relative_to(qdir).parts, area, name])
+                inode = _linked_inode(qdir, path, name) if linked_inode else None
+                return open_beneath(qdir, [*path.relative_to(qdir).parts, area, name], linked_inode=inode)
             except FileNotFoundError:
                 _, moved, _ = self.locate(queue, msg_id)  # it may have moved on meanwhile
                 if moved == path:
@@ -865,6 +852,44 @@ class FsStore:
             except OSError:
                 return SweepResult()
         return recover_lost_found(self, Path(lost_found))
+
+
+def _attachments(qdir: Path, mdir: Path) -> dict[str, AttachmentInfo]:
+    """The attachments of the message in ``mdir``, listed without following a symbolic link
+    (a script may have made ``attach/`` or a file in it one): a link is listed with size 0."""
+    atts: dict[str, AttachmentInfo] = {}
+    adir = mdir / "attach"
+    try:
+        fd = open_dir_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach"])
+    except (OSError, ValueError):
+        return atts
+    try:
+        entries = [(e.name, e.stat(follow_symlinks=False)) for e in os.scandir(fd) if not e.name.startswith(".")]
+    except OSError:
+        entries = []
+    finally:
+        os.close(fd)
+    for n, st in entries:
+        try:
+            with open_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach", f".{n}.json"]) as f:
+                meta = json.loads(f.read(4096))
+            atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
+                                     sha256=str(meta.get("sha256", "")), path=str(adir / n))
+        except (OSError, ValueError, KeyError, TypeError):
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a link: listed, never followed
+            atts[n] = AttachmentInfo(name=n, size=size, md5="", sha256="", path=str(adir / n))
+    return atts
+
+
+def _linked_inode(qdir: Path, mdir: Path, name: str) -> int | None:
+    """The inode spoolq hard-linked as attachment ``name`` (its ``.name.json`` says), if any."""
+    try:
+        with open_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach", f".{name}.json"]) as f:
+            meta = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    ino = meta.get("linked_inode") if isinstance(meta, dict) else None
+    return ino if isinstance(ino, int) and not isinstance(ino, bool) else None
 
 
 def _job_status(path: Path) -> str:
