@@ -53,6 +53,14 @@ class RootConfig:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def local_url(self) -> str:
+        """The URL a browser on this machine opens: a wildcard address (0.0.0.0, ::) is not
+        one to connect to, so it becomes loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)  # noqa: S104
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
 
 def read_root_config(root: str | os.PathLike[str]) -> RootConfig:
     """The root's config.json; defaults for anything missing or unreadable."""

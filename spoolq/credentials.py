@@ -16,10 +16,12 @@ Sources, first match wins:
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -77,7 +79,8 @@ def read_file(path: Path) -> str:
     """The token kept in ``path``. Refused when others may read the file (like ssh's keys)
     or when someone other than this user (or root) owns it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO named as the token file must not hang the start (refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TokenError(f"token file {path} does not exist") from None
     except OSError as e:
@@ -162,3 +165,103 @@ def _write_new(path: Path, value: str) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+# -- one-time sign-in codes minted on disk (``spoolq login-url``) ------------------------------
+LOGIN_DIR = "login"
+"""``<root>/login/``: one file per unspent sign-in code, named by the code's sha256, holding its
+expiry (Unix time). Mode 0700, like the token: writing here is as good as holding the token."""
+MAX_LOGIN_FILES = 1000
+
+
+class LoginDirError(TokenError):
+    """``<root>/login`` is not a private directory of this user."""
+
+
+def login_dir(root: str | os.PathLike[str]) -> Path:
+    return Path(root) / LOGIN_DIR
+
+
+def _private_dir(d: Path, create: bool) -> bool:
+    """True when ``d`` is a real directory of this user that nobody else may write or read."""
+    if create:
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise LoginDirError(f"{d} must be a directory of uid {os.geteuid()} with mode 0700 "
+                            f"(it is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a directory'}, "
+                            f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+    return True
+
+
+def _code_name(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def mint_login_code(root: str | os.PathLike[str], ttl: float) -> str:
+    """A new one-time sign-in code, valid ``ttl`` seconds, that the root's daemon redeems.
+
+    The CLI makes it on disk, so asking for a link sends the token nowhere: a program that
+    took the daemon's port while it was down learns nothing."""
+    d = login_dir(root)
+    _private_dir(d, create=True)
+    now = time.time()
+    names = sorted(os.listdir(d))
+    for n in names:  # spent or expired codes go; the directory stays small
+        try:
+            with open(d / n, "rb") as f:
+                expired = float(f.read(64) or 0) < now
+        except (OSError, ValueError):
+            expired = True
+        if expired or len(names) > MAX_LOGIN_FILES:
+            try:
+                os.unlink(d / n)
+            except OSError:
+                pass
+    code = secrets.token_urlsafe(32)
+    fd = os.open(d / _code_name(code), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        durable.write_all(fd, f"{now + ttl:.3f}\n".encode())
+    finally:
+        os.close(fd)
+    return code
+
+
+def redeem_login_code(root: str | os.PathLike[str], code: str) -> bool:
+    """True once for a code :func:`mint_login_code` made that has not expired; spent either way."""
+    d = login_dir(root)
+    try:
+        if not _private_dir(d, create=False):
+            return False
+    except LoginDirError as e:
+        log.warning("sign-in codes refused: %s", e)
+        return False
+    name = _code_name(code)
+    claimed = d / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        os.rename(d / name, claimed)  # the one redeemer that wins the rename spends it
+    except OSError:
+        return False
+    try:
+        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return False
+            expiry = float(os.read(fd, 64) or 0)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return False
+    finally:
+        try:
+            os.unlink(claimed)
+        except OSError:
+            pass
+    return expiry >= time.time()

@@ -26,6 +26,7 @@ from spoolq.http import auth
 from spoolq.http.app import create_app
 from spoolq.http.server import start_http
 from spoolq.model import RetryPolicy, State
+from spoolq.store.base import AttachmentSource
 
 API = "/api/v1"
 LOCAL = "http://127.0.0.1:3333"
@@ -150,6 +151,61 @@ def test_the_audit_repro_runs_nothing(tmp_path: Path) -> None:
             assert second.status_code == 401, "a sign-in link works once"
 
 
+def test_login_url_sends_the_token_nowhere(tmp_path: Path) -> None:
+    """While the daemon is down, another program holds its port: ``login-url`` must not hand
+    it the token. The code is made on disk and works once the daemon is back."""
+    root = tmp_path / "spool"
+    root.mkdir()
+    port = free_port()
+    (root / "config.json").write_text(json.dumps({"host": "127.0.0.1", "port": port}))
+    (root / "token").write_text(TOKEN + "\n")
+    (root / "token").chmod(0o600)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen(8)
+    squatter.settimeout(0.5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOLQ_")}
+    try:
+        link = subprocess.run([SPOOLQ, "--root", str(root), "login-url", "--ttl", "600"], capture_output=True,
+                              text=True, timeout=30, env=env)
+        assert link.returncode == 0, link.stderr
+        with pytest.raises(TimeoutError):
+            squatter.accept()  # nobody called
+    finally:
+        squatter.close()
+    url = link.stdout.strip()
+    assert url.startswith(f"http://127.0.0.1:{port}/login?code=") and TOKEN not in url
+    d = root / "login"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    with daemon(root, port):
+        first = httpx.get(url, follow_redirects=False)
+        assert first.status_code == 303 and "spoolq_session" in first.cookies
+        assert httpx.get(url, follow_redirects=False).status_code == 401, "a sign-in link works once"
+        # An expired code, and one in a directory others may write, sign nobody in.
+        old = subprocess.run([SPOOLQ, "--root", str(root), "login-url", "--ttl", "0.001"], capture_output=True,
+                             text=True, timeout=30, env=env).stdout.strip()
+        assert httpx.get(old, follow_redirects=False).status_code == 401
+        planted = subprocess.run([SPOOLQ, "--root", str(root), "login-url"], capture_output=True, text=True,
+                                 timeout=30, env=env).stdout.strip()
+        d.chmod(0o777)
+        assert httpx.get(planted, follow_redirects=False).status_code == 401
+        d.chmod(0o700)
+
+
+def test_bad_serve_settings_are_clear_errors(tmp_path: Path) -> None:
+    """An unknown SPOOLQ_ANONYMOUS, a FIFO as token file: one line and exit 2, no traceback, no hang."""
+    root = tmp_path / "spool"
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SPOOLQ_")}
+    for extra in ({"SPOOLQ_ANONYMOUS": "bogus"}, {"SPOOLQ_TOKEN_FILE": str(fifo)}):
+        r = subprocess.run([SPOOLQ, "--root", str(root), "serve", "--port", str(free_port())],
+                           env={**base, **extra}, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert r.stderr.startswith("spoolq: "), r.stderr
+
+
 def test_serve_prints_a_sign_in_link(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     root.mkdir()
@@ -270,6 +326,38 @@ def test_stalled_headers_and_bodies_are_cut_off(client: spoolq.Client, monkeypat
         h.stop()
 
 
+def test_trickled_bodies_are_cut_off(client: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte at a time, never idle long enough for the idle timeout: 408 once the average
+    rate stays under the floor past the grace period."""
+    from spoolq.http import limits
+
+    monkeypatch.setattr(limits, "BODY_GRACE", 0.3)
+    monkeypatch.setattr(limits, "MIN_BODY_RATE", 1000.0)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    try:
+        head = (f"POST {API}/queues/work/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", h.port), timeout=30) as s:
+            s.sendall(head.encode())
+            answer = b""
+            deadline = time.monotonic() + 20
+            while not answer and time.monotonic() < deadline:
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    break  # closed on us: the answer is waiting
+                s.settimeout(0.1)
+                try:
+                    answer = s.recv(200)
+                except TimeoutError:
+                    continue
+            answer = answer or s.recv(200)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert client.counts("work")["que"] == 0
+    finally:
+        h.stop()
+
+
 # -- 3. /metrics labels come from a fixed set ---------------------------------------------------
 def test_metrics_labels_are_bounded(server: Any) -> None:
     assert httpx.get(f"{server.url}/healthz").status_code == 200
@@ -319,6 +407,53 @@ def test_symlinks_in_a_message_are_not_served(client: spoolq.Client, tmp_path: P
     (mdir / "job").mkdir()
     (mdir / "job" / "stdio.log").write_text("fine\n")
     assert http.get(f"/q/work/{mid}/log/stdio.log").text == "fine\n"
+
+
+def test_hard_links_in_a_message_are_not_served(client: spoolq.Client, root: Path, tmp_path: Path) -> None:
+    """A script (or an archive it unpacks) hard-links the daemon's token into its message:
+    a second link is refused like a symbolic one, except an attachment spoolq linked itself."""
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL)
+    secret = root / "token"
+    secret.write_text("s3cret-token-value-xyz\n")
+    secret.chmod(0o600)
+    mid = client.send("work", param1="x").msg_id
+    client.store.move("work", mid, State.QUE, State.DONE)  # final: the log stream ends
+    mdir = client.store.message_dir("work", mid)
+    (mdir / "attach").mkdir()
+    os.link(secret, mdir / "attach" / "t.txt")
+    (mdir / "attach" / ".t.txt.json").write_text(json.dumps({"md5": "0", "size": 23}))
+    (mdir / "job").mkdir()
+    os.link(secret, mdir / "job" / "stdio.log")
+    os.link(secret, mdir / "job" / "other.log")
+    for url in (f"{API}/queues/work/messages/{mid}/attachments/t.txt", f"/q/work/{mid}/attach/t.txt",
+                f"{API}/queues/work/messages/{mid}/log", f"/q/work/{mid}/log/stdio.log",
+                f"/q/work/{mid}/log/other.log"):
+        r = http.get(url)
+        assert r.status_code == 404 and "s3cret" not in r.text, (url, r.status_code, r.text)
+    with http.stream("GET", f"{API}/queues/work/messages/{mid}/log/stream") as stream:
+        assert "s3cret" not in stream.read().decode()
+    out = subprocess.run([SPOOLQ, "--root", str(root), "log", f"work/{mid}"], capture_output=True, text=True)
+    assert "s3cret" not in out.stdout
+    # What spoolq linked on request (send --link) is still served, though it has two links.
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my data\n")
+    linked = client.send("work", attachments=[AttachmentSource(path=str(mine), link=True)]).msg_id
+    assert os.stat(mine).st_nlink == 2
+    assert http.get(f"/q/work/{linked}/attach/mine.txt").text == "my data\n"
+
+
+def test_a_linked_attach_directory_is_not_listed(client: spoolq.Client, tmp_path: Path) -> None:
+    """``attach/`` made a symbolic link to /etc: the message's listing names nothing there."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "shadow").write_text("x" * 1234)
+    mid = client.send("work").msg_id
+    mdir = client.store.message_dir("work", mid)
+    (mdir / "attach").symlink_to(tmp_path / "etc")
+    assert client.get(f"work/{mid}").attachments == {}
+    (mdir / "attach").unlink()
+    (mdir / "attach").mkdir()
+    (mdir / "attach" / "l").symlink_to(tmp_path / "etc" / "shadow")
+    assert client.get(f"work/{mid}").attachments["l"].size == 0
 
 
 # -- 5. bad input is a 4xx, never a 500 ---------------------------------------------------------
@@ -391,14 +526,132 @@ def test_wrong_tokens_are_throttled(client: spoolq.Client, monkeypatch: pytest.M
     assert http.get(f"{API}/queues").status_code == 200, "anonymous reads are not credentials"
 
 
+def test_the_second_audits_500s_are_4xx(client: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers that are no URL, a form field given as a value and a list, an unreadable file."""
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, raise_server_exceptions=False)
+    r = http.post(f"{API}/queues/work/messages", json={}, headers={"Origin": "http://["})
+    assert r.status_code == 403 and r.headers["x-content-type-options"] == "nosniff"
+    r = http.post(f"{API}/queues", json={"name": "y", "script": "/bin/true"}, follow_redirects=False,
+                  headers={"Referer": "http://[::1", "Accept": "text/html", "Origin": "http://127.0.0.1:3333"})
+    assert r.status_code == 401
+    r = http.post("/q/work/new_queue", data={"a": "b"}, headers={"Referer": "http://[::1", "Accept": "text/html"},
+                  follow_redirects=False)
+    assert r.status_code in (303, 400, 401), r.status_code
+    for form in ({"x_format": "html", "mesg[param1]": "a", "mesg[param1][]": "b"},
+                 {"x_format": "html", "mesg[param1][]": "b", "mesg[param1]": "a"}):
+        r = http.post("/q/work/new_message", data=form)
+        assert r.status_code == 400 and "both as a value and as a list" in r.text, r.text
+    mid = client.send("work").msg_id
+    (client.store.message_dir("work", mid) / "job").mkdir()
+    (client.store.message_dir("work", mid) / "job" / "stdio.log").write_text("x\n")
+    real_open = os.open
+
+    def unreadable(path: Any, *a: Any, **kw: Any) -> int:
+        if path == "stdio.log":
+            raise PermissionError(13, "Permission denied")  # chmod 000 does not stop root, this does
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("spoolq.store.beneath.os.open", unreadable)
+    r = http.get(f"/q/work/{mid}/log/stdio.log", headers=AUTH)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    assert str(client.store.root) not in r.text
+
+
+def test_500s_and_busy_503s_carry_the_security_headers(client: spoolq.Client,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*a: Any, **kw: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, raise_server_exceptions=False)
+    monkeypatch.setattr(client, "queue_config", broken)
+    r = http.get(f"{API}/queues/work/config", headers=AUTH)
+    assert r.status_code == 500 and r.headers["x-frame-options"] == "DENY"
+    monkeypatch.undo()
+    monkeypatch.setattr("spoolq.http.server.MAX_CONNECTIONS", 2)  # the held stream, and the one asking
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    try:
+        with httpx.Client(base_url=h.url, timeout=10) as a, a.stream("GET", f"{API}/events") as held:
+            assert held.status_code == 200
+            with httpx.Client(base_url=h.url, timeout=10) as b, httpx.Client(base_url=h.url, timeout=10) as c:
+                b.get("/healthz")  # keeps its connection open (keep-alive)
+                r = c.get("/healthz")
+            assert r.status_code == 503 and r.headers["x-content-type-options"] == "nosniff", r.headers
+            assert r.json()["error"]["code"] == "busy"
+    finally:
+        h.stop()
+
+
+def test_anonymous_requests_store_no_files_where_none_belong(client: spoolq.Client,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RQ's open routes take files only on attach/new, and only for a message in prep:
+    elsewhere a file part is refused before a byte of it reaches the disk."""
+    from spoolq.http import uploads
+
+    made: list[str] = []
+    real = uploads.tempfile.mkstemp
+
+    def counting(*a: Any, **kw: Any) -> tuple[int, str]:
+        fd, path = real(*a, **kw)
+        made.append(path)
+        return fd, path
+
+    monkeypatch.setattr(uploads.tempfile, "mkstemp", counting)
+    http = anon(client)
+    mid = client.send("work").msg_id
+    big = {"filedata": ("x.bin", b"\0" * 100_000)}
+    for url in ("/q/work/new_message", f"/q/work/{mid}", f"/q/work/{mid}/clone", f"/q/work/{mid}/attach/x.bin",
+                f"/q/work/{mid}/attach/new", "/q/work/20260101.0000.00.000.1/attach/new", "/q/nope/1/attach/new"):
+        r = http.post(url, files=big, data={"_method": "delete", "x_format": "json"})
+        assert r.status_code < 500, (url, r.status_code)
+    assert made == [], "no upload was spooled"
+    ok, full = http.post("/q/work/new_message", data={"mesg": json.dumps({"_method": "prep"})}).json()
+    prep = full.rsplit("/", 1)[1]
+    r = http.post(f"/q/work/{prep}/attach/new", files=big)
+    assert r.json()[0] == "ok" and len(made) == 1, r.text
+
+
+def test_anonymous_searches_are_bounded(client: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spoolq.http import api
+
+    monkeypatch.setattr(api, "SEARCH_SCAN", 5)
+    for i in range(10):
+        client.send("work", param1=f"m{i}")
+    url = f"{API}/queues/work/messages?filter=nomatch&scan=1000"
+    assert anon(client).get(url).json()["scanned"] == 5
+    assert anon(client).get(url, headers=AUTH).json()["scanned"] == 10
+
+
+def test_a_rebinding_page_cannot_lock_out_local_scripts(client: spoolq.Client,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guesses under a foreign Host (a DNS-rebinding page) count apart from this machine's
+    own requests, and X-Forwarded-For cannot pick a fresh address (a real server)."""
+    monkeypatch.setattr(auth, "FAILURE_DELAY", 0.0)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    try:
+        with httpx.Client(base_url=h.url, timeout=10) as c:
+            for i in range(auth.FAILURES_ALLOWED):
+                r = c.get(f"{API}/queues", headers={"Authorization": "Bearer " + "w" * 32, "Host": f"evil{i}.example",
+                                                    "X-Forwarded-For": f"10.0.0.{i}"})
+                assert r.status_code == 401
+            r = c.get(f"{API}/queues", headers={"Authorization": "Bearer " + "w" * 32, "Host": "new.example",
+                                                "X-Forwarded-For": "10.9.9.9"})
+            assert r.status_code == 429, "neither a new Host name nor X-Forwarded-For buys fresh guesses"
+            assert c.get(f"{API}/queues", headers=AUTH).status_code == 200, "local scripts are not locked out"
+    finally:
+        h.stop()
+
+
 def test_stream_subscribers_are_capped(client: spoolq.Client) -> None:
     h = start_http(client, "127.0.0.1", free_port(), TOKEN, max_streams=2, events_interval=0.05)
     try:
-        with httpx.Client(base_url=h.url, timeout=10) as c, c.stream("GET", f"{API}/events") as a, \
-                c.stream("GET", f"{API}/events") as b:
-            assert a.status_code == b.status_code == 200
+        with httpx.Client(base_url=h.url, timeout=10) as c, c.stream("GET", f"{API}/events") as a:
+            assert a.status_code == 200
             r = c.get(f"{API}/events")
-            assert r.status_code == 503 and r.headers["retry-after"]
+            assert r.status_code == 503, "the last slot is kept for callers with the token"
+            with c.stream("GET", f"{API}/events", headers=AUTH) as b:
+                assert b.status_code == 200
+                r = c.get(f"{API}/events", headers=AUTH)
+                assert r.status_code == 503 and r.headers["retry-after"]
         deadline = time.monotonic() + 10
         while h.app.state.ctx.streams.open and time.monotonic() < deadline:
             time.sleep(0.05)  # the server notices the closed streams at its next poll

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from typing import Any
+from urllib.parse import urlencode
 
 from .. import credentials, watch
 from ..config import is_loopback
@@ -64,11 +65,11 @@ def register(sub: Any) -> None:
                    help="keep printing new output until the message reaches a final state")
 
     p = sub.add_parser("login-url", help="print a one-time sign-in link for the running daemon's web UI",
-                       description="Ask the running daemon (with the root's token) for a sign-in link to its "
-                                   "web UI. The link works once, within --ttl seconds.")
+                       description="Make a sign-in link to the web UI of the root's daemon. The code is "
+                                   "written to ROOT/login/ (only the daemon's user can), not sent over "
+                                   "the network. The link works once, within --ttl seconds.")
     p.add_argument("--ttl", type=float, default=600.0, help="seconds the link stays valid (default 600)")
     p.add_argument("--next", default="/", help="the page to open after signing in (default /)")
-    p.add_argument("--token-file", default=None, metavar="FILE", help="as for serve (default ROOT/token)")
     p.set_defaults(func=cmd_login_url)
 
     p = command(sub, "cancel", cmd_cancel, "stop a queued or running message; it ends in err (cancelled)")
@@ -85,7 +86,11 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     if args.token is not None:
         raise InvalidInput("--token is not accepted: a command line is visible to every user in ps. "
                            "Put the token in a file (--token-file, mode 0600) or in SPOOLQ_TOKEN")
-    anonymous = AccessLevel.ALL if args.trust_loopback else AccessLevel(args.anonymous)
+    try:
+        anonymous = AccessLevel.ALL if args.trust_loopback else AccessLevel(args.anonymous)
+    except ValueError:
+        raise InvalidInput(f"--anonymous (or SPOOLQ_ANONYMOUS) is {args.anonymous!r}; it must be one of "
+                           + ", ".join(a.value for a in AccessLevel)) from None
     if "://" in ctx.root and not ctx.root.startswith("file://"):
         raise InvalidInput("spoolq serve needs a spool directory (file store)")
     root = ctx.root.removeprefix("file://")
@@ -132,39 +137,35 @@ def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
 
     client = open_client(str(d.root))
     extra = d.runner.stats.render if d.runner is not None else None
-    http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous)
+    http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
+                      login_root=str(d.root))
     code = http.app.state.auth.links.mint(SERVE_LINK_TTL)
     # Like Jupyter: the way into the UI, printed once. The link works once, for a day.
-    print(f"spoolq: web UI at {d.rootcfg.base_url}/ ; sign in once with {d.rootcfg.base_url}/login?code={code} "
+    url = d.rootcfg.local_url
+    print(f"spoolq: web UI at {url}/ ; sign in once with {url}/login?code={code} "
           "(spoolq login-url makes another)", file=sys.stderr, flush=True)
     return http
 
 
 def cmd_login_url(args: argparse.Namespace, ctx: Any) -> int:
-    import json
-    import urllib.error
-    import urllib.request
-
     from ..config import read_root_config
 
     root = ctx.root.removeprefix("file://")
-    token = credentials.configured(root, args.token_file)
-    if token is None:
-        raise Unavailable(f"no token for {root}: the daemon writes ROOT/token at its first start "
-                          "(or set SPOOLQ_TOKEN / --token-file as the daemon has them)")
-    base = read_root_config(root).base_url
-    req = urllib.request.Request(f"{base}/api/v1/login-links", method="POST",
-                                 data=json.dumps({"ttl": args.ttl, "next": args.next}).encode(),
-                                 headers={"Authorization": f"Bearer {token.value}",
-                                          "Content-Type": "application/json"})
+    if "://" in root:
+        raise InvalidInput("spoolq login-url needs the daemon's spool directory (file store)")
+    if not 0 < args.ttl <= 7 * 86400:
+        raise InvalidInput("--ttl must be between 0 and 604800 seconds (a week)")
+    if not os.path.isdir(root):
+        raise Unavailable(f"no spool root at {root}; start the daemon with spoolq serve")
+    # Made on disk, where only the token's owner can write: the token goes over no socket,
+    # so whatever listens on the daemon's port while it is down learns nothing.
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own daemon's URL
-            link = json.loads(resp.read())["url"]
-    except urllib.error.HTTPError as e:
-        raise Unavailable(f"the daemon at {base} refused: HTTP {e.code} {e.read()[:200].decode(errors='replace')}") \
-            from None
-    except (OSError, ValueError, KeyError) as e:
-        raise Unavailable(f"no spoolq daemon answers at {base} ({e}); start it with spoolq serve") from None
+        code = credentials.mint_login_code(root, args.ttl)
+    except PermissionError as e:
+        raise Unavailable(f"cannot write {credentials.login_dir(root)}: {e.strerror}; run as the daemon's "
+                          "user") from None
+    nxt = args.next if args.next.startswith("/") and not args.next.startswith("//") else "/"
+    link = f"{read_root_config(root).local_url}/login?" + urlencode({"code": code, "next": nxt})
     if ctx.json:
         ctx.emit_json({"url": link, "expires_in": args.ttl})
     else:

@@ -23,7 +23,7 @@ from ..errors import InvalidConfig, InvalidInput, InvalidMessage
 from ..model import State
 from ..store import AttachmentSource
 from .actions import act
-from .auth import LINK_TTL, policy_of
+from .auth import LINK_TTL, policy_of, principal
 from .common import (
     AppContext,
     AttachName,
@@ -231,7 +231,7 @@ async def send_message(request: Request, queue: QueueName) -> dict[str, Any]:
     ctx = _ctx(request)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        async with form_of(request, ctx.upload_dir) as form:
+        async with form_of(request, ctx.upload_dir, files=True) as form:
             msg = _parse_message(form.get("message") or "{}")
             return await run_in_threadpool(send_with_files, ctx, queue, msg, form)
     body = await request.body()
@@ -246,9 +246,12 @@ def list_messages(request: Request, queue: QueueName, state: State = State.QUE,
                   limit: int = Query(50, ge=1, le=1000), cursor: str | None = None,
                   filter: str | None = None,
                   scan: int = Query(SEARCH_SCAN, ge=1, le=1_000_000,
-                                    description="with a filter: messages examined at most by this call")
+                                    description="with a filter: messages examined at most by this call "
+                                                f"(at most {SEARCH_SCAN} without credentials)")
                   ) -> dict[str, Any]:
     ctx = _ctx(request)
+    if principal(request) is None:
+        scan = min(scan, SEARCH_SCAN)  # anonymous callers cannot hold a worker thread for long
     page = ctx.client.list(queue, state, limit=limit, cursor=cursor or None, filter=filter or None,
                            scan_limit=scan if filter else None)
     return {"queue": queue, "state": str(state), "next_cursor": page.next_cursor,
@@ -301,7 +304,7 @@ def delete_message(request: Request, queue: QueueName, msg_id: MsgId) -> dict[st
              summary="Attach a file to a message in prep (multipart field 'file', optional 'name')")
 async def add_attachment(request: Request, queue: QueueName, msg_id: MsgId) -> dict[str, Any]:
     ctx = _ctx(request)
-    async with form_of(request, ctx.upload_dir) as form:
+    async with form_of(request, ctx.upload_dir, files=True) as form:
         f = form.file("file")
         if f is None:
             raise InvalidInput("missing the multipart file field 'file'")

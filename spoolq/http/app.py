@@ -19,12 +19,13 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from .. import __version__
 from ..client import Client
 from ..errors import SpoolqError
 from . import api, metrics, rq_routes, sse, ui
-from .auth import AccessLevel, AuthMiddleware, AuthPolicy, SecurityHeaders
+from .auth import AccessLevel, AuthMiddleware, AuthPolicy, LoginLinks, SecurityHeaders
 from .common import MAX_STREAMS, AppContext, default_upload_dir
 from .errors import error_body, error_response, status_for, validation_text
 from .limits import BodyLimit
@@ -44,20 +45,23 @@ def _wants_html(request: Request) -> bool:
 def create_app(client: Client, token: str | None = None, *, anonymous: AccessLevel | str = AccessLevel.RQ,
                loopback_only: bool = True, upload_dir: Path | None = None,
                extra_metrics: ExtraMetrics | None = None, poll_interval: float = 0.25,
-               events_interval: float = 1.0, max_streams: int = MAX_STREAMS) -> FastAPI:
+               events_interval: float = 1.0, max_streams: int = MAX_STREAMS,
+               login_root: str | None = None) -> FastAPI:
     """The ASGI app over ``client``.
 
     ``token`` is the credential that may do everything; without it nothing beyond the
     ``anonymous`` level can be done over HTTP. ``anonymous`` is what requests without
     credentials may do when the server listens on loopback only (``loopback_only``; off
     loopback they get the public paths only). See :mod:`spoolq.http.auth`.
-    ``max_streams`` caps the SSE streams open at once (more get 503).
+    ``max_streams`` caps the SSE streams open at once (more get 503). ``login_root``: the
+    spool root whose ``login/`` holds codes ``spoolq login-url`` made (credentials.py).
     """
-    app = FastAPI(title="spoolq", version=__version__,
+    app = _App(title="spoolq", version=__version__,
                   description="spoolq's HTTP API. Errors are {\"error\": {\"code\", \"message\"}}. "
                               "See docs/http-api.md.",
                   openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
-    policy = AuthPolicy(token=token or None, anonymous=AccessLevel(anonymous), loopback_only=loopback_only)
+    policy = AuthPolicy(token=token or None, anonymous=AccessLevel(anonymous), loopback_only=loopback_only,
+                        links=LoginLinks(root=login_root))
     ctx = AppContext(client=client, auth=policy,
                      upload_dir=upload_dir or default_upload_dir(client),
                      poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams)
@@ -105,6 +109,14 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
     async def too_deep(request: Request, exc: RecursionError) -> Response:
         return JSONResponse(error_body("invalid_input", "JSON nested too deeply"), status_code=400)
 
+    @app.exception_handler(PermissionError)
+    async def unreadable(request: Request, exc: PermissionError) -> Response:
+        # A file in the spool this daemon's user may not read (chmod 000 by a script, or
+        # another owner): the daemon's problem, said plainly, without paths; not a crash.
+        log.warning("permission denied on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(error_body("permission_denied", "the daemon may not read a file this request "
+                                       "needs (permission denied); see the daemon log"), status_code=403)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
@@ -117,14 +129,21 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
     app.include_router(rq_routes.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    # add_middleware wraps: the last added runs first. Outermost: security headers (on every
-    # answer, the middlewares' own 401/403/413 included), metrics, then authentication, which
-    # decides before the body limit lets the route read a byte.
+    # add_middleware wraps: the last added runs first. Outermost (see _App): security headers
+    # (on every answer, the middlewares' own 401/403/413 and 500s included), then metrics,
+    # then authentication, which decides before the body limit lets the route read a byte.
     app.add_middleware(BodyLimit)
     app.add_middleware(AuthMiddleware, policy=policy)
     app.add_middleware(RequestMetrics, stats=app.state.request_stats)
-    app.add_middleware(SecurityHeaders)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with :class:`SecurityHeaders` outside everything, Starlette's own error
+    middleware included: its 500s carry the headers too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
 
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

@@ -41,6 +41,7 @@ from urllib.parse import quote, urlsplit
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .. import credentials
 from ..config import is_loopback
 from ..credentials import AccessLevel
 from .errors import Forbidden, send_error
@@ -51,8 +52,8 @@ CSRF_FIELD = "csrf"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOGIN_MAX_BODY = 4096
 """The sign-in form (a token, a CSRF value, a path) fits in far less."""
-SESSION_IDLE = 12 * 3600.0
-SESSION_MAX_AGE = 7 * 86400.0
+SESSION_IDLE = 4 * 3600.0
+SESSION_MAX_AGE = 86400.0
 MAX_SESSIONS = 10_000
 FAILURE_DELAY = 1.0
 """Seconds a wrong token waits for its answer."""
@@ -135,12 +136,15 @@ class SessionStore:
 
 
 class LoginLinks:
-    """One-time login codes: each signs one browser in, once, before it expires."""
+    """One-time login codes: each signs one browser in, once, before it expires. Codes are
+    minted here (``serve``'s link, ``POST /api/v1/login-links``) or, with ``root``, on disk
+    by ``spoolq login-url`` (credentials.mint_login_code)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, root: str | None = None) -> None:
         self._lock = threading.Lock()
         self._codes: dict[str, float] = {}  # sha256(code) -> expiry
         self.clock = clock
+        self.root = root
 
     def mint(self, ttl: float = LINK_TTL) -> str:
         code = secrets.token_urlsafe(32)
@@ -160,11 +164,22 @@ class LoginLinks:
             return False
         with self._lock:
             exp = self._codes.pop(hashlib.sha256(code.encode()).hexdigest(), None)
+        if exp is None and self.root is not None:
+            return credentials.redeem_login_code(self.root, code)
         return exp is not None and exp >= self.clock()
 
 
+MAX_THROTLED = 10_000
+"""Client keys the throttle remembers at most (its memory stays bounded under a flood)."""
+
+
 class FailureThrottle:
-    """Wrong tokens per client address in a sliding window (guessing is slowed to a crawl)."""
+    """Wrong tokens per client key in a sliding window (guessing is slowed to a crawl).
+
+    The key is the socket's address (uvicorn's proxy headers are off, so X-Forwarded-For
+    cannot pick a fresh one) and whether the ``Host`` header is a loopback name: a web page
+    that rebinds its DNS name to 127.0.0.1 guesses under its own name, so it cannot lock out
+    scripts on this machine that say ``localhost``."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
@@ -185,8 +200,11 @@ class FailureThrottle:
     def failed(self, who: str) -> None:
         now = self.clock()
         with self._lock:
-            if len(self._fails) > 10_000:
+            if len(self._fails) > MAX_THROTLED:
                 self._fails = {k: v for k, v in self._fails.items() if v and now - v[-1] < FAILURE_WINDOW}
+            if len(self._fails) > MAX_THROTLED:  # a flood of addresses: keep the newest half
+                keep = sorted(self._fails.items(), key=lambda kv: kv[1][-1])[len(self._fails) // 2:]
+                self._fails = dict(keep)
             self._fails.setdefault(who, []).append(now)
 
 
@@ -262,15 +280,23 @@ def cross_site(headers: dict[str, str]) -> bool:
         return False
     if origin == "null":
         return True
-    return urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
+    return _netloc(origin) != headers.get("host", "").lower()
+
+
+def _netloc(url: str) -> str | None:
+    """The lowercased host[:port] of ``url``; None when it is no URL at all (``http://[``)."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return None
 
 
 def same_origin_proof(headers: dict[str, str]) -> bool:
     """A browser said this request comes from our own pages (it sends Origin on every POST)."""
     if headers.get("sec-fetch-site") == "same-origin":
         return True
-    origin = headers.get("origin")
-    return bool(origin) and origin != "null" and urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+    origin = headers.get("origin") or ""
+    return origin not in ("", "null") and _netloc(origin) == headers.get("host", "").lower()
 
 
 def _loopback_host(host: str) -> bool:
@@ -309,6 +335,8 @@ class AuthMiddleware:
         token = presented_token(headers)
         if token is not None and need != PUBLIC:
             address = client_address(scope)
+            if not _loopback_host(headers.get("host", "")):
+                address += " (another Host)"  # one key for all such names: no fresh key per name
             wait = pol.throttle.blocked(address)
             if wait:
                 await send_error(send, 429, "too_many_failures",
@@ -349,8 +377,11 @@ class AuthMiddleware:
             if method == "GET":
                 target = path + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
             else:  # back to the page the form was on, when it is ours
-                ref = urlsplit(headers.get("referer", ""))
-                target = ref.path if ref.path.startswith("/") and ref.netloc == headers.get("host") else "/"
+                try:
+                    ref = urlsplit(headers.get("referer", ""))
+                    target = ref.path if ref.path.startswith("/") and ref.netloc == headers.get("host") else "/"
+                except ValueError:
+                    target = "/"  # no URL at all
             await _send(send, 303, b"", [(b"location", f"/login?next={quote(target)}".encode())])
             return
         await send_error(send, 401, "unauthorized", "a token is required: Authorization: Bearer <token> "

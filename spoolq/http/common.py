@@ -107,9 +107,14 @@ class StreamSlots:
         self.open = 0
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    RESERVED_FRACTION = 0.2
+    """Of the slots, this share is kept for callers with credentials: anonymous readers
+    filling every slot cannot lock the owner's UI out of its live views."""
+
+    def take(self, credentialed: bool = True) -> bool:
         with self._lock:
-            if self.open >= self.limit:
+            ceiling = self.limit if credentialed else self.limit - max(1, int(self.limit * self.RESERVED_FRACTION))
+            if self.open >= ceiling:
                 return False
             self.open += 1
             return True

@@ -8,13 +8,17 @@ the client sends it chunked. ``/login`` (public) takes :data:`~spoolq.http.auth.
 bytes and no multipart at all.
 
 A client that stops sending half-way through a body is cut off after
-:data:`BODY_IDLE_TIMEOUT` seconds of silence (408); the server's header timeout
-(protocol.py) covers the part before the body.
+:data:`BODY_IDLE_TIMEOUT` seconds of silence (408), and one that trickles (a byte every
+few seconds, never quite idle) once its body has taken more than :data:`BODY_GRACE`
+seconds at under :data:`MIN_BODY_RATE` bytes a second on average (408): an upload over the
+slowest real link keeps well above that. The server's header timeout (protocol.py) covers
+the part before the body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +29,8 @@ from .errors import send_error
 MAX_BODY = 4 * MAX_MSG_BYTES
 """Largest non-multipart request body: room for the biggest message, JSON-escaped."""
 BODY_IDLE_TIMEOUT = 60.0
+BODY_GRACE = 30.0
+MIN_BODY_RATE = 1024.0
 
 
 class BodyLimit:
@@ -56,6 +62,7 @@ class BodyLimit:
             return
         seen = 0
         started = refused = body_done = False
+        began = time.monotonic()
 
         async def guarded_receive() -> Message:
             nonlocal seen, refused, body_done
@@ -74,6 +81,13 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
+                elapsed = time.monotonic() - began
+                if not body_done and elapsed > BODY_GRACE and seen < MIN_BODY_RATE * elapsed:
+                    refused = True
+                    if not started:
+                        await send_error(send, 408, "timeout", f"the request body arrives at under "
+                                         f"{MIN_BODY_RATE:g} bytes/s", [(b"connection", b"close")])
+                    return {"type": "http.disconnect"}
                 if limit is not None and seen > limit:
                     # Answer now (the app may be mid-parse and would call it a 400), then tell
                     # the app the client left; whatever it sends after is dropped.

@@ -5,15 +5,23 @@ client that connects and then sends its headers a byte at a time (or never) hold
 connection forever: 200 such connections were held open in an audit. Here every
 connection must deliver a complete request head within :data:`HEADER_TIMEOUT` seconds
 of its first byte (or of the connection, or of the previous response), else it is closed.
+
+uvicorn answers requests over its concurrency limit itself, with a bare 503; here that
+answer is spoolq's JSON error with the security headers every other answer has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import h11
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .auth import SecurityHeaders
+from .errors import error_body
 
 HEADER_TIMEOUT = 10.0
 
@@ -63,3 +71,17 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+
+_BUSY = json.dumps(error_body("busy", "too many connections; try again shortly")).encode()
+
+
+async def _service_unavailable(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_BUSY)).encode()),
+                            (b"connection", b"close"), (b"retry-after", b"1"), *SecurityHeaders.EXTRA]})
+    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
+
+
+# uvicorn looks the function up in its h11 module at each request over the limit.
+h11_impl.service_unavailable = _service_unavailable

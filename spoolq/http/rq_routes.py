@@ -145,6 +145,10 @@ def _mesg_from_form(form: ParsedForm, x_format: str) -> dict[str, Any]:
         for k, v in form.items():
             m = MESG_FIELD_RE.match(k)
             if m:
+                have = mesg.get(m.group(1))
+                if have is not None and isinstance(have, list) != bool(m.group(2)):
+                    # Rack's answer too: one field cannot be both a value and a list.
+                    raise InvalidInput(f"form field mesg[{m.group(1)}] is given both as a value and as a list")
                 if m.group(2):
                     mesg.setdefault(m.group(1), []).append(v)
                 else:
@@ -316,7 +320,10 @@ async def run_now(request: Request, queue: str, msg_id: str) -> Response:
 async def attach_new(request: Request, queue: str, msg_id: str) -> Response:
     ctx = ctx_of(request)
     try:
-        async with form_of(request, ctx.upload_dir) as form:
+        # Before a byte of the upload is stored: the message must exist and be in prep.
+        if await run_in_threadpool(ctx.client.store.state_of, queue, msg_id) != State.PREP:
+            raise WrongState("message is not in prep")
+        async with form_of(request, ctx.upload_dir, files=True) as form:
             f = form.file("filedata")
             if f is None:
                 return _text(404, "404 - Missing required param filedata")

@@ -98,7 +98,10 @@ def start_http(client: Client, host: str = "127.0.0.1", port: int = 3333, token:
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=2, ws="none", http=GuardedH11Protocol,
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5,
+                            # The peer is the socket's: X-Forwarded-For from anyone would let a
+                            # guesser pick a fresh address for the failure throttle (auth.py).
+                            proxy_headers=False, server_header=False)
     server = _ThreadServer(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="spoolq-http",
                               daemon=True)

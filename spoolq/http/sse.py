@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import LogNotFound, MessageNotFound, SpoolqError
 from ..model import FINAL_STATES, State
+from .auth import principal
 from .common import AppContext, MsgId, QueueName, StreamSlots, all_summaries, ctx_of, open_log
 from .errors import BadRequest, ServiceBusy
 
@@ -131,7 +132,7 @@ def stream_log(request: Request, queue: QueueName, msg_id: MsgId,
         if not re.fullmatch(r"[0-9]{1,18}", last):
             raise BadRequest("Last-Event-ID must be a byte offset (the id of a log event)")
         offset = int(last)
-    return _stream(ctx, follow_log(ctx, request, queue, msg_id, offset))
+    return _stream(ctx, request, follow_log(ctx, request, queue, msg_id, offset))
 
 
 async def queue_events(ctx: AppContext, request: Request, only: str | None) -> AsyncIterator[str]:
@@ -168,7 +169,7 @@ def events(request: Request, queue: str | None = None) -> StreamingResponse:
     ctx = ctx_of(request)
     if queue:
         ctx.client.queue_config(queue)
-    return _stream(ctx, queue_events(ctx, request, queue))
+    return _stream(ctx, request, queue_events(ctx, request, queue))
 
 
 class _SlotStream(StreamingResponse):
@@ -186,9 +187,10 @@ class _SlotStream(StreamingResponse):
             self._slots.give_back()
 
 
-def _stream(ctx: AppContext, events: AsyncIterator[str]) -> StreamingResponse:
+def _stream(ctx: AppContext, request: Request, events: AsyncIterator[str]) -> StreamingResponse:
     """An SSE response holding one of the server's stream slots while it lives (503 when
-    they are all taken: each open stream polls, and a thousand slowed everything else)."""
-    if not ctx.streams.take():
+    they are all taken: each open stream polls, and a thousand slowed everything else;
+    anonymous streams cannot take the last slots, StreamSlots)."""
+    if not ctx.streams.take(credentialed=principal(request) is not None):
         raise ServiceBusy(f"{ctx.streams.limit} live streams are open already; try again later")
     return _SlotStream(events, ctx.streams)

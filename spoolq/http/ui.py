@@ -414,7 +414,7 @@ def _send_from_form(ctx: AppContext, queue: str, form: ParsedForm) -> str:
 @router.post("/ui/q/{queue}/new_message")
 async def send_message(request: Request, queue: str) -> Response:
     ctx = ctx_of(request)
-    async with form_of(request, ctx.upload_dir) as form:
+    async with form_of(request, ctx.upload_dir, files=True) as form:
         check_csrf(request, form.get(CSRF_FIELD))
         try:
             msg_id = await run_in_threadpool(_send_from_form, ctx, queue, form)
@@ -446,7 +446,7 @@ def message_page(request: Request, queue: str, msg_id: str) -> Response:
 async def message_action(request: Request, queue: str, msg_id: str) -> Response:
     ctx = ctx_of(request)
     page = f"/q/{quote(queue)}/{quote(msg_id)}"
-    async with form_of(request, ctx.upload_dir) as form:
+    async with form_of(request, ctx.upload_dir, files=True) as form:
         check_csrf(request, form.get(CSRF_FIELD))
         action = form.get("action") or ""
         try:

@@ -108,8 +108,9 @@ def sweep_uploads(upload_dir: Path) -> None:
 class _StreamingForm:
     """Callbacks for python-multipart's push parser, writing file parts to disk as they come."""
 
-    def __init__(self, upload_dir: Path) -> None:
+    def __init__(self, upload_dir: Path, files: bool = True) -> None:
         self.upload_dir = upload_dir
+        self.files = files
         self.form = ParsedForm()
         self._headers: dict[str, str] = {}
         self._hname = b""
@@ -167,6 +168,8 @@ class _StreamingForm:
             raise BadRequest("multipart part without Content-Disposition: form-data")
         self._name = opts.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in opts:
+            if not self.files:
+                raise BadRequest(f"this route takes no files (form part {self._name!r} is one)")
             filename = os.path.basename(opts[b"filename"].decode("utf-8", "replace").replace("\\", "/"))
             fd, path = tempfile.mkstemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}.", dir=self.upload_dir)
             self._file = os.fdopen(fd, "wb")
@@ -198,8 +201,9 @@ class _StreamingForm:
             self._file = None
 
 
-async def parse_form(request: Request, upload_dir: Path) -> ParsedForm:
-    """Parse a urlencoded or multipart body. Raise BadRequest for anything else or malformed."""
+async def parse_form(request: Request, upload_dir: Path, files: bool = False) -> ParsedForm:
+    """Parse a urlencoded or multipart body. Raise BadRequest for anything else or malformed,
+    and for a file part unless the route takes ``files`` (nothing is written to disk then)."""
     ctype, opts = parse_options_header(request.headers.get("content-type", ""))
     if ctype == b"application/x-www-form-urlencoded":
         body = bytearray()
@@ -221,8 +225,9 @@ async def parse_form(request: Request, upload_dir: Path) -> ParsedForm:
     boundary = opts.get(b"boundary")
     if not boundary:
         raise BadRequest("multipart/form-data without a boundary")
-    upload_dir.mkdir(parents=True, exist_ok=True)
-    sink = _StreamingForm(upload_dir)
+    if files:
+        upload_dir.mkdir(parents=True, exist_ok=True)
+    sink = _StreamingForm(upload_dir, files)
     try:
         parser = MultipartParser(boundary, sink.callbacks())
     except ValueError as e:
@@ -265,9 +270,10 @@ def _finish(parser: MultipartParser) -> None:
 
 
 @asynccontextmanager
-async def form_of(request: Request, upload_dir: Path) -> Any:
-    """``async with form_of(request, dir) as form:`` spooled files are removed on exit."""
-    form = await parse_form(request, upload_dir)
+async def form_of(request: Request, upload_dir: Path, files: bool = False) -> Any:
+    """``async with form_of(request, dir) as form:`` spooled files are removed on exit. Only
+    routes that store uploads pass ``files=True``; elsewhere a file part is a 400."""
+    form = await parse_form(request, upload_dir, files)
     try:
         yield form
     finally:
