@@ -30,6 +30,7 @@ from .model import (
     State,
 )
 from .store import AttachmentSource, FsStore, Store, SweepResult, kicks, open_store
+from .store.base import copied_attachments
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -365,11 +366,8 @@ class Client:
         m.cloned_from = old.msg_id
         m.orig_msg_id = old.orig_msg_id or self.full_id(r.queue, old.msg_id)
         m.dups, m.dup, m.history = [], "", []
-        sources = [AttachmentSource(name=n, path=a.path) for n, a in view.attachments.items() if a.path]
-        if view.attachments and not sources:  # a store without paths (memory): copy the bytes
-            sources = [AttachmentSource(name=n, stream=self.store.open_attachment(r.queue, r.msg_id, n))
-                       for n in view.attachments]
-        stored = self.store.create(r.queue, m, attachments=sources)
+        with copied_attachments(self.store, r.queue, r.msg_id, sorted(view.attachments)) as sources:
+            stored = self.store.create(r.queue, m, attachments=sources)
         return self.receipt(r.queue, stored.msg_id)
 
     def wait(self, ref: Ref, timeout: float | None = None) -> MessageView:

@@ -182,8 +182,10 @@ def login_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root) / LOGIN_DIR
 
 
-def _private_dir(d: Path, create: bool) -> bool:
-    """True when ``d`` is a real directory of this user that nobody else may write or read."""
+def _private_dir(d: Path, create: bool, owner: int | None = None) -> bool:
+    """True when ``d`` is a real directory of ``owner`` (default: this user) that nobody else
+    may write or read."""
+    uid = os.geteuid() if owner is None else owner
     if create:
         try:
             os.mkdir(d, 0o700)
@@ -193,8 +195,8 @@ def _private_dir(d: Path, create: bool) -> bool:
         st = os.lstat(d)
     except FileNotFoundError:
         return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise LoginDirError(f"{d} must be a directory of uid {os.geteuid()} with mode 0700 "
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise LoginDirError(f"{d} must be a directory of uid {uid} with mode 0700 "
                             f"(it is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a directory'}, "
                             f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
     return True
@@ -210,13 +212,22 @@ def mint_login_code(root: str | os.PathLike[str], ttl: float) -> str:
     The CLI makes it on disk, so asking for a link sends the token nowhere: a program that
     took the daemon's port while it was down learns nothing."""
     d = login_dir(root)
-    _private_dir(d, create=True)
+    owner = os.stat(root).st_uid
+    if os.geteuid() == 0 and owner != 0 and not d.exists():
+        # root making the first code for a daemon that runs as another user: the directory
+        # and its files must be that user's, or the daemon refuses them (_private_dir).
+        os.mkdir(d, 0o700)
+        os.chown(d, owner, -1)
+    _private_dir(d, create=True, owner=owner if os.geteuid() == 0 else None)
     now = time.time()
     names = sorted(os.listdir(d))
     for n in names:  # spent or expired codes go; the directory stays small
         try:
-            with open(d / n, "rb") as f:
-                expired = float(f.read(64) or 0) < now
+            fd = os.open(d / n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                expired = not stat.S_ISREG(os.fstat(fd).st_mode) or float(os.read(fd, 64) or 0) < now
+            finally:
+                os.close(fd)
         except (OSError, ValueError):
             expired = True
         if expired or len(names) > MAX_LOGIN_FILES:
@@ -227,6 +238,8 @@ def mint_login_code(root: str | os.PathLike[str], ttl: float) -> str:
     code = secrets.token_urlsafe(32)
     fd = os.open(d / _code_name(code), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        if os.geteuid() == 0 and owner != 0:
+            os.fchown(fd, owner, -1)
         durable.write_all(fd, f"{now + ttl:.3f}\n".encode())
     finally:
         os.close(fd)

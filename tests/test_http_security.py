@@ -12,12 +12,15 @@ import os
 import socket
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from daemon_util import serve_fixture
 from fastapi.testclient import TestClient
 from http_helpers import AUTH, SPOOLQ, TOKEN, daemon, free_port
 
@@ -38,6 +41,11 @@ def client(root: Path) -> spoolq.Client:
     c = spoolq.open(root)
     c.create_queue("work", script="/bin/true")
     return c
+
+
+@pytest.fixture
+def serve(root: Path) -> Iterator[Any]:
+    yield from serve_fixture(root)
 
 
 def anon(client: spoolq.Client, level: str = "rq", **kw: Any) -> TestClient:
@@ -186,8 +194,10 @@ def test_login_url_sends_the_token_nowhere(tmp_path: Path) -> None:
         old = subprocess.run([SPOOLQ, "--root", str(root), "login-url", "--ttl", "0.001"], capture_output=True,
                              text=True, timeout=30, env=env).stdout.strip()
         assert httpx.get(old, follow_redirects=False).status_code == 401
+        os.mkfifo(d / "fifo")  # debris in login/ must not hang the next login-url
         planted = subprocess.run([SPOOLQ, "--root", str(root), "login-url"], capture_output=True, text=True,
                                  timeout=30, env=env).stdout.strip()
+        assert not (d / "fifo").exists()
         d.chmod(0o777)
         assert httpx.get(planted, follow_redirects=False).status_code == 401
         d.chmod(0o700)
@@ -335,10 +345,12 @@ def test_trickled_bodies_are_cut_off(client: spoolq.Client, monkeypatch: pytest.
     monkeypatch.setattr(limits, "MIN_BODY_RATE", 1000.0)
     h = start_http(client, "127.0.0.1", free_port(), TOKEN)
     try:
+        # 20 KB at once buys no licence to trickle: the rate is taken per window.
         head = (f"POST {API}/queues/work/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 100000\r\n\r\n")
         with socket.create_connection(("127.0.0.1", h.port), timeout=30) as s:
-            s.sendall(head.encode())
+            s.sendall(head.encode() + b" " * 20_000)
             answer = b""
             deadline = time.monotonic() + 20
             while not answer and time.monotonic() < deadline:
@@ -440,6 +452,67 @@ def test_hard_links_in_a_message_are_not_served(client: spoolq.Client, root: Pat
     linked = client.send("work", attachments=[AttachmentSource(path=str(mine), link=True)]).msg_id
     assert os.stat(mine).st_nlink == 2
     assert http.get(f"/q/work/{linked}/attach/mine.txt").text == "my data\n"
+
+
+def test_clone_copies_no_link_a_script_left(client: spoolq.Client, root: Path) -> None:
+    """A clone rebuilt attachments from their paths, following links: the copy then served
+    the token as a plain file. Now it copies through the same no-link walk."""
+    http = anon(client)
+    _file(root / "token", TOKEN + "\n").chmod(0o600)
+    mid = client.send("work", attachments=[_file(root.parent / "real.txt", "real\n")]).msg_id
+    client.store.move("work", mid, State.QUE, State.DONE)
+    adir = client.store.message_dir("work", mid) / "attach"
+    (adir / "sym.txt").symlink_to(root / "token")
+    os.link(root / "token", adir / "hard.txt")
+    ok, full = http.post(f"/q/work/{mid}/clone", data={"x_format": "json"}).json()
+    assert ok == "ok", full
+    new = full.rsplit("/", 1)[1]
+    assert set(client.get(f"work/{new}").attachments) == {"real.txt"}
+    for name in ("sym.txt", "hard.txt"):
+        assert TOKEN not in http.get(f"/q/work/{new}/attach/{name}").text
+
+
+def test_dup_copies_no_link_a_script_left(client: spoolq.Client, root: Path, tmp_path: Path, serve: Any) -> None:
+    script = tmp_path / "leak.sh"
+    script.write_text("#!/bin/bash\nln -s \"$SECRET\" ../attach/sym.txt\nln \"$SECRET\" ../attach/hard.txt\n"
+                      "echo \"dup 0-X-other\" >&3\nread -r reply <&4\necho \"$reply\" > reply\n"
+                      "echo \"done dup sent\" >&3\n")
+    script.chmod(0o755)
+    _file(root / "token", TOKEN + "\n").chmod(0o600)
+    client.create_queue("leak", script=str(script), env_vars={"SECRET": str(root / "token")})
+    client.create_queue("other", script="/bin/true")
+    client.set_admin_state("other", "PAUSE")
+    serve()
+    r = client.send("leak", attachments=[_file(tmp_path / "real.txt", "real\n")])
+    assert client.wait(r, 30).status == "done - dup sent"
+    (dup,) = client.list("other", State.QUE).items
+    assert set(dup.attachments) == {"real.txt"}
+    assert {"sym.txt", "hard.txt"} <= set(client.get(r).attachments), "the script did plant both links"
+
+
+def _file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_sockets_left_in_a_message_are_404s(client: spoolq.Client, tmp_path: Path) -> None:
+    http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
+    mid = client.send("work").msg_id
+    client.store.move("work", mid, State.QUE, State.DONE)
+    mdir = client.store.message_dir("work", mid)
+    for sub, name in (("job", "stdio.log"), ("job", "agent.log"), ("attach", "sock")):
+        (mdir / sub).mkdir(exist_ok=True)
+        short = Path(tempfile.mkdtemp(dir="/tmp")) / "s"  # a socket's path has ~100 bytes at most
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(short))
+        s.close()
+        os.rename(short, mdir / sub / name)
+    for url in (f"/q/work/{mid}/log/stdio.log", f"/q/work/{mid}/log/agent.log", f"/q/work/{mid}/attach/sock",
+                f"{API}/queues/work/messages/{mid}/log"):
+        assert http.get(url).status_code == 404, url
+    out = subprocess.run([SPOOLQ, "--root", str(client.store.root), "log", f"work/{mid}"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
 
 
 def test_a_linked_attach_directory_is_not_listed(client: spoolq.Client, tmp_path: Path) -> None:
@@ -637,6 +710,65 @@ def test_a_rebinding_page_cannot_lock_out_local_scripts(client: spoolq.Client,
                                                 "X-Forwarded-For": "10.9.9.9"})
             assert r.status_code == 429, "neither a new Host name nor X-Forwarded-For buys fresh guesses"
             assert c.get(f"{API}/queues", headers=AUTH).status_code == 200, "local scripts are not locked out"
+    finally:
+        h.stop()
+
+
+def test_login_form_and_local_peers_share_the_throttle_keys(client: spoolq.Client,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrong tokens in the sign-in form under a rebound name do not lock out local scripts,
+    and 127.0.0.2 is no fresh address for a local guesser."""
+    monkeypatch.setattr(auth, "FAILURE_DELAY", 0.0)
+    monkeypatch.setattr("spoolq.http.ui.FAILURE_DELAY", 0.0)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    try:
+        evil = {"Host": f"rebound.example:{h.port}", "Origin": f"http://rebound.example:{h.port}",
+                "Cookie": "spoolq_csrf=" + "c" * 40}
+        with httpx.Client(base_url=h.url, timeout=10) as c:
+            for _ in range(auth.FAILURES_ALLOWED + 1):
+                c.post("/login", data={"token": "w" * 32, "csrf": "c" * 40}, headers=evil)
+            assert c.get(f"{API}/queues", headers=AUTH).status_code == 200
+            for _ in range(auth.FAILURES_ALLOWED):
+                assert c.get(f"{API}/queues", headers={"Authorization": "Bearer " + "w" * 32}).status_code == 401
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=h.url, timeout=10, transport=other) as c:
+            assert c.get(f"{API}/queues", headers={"Authorization": "Bearer " + "w" * 32}).status_code == 429
+    finally:
+        h.stop()
+
+
+def test_anonymous_bodies_in_memory_are_budgeted(client: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stalled anonymous bodies held ~5 MiB each; all of them together get a budget (503
+    past it), and a message route checks the message before it reads the body at all."""
+    from spoolq.http import limits
+
+    monkeypatch.setattr(limits, "ANON_BODY_BUDGET", 1000)
+    h = start_http(client, "127.0.0.1", free_port(), TOKEN)
+    try:
+        # A clone of a message that does not exist: answered without waiting for the body.
+        head = (b"POST /q/work/20260101.0000.00.000.1/clone HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000000\r\n\r\n")
+        assert _raw(h.port, head, read_timeout=5).startswith(b"HTTP/1.1 404")
+        stalled = socket.create_connection(("127.0.0.1", h.port), timeout=30)
+        stalled.sendall(b"POST /q/work/new_message HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n" + b" " * 900)
+        answers = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 503 not in answers:
+            r = httpx.post(h.url + "/q/work/new_message", content=json.dumps({"param1": "x" * 200}),
+                           headers={"Content-Type": "application/json"})
+            answers.append(r.status_code)
+        assert answers[-1] == 503 and r.json()["error"]["code"] == "busy", answers
+        assert httpx.post(h.url + "/q/work/new_message", content=b"{}", headers={
+            "Content-Type": "application/json", **AUTH}).status_code == 200, "the token is not budgeted"
+        stalled.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the budget comes back when the stalled body ends
+            if httpx.post(h.url + "/q/work/new_message", content=b"{}",
+                          headers={"Content-Type": "application/json"}).status_code == 200:
+                break
+        else:
+            pytest.fail("the budget never came back")
     finally:
         h.stop()
 

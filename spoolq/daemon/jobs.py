@@ -32,7 +32,7 @@ from ..runner.spawn import (
     spawn,
     write_pidfile,
 )
-from ..store.base import AttachmentSource
+from ..store.base import copied_attachments
 from ..store.fs import FsStore
 from ..store.layout import message_path
 from .finish import Finish, Finisher
@@ -232,18 +232,14 @@ class JobRunner:
                       due=self.clock() + req.due_secs, post_run_webhook=list(old.post_run_webhook),
                       orig_msg_id=old.orig_msg_id or self.full_id(job.queue, old.msg_id),
                       params=dict(old.params))
-        adir = job.msg_dir / "attach"
-        try:
-            names = sorted(n for n in os.listdir(adir) if not n.startswith("."))
-        except OSError:
-            names = []
-        sources = [AttachmentSource(name=n, path=str(adir / n)) for n in names]
         try:
             self.store.queue_config(target)
         except (QueueNotFound, SpoolqError):
             return f"fail couldn't connect to queue - {target}"
         try:
-            stored = self.store.create(target, new, attachments=sources)
+            names = sorted(self.store.get(job.queue, old.msg_id).attachments)
+            with copied_attachments(self.store, job.queue, old.msg_id, names) as sources:
+                stored = self.store.create(target, new, attachments=sources)
         except QueueDown:
             return "fail dup failed - status: DOWN"
         except SpoolqError as e:

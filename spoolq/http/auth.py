@@ -312,6 +312,18 @@ def client_address(scope: Scope) -> str:
     return str(client[0]) if client else "?"
 
 
+def throttle_key(scope: Scope, headers: dict[str, str]) -> str:
+    """Whose wrong tokens these are, for :class:`FailureThrottle`: the socket's address, all
+    of 127.0.0.0/8 and ::1 as one (a local guesser gets no fresh key from 127.0.0.2), and
+    apart from them the same address under a Host that is no loopback name (one key for all
+    such names, so a rebinding page cannot lock local scripts out, nor pick fresh keys)."""
+    address = client_address(scope)
+    key = "loopback" if is_loopback(address) else address
+    if not _loopback_host(headers.get("host", "")):
+        key += " (another Host)"
+    return key
+
+
 class AuthMiddleware:
     """Decides every HTTP request from its method, path and headers (module docstring)."""
 
@@ -334,9 +346,7 @@ class AuthMiddleware:
         who: str | None = None
         token = presented_token(headers)
         if token is not None and need != PUBLIC:
-            address = client_address(scope)
-            if not _loopback_host(headers.get("host", "")):
-                address += " (another Host)"  # one key for all such names: no fresh key per name
+            address = throttle_key(scope, headers)
             wait = pol.throttle.blocked(address)
             if wait:
                 await send_error(send, 429, "too_many_failures",

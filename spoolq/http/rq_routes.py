@@ -289,6 +289,10 @@ async def message_method(request: Request, queue: str, msg_id: str) -> Response:
 
 async def _simple_action(request: Request, queue: str, msg_id: str, action: str) -> Response:
     ctx = ctx_of(request)
+    try:  # before the body is read: the message must exist
+        await run_in_threadpool(ctx.client.store.state_of, queue, msg_id)
+    except (QueueNotFound, InvalidName, MessageNotFound) as e:
+        return _lookup_error(e)
     try:
         async with form_of(request, ctx.upload_dir) as form:
             x_format = form.get("x_format") or "html"

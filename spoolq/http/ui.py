@@ -35,10 +35,10 @@ from .auth import (
     FAILURE_DELAY,
     SESSION_COOKIE,
     check_csrf,
-    client_address,
     csrf_token,
     policy_of,
     principal,
+    throttle_key,
 )
 from .common import STATE_ORDER, AppContext, all_summaries, ctx_of, queue_summary
 from .errors import status_for
@@ -178,11 +178,11 @@ async def _small_form(request: Request) -> dict[str, str]:
 @router.post("/login")
 async def login(request: Request) -> Response:
     pol = policy_of(request)
-    who = client_address(request.scope)
+    who = throttle_key(request.scope, {k: v for k, v in request.headers.items()})
     wait = pol.throttle.blocked(who)
     if wait:
         return render(request, "login.html", status=429, title="sign in", next="/", failed=True,
-                      why=f"Too many wrong tokens from {who}: try again in {wait:.0f} s.")
+                      why=f"Too many wrong tokens from this address: try again in {wait:.0f} s.")
     form = await _small_form(request)
     check_csrf(request, form.get(CSRF_FIELD))
     nxt = _safe_next(form.get("next"))

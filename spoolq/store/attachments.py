@@ -62,7 +62,10 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
                 with open(path, "rb") as f:
                     size = _copy_file(f, tmp, md5, sha, sync)
         elif src.stream is not None:
-            size = _copy_stream(src.stream, tmp, md5, sha, sync)
+            if _has_fd(src.stream):  # an open file (clone, dup): a reflink where the filesystem can
+                size = _copy_file(src.stream, tmp, md5, sha, sync)
+            else:
+                size = _copy_stream(src.stream, tmp, md5, sha, sync)
         else:
             raise InvalidInput("an attachment needs a path or a stream")
         info = AttachmentInfo(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest(),
@@ -83,6 +86,14 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
         except OSError:
             pass
         raise
+
+
+def _has_fd(f: BinaryIO) -> bool:
+    try:
+        f.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..errors import InvalidInput, InvalidName, SpoolqError
+from ..errors import AttachmentNotFound, InvalidInput, InvalidName, SpoolqError
 from ..ids import validate_attachment_name
 from ..model import AdminState, AttachmentInfo, IdPage, ListPage, Message, MessageView, QueueConfig, State
 
@@ -46,6 +47,24 @@ class SweepResult:
     removed: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def copied_attachments(store: Store, queue: str, msg_id: str,
+                       names: Sequence[str]) -> Iterator[list[AttachmentSource]]:
+    """Sources for copying a message's attachments into another (clone, dup), each opened
+    through the store, which follows no link a script left (store/beneath.py): an
+    attachment it refuses is not copied. The files are closed on exit."""
+    with ExitStack() as stack:
+        out: list[AttachmentSource] = []
+        for n in names:
+            try:
+                f = store.open_attachment(queue, msg_id, n)
+            except AttachmentNotFound:
+                continue
+            stack.enter_context(f)
+            out.append(AttachmentSource(name=n, stream=f))
+        yield out
 
 
 def attachment_name(src: AttachmentSource) -> str:

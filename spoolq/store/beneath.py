@@ -43,6 +43,9 @@ def open_beneath(base: str | os.PathLike[str], parts: Sequence[str], *, linked_i
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise NotBeneath(e.errno, "a symbolic link", parts[-1]) from None
+            if e.errno in (errno.ENXIO, errno.EOPNOTSUPP, errno.EAGAIN, errno.ENODEV, errno.EISDIR):
+                # A socket, a device without a driver, a directory: nothing to serve.
+                raise NotBeneath(e.errno, "not a regular file", parts[-1]) from None
             raise
     finally:
         os.close(fd)
