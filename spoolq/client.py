@@ -10,9 +10,11 @@ import builtins
 import math
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, TypedDict, Unpack
 
 from .config import RootConfig, default_root, read_root_config
@@ -307,6 +309,38 @@ class Client:
     def open_attachment(self, ref: Ref, name: str) -> BinaryIO:
         r = self.ref(ref)
         return self.store.open_attachment(r.queue, r.msg_id, name)
+
+    def open_log(self, ref: Ref, name: str = "stdio.log") -> BinaryIO:
+        """One of the message's logs (``stdio.log``, or another a script wrote), for reading."""
+        r = self.ref(ref)
+        return self.store.open_log(r.queue, r.msg_id, name)
+
+    def state(self, ref: Ref) -> State:
+        """The message's state, without reading the message."""
+        r = self.ref(ref)
+        return self.store.state_of(r.queue, r.msg_id)
+
+    def delete_attachment(self, ref: Ref, name: str) -> None:
+        """Remove an attachment of a message in prep."""
+        r = self.ref(ref)
+        self.store.delete_attachment(r.queue, r.msg_id, name)
+
+    def served(self) -> tuple[bool, str] | None:
+        """Whether a daemon serves this store, and what it is called (the spool root); None
+        when the store cannot tell. Asking never creates anything."""
+        if isinstance(self.store, FsStore):
+            from .daemon.pidfile import is_served
+
+            return is_served(self.store.root), str(self.store.root)
+        return None
+
+    @property
+    def upload_dir(self) -> Path:
+        """Where the HTTP server spools uploads: on the spool's filesystem when there is one,
+        so that storing an upload is a link, not a copy."""
+        if isinstance(self.store, FsStore):
+            return self.store.root / ".uploads"
+        return Path(tempfile.gettempdir()) / "spoolq-uploads"
 
     # -- acting on messages --------------------------------------------------------------
     def delete(self, ref: Ref) -> None:

@@ -45,6 +45,9 @@ class State(StrEnum):
 
 FINAL_STATES = frozenset({State.DONE, State.RELAYED, State.ERR})
 
+COUNT_KEYS = ("prep", "que", "run", "done", "relayed", "err", "err_acked")
+"""The keys of ``Store.counts``: each state, with err split into unacked and acked."""
+
 # The only transitions a message may make (docs/internals.md, "State table").
 # que->done|relayed: coalesced duplicates finish with their parent without running.
 # que->err: a message that cannot be started (script missing) fails without running.

@@ -201,3 +201,27 @@ def test_raw_socket_upload_with_fields_after_the_file(base: str, client: spoolq.
     assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
     assert payload.startswith(b'["ok",')
     assert client.get(f"test/{mid}").attachments["data.csv"].md5 == hashlib.md5(csv).hexdigest()
+
+
+def test_rq_message_routes_on_the_memory_store() -> None:
+    """The RQ routes ask the client, not the filesystem: they work on a store without paths."""
+    from fastapi.testclient import TestClient
+    from http_helpers import TOKEN
+
+    from spoolq.http.app import create_app
+
+    c = spoolq.open("memory:")
+    c.create_queue("work", script="/bin/true")
+    http = TestClient(create_app(c, TOKEN), base_url="http://127.0.0.1:3333")
+    ok, full = http.post("/q/work/new_message", data={"mesg": json.dumps({"_method": "prep"})}).json()
+    msg_id = full.rsplit("/", 1)[1]
+    assert http.get(f"/q/work/{msg_id}/state.json").json() == ["prep"]
+    r = http.post(f"/q/work/{msg_id}/attach/new", files={"filedata": ("a.txt", b"hello")})
+    assert r.json()[0] == "ok", r.text
+    assert http.get(f"/q/work/{msg_id}/attach/a.txt").content == b"hello"
+    r = http.post(f"/q/work/{msg_id}/attach/a.txt", data={"_method": "delete"})
+    assert r.json() == ["ok", "Attachment deleted successfully"], r.text
+    assert http.get(f"/q/work/{msg_id}/attach/a.txt").status_code == 404
+    assert http.post(f"/q/work/{msg_id}", data={"_method": "commit", "x_format": "json"}).json() == \
+        ["ok", "msg commited"]
+    assert http.get(f"/q/work/{msg_id}/state.json").json() == ["que"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from spoolq.client import Client
 from spoolq.errors import (
     AttachmentNotFound,
     Conflict,
@@ -17,6 +18,7 @@ from spoolq.errors import (
     InvalidInput,
     InvalidMessage,
     InvalidName,
+    LogNotFound,
     MessageNotFound,
     QueueDown,
     QueueExists,
@@ -447,3 +449,28 @@ def test_client_send_many_validates_everything_first(store: Store, items: list[A
     if isinstance(items[0], dict):  # send refuses the same field as one message
         with pytest.raises(InvalidMessage):
             Client(store).send("q", **items[-1])
+
+
+def test_the_client_answers_what_the_cli_and_http_used_to_ask_the_store(store: Store) -> None:
+    """state, open_log, delete_attachment, served, upload_dir: the CLI and HTTP go through
+    the client for these (the store seam, tests/test_seam.py), on every store."""
+    c = Client(store)
+    make_queue(store)
+    r = c.send("q")
+    assert c.state(r) == State.QUE and c.state(f"q/{r.msg_id}") == State.QUE
+    with pytest.raises(MessageNotFound):
+        c.state("q/20260101.0000.00.000.1")
+    with pytest.raises(LogNotFound):
+        c.open_log(r)
+    p = c.prep("q")
+    c.attach(p, name="a.txt", stream=io.BytesIO(b"hi"))
+    assert set(c.get(p).attachments) == {"a.txt"}
+    c.delete_attachment(p, "a.txt")
+    assert c.get(p).attachments == {}
+    served = c.served()
+    if isinstance(store, FsStore):
+        assert served == (False, str(store.root)), "no daemon holds the root's lock"
+        assert c.upload_dir == store.root / ".uploads"
+    else:
+        assert served is None, "the memory store cannot tell"
+        assert c.upload_dir.is_absolute()

@@ -37,12 +37,9 @@ def warn_if_unserved(ctx: Ctx, what: str) -> None:
     """One line on stderr when no daemon serves the root, so nothing will run: ``what`` says
     what that means for this command. Only for the filesystem store, whose daemon holds
     ``<root>/daemon.pid`` locked; asking never creates the file (a read-only root stays so)."""
-    from ..daemon.pidfile import is_served
-    from ..store.fs import FsStore
-
-    store = ctx.client.store
-    if isinstance(store, FsStore) and not is_served(store.root):
-        print(f"spoolq: warning: no daemon is serving {store.root} (start it with spoolq serve); {what}",
+    served = ctx.client.served()
+    if served is not None and not served[0]:
+        print(f"spoolq: warning: no daemon is serving {served[1]} (start it with spoolq serve); {what}",
               file=sys.stderr)
 
 

@@ -182,7 +182,7 @@ def _print_view(ctx: Any, view: Any, full_id: str) -> None:
 
 def _warn_if_waiting(ctx: Any, ref: Any) -> None:
     """For wait and log -f: warn when the message is not final and nothing will move it."""
-    if not ctx.client.store.state_of(ref.queue, ref.msg_id).final:
+    if not ctx.client.state(ref).final:
         warn_if_unserved(ctx, "the message will not change state until one does")
 
 
@@ -195,7 +195,7 @@ def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
     except WaitTimeout as e:
         if ctx.json:
             ctx.emit_json({"error": {"code": e.code, "message": str(e)},
-                           "state": str(client.store.state_of(ref.queue, ref.msg_id))})
+                           "state": str(client.state(ref))})
         print(f"spoolq: {e}", file=sys.stderr)
         return exitcodes.TIMEOUT
     _print_view(ctx, view, client.full_id(ref.queue, ref.msg_id))

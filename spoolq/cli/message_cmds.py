@@ -286,7 +286,7 @@ def attach(args: argparse.Namespace, ctx: Ctx) -> int:
 def commit(args: argparse.Namespace, ctx: Ctx) -> int:
     (ref,) = refs([args.msg])
     ctx.client.commit(ref)
-    state = ctx.client.store.state_of(ref.queue, ref.msg_id)
+    state = ctx.client.state(ref)
     if state == State.QUE:
         warn_if_unserved(ctx, "the message will wait")
     if ctx.json:
@@ -402,7 +402,7 @@ def _each(ctx: Ctx, values: list[str], action: Callable[[MessageRef], None], ver
 def retry(args: argparse.Namespace, ctx: Ctx) -> int:
     def one(ref: MessageRef) -> None:
         # Looked up first so a missing message is "not found" (exit 3), not "wrong state".
-        state = ctx.client.store.state_of(ref.queue, ref.msg_id)
+        state = ctx.client.state(ref)
         if state != State.ERR:
             raise WrongState(f"message {ref.msg_id} is in {state}: only failed messages (err) "
                              "can be retried")

@@ -13,9 +13,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, SpoolqError
-from ..model import AdminState, QueueConfig
+from ..model import COUNT_KEYS, AdminState, QueueConfig
 from ..store import SweepResult
-from ..store.layout import COUNT_KEYS
 from . import output
 from .common import command, integer, json_or_text, key_value, number, queue_name, refs
 

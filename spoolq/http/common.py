@@ -19,8 +19,8 @@ from starlette.responses import Response, StreamingResponse
 
 from ..client import Client
 from ..errors import QueueNotFound, SpoolqError
+from ..ids import MessageRef
 from ..model import State
-from ..store import FsStore
 from .auth import AuthPolicy
 from .errors import BadRequest
 from .operations import Operations
@@ -131,9 +131,7 @@ def ctx_of(request: Request) -> AppContext:
 
 def default_upload_dir(client: Client) -> FsPath:
     """Spooled uploads live on the spool's filesystem, so attaching them is a hard link."""
-    if isinstance(client.store, FsStore):
-        return client.store.root / ".uploads"
-    return FsPath(tempfile.gettempdir()) / "spoolq-uploads"
+    return client.upload_dir
 
 
 def queue_summary(ctx: AppContext, name: str, *, with_config: bool = False) -> dict[str, Any]:
@@ -178,7 +176,7 @@ def parse_state(value: str) -> State:
 
 def open_log(client: Client, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
     """A message's job log (``job/<name>``), opened without following symbolic links."""
-    return client.store.open_log(queue, msg_id, name)
+    return client.open_log(MessageRef(queue, msg_id), name)
 
 
 _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")

@@ -27,6 +27,7 @@ from ..errors import (
     SpoolqError,
     WrongState,
 )
+from ..ids import MessageRef
 from ..model import State
 from .actions import act
 from .common import AppContext, attachment_response, ctx_of, file_response, open_log
@@ -119,7 +120,7 @@ def done_json(request: Request, queue: str, limit: str = "10") -> Response:
     if not re.fullmatch(r"[0-9]{1,5}", limit) or not 1 <= int(limit) <= 10000:  # ASCII: "²".isdigit()
         return _text(400, "400 - limit must be an integer 1-10000")
     try:
-        page = ctx.client.store.list(queue, State.DONE, limit=int(limit))
+        page = ctx.client.list(queue, State.DONE, limit=int(limit))
     except SpoolqError as e:
         return _lookup_error(e)
     return JSONResponse([v.msg_id for v in page.items])
@@ -228,7 +229,7 @@ def message_json(request: Request, queue: str, msg_id: str) -> Response:
 @router.get("/q/{queue}/{msg_id}/state.json")
 def state_json(request: Request, queue: str, msg_id: str) -> Response:
     try:
-        return JSONResponse([str(ctx_of(request).client.store.state_of(queue, msg_id))])
+        return JSONResponse([str(ctx_of(request).client.state(MessageRef(queue, msg_id)))])
     except SpoolqError as e:
         return _lookup_error(e)
 
@@ -255,7 +256,7 @@ _RESULT_TEXT = {"commit": "msg commited", "delete": "msg deleted", "destroy": "m
 
 def _message_method(ctx: AppContext, queue: str, msg_id: str, method: str) -> None:
     if method == "commit":
-        if ctx.client.store.state_of(queue, msg_id) != State.PREP:
+        if ctx.client.state(MessageRef(queue, msg_id)) != State.PREP:
             # RQ's answer when the message is no longer in prep (rq-spec 5.1).
             raise WrongState("cannot find message")
         ctx.client.commit(f"{queue}/{msg_id}")
@@ -290,7 +291,7 @@ async def message_method(request: Request, queue: str, msg_id: str) -> Response:
 async def _simple_action(request: Request, queue: str, msg_id: str, action: str) -> Response:
     ctx = ctx_of(request)
     try:  # before the body is read: the message must exist
-        await run_in_threadpool(ctx.client.store.state_of, queue, msg_id)
+        await run_in_threadpool(ctx.client.state, MessageRef(queue, msg_id))
     except (QueueNotFound, InvalidName, MessageNotFound) as e:
         return _lookup_error(e)
     try:
@@ -325,7 +326,7 @@ async def attach_new(request: Request, queue: str, msg_id: str) -> Response:
     ctx = ctx_of(request)
     try:
         # Before a byte of the upload is stored: the message must exist and be in prep.
-        if await run_in_threadpool(ctx.client.store.state_of, queue, msg_id) != State.PREP:
+        if await run_in_threadpool(ctx.client.state, MessageRef(queue, msg_id)) != State.PREP:
             raise WrongState("message is not in prep")
         async with form_of(request, ctx.upload_dir, files=True) as form:
             f = form.file("filedata")
@@ -354,7 +355,7 @@ async def attach_delete(request: Request, queue: str, msg_id: str, name: str) ->
             method = form.get("_method")
         if method != "delete":
             return _text(400, "400 - Invalid method param")
-        await run_in_threadpool(ctx.client.store.delete_attachment, queue, msg_id, name)
+        await run_in_threadpool(ctx.client.delete_attachment, MessageRef(queue, msg_id), name)
     except WrongState as e:
         return _fail(e, "msg not in prep")
     except SpoolqError as e:

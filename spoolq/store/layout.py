@@ -24,9 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..ids import MSG_ID_RE, bucket_of, sort_key
-from ..model import COMPACT_JSON, State
-
-COUNT_KEYS = ("prep", "que", "run", "done", "relayed", "err", "err_acked")
+from ..model import COMPACT_JSON, COUNT_KEYS, State
 
 
 def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = False) -> Path:
