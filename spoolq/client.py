@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypedDict, Unpack
 
-from .config import RootConfig, default_root, read_root_config
+from .config import RootConfig, default_root
 from .errors import InvalidInput, InvalidMessage, SpoolqError, WaitTimeout, WrongState
 from .ids import MessageRef, parse_ref
 from .model import (
@@ -91,7 +91,7 @@ class Client:
     def __init__(self, store: Store, *, root_config: RootConfig | None = None) -> None:
         self.store = store
         if root_config is None:
-            root_config = read_root_config(store.root) if isinstance(store, FsStore) else RootConfig()
+            root_config = store.root_config()
         self.root_config = root_config
 
     @property
@@ -326,13 +326,10 @@ class Client:
         self.store.delete_attachment(r.queue, r.msg_id, name)
 
     def served(self) -> tuple[bool, str] | None:
-        """Whether a daemon serves this store, and what it is called (the spool root); None
-        when the store cannot tell. Asking never creates anything."""
-        if isinstance(self.store, FsStore):
-            from .daemon.pidfile import is_served
-
-            return is_served(self.store.root), str(self.store.root)
-        return None
+        """Whether a daemon serves this store, and what it is called (a spool root's path, or
+        the store's URL); None when the store cannot tell. Asking never creates anything."""
+        served = self.store.served()
+        return None if served is None else (served, self.store.url.removeprefix("file://"))
 
     @property
     def upload_dir(self) -> Path:

@@ -467,10 +467,40 @@ def test_the_client_answers_what_the_cli_and_http_used_to_ask_the_store(store: S
     assert set(c.get(p).attachments) == {"a.txt"}
     c.delete_attachment(p, "a.txt")
     assert c.get(p).attachments == {}
-    served = c.served()
+    name = str(store.root) if isinstance(store, FsStore) else "memory:"
+    assert c.served() == (False, name), "no daemon serves it"
+    store.acquire_daemon()
+    try:
+        assert c.served() == (True, name)
+    finally:
+        store.release_daemon()
+    assert c.served() == (False, name)
     if isinstance(store, FsStore):
-        assert served == (False, str(store.root)), "no daemon holds the root's lock"
         assert c.upload_dir == store.root / ".uploads"
     else:
-        assert served is None, "the memory store cannot tell"
         assert c.upload_dir.is_absolute()
+
+
+def test_root_config_and_the_daemon_slot(store: Store, tmp_path: Path) -> None:
+    """Where the daemon listens is kept by the store; only one daemon serves a store."""
+    from spoolq.config import RootConfig
+    from spoolq.errors import DaemonRunning
+
+    assert store.root_config() == RootConfig()
+    assert store.set_root_config(RootConfig("127.0.0.1", 4444)) is True
+    assert store.set_root_config(RootConfig("127.0.0.1", 4444)) is False, "unchanged: nothing written"
+    assert store.root_config() == RootConfig("127.0.0.1", 4444)
+    assert Client(store).base_url == "http://127.0.0.1:4444"
+    store.acquire_daemon()
+    try:
+        if isinstance(store, FsStore):
+            other = FsStore(store.root)
+            assert other.served() is True
+            with pytest.raises(DaemonRunning):
+                other.acquire_daemon()
+    finally:
+        store.release_daemon()
+    if isinstance(store, FsStore):
+        again = FsStore(store.root)
+        again.acquire_daemon()  # free again: released, and its fd closed
+        again.release_daemon()

@@ -1,7 +1,7 @@
 """The daemon: one supervisor per spool root (``spoolq serve``), dispatching queue scripts.
 
-``Daemon`` is imported lazily, so the CLI can ask :mod:`.pidfile` whether a daemon is there
-without loading the supervisor.
+``Daemon`` is imported lazily: the CLI asks the store whether a daemon is there
+(``Store.served``) without loading the supervisor.
 """
 
 from __future__ import annotations

@@ -21,14 +21,13 @@ import time
 from collections.abc import Callable
 
 from .. import durable, watch
-from ..config import RootConfig, read_root_config, write_root_config
+from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
 from ..model import AdminState, State
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
 from ..store import kicks
 from ..store.fs import FsStore
 from ..store.layout import message_path
-from . import pidfile
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .jobs import Job, JobRunner, ScriptUnusable, crash_outcome, root_env
@@ -55,7 +54,7 @@ class Daemon:
                  clock: Callable[[], float] = time.time) -> None:
         self.store = FsStore(root)
         self.root = self.store.root
-        cfg = read_root_config(self.root)
+        cfg = self.store.root_config()
         self.rootcfg = RootConfig(host=host or cfg.host, port=port if port is not None else cfg.port)
         self.grace = grace
         self.sweep_interval = sweep_interval
@@ -68,7 +67,6 @@ class Daemon:
         self.next_trouble_walk = 0.0
         self.refresh_queues = True
         self.flags: set[int] = set()
-        self._lock_fd = -1
         self._turn = 0  # which queue indexes first in this iteration (round robin)
         self.sel: selectors.BaseSelector  # created in setup(), after fds 3 and 4 are claimed
         self.watches: Watches | None = None
@@ -78,13 +76,11 @@ class Daemon:
 
     # -- setup / teardown ----------------------------------------------------------------
     def acquire(self) -> None:
-        """Take ``<root>/daemon.pid`` with flock; DaemonRunning if another daemon holds it."""
-        self._lock_fd = pidfile.acquire(self.root)
+        """Become the store's daemon (``<root>/daemon.pid`` locked); DaemonRunning if another is."""
+        self.store.acquire_daemon()
 
     def release(self) -> None:
-        if self._lock_fd >= 0:
-            pidfile.release(self._lock_fd)
-            self._lock_fd = -1
+        self.store.release_daemon()
 
     def setup(self) -> None:
         """Everything before the loop: lock, root config, signals, watches, recovery.
@@ -93,16 +89,15 @@ class Daemon:
         when the disk refuses them): on a full disk the daemon starts, serves reads and
         runs what it can.
         """
-        self.store.ensure_root()
         if not reserve_low_fds():  # before this process opens anything else
             log.info("fds 3 and 4 are taken: scripts are spawned through the slower preexec path")
         self.sel = selectors.DefaultSelector()
         self.acquire()
         try:
-            write_root_config(self.root, self.rootcfg)
-        except OSError as e:
-            log.warning("cannot record host and port in %s: %s; full ids printed by the CLI may "
-                        "name another port until it is written", self.root / "config.json", e.strerror)
+            self.store.set_root_config(self.rootcfg)
+        except StorageError as e:
+            log.warning("cannot record host and port: %s; full ids printed by the CLI may name another "
+                        "port until it is written", e)
         self.group_sync = durable.GroupSync(on_error=_group_sync_failed)
         self.runner = JobRunner(self.store, self.rootcfg, self.clock,
                                 os.environ.get("RQ_ENV") or root_env(self.root), self.group_sync)

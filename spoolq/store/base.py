@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from ..config import RootConfig
 from ..errors import AttachmentNotFound, InvalidInput, InvalidName, SpoolqError
 from ..ids import validate_attachment_name
 from ..model import AdminState, AttachmentInfo, IdPage, ListPage, Message, MessageView, QueueConfig, State
@@ -89,6 +90,30 @@ class Store(Protocol):
     """Storage for queues and messages. All methods are safe to call from many processes."""
 
     url: str
+
+    # -- the store as a whole ------------------------------------------------------
+    def root_config(self) -> RootConfig:
+        """Where the daemon serving this store listens (its full ids name it)."""
+        ...
+
+    def set_root_config(self, cfg: RootConfig) -> bool:
+        """Record ``cfg``; writes only when it differs (a daemon must start on a full disk).
+        Returns whether it wrote. StorageError when the write fails."""
+        ...
+
+    def acquire_daemon(self) -> None:
+        """Become the daemon serving this store (the filesystem: ``<root>/daemon.pid``
+        locked for the daemon's life, one per root). DaemonRunning when it is taken."""
+        ...
+
+    def release_daemon(self) -> None:
+        """Stop serving: what :meth:`acquire_daemon` took is let go."""
+        ...
+
+    def served(self) -> bool | None:
+        """Does a daemon serve this store now? None when the store cannot tell. Asking
+        changes nothing."""
+        ...
 
     # -- queues -----------------------------------------------------------------
     def create_queue(self, config: QueueConfig) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import durable
+from ..config import RootConfig, read_root_config, write_root_config
 from ..errors import (
     AttachmentNotFound,
     Conflict,
@@ -59,6 +60,7 @@ from ..model import (
     State,
     check_transition,
 )
+from . import pidfile
 from .attachments import add_attachment
 from .base import AttachmentSource, SweepResult, check_attachment_names
 from .beneath import NotBeneath, open_beneath, open_dir_beneath
@@ -85,6 +87,7 @@ class FsStore:
         self.root = Path(os.path.abspath(root))
         self.qroot = self.root / "queue"
         self.url = f"file://{self.root}"
+        self._daemon_fd = -1  # daemon.pid, locked while this store serves as the daemon's
         self.clock = clock
         self._cfg_cache: dict[str, tuple[tuple[int, int], QueueConfig]] = {}
         # Nothing is created until something is written (create_queue): a mistyped --root
@@ -96,6 +99,33 @@ class FsStore:
             self.qroot.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise durable.storage_error(e, f"cannot create spool root {self.root}") from None
+
+    # -- the store as a whole ---------------------------------------------------------------
+    def root_config(self) -> RootConfig:
+        return read_root_config(self.root)
+
+    def set_root_config(self, cfg: RootConfig) -> bool:
+        try:
+            if cfg != read_root_config(self.root):
+                self.ensure_root()
+            return write_root_config(self.root, cfg)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot write {self.root / 'config.json'}") from None
+
+    def acquire_daemon(self) -> None:
+        """Create the root if needed and lock ``<root>/daemon.pid`` (pidfile.py)."""
+        if self._daemon_fd >= 0:
+            return
+        self.ensure_root()
+        self._daemon_fd = pidfile.acquire(self.root)
+
+    def release_daemon(self) -> None:
+        if self._daemon_fd >= 0:
+            pidfile.release(self._daemon_fd)
+            self._daemon_fd = -1
+
+    def served(self) -> bool | None:
+        return self._daemon_fd >= 0 or pidfile.is_served(self.root)
 
     # -- queues --------------------------------------------------------------------------
     def qdir(self, name: str) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..config import RootConfig
 from ..errors import (
     AttachmentNotFound,
     Conflict,
@@ -72,6 +73,8 @@ class MemoryStore:
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.url = "memory:"
+        self._root_config = RootConfig()
+        self._daemon = False
         self.clock = clock
         self._q: dict[str, _Queue] = {}
         self._lock = threading.RLock()
@@ -93,6 +96,25 @@ class MemoryStore:
         return e
 
     # -- queues --------------------------------------------------------------------------
+    # -- the store as a whole ---------------------------------------------------------------
+    def root_config(self) -> RootConfig:
+        return RootConfig(self._root_config.host, self._root_config.port)
+
+    def set_root_config(self, cfg: RootConfig) -> bool:
+        if (cfg.host, cfg.port) == (self._root_config.host, self._root_config.port):
+            return False
+        self._root_config = RootConfig(cfg.host, cfg.port)
+        return True
+
+    def acquire_daemon(self) -> None:
+        self._daemon = True  # one process holds the store: its daemon is the only one
+
+    def release_daemon(self) -> None:
+        self._daemon = False
+
+    def served(self) -> bool | None:
+        return self._daemon
+
     def create_queue(self, config: QueueConfig) -> None:
         with self._lock:
             validate_queue_name(config.name)
