@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, TypedDict, Unpack
 
 from .config import RootConfig, default_root
 from .errors import InvalidInput, InvalidMessage, SpoolqError, WaitTimeout, WrongState
+from .follow import follow_log, wait_final
 from .ids import MessageRef, parse_ref
 from .model import (
     ADMIN_ACTIONS,
@@ -310,6 +311,12 @@ class Client:
         r = self.ref(ref)
         return self.store.open_attachment(r.queue, r.msg_id, name)
 
+    def follow_log(self, ref: Ref, out: BinaryIO, *, follow: bool = False) -> MessageView:
+        """Copy the message's ``stdio.log`` to ``out``; with ``follow``, until the message is
+        final (``spoolq log -f``). Returns the message as last seen."""
+        r = self.ref(ref)
+        return follow_log(self.store, r.queue, r.msg_id, out, follow=follow)
+
     def open_log(self, ref: Ref, name: str = "stdio.log") -> BinaryIO:
         """One of the message's logs (``stdio.log``, or another a script wrote), for reading."""
         r = self.ref(ref)
@@ -404,11 +411,9 @@ class Client:
     def wait(self, ref: Ref, timeout: float | None = None) -> MessageView:
         """Block until the message is done, relayed or err, and return it.
 
-        Woken by filesystem events (inotify), not by polling. Raises WaitTimeout if
+        Woken by the store (inotify on the filesystem), not by polling. Raises WaitTimeout if
         ``timeout`` seconds pass first.
         """
-        from .watch import wait_final
-
         r = self.ref(ref)
         view = wait_final(self.store, r.queue, r.msg_id, timeout)
         if view is None:

@@ -19,9 +19,9 @@ import pytest
 from daemon_util import script, serve_fixture, wait_for
 
 import spoolq
-from spoolq import watch
 from spoolq.model import State
 from spoolq.store import FsStore
+from spoolq.store import inotify as watch
 
 IN_OPEN = 0x20
 BACKLOG = 2000

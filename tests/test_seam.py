@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "spoolq"
 ALLOWLIST = Path(__file__).with_name("seam_allowlist.txt")
 
-FS_MODULES = {"fs", "layout", "kicks", "sweep", "search", "beneath", "attachments", "debris"}
+FS_MODULES = {"fs", "layout", "kicks", "sweep", "search", "beneath", "attachments", "debris", "inotify", "pidfile"}
 FS_NAMES = {"FsStore"}
 FS_ATTRS = {"message_dir", "qdir", "qroot"}
 FS_KNOBS = {"sync", "current"}

@@ -504,3 +504,29 @@ def test_root_config_and_the_daemon_slot(store: Store, tmp_path: Path) -> None:
         again = FsStore(store.root)
         again.acquire_daemon()  # free again: released, and its fd closed
         again.release_daemon()
+
+
+def test_a_message_watch_wakes_wait_and_log_follow(store: Store) -> None:
+    """``wait`` and ``log -f`` sleep on the store's watch of one message, on every store."""
+    import threading
+
+    c = Client(store)
+    make_queue(store)
+    r = c.send("q")
+    with pytest.raises(MessageNotFound):
+        store.watch_message("q", "20260101.0000.00.000.1")
+
+    def finish() -> None:
+        store.move("q", r.msg_id, State.QUE, State.RUN, note="run")
+        store.set_status("q", r.msg_id, "fine")
+        store.move("q", r.msg_id, State.RUN, State.DONE, note="done")
+
+    t = threading.Timer(0.2, finish)
+    t.start()
+    try:
+        assert c.wait(r, 30).status == "done - fine"
+    finally:
+        t.join()
+    out = io.BytesIO()
+    assert c.follow_log(r, out, follow=True).state == State.DONE
+    assert out.getvalue() == b""  # no log was written: nothing to copy, and no hang

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 from urllib.parse import urlencode
 
-from .. import credentials, watch
+from .. import credentials
 from ..config import is_loopback
 from ..credentials import AccessLevel
 from ..errors import InvalidInput, Unavailable, WaitTimeout
@@ -208,7 +208,7 @@ def cmd_log(args: argparse.Namespace, ctx: Any) -> int:
     if args.follow:
         _warn_if_waiting(ctx, ref)
     try:
-        view = watch.follow_log(client.store, ref.queue, ref.msg_id, sys.stdout.buffer, follow=args.follow)
+        view = client.follow_log(ref, sys.stdout.buffer, follow=args.follow)
     except KeyboardInterrupt:
         return exitcodes.OK
     if args.follow and view.state == State.ERR:

@@ -20,11 +20,12 @@ import signal
 import time
 from collections.abc import Callable
 
-from .. import durable, watch
+from .. import durable
 from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
 from ..model import AdminState, State
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
+from ..store import inotify as watch
 from ..store import kicks
 from ..store.fs import FsStore
 from ..store.layout import message_path

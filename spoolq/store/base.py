@@ -86,6 +86,21 @@ def check_attachment_names(attachments: Sequence[AttachmentSource]) -> None:
         seen.add(name)
 
 
+class MessageWatch(Protocol):
+    """What :meth:`Store.watch_message` returns: a way to sleep until a message may have changed."""
+
+    def wait(self, timeout: float) -> None:
+        """Return when the message may have changed (moved, deleted; with ``log``, its log
+        grew), or after ``timeout`` seconds. Spurious returns are allowed: look again."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> MessageWatch: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class Store(Protocol):
     """Storage for queues and messages. All methods are safe to call from many processes."""
 
@@ -211,6 +226,11 @@ class Store(Protocol):
     def open_log(self, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
         """A file of the message's ``job/`` directory, by default the script's output
         (LogNotFound when there is none yet; never through a symbolic link)."""
+
+    def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> MessageWatch:
+        """A watch on one message, armed before this returns (so a change after it wakes the
+        first ``wait``); ``log``: wake on log output too. For ``wait`` and ``log -f``."""
+        ...
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         """The message's directory (the runner's cwd is ``<dir>/job``)."""

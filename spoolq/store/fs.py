@@ -65,6 +65,7 @@ from .attachments import add_attachment
 from .base import AttachmentSource, SweepResult, check_attachment_names
 from .beneath import NotBeneath, open_beneath, open_dir_beneath
 from .debris import remove_partial
+from .inotify import FsMessageWatch
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 from .search import Needle, Scan, read_whole, scan, status_text
 from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
@@ -701,6 +702,10 @@ class FsStore:
                     raise
                 path = moved
         raise FileNotFoundError(errno.ENOENT, "the message keeps moving", name)
+
+    def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> FsMessageWatch:
+        self.locate(queue, msg_id)  # MessageNotFound now, not at the first wait
+        return FsMessageWatch(lambda: self.locate(queue, msg_id)[1], log=log)
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         return self.locate(queue, msg_id)[1]

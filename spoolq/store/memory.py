@@ -68,6 +68,25 @@ class _Queue:
     messages: dict[str, _Entry] = field(default_factory=dict)
 
 
+class _NapWatch:
+    """The memory store's message watch: it naps briefly (a dict in this process is cheap to
+    look at again; the memory store is for tests and embedding, not for waiting at scale)."""
+
+    NAP = 0.02
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(max(0.0, min(timeout, self.NAP)))
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> _NapWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class MemoryStore:
     """All data in process memory; thread-safe through one lock (fine for a reference)."""
 
@@ -340,6 +359,10 @@ class MemoryStore:
             return open(self.message_dir(queue, msg_id) / "job" / name, "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise LogNotFound(f"Message ID log '{name}' not found") from None
+
+    def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> _NapWatch:
+        self._entry(queue, msg_id)
+        return _NapWatch()
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         self._entry(queue, msg_id)
