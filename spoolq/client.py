@@ -32,7 +32,7 @@ from .model import (
     QueueConfig,
     State,
 )
-from .store import AttachmentSource, FsStore, Store, SweepResult, kicks, open_store
+from .store import AttachmentSource, FsStore, Store, SweepResult, open_store
 from .store.base import copied_attachments
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
@@ -383,13 +383,7 @@ class Client:
         def front(m: Message) -> None:
             m.due = 0.0
 
-        self.store.update(r.queue, r.msg_id, front)
-        if isinstance(self.store, FsStore):
-            # The daemon does not watch message dirs: kick/<id> makes it read this one again.
-            try:
-                kicks.request(self.store.qdir(r.queue), r.msg_id)
-            except OSError:
-                pass  # a hint only: the message is at the front on disk; the daemon sees it later
+        self.store.update(r.queue, r.msg_id, front)  # the store tells its daemon (Store.update)
 
     def clone(self, ref: Ref) -> Receipt:
         """A new message with the same fields and attachments (done, relayed or err only)."""

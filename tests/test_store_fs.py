@@ -448,3 +448,20 @@ def test_unsynced_queue_still_renames_atomically(tmp_path: Path) -> None:
     s.create_many("fast", [Message() for _ in range(10)])
     s.move("fast", m.msg_id, State.QUE, State.RUN)
     assert s.counts("fast")["que"] == 10
+
+
+def test_updating_a_queued_message_kicks_the_daemon(fs: FsStore) -> None:
+    """The daemon watches queue directories, not messages: the store itself leaves
+    kick/<id> after rewriting a queued message (run-now), and only then (kicks.py)."""
+    queued = fs.create("q", Message.from_dict({"due": 9e9})).msg_id
+    prepped = fs.create("q", Message(), state=State.PREP).msg_id
+    fs.update("q", prepped, lambda m: setattr(m, "param1", "x"))
+    assert not (fs.qdir("q") / "kick").exists()
+
+    def front(m: Message) -> None:
+        assert not (fs.qdir("q") / "kick" / queued).exists(), "the kick comes after the rewrite"
+        m.due = 0.0
+
+    fs.update("q", queued, front)
+    assert os.listdir(fs.qdir("q") / "kick") == [queued]
+    assert fs.get("q", queued).message.due == 0.0

@@ -261,7 +261,8 @@ class Store(Protocol):
         """
 
     def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
-        """Rewrite a message in place (whatever its state), atomically."""
+        """Rewrite a message in place (whatever its state), atomically. A daemon serving the
+        store sees a queued message's new fields (due time, params) at once."""
 
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
         """Set the job status text shown as ``"<state> - <text>"``."""

@@ -60,7 +60,7 @@ from ..model import (
     State,
     check_transition,
 )
-from . import pidfile
+from . import kicks, pidfile
 from .attachments import add_attachment
 from .base import AttachmentSource, SweepResult, check_attachment_names
 from .beneath import NotBeneath, open_beneath, open_dir_beneath
@@ -784,6 +784,13 @@ class FsStore:
             raise WrongState(f"message {msg_id} moved while being updated; try again") from None
         except OSError as e:
             raise durable.storage_error(e, f"cannot update {queue}/{msg_id}") from None
+        if state == State.QUE:
+            # The daemon watches queue directories, not message directories: kick/<id> makes it
+            # read this one again (after the rewrite above, kicks.py).
+            try:
+                kicks.request(self.qroot / queue, msg_id)
+            except OSError:
+                pass  # a hint only: the rewrite is what counts; the daemon sees it later
         return m
 
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
