@@ -42,7 +42,7 @@ def follow_log(store: Store, queue: str, msg_id: str, out: BinaryIO, *, follow: 
             while True:
                 view = store.get(queue, msg_id)
                 if f is None:
-                    try:  # never through a link a script left (store/beneath.py); kept open across moves
+                    try:  # never through a link a script left (store/fs/beneath.py); kept open across moves
                         f = store.open_log(queue, msg_id)
                     except LogNotFound:
                         f = None

@@ -109,7 +109,7 @@ def test_producers_killed_at_random_moments_leave_nothing_half_visible(root: Pat
     # killed between its last fsync and its rename, or a batch cut off mid-publish) is put
     # into its state instead: it was never acknowledged, and now appears (at-least-once).
     # Sweep leaves a dead producer's staging directory alone for its first second
-    # (store/debris.py), so the last round's must age.
+    # (store/fs/debris.py), so the last round's must age.
     time.sleep(1.1)
     res = client.sweep("q")
     assert list((root / "queue" / "q" / ".tmp").iterdir()) == []

@@ -21,7 +21,7 @@ from daemon_util import script, serve_fixture, wait_for
 import spoolq
 from spoolq.model import State
 from spoolq.store import FsStore
-from spoolq.store import inotify as watch
+from spoolq.store.fs import inotify as watch
 
 IN_OPEN = 0x20
 BACKLOG = 2000

@@ -624,7 +624,7 @@ def test_the_second_audits_500s_are_4xx(client: spoolq.Client, monkeypatch: pyte
             raise PermissionError(13, "Permission denied")  # chmod 000 does not stop root, this does
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr("spoolq.store.beneath.os.open", unreadable)
+    monkeypatch.setattr("spoolq.store.fs.beneath.os.open", unreadable)
     r = http.get(f"/q/work/{mid}/log/stdio.log", headers=AUTH)
     assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
     assert str(client.store.root) not in r.text

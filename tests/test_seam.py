@@ -4,7 +4,7 @@ Everything else (client, CLI, HTTP, daemon, runner) must reach messages through 
 protocol, so that a PostgreSQL store can stand in for the filesystem. This test walks the
 AST of every module outside ``spoolq/store/`` and lists what crosses the seam:
 
-- imports of the filesystem store's modules (``FsStore``, ``layout``, ``kicks``, ...);
+- imports of the filesystem store (``FsStore``, anything in ``spoolq/store/fs/``);
 - ``.store.<attr>`` chains in the CLI and HTTP (reaching past the client into its store),
   and anywhere for an attribute that is not part of the ``Store`` protocol (``store/base.py``);
 - filesystem-only operations and knobs: ``message_dir``, ``qdir``, ``qroot``, and
@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "spoolq"
 ALLOWLIST = Path(__file__).with_name("seam_allowlist.txt")
 
-FS_MODULES = {"fs", "layout", "kicks", "sweep", "search", "beneath", "attachments", "debris", "inotify", "pidfile"}
 FS_NAMES = {"FsStore"}
 FS_ATTRS = {"message_dir", "qdir", "qroot"}
 FS_KNOBS = {"sync", "current"}
@@ -51,24 +50,25 @@ def crossings(path: Path, root: Path = ROOT) -> Counter[str]:
     found: Counter[str] = Counter()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            parts = mod.split(".")
+            parts = (node.module or "").split(".")
             if "store" in parts:
                 tail = parts[parts.index("store") + 1:]
-                if tail and tail[0] in FS_MODULES:
-                    found[f"{rel}: import store.{tail[0]}"] += 1
+                if tail[:1] == ["fs"]:
+                    where = ".".join(tail[1:2]) or "|".join(sorted(a.name for a in node.names))
+                    found[f"{rel}: import store.fs.{where}"] += 1
                 elif not tail:
                     for a in node.names:
-                        if a.name in FS_MODULES or a.name in FS_NAMES:
+                        if a.name in FS_NAMES or a.name == "fs":
                             found[f"{rel}: import {a.name}"] += 1
-            for a in node.names:
-                if a.name in FS_NAMES and "store" not in parts:
-                    found[f"{rel}: import {a.name}"] += 1
+            else:
+                for a in node.names:
+                    if a.name in FS_NAMES:
+                        found[f"{rel}: import {a.name}"] += 1
         elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
-                if "store" in parts and parts[-1] in FS_MODULES:
-                    found[f"{rel}: import store.{parts[-1]}"] += 1
+                if "store" in parts and parts[parts.index("store") + 1:][:1] == ["fs"]:
+                    found[f"{rel}: import {a.name}"] += 1
         elif isinstance(node, ast.Attribute):
             if isinstance(node.value, ast.Attribute) and node.value.attr == "store":
                 if rel.startswith(PAST_THE_CLIENT) or node.attr not in PROTOCOL or node.attr in FS_ATTRS:
@@ -120,14 +120,15 @@ def test_the_allowlist_only_shrinks() -> None:
 def test_the_walk_sees_a_crossing(tmp_path: Path) -> None:
     """The detector itself: each kind of crossing in a made-up module is found."""
     mod = tmp_path / "m.py"
-    mod.write_text("from spoolq.store.layout import message_path\nfrom ..store import FsStore, kicks\n"
-                   "import spoolq.store.fs\n"
+    mod.write_text("from spoolq.store.fs.layout import message_path\nfrom ..store import FsStore\n"
+                   "from ..store.fs import kicks\nimport spoolq.store.fs\n"
                    "def f(client):\n    client.store.open_log('q', 'i')\n    client.store._cfg_cache.clear()\n"
                    "    client.store.message_dir('q', 'i')\n"
                    "    client.move('q', 'i', 'que', 'run', sync=False, current=None)\n")
     got = crossings(mod, tmp_path)
-    assert got == Counter({"m.py: import store.layout": 1, "m.py: import FsStore": 1, "m.py: import kicks": 1,
-                           "m.py: import store.fs": 1, "m.py: .store._cfg_cache": 1, "m.py: .store.message_dir": 1,
+    assert got == Counter({"m.py: import store.fs.layout": 1, "m.py: import FsStore": 1,
+                           "m.py: import store.fs.kicks": 1, "m.py: import spoolq.store.fs": 1,
+                           "m.py: .store._cfg_cache": 1, "m.py: .store.message_dir": 1,
                            "m.py: move(sync=)": 1, "m.py: move(current=)": 1}), got
     # The same calls from the HTTP layer reach past the client: each is a crossing there.
     (tmp_path / "spoolq" / "http").mkdir(parents=True)

@@ -22,7 +22,7 @@ import spoolq
 from spoolq.http import operations
 from spoolq.http.app import create_app
 from spoolq.model import Message, State, search_text
-from spoolq.store.search import Needle
+from spoolq.store.fs.search import Needle
 
 API = "/api/v1"
 

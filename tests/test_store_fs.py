@@ -23,7 +23,7 @@ from spoolq.errors import CorruptMessage, DiskFull, InvalidInput, MessageNotFoun
 from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore
-from spoolq.store.layout import Counts
+from spoolq.store.fs.layout import Counts
 
 
 @pytest.fixture
@@ -399,7 +399,7 @@ def test_a_torn_counts_file_is_recounted_not_restarted_from_zero(fs: FsStore, tm
 HAMMER = """
 import sys
 from pathlib import Path
-from spoolq.store.layout import Counts
+from spoolq.store.fs.layout import Counts
 c = Counts(Path(sys.argv[1]))
 print("ready", flush=True)
 while True:  # que between 9 and 10: every other record is one byte shorter than the last

@@ -14,7 +14,7 @@ from daemon_util import Served, script, stop_all, wait_for
 
 import spoolq
 from spoolq.model import State
-from spoolq.store.layout import iter_entries
+from spoolq.store.fs.layout import iter_entries
 
 N_MESSAGES = 2400
 N_KILLS = 20

@@ -26,7 +26,7 @@ from ..errors import CorruptMessage, MessageNotFound, QueueExists, QueueNotFound
 from ..model import AdminState, Message, QueueConfig, State
 from ..runner.protocol import Outcome
 from ..store.fs import FsStore
-from ..store.layout import message_path
+from ..store.fs.layout import message_path
 from .stats import JobStats
 
 log = logging.getLogger("spoolq.daemon")

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..store.fs import FsStore
-from ..store.layout import Counts
+from ..store.fs.layout import Counts
 
 log = logging.getLogger("spoolq.daemon")
 

@@ -34,7 +34,7 @@ from ..runner.spawn import (
 )
 from ..store.base import copied_attachments
 from ..store.fs import FsStore
-from ..store.layout import message_path
+from ..store.fs.layout import message_path
 from .finish import Finish, Finisher
 from .stats import JobStats
 

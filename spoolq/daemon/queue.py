@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..ids import MSG_ID_RE
 from ..model import AdminState, QueueConfig, State
-from ..store.layout import message_path
+from ..store.fs.layout import message_path
 
 QUE_DEPTH = 3
 """que/<day>/<HHMM>/<SS>/<id>: bucket directories are levels 0..3 below que/."""

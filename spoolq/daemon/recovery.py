@@ -23,7 +23,7 @@ from ..errors import SpoolqError
 from ..model import State
 from ..runner.protocol import Outcome
 from ..runner.spawn import kill_group, leftover_processes, read_pidfile, same_process
-from ..store.layout import message_path
+from ..store.fs.layout import message_path
 from .finish import Finish
 from .jobs import JobRunner, crash_outcome
 

@@ -25,10 +25,9 @@ from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
 from ..model import AdminState, State
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
-from ..store import inotify as watch
-from ..store import kicks
-from ..store.fs import FsStore
-from ..store.layout import message_path
+from ..store.fs import FsStore, kicks
+from ..store.fs import inotify as watch
+from ..store.fs.layout import message_path
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .jobs import Job, JobRunner, ScriptUnusable, crash_outcome, root_env

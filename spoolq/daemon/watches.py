@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..store import inotify as watch
+from ..store.fs import inotify as watch
 from .queue import WatchFn
 
 log = logging.getLogger("spoolq.daemon")

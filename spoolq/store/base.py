@@ -54,7 +54,7 @@ class SweepResult:
 def copied_attachments(store: Store, queue: str, msg_id: str,
                        names: Sequence[str]) -> Iterator[list[AttachmentSource]]:
     """Sources for copying a message's attachments into another (clone, dup), each opened
-    through the store, which follows no link a script left (store/beneath.py): an
+    through the store, which follows no link a script left (store/fs/beneath.py): an
     attachment it refuses is not copied. The files are closed on exit."""
     with ExitStack() as stack:
         out: list[AttachmentSource] = []

@@ -36,6 +36,7 @@ from ..errors import (
 from ..ids import log_name_ok, make_id, sort_key, validate_attachment_name, validate_msg_id, validate_queue_name
 from ..model import (
     ADMIN_FLAGS,
+    COUNT_KEYS,
     AdminState,
     AttachmentInfo,
     IdPage,
@@ -48,7 +49,6 @@ from ..model import (
     search_text,
 )
 from .base import AttachmentSource, SweepResult, attachment_name, check_attachment_names
-from .layout import COUNT_KEYS
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..model import State, search_text
+from ...model import State, search_text
 from .layout import iter_buckets
 
 _SPLIT = re.compile(r"[.=]")

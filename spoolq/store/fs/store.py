@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import durable
-from ..config import RootConfig, read_root_config, write_root_config
-from ..errors import (
+from ... import durable
+from ...config import RootConfig, read_root_config, write_root_config
+from ...errors import (
     AttachmentNotFound,
     Conflict,
     CorruptMessage,
@@ -38,7 +38,7 @@ from ..errors import (
     StorageError,
     WrongState,
 )
-from ..ids import (
+from ...ids import (
     bucket_of,
     id_prefix,
     log_name_ok,
@@ -47,7 +47,7 @@ from ..ids import (
     validate_msg_id,
     validate_queue_name,
 )
-from ..model import (
+from ...model import (
     ADMIN_FLAGS,
     COMPACT_JSON,
     AdminState,
@@ -60,9 +60,9 @@ from ..model import (
     State,
     check_transition,
 )
+from ..base import AttachmentSource, SweepResult, check_attachment_names
 from . import kicks, pidfile
 from .attachments import add_attachment
-from .base import AttachmentSource, SweepResult, check_attachment_names
 from .beneath import NotBeneath, open_beneath, open_dir_beneath
 from .debris import remove_partial
 from .inotify import FsMessageWatch
@@ -292,7 +292,7 @@ class FsStore:
         if not m.dest:
             m.dest = queue
         # The queue is recorded so that a message directory e2fsck put in lost+found can be
-        # given back to its queue (store/sweep.py).
+        # given back to its queue (store/fs/sweep.py).
         m.history = [{"state": str(state), "at": now, "queue": queue}]
         return m
 
@@ -688,7 +688,7 @@ class FsStore:
                       linked_inode: bool = False) -> BinaryIO:
         """``<message>/<area>/<name>``, opened without following any symbolic or second
         hard link below the queue directory: scripts can write into their message
-        (store/beneath.py). With ``linked_inode``, an attachment spoolq hard-linked itself
+        (store/fs/beneath.py). With ``linked_inode``, an attachment spoolq hard-linked itself
         (its metadata names the inode) is served."""
         _, path, _ = self.locate(queue, msg_id)
         qdir = self.qroot / queue
@@ -882,12 +882,12 @@ class FsStore:
 
     def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
         """I6: complete staged messages of dead producers go into their state, the rest of
-        their debris goes, empty old buckets go (store/sweep.py)."""
+        their debris goes, empty old buckets go (store/fs/sweep.py)."""
         return sweep_queue(self, queue, older_than)
 
     def recover_lost_found(self, lost_found: str | os.PathLike[str] | None = None) -> SweepResult:
         """I10: put back message directories that e2fsck moved to ``lost_found`` (default:
-        ``lost+found`` at the top of the spool's filesystem), see store/sweep.py."""
+        ``lost+found`` at the top of the spool's filesystem), see store/fs/sweep.py."""
         if lost_found is None:
             try:
                 lost_found = lost_found_of(self.root)

@@ -26,15 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SpoolqError
-from ..ids import QUEUE_NAME_RE, validate_msg_id
-from ..model import COMPACT_JSON, Message, State
-from .base import SweepResult
+from ...errors import SpoolqError
+from ...ids import QUEUE_NAME_RE, validate_msg_id
+from ...model import COMPACT_JSON, Message, State
+from ..base import SweepResult
 from .debris import is_debris, remove_partial
 from .layout import iter_entries, message_path
 
 if TYPE_CHECKING:
-    from .fs import FsStore
+    from .store import FsStore
 
 log = logging.getLogger("spoolq.store")
 

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import DaemonRunning
+from ...errors import DaemonRunning
 
 log = logging.getLogger("spoolq.daemon")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..ids import MSG_ID_RE
+from ...ids import MSG_ID_RE
 
 KICK_DIR = "kick"
 

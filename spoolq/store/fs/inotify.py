@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NotFound
+from ...errors import NotFound
 
 IN_MODIFY = 0x2
 IN_ATTRIB = 0x4

@@ -37,7 +37,7 @@ def is_debris(path: Path, owner: str, older_than: float, now: float) -> bool:
 
 
 def remove_partial(attach_dir: Path, older_than: float = 0.0) -> list[str]:
-    """Remove half-written attachments (``.<name>.<pid>.tmp``, store/attachments.py) that
+    """Remove half-written attachments (``.<name>.<pid>.tmp``, store/fs/attachments.py) that
     :func:`is_debris` calls debris; ``older_than=0`` removes them all."""
     removed: list[str] = []
     now = time.time()

@@ -9,10 +9,10 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import durable
-from ..errors import InvalidInput
-from ..model import COMPACT_JSON, AttachmentInfo
-from .base import AttachmentSource, attachment_name
+from ... import durable
+from ...errors import InvalidInput
+from ...model import COMPACT_JSON, AttachmentInfo
+from ..base import AttachmentSource, attachment_name
 
 CHUNK = 1024 * 1024
 
@@ -72,7 +72,7 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
                               path=str(final))
         # No path in the file: the message directory moves from state to state.
         meta: dict[str, Any] = {"md5": info.md5, "sha256": info.sha256, "size": info.size}
-        if linked:  # served although it has other links: spoolq made this one (store/beneath.py)
+        if linked:  # served although it has other links: spoolq made this one (store/fs/beneath.py)
             meta["linked_inode"] = os.stat(tmp).st_ino
         durable.write_replace(attach_dir / f".{name}.json", _json(meta), sync=sync)
         if _same_file(tmp, final):

@@ -23,8 +23,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..ids import MSG_ID_RE, bucket_of, sort_key
-from ..model import COMPACT_JSON, COUNT_KEYS, State
+from ...ids import MSG_ID_RE, bucket_of, sort_key
+from ...model import COMPACT_JSON, COUNT_KEYS, State
 
 
 def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = False) -> Path:
