@@ -1,0 +1,302 @@
+"""The filesystem store's reads: finding, viewing, listing, counting and opening messages.
+
+Part of :class:`~spoolq.store.fs.store.FsStore` (a chain of classes, one module per concern);
+the invariants are in docs/internals.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ... import durable
+from ...errors import (
+    AttachmentNotFound,
+    CorruptMessage,
+    LogNotFound,
+    MessageNotFound,
+    SpoolqError,
+)
+from ...ids import (
+    log_name_ok,
+    validate_attachment_name,
+    validate_msg_id,
+)
+from ...model import (
+    AttachmentInfo,
+    IdPage,
+    ListPage,
+    Message,
+    MessageView,
+    State,
+)
+from .beneath import NotBeneath, open_beneath, open_dir_beneath
+from .inotify import FsMessageWatch
+from .layout import COUNT_KEYS, Counts, iter_entries, message_path
+from .queues import QueueParts, _read_file
+from .search import Needle, Scan, scan, status_text
+
+# Order in which locate() looks for a message: the common states of a live message first.
+LOOKUP_ORDER = (State.RUN, State.QUE, State.PREP, State.DONE, State.ERR, State.RELAYED)
+
+
+class ReadParts(QueueParts):
+    """The filesystem store's reads: finding, viewing, listing, counting and opening messages."""
+
+    # -- reading -------------------------------------------------------------------------
+    def locate(self, queue: str, msg_id: str) -> tuple[State, Path, bool]:
+        """Where a message is now: (state, directory, acked)."""
+        qdir = self._existing_qdir(queue)
+        validate_msg_id(msg_id)
+        # A message can move while we look; look a few times before calling it missing.
+        for _ in range(3):
+            for st in LOOKUP_ORDER:
+                p = message_path(qdir, st, msg_id)
+                if os.path.isdir(p):
+                    return st, p, False
+                if st == State.ERR:
+                    p = message_path(qdir, st, msg_id, acked=True)
+                    if os.path.isdir(p):
+                        return st, p, True
+        raise MessageNotFound(f"no message {msg_id} in queue {queue}")
+
+    def _read_msg(self, queue: str, state: State, path: Path, acked: bool = False) -> Message:
+        try:
+            raw = _read_file(path / "msg")
+            m = Message.from_dict(json.loads(raw))
+        except FileNotFoundError:
+            if not path.is_dir():
+                raise MessageNotFound(f"message {path.name} moved or vanished while reading") from None
+            self._set_aside(queue, state, path, acked, "msg file missing")
+            raise CorruptMessage(f"message {path.name} in {queue}/{state} has no msg file; set aside") from None
+        except (IsADirectoryError, NotADirectoryError, ValueError, RecursionError, SpoolqError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            self._set_aside(queue, state, path, acked, f"unreadable msg: {why}")
+            raise CorruptMessage(
+                f"message {path.name} in {queue}/{state} has an unreadable msg file ({why}); "
+                f"set aside in {self.qdir(queue) / 'corrupt'}"
+            ) from None
+        except OSError as e:  # EACCES, EIO: not the message's fault, so it is not moved
+            raise durable.storage_error(e, f"cannot read {queue}/{path.name}") from None
+        if m.msg_id != path.name.removeprefix("."):
+            why = f"msg names another id ({m.msg_id!r})"
+            self._set_aside(queue, state, path, acked, why)
+            raise CorruptMessage(f"message {path.name} in {queue}/{state}: {why}; "
+                                 f"set aside in {self.qdir(queue) / 'corrupt'}")
+        return m
+
+    def _set_aside(self, queue: str, state: State, path: Path, acked: bool, why: str) -> None:
+        """I7: a message whose files are unreadable is moved out of the state tree, not deleted."""
+        qdir = self.qdir(queue)
+        if self._move_to_corrupt(qdir, path, f"{state}.{path.name.lstrip('.')}", why):
+            self._counts(qdir).add({_count_key(state, acked): -1})
+
+    @staticmethod
+    def _move_to_corrupt(qdir: Path, path: Path, label: str, why: str) -> bool:
+        """Move the directory ``path`` to ``<q>/corrupt/<label>.<rand>`` with a ``CORRUPT``
+        note saying why, for a person to look at (I7); False if it could not be moved."""
+        dest = qdir / "corrupt" / f"{label}.{secrets.token_hex(3)}"
+        try:
+            (qdir / "corrupt").mkdir(exist_ok=True)
+            durable.rename(path, dest)
+            (dest / "CORRUPT").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}\n")
+        except OSError:
+            return False
+        return True
+
+    def _view(self, queue: str, state: State, path: Path, acked: bool) -> MessageView:
+        m = self._read_msg(queue, state, path, acked)
+        job_status = _job_status(path)
+        try:
+            with open(path / "history", "rb") as f:
+                for line in f:
+                    try:
+                        h = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line after a crash: history is advisory
+                    if isinstance(h, dict):
+                        m.history.append(h)
+        except OSError:
+            pass
+        atts = _attachments(self.qroot / queue, path)
+        return MessageView(queue=queue, message=m, state=state, job_status=job_status,
+                           attachments=atts, acked=acked)
+
+    def get(self, queue: str, msg_id: str) -> MessageView:
+        for _ in range(3):
+            state, path, acked = self.locate(queue, msg_id)
+            try:
+                return self._view(queue, state, path, acked)
+            except MessageNotFound:
+                continue  # it moved between locate and read: look again
+        raise MessageNotFound(f"no message {msg_id} in queue {queue}")
+
+    def state_of(self, queue: str, msg_id: str) -> State:
+        return self.locate(queue, msg_id)[0]
+
+    def list(
+        self,
+        queue: str,
+        state: State,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        filter: str | None = None,
+        scan_limit: int | None = None,
+    ) -> ListPage:
+        found = self._scan(queue, state, limit, cursor, filter, scan_limit)
+        page = ListPage(items=[], next_cursor=found.next_cursor, scanned=found.scanned)
+        for _, path, acked in found.hits:
+            try:
+                page.items.append(self._view(queue, state, path, acked))
+            except CorruptMessage as e:
+                page.problems.append(str(e))
+            except MessageNotFound:
+                continue  # moved on while we listed
+        return page
+
+    def find_ids(self, queue: str, state: State, *, filter: str | None = None, cursor: str | None = None,
+                 limit: int = 1000, scan_limit: int | None = None) -> IdPage:
+        found = self._scan(queue, state, limit, cursor, filter, scan_limit)
+        return IdPage(ids=[h[0] for h in found.hits], next_cursor=found.next_cursor, scanned=found.scanned)
+
+    def _scan(self, queue: str, state: State, limit: int, cursor: str | None, filter: str | None,
+              scan_limit: int | None) -> Scan:
+        qdir = self._existing_qdir(queue)
+        if cursor is not None:
+            validate_msg_id(cursor)
+        limit = max(1, min(int(limit), 10000))
+        return scan(qdir, state, Needle(filter) if filter else None, cursor=cursor, limit=limit,
+                    scan_limit=None if scan_limit is None else max(1, int(scan_limit)))
+
+    def ids(self, queue: str, state: State) -> Iterator[str]:
+        qdir = self._existing_qdir(queue)
+        for msg_id, _, _ in iter_entries(qdir, state, newest_first=False):
+            yield msg_id
+
+    def counts(self, queue: str) -> dict[str, int]:
+        qdir = self._existing_qdir(queue)
+        c = Counts(qdir / "counts").read()
+        if c is None:
+            return self.recount(queue)
+        return c
+
+    def recount(self, queue: str) -> dict[str, int]:
+        qdir = self._existing_qdir(queue)
+        return self._counts(qdir).rewrite()
+
+    @staticmethod
+    def _counts(qdir: Path) -> Counts:
+        """The counts cache of the queue in ``qdir``, able to rebuild itself from the tree."""
+
+        def walk() -> dict[str, int]:
+            counts = dict.fromkeys(COUNT_KEYS, 0)
+            for st in State:
+                for _, _, acked in iter_entries(qdir, st, newest_first=False):
+                    counts[_count_key(st, acked)] += 1
+            return counts
+
+        return Counts(qdir / "counts", walk)
+
+    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
+        validate_attachment_name(name)
+        try:
+            return self._open_beneath(queue, msg_id, "attach", name, linked_inode=True)
+        except (FileNotFoundError, NotADirectoryError, NotBeneath):
+            raise AttachmentNotFound(f"Message ID attachment '{name}' not found") from None
+
+    def open_log(self, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        try:
+            return self._open_beneath(queue, msg_id, "job", name)
+        except (FileNotFoundError, NotADirectoryError, NotBeneath):
+            raise LogNotFound(f"Message ID log '{name}' not found") from None
+
+    def _open_beneath(self, queue: str, msg_id: str, area: str, name: str, *,
+                      linked_inode: bool = False) -> BinaryIO:
+        """``<message>/<area>/<name>``, opened without following any symbolic or second
+        hard link below the queue directory: scripts can write into their message
+        (store/fs/beneath.py). With ``linked_inode``, an attachment spoolq hard-linked itself
+        (its metadata names the inode) is served."""
+        _, path, _ = self.locate(queue, msg_id)
+        qdir = self.qroot / queue
+        for _ in range(3):
+            try:
+                inode = _linked_inode(qdir, path, name) if linked_inode else None
+                return open_beneath(qdir, [*path.relative_to(qdir).parts, area, name], linked_inode=inode)
+            except FileNotFoundError:
+                _, moved, _ = self.locate(queue, msg_id)  # it may have moved on meanwhile
+                if moved == path:
+                    raise
+                path = moved
+        raise FileNotFoundError(errno.ENOENT, "the message keeps moving", name)
+
+    def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> FsMessageWatch:
+        self.locate(queue, msg_id)  # MessageNotFound now, not at the first wait
+        return FsMessageWatch(lambda: self.locate(queue, msg_id)[1], log=log)
+
+    def message_dir(self, queue: str, msg_id: str) -> Path:
+        return self.locate(queue, msg_id)[1]
+
+
+
+def _count_key(state: State, acked: bool = False) -> str:
+    return "err_acked" if acked else str(state)
+
+
+
+def _attachments(qdir: Path, mdir: Path) -> dict[str, AttachmentInfo]:
+    """The attachments of the message in ``mdir``, listed without following a symbolic link
+    (a script may have made ``attach/`` or a file in it one): a link is listed with size 0."""
+    atts: dict[str, AttachmentInfo] = {}
+    adir = mdir / "attach"
+    try:
+        fd = open_dir_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach"])
+    except (OSError, ValueError):
+        return atts
+    try:
+        entries = [(e.name, e.stat(follow_symlinks=False)) for e in os.scandir(fd) if not e.name.startswith(".")]
+    except OSError:
+        entries = []
+    finally:
+        os.close(fd)
+    for n, st in entries:
+        try:
+            with open_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach", f".{n}.json"]) as f:
+                meta = json.loads(f.read(4096))
+            atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
+                                     sha256=str(meta.get("sha256", "")), path=str(adir / n))
+        except (OSError, ValueError, KeyError, TypeError):
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a link: listed, never followed
+            atts[n] = AttachmentInfo(name=n, size=size, md5="", sha256="", path=str(adir / n))
+    return atts
+
+
+
+def _linked_inode(qdir: Path, mdir: Path, name: str) -> int | None:
+    """The inode spoolq hard-linked as attachment ``name`` (its ``.name.json`` says), if any."""
+    try:
+        with open_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach", f".{name}.json"]) as f:
+            meta = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    ino = meta.get("linked_inode") if isinstance(meta, dict) else None
+    return ino if isinstance(ino, int) and not isinstance(ino, bool) else None
+
+
+
+def _job_status(path: Path) -> str:
+    """The script's latest status text from a message's ``status`` file ("" if none)."""
+    try:
+        return status_text(_read_file(path / "status"))
+    except OSError:
+        return ""
+
