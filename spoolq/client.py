@@ -9,7 +9,6 @@ from __future__ import annotations
 import builtins
 import math
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -415,40 +414,21 @@ class Client:
             raise WaitTimeout(f"message {r.queue}/{r.msg_id} is still in {state} after {timeout:g} s")
         return view
 
-    def cancel(self, ref: Ref) -> str:
-        """Stop a message: a queued one goes straight to err, a running one has its process
-        group terminated and ends in err with status ``cancelled``. Returns what was done."""
-        from .runner.spawn import kill_group, read_pidfile, same_process
-
+    def cancel(self, ref: Ref, *, wait: float = 10.0) -> str:
+        """Stop a message: a queued one goes straight to err; for a running one the store
+        tells the daemon that runs it, which terminates the script's process group, and the
+        message ends in err with status ``cancelled``. Waits up to ``wait`` seconds for that.
+        Returns what was done."""
         r = self.ref(ref)
-        for _ in range(5):
-            state = self.store.state_of(r.queue, r.msg_id)
-            if state == State.QUE:
-                try:
-                    self.store.move(r.queue, r.msg_id, State.QUE, State.ERR, note="cancelled")
-                except WrongState:
-                    continue  # the daemon started it meanwhile
-                self.store.set_status(r.queue, r.msg_id, "cancelled")
-                return "cancelled (it was queued)"
-            if state != State.RUN:
-                raise WrongState(f"message {r.queue}/{r.msg_id} is in {state}: only queued or running "
-                                 "messages can be cancelled")
-            mdir = self.store.message_dir(r.queue, r.msg_id)
-            try:
-                (mdir / "cancel").write_bytes(b"")
-            except FileNotFoundError:
-                continue  # it left run meanwhile
-            pf = read_pidfile(mdir)
-            if pf is None or not same_process(*pf):
-                return "marked cancelled (no live script found; the daemon finishes it)"
-            kill_group(pf[0], signal.SIGTERM)
-            deadline = time.monotonic() + 2.0
-            while same_process(*pf) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if same_process(*pf):
-                kill_group(pf[0], signal.SIGKILL)
-            return f"cancelled (terminated process group {pf[0]})"
-        raise WrongState(f"message {r.queue}/{r.msg_id} keeps changing state; try again")
+        if self.store.cancel(r.queue, r.msg_id) == State.ERR:
+            return "cancelled (it was queued)"
+        served = self.served()
+        if served is not None and not served[0]:
+            return "marked cancelled (no daemon is running: it ends in err when one starts)"
+        view = wait_final(self.store, r.queue, r.msg_id, wait) if wait > 0 else None
+        if view is None:
+            return "cancel requested (the daemon is stopping the script)"
+        return f"cancelled ({view.status})"
 
     def ack_errs(self, queue: str) -> int:
         """Acknowledge every error of ``queue`` (they stay, counted as ``err_acked``);

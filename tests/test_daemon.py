@@ -374,6 +374,28 @@ def test_wait_log_and_cancel_commands(client: spoolq.Client, serve: Any, cli: An
     assert cli("cancel", f"test/{ok.msg_id}").returncode == 4  # already done: a conflict
 
 
+def test_cancel_is_carried_out_by_the_daemon_not_the_caller(client: spoolq.Client, serve: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store records the cancel and wakes the daemon, which kills the script: the
+    caller signals nothing (it may be on another machine, issue 8)."""
+    client.create_queue("test", script=script("rq_script.sh"))
+    serve()
+    pidf = tmp_path / "pid"
+    running = client.send("test", param1="slowfirst", param2=str(pidf))
+    wait_for(lambda: pidf.exists() and pidf.read_text().strip(), what="script start")
+
+    def no_signals(*a: Any) -> None:
+        raise AssertionError(f"the caller sent a signal: {a}")
+
+    monkeypatch.setattr(os, "killpg", no_signals)
+    monkeypatch.setattr(os, "kill", no_signals)
+    what = client.cancel(running, wait=30)
+    assert what == "cancelled (err - cancelled)", what
+    monkeypatch.undo()
+    wait_for(lambda: not alive(int(pidf.read_text())), 10, "cancelled script to die")
+    assert client.get(running).message.history[-1]["state"] == "err"
+
+
 def test_wait_takes_json_after_the_command(client: spoolq.Client, serve: Any, cli: Any) -> None:
     client.create_queue("test", script=script("rq_script.sh"))
     serve()

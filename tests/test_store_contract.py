@@ -530,3 +530,23 @@ def test_a_message_watch_wakes_wait_and_log_follow(store: Store) -> None:
     out = io.BytesIO()
     assert c.follow_log(r, out, follow=True).state == State.DONE
     assert out.getvalue() == b""  # no log was written: nothing to copy, and no hang
+
+
+def test_cancel_queued_running_and_final(store: Store) -> None:
+    """Queued: err at once. Running: recorded for the daemon (RUN). Final: WrongState."""
+    make_queue(store)
+    a = store.create("q", msg()).msg_id
+    assert store.cancel("q", a) == State.ERR
+    v = store.get("q", a)
+    assert (v.state, v.status) == (State.ERR, "err - cancelled")
+    b = store.create("q", msg()).msg_id
+    store.move("q", b, State.QUE, State.RUN, note="run")
+    assert store.cancel("q", b) == State.RUN
+    assert store.cancel("q", b) == State.RUN, "asking twice is fine"
+    assert store.state_of("q", b) == State.RUN, "the daemon, not the caller, ends it"
+    if isinstance(store, FsStore):
+        mdir = store.message_dir("q", b)
+        assert (mdir / "cancel").exists()
+        assert (store.qdir("q") / "kick" / b).exists(), "the daemon is woken"
+    with pytest.raises(WrongState):
+        store.cancel("q", a)

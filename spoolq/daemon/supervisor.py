@@ -168,8 +168,18 @@ class Daemon:
 
     def _kicked(self, qs: QueueState, name: str) -> None:
         msg_id = kicks.consume(qs.qdir, name)
-        if msg_id is not None:
+        if msg_id is None:
+            return
+        job = next((j for j in self.jobs.values() if j.queue == qs.name and j.msg_id == msg_id), None)
+        if job is None:
             qs.note_arrival(msg_id)  # read it again (an unindexed queue reads all when indexed)
+        elif not job.cancelled and (job.msg_dir / "cancel").exists():
+            # Store.cancel of a running message: the script is ours to stop (reap sees the
+            # marker and the message ends in err, "cancelled").
+            assert self.runner is not None
+            job.cancelled = True
+            log.info("%s/%s: cancelled, terminating its process group", job.queue, job.msg_id)
+            self.runner.terminate(job, self.clock())
 
     def _index(self, qs: QueueState) -> None:
         """The queue can run: watch ``que/`` and index it, in slices (``_index_work``)."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ..client import Client
 from ..errors import InvalidInput
-from .errors import NotImplementedYet
 
 ADMIN_ACTIONS = ("pause", "resume", "down", "up")
 """Queue admin actions (RQ's): each sets or clears one flag (Client.admin_action)."""
@@ -30,11 +28,7 @@ def act(client: Client, queue: str, msg_id: str, action: str) -> dict[str, Any]:
     elif action == "commit":
         client.commit(ref)
     elif action == "cancel":
-        cancel: Callable[[str], Any] | None = getattr(client, "cancel", None)
-        if cancel is None:
-            raise NotImplementedYet("cancelling a running job needs the daemon's client.cancel, "
-                                    "which this spoolq does not have yet")
-        cancel(ref)
+        result["cancel"] = client.cancel(ref, wait=0)  # the daemon stops a running script
     else:
         raise InvalidInput(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
     return result

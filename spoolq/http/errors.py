@@ -31,12 +31,6 @@ class BadRequest(errors.InvalidInput):
     code = "bad_request"
 
 
-class NotImplementedYet(errors.SpoolqError):
-    """The action exists in the API but the running spoolq cannot do it."""
-
-    code = "not_implemented"
-
-
 class Forbidden(errors.SpoolqError):
     """A cross-site or CSRF-unsafe request."""
 
@@ -63,7 +57,6 @@ _STATUS_BY_CLASS: list[tuple[type[errors.SpoolqError], int]] = [
     (errors.DaemonRunning, 409),
     (errors.Unauthorized, 401),
     (Forbidden, 403),
-    (NotImplementedYet, 501),
     (ServiceBusy, 503),
     (errors.AddressInUse, 500),
 ]

@@ -267,6 +267,13 @@ class Store(Protocol):
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
         """Set the job status text shown as ``"<state> - <text>"``."""
 
+    def cancel(self, queue: str, msg_id: str) -> State:
+        """Stop a message. Queued: it goes to err with status ``cancelled`` (returns ERR).
+        Running: the request is recorded and the daemon that runs it is told; it kills the
+        script and the message ends in err, ``cancelled`` (returns RUN). Any other state:
+        WrongState. Nothing is killed from the caller's process: it may be another machine."""
+        ...
+
     def delete(self, queue: str, msg_id: str) -> None:
         """Remove a message (any state but run: cancel it first)."""
 

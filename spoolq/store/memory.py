@@ -58,6 +58,7 @@ class _Entry:
     status: str = ""
     acked: bool = False
     attachments: dict[str, tuple[bytes, AttachmentInfo]] = field(default_factory=dict)
+    cancel_requested: bool = False
 
 
 @dataclass
@@ -413,6 +414,19 @@ class MemoryStore:
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
         with self._lock:
             self._entry(queue, msg_id).status = text
+
+    def cancel(self, queue: str, msg_id: str) -> State:
+        with self._lock:
+            e = self._entry(queue, msg_id)
+            if e.state == State.QUE:
+                self.move(queue, msg_id, State.QUE, State.ERR, note="cancelled")
+                e.status = "cancelled"
+                return State.ERR
+            if e.state != State.RUN:
+                raise WrongState(f"message {queue}/{msg_id} is in {e.state}: only queued or running "
+                                 "messages can be cancelled")
+            e.cancel_requested = True
+            return State.RUN
 
     def delete(self, queue: str, msg_id: str) -> None:
         with self._lock:

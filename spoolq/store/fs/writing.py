@@ -416,6 +416,34 @@ class WriteParts(ReadParts):
         except OSError as e:
             raise durable.storage_error(e, f"cannot set status of {queue}/{msg_id}") from None
 
+    def cancel(self, queue: str, msg_id: str) -> State:
+        for _ in range(5):
+            state, path, _ = self.locate(queue, msg_id)
+            if state == State.QUE:
+                try:
+                    self.move(queue, msg_id, State.QUE, State.ERR, note="cancelled")
+                except WrongState:
+                    continue  # the daemon started it meanwhile
+                self.set_status(queue, msg_id, "cancelled")
+                return State.ERR
+            if state != State.RUN:
+                raise WrongState(f"message {queue}/{msg_id} is in {state}: only queued or running "
+                                 "messages can be cancelled")
+            try:
+                durable.write_new(path / "cancel", b"", sync=False)  # the daemon's reap reads it too
+            except FileExistsError:
+                pass  # asked before
+            except FileNotFoundError:
+                continue  # it left run meanwhile
+            except OSError as e:
+                raise durable.storage_error(e, f"cannot cancel {queue}/{msg_id}") from None
+            try:
+                kicks.request(self.qdir(queue), msg_id)  # wakes the daemon: it kills the script
+            except OSError:
+                pass  # the marker is what counts: the script's end (or a restart) sees it
+            return State.RUN
+        raise WrongState(f"message {queue}/{msg_id} keeps changing state; try again")
+
     def delete(self, queue: str, msg_id: str) -> None:
         failures = self.delete_many(queue, [msg_id])
         if failures:
