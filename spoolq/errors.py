@@ -90,6 +90,13 @@ class WrongState(Conflict):
     code = "wrong_state"
 
 
+class LeaseLost(WrongState):
+    """The attempt is no longer the message's current one: its lease ran out and another
+    daemon took the message over (fenced out), or the message left run."""
+
+    code = "lease_lost"
+
+
 class QueueDown(SpoolqError):
     """The queue's admin state is DOWN: it refuses new messages."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -550,3 +551,86 @@ def test_cancel_queued_running_and_final(store: Store) -> None:
         assert (store.qdir("q") / "kick" / b).exists(), "the daemon is woken"
     with pytest.raises(WrongState):
         store.cancel("q", a)
+
+
+# -- attempts and leases (store/leases.py) ------------------------------------------------
+def test_claim_order_due_times_and_admin_state(store: Store) -> None:
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    now = time.time() + 5  # after every creation: the messages without a due time are due
+    late = store.create("q", msg(due=now + 60)).msg_id
+    first = store.create("q", msg()).msg_id
+    second = store.create("q", msg()).msg_id
+    store.set_admin_state("q", AdminState.PAUSE)
+    assert store.claim("q", owner="a", lease=30, now=now) is None, "PAUSE runs nothing"
+    store.set_admin_state("q", AdminState.UP)
+    a = store.claim("q", owner="a", lease=30, now=now)
+    assert isinstance(a, Attempt) and a.msg_id == first and a.expires_at == now + 30
+    assert store.state_of("q", first) == State.RUN
+    b = store.claim("q", owner="a", lease=30, now=now)
+    assert isinstance(b, Attempt) and b.msg_id == second and b.attempt_id != a.attempt_id
+    assert store.claim("q", owner="a", lease=30, now=now) == now + 60, "when the next one is due"
+    c = store.claim("q", owner="a", lease=30, now=now + 61)
+    assert isinstance(c, Attempt) and c.msg_id == late
+    assert store.claim("q", owner="a", lease=30, now=now + 61) is None
+
+
+def test_blocking_and_coalescing_params(store: Store) -> None:
+    from spoolq.store.leases import Attempt
+
+    make_queue(store, blocking_params=[1], coalesce_params=[2])
+    t0 = time.time() + 5
+    x1 = store.create("q", msg(param1="x", param2="a")).msg_id
+    x2 = store.create("q", msg(param1="x", param2="b")).msg_id
+    y = store.create("q", msg(param1="y", param2="a")).msg_id
+    z = store.create("q", msg(param1="z", param2="c")).msg_id
+    a = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(a, Attempt) and a.msg_id == x1 and a.dups == (y,), "y has the same coalesce param"
+    b = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(b, Attempt) and b.msg_id == z, "x2 is blocked by x1, y is held"
+    assert store.claim("q", owner="o", lease=30, now=t0) is None
+    store.finish(a, State.DONE, status="ok", dup_status="duplicate of x1")
+    assert store.get("q", y).status == "done - duplicate of x1", "the duplicate finished with its parent"
+    c = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(c, Attempt) and c.msg_id == x2, "x1 ended: x2 is no longer blocked"
+    # A parent that fails releases its duplicates: they run on their own.
+    d1 = store.create("q", msg(param1="p", param2="k")).msg_id
+    d2 = store.create("q", msg(param1="q", param2="k")).msg_id
+    store.finish(b, State.DONE, status="ok")
+    store.finish(c, State.DONE, status="ok")
+    e = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(e, Attempt) and (e.msg_id, e.dups) == (d1, (d2,))
+    store.finish(e, State.ERR, status="failed")
+    f = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(f, Attempt) and f.msg_id == d2
+
+
+def test_finish_is_fenced_and_reclaim_takes_over(store: Store) -> None:
+    """A holder whose lease ran out (a dead host) cannot finish what another took over."""
+    from spoolq.errors import LeaseLost
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    m = store.create("q", msg(param1="job")).msg_id
+    t0 = time.time() + 5
+    a = store.claim("q", owner="host-a", lease=30, now=t0)
+    assert isinstance(a, Attempt)
+    lease = store.heartbeat(a, lease=30, runner="4242 17", now=t0 + 10)
+    assert lease.expires_at == t0 + 40 and not lease.cancel_requested
+    assert store.reclaim("q", owner="host-a", lease=30, now=t0 + 20) == [], "its own live attempt"
+    # host-a dies; its lease ends at 40. host-b reclaims after that (the filesystem store
+    # knows a dead holder by another owner: one daemon per root holds the lock).
+    (b,) = store.reclaim("q", owner="host-b", lease=30, now=t0 + 41)
+    assert (b.msg_id, b.runner, b.owner) == (m, "4242 17", "host-b") and b.attempt_id != a.attempt_id
+    store.cancel("q", m)
+    assert store.heartbeat(b, lease=30, now=t0 + 42).cancel_requested
+    with pytest.raises(LeaseLost):
+        store.heartbeat(a, lease=30, now=t0 + 42)
+    with pytest.raises(LeaseLost):
+        store.finish(a, State.DONE, status="late")
+    assert store.state_of("q", m) == State.RUN, "the fenced-out finish changed nothing"
+    done = store.finish(b, State.ERR, status="cancelled", update=lambda msg: setattr(msg, "count", msg.count + 1))
+    assert done.count == 1 and store.get("q", m).status == "err - cancelled"
+    with pytest.raises(LeaseLost):
+        store.finish(b, State.DONE, status="twice")

@@ -20,6 +20,7 @@ from ..config import RootConfig
 from ..errors import AttachmentNotFound, InvalidInput, InvalidName, SpoolqError
 from ..ids import validate_attachment_name
 from ..model import AdminState, AttachmentInfo, IdPage, ListPage, Message, MessageView, QueueConfig, State
+from .leases import Attempt, Lease
 
 
 @dataclass
@@ -266,6 +267,35 @@ class Store(Protocol):
 
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
         """Set the job status text shown as ``"<state> - <text>"``."""
+
+    # -- attempts (leases.py) --------------------------------------------------------------
+    def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
+        """que -> run for the next runnable message of ``queue`` (leases.pick), leased to
+        ``owner`` for ``lease`` seconds, with its coalesced duplicates held. Returns the
+        Attempt; or when the next message becomes due; or None (nothing to run, or the
+        queue is not UP). Never hands one message to two attempts at once."""
+        ...
+
+    def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
+                  now: float | None = None) -> Lease:
+        """Extend the attempt's lease; record ``runner`` (what runs it) when given; report a
+        pending cancel. LeaseLost when the attempt is no longer the message's."""
+        ...
+
+    def finish(self, attempt: Attempt, dst: State, *, status: str,
+               update: Callable[[Message], None] | None = None, note: str = "",
+               dup_status: str | None = None) -> Message:
+        """End the attempt: set ``status``, run -> ``dst`` (``update`` rewrites the message
+        on the way). Held duplicates go to ``dst`` too on success (status ``dup_status``)
+        and back to the queue otherwise. Fenced: LeaseLost when the attempt is no longer
+        the message's current one."""
+        ...
+
+    def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
+        """The attempts of ``queue`` whose holder is gone (its lease ran out), re-leased to
+        ``owner`` so that it finishes them; each carries the old holder's ``runner`` and
+        any cancel request. Their old attempt ids are fenced out."""
+        ...
 
     def cancel(self, queue: str, msg_id: str) -> State:
         """Stop a message. Queued: it goes to err with status ``cancelled`` (returns ERR).

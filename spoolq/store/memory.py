@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +25,7 @@ from ..errors import (
     AttachmentNotFound,
     Conflict,
     InvalidInput,
+    LeaseLost,
     LogNotFound,
     MessageNotFound,
     QueueDown,
@@ -49,6 +50,7 @@ from ..model import (
     search_text,
 )
 from .base import AttachmentSource, SweepResult, attachment_name, check_attachment_names
+from .leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
 
 
 @dataclass
@@ -59,6 +61,9 @@ class _Entry:
     acked: bool = False
     attachments: dict[str, tuple[bytes, AttachmentInfo]] = field(default_factory=dict)
     cancel_requested: bool = False
+    attempt: Attempt | None = None  # the current attempt while in run
+    runner: str | None = None
+    held_by: str | None = None  # attempt id of the parent holding this queued duplicate
 
 
 @dataclass
@@ -414,6 +419,86 @@ class MemoryStore:
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
         with self._lock:
             self._entry(queue, msg_id).status = text
+
+    # -- attempts ---------------------------------------------------------------------------
+    def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
+        now = self.clock() if now is None else now
+        with self._lock:
+            q = self._queue(queue)
+            if AdminState.of_flags("pause" in q.flags, "down" in q.flags) != AdminState.UP:
+                return None
+            queued = [Candidate(i, e.msg.due, params_of(e.msg)) for i, e in q.messages.items()
+                      if e.state == State.QUE and e.held_by is None]
+            running = [params_of(e.msg) for e in q.messages.values() if e.state == State.RUN]
+            chosen, dups, wake = pick(queued, running, q.config, now)
+            if chosen is None:
+                return wake
+            m = self.move(queue, chosen.msg_id, State.QUE, State.RUN, note="run")
+            e = q.messages[chosen.msg_id]
+            a = Attempt(queue, chosen.msg_id, new_attempt_id(chosen.msg_id, m.count), owner, now + lease, m,
+                        tuple(dups), e.cancel_requested)
+            for d in dups:
+                q.messages[d].held_by = a.attempt_id
+            e.attempt, e.runner = a, None
+            return a
+
+    def _current(self, attempt: Attempt) -> _Entry:
+        e = self._entry(attempt.queue, attempt.msg_id)
+        if e.state != State.RUN or e.attempt is None or e.attempt.attempt_id != attempt.attempt_id:
+            raise LeaseLost(f"attempt {attempt.attempt_id} of {attempt.queue}/{attempt.msg_id} is no longer "
+                            "the message's (fenced out)")
+        return e
+
+    def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
+                  now: float | None = None) -> Lease:
+        now = self.clock() if now is None else now
+        with self._lock:
+            e = self._current(attempt)
+            assert e.attempt is not None
+            e.attempt = replace(e.attempt, expires_at=now + lease)
+            if runner is not None:
+                e.runner = runner
+            return Lease(now + lease, e.cancel_requested)
+
+    def finish(self, attempt: Attempt, dst: State, *, status: str,
+               update: Callable[[Message], None] | None = None, note: str = "",
+               dup_status: str | None = None) -> Message:
+        with self._lock:
+            e = self._current(attempt)
+            e.status = status
+            m = self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
+            e.attempt, e.runner, e.cancel_requested = None, None, False
+            q = self._queue(attempt.queue)
+            for d in attempt.dups:
+                de = q.messages.get(d)
+                if de is None or de.held_by != attempt.attempt_id:
+                    continue
+                de.held_by = None
+                if dst in SUCCESS and de.state == State.QUE:
+                    self.move(attempt.queue, d, State.QUE, dst, note=note or str(dst))
+                    de.status = dup_status if dup_status is not None else f"duplicate {attempt.msg_id}"
+            return m
+
+    def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
+        now = self.clock() if now is None else now
+        out: builtins.list[Attempt] = []
+        with self._lock:
+            for msg_id, e in self._queue(queue).messages.items():
+                if e.state != State.RUN:
+                    continue
+                old = e.attempt
+                if old is not None and old.expires_at >= now:
+                    continue  # its holder still holds it
+                a = Attempt(queue, msg_id, new_attempt_id(msg_id, e.msg.count), owner, now + lease,
+                            Message.from_dict(e.msg.to_dict()), old.dups if old else (), e.cancel_requested,
+                            e.runner)
+                e.attempt = a
+                for d in a.dups:  # the duplicates stay held, now by the new attempt
+                    de = self._queue(queue).messages.get(d)
+                    if de is not None and old is not None and de.held_by == old.attempt_id:
+                        de.held_by = a.attempt_id
+                out.append(a)
+        return out
 
     def cancel(self, queue: str, msg_id: str) -> State:
         with self._lock:

@@ -6,7 +6,8 @@ argument are in docs/internals.md; comments name the invariant they keep (I1..I8
 
 :class:`FsStore` is built as a chain, one module per concern: ``queues.py`` (queue
 directories, configs, admin flags) <- ``reading.py`` (locating, viewing, listing, counting,
-opening files) <- ``writing.py`` (creating, publishing, moving, rewriting, deleting) <- this
+opening files) <- ``writing.py`` (creating, publishing, moving, rewriting, deleting) <-
+``attempts.py`` (claim, heartbeat, fenced finish, reclaim) <- this
 module (the store as a whole: where the daemon listens, its lock, sweeping).
 """
 
@@ -20,11 +21,11 @@ from ... import durable
 from ...config import RootConfig, read_root_config, write_root_config
 from ..base import SweepResult
 from . import pidfile
+from .attempts import AttemptParts
 from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
-from .writing import WriteParts
 
 
-class FsStore(WriteParts):
+class FsStore(AttemptParts):
     """A spool root on the local filesystem. Safe for many processes at once (no global lock)."""
 
     # -- the store as a whole ---------------------------------------------------------------

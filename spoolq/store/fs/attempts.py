@@ -1,0 +1,139 @@
+"""The filesystem store's attempts: claim, heartbeat, fenced finish, reclaim (store/leases.py).
+
+Part of :class:`~spoolq.store.fs.store.FsStore` (a chain of classes, one module per concern).
+One daemon serves a spool root (it holds ``<root>/daemon.pid`` locked, D1), so its lease is
+that lock: a heartbeat does no I/O beyond looking for a cancel, and every attempt in ``run/``
+not written by this daemon belongs to a dead one and is reclaimed. An attempt's id is kept
+in ``<message>/attempt`` (unsynced, like ``pid``: after a power cut the whole run/ is
+reclaimed anyway); finish reads it before the rename, which is the fence. Held coalesced
+duplicates live in the daemon's memory, as they always have: a crash releases them.
+
+This claim walks ``que/`` in full to choose (correct, O(queued)); the daemon's own index
+(daemon/queue.py) is the fast path and moves in behind this method next (issue 8).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ... import durable
+from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError
+from ...model import AdminState, Message, State
+from ..leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
+from .layout import iter_entries
+from .writing import WriteParts
+
+ATTEMPT_FILE = "attempt"
+
+
+class AttemptParts(WriteParts):
+    """Attempts of messages in run: who holds each, and the fence on finishing."""
+
+    def __init__(self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(root, clock=clock)
+        self._held: dict[tuple[str, str], str] = {}  # (queue, duplicate id) -> the parent's attempt id
+
+    def _held_map(self) -> dict[tuple[str, str], str]:
+        return self._held
+
+    def _messages(self, queue: str, state: State) -> builtins.list[tuple[str, Path, Message]]:
+        out = []
+        for msg_id, path, acked in iter_entries(self._existing_qdir(queue), state, newest_first=False):
+            try:
+                out.append((msg_id, path, self._read_msg(queue, state, path, acked)))
+            except (CorruptMessage, MessageNotFound):
+                continue  # set aside, or moved on while we looked
+        return out
+
+    def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
+        now = self.clock() if now is None else now
+        if self.admin_state(queue) != AdminState.UP:
+            return None
+        held = self._held_map()
+        queued = [Candidate(i, m.due, params_of(m)) for i, _, m in self._messages(queue, State.QUE)
+                  if (queue, i) not in held]
+        running = [params_of(m) for _, _, m in self._messages(queue, State.RUN)]
+        chosen, dups, wake = pick(queued, running, self.queue_config(queue), now)
+        if chosen is None:
+            return wake
+        m = self.move(queue, chosen.msg_id, State.QUE, State.RUN, note="run")
+        a = Attempt(queue, chosen.msg_id, new_attempt_id(chosen.msg_id, m.count), owner, now + lease, m,
+                    tuple(dups))
+        self._write_attempt(a)
+        for d in dups:
+            held[(queue, d)] = a.attempt_id
+        return a
+
+    def _write_attempt(self, a: Attempt) -> None:
+        path = self.message_dir(a.queue, a.msg_id) / ATTEMPT_FILE
+        durable.write_replace(path, json.dumps({"id": a.attempt_id, "owner": a.owner}).encode(), sync=False)
+
+    def _current_dir(self, a: Attempt) -> Path:
+        """The attempt's message directory, if the attempt is still the message's (the fence)."""
+        try:
+            state, path, _ = self.locate(a.queue, a.msg_id)
+            current = json.loads((path / ATTEMPT_FILE).read_bytes()).get("id") if state == State.RUN else None
+        except (MessageNotFound, OSError, ValueError, AttributeError):
+            current = None
+        if current != a.attempt_id:
+            raise LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's "
+                            "(fenced out)")
+        return path
+
+    def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
+                  now: float | None = None) -> Lease:
+        now = self.clock() if now is None else now
+        path = self._current_dir(attempt)
+        if runner is not None:
+            durable.write_replace(path / "pid", runner.encode() + b"\n", sync=False)
+        return Lease(now + lease, (path / "cancel").exists())
+
+    def finish(self, attempt: Attempt, dst: State, *, status: str,
+               update: Callable[[Message], None] | None = None, note: str = "",
+               dup_status: str | None = None) -> Message:
+        path = self._current_dir(attempt)
+        self.set_status(attempt.queue, attempt.msg_id, status)
+        for name in (ATTEMPT_FILE, "pid", "cancel"):  # they must not travel with the message
+            try:
+                os.unlink(path / name)
+            except FileNotFoundError:
+                pass
+        m = self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
+        held = self._held_map()
+        for d in attempt.dups:
+            if held.get((attempt.queue, d)) != attempt.attempt_id:
+                continue
+            del held[(attempt.queue, d)]
+            if dst in SUCCESS:
+                try:
+                    self.move(attempt.queue, d, State.QUE, dst, note=note or str(dst))
+                    self.set_status(attempt.queue, d, dup_status if dup_status is not None else
+                                    f"duplicate {attempt.msg_id}")
+                except SpoolqError:
+                    continue  # it left que meanwhile (deleted, cancelled): nothing to take along
+        return m
+
+    def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
+        now = self.clock() if now is None else now
+        out: builtins.list[Attempt] = []
+        for msg_id, path, m in self._messages(queue, State.RUN):
+            try:
+                holder = json.loads((path / ATTEMPT_FILE).read_bytes()).get("owner")
+            except (OSError, ValueError, AttributeError):
+                holder = None
+            if holder == owner:
+                continue  # ours: this daemon holds it
+            try:
+                runner: str | None = (path / "pid").read_text().strip() or None
+            except OSError:
+                runner = None
+            a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m,
+                        cancel_requested=(path / "cancel").exists(), runner=runner)
+            self._write_attempt(a)
+            out.append(a)
+        return out
