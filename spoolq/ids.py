@@ -54,13 +54,6 @@ def bucket_of(msg_id: str) -> tuple[str, str, str]:
     return (msg_id[0:8], msg_id[9:13], msg_id[14:16])
 
 
-def id_time(msg_id: str) -> float:
-    """Creation time encoded in an id, as epoch seconds."""
-    import calendar
-
-    tm = time.strptime(msg_id[:16], "%Y%m%d.%H%M.%S")
-    return calendar.timegm(tm) + int(msg_id[17:20]) / 1000.0
-
 
 def validate_queue_name(name: str) -> str:
     if not isinstance(name, str) or not QUEUE_NAME_RE.match(name):

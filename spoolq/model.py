@@ -1,8 +1,9 @@
 """The data model: message, queue configuration, states and their transitions.
 
-Field names follow RQ (``reference/rq-spec.md`` 1.5 and 1.7) so RQ's clients and scripts
-read spoolq's JSON unchanged. Validation raises :mod:`spoolq.errors` exceptions with a
-message that says what was wrong and what is allowed.
+Field names follow RQ (``../shared/reference/rq-spec.md`` 1.5 and 1.7: the team's notes on
+RQ, outside this repository) so RQ's clients and scripts read spoolq's JSON unchanged.
+Validation raises :mod:`spoolq.errors` exceptions with a message that says what was wrong
+and what is allowed.
 """
 
 from __future__ import annotations

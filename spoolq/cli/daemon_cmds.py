@@ -14,7 +14,7 @@ from ..config import is_loopback
 from ..credentials import AccessLevel
 from ..errors import InvalidInput, Unavailable, WaitTimeout
 from ..model import State
-from . import exitcodes
+from . import exitcodes, output
 from .common import command, warn_if_unserved
 
 
@@ -194,7 +194,7 @@ def cmd_wait(args: argparse.Namespace, ctx: Any) -> int:
         view = client.wait(ref, args.timeout)
     except WaitTimeout as e:
         if ctx.json:
-            ctx.emit_json({"error": {"code": e.code, "message": str(e)},
+            ctx.emit_json({**output.error_json(e.code, str(e)),
                            "state": str(client.state(ref))})
         print(f"spoolq: {e}", file=sys.stderr)
         return exitcodes.TIMEOUT

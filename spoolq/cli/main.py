@@ -7,7 +7,6 @@ adds its commands and sets ``func`` (a callable ``(args, ctx) -> int``) on each 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -19,14 +18,10 @@ from ..client import Client
 from ..client import open as open_client
 from ..config import default_root
 from ..errors import SpoolqError
-from . import exitcodes
+from . import daemon_cmds, exitcodes, message_cmds, output, queue_cmds
 
-# Command-group modules, in help order. A module that is not there yet is skipped.
-COMMAND_MODULES = (
-    "spoolq.cli.queue_cmds",
-    "spoolq.cli.message_cmds",
-    "spoolq.cli.daemon_cmds",
-)
+# Command-group modules, in help order.
+COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds)
 
 
 class Ctx:
@@ -56,7 +51,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if "--json" in sys.argv[1:]:
-            sys.stdout.write(json.dumps({"error": {"code": "usage", "message": message}}) + "\n")
+            sys.stdout.write(json.dumps(output.error_json("usage", message)) + "\n")
         self.print_usage(sys.stderr)
         sys.stderr.write(f"spoolq: {message}\n")
         raise SystemExit(exitcodes.USAGE)
@@ -73,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print stable machine-readable JSON")
     p.add_argument("--version", action="version", version=f"spoolq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
+    for mod in COMMAND_MODULES:
         mod.register(sub)
     return p
 
@@ -96,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpoolqError as e:
         code = exitcodes.exit_code_for(e)
         if ctx.json:
-            ctx.emit_json({"error": {"code": e.code, "message": str(e)}})
+            ctx.emit_json(output.error_json(e.code, str(e)))
         print(f"spoolq: {e}", file=sys.stderr)
         return code
     except KeyboardInterrupt:

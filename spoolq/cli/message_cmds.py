@@ -385,7 +385,7 @@ def _each(ctx: Ctx, values: list[str], action: Callable[[MessageRef], None], ver
             action(ref)
             ok.append(ctx.client.full_id(ref.queue, ref.msg_id))
         except SpoolqError as e:
-            failed.append({"ref": value, "error": {"code": e.code, "message": str(e)}})
+            failed.append({"ref": value, **output.error_json(e.code, str(e))})
             print(f"spoolq: {output.clean(value)}: {e}", file=sys.stderr)
             code = code or exitcodes.exit_code_for(e)
     if ctx.json:

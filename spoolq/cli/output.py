@@ -64,7 +64,7 @@ def key_values(pairs: Iterable[tuple[str, Any]]) -> str:
 
 
 def error_json(code: str, message: str) -> dict[str, Any]:
-    """The one error shape of ``--json`` output (the same as main.py prints)."""
+    """The one error shape of ``--json`` output, used by every command."""
     return {"error": {"code": code, "message": message}}
 
 

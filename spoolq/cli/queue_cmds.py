@@ -156,7 +156,7 @@ def queue_list(args: argparse.Namespace, ctx: Ctx) -> int:
         except SpoolqError as e:
             print(f"spoolq: {name}: {e}", file=sys.stderr)
             rows.append({"name": name, "admin_state": None, "num_workers": None, "script": None,
-                         "error": {"code": e.code, "message": str(e)}})
+                         **output.error_json(e.code, str(e))})
     if ctx.json:
         ctx.emit_json({"queues": rows})
     elif rows:
@@ -270,7 +270,7 @@ def _count_rows(ctx: Ctx, names: list[str], *, recount: bool = False,
             print(f"spoolq: {name}: {e}", file=sys.stderr)
             row.setdefault("admin_state", None)
             row["counts"] = None
-            row["error"] = {"code": e.code, "message": str(e)}
+            row.update(output.error_json(e.code, str(e)))
         rows.append(row)
     return rows
 

@@ -20,9 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from ..client import Client
 from ..errors import QueueNotFound, SpoolqError
 from ..ids import MessageRef
-from ..model import State
 from .auth import AuthPolicy
-from .errors import BadRequest
 from .operations import Operations
 
 CHUNK = 256 * 1024
@@ -166,12 +164,6 @@ def all_summaries(ctx: AppContext) -> list[dict[str, Any]]:
                         "problem": str(e)})
     return out
 
-
-def parse_state(value: str) -> State:
-    try:
-        return State(value)
-    except ValueError:
-        raise BadRequest(f"unknown state {value!r}: use one of {', '.join(State)}") from None
 
 
 def open_log(client: Client, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
