@@ -428,6 +428,8 @@ class Client:
         view = wait_final(self.store, r.queue, r.msg_id, wait) if wait > 0 else None
         if view is None:
             return "cancel requested (the daemon is stopping the script)"
+        if view.state != State.ERR:
+            return f"too late: it ended first ({view.status})"
         return f"cancelled ({view.status})"
 
     def ack_errs(self, queue: str) -> int:

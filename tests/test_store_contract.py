@@ -607,30 +607,80 @@ def test_blocking_and_coalescing_params(store: Store) -> None:
 
 
 def test_finish_is_fenced_and_reclaim_takes_over(store: Store) -> None:
-    """A holder whose lease ran out (a dead host) cannot finish what another took over."""
+    """A holder whose lease ran out (a dead host) cannot finish what another took over. On
+    the filesystem the lease is the daemon's lock: the taker is the next daemon."""
     from spoolq.errors import LeaseLost
     from spoolq.store.leases import Attempt
 
     make_queue(store)
     m = store.create("q", msg(param1="job")).msg_id
     t0 = time.time() + 5
+    store.acquire_daemon()
     a = store.claim("q", owner="host-a", lease=30, now=t0)
     assert isinstance(a, Attempt)
     lease = store.heartbeat(a, lease=30, runner="4242 17", now=t0 + 10)
     assert lease.expires_at == t0 + 40 and not lease.cancel_requested
     assert store.reclaim("q", owner="host-a", lease=30, now=t0 + 20) == [], "its own live attempt"
-    # host-a dies; its lease ends at 40. host-b reclaims after that (the filesystem store
-    # knows a dead holder by another owner: one daemon per root holds the lock).
-    (b,) = store.reclaim("q", owner="host-b", lease=30, now=t0 + 41)
-    assert (b.msg_id, b.runner, b.owner) == (m, "4242 17", "host-b") and b.attempt_id != a.attempt_id
-    store.cancel("q", m)
-    assert store.heartbeat(b, lease=30, now=t0 + 42).cancel_requested
-    with pytest.raises(LeaseLost):
-        store.heartbeat(a, lease=30, now=t0 + 42)
-    with pytest.raises(LeaseLost):
-        store.finish(a, State.DONE, status="late")
-    assert store.state_of("q", m) == State.RUN, "the fenced-out finish changed nothing"
-    done = store.finish(b, State.ERR, status="cancelled", update=lambda msg: setattr(msg, "count", msg.count + 1))
-    assert done.count == 1 and store.get("q", m).status == "err - cancelled"
-    with pytest.raises(LeaseLost):
-        store.finish(b, State.DONE, status="twice")
+    # host-a dies: its lease ends at t0 + 40 (its lock is let go). host-b takes over after that.
+    store.release_daemon()
+    taker: Store = FsStore(store.root) if isinstance(store, FsStore) else store
+    if isinstance(store, FsStore):
+        assert taker.reclaim("q", owner="host-b", lease=30, now=t0 + 41) == [], "not the daemon: hands off"
+    taker.acquire_daemon()
+    try:
+        (b,) = taker.reclaim("q", owner="host-b", lease=30, now=t0 + 41)
+        assert (b.msg_id, b.runner, b.owner) == (m, "4242 17", "host-b") and b.attempt_id != a.attempt_id
+        assert taker.reclaim("q", owner="host-b", lease=30, now=t0 + 42) == [], "taken once"
+        taker.cancel("q", m)
+        assert taker.heartbeat(b, lease=30, now=t0 + 42).cancel_requested
+        with pytest.raises(LeaseLost):
+            store.heartbeat(a, lease=30, now=t0 + 42)
+        with pytest.raises(LeaseLost):
+            store.finish(a, State.DONE, status="late")
+        assert taker.state_of("q", m) == State.RUN, "the fenced-out finish changed nothing"
+        done = taker.finish(b, State.ERR, status="cancelled",
+                            update=lambda msg: setattr(msg, "count", msg.count + 1))
+        assert done.count == 1 and taker.get("q", m).status == "err - cancelled"
+        with pytest.raises(LeaseLost):
+            taker.finish(b, State.DONE, status="twice")
+    finally:
+        taker.release_daemon()
+
+
+def test_a_finish_that_fails_can_be_retried(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk refuses the move: the attempt still holds the message, the retry lands."""
+    from spoolq.errors import DiskFull
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    a = store.claim("q", owner="o", lease=30, now=time.time() + 5)
+    assert isinstance(a, Attempt)
+    real = store.move
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise DiskFull("no space left on device")
+
+    monkeypatch.setattr(store, "move", full)
+    with pytest.raises(DiskFull):
+        store.finish(a, State.DONE, status="ok")
+    monkeypatch.setattr(store, "move", real)
+    store.finish(a, State.DONE, status="ok")
+    assert store.get("q", m).status == "done - ok"
+
+
+def test_a_held_duplicate_that_leaves_the_queue_is_free(store: Store) -> None:
+    from spoolq.store.leases import Attempt
+
+    make_queue(store, coalesce_params=[1])
+    t0 = time.time() + 5
+    store.create("q", msg(param1="k"))
+    dup = store.create("q", msg(param1="k")).msg_id
+    a = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(a, Attempt) and a.dups == (dup,)
+    store.cancel("q", dup)  # the user cancels the duplicate, then retries it
+    store.move("q", dup, State.ERR, State.QUE, note="retry")
+    b = store.claim("q", owner="o", lease=30, now=t0)
+    assert isinstance(b, Attempt) and b.msg_id == dup, "no longer held by the parent"
+    store.finish(a, State.DONE, status="ok")
+    assert store.state_of("q", dup) == State.RUN, "the parent's success does not take it along"

@@ -7,7 +7,7 @@ attempt with ``finish``, which is **fenced**: it succeeds only while this attemp
 message's current one. When a daemon dies its leases run out; another daemon's ``reclaim``
 re-leases those attempts to itself (fencing out the dead one) and finishes them as crashed
 (at-least-once, as on the filesystem). On the filesystem store a daemon's lease is its lock
-on ``<root>/daemon.pid`` (one daemon per root), so a heartbeat costs no I/O there.
+on ``<root>/daemon.pid`` (one daemon per root), so a heartbeat extends nothing on disk there.
 
 :func:`pick` is the scheduling rule both stores share (RQ's, as the daemon's index keeps it):
 the queued message with the smallest (due, id) that is due, skipping messages whose

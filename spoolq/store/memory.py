@@ -401,6 +401,8 @@ class MemoryStore:
                 update(m)
                 m.encode()
                 e.msg = m
+            if e.state == State.QUE:
+                e.held_by = None  # a held duplicate that leaves the queue is free
             e.state = dst
             e.acked = False
             entry = {"state": str(dst), "at": self.clock(), **({"note": note} if note else {})}

@@ -2,8 +2,9 @@
 
 Part of :class:`~spoolq.store.fs.store.FsStore` (a chain of classes, one module per concern).
 One daemon serves a spool root (it holds ``<root>/daemon.pid`` locked, D1), so its lease is
-that lock: a heartbeat does no I/O beyond looking for a cancel, and every attempt in ``run/``
-not written by this daemon belongs to a dead one and is reclaimed. An attempt's id is kept
+that lock: a heartbeat only checks the fence and looks for a cancel, and every attempt in
+``run/`` that this daemon did not hand out belongs to a dead one and is reclaimed (only
+while holding the lock). An attempt's id is kept
 in ``<message>/attempt`` (unsynced, like ``pid``: after a power cut the whole run/ is
 reclaimed anyway); finish reads it before the rename, which is the fence. Held coalesced
 duplicates live in the daemon's memory, as they always have: a crash releases them.
@@ -20,6 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ... import durable
 from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError
@@ -37,6 +39,17 @@ class AttemptParts(WriteParts):
     def __init__(self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(root, clock=clock)
         self._held: dict[tuple[str, str], str] = {}  # (queue, duplicate id) -> the parent's attempt id
+        self._mine: dict[tuple[str, str], str] = {}  # (queue, id) -> attempt id this store handed out
+
+    def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
+        m = super().move(queue, msg_id, src, dst, **kw)
+        if src == State.QUE:
+            self._held.pop((queue, msg_id), None)  # a held duplicate that left the queue is free
+        return m
+
+    def delete(self, queue: str, msg_id: str) -> None:
+        super().delete(queue, msg_id)
+        self._held.pop((queue, msg_id), None)
 
     def _held_map(self) -> dict[tuple[str, str], str]:
         return self._held
@@ -61,10 +74,15 @@ class AttemptParts(WriteParts):
         chosen, dups, wake = pick(queued, running, self.queue_config(queue), now)
         if chosen is None:
             return wake
-        m = self.move(queue, chosen.msg_id, State.QUE, State.RUN, note="run")
-        a = Attempt(queue, chosen.msg_id, new_attempt_id(chosen.msg_id, m.count), owner, now + lease, m,
-                    tuple(dups))
-        self._write_attempt(a)
+        attempt_id = new_attempt_id(chosen.msg_id, 0)
+        self._mine[(queue, chosen.msg_id)] = attempt_id  # before the move: reclaim never takes it
+        try:
+            m = self.move(queue, chosen.msg_id, State.QUE, State.RUN, note="run")
+            a = Attempt(queue, chosen.msg_id, attempt_id, owner, now + lease, m, tuple(dups))
+            self._write_attempt(a)
+        except BaseException:
+            self._mine.pop((queue, chosen.msg_id), None)
+            raise
         for d in dups:
             held[(queue, d)] = a.attempt_id
         return a
@@ -96,14 +114,21 @@ class AttemptParts(WriteParts):
     def finish(self, attempt: Attempt, dst: State, *, status: str,
                update: Callable[[Message], None] | None = None, note: str = "",
                dup_status: str | None = None) -> Message:
-        path = self._current_dir(attempt)
+        self._current_dir(attempt)
         self.set_status(attempt.queue, attempt.msg_id, status)
-        for name in (ATTEMPT_FILE, "pid", "cancel"):  # they must not travel with the message
-            try:
-                os.unlink(path / name)
-            except FileNotFoundError:
-                pass
+        # The move first: if it fails (a full disk), the attempt still holds the message and
+        # the caller's retry passes the fence; the marks are cleared once it has landed.
         m = self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
+        self._mine.pop((attempt.queue, attempt.msg_id), None)
+        try:
+            landed = self.message_dir(attempt.queue, attempt.msg_id)
+            for name in (ATTEMPT_FILE, "pid", "cancel"):
+                try:
+                    os.unlink(landed / name)
+                except FileNotFoundError:
+                    pass
+        except (MessageNotFound, OSError):
+            pass  # moved on already: the marks mean nothing outside run
         held = self._held_map()
         for d in attempt.dups:
             if held.get((attempt.queue, d)) != attempt.attempt_id:
@@ -119,15 +144,15 @@ class AttemptParts(WriteParts):
         return m
 
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
+        """Only the daemon (the holder of ``daemon.pid``'s lock) reclaims: then every attempt in
+        run that this store did not hand out belongs to a daemon that is gone."""
         now = self.clock() if now is None else now
         out: builtins.list[Attempt] = []
+        if self._daemon_fd < 0:
+            return out  # a live daemon may hold them: leave them alone
         for msg_id, path, m in self._messages(queue, State.RUN):
-            try:
-                holder = json.loads((path / ATTEMPT_FILE).read_bytes()).get("owner")
-            except (OSError, ValueError, AttributeError):
-                holder = None
-            if holder == owner:
-                continue  # ours: this daemon holds it
+            if (queue, msg_id) in self._mine:
+                continue  # ours, and alive
             try:
                 runner: str | None = (path / "pid").read_text().strip() or None
             except OSError:
@@ -135,5 +160,6 @@ class AttemptParts(WriteParts):
             a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m,
                         cancel_requested=(path / "cancel").exists(), runner=runner)
             self._write_attempt(a)
+            self._mine[(queue, msg_id)] = a.attempt_id
             out.append(a)
         return out
