@@ -26,7 +26,7 @@ from ..client import Client
 from ..errors import SpoolqError
 from . import api, metrics, rq_routes, sse, ui
 from .auth import AccessLevel, AuthMiddleware, AuthPolicy, LoginLinks, SecurityHeaders
-from .common import MAX_STREAMS, AppContext, default_upload_dir
+from .common import MAX_STREAMS, AppContext
 from .errors import error_body, error_response, status_for, validation_text
 from .limits import BodyLimit
 from .metrics import ExtraMetrics, RequestMetrics, RequestStats
@@ -63,7 +63,7 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
     policy = AuthPolicy(token=token or None, anonymous=AccessLevel(anonymous), loopback_only=loopback_only,
                         links=LoginLinks(root=login_root))
     ctx = AppContext(client=client, auth=policy,
-                     upload_dir=upload_dir or default_upload_dir(client),
+                     upload_dir=upload_dir or client.upload_dir,
                      poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams)
     try:
         ctx.upload_dir.mkdir(parents=True, exist_ok=True)

@@ -127,11 +127,6 @@ def ctx_of(request: Request) -> AppContext:
     return ctx
 
 
-def default_upload_dir(client: Client) -> FsPath:
-    """Spooled uploads live on the spool's filesystem, so attaching them is a hard link."""
-    return client.upload_dir
-
-
 def queue_summary(ctx: AppContext, name: str, *, with_config: bool = False) -> dict[str, Any]:
     """A queue's name, admin status, counts per state and recent throughput."""
     client = ctx.client

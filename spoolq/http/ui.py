@@ -178,7 +178,7 @@ async def _small_form(request: Request) -> dict[str, str]:
 @router.post("/login")
 async def login(request: Request) -> Response:
     pol = policy_of(request)
-    who = throttle_key(request.scope, {k: v for k, v in request.headers.items()})
+    who = throttle_key(request.scope, dict(request.headers))
     wait = pol.throttle.blocked(who)
     if wait:
         return render(request, "login.html", status=429, title="sign in", next="/", failed=True,

@@ -120,7 +120,6 @@ class MemoryStore:
             raise MessageNotFound(f"no message {msg_id} in queue {queue}")
         return e
 
-    # -- queues --------------------------------------------------------------------------
     # -- the store as a whole ---------------------------------------------------------------
     def root_config(self) -> RootConfig:
         return RootConfig(self._root_config.host, self._root_config.port)
@@ -140,6 +139,7 @@ class MemoryStore:
     def served(self) -> bool | None:
         return self._daemon
 
+    # -- queues --------------------------------------------------------------------------
     def create_queue(self, config: QueueConfig) -> None:
         with self._lock:
             validate_queue_name(config.name)

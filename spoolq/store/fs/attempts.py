@@ -27,7 +27,7 @@ from ... import durable
 from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError
 from ...model import AdminState, Message, State
 from ..leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
-from .layout import iter_entries
+from .layout import iter_entries, message_path
 from .writing import WriteParts
 
 ATTEMPT_FILE = "attempt"
@@ -51,9 +51,6 @@ class AttemptParts(WriteParts):
         super().delete(queue, msg_id)
         self._held.pop((queue, msg_id), None)
 
-    def _held_map(self) -> dict[tuple[str, str], str]:
-        return self._held
-
     def _messages(self, queue: str, state: State) -> builtins.list[tuple[str, Path, Message]]:
         out = []
         for msg_id, path, acked in iter_entries(self._existing_qdir(queue), state, newest_first=False):
@@ -67,7 +64,7 @@ class AttemptParts(WriteParts):
         now = self.clock() if now is None else now
         if self.admin_state(queue) != AdminState.UP:
             return None
-        held = self._held_map()
+        held = self._held
         queued = [Candidate(i, m.due, params_of(m)) for i, _, m in self._messages(queue, State.QUE)
                   if (queue, i) not in held]
         running = [params_of(m) for _, _, m in self._messages(queue, State.RUN)]
@@ -120,16 +117,13 @@ class AttemptParts(WriteParts):
         # the caller's retry passes the fence; the marks are cleared once it has landed.
         m = self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
         self._mine.pop((attempt.queue, attempt.msg_id), None)
-        try:
-            landed = self.message_dir(attempt.queue, attempt.msg_id)
-            for name in (ATTEMPT_FILE, "pid", "cancel"):
-                try:
-                    os.unlink(landed / name)
-                except FileNotFoundError:
-                    pass
-        except (MessageNotFound, OSError):
-            pass  # moved on already: the marks mean nothing outside run
-        held = self._held_map()
+        landed = message_path(self.qdir(attempt.queue), dst, attempt.msg_id)
+        for name in (ATTEMPT_FILE, "pid", "cancel"):
+            try:
+                os.unlink(landed / name)
+            except FileNotFoundError:
+                pass  # never written, or the message moved on already
+        held = self._held
         for d in attempt.dups:
             if held.get((attempt.queue, d)) != attempt.attempt_id:
                 continue

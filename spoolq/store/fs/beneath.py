@@ -38,23 +38,30 @@ def open_beneath(base: str | os.PathLike[str], parts: Sequence[str], *, linked_i
     _check(parts)
     fd = open_dir_beneath(base, parts[:-1])
     try:
-        try:
-            ffd = os.open(parts[-1], _FILE, dir_fd=fd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise NotBeneath(e.errno, "a symbolic link", parts[-1]) from None
-            if e.errno in (errno.ENXIO, errno.EOPNOTSUPP, errno.EAGAIN, errno.ENODEV, errno.EISDIR):
-                # A socket, a device without a driver, a directory: nothing to serve.
-                raise NotBeneath(e.errno, "not a regular file", parts[-1]) from None
-            raise
+        return open_in(fd, parts[-1], linked_inode=linked_inode)
     finally:
         os.close(fd)
+
+
+def open_in(dir_fd: int, name: str, *, linked_inode: int | None = None) -> BinaryIO:
+    """Open ``name`` in the directory ``dir_fd`` (from :func:`open_dir_beneath`) as
+    :func:`open_beneath` opens its last component: a regular file, not through a link."""
+    _check([name])
+    try:
+        ffd = os.open(name, _FILE, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotBeneath(e.errno, "a symbolic link", name) from None
+        if e.errno in (errno.ENXIO, errno.EOPNOTSUPP, errno.EAGAIN, errno.ENODEV, errno.EISDIR):
+            # A socket, a device without a driver, a directory: nothing to serve.
+            raise NotBeneath(e.errno, "not a regular file", name) from None
+        raise
     try:
         st = os.fstat(ffd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotBeneath(errno.EINVAL, "not a regular file", parts[-1])
+            raise NotBeneath(errno.EINVAL, "not a regular file", name)
         if st.st_nlink > 1 and st.st_ino != linked_inode:
-            raise NotBeneath(errno.EMLINK, "a hard link to a file elsewhere", parts[-1])
+            raise NotBeneath(errno.EMLINK, "a hard link to a file elsewhere", name)
         os.set_blocking(ffd, True)
         return os.fdopen(ffd, "rb")
     except BaseException:

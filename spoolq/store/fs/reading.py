@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ... import durable
 from ...errors import (
@@ -37,7 +37,7 @@ from ...model import (
     MessageView,
     State,
 )
-from .beneath import NotBeneath, open_beneath, open_dir_beneath
+from .beneath import NotBeneath, open_dir_beneath, open_in
 from .inotify import FsMessageWatch
 from .layout import COUNT_KEYS, Counts, iter_entries, message_path
 from .queues import QueueParts, _read_file
@@ -230,8 +230,12 @@ class ReadParts(QueueParts):
         qdir = self.qroot / queue
         for _ in range(3):
             try:
-                inode = _linked_inode(qdir, path, name) if linked_inode else None
-                return open_beneath(qdir, [*path.relative_to(qdir).parts, area, name], linked_inode=inode)
+                fd = open_dir_beneath(qdir, [*path.relative_to(qdir).parts, area])
+                try:
+                    inode = _linked_inode(_meta(fd, name)) if linked_inode else None
+                    return open_in(fd, name, linked_inode=inode)
+                finally:
+                    os.close(fd)
             except FileNotFoundError:
                 _, moved, _ = self.locate(queue, msg_id)  # it may have moved on meanwhile
                 if moved == path:
@@ -264,31 +268,36 @@ def _attachments(qdir: Path, mdir: Path) -> dict[str, AttachmentInfo]:
         return atts
     try:
         entries = [(e.name, e.stat(follow_symlinks=False)) for e in os.scandir(fd) if not e.name.startswith(".")]
+        for n, st in entries:
+            meta = _meta(fd, n) or {}
+            try:
+                atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
+                                         sha256=str(meta.get("sha256", "")), path=str(adir / n))
+            except (ValueError, KeyError, TypeError):
+                size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a link: listed, never followed
+                atts[n] = AttachmentInfo(name=n, size=size, md5="", sha256="", path=str(adir / n))
     except OSError:
-        entries = []
+        pass  # the directory went away while we listed it
     finally:
         os.close(fd)
-    for n, st in entries:
-        try:
-            with open_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach", f".{n}.json"]) as f:
-                meta = json.loads(f.read(4096))
-            atts[n] = AttachmentInfo(name=n, size=int(meta["size"]), md5=str(meta["md5"]),
-                                     sha256=str(meta.get("sha256", "")), path=str(adir / n))
-        except (OSError, ValueError, KeyError, TypeError):
-            size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a link: listed, never followed
-            atts[n] = AttachmentInfo(name=n, size=size, md5="", sha256="", path=str(adir / n))
     return atts
 
 
-
-def _linked_inode(qdir: Path, mdir: Path, name: str) -> int | None:
-    """The inode spoolq hard-linked as attachment ``name`` (its ``.name.json`` says), if any."""
+def _meta(attach_fd: int, name: str) -> dict[str, Any] | None:
+    """``attach/.<name>.json`` (size, hashes, a linked inode), read through the attach
+    directory's fd without following a link; None when missing or unreadable."""
     try:
-        with open_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach", f".{name}.json"]) as f:
+        with open_in(attach_fd, f".{name}.json") as f:
             meta = json.loads(f.read(4096))
     except (OSError, ValueError):
         return None
-    ino = meta.get("linked_inode") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+
+def _linked_inode(meta: dict[str, Any] | None) -> int | None:
+    """The inode spoolq hard-linked as this attachment (its metadata says), if any."""
+    ino = meta.get("linked_inode") if meta is not None else None
     return ino if isinstance(ino, int) and not isinstance(ino, bool) else None
 
 

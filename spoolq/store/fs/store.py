@@ -33,9 +33,8 @@ class FsStore(AttemptParts):
         return read_root_config(self.root)
 
     def set_root_config(self, cfg: RootConfig) -> bool:
+        self.ensure_root()  # writes nothing when the root is there already
         try:
-            if cfg != read_root_config(self.root):
-                self.ensure_root()
             return write_root_config(self.root, cfg)
         except OSError as e:
             raise durable.storage_error(e, f"cannot write {self.root / 'config.json'}") from None
