@@ -32,6 +32,15 @@ _values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(all
                        max_leaves=6)
 
 
+def test_a_needle_ending_inside_a_none_is_found() -> None:
+    """Hypothesis found it: ``{"0": null}`` searches as ``0=none``, and ``0=no`` is a piece of
+    that, while the raw JSON says ``null``."""
+    raw = b'{"msg_id":"20261203.0000.00.000.1","params":{"0":null,"x":"y"}}'
+    for needle in ("0=no", "0=n", "one", "=none", "ne"):
+        assert Needle(needle).matches(raw, ""), needle
+    assert not Needle("0=nz").matches(raw, "")
+
+
 @given(fields=st.fixed_dictionaries({"param1": _text, "src": _text}, optional={"params": st.dictionaries(
     _text, _values, max_size=4)}), status=_text, data=st.data())
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))

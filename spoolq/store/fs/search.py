@@ -12,7 +12,9 @@ piece of it lies inside one key or one value, and keys and values stand verbatim
 stored JSON (UTF-8, ``ensure_ascii=False``) unless JSON escapes them. So the raw test is
 used only for needles without characters JSON escapes (``"``, ``\\``, control characters)
 and without ``none`` (``null`` in JSON, ``None`` in the search text), and never for a
-message whose raw bytes hold a ``\\u`` escape (written by an older spoolq).
+message whose raw bytes hold a ``\\u`` escape (written by an older spoolq). A piece that
+could be part of a ``None`` (``no``, ``one``...: the needle may begin or end inside one) is
+not looked for.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Needle:
         self.text = text.casefold()
         safe = not any(c in self.text for c in '"\\') and all(ord(c) >= 0x20 for c in self.text) \
             and "none" not in self.text
-        self.pieces: list[str] | None = [p for p in _SPLIT.split(self.text) if p] if safe else None
+        self.pieces: list[str] | None = [p for p in _SPLIT.split(self.text) if p and p not in "none"] \
+            if safe else None
 
     def could_match(self, raw: bytes, status: str) -> bool:
         """False only when the message certainly does not match (then no JSON is parsed)."""
