@@ -32,7 +32,7 @@ from .model import (
     State,
 )
 from .store import AttachmentSource, FsStore, Store, SweepResult, open_store
-from .store.base import copied_attachments
+from .store.base import LostFoundRepair, copied_attachments
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -445,7 +445,7 @@ class Client:
     def recover_lost_found(self, path: str | os.PathLike[str] | None = None) -> SweepResult:
         """Put back the message directories that e2fsck moved into ``path`` (default: the
         ``lost+found`` of the spool's filesystem) after a power cut; filesystem store only."""
-        if not isinstance(self.store, FsStore):
+        if not isinstance(self.store, LostFoundRepair):
             raise InvalidInput("lost+found recovery needs a filesystem store")
         return self.store.recover_lost_found(path)
 

@@ -87,7 +87,8 @@ OVERFLOW_DRIVER = """
 import sys
 from spoolq.daemon.supervisor import Daemon
 from spoolq.model import RetryPolicy
-d = Daemon(sys.argv[1], port=int(sys.argv[2]))
+from spoolq.store import FsStore
+d = Daemon(FsStore(sys.argv[1]), home=sys.argv[1], port=int(sys.argv[2]))
 d.setup()
 print("serving", flush=True)
 try:

@@ -31,14 +31,21 @@ FS_KNOBS = {"sync", "current"}
 PAST_THE_CLIENT = ("spoolq/cli/", "spoolq/http/")
 
 
+CAPABILITIES = {"LostFoundRepair"}
+"""Optional protocols of store/base.py, used behind an ``isinstance`` check."""
+
+
 def protocol_names() -> set[str]:
-    """The methods and attributes of the ``Store`` protocol class."""
+    """The methods and attributes of the ``Store`` protocol class and its capabilities."""
     tree = ast.parse((PKG / "store" / "base.py").read_text())
+    names: set[str] = set()
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Store":
-            return {n.name for n in node.body if isinstance(n, ast.FunctionDef)} | {
+        if isinstance(node, ast.ClassDef) and node.name in {"Store"} | CAPABILITIES:
+            names |= {n.name for n in node.body if isinstance(n, ast.FunctionDef)} | {
                 n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-    raise AssertionError("no class Store in store/base.py")
+    if "claim" not in names:
+        raise AssertionError("no class Store in store/base.py")
+    return names
 
 
 PROTOCOL = protocol_names()

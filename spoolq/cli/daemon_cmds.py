@@ -78,6 +78,7 @@ def register(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     from ..daemon.supervisor import Daemon
+    from ..store import open_store
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
@@ -104,7 +105,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     if args.rescan is not None:
         logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
                                             "rescans queues (see docs/operations.md)")
-    d = Daemon(root, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep)
+    d = Daemon(open_store(root), home=root, host=args.host, port=args.port, grace=args.grace,
+               sweep_interval=args.sweep)
     token = None if args.no_http else credentials.load_or_create(root, args.token_file)
     d.setup()
     http: Any = None
@@ -135,10 +137,10 @@ def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
     from ..client import open as open_client
     from ..http.server import start_http
 
-    client = open_client(str(d.root))
+    client = open_client(str(d.home))
     extra = d.runner.stats.render if d.runner is not None else None
     http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
-                      login_root=str(d.root))
+                      login_root=str(d.home))
     code = http.app.state.auth.links.mint(SERVE_LINK_TTL)
     # Like Jupyter: the way into the UI, printed once. The link works once, for a day.
     url = d.rootcfg.local_url

@@ -1,9 +1,10 @@
 """The end of an attempt, and what happens when the disk refuses it.
 
-A :class:`Finish` is an attempt's outcome, decided once and kept in memory until it is on
-disk. :meth:`Finisher.settle` makes it happen, in this order (docs/internals.md, "The run
-state"): the final status text, removal of ``pid`` and ``cancel``, the webhook messages,
-then the commit point, the one move out of ``run/``, and last the coalesced duplicates.
+A :class:`Finish` is an attempt's outcome, decided once and kept in memory until it is
+stored. :meth:`Finisher.settle` makes it happen: first the webhook messages, then
+``Store.finish`` (docs/internals.md, "The run state": the final status text, removal of
+``pid`` and ``cancel``, the commit point, the one move out of ``run/``, and last the
+coalesced duplicates), which is fenced by the attempt's id.
 
 If a step fails (disk full while rewriting ``msg``, EIO, anything), the Finish is *held*:
 retried after 1 s, 2 s, 4 s ... at most 60 s apart, from the daemon's loop, while every
@@ -19,14 +20,15 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 from .. import durable
 from ..errors import CorruptMessage, MessageNotFound, QueueExists, QueueNotFound, SpoolqError, StorageError, WrongState
 from ..model import AdminState, Message, QueueConfig, State
 from ..runner.protocol import Outcome
-from ..store.fs import FsStore
-from ..store.fs.layout import message_path
+from ..store.base import Store
+from ..store.leases import Attempt
 from .stats import JobStats
 
 log = logging.getLogger("spoolq.daemon")
@@ -45,18 +47,12 @@ exit 0
 
 @dataclass
 class Finish:
-    """One message's way out of ``src``: where to, and how far it got."""
+    """One attempt's way out of ``run``: where to, and how far it got."""
 
-    queue: str
-    msg: Message  # as stored when the attempt started (the daemon alone changes it in run)
+    attempt: Attempt
     outcome: Outcome
-    dups: list[str] = field(default_factory=list)
-    src: State = State.RUN
     note: str = ""
-    current_status: str | None = None  # what the status file says now; None: unknown
-    cancel_file: bool = True  # a cancel marker may be there to remove
-    durable_later: bool = False  # a plain move may be fsync'd by the group-commit thread
-    cfg: QueueConfig | None = None
+    current_status: str | None = None  # what the status says now; None: unknown
     # Set when it ends a job of this daemon: the supervisor frees the worker slot after it.
     pid: int | None = None
     exit_code: int = 0
@@ -68,20 +64,28 @@ class Finish:
     retry_at: float = 0.0
 
     @property
+    def queue(self) -> str:
+        return self.attempt.queue
+
+    @property
+    def msg(self) -> Message:
+        return self.attempt.message  # as stored at the claim (the daemon alone changes it in run)
+
+    @property
     def msg_id(self) -> str:
-        return self.msg.msg_id
+        return self.attempt.msg_id
 
 
 class Finisher:
     """Applies outcomes, and holds the ones the store refused until it takes them."""
 
-    def __init__(self, store: FsStore, full_id: Callable[[str, str], str], clock: Callable[[], float],
-                 stats: JobStats, group_sync: durable.GroupSync | None = None) -> None:
+    def __init__(self, store: Store, home: Path, full_id: Callable[[str, str], str], clock: Callable[[], float],
+                 stats: JobStats) -> None:
         self.store = store
+        self.home = home
         self.full_id = full_id
         self.clock = clock
         self.stats = stats
-        self.group_sync = group_sync
         self.held: list[Finish] = []
 
     # -- settling and retrying -----------------------------------------------------------
@@ -127,27 +131,15 @@ class Finisher:
             log.debug("%s: try %d to finish failed: %s; next in %g s", where, fin.tries, e, wait)
             return
         log.error("%s: cannot finish the attempt (-> %s): %s; the outcome is kept in memory and "
-                  "tried again in %g s, then with backoff up to %g s (it stays in %s/ meanwhile)",
-                  where, fin.outcome.state, e, wait, RETRY_MAX, fin.src,
+                  "tried again in %g s, then with backoff up to %g s (it stays in run meanwhile)",
+                  where, fin.outcome.state, e, wait, RETRY_MAX,
                   exc_info=not isinstance(e, (StorageError, OSError)))  # anything else is a bug
 
     # -- the steps -----------------------------------------------------------------------
     def _commit(self, fin: Finish) -> None:
         queue, msg, outcome = fin.queue, fin.msg, fin.outcome
         msg_id = msg.msg_id
-        mdir = message_path(self.store.qdir(queue), fin.src, msg_id)
-        if outcome.status != fin.current_status:
-            try:
-                self.store.set_status(queue, msg_id, outcome.status)  # moves with the directory
-            except (MessageNotFound, QueueNotFound):
-                pass  # gone by hand: the move below says so
-            fin.current_status = outcome.status
-        for f in ("pid", "cancel") if fin.cancel_file or fin.tries else ("pid",):
-            try:
-                os.unlink(mdir / f)
-            except OSError:
-                pass
-        parent_full = self.full_id(queue, msg_id)
+        dups = fin.attempt.dups
         finished_ok = outcome.state in (State.DONE, State.RELAYED)
         if outcome.state == State.QUE and fin.due is None:
             fin.due = self.clock() + outcome.requeue_delay
@@ -157,48 +149,30 @@ class Finisher:
             m.count = outcome.count
             if due is not None:
                 m.due = due
-            if finished_ok and fin.dups:
-                m.dups = [self.full_id(queue, d) for d in fin.dups]
+            if finished_ok and dups:
+                m.dups = [self.full_id(queue, d) for d in dups]
 
         if outcome.state.final and fin.hooks_queued < len(msg.post_run_webhook):
             final = Message.from_dict(msg.to_dict())
             update(final)
             self._webhooks(fin, final)
-        changed = outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and bool(fin.dups))
-        deferred = fin.durable_later and not changed and self.group_sync is not None
+        changed = outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and bool(dups))
+        status = None if outcome.status == fin.current_status else outcome.status
         try:
-            # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message.
-            self.store.move(queue, msg_id, fin.src, outcome.state, update=update if changed else None,
-                            note=fin.note or outcome.state.value, sync=False if deferred else None,
-                            current=msg if fin.src == State.RUN else None)
+            # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message
+            # (the store group-commits such a move).
+            self.store.finish(fin.attempt, outcome.state, status=status, update=update if changed else None,
+                              note=fin.note or outcome.state.value, dup_of=self.full_id(queue, msg_id))
         except (WrongState, MessageNotFound, QueueNotFound, CorruptMessage) as e:
-            # Not where this daemon left it (moved or deleted by hand): nothing to retry.
+            # Not where this daemon left it (moved or deleted by hand, or fenced out by
+            # another host): nothing to retry.
             log.warning("%s/%s: cannot move to %s: %s", queue, msg_id, outcome.state, e)
             return
-        if deferred and self.group_sync is not None and (fin.cfg is None or fin.cfg.fsync):
-            # Destination first, then (where renames are not atomic on disk) the source.
-            dest = message_path(self.store.qdir(queue), outcome.state, msg_id)
-            self.group_sync.add_rename(mdir.parent, dest.parent)
+        fin.current_status = outcome.status
         if fin.pid is not None:
             self.stats.finished(queue, str(outcome.state), fin.took)
             log.debug("%s/%s: pid %d exit %d after %.3f s -> %s%s", queue, msg_id, fin.pid, fin.exit_code,
                       fin.took, outcome.state, f" - {outcome.status}" if outcome.status else "")
-        if finished_ok:
-            for d in fin.dups:
-                self.finish_duplicate(queue, d, parent_full, outcome.state)
-
-    def finish_duplicate(self, queue: str, msg_id: str, parent_full: str, state: State) -> None:
-        """A coalesced duplicate ends with its parent, without running (rq-spec 3.4)."""
-        try:
-            self.store.set_status(queue, msg_id, f"duplicate {parent_full}")
-
-            def mark(m: Message) -> None:
-                m.dup = parent_full
-
-            self.store.move(queue, msg_id, State.QUE, state, update=mark, note=f"duplicate of {parent_full}")
-        except SpoolqError as e:
-            # It stays queued and runs on its own: at-least-once, nothing lost.
-            log.info("%s/%s: duplicate not finished with its parent: %s", queue, msg_id, e)
 
     def _webhooks(self, fin: Finish, msg: Message) -> None:
         """One message in the local ``webhook`` queue per ``post_run_webhook`` URL (rq-spec 3.3).
@@ -232,7 +206,7 @@ class Finisher:
     def ensure_webhook_queue(self) -> None:
         if WEBHOOK_QUEUE in self.store.queues():
             return
-        sdir = self.store.root / "scripts"
+        sdir = self.home / "scripts"
         sdir.mkdir(exist_ok=True)
         script = sdir / "webhook-placeholder"
         if not script.exists():

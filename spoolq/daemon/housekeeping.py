@@ -21,6 +21,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from ..store.base import Store
 from ..store.fs import FsStore
 from ..store.fs.layout import Counts
 
@@ -44,7 +45,7 @@ class Result:
 class Housekeeper:
     """One background thread working through (kind, queue) tasks in order."""
 
-    def __init__(self, store: FsStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self._tasks: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._results: deque[Result] = deque()
@@ -72,6 +73,8 @@ class Housekeeper:
             self.submit(SWEEP, name)
 
     def _cached_size(self, queue: str) -> float:
+        if not isinstance(self.store, FsStore):
+            return 0.0
         counts = Counts(self.store.qdir(queue) / "counts").read()
         return float(sum(counts.values())) if counts is not None else float("inf")
 
@@ -115,8 +118,10 @@ class Housekeeper:
                 elif kind == SWEEP:
                     swept = self.store.sweep(name)
                     res = Result(kind, name, tuple(swept.removed), tuple(swept.recovered), tuple(swept.problems))
-                else:
+                elif isinstance(self.store, FsStore):
                     res = Result(kind, name, tuple(self.store.sweep_root()))
+                else:
+                    res = Result(kind, name)
             except Exception as e:  # noqa: BLE001 - a chore that fails is reported, never fatal
                 res = Result(kind, name, error=f"{type(e).__name__}: {e}")
             self._results.append(res)

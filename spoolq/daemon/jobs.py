@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import durable
 from ..config import RootConfig
-from ..errors import CorruptMessage, MessageNotFound, QueueDown, QueueNotFound, SpoolqError, WrongState
+from ..errors import QueueDown, QueueNotFound, SpoolqError
 from ..model import Message, QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import MAX_RESEND_TEXT, Completion, LineBuffer, Outcome
@@ -30,11 +29,9 @@ from ..runner.spawn import (
     resolve_script,
     script_problem,
     spawn,
-    write_pidfile,
 )
-from ..store.base import copied_attachments
-from ..store.fs import FsStore
-from ..store.fs.layout import message_path
+from ..store.base import Store, copied_attachments
+from ..store.leases import Attempt
 from .finish import Finish, Finisher
 from .stats import JobStats
 
@@ -43,6 +40,8 @@ log = logging.getLogger("spoolq.daemon")
 RELAY_QUEUE = "relay"
 KILL_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL when the daemon stops a job."""
+LEASE = 300.0
+"""Seconds an attempt is leased for (the filesystem's lease is the daemon's lock instead)."""
 KNOWN_VERBS = {"run", "done", "err", "fails", "relayed", "resend", "dup"}
 
 
@@ -53,13 +52,10 @@ class ScriptUnusable(Exception):
 
 @dataclass
 class Job:
-    queue: str
-    msg: Message
-    msg_dir: Path
+    attempt: Attempt
     spawned: Spawned
     started: float
     timeout: float | None
-    block_key: tuple[str, ...] | None
     lines: LineBuffer = field(default_factory=LineBuffer)
     completion: Completion | None = None
     last_status: str = ""
@@ -68,13 +64,20 @@ class Job:
     timed_out: bool = False
     stopping: bool = False
     eof: bool = False
-    cancelled: bool = False  # a cancel file was seen
+    cancelled: bool = False  # a cancel was asked for
     status_written: bool = False
-    dups: list[str] = field(default_factory=list)
+
+    @property
+    def queue(self) -> str:
+        return self.attempt.queue
+
+    @property
+    def msg(self) -> Message:
+        return self.attempt.message
 
     @property
     def msg_id(self) -> str:
-        return self.msg.msg_id
+        return self.attempt.msg_id
 
     @property
     def pid(self) -> int:
@@ -84,86 +87,74 @@ class Job:
 class JobRunner:
     """Starts and finishes attempts for the supervisor. All store access is synchronous."""
 
-    def __init__(self, store: FsStore, rootcfg: RootConfig, clock: Callable[[], float],
-                 rq_env: str, group_sync: durable.GroupSync | None = None) -> None:
+    def __init__(self, store: Store, home: Path, rootcfg: RootConfig, clock: Callable[[], float],
+                 rq_env: str, owner: str) -> None:
         self.store = store
-        self.root = store.root
+        self.home = home  # relative scripts resolve here; the webhook placeholder lives here
         self.rootcfg = rootcfg
         self.clock = clock
         self.rq_env = rq_env
+        self.owner = owner
         self.stats = JobStats()
-        self.group_sync = group_sync
-        self.finisher = Finisher(store, self.full_id, clock, self.stats, group_sync)
+        self.finisher = Finisher(store, home, self.full_id, clock, self.stats)
 
     def full_id(self, queue: str, msg_id: str) -> str:
         return f"{self.rootcfg.base_url}/q/{queue}/{msg_id}"
 
     # -- start ---------------------------------------------------------------------------
-    def start(self, queue: str, msg_id: str, cfg: QueueConfig,
-              block_key: tuple[str, ...] | None) -> Job | None:
-        """que -> run, then exec the script. None if the message was taken by someone else
-        or could not start (it is then in err, or back in que for a storage problem).
+    def start(self, attempt: Attempt, cfg: QueueConfig) -> Job | None:
+        """Exec the script of a claimed attempt. None if it could not start (it is then
+        finished: in err, or back in que for a problem that is not the message's).
 
-        Raises StorageError when the store cannot make the move (disk full): the message is
-        still in que and the caller waits before trying that queue again.
+        Raises ScriptUnusable when the queue's script cannot run (the message is in err).
         """
-        try:
-            # Not fsync'd: if a crash loses this rename the message is still in que, which is
-            # where recovery would put it; the move out of run is the durable one.
-            msg = self.store.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False)
-        except (WrongState, MessageNotFound):
-            return None
-        except CorruptMessage as e:
-            log.error("%s", e)  # set aside by the store; the queue goes on
-            return None
-        qdir = self.store.qdir(queue)
-        msg_dir = message_path(qdir, State.RUN, msg_id)
-        if self.group_sync is not None and cfg.fsync:
-            # Where a rename is not atomic on disk (ext4 without a journal) a producer's fsync
-            # of the que bucket can write this move's removal long before anything writes the
-            # run bucket: the message would be in neither after a power cut. Both are synced
-            # soon, new entry first; what is left of the window, lost+found recovery covers.
-            self.group_sync.add_rename(message_path(qdir, State.QUE, msg_id).parent, msg_dir.parent,
-                                       only_where_unsafe=True)
-        if (msg_dir / "cancel").exists():
-            self.finish_without_run(queue, msg, Outcome(State.ERR, "cancelled", msg.count))
+        queue, msg, msg_id = attempt.queue, attempt.message, attempt.msg_id
+        if attempt.cancel_requested:
+            self.finish_without_run(attempt, Outcome(State.ERR, "cancelled", msg.count))
             return None
         try:
+            msg_dir = self.store.workdir(attempt).parent
             # With a prefix the exec succeeds whatever the script: check it is there first.
-            script = require_file(cfg, self.root) if cfg.exec_prefix.strip() else resolve_script(cfg, self.root)
+            script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
-                            rootcfg=self.rootcfg, root=self.root, msg_dir=msg_dir, rq_env=self.rq_env)
+                            rootcfg=self.rootcfg, root=self.home, msg_dir=msg_dir, rq_env=self.rq_env)
             sp = spawn(build_argv(cfg, script), env=env, msg_dir=msg_dir, header_script=str(script))
         except ScriptError as e:
-            why = script_problem(cfg, self.root) or str(e)  # "bad interpreter" beats ENOENT
+            why = script_problem(cfg, self.home) or str(e)  # "bad interpreter" beats ENOENT
             log.warning("%s/%s: %s", queue, msg_id, why)
             self.stats.script_error(queue)
-            self.finish_without_run(queue, msg, Outcome(State.ERR, why, msg.count))
+            self.finish_without_run(attempt, Outcome(State.ERR, why, msg.count))
             raise ScriptUnusable(why) from None
         except (ValueError, UnicodeError) as e:
             # A value no environment can hold (a NUL, a lone surrogate) in a message written
             # by hand or by an older spoolq: this message can never run.
             log.warning("%s/%s: cannot start: %s", queue, msg_id, e)
-            self.finish_without_run(queue, msg, Outcome(State.ERR, f"cannot start: invalid value in the "
-                                                        f"message or env_vars: {e}", msg.count))
+            self.finish_without_run(attempt, Outcome(State.ERR, f"cannot start: invalid value in the "
+                                                     f"message or env_vars: {e}", msg.count))
             return None
-        except OSError as e:  # disk full, EMFILE...: not the message's fault; try again later
+        except (OSError, SpoolqError) as e:  # disk full, EMFILE...: not the message's fault; later
             log.error("%s/%s: cannot start: %s", queue, msg_id, e)
-            self.finish_without_run(queue, msg, Outcome(State.QUE, f"daemon could not start the job: {e}",
-                                                        msg.count, requeue_delay=30.0))
+            self.finish_without_run(attempt, Outcome(State.QUE, f"daemon could not start the job: {e}",
+                                                     msg.count, requeue_delay=30.0))
             return None
         try:
-            write_pidfile(msg_dir, sp.pid, sp.spawned_ns)
-        except OSError as e:
-            log.error("%s/%s: cannot write pid file: %s", queue, msg_id, e)
+            self.store.heartbeat(attempt, lease=LEASE, runner=f"{sp.pid} {sp.spawned_ns}")
+        except (OSError, SpoolqError) as e:
+            log.error("%s/%s: cannot record the script's pid: %s", queue, msg_id, e)
         now = self.clock()
-        job = Job(queue=queue, msg=msg, msg_dir=msg_dir, spawned=sp, started=now, timeout=cfg.timeout,
-                  block_key=block_key)
+        job = Job(attempt=attempt, spawned=sp, started=now, timeout=cfg.timeout)
         if cfg.timeout is not None:
             job.deadline = now + cfg.timeout
         self.stats.started(queue)
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
+
+    def cancel_asked(self, job: Job) -> bool:
+        """Has a cancel been asked for the job's message (Store.cancel)?"""
+        try:
+            return self.store.heartbeat(job.attempt, lease=LEASE).cancel_requested
+        except (OSError, SpoolqError):
+            return False  # fenced out or unreadable: its finish will say so
 
     # -- while running -------------------------------------------------------------------
     def read_status(self, job: Job) -> None:
@@ -278,22 +269,17 @@ class JobRunner:
                 os.close(fd)
             except OSError:
                 pass
-        cancelled = job.cancelled or (job.msg_dir / "cancel").exists()
+        cancelled = job.cancelled
         try:
             outcome = self._decide(job, exit_code, cfg, cancelled)
         except Exception:  # noqa: BLE001 - a bug must not leave the message without an outcome
             log.exception("%s/%s: cannot decide the outcome; requeueing it as after a crash",
                           job.queue, job.msg_id)
             outcome = crash_outcome(job.msg, "the daemon could not decide the outcome")
-        # The status file already says the right thing when the script's last line is the
-        # outcome's text (or there is no status at all and none is wanted): skip a rewrite.
-        if job.status_written:
-            current: str | None = job.last_status
-        else:
-            current = None if (job.msg_dir / "status").exists() else ""
-        return Finish(job.queue, job.msg, outcome, dups=job.dups, current_status=current,
-                      cancel_file=cancelled, durable_later=True, cfg=cfg, pid=job.pid,
-                      exit_code=exit_code, took=self.clock() - job.started)
+        # The status already says the right thing when the script's last line is the
+        # outcome's text: skip a rewrite.
+        return Finish(job.attempt, outcome, current_status=job.last_status if job.status_written else None,
+                      pid=job.pid, exit_code=exit_code, took=self.clock() - job.started)
 
     def _decide(self, job: Job, exit_code: int, cfg: QueueConfig | None, cancelled: bool) -> Outcome:
         if job.stopping and not cancelled:
@@ -303,9 +289,9 @@ class JobRunner:
                                retry_delay=retry_delay(cfg, job.msg.count, random.random()),
                                cancelled=cancelled, timed_out=job.timeout if job.timed_out else None)
 
-    def finish_without_run(self, queue: str, msg: Message, outcome: Outcome) -> None:
+    def finish_without_run(self, attempt: Attempt, outcome: Outcome) -> None:
         """End an attempt whose script never started (held and retried if the store refuses)."""
-        self.finisher.settle(Finish(queue, msg, outcome))
+        self.finisher.settle(Finish(attempt, outcome))
 
 
 def retry_delay(cfg: QueueConfig | None, count: int, rand: float) -> float:
@@ -328,10 +314,10 @@ def crash_outcome(msg: Message, why: str) -> Outcome:
     return Outcome(State.QUE, f"requeued: {why}", msg.count + 1, requeue_delay=0.0)
 
 
-def root_env(root: Path) -> str:
+def root_env(home: Path) -> str:
     """``RQ_ENV`` for scripts: the root config's ``env``, else ``production``."""
     try:
-        data = json.loads((root / "config.json").read_bytes())
+        data = json.loads((home / "config.json").read_bytes())
         env = data.get("env") if isinstance(data, dict) else None
         return env if isinstance(env, str) and env else "production"
     except (OSError, ValueError):

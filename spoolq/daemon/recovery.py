@@ -1,8 +1,9 @@
-"""Start-up recovery: nothing may stay in ``run/`` without a live daemon watching it.
+"""Start-up recovery: nothing may stay in run without a live daemon watching it.
 
-A message in ``run/`` at start belongs to a daemon that died (we hold the root's lock, so
-no other daemon is alive). Its script may still be running: the pid file names it with its
-start time, so the whole process group is killed first, and only a process that is really
+``Store.reclaim`` hands back the attempts whose holder is gone (on the filesystem: every
+message in ``run/`` at start, since we hold the root's lock and no other daemon is alive).
+Its script may still be running: the runner the holder recorded names it with its start
+time, so the whole process group is killed first, and only a process that is really
 that script (same pid *and* same start time) is touched. Then the message goes back to
 ``que/`` with ``count`` incremented (at-least-once), or to ``err/`` if it was cancelled or
 has used up ``max_count``.
@@ -19,13 +20,12 @@ import os
 import signal
 from dataclasses import dataclass
 
-from ..errors import SpoolqError
 from ..model import State
 from ..runner.protocol import Outcome
-from ..runner.spawn import kill_group, leftover_processes, read_pidfile, same_process
-from ..store.fs.layout import message_path
+from ..runner.spawn import kill_group, leftover_processes, same_process
+from ..store.leases import Attempt
 from .finish import Finish
-from .jobs import JobRunner, crash_outcome
+from .jobs import LEASE, JobRunner, crash_outcome
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -39,20 +39,28 @@ class Recovered:
 
 
 def recover_queue(runner: JobRunner, queue: str) -> Recovered:
-    """Kill orphaned scripts of ``queue`` and move every ``run/`` message out of run."""
+    """Kill orphaned scripts of ``queue`` and finish every attempt whose holder is gone."""
     rec = Recovered()
-    for msg_id in list(runner.store.ids(queue, State.RUN)):
+    for a in runner.store.reclaim(queue, owner=runner.owner, lease=LEASE):
         try:
-            _recover_one(runner, queue, msg_id, rec)
+            _recover_one(runner, a, rec)
         except Exception:  # noqa: BLE001 - one message must not keep the others in run/
-            log.exception("%s/%s: recovery failed; going on with the others", queue, msg_id)
+            log.exception("%s/%s: recovery failed; going on with the others", queue, a.msg_id)
     return rec
 
 
-def _recover_one(runner: JobRunner, queue: str, msg_id: str, rec: Recovered) -> None:
-    store = runner.store
-    mdir = message_path(store.qdir(queue), State.RUN, msg_id)
-    pf = read_pidfile(mdir)
+def _runner_pid(a: Attempt) -> tuple[int, int] | None:
+    """``(pid, spawned_ns)`` the gone holder recorded (``Store.heartbeat(runner=)``)."""
+    try:
+        pid_s, ns_s = (a.runner or "").split()[:2]
+        return int(pid_s), int(ns_s)
+    except ValueError:
+        return None
+
+
+def _recover_one(runner: JobRunner, a: Attempt, rec: Recovered) -> None:
+    queue, msg_id = a.queue, a.msg_id
+    pf = _runner_pid(a)
     if pf is not None and same_process(*pf):
         pid = pf[0]
         kill_group(pid, signal.SIGKILL)
@@ -71,16 +79,11 @@ def _recover_one(runner: JobRunner, queue: str, msg_id: str, rec: Recovered) -> 
                 log.warning("%s/%s: killed pid %d, left running by its exited script", queue, msg_id, pid)
             except OSError:
                 pass
-    try:
-        msg = store.get(queue, msg_id).message
-    except SpoolqError as e:
-        log.error("%s/%s: unreadable in run/: %s", queue, msg_id, e)
-        return
-    if (mdir / "cancel").exists():
-        outcome = Outcome(State.ERR, "cancelled", msg.count)
+    if a.cancel_requested:
+        outcome = Outcome(State.ERR, "cancelled", a.message.count)
     else:
-        outcome = crash_outcome(msg, "was running when the daemon died")
-    if not runner.finisher.settle(Finish(queue, msg, outcome, note="recovered")):
+        outcome = crash_outcome(a.message, "was running when the daemon died")
+    if not runner.finisher.settle(Finish(a, outcome, note="recovered")):
         rec.held += 1
     elif outcome.state == State.QUE:
         rec.requeued += 1

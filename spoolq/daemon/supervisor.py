@@ -1,13 +1,15 @@
 """``spoolq serve``: one supervisor per spool root.
 
-A single-threaded event loop (``selectors``) waits on: the inotify fd (new messages, kicks,
-config and admin-state changes, new queues), a self-pipe fed by signals (SIGCHLD, SIGHUP,
-SIGTERM, SIGINT), the housekeeping thread's pipe, and each running script's status pipe.
-Its timeout is the nearest due time, job deadline, retry of a held finish or sweep, so an
-idle daemon sleeps in the kernel. Work that grows with the number of messages is never
-done in one piece here: queues are indexed in slices of at most :data:`SLICE` seconds
-between other duties, and whole-tree walks (recount, sweep) run on the housekeeping
-thread. ``step()`` runs one iteration, so tests and tools can drive the loop without
+A single-threaded event loop (``selectors``) waits on: the store's change feed
+(``Store.watch()``: new messages, run-now, cancels, config and admin-state changes, new
+queues; inotify on the filesystem), a self-pipe fed by signals (SIGCHLD, SIGHUP, SIGTERM,
+SIGINT), the housekeeping thread's pipe, and each running script's status pipe. Its
+timeout is the nearest due time, job deadline, retry of a held finish or sweep, so an idle
+daemon sleeps in the kernel. The daemon takes messages only through ``Store.claim`` and
+ends them only through the fenced ``Store.finish``. Work that grows with the number of
+messages is never done in one piece here: the store's indexing gets at most :data:`SLICE`
+seconds per iteration (``Watcher.changes``), and whole-tree walks (recount, sweep) run on
+the housekeeping thread. ``step()`` runs one iteration, so tests and tools can drive the loop without
 sleeping.
 """
 
@@ -17,43 +19,42 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from .. import durable
 from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
-from ..model import AdminState, State
+from ..model import AdminState, QueueConfig
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
-from ..store.fs import FsStore, kicks
-from ..store.fs import inotify as watch
-from ..store.fs.layout import message_path
+from ..store.base import Change, LostFoundRepair, Store, Watcher
+from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
-from .jobs import Job, JobRunner, ScriptUnusable, crash_outcome, root_env
-from .queue import QUE_DEPTH, QueueState
+from .jobs import LEASE, Job, JobRunner, ScriptUnusable, crash_outcome, root_env
+from .queue import QueueState
 from .recovery import recover_queue
-from .watches import OVERFLOW, Watches
 
 log = logging.getLogger("spoolq.daemon")
 
-QDIR_NAMES = {"config.json", "pause", "down"}
 SCRIPT_RECHECK = 5.0
 """Seconds between checks of a SCRIPTERROR queue's script (config changes recheck at once)."""
 SLICE = 0.004
-"""Seconds of indexing per loop iteration at most: what a big queue can delay the others."""
-BIG_WALK = 10_000
-"""A walk that read this many messages is worth a line in the log without -v."""
-WATCH_TROUBLE_WALK = 5.0
-"""Without enough inotify watches, queues are walked (in slices) this often instead."""
+"""Seconds of the store's indexing per loop iteration at most: what a big queue can delay
+the others."""
 
 
 class Daemon:
-    def __init__(self, root: str | os.PathLike[str], *, host: str | None = None, port: int | None = None,
-                 grace: float = 30.0, sweep_interval: float = 300.0,
+    """The daemon serving ``store``; ``home`` holds its own files (relative scripts, the
+    webhook placeholder, ``config.json``'s ``env``): the spool root on the filesystem."""
+
+    def __init__(self, store: Store, *, home: str | os.PathLike[str], host: str | None = None,
+                 port: int | None = None, grace: float = 30.0, sweep_interval: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:
-        self.store = FsStore(root)
-        self.root = self.store.root
+        self.store = store
+        self.home = Path(home)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
         cfg = self.store.root_config()
         self.rootcfg = RootConfig(host=host or cfg.host, port=port if port is not None else cfg.port)
         self.grace = grace
@@ -64,19 +65,17 @@ class Daemon:
         self.stopping = False
         self.grace_end: float | None = None
         self.next_sweep = 0.0
-        self.next_trouble_walk = 0.0
         self.refresh_queues = True
         self.flags: set[int] = set()
-        self._turn = 0  # which queue indexes first in this iteration (round robin)
         self.sel: selectors.BaseSelector  # created in setup(), after fds 3 and 4 are claimed
-        self.watches: Watches | None = None
+        self.watcher: Watcher | None = None
         self.runner: JobRunner | None = None
-        self.group_sync: durable.GroupSync | None = None
         self.housekeeper: Housekeeper | None = None
 
     # -- setup / teardown ----------------------------------------------------------------
     def acquire(self) -> None:
-        """Become the store's daemon (``<root>/daemon.pid`` locked); DaemonRunning if another is."""
+        """Become the store's daemon (the filesystem: ``<root>/daemon.pid`` locked);
+        DaemonRunning if another is."""
         self.store.acquire_daemon()
 
     def release(self) -> None:
@@ -98,26 +97,24 @@ class Daemon:
         except StorageError as e:
             log.warning("cannot record host and port: %s; full ids printed by the CLI may name another "
                         "port until it is written", e)
-        self.group_sync = durable.GroupSync(on_error=_group_sync_failed)
-        self.runner = JobRunner(self.store, self.rootcfg, self.clock,
-                                os.environ.get("RQ_ENV") or root_env(self.root), self.group_sync)
+        self.runner = JobRunner(self.store, self.home, self.rootcfg, self.clock,
+                                os.environ.get("RQ_ENV") or root_env(self.home), self.owner)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.sel.register(rfd, selectors.EVENT_READ, "wake")
-        self.watches = Watches(WATCH_TROUBLE_WALK)
-        self.sel.register(self.watches.fd, selectors.EVENT_READ, "inotify")
+        self.watcher = self.store.watch()
+        self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, "store")
         self.housekeeper = Housekeeper(self.store)
         self.sel.register(self.housekeeper.fd, selectors.EVENT_READ, "housekeeping")
-        self.watches.add(self.store.qroot, "root")
-        log.info("spool %s is on %s", self.root, durable.fs_description(self.root))
-        found = self.store.recover_lost_found()  # I10: what e2fsck moved there after a power cut
-        for line in found.recovered:
-            log.warning("put back %s", line)
-        for line in found.problems:
-            log.warning("lost+found: %s", line)
+        if isinstance(self.store, LostFoundRepair):
+            found = self.store.recover_lost_found()  # I10: what e2fsck moved there after a power cut
+            for line in found.recovered:
+                log.warning("put back %s", line)
+            for line in found.problems:
+                log.warning("lost+found: %s", line)
         names = self.store.queues()
         for name in names:
             try:
@@ -147,113 +144,65 @@ class Daemon:
     def close(self) -> None:
         if self.housekeeper is not None:
             self.housekeeper.close()
-        if self.group_sync is not None:
-            self.group_sync.close()  # every finished move durable before the lock is let go
         signal.set_wakeup_fd(-1)
-        if self.watches is not None:
-            self.watches.close()
+        if self.watcher is not None:
+            self.watcher.close()
         if hasattr(self, "sel"):
             self.sel.close()
-        self.release()
+        self.release()  # the store makes every finished move durable before it lets go
 
-    # -- watches and queues --------------------------------------------------------------
-    def _watch_kicks(self, qs: QueueState) -> None:
-        """Watch ``kick/`` and handle the kicks already there (run-now while we were away)."""
-        assert self.watches is not None
-        kdir = kicks.kick_dir(qs.qdir)
-        if kdir.is_dir():
-            self.watches.add(kdir, "kick", qs.name)
-        for name in kicks.pending(qs.qdir):
-            self._kicked(qs, name)
-
-    def _kicked(self, qs: QueueState, name: str) -> None:
-        msg_id = kicks.consume(qs.qdir, name)
-        if msg_id is None:
-            return
-        job = next((j for j in self.jobs.values() if j.queue == qs.name and j.msg_id == msg_id), None)
-        if job is None:
-            qs.note_arrival(msg_id)  # read it again (an unindexed queue reads all when indexed)
-        elif not job.cancelled and (job.msg_dir / "cancel").exists():
-            # Store.cancel of a running message: the script is ours to stop (reap sees the
-            # marker and the message ends in err, "cancelled").
-            assert self.runner is not None
-            job.cancelled = True
-            log.info("%s/%s: cancelled, terminating its process group", job.queue, job.msg_id)
-            self.runner.terminate(job, self.clock())
-
-    def _index(self, qs: QueueState) -> None:
-        """The queue can run: watch ``que/`` and index it, in slices (``_index_work``)."""
-        qs.start_index()
-        log.debug("queue %s: indexing que/", qs.name)
-
-    def _unindex(self, qs: QueueState) -> None:
-        """The queue cannot run (PAUSE, DOWN): its messages cost nothing until it can."""
-        assert self.watches is not None
-        qs.unindex()
-        self.watches.drop(qs.name, ("que",))
-        log.debug("queue %s: %s, not indexed", qs.name, qs.admin)
-
+    # -- queues and changes ---------------------------------------------------------------
     def refresh(self, *, starting: bool = False) -> None:
-        """Sync the set of queues with the disk: new ones are watched, gone ones dropped.
-        ``starting``: the queues found at start wait for their recount (``ready``)."""
-        assert self.watches is not None
+        """Sync the set of queues with the store. ``starting``: the queues found at start
+        wait for their recount (``ready``)."""
         self.refresh_queues = False
         names = set(self.store.queues())
         for gone in set(self.queues) - names:
             log.info("queue %s is gone", gone)
-            self.watches.drop(gone, ("qdir", "kick", "que"))
             del self.queues[gone]
         for name in sorted(names - set(self.queues)):
-            qs = QueueState(name, self.store.qdir(name), ready=not starting)
-            self.queues[name] = qs
-            self.watches.add(qs.qdir, "qdir", name)
-            self._watch_kicks(qs)
+            self.queues[name] = QueueState(name, ready=not starting)
 
-    def on_inotify(self) -> None:
-        assert self.watches is not None
-        for ev, w in self.watches.events():
-            kind, path, level = w.kind, w.path, w.level
-            if kind == OVERFLOW:
-                log.warning("inotify queue overflow: walking every queue again")
-                self._walk_all()
+    def on_changes(self) -> None:
+        """What the store reports (at most SLICE seconds of its indexing)."""
+        assert self.watcher is not None
+        for ch in self.watcher.changes(SLICE):
+            if ch.kind == "queues":
+                self.refresh_queues = True
                 continue
-            if kind == "root":
-                if not ev.name.startswith("."):
-                    self.refresh_queues = True
-                continue
-            qs = self.queues.get(w.queue or "")
+            qs = self.queues.get(ch.queue or "")
             if qs is None:
-                continue
-            if kind == "qdir":
-                if ev.name in QDIR_NAMES:
-                    qs.dirty = qs.config_stale = True
-                elif ev.name == kicks.KICK_DIR and ev.is_dir and ev.mask & (watch.IN_CREATE | watch.IN_MOVED_TO):
-                    self._watch_kicks(qs)
-                continue
-            if kind == "kick":
-                self._kicked(qs, ev.name)
-            elif level < QUE_DEPTH:
-                if ev.is_dir and ev.mask & (watch.IN_CREATE | watch.IN_MOVED_TO):
-                    qs.add_walk_root(path / ev.name, level + 1)
-            elif ev.mask & (watch.IN_MOVED_TO | watch.IN_CREATE):
-                qs.note_arrival(ev.name)
-            elif ev.mask & (watch.IN_MOVED_FROM | watch.IN_DELETE):
-                qs.note_departure(ev.name)
+                self.refresh_queues = True
+            elif ch.kind == "config":
+                qs.dirty = qs.config_stale = True
+            elif ch.kind == "work":
+                qs.dirty = True
+            elif ch.kind == "cancel":
+                self._cancel(qs, ch)
 
-    def _walk_all(self) -> None:
-        """Events may have been lost: re-read configs, kicks and every indexed ``que/``."""
-        assert self.watches is not None
+    def _cancel(self, qs: QueueState, ch: Change) -> None:
+        """Store.cancel of a running message: the script is ours to stop (reap sees the
+        request and the message ends in err, "cancelled")."""
+        assert self.runner is not None
+        job = next((j for j in self.jobs.values() if j.queue == qs.name and j.msg_id == ch.msg_id), None)
+        if job is None or job.cancelled or not self.runner.cancel_asked(job):
+            return
+        job.cancelled = True
+        log.info("%s/%s: cancelled, terminating its process group", job.queue, job.msg_id)
+        self.runner.terminate(job, self.clock())
+
+    def _resync(self) -> None:
+        """Changes may have been missed: read every queue's config again, and the store too."""
+        assert self.watcher is not None
+        self.watcher.resync()
         self.refresh_queues = True
         for qs in self.queues.values():
             qs.config_stale = qs.dirty = True
-            qs.rewalk()
-            self.watches.add(qs.qdir, "qdir", qs.name)
-            self._watch_kicks(qs)
 
     def on_housekeeping(self) -> None:
         assert self.housekeeper is not None
         for res in self.housekeeper.results():
-            what = f"queue {res.queue}" if res.queue else str(self.root)
+            what = f"queue {res.queue}" if res.queue else self.store.url
             if res.error:
                 log.warning("%s: %s failed: %s", what, res.kind, res.error)
             for path in res.removed:
@@ -277,8 +226,7 @@ class Daemon:
         flags, self.flags = self.flags, set()
         if signal.SIGHUP in flags:
             log.info("SIGHUP: re-reading queue configs and walking the queues")
-            self.store._cfg_cache.clear()
-            self._walk_all()
+            self._resync()
         if flags & {signal.SIGTERM, signal.SIGINT}:
             self.begin_stop()
         self.reap()
@@ -307,7 +255,8 @@ class Daemon:
                     continue
             except ChildProcessError:
                 pass
-            job.cancelled = (job.msg_dir / "cancel").exists()
+            assert self.runner is not None
+            job.cancelled = job.cancelled or self.runner.cancel_asked(job)
             if job.timed_out or job.stopping or job.cancelled:
                 kill_group(pid, signal.SIGKILL)
             try:
@@ -332,30 +281,21 @@ class Daemon:
         except Exception:  # noqa: BLE001 - a bug reading its end must not strand the message
             log.exception("%s/%s: cannot conclude the attempt; requeueing it as after a crash",
                           job.queue, job.msg_id)
-            fin = Finish(job.queue, job.msg, crash_outcome(job.msg, "the daemon could not conclude the "
-                                                                    "attempt"), dups=job.dups, pid=job.pid,
-                         exit_code=code)
+            fin = Finish(job.attempt, crash_outcome(job.msg, "the daemon could not conclude the attempt"),
+                         pid=job.pid, exit_code=code)
         if self.runner.finisher.settle(fin):
             self._finished(fin)
         # Else it is held and retried (finish.py): the message stays in run/ and keeps its
         # worker slot until its outcome is on disk.
 
     def _finished(self, fin: Finish) -> None:
-        """An attempt's outcome is on disk: free the worker slot, release or drop the dups."""
+        """An attempt's outcome is stored: free the worker slot (the store released or
+        finished its duplicates, and indexed it again if it went back to the queue)."""
         qs = self.queues.get(fin.queue)
-        if qs is None or fin.pid is None:
-            return  # recovery's and unstarted attempts' come back through inotify if requeued
+        if qs is None:
+            return
         qs.running.discard(fin.msg_id)
-        qs.running_keys.pop(fin.msg_id, None)
         qs.dirty = True
-        if fin.outcome.state == State.QUE:
-            qs.requeued(fin.msg_id)
-        if fin.outcome.state not in (State.DONE, State.RELAYED):
-            for d in fin.dups:  # the parent did not succeed: its duplicates run on their own
-                qs.requeued(d)
-        else:
-            for d in fin.dups:
-                qs.drop(d)
 
     # -- dispatch ------------------------------------------------------------------------
     def _reload(self, qs: QueueState) -> bool:
@@ -382,6 +322,15 @@ class Daemon:
         qs.config_stale = False
         return True
 
+    def _want(self, qs: QueueState, on: bool) -> None:
+        """Tell the store whether we claim from the queue (the filesystem indexes it, or
+        forgets it: a PAUSEd or DOWN queue's messages cost nothing)."""
+        assert self.watcher is not None
+        if qs.wanted != on:
+            qs.wanted = on
+            self.watcher.want(qs.name, on)
+            log.debug("queue %s: %s", qs.name, "claiming" if on else f"{qs.admin}, not claiming")
+
     def dispatch(self, qs: QueueState, now: float) -> float | None:
         """Start what may start in one queue; returns when to look again (a due time) or None."""
         assert self.runner is not None
@@ -390,18 +339,13 @@ class Daemon:
             return None
         cfg = qs.config
         assert cfg is not None
-        if qs.admin != AdminState.UP:
-            if qs.indexed:
-                self._unindex(qs)
-            return None
-        if not qs.indexed:
-            self._index(qs)
-        if self.stopping or not qs.ready:
+        self._want(qs, qs.admin == AdminState.UP)
+        if qs.admin != AdminState.UP or self.stopping or not qs.ready:
             return None
         if qs.script_error is not None:
             # SCRIPTERROR (RQ's oper status): nothing starts until the script can run again.
             # Checked on every config change and every SCRIPT_RECHECK seconds.
-            why = script_problem(cfg, self.root)
+            why = script_problem(cfg, self.home)
             if why is not None:
                 if why != qs.script_error:
                     qs.script_error = why
@@ -412,47 +356,40 @@ class Daemon:
             self._record_script_error(qs, None)
         if now < qs.hold_until:
             return qs.hold_until
-        if cfg.coalesce_params and qs.walk is not None and qs.walk.full:
-            return None  # every duplicate must be indexed before a parent is chosen
         while len(qs.running) < cfg.num_workers:
-            entry, wake = qs.next_runnable(now)
-            if entry is None:
-                return wake
-            fresh = qs.refresh_entry(entry)
-            if fresh is not entry:  # changed on disk since indexed: schedule what is there now
-                qs.put_back(fresh)
-                continue
-            qs.index.pop(entry.msg_id, None)
-            bk = qs.block_key(entry.params)
             try:
-                job = self.runner.start(qs.name, entry.msg_id, cfg, bk)
-            except ScriptUnusable as e:
-                log.error("queue %s: SCRIPTERROR: %s; holding its messages until the script is fixed",
-                          qs.name, e)
-                qs.script_error = str(e)
-                self._record_script_error(qs, qs.script_error)
-                return now + SCRIPT_RECHECK
+                got = self.store.claim(qs.name, owner=self.owner, lease=LEASE, now=now)
             except StorageError as e:
                 # The move into run failed (disk full...): the message is still queued. Every
                 # other message would fail the same way, so the queue waits, with backoff.
-                qs.put_back(entry)
                 qs.hold_for = min(RETRY_MAX, max(RETRY_FIRST, qs.hold_for * 2))
                 qs.hold_until = now + qs.hold_for
-                log.error("queue %s: cannot start %s: %s; trying again in %g s", qs.name, entry.msg_id,
-                          e, qs.hold_for)
+                log.error("queue %s: cannot start a message: %s; trying again in %g s", qs.name, e,
+                          qs.hold_for)
                 return qs.hold_until
             qs.hold_for = 0.0
-            if job is None:
-                if self._in_que(qs, entry.msg_id):  # could not start: back with a delay
-                    qs.requeued(entry.msg_id)
-                continue
-            job.dups = qs.coalesce_with(entry)
-            qs.running.add(entry.msg_id)
-            if bk is not None:
-                qs.running_keys[entry.msg_id] = bk
+            if not isinstance(got, Attempt):
+                return got
+            if not self._start(qs, got, cfg):
+                return now + SCRIPT_RECHECK
+        return None
+
+    def _start(self, qs: QueueState, attempt: Attempt, cfg: QueueConfig) -> bool:
+        """Run a claimed attempt; False when the queue's script is unusable (SCRIPTERROR)."""
+        assert self.runner is not None
+        try:
+            job = self.runner.start(attempt, cfg)
+        except ScriptUnusable as e:
+            log.error("queue %s: SCRIPTERROR: %s; holding its messages until the script is fixed",
+                      qs.name, e)
+            qs.script_error = str(e)
+            self._record_script_error(qs, qs.script_error)
+            return False
+        if job is not None:
+            qs.running.add(attempt.msg_id)
             self.jobs[job.pid] = job
             self.sel.register(job.spawned.status_fd, selectors.EVENT_READ, job)
-        return None
+        return True
 
     def _record_script_error(self, qs: QueueState, why: str | None) -> None:
         """Show SCRIPTERROR (or its end) to every reader of the spool: the ``scripterror`` file."""
@@ -461,46 +398,16 @@ class Daemon:
         except SpoolqError as e:
             log.warning("queue %s: %s", qs.name, e)
 
-    @staticmethod
-    def _in_que(qs: QueueState, msg_id: str) -> bool:
-        return message_path(qs.qdir, State.QUE, msg_id).is_dir()
-
-    def _index_work(self) -> None:
-        """At most SLICE seconds of indexing: first the messages events announced (someone
-        may be waiting for them), then the walks, taking turns between queues."""
-        assert self.watches is not None
-        busy = [qs for qs in self.queues.values() if qs.indexed and qs.has_work()]
-        if not busy:
-            return
-        self._turn = (self._turn + 1) % len(busy)
-        busy = busy[self._turn:] + busy[:self._turn]
-        clock = time.perf_counter  # a CPU budget, not a schedule: not the injected clock
-        until = clock() + SLICE
-        for qs in busy:
-            if qs.absorb(until, clock):
-                qs.dirty = True
-        for qs in busy:
-            w = qs.walk
-            if w is None:
-                continue
-            if qs.walk_on(until, clock, self.watches.que_watcher(qs.name)) or qs.walk is None:
-                qs.dirty = True  # new entries, or a finished walk (a coalescing queue waits for it)
-            if qs.walk is None and w.full:
-                log.log(logging.INFO if w.read >= BIG_WALK else logging.DEBUG,
-                        "queue %s: indexed que/: %d queued message(s), %d read", qs.name, len(qs.index),
-                        w.read)
-            if clock() >= until:
-                return
-
     # -- the loop ------------------------------------------------------------------------
     def step(self, timeout: float | None) -> None:
         """One iteration: wait up to ``timeout`` for events, then act on everything pending."""
-        assert self.runner is not None and self.housekeeper is not None and self.watches is not None
+        assert self.runner is not None and self.housekeeper is not None and self.watcher is not None
+        store_ready = False
         for key, _ in self.sel.select(timeout):
             if key.data == "wake":
                 self.on_signals()
-            elif key.data == "inotify":
-                self.on_inotify()
+            elif key.data == "store":
+                store_ready = True
             elif key.data == "housekeeping":
                 self.on_housekeeping()
             elif isinstance(key.data, Job):
@@ -520,27 +427,25 @@ class Daemon:
                 if not job.stopping:
                     job.stopping = True
                     self.runner.terminate(job, now)
-        if self.refresh_queues:
-            self.refresh()
         if now >= self.next_sweep and not self.housekeeper.busy:
             self.next_sweep = now + self.sweep_interval
             self.housekeeper.submit(SWEEP_ROOT)
             for name in self.queues:
                 self.housekeeper.submit(SWEEP, name)
-        if self.watches.trouble and now >= self.next_trouble_walk:
-            self.next_trouble_walk = now + WATCH_TROUBLE_WALK
-            self._walk_all()
         for fin in self.runner.finisher.retry(now, self._ready):
             self._finished(fin)
-        if not self.stopping:
-            self._index_work()
+        wake_at = self.watcher.wake_at
+        if store_ready or self.watcher.busy or (wake_at is not None and time.monotonic() >= wake_at):
+            self.on_changes()
+        if self.refresh_queues:
+            self.refresh()
         for qs in list(self.queues.values()):
             if qs.dirty or (qs.wake_at is not None and now >= qs.wake_at):
                 try:
                     qs.wake_at = self.dispatch(qs, now)
                 except Exception:  # noqa: BLE001 - a broken queue must not stop the others
-                    log.exception("queue %s: dispatch failed; walking it again, retrying in 5 s", qs.name)
-                    qs.rewalk()
+                    log.exception("queue %s: dispatch failed; indexing it again, retrying in 5 s", qs.name)
+                    self._want(qs, False)
                     qs.dirty, qs.wake_at, qs.config_stale = False, now + 5.0, True
 
     def _ready(self, queue: str) -> bool:
@@ -549,8 +454,9 @@ class Daemon:
 
     def next_timeout(self) -> float | None:
         assert self.runner is not None
-        indexing = not self.stopping and any(qs.indexed and qs.has_work() for qs in self.queues.values())
-        if indexing or any(qs.dirty for qs in self.queues.values()) or self.refresh_queues or self.flags:
+        assert self.watcher is not None
+        if ((self.watcher.busy and not self.stopping) or any(qs.dirty for qs in self.queues.values())
+                or self.refresh_queues or self.flags):
             return 0.0
         now = self.clock()
         times = [self.next_sweep]
@@ -563,8 +469,9 @@ class Daemon:
         retry = self.runner.finisher.next_retry()
         if retry is not None:
             times.append(retry)
-        if self.watches is not None and self.watches.trouble:
-            times.append(self.next_trouble_walk)
+        wake_at = self.watcher.wake_at
+        if wake_at is not None:
+            times.append(now + wake_at - time.monotonic())
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held):
             times.append(self.grace_end)
@@ -581,14 +488,13 @@ class Daemon:
         if self.grace_end is not None and self.clock() < self.grace_end:
             return False
         for fin in held:
-            log.error("%s/%s: stopping with its outcome (%s) not on disk; it stays in %s/ and the "
-                      "next start recovers it (it runs again)", fin.queue, fin.msg_id, fin.outcome.state,
-                      fin.src)
+            log.error("%s/%s: stopping with its outcome (%s) not stored; it stays in run and the "
+                      "next start recovers it (it runs again)", fin.queue, fin.msg_id, fin.outcome.state)
         return True
 
     def loop(self) -> None:
         """Serve until stopped by SIGTERM/SIGINT and every job is finished or requeued."""
-        log.info("serving %s as %s", self.root, self.rootcfg.base_url)
+        log.info("serving %s as %s", self.store.url, self.rootcfg.base_url)
         while not self._done():
             self.step(self.next_timeout())
         log.info("stopped")
@@ -601,7 +507,3 @@ class Daemon:
             self.close()
         return 0
 
-
-def _group_sync_failed(directory: str, e: OSError) -> None:
-    log.error("fsync of %s failed: %s; messages finished into it may run again after a crash",
-              directory, e)

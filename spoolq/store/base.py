@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from ..config import RootConfig
 from ..errors import AttachmentNotFound, InvalidInput, InvalidName, SpoolqError
@@ -100,6 +100,61 @@ class MessageWatch(Protocol):
     def __enter__(self) -> MessageWatch: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """Something a daemon should look at again, from :meth:`Store.watch`.
+
+    ``queues``: the set of queues may have changed. ``config``: a queue's config or admin
+    state may have changed. ``work``: a queue may have something new to claim. ``cancel``:
+    a cancel was asked for a message this store's daemon holds (``msg_id``).
+    """
+
+    kind: str
+    queue: str | None = None
+    msg_id: str | None = None
+
+
+class Watcher(Protocol):
+    """What :meth:`Store.watch` returns: the daemon's feed of changes, to select on."""
+
+    def fileno(self) -> int:
+        """Readable when changes may be pending."""
+        ...
+
+    def changes(self, budget: float = 0.004) -> list[Change]:
+        """Drain what happened, doing at most ``budget`` seconds of the store's own work
+        (the filesystem indexes queues in slices); never blocks."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """The store has work left: call :meth:`changes` again without waiting."""
+        ...
+
+    @property
+    def wake_at(self) -> float | None:
+        """Call :meth:`changes` by then (monotonic clock) even if ``fileno`` stays quiet."""
+        ...
+
+    def want(self, queue: str, on: bool) -> None:
+        """The caller will (not) claim from ``queue`` (it is UP, or not): a store may keep
+        an index of its queued messages meanwhile."""
+        ...
+
+    def resync(self) -> None:
+        """Changes may have been missed, or files edited by hand (SIGHUP): read again."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class LostFoundRepair(Protocol):
+    """A store that can put back what a filesystem check moved to ``lost+found`` (FsStore)."""
+
+    def recover_lost_found(self, lost_found: str | os.PathLike[str] | None = None) -> SweepResult: ...
 
 
 class Store(Protocol):
@@ -236,6 +291,10 @@ class Store(Protocol):
     def message_dir(self, queue: str, msg_id: str) -> Path:
         """The message's directory (the runner's cwd is ``<dir>/job``)."""
 
+    def watch(self) -> Watcher:
+        """The daemon's feed of changes (queues, configs, new work, cancels)."""
+        ...
+
     # -- changing messages -------------------------------------------------------
     def move(
         self,
@@ -282,13 +341,19 @@ class Store(Protocol):
         pending cancel. LeaseLost when the attempt is no longer the message's."""
         ...
 
-    def finish(self, attempt: Attempt, dst: State, *, status: str,
+    def workdir(self, attempt: Attempt) -> Path:
+        """A local directory for the attempt's script to run in (RQ_MSG_DIR), whose parent
+        holds ``msg`` and ``attach/`` as RQ's scripts expect; it may not exist yet."""
+        ...
+
+    def finish(self, attempt: Attempt, dst: State, *, status: str | None,
                update: Callable[[Message], None] | None = None, note: str = "",
-               dup_status: str | None = None) -> Message:
-        """End the attempt: set ``status``, run -> ``dst`` (``update`` rewrites the message
-        on the way). Held duplicates go to ``dst`` too on success (status ``dup_status``)
-        and back to the queue otherwise. Fenced: LeaseLost when the attempt is no longer
-        the message's current one."""
+               dup_status: str | None = None, dup_of: str | None = None) -> Message:
+        """End the attempt: set ``status`` (None: leave it), clear its runner and cancel
+        request, run -> ``dst`` (``update`` rewrites the message on the way). Held
+        duplicates go to ``dst`` too on success, with ``dup = dup_of`` and status
+        ``dup_status`` (default ``duplicate <dup_of>``), and back to the queue otherwise.
+        Fenced: LeaseLost when the attempt is no longer the message's current one."""
         ...
 
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:

@@ -49,7 +49,7 @@ from ..model import (
     check_transition,
     search_text,
 )
-from .base import AttachmentSource, SweepResult, attachment_name, check_attachment_names
+from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names
 from .leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
 
 
@@ -93,6 +93,51 @@ class _NapWatch:
         return None
 
 
+class _MemWatcher:
+    """The memory store's change feed: a pipe made readable by the store's own mutations."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._changes: builtins.list[Change] = []
+        self._lock = threading.Lock()
+        self.busy = False
+        self.wake_at: float | None = None
+
+    def fileno(self) -> int:
+        return self._r
+
+    def post(self, change: Change) -> None:
+        with self._lock:
+            self._changes.append(change)
+        try:
+            os.write(self._w, b"!")
+        except BlockingIOError:
+            pass  # a wake-up is pending already
+
+    def changes(self, budget: float = 0.004) -> builtins.list[Change]:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            out, self._changes = self._changes, []
+        return out
+
+    def want(self, queue: str, on: bool) -> None:
+        return None  # nothing to index: claim looks at every queued message
+
+    def resync(self) -> None:
+        self.post(Change("queues"))
+
+    def close(self) -> None:
+        if self in self._store._watchers:
+            self._store._watchers.remove(self)
+            os.close(self._r)
+            os.close(self._w)
+
+
 class MemoryStore:
     """All data in process memory; thread-safe through one lock (fine for a reference)."""
 
@@ -105,6 +150,16 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._watchers: builtins.list[_MemWatcher] = []
+
+    def watch(self) -> _MemWatcher:
+        w = _MemWatcher(self)
+        self._watchers.append(w)
+        return w
+
+    def _notify(self, kind: str, queue: str | None = None, msg_id: str | None = None) -> None:
+        for w in self._watchers:
+            w.post(Change(kind, queue, msg_id))
 
     def _queue(self, name: str) -> _Queue:
         validate_queue_name(name)
@@ -146,10 +201,12 @@ class MemoryStore:
             if config.name in self._q:
                 raise QueueExists(f"queue {config.name} already exists")
             self._q[config.name] = _Queue(QueueConfig.from_dict(config.to_dict()))
+            self._notify("queues")
 
     def update_queue(self, config: QueueConfig) -> None:
         with self._lock:
             self._queue(config.name).config = QueueConfig.from_dict(config.to_dict())
+            self._notify("config", config.name)
 
     def delete_queue(self, name: str, *, force: bool = False) -> None:
         with self._lock:
@@ -159,6 +216,7 @@ class MemoryStore:
             if busy and not force:
                 raise Conflict(f"queue {name} still holds messages ({busy}); drain it first or use --force")
             del self._q[name]
+            self._notify("queues")
 
     def queues(self) -> list[str]:
         return sorted(self._q)
@@ -189,6 +247,7 @@ class MemoryStore:
             flags.add(flag)
         else:
             flags.discard(flag)
+        self._notify("config", name)
 
     # -- creating ------------------------------------------------------------------------
     def _new(self, queue: str, msg: Message, state: State) -> Message:
@@ -223,6 +282,8 @@ class MemoryStore:
                 info, data = self._read_attachment(a)
                 entry.attachments[info.name] = (data, info)
             self._queue(queue).messages[m.msg_id] = entry
+            if state == State.QUE:
+                self._notify("work", queue, m.msg_id)
             return Message.from_dict(m.to_dict())
 
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
@@ -230,6 +291,7 @@ class MemoryStore:
             made = [self._new(queue, m, State.QUE) for m in msgs]
             for m in made:
                 self._queue(queue).messages[m.msg_id] = _Entry(m, State.QUE)
+            self._notify("work", queue)
             return [Message.from_dict(m.to_dict()) for m in made]
 
     @staticmethod
@@ -407,6 +469,8 @@ class MemoryStore:
             e.acked = False
             entry = {"state": str(dst), "at": self.clock(), **({"note": note} if note else {})}
             e.msg.history.append(entry)
+            if dst == State.QUE:
+                self._notify("work", queue, msg_id)
             return Message.from_dict(e.msg.to_dict())
 
     def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
@@ -416,6 +480,8 @@ class MemoryStore:
             fn(m)
             m.encode()
             e.msg = m
+            if e.state == State.QUE:
+                self._notify("work", queue, msg_id)
             return Message.from_dict(m.to_dict())
 
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
@@ -462,12 +528,18 @@ class MemoryStore:
                 e.runner = runner
             return Lease(now + lease, e.cancel_requested)
 
-    def finish(self, attempt: Attempt, dst: State, *, status: str,
+    def workdir(self, attempt: Attempt) -> Path:
+        with self._lock:
+            self._current(attempt)
+            return self.message_dir(attempt.queue, attempt.msg_id) / "job"
+
+    def finish(self, attempt: Attempt, dst: State, *, status: str | None,
                update: Callable[[Message], None] | None = None, note: str = "",
-               dup_status: str | None = None) -> Message:
+               dup_status: str | None = None, dup_of: str | None = None) -> Message:
         with self._lock:
             e = self._current(attempt)
-            e.status = status
+            if status is not None:
+                e.status = status
             m = self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
             e.attempt, e.runner, e.cancel_requested = None, None, False
             q = self._queue(attempt.queue)
@@ -477,8 +549,14 @@ class MemoryStore:
                     continue
                 de.held_by = None
                 if dst in SUCCESS and de.state == State.QUE:
-                    self.move(attempt.queue, d, State.QUE, dst, note=note or str(dst))
-                    de.status = dup_status if dup_status is not None else f"duplicate {attempt.msg_id}"
+                    def mark(m: Message) -> None:
+                        m.dup = dup_of or ""
+
+                    self.move(attempt.queue, d, State.QUE, dst, update=mark if dup_of else None,
+                              note=f"duplicate of {dup_of}" if dup_of else (note or str(dst)))
+                    de.status = dup_status if dup_status is not None else f"duplicate {dup_of or attempt.msg_id}"
+                elif de.state == State.QUE:
+                    self._notify("work", attempt.queue, d)
             return m
 
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
@@ -513,6 +591,7 @@ class MemoryStore:
                 raise WrongState(f"message {queue}/{msg_id} is in {e.state}: only queued or running "
                                  "messages can be cancelled")
             e.cancel_requested = True
+            self._notify("cancel", queue, msg_id)
             return State.RUN
 
     def delete(self, queue: str, msg_id: str) -> None:

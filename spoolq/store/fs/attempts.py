@@ -4,31 +4,41 @@ Part of :class:`~spoolq.store.fs.store.FsStore` (a chain of classes, one module 
 One daemon serves a spool root (it holds ``<root>/daemon.pid`` locked, D1), so its lease is
 that lock: a heartbeat only checks the fence and looks for a cancel, and every attempt in
 ``run/`` that this daemon did not hand out belongs to a dead one and is reclaimed (only
-while holding the lock). An attempt's id is kept
-in ``<message>/attempt`` (unsynced, like ``pid``: after a power cut the whole run/ is
-reclaimed anyway); finish reads it before the rename, which is the fence. Held coalesced
-duplicates live in the daemon's memory, as they always have: a crash releases them.
+while holding the lock). The attempts this store handed out are kept in memory
+(``_mine``), which is the fence for the daemon that holds them; an attempt's id is also
+written to ``<message>/attempt`` (unsynced, like ``pid``: after a power cut the whole run/
+is reclaimed anyway), the fence for any other process. Held coalesced duplicates live in
+memory too, as they always have: a crash releases them.
 
-This claim walks ``que/`` in full to choose (correct, O(queued)); the daemon's own index
-(daemon/queue.py) is the fast path and moves in behind this method next (issue 8).
+With a watcher (:meth:`watch`, the daemon's) a queue the daemon wants is indexed
+(index.py) and claim picks from the index, one stat per start (D3); without one, claim
+walks ``que/`` in full (correct, O(queued): tools and tests). The daemon's moves out of
+``run/`` and into it are made durable by a group-commit thread (durable.GroupSync) that
+the daemon's lock owns: one device flush per bucket per round, not one per message.
 """
 
 from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ... import durable
-from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError
-from ...model import AdminState, Message, State
-from ..leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
+from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError, StorageError, WrongState
+from ...model import AdminState, Message, QueueConfig, State
+from ..leases import SUCCESS, Attempt, Candidate, Lease, key_of, new_attempt_id, params_of, pick
+from .index import QueueIndex
 from .layout import iter_entries, message_path
+from .watcher import FsWatcher
 from .writing import WriteParts
+
+log = logging.getLogger("spoolq.daemon")
 
 ATTEMPT_FILE = "attempt"
 
@@ -39,8 +49,34 @@ class AttemptParts(WriteParts):
     def __init__(self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(root, clock=clock)
         self._held: dict[tuple[str, str], str] = {}  # (queue, duplicate id) -> the parent's attempt id
-        self._mine: dict[tuple[str, str], str] = {}  # (queue, id) -> attempt id this store handed out
+        self._mine: dict[str, dict[str, Attempt]] = {}  # queue -> id -> the attempt this store handed out
+        self._watcher: FsWatcher | None = None
+        self._group_sync: durable.GroupSync | None = None
 
+    # -- the daemon's feed ---------------------------------------------------------------
+    def watch(self) -> FsWatcher:
+        """Changes for the daemon (inotify), and the claim indexes of the queues it wants."""
+        if self._watcher is None:
+            self._watcher = FsWatcher(self)
+        return self._watcher
+
+    def holds(self, queue: str, msg_id: str) -> bool:
+        """Is ``msg_id`` in run under an attempt this store handed out?"""
+        return msg_id in self._mine.get(queue, {})
+
+    def _start_group_sync(self) -> None:
+        if self._group_sync is None:
+            self._group_sync = durable.GroupSync(on_error=_group_sync_failed)
+
+    def _stop_group_sync(self) -> None:
+        """The daemon lets go: its moves made durable, its attempts no longer its own."""
+        if self._group_sync is not None:
+            self._group_sync.close()  # every finished move durable before the lock is let go
+            self._group_sync = None
+        self._mine.clear()
+        self._held.clear()
+
+    # -- moves that free held duplicates ---------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
         m = super().move(queue, msg_id, src, dst, **kw)
         if src == State.QUE:
@@ -51,6 +87,101 @@ class AttemptParts(WriteParts):
         super().delete(queue, msg_id)
         self._held.pop((queue, msg_id), None)
 
+    # -- claim ---------------------------------------------------------------------------
+    def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
+        now = self.clock() if now is None else now
+        cfg, admin = self._settings(queue)
+        if admin != AdminState.UP:
+            return None
+        ix = self._watcher.indexes.get(queue) if self._watcher is not None else None
+        if ix is None:
+            return self._claim_walking(queue, cfg, owner, lease, now)
+        return self._claim_indexed(ix, cfg, owner, lease, now)
+
+    def _settings(self, queue: str) -> tuple[QueueConfig, AdminState]:
+        """Config and admin state: from the watcher's cache for the daemon, else read."""
+        if self._watcher is not None and queue in self._watcher.indexes:
+            return self._watcher.settings(queue)
+        return self.queue_config(queue), self.admin_state(queue)
+
+    def _claim_walking(self, queue: str, cfg: QueueConfig, owner: str, lease: float,
+                       now: float) -> Attempt | float | None:
+        held = self._held
+        queued = [Candidate(i, m.due, params_of(m)) for i, _, m in self._messages(queue, State.QUE)
+                  if (queue, i) not in held]
+        running = [params_of(m) for _, _, m in self._messages(queue, State.RUN)]
+        chosen, dups, wake = pick(queued, running, cfg, now)
+        if chosen is None:
+            return wake
+        a = self._start(queue, chosen.msg_id, cfg, owner, lease, now, tuple(dups))
+        for d in dups:
+            held[(queue, d)] = a.attempt_id
+        return a
+
+    def _claim_indexed(self, ix: QueueIndex, cfg: QueueConfig, owner: str, lease: float,
+                       now: float) -> Attempt | float | None:
+        if cfg.coalesce_params and ix.walk is not None and ix.walk.full:
+            return None  # every duplicate must be indexed before a parent is chosen
+        bp = cfg.blocking_params
+        blocked = {key_of(params_of(a.message), bp) for a in self._mine.get(ix.name, {}).values()} if bp else set()
+        while True:
+            entry, wake = ix.next_runnable(now, bp, blocked)
+            if entry is None:
+                return wake
+            fresh = ix.refresh_entry(entry)
+            if fresh is not entry:  # changed on disk since indexed: schedule what is there now
+                ix.put_back(fresh)
+                continue
+            ix.index.pop(entry.msg_id, None)
+            try:
+                a = self._start(ix.name, entry.msg_id, cfg, owner, lease, now, ())
+            except (WrongState, MessageNotFound):
+                continue  # gone since indexed: its departure event is on its way
+            except CorruptMessage as e:
+                log.error("%s", e)  # set aside by the store; the queue goes on
+                continue
+            except StorageError:
+                ix.put_back(entry)  # still queued: the caller waits before trying again
+                raise
+            dups = ix.coalesce_with(entry, cfg.coalesce_params)
+            if dups:
+                a = replace(a, dups=tuple(dups))
+                self._mine[ix.name][a.msg_id] = a
+                for d in dups:
+                    self._held[(ix.name, d)] = a.attempt_id
+            return a
+
+    def _start(self, queue: str, msg_id: str, cfg: QueueConfig, owner: str, lease: float, now: float,
+               dups: tuple[str, ...]) -> Attempt:
+        # Not fsync'd: if a crash loses this rename the message is still in que, which is
+        # where recovery would put it; the move out of run is the durable one.
+        m = self.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False)
+        qdir = self.qdir(queue)
+        run_dir = message_path(qdir, State.RUN, msg_id)
+        if self._group_sync is not None and cfg.fsync:
+            # Where a rename is not atomic on disk (ext4 without a journal) a producer's fsync
+            # of the que bucket can write this move's removal long before anything writes the
+            # run bucket: the message would be in neither after a power cut. Both are synced
+            # soon, new entry first; what is left of the window, lost+found recovery covers.
+            self._group_sync.add_rename(message_path(qdir, State.QUE, msg_id).parent, run_dir.parent,
+                                        only_where_unsafe=True)
+        a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m, dups,
+                    cancel_requested=os.path.exists(run_dir / "cancel"))
+        self._mine.setdefault(queue, {})[msg_id] = a
+        if self._daemon_fd < 0:
+            self._write_attempt(a, run_dir)  # the daemon's fence is _mine: no write per start
+        return a
+
+    def _write_attempt(self, a: Attempt, run_dir: Path) -> None:
+        """The fence for a process that does not hold the daemon lock (whose ``_mine`` is not
+        trusted; without a file it is fenced out). Best effort: a message must not be
+        stranded in run because this small write failed."""
+        try:
+            durable.write_replace(run_dir / ATTEMPT_FILE,
+                                  json.dumps({"id": a.attempt_id, "owner": a.owner}).encode(), sync=False)
+        except OSError as e:
+            log.warning("%s/%s: cannot record the attempt: %s", a.queue, a.msg_id, e)
+
     def _messages(self, queue: str, state: State) -> builtins.list[tuple[str, Path, Message]]:
         out = []
         for msg_id, path, acked in iter_entries(self._existing_qdir(queue), state, newest_first=False):
@@ -60,83 +191,113 @@ class AttemptParts(WriteParts):
                 continue  # set aside, or moved on while we looked
         return out
 
-    def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
-        now = self.clock() if now is None else now
-        if self.admin_state(queue) != AdminState.UP:
-            return None
-        held = self._held
-        queued = [Candidate(i, m.due, params_of(m)) for i, _, m in self._messages(queue, State.QUE)
-                  if (queue, i) not in held]
-        running = [params_of(m) for _, _, m in self._messages(queue, State.RUN)]
-        chosen, dups, wake = pick(queued, running, self.queue_config(queue), now)
-        if chosen is None:
-            return wake
-        attempt_id = new_attempt_id(chosen.msg_id, 0)
-        self._mine[(queue, chosen.msg_id)] = attempt_id  # before the move: reclaim never takes it
-        try:
-            m = self.move(queue, chosen.msg_id, State.QUE, State.RUN, note="run")
-            a = Attempt(queue, chosen.msg_id, attempt_id, owner, now + lease, m, tuple(dups))
-            self._write_attempt(a)
-        except BaseException:
-            self._mine.pop((queue, chosen.msg_id), None)
-            raise
-        for d in dups:
-            held[(queue, d)] = a.attempt_id
-        return a
-
-    def _write_attempt(self, a: Attempt) -> None:
-        path = self.message_dir(a.queue, a.msg_id) / ATTEMPT_FILE
-        durable.write_replace(path, json.dumps({"id": a.attempt_id, "owner": a.owner}).encode(), sync=False)
-
+    # -- the fence -----------------------------------------------------------------------
     def _current_dir(self, a: Attempt) -> Path:
-        """The attempt's message directory, if the attempt is still the message's (the fence)."""
-        try:
-            state, path, _ = self.locate(a.queue, a.msg_id)
-            current = json.loads((path / ATTEMPT_FILE).read_bytes()).get("id") if state == State.RUN else None
-        except (MessageNotFound, OSError, ValueError, AttributeError):
-            current = None
-        if current != a.attempt_id:
-            raise LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's "
-                            "(fenced out)")
-        return path
+        """The attempt's message directory in run, if the attempt is still the message's.
+        ``_mine`` is trusted while this store holds the daemon lock (no other process can
+        take over then); otherwise the ``attempt`` file decides."""
+        mine = self._mine.get(a.queue, {}).get(a.msg_id) if self._daemon_fd >= 0 else None
+        if mine is not None:
+            if mine.attempt_id == a.attempt_id:
+                return message_path(self.qdir(a.queue), State.RUN, a.msg_id)
+        else:
+            current: str | None
+            try:
+                state, path, _ = self.locate(a.queue, a.msg_id)
+                current = json.loads((path / ATTEMPT_FILE).read_bytes()).get("id") if state == State.RUN else None
+            except (MessageNotFound, OSError, ValueError, AttributeError):
+                current = None
+            if current == a.attempt_id:
+                return path
+        raise LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's "
+                        "(fenced out)")
+
+    def workdir(self, attempt: Attempt) -> Path:
+        """``<message>/job``: the script's cwd (RQ_MSG_DIR), beside ``msg`` and ``attach/``."""
+        return self._current_dir(attempt) / "job"
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
                   now: float | None = None) -> Lease:
         now = self.clock() if now is None else now
         path = self._current_dir(attempt)
         if runner is not None:
-            durable.write_replace(path / "pid", runner.encode() + b"\n", sync=False)
-        return Lease(now + lease, (path / "cancel").exists())
-
-    def finish(self, attempt: Attempt, dst: State, *, status: str,
-               update: Callable[[Message], None] | None = None, note: str = "",
-               dup_status: str | None = None) -> Message:
-        self._current_dir(attempt)
-        self.set_status(attempt.queue, attempt.msg_id, status)
-        # The move first: if it fails (a full disk), the attempt still holds the message and
-        # the caller's retry passes the fence; the marks are cleared once it has landed.
-        m = self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
-        self._mine.pop((attempt.queue, attempt.msg_id), None)
-        landed = message_path(self.qdir(attempt.queue), dst, attempt.msg_id)
-        for name in (ATTEMPT_FILE, "pid", "cancel"):
+            # Not fsync'd and not renamed into place: it matters only while this boot lasts,
+            # and a daemon crash cannot tear a finished write(2).
+            fd = os.open(path / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
-                os.unlink(landed / name)
+                os.write(fd, runner.encode() + b"\n")
+            finally:
+                os.close(fd)
+        return Lease(now + lease, os.path.exists(path / "cancel"))
+
+    # -- finish --------------------------------------------------------------------------
+    def finish(self, attempt: Attempt, dst: State, *, status: str | None,
+               update: Callable[[Message], None] | None = None, note: str = "",
+               dup_status: str | None = None, dup_of: str | None = None) -> Message:
+        q, msg_id = attempt.queue, attempt.msg_id
+        path = self._current_dir(attempt)
+        if status is not None and (status or os.path.exists(path / "status")):
+            self._write_status(q, msg_id, path, status)
+        for name in ("pid", "cancel"):  # first: a cancel must never follow the message to a later run
+            try:
+                os.unlink(path / name)
             except FileNotFoundError:
-                pass  # never written, or the message moved on already
-        held = self._held
-        for d in attempt.dups:
-            if held.get((attempt.queue, d)) != attempt.attempt_id:
-                continue
-            del held[(attempt.queue, d)]
-            if dst in SUCCESS:
-                try:
-                    self.move(attempt.queue, d, State.QUE, dst, note=note or str(dst))
-                    self.set_status(attempt.queue, d, dup_status if dup_status is not None else
-                                    f"duplicate {attempt.msg_id}")
-                except SpoolqError:
-                    continue  # it left que meanwhile (deleted, cancelled): nothing to take along
+                pass
+        cfg, _ = self._settings(q)
+        deferred = update is None and self._group_sync is not None
+        # The commit point. If it fails (a full disk) the attempt still holds the message
+        # and the caller's retry passes the fence.
+        m = self.move(q, msg_id, State.RUN, dst, update=update, note=note, sync=False if deferred else None,
+                      current=attempt.message)
+        landed = message_path(self.qdir(q), dst, msg_id)
+        if deferred and cfg.fsync and self._group_sync is not None:
+            self._group_sync.add_rename(path.parent, landed.parent)  # destination first
+        self._mine.get(q, {}).pop(msg_id, None)
+        try:
+            os.unlink(landed / ATTEMPT_FILE)
+        except OSError:
+            pass  # never written, or the message moved on already
+        ix = self._watcher.indexes.get(q) if self._watcher is not None else None
+        if ix is not None and dst == State.QUE:
+            ix.requeued(msg_id)
+        self._settle_dups(attempt, dst, ix, note, dup_of,
+                          dup_status if dup_status is not None else f"duplicate {dup_of or msg_id}")
         return m
 
+    def _settle_dups(self, attempt: Attempt, dst: State, ix: QueueIndex | None, note: str,
+                     dup_of: str | None, status: str) -> None:
+        """Held duplicates end with their parent when it succeeded, else run on their own."""
+        for d in attempt.dups:
+            if self._held.pop((attempt.queue, d), None) not in (None, attempt.attempt_id):
+                continue
+            if dst not in SUCCESS:
+                if ix is not None:
+                    ix.release(d)
+                continue
+            if ix is not None:
+                ix.drop(d)
+
+            def mark(m: Message) -> None:
+                m.dup = dup_of or ""
+
+            try:
+                self.set_status(attempt.queue, d, status)
+                self.move(attempt.queue, d, State.QUE, dst, update=mark if dup_of else None,
+                          note=f"duplicate of {dup_of}" if dup_of else (note or str(dst)))
+            except SpoolqError as e:
+                # It left que meanwhile (deleted, cancelled), or the disk refused: it stays
+                # queued and runs on its own (at-least-once, nothing lost).
+                log.info("%s/%s: duplicate not finished with its parent: %s", attempt.queue, d, e)
+                if ix is not None:
+                    ix.requeued(d)
+
+    def _write_status(self, queue: str, msg_id: str, path: Path, text: str) -> None:
+        try:
+            durable.write_replace(path / "status", json.dumps({"job_status": text}).encode(), sync=False)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot set status of {queue}/{msg_id}") from None
+
+    # -- reclaim -------------------------------------------------------------------------
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
         """Only the daemon (the holder of ``daemon.pid``'s lock) reclaims: then every attempt in
         run that this store did not hand out belongs to a daemon that is gone."""
@@ -144,8 +305,9 @@ class AttemptParts(WriteParts):
         out: builtins.list[Attempt] = []
         if self._daemon_fd < 0:
             return out  # a live daemon may hold them: leave them alone
+        mine = self._mine.setdefault(queue, {})
         for msg_id, path, m in self._messages(queue, State.RUN):
-            if (queue, msg_id) in self._mine:
+            if msg_id in mine:
                 continue  # ours, and alive
             try:
                 runner: str | None = (path / "pid").read_text().strip() or None
@@ -153,7 +315,12 @@ class AttemptParts(WriteParts):
                 runner = None
             a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m,
                         cancel_requested=(path / "cancel").exists(), runner=runner)
-            self._write_attempt(a)
-            self._mine[(queue, msg_id)] = a.attempt_id
+            mine[msg_id] = a
+            self._write_attempt(a, path)
             out.append(a)
         return out
+
+
+def _group_sync_failed(directory: str, e: OSError) -> None:
+    log.error("fsync of %s failed: %s; messages finished into it may run again after a crash",
+              directory, e)

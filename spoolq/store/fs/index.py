@@ -1,15 +1,17 @@
-"""One queue's scheduling state: which queued messages exist, when they are due, which run.
+"""The filesystem store's index of one queue's ``que/``: which queued messages exist and
+when they are due, so that :meth:`FsStore.claim` picks the next one without a walk.
 
-The index mirrors ``que/`` on disk, and only while the queue can run (UP): a PAUSEd or
-DOWN queue has no index and no watches on ``que/``, so its messages cost nothing however
-many there are. When it can run again it is indexed by a :class:`Walk` of ``que/``, done
+Kept only while a daemon wants to claim from the queue (``Watcher.want``, the queue is
+UP): a PAUSEd or DOWN queue has no index and no watches on ``que/``, so its messages cost
+nothing however many there are. When it can run again it is indexed by a :class:`Walk` of ``que/``, done
 in slices (``work``) between the daemon's other duties, oldest bucket first; messages
 already indexed can start meanwhile. After that inotify keeps the index current, one
 message per event, and nothing re-reads the queue periodically. A full walk happens again
 only when events may have been lost (inotify overflow, SIGHUP, a failed dispatch).
 
 The index is a cache (D3): the store's ``move`` is what decides, so a stale entry can only
-cost a failed move (WrongState), never a double start.
+cost a failed move (WrongState), never a double start. Which messages run is the store's
+(its attempts); the index only keeps the coalesced duplicates they hold (``absorbed``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import heapq
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..ids import MSG_ID_RE
-from ..model import AdminState, QueueConfig, State
-from ..store.fs.layout import message_path
+from ...ids import MSG_ID_RE
+from ...model import State
+from ..leases import key_of
+from .layout import message_path
 
 QUE_DEPTH = 3
 """que/<day>/<HHMM>/<SS>/<id>: bucket directories are levels 0..3 below que/."""
@@ -92,28 +95,17 @@ WatchFn = Callable[[Path, int], None]
 
 
 @dataclass
-class QueueState:
+class QueueIndex:
     name: str
     qdir: Path
-    config: QueueConfig | None = None
-    admin: AdminState = AdminState.UP
     index: dict[str, Entry] = field(default_factory=dict)
     heap: list[tuple[float, str]] = field(default_factory=list)
     # child id -> parent id: coalesced duplicates waiting for their parent to finish.
     absorbed: dict[str, str] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
-    running_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     pending_ids: set[str] = field(default_factory=set)
     indexed: bool = False  # que/ is watched and the index is (being) kept
     walk: Walk | None = None
     gen: int = 0
-    ready: bool = True  # False until the start-up recount is done: it holds the counts lock
-    config_stale: bool = True  # config.json, pause or down changed since last read
-    script_error: str | None = None  # SCRIPTERROR: why the script cannot start
-    hold_until: float = 0.0  # the store failed to start a message: wait before trying again
-    hold_for: float = 0.0
-    dirty: bool = True
-    wake_at: float | None = None
 
     # -- index maintenance ---------------------------------------------------------------
     def _put(self, e: Entry) -> None:
@@ -154,10 +146,9 @@ class QueueState:
         self.pending_ids = set()
 
     def note_arrival(self, msg_id: str) -> None:
-        """A message appeared in ``que/`` or was kicked: read it at the next ``work``."""
+        """A message appeared in ``que/`` or was kicked: read it at the next ``absorb``."""
         if self.indexed:
             self.pending_ids.add(msg_id)
-            self.dirty = True
 
     def note_departure(self, msg_id: str) -> None:
         self.pending_ids.discard(msg_id)
@@ -173,8 +164,6 @@ class QueueState:
         added = False
         while self.pending_ids and now() < until:
             msg_id = self.pending_ids.pop()
-            if msg_id in self.running:
-                continue
             e = read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id))
             if e is not None:
                 self._put(e)
@@ -223,8 +212,6 @@ class QueueState:
 
     def _walk_message(self, w: Walk) -> bool:
         msg_id = w.names.pop()
-        if msg_id in self.running:
-            return False
         assert w.bucket is not None
         path = w.bucket / msg_id
         old = self.index.get(msg_id)
@@ -246,6 +233,11 @@ class QueueState:
         self.index.pop(msg_id, None)
         self.absorbed.pop(msg_id, None)
 
+    def release(self, msg_id: str) -> None:
+        """A held duplicate whose parent did not succeed: it runs on its own."""
+        if self.absorbed.pop(msg_id, None) is not None:
+            self.requeued(msg_id)
+
     def put_back(self, e: Entry) -> None:
         """An entry taken off the heap for a start that did not happen: schedule it again."""
         if not self.indexed:
@@ -254,7 +246,7 @@ class QueueState:
         self._put(e)
 
     def requeued(self, msg_id: str) -> None:
-        """A message this daemon put back in que (resend, 111, parent failed): read it again.
+        """A message the store put back in que (resend, 111, parent failed): read it again.
         A duplicate heap entry is harmless: the stale copy is skipped when it surfaces."""
         self.absorbed.pop(msg_id, None)
         if self.indexed:
@@ -262,7 +254,6 @@ class QueueState:
             if e is not None:
                 self.index.pop(msg_id, None)
                 self._put(e)
-        self.dirty = True
 
     def refresh_entry(self, e: Entry) -> Entry:
         """``e`` as it is on disk now, if its ``msg`` changed since it was indexed (a hand
@@ -276,28 +267,23 @@ class QueueState:
         fresh = read_entry(e.msg_id, path)
         return fresh if fresh is not None else e
 
-    # -- scheduling ----------------------------------------------------------------------
-    def block_key(self, params: tuple[str, ...]) -> tuple[str, ...] | None:
-        bp = self.config.blocking_params if self.config else []
-        return tuple(params[i - 1] for i in bp) if bp else None
-
-    def next_runnable(self, now: float) -> tuple[Entry | None, float | None]:
+    # -- scheduling (the rule of leases.pick, on the heap) ----------------------------------
+    def next_runnable(self, now: float, blocking: Sequence[int],
+                      blocked: set[tuple[str, ...] | None]) -> tuple[Entry | None, float | None]:
         """The message to start now, or (None, when the head becomes due) — RQ's scheduler:
-        order by due; with blocking_params skip messages whose tuple is already running."""
+        order by due; skip messages whose ``blocking`` params tuple is in ``blocked``."""
         skipped: list[tuple[float, str]] = []
         pick: Entry | None = None
         wake: float | None = None
-        blocked = set(self.running_keys.values())
         while self.heap:
             due, msg_id = self.heap[0]
             e = self.index.get(msg_id)
-            if e is None or e.due != due or msg_id in self.absorbed or msg_id in self.running:
+            if e is None or e.due != due or msg_id in self.absorbed:
                 heapq.heappop(self.heap)
                 if e is not None and e.due == due and msg_id in self.absorbed:
                     skipped.append((due, msg_id))  # comes back if its parent fails
                 continue
-            bk = self.block_key(e.params)
-            if bk is not None and bk in blocked:
+            if blocking and key_of(e.params, blocking) in blocked:
                 skipped.append(heapq.heappop(self.heap))
                 continue
             if e.due > now:
@@ -310,17 +296,17 @@ class QueueState:
             heapq.heappush(self.heap, s)
         return pick, wake
 
-    def coalesce_with(self, parent: Entry) -> list[str]:
-        """Queued messages whose coalesce params all match ``parent``'s (any due time)."""
-        cp = self.config.coalesce_params if self.config else []
+    def coalesce_with(self, parent: Entry, cp: Sequence[int]) -> list[str]:
+        """Queued messages whose coalesce params all match ``parent``'s (any due time), now
+        held (``absorbed``) for it."""
         if not cp:
             return []
-        want = tuple(parent.params[i - 1] for i in cp)
+        want = key_of(parent.params, cp)
         out = []
         for e in self.index.values():
-            if e.msg_id == parent.msg_id or e.msg_id in self.absorbed or e.msg_id in self.running:
+            if e.msg_id == parent.msg_id or e.msg_id in self.absorbed:
                 continue
-            if tuple(e.params[i - 1] for i in cp) == want:
+            if key_of(e.params, cp) == want:
                 out.append(e.msg_id)
         for c in out:
             self.absorbed[c] = parent.msg_id

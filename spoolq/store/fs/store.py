@@ -14,6 +14,7 @@ module (the store as a whole: where the daemon listens, its lock, sweeping).
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from ..base import SweepResult
 from . import pidfile
 from .attempts import AttemptParts
 from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
+
+log = logging.getLogger("spoolq.daemon")
 
 
 class FsStore(AttemptParts):
@@ -40,13 +43,19 @@ class FsStore(AttemptParts):
             raise durable.storage_error(e, f"cannot write {self.root / 'config.json'}") from None
 
     def acquire_daemon(self) -> None:
-        """Create the root if needed and lock ``<root>/daemon.pid`` (pidfile.py)."""
+        """Create the root if needed and lock ``<root>/daemon.pid`` (pidfile.py); the
+        daemon's moves are group-committed from now on (attempts.py)."""
         if self._daemon_fd >= 0:
             return
         self.ensure_root()
         self._daemon_fd = pidfile.acquire(self.root)
+        log.info("spool %s is on %s", self.root, durable.fs_description(self.root))
+        self._start_group_sync()
 
     def release_daemon(self) -> None:
+        self._stop_group_sync()
+        if self._watcher is not None:
+            self._watcher.close()
         if self._daemon_fd >= 0:
             pidfile.release(self._daemon_fd)
             self._daemon_fd = -1
