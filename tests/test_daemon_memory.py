@@ -93,7 +93,7 @@ def test_exit_111_waits_for_its_backoff_on_the_clock(daemon: Daemon, store: Memo
     for _ in range(5):
         daemon.step(0.05)
     assert state(store, m) == State.QUE, "not due yet on the fake clock"
-    assert daemon.next_timeout() == pytest.approx(30, abs=0.1)
+    assert daemon.queues["q"].wake_at == pytest.approx(clock.t + 30), "it looks again when it is due"
     clock.t += 31
     run_until(daemon, lambda: store.get("q", m).message.count == 2, "the second try")
 
@@ -180,3 +180,45 @@ def test_an_expired_lease_is_reclaimed_at_start(store: MemoryStore, clock: Clock
         d.close()
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_a_lost_lease_stops_the_script_and_finishes_nothing(daemon: Daemon, store: MemoryStore,
+                                                            clock: Clock) -> None:
+    """A partitioned host: its lease ran out (it could not renew) and another host took the
+    attempt over. Its next renewal is refused, it stops the script, and its outcome is not
+    stored: the other host's finish is the one that counts."""
+    queue(store)
+    m = send(store, param1="slow", param2="300")
+    run_until(daemon, lambda: bool(daemon.jobs), "the start")
+    (job,) = daemon.jobs.values()
+    clock.t += 31  # past the lease, before the daemon renewed it
+    (taken,) = store.reclaim("q", owner="other-host", lease=30)
+    run_until(daemon, lambda: not daemon.jobs, "the script stopped")
+    assert job.lost and state(store, m) == State.RUN, "still the other host's"
+    assert "lost its lease" not in store.get("q", m).job_status
+    store.finish(taken, State.DONE, status="finished by the other host")
+    assert store.get("q", m).job_status == "finished by the other host"
+
+
+def test_leases_are_renewed_while_a_script_runs(daemon: Daemon, store: MemoryStore, clock: Clock) -> None:
+    queue(store)
+    m = send(store, param1="slow", param2="300")
+    run_until(daemon, lambda: bool(daemon.jobs), "the start")
+    for _ in range(4):  # 40 s of fake time in steps shorter than the renewal period
+        clock.t += 10
+        daemon.step(0)
+    assert store.reclaim("q", owner="other-host", lease=30) == [], "the lease is alive"
+    assert state(store, m) == State.RUN
+
+
+def test_a_dead_hosts_attempt_is_recovered_while_the_daemon_runs(daemon: Daemon, store: MemoryStore,
+                                                                 clock: Clock) -> None:
+    queue(store)
+    m = send(store, param1="done")
+    store.set_admin_state("q", AdminState.PAUSE)  # so that only the dead host claims it
+    store.set_admin_state("q", AdminState.UP)
+    dead = store.claim("q", owner="dead-host", lease=30)
+    assert dead is not None and not isinstance(dead, float)
+    clock.t += 31
+    run_until(daemon, lambda: state(store, m) == State.DONE, "the rerun on this host")
+    assert store.get("q", m).message.count == 1

@@ -16,7 +16,7 @@ import pytest
 from daemon_util import alive, script, serve_fixture, wait_for
 
 import spoolq
-from spoolq.model import State
+from spoolq.model import Message, State
 from spoolq.runner.protocol import MAX_LINE, LineBuffer, decide, parse_completion, parse_dup
 
 HAVE_RUBY = shutil.which("ruby") is not None
@@ -65,13 +65,20 @@ def test_outcome_table() -> None:
     assert parse_dup("garbage") is None
 
 
-def test_pid_files_name_exactly_the_process_that_was_spawned(tmp_path: Path) -> None:
-    from spoolq.runner.spawn import START_WINDOW_NS, read_pidfile, same_process, spawn, write_pidfile
+def test_the_recorded_runner_names_exactly_the_process_that_was_spawned(tmp_path: Path) -> None:
+    from spoolq.daemon.jobs import HOST
+    from spoolq.daemon.recovery import _runner_pid
+    from spoolq.runner.spawn import START_WINDOW_NS, same_process, spawn
+    from spoolq.store.leases import Attempt
+
+    def runner(text: str) -> tuple[int, int] | None:
+        return _runner_pid(Attempt("q", "1", "a", "o", 0.0, Message(), runner=text))
 
     sp = spawn(["/bin/sleep", "30"], env={}, msg_dir=tmp_path, header_script="sleep")
     try:
-        write_pidfile(tmp_path, sp.pid, sp.spawned_ns)
-        assert read_pidfile(tmp_path) == (sp.pid, sp.spawned_ns)
+        assert runner(f"{sp.pid} {sp.spawned_ns} {HOST}") == runner(f"{sp.pid} {sp.spawned_ns}") == (
+            sp.pid, sp.spawned_ns)
+        assert runner(f"{sp.pid} {sp.spawned_ns} another-host") is None, "a pid of another machine"
         assert same_process(sp.pid, sp.spawned_ns)
         # The same pid recorded at another time is another process (a reused pid).
         assert not same_process(sp.pid, sp.spawned_ns - START_WINDOW_NS - 10**9)
@@ -81,8 +88,7 @@ def test_pid_files_name_exactly_the_process_that_was_spawned(tmp_path: Path) -> 
         sp.proc.kill()
         sp.proc.wait()
     assert not same_process(sp.pid, sp.spawned_ns)  # gone
-    (tmp_path / "pid").write_text("garbage\n")
-    assert read_pidfile(tmp_path) is None
+    assert runner("garbage") is None and runner("") is None
 
 
 # -- bash: every verb and outcome ---------------------------------------------------------

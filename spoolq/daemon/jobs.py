@@ -10,12 +10,13 @@ import logging
 import os
 import random
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RootConfig
-from ..errors import QueueDown, QueueNotFound, SpoolqError
+from ..errors import LeaseLost, QueueDown, QueueNotFound, SpoolqError
 from ..model import Message, QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import MAX_RESEND_TEXT, Completion, LineBuffer, Outcome
@@ -40,8 +41,11 @@ log = logging.getLogger("spoolq.daemon")
 RELAY_QUEUE = "relay"
 KILL_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL when the daemon stops a job."""
-LEASE = 300.0
-"""Seconds an attempt is leased for (the filesystem's lease is the daemon's lock instead)."""
+LEASE = 30.0
+"""Seconds an attempt is leased for: another host may take it over once it has run out
+(the filesystem's lease is the daemon's lock instead). Renewed every :data:`RENEW`."""
+RENEW = LEASE / 3
+HOST = socket.gethostname()
 KNOWN_VERBS = {"run", "done", "err", "fails", "relayed", "resend", "dup"}
 
 
@@ -65,6 +69,8 @@ class Job:
     stopping: bool = False
     eof: bool = False
     cancelled: bool = False  # a cancel was asked for
+    lost: bool = False  # fenced out (another host took the attempt over): finish nothing
+    renew_at: float = 0.0  # when to renew the lease (the daemon's clock)
     status_written: bool = False
 
     @property
@@ -138,11 +144,12 @@ class JobRunner:
                                                      msg.count, requeue_delay=30.0))
             return None
         try:
-            self.store.heartbeat(attempt, lease=LEASE, runner=f"{sp.pid} {sp.spawned_ns}")
+            # "pid spawn_ns host": recovery kills only what runs on its own host (D4).
+            self.store.heartbeat(attempt, lease=LEASE, runner=f"{sp.pid} {sp.spawned_ns} {HOST}")
         except (OSError, SpoolqError) as e:
             log.error("%s/%s: cannot record the script's pid: %s", queue, msg_id, e)
         now = self.clock()
-        job = Job(attempt=attempt, spawned=sp, started=now, timeout=cfg.timeout)
+        job = Job(attempt=attempt, spawned=sp, started=now, timeout=cfg.timeout, renew_at=now + RENEW)
         if cfg.timeout is not None:
             job.deadline = now + cfg.timeout
         self.stats.started(queue)
@@ -150,11 +157,26 @@ class JobRunner:
         return job
 
     def cancel_asked(self, job: Job) -> bool:
-        """Has a cancel been asked for the job's message (Store.cancel)?"""
+        """Has a cancel been asked for the job's message (Store.cancel)? Renews the lease."""
+        return self.renew(job, self.clock())
+
+    def renew(self, job: Job, now: float) -> bool:
+        """Extend the job's lease; True when a cancel was asked for. An attempt another host
+        took over (LeaseLost: this one's lease ran out, e.g. while the database was out of
+        reach) is marked ``lost`` and its script is stopped: its outcome would be refused."""
+        job.renew_at = now + RENEW
         try:
             return self.store.heartbeat(job.attempt, lease=LEASE).cancel_requested
-        except (OSError, SpoolqError):
-            return False  # fenced out or unreadable: its finish will say so
+        except LeaseLost:
+            if not job.lost:
+                job.lost = True
+                log.error("%s/%s: lost its lease to another host; stopping its script (pid %d), whose "
+                          "outcome would be refused", job.queue, job.msg_id, job.pid)
+                self.terminate(job, now)
+            return False
+        except (OSError, SpoolqError) as e:
+            log.warning("%s/%s: cannot renew the lease: %s", job.queue, job.msg_id, e)
+            return False  # tried again at the next renewal; the finish is fenced anyway
 
     # -- while running -------------------------------------------------------------------
     def read_status(self, job: Job) -> None:

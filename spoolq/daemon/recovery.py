@@ -25,7 +25,7 @@ from ..runner.protocol import Outcome
 from ..runner.spawn import kill_group, leftover_processes, same_process
 from ..store.leases import Attempt
 from .finish import Finish
-from .jobs import LEASE, JobRunner, crash_outcome
+from .jobs import HOST, LEASE, JobRunner, crash_outcome
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -50,11 +50,14 @@ def recover_queue(runner: JobRunner, queue: str) -> Recovered:
 
 
 def _runner_pid(a: Attempt) -> tuple[int, int] | None:
-    """``(pid, spawned_ns)`` the gone holder recorded (``Store.heartbeat(runner=)``)."""
+    """``(pid, spawned_ns)`` the gone holder recorded (``Store.heartbeat(runner=)``: "pid
+    spawn_ns host"), if its script ran on this host: a pid of another machine means nothing here."""
+    fields = (a.runner or "").split()
+    if len(fields) > 2 and fields[2] != HOST:
+        return None
     try:
-        pid_s, ns_s = (a.runner or "").split()[:2]
-        return int(pid_s), int(ns_s)
-    except ValueError:
+        return int(fields[0]), int(fields[1])
+    except (ValueError, IndexError):
         return None
 
 

@@ -40,6 +40,8 @@ log = logging.getLogger("spoolq.daemon")
 
 SCRIPT_RECHECK = 5.0
 """Seconds between checks of a SCRIPTERROR queue's script (config changes recheck at once)."""
+RECLAIM_EVERY = LEASE / 2
+"""Seconds between looks for attempts whose holder is gone (another host died)."""
 SLICE = 0.004
 """Seconds of the store's indexing per loop iteration at most: what a big queue can delay
 the others."""
@@ -65,6 +67,7 @@ class Daemon:
         self.stopping = False
         self.grace_end: float | None = None
         self.next_sweep = 0.0
+        self.next_reclaim = 0.0
         self.refresh_queues = True
         self.flags: set[int] = set()
         self.sel: selectors.BaseSelector  # created in setup(), after fds 3 and 4 are claimed
@@ -123,20 +126,26 @@ class Daemon:
                 log.warning("queue %s: %s", name, e)
             # D2: run/ is emptied before anything is dispatched. Moves the store refuses are
             # held by the finisher and retried; nothing else is written here.
-            try:
-                rec = recover_queue(self.runner, name)
-            except Exception:  # noqa: BLE001 - run/ unreadable: the other queues still start
-                log.exception("queue %s: recovery failed", name)
-                continue
-            if rec.requeued or rec.failed or rec.killed or rec.held:
-                log.warning("queue %s: recovered %d message(s) from run/ (%d to err, %d held for a "
-                            "retry), killed %d orphaned script(s)", name, rec.requeued, rec.failed,
-                            rec.held, rec.killed)
+            self._recover(name)
         self.refresh(starting=True)
         # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
         # recount is done (the recount holds its counts lock).
         self.housekeeper.start_up(list(self.queues))
         self.next_sweep = self.clock() + self.sweep_interval
+        self.next_reclaim = self.clock() + RECLAIM_EVERY
+
+    def _recover(self, name: str) -> None:
+        """Finish the attempts of ``name`` whose holder is gone (recovery.py)."""
+        assert self.runner is not None
+        try:
+            rec = recover_queue(self.runner, name)
+        except Exception:  # noqa: BLE001 - run unreadable: the other queues still start
+            log.exception("queue %s: recovery failed", name)
+            return
+        if rec.requeued or rec.failed or rec.killed or rec.held:
+            log.warning("queue %s: recovered %d message(s) from run (%d to err, %d held for a "
+                        "retry), killed %d orphaned script(s)", name, rec.requeued, rec.failed,
+                        rec.held, rec.killed)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.flags.add(signum)
@@ -185,8 +194,11 @@ class Daemon:
         request and the message ends in err, "cancelled")."""
         assert self.runner is not None
         job = next((j for j in self.jobs.values() if j.queue == qs.name and j.msg_id == ch.msg_id), None)
-        if job is None or job.cancelled or not self.runner.cancel_asked(job):
-            return
+        if job is not None and not job.cancelled and self.runner.cancel_asked(job):
+            self._cancel_job(job)
+
+    def _cancel_job(self, job: Job) -> None:
+        assert self.runner is not None
         job.cancelled = True
         log.info("%s/%s: cancelled, terminating its process group", job.queue, job.msg_id)
         self.runner.terminate(job, self.clock())
@@ -257,7 +269,7 @@ class Daemon:
                 pass
             assert self.runner is not None
             job.cancelled = job.cancelled or self.runner.cancel_asked(job)
-            if job.timed_out or job.stopping or job.cancelled:
+            if job.timed_out or job.stopping or job.cancelled or job.lost:
                 kill_group(pid, signal.SIGKILL)
             try:
                 _, status = os.waitpid(pid, 0)
@@ -283,7 +295,9 @@ class Daemon:
                           job.queue, job.msg_id)
             fin = Finish(job.attempt, crash_outcome(job.msg, "the daemon could not conclude the attempt"),
                          pid=job.pid, exit_code=code)
-        if self.runner.finisher.settle(fin):
+        if job.lost:
+            self._finished(fin)  # another host holds the message now: its outcome is not ours
+        elif self.runner.finisher.settle(fin):
             self._finished(fin)
         # Else it is held and retried (finish.py): the message stays in run/ and keeps its
         # worker slot until its outcome is on disk.
@@ -422,6 +436,8 @@ class Daemon:
         now = self.clock()
         for job in list(self.jobs.values()):
             self.runner.check_timeout(job, now)
+            if now >= job.renew_at and self.runner.renew(job, now) and not job.cancelled:
+                self._cancel_job(job)
         if self.stopping and self.grace_end is not None and now >= self.grace_end:
             for job in self.jobs.values():
                 if not job.stopping:
@@ -439,6 +455,10 @@ class Daemon:
             self.on_changes()
         if self.refresh_queues:
             self.refresh()
+        if now >= self.next_reclaim and not self.stopping:
+            self.next_reclaim = now + RECLAIM_EVERY
+            for name in list(self.queues):
+                self._recover(name)  # another host's attempts whose lease ran out
         for qs in list(self.queues.values()):
             if qs.dirty or (qs.wake_at is not None and now >= qs.wake_at):
                 try:
@@ -459,9 +479,10 @@ class Daemon:
                 or self.refresh_queues or self.flags):
             return 0.0
         now = self.clock()
-        times = [self.next_sweep]
+        times = [self.next_sweep, self.next_reclaim]
         times += [qs.wake_at for qs in self.queues.values() if qs.wake_at is not None]
         for job in self.jobs.values():
+            times.append(job.renew_at)
             if job.deadline is not None and not job.timed_out:
                 times.append(job.deadline)
             if job.kill_at is not None:

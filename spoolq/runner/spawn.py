@@ -330,25 +330,6 @@ def proc_start_ticks(pid: int) -> int | None:
         return None
 
 
-def write_pidfile(msg_dir: Path, pid: int, spawned_ns: int) -> None:
-    """Record the running script. Not fsync'd and not renamed into place: it matters only
-    while this boot lasts, and a daemon crash cannot tear a finished write(2)."""
-    fd = os.open(msg_dir / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, f"{pid} {spawned_ns}\n".encode())
-    finally:
-        os.close(fd)
-
-
-def read_pidfile(msg_dir: Path) -> tuple[int, int] | None:
-    """``(pid, spawned_ns)`` from a message's pid file; None if absent or unreadable."""
-    try:
-        pid_s, ns_s = (msg_dir / "pid").read_text().split()[:2]
-        return int(pid_s), int(ns_s)
-    except (OSError, ValueError):
-        return None
-
-
 def same_process(pid: int, spawned_ns: int) -> bool:
     """Is ``pid`` still the script that was spawned at ``spawned_ns`` (CLOCK_BOOTTIME)?
 

@@ -52,6 +52,7 @@ class AttemptParts(WriteParts):
         self._mine: dict[str, dict[str, Attempt]] = {}  # queue -> id -> the attempt this store handed out
         self._watcher: FsWatcher | None = None
         self._group_sync: durable.GroupSync | None = None
+        self._reclaimed: set[str] = set()  # queues whose run/ was reclaimed under this lock
 
     # -- the daemon's feed ---------------------------------------------------------------
     def watch(self) -> FsWatcher:
@@ -75,6 +76,7 @@ class AttemptParts(WriteParts):
             self._group_sync = None
         self._mine.clear()
         self._held.clear()
+        self._reclaimed.clear()
 
     # -- moves that free held duplicates ---------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
@@ -300,10 +302,12 @@ class AttemptParts(WriteParts):
     # -- reclaim -------------------------------------------------------------------------
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
         """Only the daemon (the holder of ``daemon.pid``'s lock) reclaims: then every attempt in
-        run that this store did not hand out belongs to a daemon that is gone."""
+        run that this store did not hand out belongs to a daemon that is gone. Once per queue
+        per lock: while it is held nothing else puts attempts in run, so the daemon's periodic
+        reclaim (for stores shared by hosts) costs nothing here."""
         now = self.clock() if now is None else now
         out: builtins.list[Attempt] = []
-        if self._daemon_fd < 0:
+        if self._daemon_fd < 0 or queue in self._reclaimed:
             return out  # a live daemon may hold them: leave them alone
         mine = self._mine.setdefault(queue, {})
         for msg_id, path, m in self._messages(queue, State.RUN):
@@ -318,6 +322,7 @@ class AttemptParts(WriteParts):
             mine[msg_id] = a
             self._write_attempt(a, path)
             out.append(a)
+        self._reclaimed.add(queue)
         return out
 
 
