@@ -277,6 +277,38 @@ def test_a_missing_script_holds_the_queue_until_it_is_fixed(client: spoolq.Clien
     assert cli.json("queue", "show", "test")["status"] == "UP"
 
 
+def test_a_link_left_by_a_script_is_not_followed_by_the_next_attempt(client: spoolq.Client, serve: Any,
+                                                                       tmp_path: Path) -> None:
+    """A script that puts links in place of its ``job/`` directory and of ``stdio.log`` (or
+    is made to): the next attempt's output must not land where they point."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("untouched\n")
+    s = tmp_path / "linker.sh"
+    s.write_text(f"""#!/bin/sh
+if [ "$RQ_COUNT" = 0 ]; then
+  ln -sf {outside}/victim stdio.log.new && mv stdio.log.new stdio.log
+  echo "resend 0-again" >&3
+elif [ "$RQ_COUNT" = 1 ]; then
+  cd .. && mv job job.old && ln -s {outside} job
+  echo "resend 0-again" >&3
+else
+  echo "third attempt output"
+  echo "done linked" >&3
+fi
+""")
+    s.chmod(0o755)
+    client.create_queue("q", script=str(s))
+    serve()
+    r = client.send("q")
+    v = client.wait(r, 30)
+    assert (v.state, v.message.count) == (State.DONE, 2), v
+    assert (outside / "victim").read_text() == "untouched\n"
+    assert sorted(os.listdir(outside)) == ["victim"]
+    job = client.store.message_dir("q", r.msg_id) / "job"
+    assert not job.is_symlink() and "third attempt output" in (job / "stdio.log").read_text()
+
+
 def test_verbose_logs_every_job(client: spoolq.Client, serve: Any) -> None:
     client.create_queue("test", script=script("rq_script.sh"))
     s = serve()  # the fixture passes -v

@@ -74,7 +74,8 @@ def test_the_recorded_runner_names_exactly_the_process_that_was_spawned(tmp_path
     def runner(text: str) -> tuple[int, int] | None:
         return _runner_pid(Attempt("q", "1", "a", "o", 0.0, Message(), runner=text))
 
-    sp = spawn(["/bin/sleep", "30"], env={}, msg_dir=tmp_path, header_script="sleep")
+    sp = spawn(["/bin/sleep", "30"], env={}, cwd=tmp_path, log_fd=os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT),
+               header_script="sleep")
     try:
         assert runner(f"{sp.pid} {sp.spawned_ns} {HOST}") == runner(f"{sp.pid} {sp.spawned_ns}") == (
             sp.pid, sp.spawned_ns)

@@ -119,12 +119,13 @@ class JobRunner:
             self.finish_without_run(attempt, Outcome(State.ERR, "cancelled", msg.count))
             return None
         try:
-            msg_dir = self.store.workdir(attempt).parent
+            workdir = self.store.workdir(attempt)
             # With a prefix the exec succeeds whatever the script: check it is there first.
             script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
-                            rootcfg=self.rootcfg, root=self.home, msg_dir=msg_dir, rq_env=self.rq_env)
-            sp = spawn(build_argv(cfg, script), env=env, msg_dir=msg_dir, header_script=str(script))
+                            rootcfg=self.rootcfg, root=self.home, msg_dir=workdir.parent, rq_env=self.rq_env)
+            sp = spawn(build_argv(cfg, script), env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
+                       header_script=str(script))
         except ScriptError as e:
             why = script_problem(cfg, self.home) or str(e)  # "bad interpreter" beats ENOENT
             log.warning("%s/%s: %s", queue, msg_id, why)

@@ -220,8 +220,9 @@ class Spawned:
     reply_fd: int  # write end of the reply pipe (non-blocking)
 
 
-def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script: str) -> Spawned:
-    """Start the script; raises ScriptError if it cannot be executed.
+def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, header_script: str) -> Spawned:
+    """Start the script in ``cwd`` with stdout and stderr on ``log_fd`` (``Store.log_fd``;
+    closed here whatever happens); raises ScriptError if it cannot be executed.
 
     The pipes reach the child as fds 3 and 4 without any Python code running between fork
     and exec (so subprocess can use vfork, about twice as fast): the parent points its own
@@ -229,9 +230,6 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
     passes them down, then points them back at /dev/null. Only the dispatching thread
     spawns, and fds 3 and 4 are never free, so no other thread can be handed them meanwhile.
     """
-    job = msg_dir / "job"
-    job.mkdir(exist_ok=True)
-    log_fd = os.open(job / "stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     status_r, status_w = os.pipe()
     reply_r, reply_w = os.pipe()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
@@ -260,7 +258,7 @@ def spawn(argv: list[str], *, env: dict[str, str], msg_dir: Path, header_script:
         # pass_fds (3, 4) on both paths: close_fds runs after preexec_fn, and would close
         # the pipes the slow path has just put on 3 and 4.
         proc = subprocess.Popen(
-            argv, cwd=job, env=env, stdin=_devnull(), stdout=log_fd, stderr=subprocess.STDOUT,
+            argv, cwd=cwd, env=env, stdin=_devnull(), stdout=log_fd, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, pass_fds=(3, 4),
             preexec_fn=None if fast else child_setup,
         )

@@ -342,8 +342,13 @@ class Store(Protocol):
         ...
 
     def workdir(self, attempt: Attempt) -> Path:
-        """A local directory for the attempt's script to run in (RQ_MSG_DIR), whose parent
-        holds ``msg`` and ``attach/`` as RQ's scripts expect; it may not exist yet."""
+        """A local directory, created if needed, for the attempt's script to run in
+        (RQ_MSG_DIR), whose parent holds ``msg`` and ``attach/`` as RQ's scripts expect."""
+        ...
+
+    def log_fd(self, attempt: Attempt) -> int:
+        """A new fd (close-on-exec, the caller closes it) that the script's stdout and stderr
+        go to; what is written to it is appended to the message's log, ``stdio.log``."""
         ...
 
     def finish(self, attempt: Attempt, dst: State, *, status: str | None,

@@ -533,6 +533,10 @@ class MemoryStore:
             self._current(attempt)
             return self.message_dir(attempt.queue, attempt.msg_id) / "job"
 
+    def log_fd(self, attempt: Attempt) -> int:
+        return os.open(self.workdir(attempt) / "stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       0o644)
+
     def finish(self, attempt: Attempt, dst: State, *, status: str | None,
                update: Callable[[Message], None] | None = None, note: str = "",
                dup_status: str | None = None, dup_of: str | None = None) -> Message:

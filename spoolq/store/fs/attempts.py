@@ -20,9 +20,11 @@ the daemon's lock owns: one device flush per bucket per round, not one per messa
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,6 +35,7 @@ from ... import durable
 from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError, StorageError, WrongState
 from ...model import AdminState, Message, QueueConfig, State
 from ..leases import SUCCESS, Attempt, Candidate, Lease, key_of, new_attempt_id, params_of, pick
+from .beneath import open_dir_beneath
 from .index import QueueIndex
 from .layout import iter_entries, message_path
 from .watcher import FsWatcher
@@ -215,8 +218,42 @@ class AttemptParts(WriteParts):
                         "(fenced out)")
 
     def workdir(self, attempt: Attempt) -> Path:
-        """``<message>/job``: the script's cwd (RQ_MSG_DIR), beside ``msg`` and ``attach/``."""
-        return self._current_dir(attempt) / "job"
+        """``<message>/job``: the script's cwd (RQ_MSG_DIR), beside ``msg`` and ``attach/``,
+        kept from earlier attempts (the log goes on). A link an earlier script left in its
+        place is removed: nothing below the message directory is followed."""
+        job = self._current_dir(attempt) / "job"
+        try:
+            if not stat.S_ISDIR(os.lstat(job).st_mode):
+                os.unlink(job)
+                os.mkdir(job)
+        except FileNotFoundError:
+            try:
+                os.mkdir(job)
+            except OSError as e:
+                raise durable.storage_error(e, f"cannot create {job}") from None
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot create {job}") from None
+        return job
+
+    def log_fd(self, attempt: Attempt) -> int:
+        """``job/stdio.log`` opened for appending (the script writes to the file itself),
+        reached without following a link; a link in its place is replaced by a file."""
+        run_dir = self._current_dir(attempt)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            dfd = open_dir_beneath(run_dir, ["job"])
+            try:
+                try:
+                    return os.open("stdio.log", flags, 0o644, dir_fd=dfd)
+                except OSError as e:
+                    if e.errno != errno.ELOOP:
+                        raise
+                    os.unlink("stdio.log", dir_fd=dfd)
+                    return os.open("stdio.log", flags, 0o644, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot open {run_dir}/job/stdio.log") from None
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
                   now: float | None = None) -> Lease:
