@@ -1,0 +1,135 @@
+"""Local files for a store that keeps none (PostgreSQL): the script's working directory,
+and the pump that carries its output into the store's log.
+
+RQ's contract gives a script a ``job/`` directory to run in, with the message as ``../msg``
+and its attachments as ``../attach/<name>``. :func:`materialize` writes those from the store
+into a local directory (attachments streamed, never held in memory). :class:`LogPump`
+hands out pipe ends for scripts' stdout and stderr and appends what comes through to the
+store, from one thread for all running scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import SpoolqError
+from ..ids import validate_msg_id, validate_queue_name
+from .leases import Attempt
+
+if TYPE_CHECKING:
+    from .base import Store
+
+log = logging.getLogger("spoolq.daemon")
+
+CHUNK = 1 << 20
+
+
+def materialize(store: Store, attempt: Attempt, base: Path) -> Path:
+    """``base/<queue>/<id>/job``, beside ``msg`` and ``attach/`` written from the store; kept
+    across attempts on this host (the script's files stay, as on the filesystem store)."""
+    mdir = base / validate_queue_name(attempt.queue) / validate_msg_id(attempt.msg_id)
+    job = mdir / "job"
+    job.mkdir(parents=True, exist_ok=True)
+    tmp = mdir / ".msg.tmp"
+    tmp.write_bytes(attempt.message.encode())
+    os.replace(tmp, mdir / "msg")
+    attach = mdir / "attach"
+    attach.mkdir(exist_ok=True)
+    names = store.get(attempt.queue, attempt.msg_id).attachments
+    for name in names:
+        dest = attach / name
+        if dest.exists():
+            continue  # attachments cannot change once the message is committed
+        part = attach / f".{name}.part"
+        with store.open_attachment(attempt.queue, attempt.msg_id, name) as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+        os.replace(part, dest)
+    return job
+
+
+def forget(base: Path, queue: str, msg_id: str) -> None:
+    """Remove a finished message's local directory."""
+    shutil.rmtree(base / validate_queue_name(queue) / validate_msg_id(msg_id), ignore_errors=True)
+
+
+class LogPump:
+    """One thread copying scripts' output from pipes into the store, as it comes."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop = False
+        self._open = 0
+        self._thread = threading.Thread(target=self._run, name="spoolq-logpump", daemon=True)
+        self._thread.start()
+
+    def open(self, append: Callable[[bytes], object], label: str) -> int:
+        """A write end for a script's stdout/stderr (the caller passes it on and closes it);
+        everything written to it goes to ``append``, until every writer has closed it."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(r, False)
+        with self._lock:
+            self._sel.register(r, selectors.EVENT_READ, (append, label))
+            self._open += 1
+        os.write(self._wake_w, b"!")
+        return w
+
+    @property
+    def open_pipes(self) -> int:
+        return self._open
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._round(None)
+        self._round(0)  # what the pipes hold now
+
+    def _round(self, timeout: float | None) -> None:
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            self._drain(key.fd, *key.data)
+
+    def _drain(self, fd: int, append: Callable[[bytes], object], label: str) -> None:
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            try:
+                append(data)
+            except (OSError, SpoolqError) as e:  # the store is out of reach: this part is lost
+                log.warning("%s: %d bytes of output not stored: %s", label, len(data), e)
+            return
+        with self._lock:
+            self._sel.unregister(fd)
+            self._open -= 1
+        os.close(fd)
+
+    def close(self) -> None:
+        """Stop, after one last read of what the pipes hold (their writers are gone by then)."""
+        self._stop = True
+        os.write(self._wake_w, b"!")
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            for key in list(self._sel.get_map().values()):
+                if key.data is not None:
+                    os.close(key.fd)
+            self._sel.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)

@@ -1,0 +1,85 @@
+"""Local files for stores that keep none: the script's directory and the log pump."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from spoolq.model import Message, QueueConfig
+from spoolq.store import MemoryStore
+from spoolq.store.base import AttachmentSource
+from spoolq.store.leases import Attempt
+from spoolq.store.local import LogPump, forget, materialize
+
+
+def test_materialize_writes_msg_and_streams_attachments(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true"}))
+    big = os.urandom(3 << 20)
+    m = store.create("q", Message(param1="hello"), attachments=[
+        AttachmentSource(name="big.bin", stream=io.BytesIO(big)),
+        AttachmentSource(name="a.txt", stream=io.BytesIO(b"A"))])
+    a = store.claim("q", owner="me", lease=30)
+    assert isinstance(a, Attempt)
+    job = materialize(store, a, tmp_path / "work")
+    assert job == tmp_path / "work" / "q" / m.msg_id / "job" and job.is_dir()
+    assert Message.from_dict(json.loads((job.parent / "msg").read_bytes())).param1 == "hello"
+    assert hashlib.sha256((job.parent / "attach" / "big.bin").read_bytes()).digest() == hashlib.sha256(big).digest()
+    assert (job.parent / "attach" / "a.txt").read_bytes() == b"A"
+    (job / "left-by-the-script").write_text("x")
+    assert materialize(store, a, tmp_path / "work") == job and (job / "left-by-the-script").exists()
+    forget(tmp_path / "work", "q", m.msg_id)
+    assert not job.parent.exists()
+
+
+def test_the_log_pump_carries_output_into_the_store() -> None:
+    got: dict[str, list[bytes]] = {"a": [], "b": []}
+    pump = LogPump()
+    try:
+        procs = []
+        for name in got:
+            w = pump.open(got[name].append, name)
+            procs.append(subprocess.Popen(["/bin/sh", "-c", f"for i in 1 2 3; do echo {name}$i; done; "
+                                           f"head -c 3000000 /dev/zero"], stdout=w, stderr=w))
+            os.close(w)
+        for p in procs:
+            assert p.wait(10) == 0
+        end = time.monotonic() + 10
+        while pump.open_pipes and time.monotonic() < end:
+            time.sleep(0.01)
+        assert pump.open_pipes == 0, "every pipe read to its end and closed"
+    finally:
+        pump.close()
+    for name, chunks in got.items():
+        data = b"".join(chunks)
+        assert data.startswith(f"{name}1\n{name}2\n{name}3\n".encode()) and len(data) == 9 + 3_000_000
+
+
+def test_a_store_that_refuses_loses_only_that_part() -> None:
+    calls: list[bytes] = []
+
+    def flaky(data: bytes) -> None:
+        calls.append(data)
+        if len(calls) == 1:
+            from spoolq.errors import StorageError
+            raise StorageError("database down")
+
+    pump = LogPump()
+    try:
+        w = pump.open(flaky, "job")
+        os.write(w, b"first\n")
+        end = time.monotonic() + 5
+        while not calls and time.monotonic() < end:
+            time.sleep(0.01)
+        os.write(w, b"second\n")
+        os.close(w)
+        while pump.open_pipes and time.monotonic() < end:
+            time.sleep(0.01)
+    finally:
+        pump.close()
+    assert calls[0] == b"first\n" and b"".join(calls[1:]) == b"second\n"
