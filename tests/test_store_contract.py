@@ -1,4 +1,4 @@
-"""The Store contract: every store (memory, filesystem) must pass these same tests."""
+"""The Store contract: every store (memory, filesystem, PostgreSQL) must pass these same tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import hashlib
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,18 @@ from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore, MemoryStore, Store
 
 
-@pytest.fixture(params=["memory", "fs"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+@pytest.fixture(params=["memory", "fs", "pg"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "memory":
-        return MemoryStore()
-    return FsStore(tmp_path / "spool")
+        yield MemoryStore()
+    elif request.param == "fs":
+        yield FsStore(tmp_path / "spool")
+    else:
+        from spoolq.store.pg import PgStore
+
+        pg = PgStore(request.getfixturevalue("pg_url"))
+        yield pg
+        pg.close()
 
 
 def make_queue(store: Store, name: str = "q", **kw: Any) -> QueueConfig:
@@ -468,7 +476,7 @@ def test_the_client_answers_what_the_cli_and_http_used_to_ask_the_store(store: S
     assert set(c.get(p).attachments) == {"a.txt"}
     c.delete_attachment(p, "a.txt")
     assert c.get(p).attachments == {}
-    name = str(store.root) if isinstance(store, FsStore) else "memory:"
+    name = str(store.root) if isinstance(store, FsStore) else store.url
     assert c.served() == (False, name), "no daemon serves it"
     store.acquire_daemon()
     try:

@@ -11,8 +11,6 @@ import builtins
 import hashlib
 import io
 import itertools
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +23,6 @@ from ..errors import (
     AttachmentNotFound,
     Conflict,
     InvalidInput,
-    LeaseLost,
     LogNotFound,
     MessageNotFound,
     QueueDown,
@@ -49,8 +46,9 @@ from ..model import (
     check_transition,
     search_text,
 )
-from .base import AttachmentSource, SweepResult, attachment_name, check_attachment_names
-from .leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
+from .base import AttachmentSource, SweepResult, attachment_name, check_attachment_names, source_stream
+from .leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
+from .scratch import ScratchDirs
 
 
 @dataclass
@@ -104,7 +102,7 @@ class MemoryStore:
         self._q: dict[str, _Queue] = {}
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._scratch = ScratchDirs("spoolq-mem-")
 
     def _queue(self, name: str) -> _Queue:
         validate_queue_name(name)
@@ -235,19 +233,8 @@ class MemoryStore:
     @staticmethod
     def _read_attachment(a: AttachmentSource) -> tuple[AttachmentInfo, bytes]:
         name = attachment_name(a)
-        if a.path is not None:
-            if not os.path.isabs(a.path):
-                raise InvalidInput(f"Invalid pathname, must be normalized {a.path} (ie. must start with /")
-            if os.path.isdir(a.path):
-                raise InvalidInput(f"Attachment currently cannot be a directory {a.path}")
-            try:
-                data = Path(a.path).read_bytes()
-            except FileNotFoundError:
-                raise InvalidInput(f"No such file {a.path} to attach to message") from None
-        elif a.stream is not None:
-            data = a.stream.read()
-        else:
-            raise InvalidInput("an attachment needs a path or a stream")
+        with source_stream(a) as f:
+            data = f.read()
         info = AttachmentInfo(name=name, size=len(data), md5=hashlib.md5(data).hexdigest(),
                               sha256=hashlib.sha256(data).hexdigest())
         return info, data
@@ -372,11 +359,7 @@ class MemoryStore:
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         self._entry(queue, msg_id)
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="spoolq-mem-")
-        d = Path(self._tmp.name) / queue / msg_id
-        (d / "job").mkdir(parents=True, exist_ok=True)
-        return d
+        return self._scratch.message_dir(queue, msg_id)
 
     # -- changing ------------------------------------------------------------------------
     def move(
@@ -447,8 +430,7 @@ class MemoryStore:
     def _current(self, attempt: Attempt) -> _Entry:
         e = self._entry(attempt.queue, attempt.msg_id)
         if e.state != State.RUN or e.attempt is None or e.attempt.attempt_id != attempt.attempt_id:
-            raise LeaseLost(f"attempt {attempt.attempt_id} of {attempt.queue}/{attempt.msg_id} is no longer "
-                            "the message's (fenced out)")
+            raise fenced_out(attempt)
         return e
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,

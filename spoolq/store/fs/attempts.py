@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ... import durable
-from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError
+from ...errors import CorruptMessage, MessageNotFound, SpoolqError
 from ...model import AdminState, Message, State
-from ..leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
+from ..leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
 from .layout import iter_entries, message_path
 from .writing import WriteParts
 
@@ -96,8 +96,7 @@ class AttemptParts(WriteParts):
         except (MessageNotFound, OSError, ValueError, AttributeError):
             current = None
         if current != a.attempt_id:
-            raise LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's "
-                            "(fenced out)")
+            raise fenced_out(a)
         return path
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
