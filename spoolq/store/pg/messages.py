@@ -12,7 +12,6 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from psycopg import errors as pgerr
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
@@ -111,18 +110,23 @@ class MessageParts(QueueParts):
 
     def _insert(self, cur: Cursor, queue: str, msgs: Sequence[Message], state: State) -> list[Message]:
         """Insert new messages with fresh ids (time from the database's clock, suffix from
-        its sequence, so hosts sharing it never make the same id); a clash retries."""
+        its sequence, so hosts sharing it never make the same id). The primary key refuses
+        an id that exists (ON CONFLICT DO NOTHING inserts no row): that message gets another."""
+        made: list[Message | None] = [None] * len(msgs)
         for _ in range(ID_TRIES):
-            stamps = cur.execute(Q.new_ids, {"count": len(msgs)}).fetchall()
-            made = [self._stamped(queue, msg, state, s["now"], s["n"]) for msg, s in zip(msgs, stamps, strict=True)]
-            rows = [{"queue": queue, "state": str(state), "msg_id": m.msg_id, "history": Jsonb(m.history),
-                     **encoded(m)} for m in made]
-            try:
-                with cur.connection.transaction():  # a savepoint: a clash undoes this insert only
-                    cur.executemany(Q.message_insert, rows)
-                return made
-            except pgerr.UniqueViolation:
-                continue
+            todo = [i for i, m in enumerate(made) if m is None]
+            stamps = cur.execute(Q.new_ids, {"count": len(todo)}).fetchall()
+            tried = {i: self._stamped(queue, msgs[i], state, s["now"], s["n"])
+                     for i, s in zip(todo, stamps, strict=True)}
+            cur.executemany(Q.message_insert, [{"queue": queue, "state": str(state), "msg_id": m.msg_id,
+                                                "history": Jsonb(m.history), **encoded(m)} for m in tried.values()],
+                            returning=True)
+            for i in tried:
+                if cur.fetchone() is not None:
+                    made[i] = tried[i]
+                cur.nextset()
+            if all(m is not None for m in made):
+                return [m for m in made if m is not None]
         raise StorageError(f"no free message id in {ID_TRIES} tries: is spoolq.msg_seq behind the ids?")
 
     @staticmethod

@@ -72,6 +72,7 @@ SELECT spoolq.now() AS now, nextval('spoolq.msg_seq') AS n FROM generate_series(
 INSERT INTO spoolq.messages (queue, msg_id, state, due, param1, param2, param3, param4, msg, history)
 VALUES (%(queue)s, %(msg_id)s, %(state)s, %(due)s, %(param1)s, %(param2)s, %(param3)s, %(param4)s, %(msg)s,
         %(history)s)
+ON CONFLICT (queue, msg_id) DO NOTHING RETURNING msg_id
 
 -- name: message_get
 SELECT m.state, m.acked, m.status, m.msg, m.history,
