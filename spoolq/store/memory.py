@@ -353,6 +353,20 @@ class MemoryStore:
         except (FileNotFoundError, IsADirectoryError):
             raise LogNotFound(f"Message ID log '{name}' not found") from None
 
+    def append_log(self, queue: str, msg_id: str, data: bytes, name: str = "stdio.log") -> int:
+        """Append to one of the message's logs (its ``job/<name>``); returns the new end."""
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        with open(self.message_dir(queue, msg_id) / "job" / name, "ab") as f:
+            f.write(data)
+            return f.tell()
+
+    def read_log(self, queue: str, msg_id: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes of ``stdio.log`` from ``offset``; LogNotFound before its first write."""
+        with self.open_log(queue, msg_id) as f:
+            f.seek(offset)
+            return f.read(max(0, limit))
+
     def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> _NapWatch:
         self._entry(queue, msg_id)
         return _NapWatch()
