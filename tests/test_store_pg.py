@@ -329,3 +329,17 @@ def test_a_stream_attachment_keeps_its_bytes_and_hashes(stores: list[PgStore], t
         assert fh.read() == data
         fh.seek((1 << 20) - 3)
         assert fh.read(7) == data[(1 << 20) - 3:(1 << 20) + 4]
+
+
+def test_the_store_never_shows_its_password(pg_url: str) -> None:
+    """``url`` is shown (served, SPOOLQ_ROOT for scripts, errors): the password stays out."""
+    from spoolq.store.pg.connection import safe_url
+
+    with_password = pg_url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores it
+    s = PgStore(with_password)
+    try:
+        assert s.url == pg_url and s.queues() == []
+    finally:
+        s.close()
+    assert safe_url("postgresql://u@h/db?sslmode=require&password=s3cret") == "postgresql://u@h/db?sslmode=require"
+    assert safe_url("postgresql:///db?host=/run/pg") == "postgresql:///db?host=%2Frun%2Fpg"

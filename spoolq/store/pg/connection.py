@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg import errors as pgerr
@@ -30,16 +31,13 @@ Cursor = psycopg.Cursor[DictRow]
 
 
 def safe_url(url: str) -> str:
-    """``url`` without its password, fit to show (and to hand to scripts)."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return url.split("@")[-1]
-    if "password" not in info:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    return f"{scheme}://{creds.partition(':')[0]}{at}{host}" if at else url
+    """``url`` without its password (in the user part or the query), fit to show users and
+    scripts (``SPOOLQ_ROOT``): they get the password from ``~/.pgpass`` or ``PGPASSWORD``."""
+    parts = urlsplit(url)
+    creds, at, host = parts.netloc.rpartition("@")
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    shown = f"{parts.scheme}://{creds.partition(':')[0]}{at}{host}{parts.path}"
+    return f"{shown}?{query}" if query else shown
 
 
 @contextmanager
