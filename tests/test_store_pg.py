@@ -27,6 +27,7 @@ from spoolq.store import MemoryStore, open_store
 from spoolq.store.base import AttachmentSource
 from spoolq.store.leases import Attempt
 from spoolq.store.pg import PgStore
+from spoolq.store.pg.sql import migrations
 
 
 @pytest.fixture
@@ -233,10 +234,12 @@ def test_an_unmigrated_database_says_to_migrate_and_the_cli_migrates(pg_cluster:
 
     r = spoolq("send", "q")
     assert r.returncode == 6 and "db migrate" in r.stderr, r.stderr
-    assert json.loads(spoolq("--json", "db", "status").stdout) == {"version": 0, "latest": 1,
-                                                                    "pending": ["001_init"]}
+    every = [f"{m.version:03d}_{m.name}" for m in migrations()]
+    assert every[:2] == ["001_init", "002_count_deltas"]
+    assert json.loads(spoolq("--json", "db", "status").stdout) == {"version": 0, "latest": len(every),
+                                                                    "pending": every}
     r = spoolq("db", "migrate")
-    assert r.returncode == 0 and "applied 001_init" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"applied {', '.join(every)}" in r.stdout, r.stderr
     r = spoolq("db", "migrate")
     assert r.returncode == 0 and "up to date" in r.stdout, "a second migrate changes nothing"
     assert json.loads(spoolq("--json", "db", "status").stdout)["pending"] == []
@@ -255,7 +258,7 @@ def test_hosts_migrating_at_once_apply_each_migration_once(pg_cluster: Any) -> N
 
     url = pg_cluster.new_database(migrated=False)
     applied = in_threads([url] * 3, migrate)
-    assert sorted(map(len, applied)) == [0, 0, 1]
+    assert sorted(map(len, applied)) == [0, 0, len(migrations())]
     store = open_store(url)
     assert isinstance(store, PgStore) and store.queues() == []
     store.close()
@@ -288,6 +291,7 @@ from test_store_pg import BIG, Generated
 from spoolq.model import Message, QueueConfig, State
 from spoolq.store.base import AttachmentSource
 from spoolq.store.pg import PgStore
+from spoolq.store.pg.sql import migrations
 s = PgStore(sys.argv[1])
 s.create_queue(QueueConfig.from_dict({{"name": "q", "script": "/bin/true"}}))
 m = s.create("q", Message(), state=State.PREP).msg_id
@@ -343,3 +347,30 @@ def test_the_store_never_shows_its_password(pg_url: str) -> None:
         s.close()
     assert safe_url("postgresql://u@h/db?sslmode=require&password=s3cret") == "postgresql://u@h/db?sslmode=require"
     assert safe_url("postgresql:///db?host=/run/pg") == "postgresql:///db?host=%2Frun%2Fpg"
+
+
+def test_counts_are_kept_in_deltas_that_fold(stores: list[PgStore]) -> None:
+    """Counts come from delta rows written with each change; counting folds them, and a
+    deleted queue takes its deltas along (a new queue of that name starts at zero)."""
+    s = stores[0]
+
+    def deltas() -> int:
+        return int(s.db.all("SELECT count(*) AS n FROM spoolq.count_deltas WHERE queue = 'q'", {})[0]["n"])
+
+    make_queue(s)
+    ids = [m.msg_id for m in s.create_many("q", [Message() for _ in range(300)])]
+    for i in ids[:40]:
+        s.move("q", i, State.QUE, State.RUN)
+    for i in ids[:30]:
+        s.move("q", i, State.RUN, State.ERR)
+    s.ack_errs("q")
+    s.delete("q", ids[-1])
+    assert deltas() > 300
+    want = {"prep": 0, "que": 259, "run": 10, "done": 0, "relayed": 0, "err": 0, "err_acked": 30}
+    assert s.counts("q") == want
+    assert deltas() <= 3, "folded: one row per key"
+    assert stores[1].counts("q") == want == s.recount("q")
+    s.delete_queue("q", force=True)
+    assert deltas() == 0
+    make_queue(s)
+    assert set(s.counts("q").values()) == {0}

@@ -26,6 +26,7 @@ HOST_LOCK = 1397772113  # objid: spoolq.hosts.id, held by a serving daemon's ses
 MIGRATE_LOCK = 1397772114  # objid 0: migrations
 CLAIM_LOCK = 1397772115  # objid: hashtext(queue), claims of a queue with blocking/coalesce params
 LOG_LOCK = 1397772116  # objid: hashtext(queue/id/name), appends to one log
+COUNTS_LOCK = 1397772117  # objid: hashtext(queue), compacting or rebuilding its count deltas
 
 Cursor = psycopg.Cursor[DictRow]
 

@@ -18,8 +18,12 @@ from ...errors import Conflict, InvalidInput, QueueDown, QueueExists, QueueNotFo
 from ...ids import validate_queue_name
 from ...model import ADMIN_FLAGS, COUNT_KEYS, AdminState, QueueConfig
 from . import migrate
-from .connection import HOST_LOCK, Cursor, Db, connect, open_connection, safe_url, storage_errors
+from .connection import COUNTS_LOCK, HOST_LOCK, Cursor, Db, connect, open_connection, safe_url, storage_errors
 from .sql import Q
+
+COMPACT_AT = 256
+"""Count deltas of a queue that counts() sums before it folds them (one query either way;
+the fold keeps the next sum small)."""
 
 
 class QueueParts:
@@ -128,6 +132,7 @@ class QueueParts:
             if busy and not force:
                 raise Conflict(f"queue {name} still holds messages ({busy}); drain it first or use --force")
             cur.execute(Q.queue_delete, {"queue": name})
+            cur.execute(Q.counts_forget, {"queue": name})  # the deltas its messages' deletion added too
 
     def queues(self) -> list[str]:
         return [r["name"] for r in self.db.all(Q.queue_names, {})]
@@ -167,16 +172,31 @@ class QueueParts:
                 raise QueueNotFound(f"no such queue: {name}")
 
     def counts(self, queue: str) -> dict[str, int]:
+        """The queue's count deltas summed (sql/002_count_deltas.sql); folded into one row per
+        key once there are more than :data:`COMPACT_AT` of them."""
         validate_queue_name(queue)
         rows = self.db.all(Q.queue_counts, {"queue": queue})
         if not rows:
             raise QueueNotFound(f"no such queue: {queue}")
         c = dict.fromkeys(COUNT_KEYS, 0)
         for r in rows:
-            if r["state"] is not None:
-                c["err_acked" if r["acked"] else r["state"]] += r["n"]
+            if r["key"] is not None:
+                c[r["key"]] += int(r["n"])
+        if sum(r["rows"] for r in rows) > COMPACT_AT:
+            self._compact_counts(queue)
         return c
 
+    def _compact_counts(self, queue: str) -> None:
+        with self.db.tx() as cur:
+            row = cur.execute(Q.counts_lock, {"lock": COUNTS_LOCK, "queue": queue}).fetchone()
+            if row and row["locked"]:  # else another host is compacting them right now
+                cur.execute(Q.counts_compact, {"queue": queue})
+
     def recount(self, queue: str) -> dict[str, int]:
-        """The counts are counted from the messages every time: nothing to repair."""
+        """Rebuild the queue's count deltas from its messages (they cannot drift, being
+        written in the transaction of each change: this is a check, or a repair by hand)."""
+        self._require_queue(queue)
+        with self.db.tx() as cur:
+            cur.execute(Q.counts_wait_lock, {"lock": COUNTS_LOCK, "queue": queue})
+            cur.execute(Q.counts_from_messages, {"queue": queue})
         return self.counts(queue)

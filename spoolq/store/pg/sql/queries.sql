@@ -58,11 +58,35 @@ WHERE name = %(queue)s
 UPDATE spoolq.queues SET script_error = %(why)s WHERE name = %(queue)s
 
 -- name: queue_counts
-SELECT c.state, c.acked, c.n FROM spoolq.queues q
-LEFT JOIN LATERAL (
-    SELECT state, acked, count(*) AS n FROM spoolq.messages WHERE queue = q.name GROUP BY state, acked
-) c ON true
-WHERE q.name = %(queue)s
+-- The queue's deltas summed per key (NULL key: the queue exists, no deltas); rows: how many
+-- deltas were summed, so the caller knows when to compact.
+SELECT d.key, sum(d.n) AS n, count(d.id) AS rows FROM spoolq.queues q
+LEFT JOIN spoolq.count_deltas d ON d.queue = q.name
+WHERE q.name = %(queue)s GROUP BY d.key
+
+-- name: counts_lock
+SELECT pg_try_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s)) AS locked
+
+-- name: counts_compact
+-- Fold the queue's deltas into one row per key (under counts_lock, so compactions do not
+-- meet; deltas committed meanwhile are not seen by the DELETE and stay as they are).
+WITH gone AS (DELETE FROM spoolq.count_deltas WHERE queue = %(queue)s RETURNING key, n)
+INSERT INTO spoolq.count_deltas (queue, key, n)
+SELECT %(queue)s, key, sum(n) FROM gone GROUP BY key HAVING sum(n) <> 0
+
+-- name: counts_forget
+DELETE FROM spoolq.count_deltas WHERE queue = %(queue)s
+
+-- name: counts_wait_lock
+SELECT pg_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s))
+
+-- name: counts_from_messages
+-- recount (under counts_wait_lock): the deltas rebuilt from the messages. One statement, one
+-- snapshot: a change committed before it is in both the DELETE and the count, one committed
+-- after it in neither (its delta stays and applies).
+WITH gone AS (DELETE FROM spoolq.count_deltas WHERE queue = %(queue)s)
+INSERT INTO spoolq.count_deltas (queue, key, n)
+SELECT queue, spoolq.count_key(state, acked), count(*) FROM spoolq.messages WHERE queue = %(queue)s GROUP BY 1, 2
 
 -- ---- messages -------------------------------------------------------------------------------
 -- name: new_ids
