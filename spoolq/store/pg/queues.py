@@ -77,7 +77,7 @@ class QueueParts:
         if conn is None:
             return
         try:
-            conn.execute(Q.host_unregister, {"id": self._host_id})
+            conn.execute(Q.host_unregister, {"lock": HOST_LOCK, "id": self._host_id})
         except psycopg.Error:
             pass  # the session ends below: the host stops counting as live anyway
         conn.close()

@@ -17,7 +17,10 @@ INSERT INTO spoolq.hosts (name) VALUES (%(name)s) RETURNING id
 SELECT pg_try_advisory_lock(%(lock)s::int, %(id)s::int) AS locked
 
 -- name: host_unregister
-DELETE FROM spoolq.hosts WHERE id = %(id)s
+-- The lock let go here, not by closing the session: a backend ends a little after its
+-- client hangs up, and until then the host would still count as live.
+WITH gone AS (DELETE FROM spoolq.hosts WHERE id = %(id)s)
+SELECT pg_advisory_unlock(%(lock)s::int, %(id)s::int)
 
 -- name: hosts_forget_dead
 DELETE FROM spoolq.hosts h WHERE NOT EXISTS (
