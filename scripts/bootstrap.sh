@@ -4,7 +4,8 @@
 #
 #   scripts/bootstrap.sh run     the daemon's needs (Python packages)
 #   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby (script tests),
-#                                xfsprogs and e2fsprogs (power-cut tests on loop-mounted images)
+#                                xfsprogs and e2fsprogs (power-cut tests on loop-mounted images),
+#                                postgresql (the PostgreSQL store's tests) when initdb is missing
 #   scripts/bootstrap.sh bench   + redis-server and the peers benchmarked against
 set -euo pipefail
 mode=${1:-run}
@@ -57,6 +58,11 @@ if [ ! -f "$stamp" ]; then
 fi
 
 case "$mode" in
-  test) apt_install chromium ruby xfsprogs e2fsprogs ;;  # xfsprogs, e2fsprogs: tests/test_powercut.py
+  test)
+    apt_install chromium ruby xfsprogs e2fsprogs  # xfsprogs, e2fsprogs: tests/test_powercut.py
+    # tests/pg_cluster.py starts its own PostgreSQL cluster from these binaries
+    if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+      apt_install postgresql
+    fi ;;
   bench) apt_install redis-server ;;
 esac

@@ -22,6 +22,7 @@ COMMANDS = [
     *[["queue", a] for a in ("create", "list", "show", "set", "pause", "resume", "down", "up", "delete")],
     *[[c] for c in ("send", "attach", "commit", "status", "show", "ls", "stats", "retry", "clone", "run-now",
                     "delete", "cancel", "ack-errs", "sweep", "wait", "log", "serve", "login-url")],
+    *[["db", a] for a in ("migrate", "status")],
 ]
 
 

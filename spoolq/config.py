@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import durable
 
@@ -68,6 +69,11 @@ def read_root_config(root: str | os.PathLike[str]) -> RootConfig:
         data = json.loads((Path(root) / "config.json").read_bytes())
     except (OSError, ValueError):
         return RootConfig()
+    return root_config_of(data)
+
+
+def root_config_of(data: Any) -> RootConfig:
+    """The host and port recorded in ``data`` (a root's config); defaults for anything else."""
     if not isinstance(data, dict):
         return RootConfig()
     cfg = RootConfig()

@@ -119,6 +119,13 @@ class CorruptMessage(StorageError):
     code = "corrupt_message"
 
 
+class SchemaMismatch(StorageError):
+    """The database's schema is not the one this spoolq uses: ``spoolq db migrate`` brings an
+    older one up to date; a newer one needs a newer spoolq."""
+
+    code = "schema_mismatch"
+
+
 class DaemonRunning(SpoolqError):
     """Another daemon already holds this spool root."""
 

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +54,28 @@ class Cli:
 @pytest.fixture
 def cli(root: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     return Cli(root)
+
+
+# -- PostgreSQL (tests/pg_cluster.py) ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_cluster() -> Any:
+    """A throwaway PostgreSQL cluster for this test process (each xdist worker has its own)."""
+    from pg_cluster import PgCluster, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        pytest.skip(why)
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> Iterator[str]:
+    """The URL of an empty, migrated database of its own (emptied again afterwards)."""
+    url = str(pg_cluster.new_database())
+    yield url
+    pg_cluster.recycle(url)

@@ -1,4 +1,4 @@
-"""The Store contract: every store (memory, filesystem) must pass these same tests."""
+"""The Store contract: every store (memory, filesystem, PostgreSQL) must pass these same tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import hashlib
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,18 @@ from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore, MemoryStore, Store
 
 
-@pytest.fixture(params=["memory", "fs"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+@pytest.fixture(params=["memory", "fs", "pg"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "memory":
-        return MemoryStore()
-    return FsStore(tmp_path / "spool")
+        yield MemoryStore()
+    elif request.param == "fs":
+        yield FsStore(tmp_path / "spool")
+    else:
+        from spoolq.store.pg import PgStore
+
+        pg = PgStore(request.getfixturevalue("pg_url"))
+        yield pg
+        pg.close()
 
 
 def make_queue(store: Store, name: str = "q", **kw: Any) -> QueueConfig:
@@ -468,7 +476,7 @@ def test_the_client_answers_what_the_cli_and_http_used_to_ask_the_store(store: S
     assert set(c.get(p).attachments) == {"a.txt"}
     c.delete_attachment(p, "a.txt")
     assert c.get(p).attachments == {}
-    name = str(store.root) if isinstance(store, FsStore) else "memory:"
+    name = str(store.root) if isinstance(store, FsStore) else store.url
     assert c.served() == (False, name), "no daemon serves it"
     store.acquire_daemon()
     try:
@@ -604,6 +612,25 @@ def test_blocking_and_coalescing_params(store: Store) -> None:
     store.finish(e, State.ERR, status="failed")
     f = store.claim("q", owner="o", lease=30, now=t0)
     assert isinstance(f, Attempt) and f.msg_id == d2
+
+
+def test_duplicates_record_their_parent_and_status_can_be_left_alone(store: Store) -> None:
+    """finish(dup_of=): each duplicate taken along names its parent's full id; status=None
+    leaves the status the script last set."""
+    from spoolq.store.leases import Attempt
+
+    make_queue(store, coalesce_params=[1])
+    parent = store.create("q", msg(param1="k")).msg_id
+    dup = store.create("q", msg(param1="k")).msg_id
+    a = store.claim("q", owner="o", lease=30, now=time.time() + 5)
+    assert isinstance(a, Attempt) and a.dups == (dup,)
+    store.set_status("q", parent, "last words")
+    store.finish(a, State.DONE, status=None, dup_of=f"http://h:1/q/q/{parent}")
+    assert store.get("q", parent).job_status == "last words"
+    v = store.get("q", dup)
+    assert v.state == State.DONE and v.message.dup == f"http://h:1/q/q/{parent}"
+    assert v.job_status == f"duplicate http://h:1/q/q/{parent}"
+    assert v.message.history[-1].get("note") == f"duplicate of http://h:1/q/q/{parent}"
 
 
 def test_finish_is_fenced_and_reclaim_takes_over(store: Store) -> None:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -43,6 +44,10 @@ def register(sub: Any) -> None:
                    help="RQ's model: everything open on loopback without a token, queue creation and "
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
+    p.add_argument("--home", default=os.environ.get("SPOOLQ_HOME"), metavar="DIR",
+                   help="this daemon's own directory: its token, sign-in codes, relative scripts and, "
+                        "for a store that is not a directory (PostgreSQL), the scripts' working "
+                        "directories (env SPOOLQ_HOME; default: the spool root; required for PostgreSQL)")
     p.add_argument("--sweep", type=float, default=300.0, metavar="S",
                    help="seconds between sweeps of staging debris and empty buckets (default 300)")
     # Obsolete: the daemon no longer rescans queues periodically. Accepted (and ignored, with
@@ -79,6 +84,7 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     from ..daemon.supervisor import Daemon
     from ..store import open_store
+    from ..store.base import LocalWork
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s spoolq[%(process)d] %(levelname)s %(message)s")
@@ -92,22 +98,21 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     except ValueError:
         raise InvalidInput(f"--anonymous (or SPOOLQ_ANONYMOUS) is {args.anonymous!r}; it must be one of "
                            + ", ".join(a.value for a in AccessLevel)) from None
-    if "://" in ctx.root and not ctx.root.startswith("file://"):
-        raise InvalidInput("spoolq serve needs a spool directory (file store)")
-    root = ctx.root.removeprefix("file://")
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        raise Unavailable(f"cannot create the spool root {root}: {e.strerror or e}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise Unavailable(f"the spool root {root} is not writable by this user (uid {os.geteuid()}); "
-                          "give it to this user, or choose another with --root / SPOOLQ_ROOT")
+    directory = "://" not in ctx.root or ctx.root.startswith("file://")
+    home = args.home or (ctx.root.removeprefix("file://") if directory else None)
+    if home is None:
+        raise InvalidInput("serving a store that is not a directory needs --home DIR (or SPOOLQ_HOME): "
+                           "where this daemon keeps its token, sign-in codes and its scripts' working "
+                           "directories")
+    _own_directory(home, "the spool root" if directory and not args.home else "--home")
     if args.rescan is not None:
         logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
                                             "rescans queues (see docs/operations.md)")
-    d = Daemon(open_store(root), home=root, host=args.host, port=args.port, grace=args.grace,
-               sweep_interval=args.sweep)
-    token = None if args.no_http else credentials.load_or_create(root, args.token_file)
+    store = open_store(ctx.root)
+    if isinstance(store, LocalWork):
+        store.local_dir = Path(home) / "work"
+    d = Daemon(store, home=home, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep)
+    token = None if args.no_http else credentials.load_or_create(home, args.token_file)
     d.setup()
     http: Any = None
     try:
@@ -129,6 +134,17 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     return exitcodes.OK
 
 
+def _own_directory(path: str, what: str) -> None:
+    """Create ``path`` if needed; Unavailable unless this user can write it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise Unavailable(f"cannot create {what} {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise Unavailable(f"{what} {path} is not writable by this user (uid {os.geteuid()}); "
+                          "give it to this user, or choose another")
+
+
 SERVE_LINK_TTL = 24 * 3600.0
 """The sign-in link ``serve`` prints at start stays valid this long, and for one use."""
 
@@ -137,7 +153,8 @@ def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
     from ..client import open as open_client
     from ..http.server import start_http
 
-    client = open_client(str(d.home))
+    directory = "://" not in ctx.root or ctx.root.startswith("file://")
+    client = open_client(str(d.home) if directory else ctx.root)
     extra = d.runner.stats.render if d.runner is not None else None
     http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
                       login_root=str(d.home))

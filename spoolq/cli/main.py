@@ -18,10 +18,10 @@ from ..client import Client
 from ..client import open as open_client
 from ..config import default_root
 from ..errors import SpoolqError
-from . import daemon_cmds, exitcodes, message_cmds, output, queue_cmds
+from . import daemon_cmds, db_cmds, exitcodes, message_cmds, output, queue_cmds
 
 # Command-group modules, in help order.
-COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds)
+COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds, db_cmds)
 
 
 class Ctx:
@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spoolq",
         description="A per-machine message queue manager whose database is the filesystem.",
     )
-    p.add_argument("--root", default=os.environ.get("SPOOLQ_ROOT"),
-                   help="spool root directory or store URL (default: $SPOOLQ_ROOT, else /var/spool/spoolq "
-                        "when writable, else ~/.local/state/spoolq)")
+    p.add_argument("--root", "--store", dest="root", default=os.environ.get("SPOOLQ_ROOT"),
+                   help="spool root directory or store URL (postgresql://user@host/db for PostgreSQL; "
+                        "default: $SPOOLQ_ROOT, else /var/spool/spoolq when writable, else ~/.local/state/spoolq)")
     p.add_argument("--json", action="store_true", help="print stable machine-readable JSON")
     p.add_argument("--version", action="version", version=f"spoolq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -57,7 +57,7 @@ class LogFollower:
         if self.fh is None:
             try:
                 self.fh = open_log(self.ctx.client, self.queue, self.msg_id)
-                size = os.fstat(self.fh.fileno()).st_size
+                size = self.fh.seek(0, os.SEEK_END)  # any store's log: seekable, not always a file
                 self.offset = min(self.offset, size)
                 self.fh.seek(self.offset)
             except LogNotFound:

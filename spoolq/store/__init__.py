@@ -11,13 +11,16 @@ __all__ = ["AttachmentSource", "FsStore", "MemoryStore", "Store", "SweepResult",
 
 
 def open_store(url: str) -> Store:
-    """``/path`` or ``file:///path`` -> filesystem store; ``memory:`` -> memory store."""
+    """``/path`` or ``file:///path`` -> filesystem store; ``memory:`` -> memory store;
+    ``postgresql://...`` (or ``postgres://``) -> PostgreSQL store (migrated: ``spoolq db migrate``)."""
     if url == "memory:":
         return MemoryStore()
     if url.startswith("file://"):
         return FsStore(url[len("file://"):])
     if url.startswith(("postgresql://", "postgres://")):
-        raise InvalidInput("the PostgreSQL store is not built yet; use a directory")
+        from .pg import PgStore  # psycopg is imported only for a database
+
+        return PgStore(url)
     if "://" in url:
-        raise InvalidInput(f"unknown store URL {url!r}: use a directory path, file:///path or memory:")
+        raise InvalidInput(f"unknown store URL {url!r}: use a directory path, file:///path, memory: or postgresql://...")
     return FsStore(url)

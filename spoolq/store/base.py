@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +76,41 @@ def attachment_name(src: AttachmentSource) -> str:
     if not name:
         raise InvalidName("an attachment needs a name")
     return validate_attachment_name(name)
+
+
+@contextmanager
+def source_stream(src: AttachmentSource) -> Iterator[BinaryIO]:
+    """The bytes of an attachment to add, for stores that copy them: its file (an absolute
+    path to a readable regular file, as the filesystem store requires) or its stream."""
+    if src.path is None:
+        if src.stream is None:
+            raise InvalidInput("an attachment needs a path or a stream")
+        yield src.stream
+        return
+    checked_path(src.path)
+    try:
+        f = open(src.path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError:
+        raise InvalidInput(f"Attachment currently cannot be read: {src.path}") from None
+    with f:
+        yield f
+
+
+def checked_path(path: str) -> os.stat_result:
+    """The stat of a file to attach: an absolute path to a readable regular file (InvalidInput)."""
+    if not os.path.isabs(path):
+        raise InvalidInput(f"Invalid pathname, must be normalized {path} (ie. must start with /")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidInput(f"No such file {path} to attach to message") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"Attachment currently cannot be a directory {path}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"Attachment currently not of supported type: {path}")
+    if not os.access(path, os.R_OK):
+        raise InvalidInput(f"Attachment currently cannot be read: {path}")
+    return st
 
 
 def check_attachment_names(attachments: Sequence[AttachmentSource]) -> None:
@@ -155,6 +191,14 @@ class LostFoundRepair(Protocol):
     """A store that can put back what a filesystem check moved to ``lost+found`` (FsStore)."""
 
     def recover_lost_found(self, lost_found: str | os.PathLike[str] | None = None) -> SweepResult: ...
+
+
+@runtime_checkable
+class LocalWork(Protocol):
+    """A store whose scripts' working directories are made on this host (PostgreSQL): the
+    daemon says where (``<home>/work``)."""
+
+    local_dir: Path | None
 
 
 class Store(Protocol):

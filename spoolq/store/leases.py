@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..errors import LeaseLost
 from ..ids import sort_key
 from ..model import Message, QueueConfig, State
 
@@ -64,6 +65,11 @@ def params_of(m: Message) -> Params:
 
 def key_of(params: Params, numbers: Sequence[int]) -> tuple[str, ...] | None:
     return tuple(params[i - 1] for i in numbers) if numbers else None
+
+
+def fenced_out(a: Attempt) -> LeaseLost:
+    """The error of an attempt that no longer holds its message."""
+    return LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's (fenced out)")
 
 
 def new_attempt_id(msg_id: str, count: int) -> str:

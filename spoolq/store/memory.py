@@ -12,7 +12,6 @@ import hashlib
 import io
 import itertools
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +24,6 @@ from ..errors import (
     AttachmentNotFound,
     Conflict,
     InvalidInput,
-    LeaseLost,
     LogNotFound,
     MessageNotFound,
     QueueDown,
@@ -49,8 +47,10 @@ from ..model import (
     check_transition,
     search_text,
 )
-from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names
-from .leases import SUCCESS, Attempt, Candidate, Lease, new_attempt_id, params_of, pick
+from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names, source_stream
+from .changes import ChangeQueue
+from .leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
+from .scratch import ScratchDirs
 
 
 @dataclass
@@ -98,32 +98,18 @@ class _MemWatcher:
 
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._changes: builtins.list[Change] = []
-        self._lock = threading.Lock()
+        self._queue = ChangeQueue()
         self.busy = False
         self.wake_at: float | None = None
 
     def fileno(self) -> int:
-        return self._r
+        return self._queue.fileno()
 
     def post(self, change: Change) -> None:
-        with self._lock:
-            self._changes.append(change)
-        try:
-            os.write(self._w, b"!")
-        except BlockingIOError:
-            pass  # a wake-up is pending already
+        self._queue.post([change])
 
     def changes(self, budget: float = 0.004) -> builtins.list[Change]:
-        try:
-            while os.read(self._r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self._lock:
-            out, self._changes = self._changes, []
-        return out
+        return self._queue.take()
 
     def want(self, queue: str, on: bool) -> None:
         return None  # nothing to index: claim looks at every queued message
@@ -132,10 +118,10 @@ class _MemWatcher:
         self.post(Change("queues"))
 
     def close(self) -> None:
-        if self in self._store._watchers:
-            self._store._watchers.remove(self)
-            os.close(self._r)
-            os.close(self._w)
+        with self._store._lock:
+            if self in self._store._watchers:
+                self._store._watchers.remove(self)
+        self._queue.close()
 
 
 class MemoryStore:
@@ -149,17 +135,19 @@ class MemoryStore:
         self._q: dict[str, _Queue] = {}
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._scratch = ScratchDirs("spoolq-mem-")
         self._watchers: builtins.list[_MemWatcher] = []
 
     def watch(self) -> _MemWatcher:
         w = _MemWatcher(self)
-        self._watchers.append(w)
+        with self._lock:
+            self._watchers.append(w)
         return w
 
     def _notify(self, kind: str, queue: str | None = None, msg_id: str | None = None) -> None:
-        for w in self._watchers:
-            w.post(Change(kind, queue, msg_id))
+        with self._lock:
+            for w in self._watchers:
+                w.post(Change(kind, queue, msg_id))
 
     def _queue(self, name: str) -> _Queue:
         validate_queue_name(name)
@@ -297,19 +285,8 @@ class MemoryStore:
     @staticmethod
     def _read_attachment(a: AttachmentSource) -> tuple[AttachmentInfo, bytes]:
         name = attachment_name(a)
-        if a.path is not None:
-            if not os.path.isabs(a.path):
-                raise InvalidInput(f"Invalid pathname, must be normalized {a.path} (ie. must start with /")
-            if os.path.isdir(a.path):
-                raise InvalidInput(f"Attachment currently cannot be a directory {a.path}")
-            try:
-                data = Path(a.path).read_bytes()
-            except FileNotFoundError:
-                raise InvalidInput(f"No such file {a.path} to attach to message") from None
-        elif a.stream is not None:
-            data = a.stream.read()
-        else:
-            raise InvalidInput("an attachment needs a path or a stream")
+        with source_stream(a) as f:
+            data = f.read()
         info = AttachmentInfo(name=name, size=len(data), md5=hashlib.md5(data).hexdigest(),
                               sha256=hashlib.sha256(data).hexdigest())
         return info, data
@@ -428,17 +405,27 @@ class MemoryStore:
         except (FileNotFoundError, IsADirectoryError):
             raise LogNotFound(f"Message ID log '{name}' not found") from None
 
+    def append_log(self, queue: str, msg_id: str, data: bytes, name: str = "stdio.log") -> int:
+        """Append to one of the message's logs (its ``job/<name>``); returns the new end."""
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        with open(self.message_dir(queue, msg_id) / "job" / name, "ab") as f:
+            f.write(data)
+            return f.tell()
+
+    def read_log(self, queue: str, msg_id: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes of ``stdio.log`` from ``offset``; LogNotFound before its first write."""
+        with self.open_log(queue, msg_id) as f:
+            f.seek(offset)
+            return f.read(max(0, limit))
+
     def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> _NapWatch:
         self._entry(queue, msg_id)
         return _NapWatch()
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         self._entry(queue, msg_id)
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="spoolq-mem-")
-        d = Path(self._tmp.name) / queue / msg_id
-        (d / "job").mkdir(parents=True, exist_ok=True)
-        return d
+        return self._scratch.message_dir(queue, msg_id)
 
     # -- changing ------------------------------------------------------------------------
     def move(
@@ -513,8 +500,7 @@ class MemoryStore:
     def _current(self, attempt: Attempt) -> _Entry:
         e = self._entry(attempt.queue, attempt.msg_id)
         if e.state != State.RUN or e.attempt is None or e.attempt.attempt_id != attempt.attempt_id:
-            raise LeaseLost(f"attempt {attempt.attempt_id} of {attempt.queue}/{attempt.msg_id} is no longer "
-                            "the message's (fenced out)")
+            raise fenced_out(attempt)
         return e
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,

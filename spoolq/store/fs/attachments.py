@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ... import durable
 from ...errors import InvalidInput
 from ...model import COMPACT_JSON, AttachmentInfo
-from ..base import AttachmentSource, attachment_name
+from ..base import AttachmentSource, attachment_name, checked_path
 
 CHUNK = 1024 * 1024
 
@@ -35,18 +34,7 @@ def add_attachment(attach_dir: Path, src: AttachmentSource, sync: bool) -> Attac
     try:
         if src.path is not None:
             path = src.path
-            if not os.path.isabs(path):
-                raise InvalidInput(f"Invalid pathname, must be normalized {path} (ie. must start with /")
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                raise InvalidInput(f"No such file {path} to attach to message") from None
-            if stat.S_ISDIR(st.st_mode):
-                raise InvalidInput(f"Attachment currently cannot be a directory {path}")
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidInput(f"Attachment currently not of supported type: {path}")
-            if not os.access(path, os.R_OK):
-                raise InvalidInput(f"Attachment currently cannot be read: {path}")
+            st = checked_path(path)
             if src.link and st.st_dev == os.stat(attach_dir).st_dev:
                 try:
                     durable.link(path, tmp)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ... import durable
-from ...errors import CorruptMessage, LeaseLost, MessageNotFound, SpoolqError, StorageError, WrongState
+from ...errors import CorruptMessage, MessageNotFound, SpoolqError, StorageError, WrongState
 from ...model import AdminState, Message, QueueConfig, State
-from ..leases import SUCCESS, Attempt, Candidate, Lease, key_of, new_attempt_id, params_of, pick
+from ..leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, key_of, new_attempt_id, params_of, pick
 from .beneath import open_dir_beneath
 from .index import QueueIndex
 from .layout import iter_entries, message_path
@@ -214,8 +214,7 @@ class AttemptParts(WriteParts):
                 current = None
             if current == a.attempt_id:
                 return path
-        raise LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's "
-                        "(fenced out)")
+        raise fenced_out(a)
 
     def workdir(self, attempt: Attempt) -> Path:
         """``<message>/job``: the script's cwd (RQ_MSG_DIR), beside ``msg`` and ``attach/``,

@@ -1,0 +1,115 @@
+"""Connections of the PostgreSQL store: a pool, one transaction per store operation, and
+database errors turned into spoolq's (every failure underneath is a StorageError).
+
+A method that opens a transaction may call other methods of the store: they join it (the
+transaction is kept per thread), so an operation made of smaller ones commits or rolls back
+as one (``finish`` moves the message and its duplicates together).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import psycopg
+from psycopg import errors as pgerr
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool
+
+from ...errors import DiskFull, StorageError
+
+# Advisory lock keys (classid of the two-int form): one space per use, the objid says what.
+HOST_LOCK = 1397772113  # objid: spoolq.hosts.id, held by a serving daemon's session
+MIGRATE_LOCK = 1397772114  # objid 0: migrations
+CLAIM_LOCK = 1397772115  # objid: hashtext(queue), claims of a queue with blocking/coalesce params
+LOG_LOCK = 1397772116  # objid: hashtext(queue/id/name), appends to one log
+COUNTS_LOCK = 1397772117  # objid: hashtext(queue), compacting or rebuilding its count deltas
+
+Cursor = psycopg.Cursor[DictRow]
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password (in the user part or the query), fit to show users and
+    scripts (``SPOOLQ_ROOT``): they get the password from ``~/.pgpass`` or ``PGPASSWORD``."""
+    parts = urlsplit(url)
+    creds, at, host = parts.netloc.rpartition("@")
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    shown = f"{parts.scheme}://{creds.partition(':')[0]}{at}{host}{parts.path}"
+    return f"{shown}?{query}" if query else shown
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """psycopg's errors as spoolq's: a full disk is DiskFull, anything else a StorageError."""
+    try:
+        yield
+    except pgerr.DiskFull as e:
+        raise DiskFull(f"the database {safe_url(url)} is out of space: {e}") from None
+    except psycopg.OperationalError as e:
+        raise StorageError(f"cannot use the database {safe_url(url)}: {e}") from None
+    except psycopg.Error as e:
+        raise StorageError(f"database error on {safe_url(url)}: {type(e).__name__}: {e}") from None
+
+
+def open_connection(url: str) -> psycopg.Connection:
+    """One connection outside the pool (LISTEN, the daemon's host lock), in autocommit."""
+    with storage_errors(url):
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+@contextmanager
+def connect(url: str) -> Iterator[psycopg.Connection]:
+    """:func:`open_connection` for one block (migrations, the schema check)."""
+    conn = open_connection(url)
+    with storage_errors(url), conn:
+        yield conn
+
+
+class Db:
+    """A connection pool and the current transaction of each thread."""
+
+    def __init__(self, url: str, *, max_size: int = 8) -> None:
+        self.url = url
+        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True, name="spoolq",
+                                   kwargs={"autocommit": True, "connect_timeout": 10})
+        self._local = threading.local()
+
+    @contextmanager
+    def tx(self) -> Iterator[Cursor]:
+        """A cursor in a transaction: this thread's current one if any, else a new one that
+        commits when the block ends and rolls back when it raises."""
+        cur: Cursor | None = getattr(self._local, "cur", None)
+        if cur is not None:
+            yield cur
+            return
+        with storage_errors(self.url), self.pool.connection() as conn, conn.transaction(), \
+                conn.cursor(row_factory=dict_row) as cur:
+            self._local.cur = cur
+            try:
+                yield cur
+            finally:
+                self._local.cur = None
+
+    @contextmanager
+    def cursor(self) -> Iterator[Cursor]:
+        """A cursor for reads: in this thread's transaction if any, else autocommit."""
+        cur: Cursor | None = getattr(self._local, "cur", None)
+        if cur is not None:
+            yield cur
+            return
+        with storage_errors(self.url), self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+
+    def one(self, query: str, params: dict[str, Any]) -> DictRow | None:
+        with self.cursor() as cur:
+            return cur.execute(query, params).fetchone()
+
+    def all(self, query: str, params: dict[str, Any]) -> list[DictRow]:
+        with self.cursor() as cur:
+            return cur.execute(query, params).fetchall()
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,154 @@
+"""The PostgreSQL store: many hosts share queues through one database (issue 8).
+
+``PgStore(url)`` keeps the Store protocol on PostgreSQL through psycopg 3 and its pool:
+queues, messages, attachments and logs are rows (sql/001_init.sql); claims use
+``FOR UPDATE SKIP LOCKED``; leases and their fence are columns; changes are NOTIFYed.
+The tables, the invariants and the lease/fence argument are in docs/internals.md ("The
+PostgreSQL store"). Built as a chain, one module per concern: ``queues.py`` <-
+``messages.py`` <- ``attempts.py`` <- this module (attachments and logs read back, watches,
+local directories).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+from ...errors import AttachmentNotFound, LogNotFound
+from ...ids import log_name_ok, validate_attachment_name
+from ..base import SweepResult
+from ..leases import Attempt, fenced_out
+from ..local import LogPump, materialize
+from ..scratch import ScratchDirs
+from .attempts import AttemptParts
+from .blobs import CHUNK, Rows, chunk_file, overlap
+from .connection import LOG_LOCK
+from .sql import Q
+from .watch import PgWatch, PgWatcher
+
+
+class PgStore(AttemptParts):
+    """A spoolq store in a PostgreSQL database (migrated by ``spoolq db migrate``)."""
+
+    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        super().__init__(url, pool_size=pool_size)
+        self._scratch = ScratchDirs("spoolq-pg-")
+        self.local_dir: Path | None = None  # where scripts run on this host (serve: <home>/work)
+        self._pump: LogPump | None = None
+
+    def close(self) -> None:
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
+        super().close()
+        self._scratch.cleanup()
+
+    # -- attachments ----------------------------------------------------------------------------
+    def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
+        """The attachment, read a chunk at a time as the caller reads."""
+        validate_attachment_name(name)
+        key = {"queue": queue, "msg_id": msg_id, "name": name}
+        self.state_of(queue, msg_id)
+        row = self.db.one(Q.attachment_size, key)
+        if row is None:
+            raise AttachmentNotFound(f"Message ID attachment '{name}' not found")
+        size: int = row["size"]
+
+        def fetch(start: int, stop: int) -> Rows:
+            return [(r["off"], r["data"]) for r in self.db.all(Q.attachment_read, {**key, "start": start,
+                                                                                     "stop": stop})]
+
+        return chunk_file(fetch, lambda: size)
+
+    # -- logs -----------------------------------------------------------------------------------
+    def _log_key(self, queue: str, msg_id: str, name: str) -> dict[str, str]:
+        """The log's key; LogNotFound for a name no log can have, the missing message's error."""
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        self.state_of(queue, msg_id)
+        return {"queue": queue, "msg_id": msg_id, "name": name}
+
+    def _log_end(self, key: dict[str, str]) -> int | None:
+        row = self.db.one(Q.log_end, key)
+        return None if row is None else int(row["size"])
+
+    def _log_rows(self, key: dict[str, str], start: int, stop: int) -> Rows:
+        return [(r["off"], r["data"]) for r in self.db.all(Q.log_read, {**key, "start": start, "stop": stop})]
+
+    def open_log(self, queue: str, msg_id: str, name: str = "stdio.log") -> BinaryIO:
+        """The log as a seekable file; reading at its end again returns what was appended
+        since (``log -f``). LogNotFound before its first write."""
+        key = self._log_key(queue, msg_id, name)
+        if self._log_end(key) is None:
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        return chunk_file(lambda start, stop: self._log_rows(key, start, stop), lambda: self._log_end(key) or 0)
+
+    def append_log(self, queue: str, msg_id: str, data: bytes, name: str = "stdio.log") -> int:
+        """Append to the message's log (in chunks of at most 1 MiB); returns its new end."""
+        key = self._log_key(queue, msg_id, name)
+        with self.db.tx() as cur:
+            cur.execute(Q.log_lock, {**key, "lock": LOG_LOCK})  # appends to one log take turns
+            end = self._log_end(key) or 0
+            for i in range(0, len(data), CHUNK):
+                cur.execute(Q.log_chunk, {**key, "off": end + i, "data": data[i:i + CHUNK]})
+        return end + len(data)
+
+    def read_log(self, queue: str, msg_id: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes of the log from ``offset`` (b"" when nothing is there yet);
+        LogNotFound before its first write."""
+        key = self._log_key(queue, msg_id, "stdio.log")
+        stop = offset + max(0, limit)
+        data = overlap(self._log_rows(key, offset, stop), offset, stop)
+        if not data and self._log_end(key) is None:
+            raise LogNotFound("Message ID log 'stdio.log' not found")
+        return data
+
+    # -- watching, local directories, housekeeping ---------------------------------------------
+    def watch_message(self, queue: str, msg_id: str, *, log: bool = False) -> PgWatch:
+        """LISTEN first, then check the message exists: a change after this returns wakes
+        the first ``wait``."""
+        payloads = {f"msg {queue} {msg_id}"} | ({f"log {queue} {msg_id}"} if log else set())
+        watch = PgWatch(self._conninfo, frozenset(payloads))
+        try:
+            self.state_of(queue, msg_id)
+        except BaseException:
+            watch.close()
+            raise
+        return watch
+
+    def watch(self) -> PgWatcher:
+        """The daemon's feed: LISTEN on a connection of its own (watch.py)."""
+        return PgWatcher(self._conninfo, self.queues)
+
+    def workdir(self, attempt: Attempt) -> Path:
+        """``<local_dir>/<queue>/<id>/job`` on this host, beside ``msg`` and ``attach/``
+        written from the database (store/local.py); kept while the message runs here."""
+        self._fence(attempt)
+        return materialize(self, attempt, self.local_dir or self._scratch.root())
+
+    def log_fd(self, attempt: Attempt) -> int:
+        """A pipe whose output one thread appends to the message's log as it comes."""
+        self._fence(attempt)
+        if self._pump is None:
+            self._pump = LogPump()
+        q, msg_id = attempt.queue, attempt.msg_id
+        return self._pump.open(lambda data: self.append_log(q, msg_id, data), f"{q}/{msg_id}")
+
+    def _fence(self, attempt: Attempt) -> None:
+        with self.db.tx() as cur:
+            if cur.execute(Q.fence, {"queue": attempt.queue, "msg_id": attempt.msg_id,
+                                     "attempt_id": attempt.attempt_id}).fetchone() is None:
+                raise fenced_out(attempt)
+
+    def message_dir(self, queue: str, msg_id: str) -> Path:
+        """A local directory for the message on this host (not shared: the message itself
+        lives in the database)."""
+        self.state_of(queue, msg_id)
+        return self._scratch.message_dir(queue, msg_id)
+
+    def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
+        """No debris to sweep (a transaction leaves none); folds the queue's count deltas,
+        so a busy queue that nobody counts keeps few of them."""
+        self._require_queue(queue)
+        self._compact_counts(queue)
+        return SweepResult()
