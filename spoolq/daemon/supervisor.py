@@ -338,12 +338,14 @@ class Daemon:
 
     def _want(self, qs: QueueState, on: bool) -> None:
         """Tell the store whether we claim from the queue (the filesystem indexes it, or
-        forgets it: a PAUSEd or DOWN queue's messages cost nothing)."""
+        forgets it: a PAUSEd or DOWN queue's messages cost nothing). Told at every dispatch
+        (a no-op when nothing changed): the store may have forgotten a queue deleted and
+        created again under its name."""
         assert self.watcher is not None
         if qs.wanted != on:
-            qs.wanted = on
-            self.watcher.want(qs.name, on)
             log.debug("queue %s: %s", qs.name, "claiming" if on else f"{qs.admin}, not claiming")
+        qs.wanted = on
+        self.watcher.want(qs.name, on)
 
     def dispatch(self, qs: QueueState, now: float) -> float | None:
         """Start what may start in one queue; returns when to look again (a due time) or None."""
@@ -465,7 +467,7 @@ class Daemon:
                     qs.wake_at = self.dispatch(qs, now)
                 except Exception:  # noqa: BLE001 - a broken queue must not stop the others
                     log.exception("queue %s: dispatch failed; indexing it again, retrying in 5 s", qs.name)
-                    self._want(qs, False)
+                    self._want(qs, False)  # the next dispatch indexes it afresh
                     qs.dirty, qs.wake_at, qs.config_stale = False, now + 5.0, True
 
     def _ready(self, queue: str) -> bool:

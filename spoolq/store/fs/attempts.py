@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import durable
-from ...errors import CorruptMessage, MessageNotFound, SpoolqError, StorageError, WrongState
+from ...errors import CorruptMessage, MessageNotFound, QueueNotFound, SpoolqError, StorageError, WrongState
 from ...model import AdminState, Message, QueueConfig, State
 from ..leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, key_of, new_attempt_id, params_of, pick
 from .beneath import open_dir_beneath
@@ -56,6 +56,8 @@ class AttemptParts(WriteParts):
         self._watcher: FsWatcher | None = None
         self._group_sync: durable.GroupSync | None = None
         self._reclaimed: set[str] = set()  # queues whose run/ was reclaimed under this lock
+        self._cancel_seen: set[tuple[str, str]] = set()  # attempts that saw a cancel marker
+        self._attempt_files: set[tuple[str, str]] = set()  # attempts with an ``attempt`` file
 
     # -- the daemon's feed ---------------------------------------------------------------
     def watch(self) -> FsWatcher:
@@ -80,6 +82,8 @@ class AttemptParts(WriteParts):
         self._mine.clear()
         self._held.clear()
         self._reclaimed.clear()
+        self._cancel_seen.clear()
+        self._attempt_files.clear()
 
     # -- moves that free held duplicates ---------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
@@ -172,6 +176,8 @@ class AttemptParts(WriteParts):
                                         only_where_unsafe=True)
         a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m, dups,
                     cancel_requested=os.path.exists(run_dir / "cancel"))
+        if a.cancel_requested:
+            self._cancel_seen.add((queue, msg_id))
         self._mine.setdefault(queue, {})[msg_id] = a
         if self._daemon_fd < 0:
             self._write_attempt(a, run_dir)  # the daemon's fence is _mine: no write per start
@@ -184,6 +190,7 @@ class AttemptParts(WriteParts):
         try:
             durable.write_replace(run_dir / ATTEMPT_FILE,
                                   json.dumps({"id": a.attempt_id, "owner": a.owner}).encode(), sync=False)
+            self._attempt_files.add((a.queue, a.msg_id))
         except OSError as e:
             log.warning("%s/%s: cannot record the attempt: %s", a.queue, a.msg_id, e)
 
@@ -266,7 +273,10 @@ class AttemptParts(WriteParts):
                 os.write(fd, runner.encode() + b"\n")
             finally:
                 os.close(fd)
-        return Lease(now + lease, os.path.exists(path / "cancel"))
+        cancel = os.path.exists(path / "cancel")
+        if cancel:
+            self._cancel_seen.add((attempt.queue, attempt.msg_id))
+        return Lease(now + lease, cancel)
 
     # -- finish --------------------------------------------------------------------------
     def finish(self, attempt: Attempt, dst: State, *, status: str | None,
@@ -274,37 +284,50 @@ class AttemptParts(WriteParts):
                dup_status: str | None = None, dup_of: str | None = None) -> Message:
         q, msg_id = attempt.queue, attempt.msg_id
         path = self._current_dir(attempt)
-        if status is not None and (status or os.path.exists(path / "status")):
-            self._write_status(q, msg_id, path, status)
-        for name in ("pid", "cancel"):  # first: a cancel must never follow the message to a later run
-            try:
-                os.unlink(path / name)
-            except FileNotFoundError:
-                pass
-        cfg, _ = self._settings(q)
-        deferred = update is None and self._group_sync is not None
-        # The commit point. If it fails (a full disk) the attempt still holds the message
-        # and the caller's retry passes the fence.
-        m = self.move(q, msg_id, State.RUN, dst, update=update, note=note, sync=False if deferred else None,
-                      current=attempt.message)
+        ix = self._watcher.indexes.get(q) if self._watcher is not None else None
+        try:
+            if status is not None and (status or os.path.exists(path / "status")):
+                self._write_status(q, msg_id, path, status)
+            # First: a cancel must never follow the message into a later run.
+            for name in ("pid", "cancel") if (q, msg_id) in self._cancel_seen else ("pid",):
+                try:
+                    os.unlink(path / name)
+                except FileNotFoundError:
+                    pass
+            cfg, _ = self._settings(q)
+            deferred = update is None and self._group_sync is not None
+            # The commit point. If it fails (a full disk) the attempt still holds the message
+            # and the caller's retry passes the fence.
+            m = self.move(q, msg_id, State.RUN, dst, update=update, note=note,
+                          sync=False if deferred else None, current=attempt.message)
+        except (WrongState, MessageNotFound, QueueNotFound, FileNotFoundError) as e:
+            # Not in run any more (moved or deleted by hand, the queue deleted, or a retry of
+            # a move whose rename landed before its fsync failed): nothing to retry.
+            self._let_go(attempt, ix, dst=None)
+            raise WrongState(f"{q}/{msg_id} left run without this attempt: {e}") from None
         landed = message_path(self.qdir(q), dst, msg_id)
         if deferred and cfg.fsync and self._group_sync is not None:
             self._group_sync.add_rename(path.parent, landed.parent)  # destination first
-        self._mine.get(q, {}).pop(msg_id, None)
-        try:
-            os.unlink(landed / ATTEMPT_FILE)
-        except OSError:
-            pass  # never written, or the message moved on already
-        ix = self._watcher.indexes.get(q) if self._watcher is not None else None
+        if (q, msg_id) in self._attempt_files:
+            try:
+                os.unlink(landed / ATTEMPT_FILE)
+            except OSError:
+                pass  # the message moved on already
         if ix is not None and dst == State.QUE:
             ix.requeued(msg_id)
-        self._settle_dups(attempt, dst, ix, note, dup_of,
-                          dup_status if dup_status is not None else f"duplicate {dup_of or msg_id}")
+        self._let_go(attempt, ix, dst=dst, dup_of=dup_of,
+                     dup_status=dup_status if dup_status is not None else f"duplicate {dup_of or msg_id}",
+                     note=note)
         return m
 
-    def _settle_dups(self, attempt: Attempt, dst: State, ix: QueueIndex | None, note: str,
-                     dup_of: str | None, status: str) -> None:
-        """Held duplicates end with their parent when it succeeded, else run on their own."""
+    def _let_go(self, attempt: Attempt, ix: QueueIndex | None, *, dst: State | None, dup_of: str | None = None,
+                dup_status: str = "", note: str = "") -> None:
+        """The attempt is over: forget it; its held duplicates end with it when it succeeded
+        (``dst``), else run on their own."""
+        key = (attempt.queue, attempt.msg_id)
+        self._mine.get(attempt.queue, {}).pop(attempt.msg_id, None)
+        self._cancel_seen.discard(key)
+        self._attempt_files.discard(key)
         for d in attempt.dups:
             if self._held.pop((attempt.queue, d), None) not in (None, attempt.attempt_id):
                 continue
@@ -319,9 +342,10 @@ class AttemptParts(WriteParts):
                 m.dup = dup_of or ""
 
             try:
-                self.set_status(attempt.queue, d, status)
+                # The move first: a duplicate cancelled meanwhile keeps its own status.
                 self.move(attempt.queue, d, State.QUE, dst, update=mark if dup_of else None,
                           note=f"duplicate of {dup_of}" if dup_of else (note or str(dst)))
+                self.set_status(attempt.queue, d, dup_status)
             except SpoolqError as e:
                 # It left que meanwhile (deleted, cancelled), or the disk refused: it stays
                 # queued and runs on its own (at-least-once, nothing lost).
@@ -332,6 +356,8 @@ class AttemptParts(WriteParts):
     def _write_status(self, queue: str, msg_id: str, path: Path, text: str) -> None:
         try:
             durable.write_replace(path / "status", json.dumps({"job_status": text}).encode(), sync=False)
+        except FileNotFoundError:
+            raise  # the message directory is gone: the caller decides
         except OSError as e:
             raise durable.storage_error(e, f"cannot set status of {queue}/{msg_id}") from None
 
@@ -355,6 +381,7 @@ class AttemptParts(WriteParts):
                 runner = None
             a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m,
                         cancel_requested=(path / "cancel").exists(), runner=runner)
+            self._cancel_seen.add((queue, msg_id))  # unlinked at its finish whatever it was
             mine[msg_id] = a
             self._write_attempt(a, path)
             out.append(a)

@@ -103,6 +103,8 @@ class FsWatcher:
         ix = self.indexes.get(queue)
         if on and ix is None:
             ix = self.indexes[queue] = QueueIndex(queue, self.store.qdir(queue))
+            # Duplicates held by running attempts stay held in the new index.
+            ix.absorbed = {d: parent for (q, d), parent in self.store._held.items() if q == queue}
             ix.start_index()
             log.debug("queue %s: indexing que/", queue)
         elif not on and ix is not None:
@@ -173,12 +175,18 @@ class FsWatcher:
         names = set(self.store.queues())
         self._settings.clear()  # a queue deleted and created again under its name
         for gone in self._queues - names:
-            self._drop(gone, ("qdir", "kick", "que"))
-            self.indexes.pop(gone, None)
+            self._forget(gone)
         for name in sorted(names - self._queues):
             self._add(self.store.qdir(name), "qdir", name)
             self._watch_kicks(name)
         self._queues = names
+
+    def _forget(self, queue: str) -> None:
+        """Drop what is known of ``queue`` (its watches, index and settings)."""
+        self._drop(queue, ("qdir", "kick", "que"))
+        self.indexes.pop(queue, None)
+        self._settings.pop(queue, None)
+        self._queues.discard(queue)
 
     def _watch_kicks(self, queue: str) -> None:
         """Watch ``kick/`` and handle the kicks already there (run-now while we were away)."""
@@ -218,8 +226,9 @@ class FsWatcher:
                 continue
             if w.kind == "root":
                 if not ev.name.startswith("."):
+                    self._forget(ev.name)  # gone, new, or deleted and created again: start afresh
                     self._sync_queues()
-                    self._out.append(Change("queues"))
+                    self._out += [Change("queues"), Change("config", ev.name)]
                 continue
             queue = w.queue or ""
             if w.kind == "qdir":
