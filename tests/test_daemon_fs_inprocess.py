@@ -117,16 +117,22 @@ def test_parent_gone_from_run_strands_its_duplicates_and_blocks_its_key(fsd: tup
     assert c.state_of("q", later) == State.DONE, "the blocking key stays taken"
 
 
-def test_cancelled_held_duplicate_gets_its_status_overwritten(fsd: tuple[Daemon, FsStore], tmp_path: Path) -> None:
-    d, c = fsd
-    mkq(c, coalesce_params=[2])
-    gate = tmp_path / "gate"
+def running_parent_and_held_dup(d: Daemon, c: FsStore, gate: Path) -> tuple[str, str]:
+    """A parent running until ``gate`` exists, and its duplicate, held (coalesce param 2)."""
     c.set_admin_state("q", AdminState.PAUSE)
     p = send(c, param1="blocking", param2="k", param3=str(gate))
     time.sleep(0.01)
     dup = send(c, param1="done", param2="k")
     c.set_admin_state("q", AdminState.UP)
     run_until(d, lambda: c.state_of("q", p) == State.RUN, "the parent's start")
+    return p, dup
+
+
+def test_cancelled_held_duplicate_keeps_its_status(fsd: tuple[Daemon, FsStore], tmp_path: Path) -> None:
+    d, c = fsd
+    mkq(c, coalesce_params=[2])
+    gate = tmp_path / "gate"
+    p, dup = running_parent_and_held_dup(d, c, gate)
     spin(d, 0.3)
     assert c.cancel("q", dup) == State.ERR
     gate.touch()
@@ -185,12 +191,7 @@ def test_held_duplicates_stay_held_across_pause_and_resume(fsd: tuple[Daemon, Fs
     d, c = fsd
     mkq(c, num_workers=2, coalesce_params=[2])
     gate = tmp_path / "gate"
-    c.set_admin_state("q", AdminState.PAUSE)
-    p = send(c, param1="blocking", param2="k", param3=str(gate))
-    time.sleep(0.01)
-    dup = send(c, param1="done", param2="k")
-    c.set_admin_state("q", AdminState.UP)
-    run_until(d, lambda: c.state_of("q", p) == State.RUN, "the parent's start")
+    p, dup = running_parent_and_held_dup(d, c, gate)
     c.set_admin_state("q", AdminState.PAUSE)
     spin(d, 0.3)
     c.set_admin_state("q", AdminState.UP)
