@@ -296,7 +296,9 @@ class Daemon:
             fin = Finish(job.attempt, crash_outcome(job.msg, "the daemon could not conclude the attempt"),
                          pid=job.pid, exit_code=code)
         if job.lost:
-            self._finished(fin)  # another host holds the message now: its outcome is not ours
+            log.warning("%s/%s: dropped the outcome of pid %d (%s): another host holds the message now",
+                        job.queue, job.msg_id, job.pid, fin.outcome.state)
+            self._finished(fin)
         elif self.runner.finisher.settle(fin):
             self._finished(fin)
         # Else it is held and retried (finish.py): the message stays in run/ and keeps its
