@@ -402,22 +402,41 @@ def test_acked_errors_can_be_retried(store: Store) -> None:
     assert store.counts("q")["err_acked"] == 0 and store.counts("q")["que"] == 1
 
 
-def test_ids_iterates_every_message_of_a_state(store: Store) -> None:
+def test_find_ids_walks_every_message_of_a_state(store: Store) -> None:
     make_queue(store)
     made = {m.msg_id for m in store.create_many("q", [msg() for _ in range(30)])}
-    assert set(store.ids("q", State.QUE)) == made
-    assert list(store.ids("q", State.RUN)) == []
+    page = store.find_ids("q", State.QUE, limit=1000)
+    assert set(page.ids) == made and page.next_cursor is None
+    assert store.find_ids("q", State.RUN).ids == []
 
 
-def test_files_in_the_message_dir_travel_with_the_message(store: Store) -> None:
+def test_the_workdir_and_the_log_go_on_across_attempts(store: Store) -> None:
+    """A script's files stay in its working directory for the next attempt (on this host),
+    beside ``../msg`` and ``../attach``; what it writes to ``log_fd`` is the message's log."""
+    import json
+    import os
+
+    from spoolq.store.leases import Attempt
+
     make_queue(store)
-    m = store.create("q", msg()).msg_id
-    job = store.message_dir("q", m) / "job"
-    job.mkdir(exist_ok=True)
-    (job / "stdio.log").write_text("attempt 1\n")
-    store.move("q", m, State.QUE, State.RUN)
-    store.move("q", m, State.RUN, State.QUE)
-    assert (store.message_dir("q", m) / "job" / "stdio.log").read_text() == "attempt 1\n"
+    m = store.create("q", msg(param1="p"), attachments=[AttachmentSource(name="a.txt", stream=io.BytesIO(b"A"))])
+    for n in (1, 2):
+        a = store.claim("q", owner="o", lease=30)
+        assert isinstance(a, Attempt) and a.msg_id == m.msg_id
+        job = store.workdir(a)
+        assert job.is_dir() and (job.parent / "attach" / "a.txt").read_bytes() == b"A"
+        assert json.loads((job.parent / "msg").read_bytes())["param1"] == "p"
+        if n == 2:
+            assert (job / "left").read_text() == "by attempt 1", "kept for the next attempt"
+        (job / "left").write_text("by attempt 1")
+        fd = store.log_fd(a)
+        os.write(fd, f"attempt {n}\n".encode())
+        os.close(fd)
+        store.finish(a, State.QUE if n == 1 else State.DONE, status=f"try {n}")
+    deadline = time.monotonic() + 5  # a store may carry the log through a pipe: it lands soon
+    while (log := store.open_log("q", m.msg_id).read()) != b"attempt 1\nattempt 2\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log == b"attempt 1\nattempt 2\n"
 
 
 
@@ -454,7 +473,7 @@ def test_client_send_many_validates_everything_first(store: Store, items: list[A
     make_queue(store)
     with pytest.raises(InvalidMessage):
         Client(store).send_many("q", items)
-    assert store.counts("q")["que"] == 0 and list(store.ids("q", State.QUE)) == []
+    assert store.counts("q")["que"] == 0 and store.find_ids("q", State.QUE).ids == []
     if isinstance(items[0], dict):  # send refuses the same field as one message
         with pytest.raises(InvalidMessage):
             Client(store).send("q", **items[-1])

@@ -43,7 +43,7 @@ def test_the_log_pump_carries_output_into_the_store() -> None:
     try:
         procs = []
         for name in got:
-            w = pump.open(got[name].append, name)
+            w, _ = pump.open(got[name].append, name)
             procs.append(subprocess.Popen(["/bin/sh", "-c", f"for i in 1 2 3; do echo {name}$i; done; "
                                            f"head -c 3000000 /dev/zero"], stdout=w, stderr=w))
             os.close(w)
@@ -71,15 +71,14 @@ def test_a_store_that_refuses_loses_only_that_part() -> None:
 
     pump = LogPump()
     try:
-        w = pump.open(flaky, "job")
+        w, drained = pump.open(flaky, "job")
         os.write(w, b"first\n")
         end = time.monotonic() + 5
         while not calls and time.monotonic() < end:
             time.sleep(0.01)
         os.write(w, b"second\n")
         os.close(w)
-        while pump.open_pipes and time.monotonic() < end:
-            time.sleep(0.01)
+        assert drained.wait(5), "read to its end once the writer closed it"
     finally:
         pump.close()
     assert calls[0] == b"first\n" and b"".join(calls[1:]) == b"second\n"

@@ -314,9 +314,6 @@ class Store(Protocol):
                  limit: int = 1000, scan_limit: int | None = None) -> IdPage:
         """What :meth:`list` would list, ids only (bulk operations walk a state with it)."""
 
-    def ids(self, queue: str, state: State) -> Iterator[str]:
-        """Every id in ``state``, in no particular order (for the daemon's scans)."""
-
     def counts(self, queue: str) -> dict[str, int]:
         """Messages per state (``err`` excludes acknowledged errors, counted as ``err_acked``)."""
 
@@ -332,9 +329,6 @@ class Store(Protocol):
         first ``wait``); ``log``: wake on log output too. For ``wait`` and ``log -f``."""
         ...
 
-    def message_dir(self, queue: str, msg_id: str) -> Path:
-        """The message's directory (the runner's cwd is ``<dir>/job``)."""
-
     def watch(self) -> Watcher:
         """The daemon's feed of changes (queues, configs, new work, cancels)."""
         ...
@@ -349,19 +343,13 @@ class Store(Protocol):
         *,
         update: Callable[[Message], None] | None = None,
         note: str = "",
-        sync: bool | None = None,
-        current: Message | None = None,
     ) -> Message:
         """Move a message from ``src`` to ``dst`` (one atomic step), optionally rewriting it first.
 
-        ``sync=False`` skips the fsyncs for a move whose loss in a crash is harmless (the
-        daemon's que -> run: recovery would put the message back in que anyway); by default
-        the queue's ``fsync`` setting decides. ``current``: the caller's copy of the message
-        as stored (the daemon's, for a message in run that only it changes), so a move
-        without ``update`` need not read it again.
-
         Raises WrongState if the transition is not allowed or the message is not in ``src``
-        (someone else moved it: the caller lost a race and must not act on it).
+        (someone else moved it: the caller lost a race and must not act on it). A message
+        in run belongs to its attempt: ``finish`` it (moving it out of run by hand takes it
+        from the daemon that runs it).
         """
 
     def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:

@@ -72,16 +72,18 @@ class LogPump:
         self._thread = threading.Thread(target=self._run, name="spoolq-logpump", daemon=True)
         self._thread.start()
 
-    def open(self, append: Callable[[bytes], object], label: str) -> int:
-        """A write end for a script's stdout/stderr (the caller passes it on and closes it);
-        everything written to it goes to ``append``, until every writer has closed it."""
+    def open(self, append: Callable[[bytes], object], label: str) -> tuple[int, threading.Event]:
+        """A write end for a script's stdout/stderr (the caller passes it on and closes it),
+        and an event set once everything written to it has gone to ``append`` (every
+        writer closed it and the pipe is read to its end)."""
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
+        drained = threading.Event()
         with self._lock:
-            self._sel.register(r, selectors.EVENT_READ, (append, label))
+            self._sel.register(r, selectors.EVENT_READ, (append, label, drained))
             self._open += 1
         os.write(self._wake_w, b"!")
-        return w
+        return w, drained
 
     @property
     def open_pipes(self) -> int:
@@ -103,7 +105,7 @@ class LogPump:
                 continue
             self._drain(key.fd, *key.data)
 
-    def _drain(self, fd: int, append: Callable[[bytes], object], label: str) -> None:
+    def _drain(self, fd: int, append: Callable[[bytes], object], label: str, drained: threading.Event) -> None:
         try:
             data = os.read(fd, CHUNK)
         except BlockingIOError:
@@ -120,6 +122,7 @@ class LogPump:
             self._sel.unregister(fd)
             self._open -= 1
         os.close(fd)
+        drained.set()
 
     def close(self) -> None:
         """Stop, after one last read of what the pipes hold (their writers are gone by then)."""

@@ -14,7 +14,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -50,6 +50,7 @@ from ..model import (
 from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names, source_stream
 from .changes import ChangeQueue
 from .leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
+from .local import materialize
 from .scratch import ScratchDirs
 
 
@@ -376,10 +377,6 @@ class MemoryStore:
                 page.ids.append(i)
             return page
 
-    def ids(self, queue: str, state: State) -> Iterator[str]:
-        with self._lock:
-            return iter([i for i, e in self._queue(queue).messages.items() if e.state == state])
-
     def counts(self, queue: str) -> dict[str, int]:
         with self._lock:
             c = dict.fromkeys(COUNT_KEYS, 0)
@@ -437,8 +434,6 @@ class MemoryStore:
         *,
         update: Callable[[Message], None] | None = None,
         note: str = "",
-        sync: bool | None = None,
-        current: Message | None = None,
     ) -> Message:
         check_transition(src, dst)
         with self._lock:
@@ -517,7 +512,7 @@ class MemoryStore:
     def workdir(self, attempt: Attempt) -> Path:
         with self._lock:
             self._current(attempt)
-            return self.message_dir(attempt.queue, attempt.msg_id) / "job"
+        return materialize(self, attempt, self._scratch.root())
 
     def log_fd(self, attempt: Attempt) -> int:
         return os.open(self.workdir(attempt) / "stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,

@@ -12,7 +12,6 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -175,11 +174,6 @@ class ReadParts(QueueParts):
         limit = max(1, min(int(limit), 10000))
         return scan(qdir, state, Needle(filter) if filter else None, cursor=cursor, limit=limit,
                     scan_limit=None if scan_limit is None else max(1, int(scan_limit)))
-
-    def ids(self, queue: str, state: State) -> Iterator[str]:
-        qdir = self._existing_qdir(queue)
-        for msg_id, _, _ in iter_entries(qdir, state, newest_first=False):
-            yield msg_id
 
     def counts(self, queue: str) -> dict[str, int]:
         qdir = self._existing_qdir(queue)

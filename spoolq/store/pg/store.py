@@ -11,11 +11,15 @@ local directories).
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from ...errors import AttachmentNotFound, LogNotFound
 from ...ids import log_name_ok, validate_attachment_name
+from ...model import Message, State
 from ..base import SweepResult
 from ..leases import Attempt, fenced_out
 from ..local import LogPump, materialize
@@ -26,6 +30,11 @@ from .connection import LOG_LOCK
 from .sql import Q
 from .watch import PgWatch, PgWatcher
 
+log = logging.getLogger("spoolq.daemon")
+
+LOG_DRAIN = 2.0
+"""Seconds a finish waits for the script's output pipe to be read to its end."""
+
 
 class PgStore(AttemptParts):
     """A spoolq store in a PostgreSQL database (migrated by ``spoolq db migrate``)."""
@@ -35,6 +44,7 @@ class PgStore(AttemptParts):
         self._scratch = ScratchDirs("spoolq-pg-")
         self.local_dir: Path | None = None  # where scripts run on this host (serve: <home>/work)
         self._pump: LogPump | None = None
+        self._drained: dict[str, threading.Event] = {}  # attempt id -> its log pipe read to the end
 
     def close(self) -> None:
         if self._pump is not None:
@@ -132,7 +142,23 @@ class PgStore(AttemptParts):
         if self._pump is None:
             self._pump = LogPump()
         q, msg_id = attempt.queue, attempt.msg_id
-        return self._pump.open(lambda data: self.append_log(q, msg_id, data), f"{q}/{msg_id}")
+        fd, drained = self._pump.open(lambda data: self.append_log(q, msg_id, data), f"{q}/{msg_id}")
+        self._drained[attempt.attempt_id] = drained
+        return fd
+
+    def finish(self, attempt: Attempt, dst: State, *, status: str | None,
+               update: Callable[[Message], None] | None = None, note: str = "",
+               dup_status: str | None = None, dup_of: str | None = None) -> Message:
+        """As the protocol says, once the script's output is in the log: a reader that sees
+        the final state then reads the whole log (the SSE stream ends on it), and the next
+        attempt's output comes after this one's. A pipe still held open by a process the
+        script left behind is waited for :data:`LOG_DRAIN` seconds at most."""
+        drained = self._drained.pop(attempt.attempt_id, None)
+        if drained is not None and not drained.wait(LOG_DRAIN):
+            log.warning("%s/%s: its output pipe is still open (a process the script left?); finishing "
+                        "without waiting for the rest of its log", attempt.queue, attempt.msg_id)
+        return super().finish(attempt, dst, status=status, update=update, note=note, dup_status=dup_status,
+                              dup_of=dup_of)
 
     def _fence(self, attempt: Attempt) -> None:
         with self.db.tx() as cur:
