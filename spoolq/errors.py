@@ -126,6 +126,19 @@ class SchemaMismatch(StorageError):
     code = "schema_mismatch"
 
 
+class ScriptError(SpoolqError):
+    """A queue's script cannot be started (missing, not executable, bad interpreter)."""
+
+    code = "script_error"
+
+
+class ScriptUnusable(ScriptError):
+    """The daemon could not start a queue's script: the message that tried is in err and
+    the queue is held in SCRIPTERROR until the script can run."""
+
+    code = "script_unusable"
+
+
 class DaemonRunning(SpoolqError):
     """Another daemon already holds this spool root."""
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RootConfig
-from ..errors import LeaseLost, QueueDown, QueueNotFound, SpoolqError
+from ..errors import LeaseLost, QueueDown, QueueNotFound, ScriptError, ScriptUnusable, SpoolqError
 from ..model import Message, QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import MAX_RESEND_TEXT, Completion, LineBuffer, Outcome
 from ..runner.spawn import (
-    ScriptError,
     Spawned,
     build_argv,
     build_env,
@@ -47,11 +46,6 @@ LEASE = 30.0
 RENEW = LEASE / 3
 HOST = socket.gethostname()
 KNOWN_VERBS = {"run", "done", "err", "fails", "relayed", "resend", "dup"}
-
-
-class ScriptUnusable(Exception):
-    """The queue's script cannot be started (missing, not executable, bad interpreter):
-    the message that tried is in err; the supervisor holds the queue in SCRIPTERROR."""
 
 
 @dataclass

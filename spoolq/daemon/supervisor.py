@@ -25,14 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import RootConfig
-from ..errors import InvalidConfig, QueueNotFound, SpoolqError, StorageError
+from ..errors import InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, StorageError
 from ..model import AdminState, QueueConfig
 from ..runner.spawn import kill_group, reserve_low_fds, script_problem
 from ..store.base import Change, LostFoundRepair, Store, Watcher
 from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
-from .jobs import LEASE, Job, JobRunner, ScriptUnusable, crash_outcome, root_env
+from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
 from .queue import QueueState
 from .recovery import recover_queue
 

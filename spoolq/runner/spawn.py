@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .. import durable
 from ..config import RootConfig
+from ..errors import ScriptError
 from ..model import Message, QueueConfig
 
 RQ_VER = "3.0.0"
@@ -39,10 +40,6 @@ _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 # Never handed to scripts: the daemon's own secrets and stale values of our variables.
 _SCRUB_PREFIXES = ("RQ_", "SPOOLQ_")
-
-
-class ScriptError(Exception):
-    """The script cannot be started (missing, not executable, bad interpreter)."""
 
 
 _low_fds_owned = False
