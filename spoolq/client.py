@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypedDict, Unpack
+from typing import Any, BinaryIO, Unpack
 
 from .config import RootConfig, default_root
 from .errors import InvalidInput, InvalidMessage, SpoolqError, WaitTimeout, WrongState
@@ -22,11 +22,13 @@ from .follow import follow_log, wait_final
 from .ids import MessageRef, parse_ref
 from .model import (
     ADMIN_ACTIONS,
+    MESSAGE_FIELD_NAMES,
     AdminState,
     AttachmentInfo,
     IdPage,
     ListPage,
     Message,
+    MessageFields,
     MessageView,
     QueueConfig,
     State,
@@ -37,25 +39,6 @@ from .store.base import LostFoundRepair, copied_attachments
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
 
-class MessageFields(TypedDict, total=False):
-    """What a sender may set on a new message (:meth:`Client.send`, ``prep``, ``send_many``)."""
-
-    param1: Any
-    param2: Any
-    param3: Any
-    param4: Any
-    params: Mapping[str, Any]
-    due: float
-    delay: float
-    src: str
-    max_count: int
-    dest: str
-    post_run_webhook: Sequence[str]
-    orig_msg_id: str
-    count: int
-
-
-MESSAGE_FIELD_NAMES = frozenset(MessageFields.__annotations__)
 
 
 @dataclass(frozen=True)

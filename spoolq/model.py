@@ -11,14 +11,21 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from typing_extensions import TypedDict  # pydantic reads it on Python < 3.12 (the HTTP API's schema)
 
 from .errors import InvalidConfig, InvalidMessage, TooLarge
 from .ids import bucket_of, validate_queue_name
 
 MAX_MSG_BYTES = 1024 * 1024
+MAX_SEND_BYTES = 2 * MAX_MSG_BYTES
+"""A message as a sender's JSON may take (escaping can double what is stored): the one
+limit HTTP applies to a body or form field before parsing it; the store's MAX_MSG_BYTES
+decides."""
 """Largest serialized ``msg`` accepted. Bulk data belongs in attachments."""
 
 DEFAULT_MAX_COUNT = 15
@@ -177,6 +184,29 @@ def _epoch(value: Any, name: str) -> float:
 
 # Keys RQ's get_message adds on read; they may come back on input and are ignored.
 DERIVED_KEYS = frozenset({"path", "status", "state", "_attachments", "_method", "history"})
+
+
+class MessageFields(TypedDict, total=False):
+    """What a sender may set on a new message: the one definition (the Python API's
+    ``send``/``prep``/``send_many``, the HTTP API's body and its OpenAPI schema, the CLI and
+    the UI form all go through it; :meth:`Message.from_dict` validates the values)."""
+
+    param1: str | int | float
+    param2: str | int | float
+    param3: str | int | float
+    param4: str | int | float
+    params: Mapping[str, Any]
+    due: float
+    delay: float
+    src: str
+    max_count: int
+    dest: str
+    post_run_webhook: Sequence[str]
+    orig_msg_id: str
+    count: int
+
+
+MESSAGE_FIELD_NAMES = frozenset(MessageFields.__annotations__)
 
 
 @dataclass

@@ -262,7 +262,9 @@ def test_errors_have_one_shape_and_no_5xx(http: TestClient) -> None:
     bad_bodies: list[Any] = [b"{not json", b"[]", json.dumps({"param1": {"nested": 1}}).encode(),
                              json.dumps({"unknown": 1}).encode(), json.dumps({"due": "soon"}).encode(),
                              json.dumps({"due": 1e300}).encode(), json.dumps({"max_count": -1}).encode(),
-                             json.dumps({"post_run_webhook": ["ftp://x"]}).encode(), b"\xff\xfe"]
+                             json.dumps({"post_run_webhook": ["ftp://x"]}).encode(), b"\xff\xfe",
+                             json.dumps({"state": "run"}).encode(), json.dumps({"count": 3}).encode(),
+                             json.dumps({"param1": [1]}).encode(), json.dumps({"due": 1, "delay": 2}).encode()]
     for body in bad_bodies:
         r = http.post(f"{API}/queues/work/messages", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400, (body, r.text)
@@ -270,6 +272,13 @@ def test_errors_have_one_shape_and_no_5xx(http: TestClient) -> None:
     r = http.post(f"{API}/queues/work/messages", content=b"--x\r\nbroken", headers={
         "content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 400
+    big = json.dumps({"param1": "x" * (2 << 20)}).encode()  # over model.MAX_SEND_BYTES
+    r = http.post(f"{API}/queues/work/messages", content=big, headers={"content-type": "application/json"})
+    assert (r.status_code, err(r)["code"]) == (413, "too_large")
+    schema = http.get(f"{API}/openapi.json").json()
+    body = schema["paths"]["/api/v1/queues/{queue}/messages"]["post"]["requestBody"]["content"]
+    props = body["application/json"]["schema"]["properties"]
+    assert set(props) == {*spoolq.model.MESSAGE_FIELD_NAMES - {"count"}, "state"}, "one definition of a message"
 
 
 @pytest.mark.parametrize("fields", [

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi import Path as FastPath
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..errors import InvalidConfig, InvalidInput, InvalidMessage
-from ..model import State
+from ..errors import InvalidConfig, InvalidInput, InvalidMessage, TooLarge
+from ..model import MAX_SEND_BYTES, MESSAGE_FIELD_NAMES, MessageFields, State
 from ..store import AttachmentSource
 from .actions import act
 from .auth import LINK_TTL, policy_of, principal
@@ -36,7 +36,7 @@ from .common import (
     open_log,
     queue_summary,
 )
-from .errors import BadRequest, validation_text
+from .errors import BadRequest
 from .uploads import ParsedForm, form_of
 
 router = APIRouter(prefix="/api/v1")
@@ -45,23 +45,23 @@ SEARCH_SCAN = 20_000
 on this project's VM), then answers with what it found and a cursor to search on from."""
 
 
-class NewMessage(BaseModel):
-    """A message to send. ``params`` is free JSON; ``param1..4`` are RQ's opaque strings."""
+SEND_STATES = ("que", "prep")
+HTTP_SEND_FIELDS = MESSAGE_FIELD_NAMES - {"count"}
+"""What a JSON send may set: :class:`~spoolq.model.MessageFields` but ``count`` (a new
+message has run no attempt), plus ``state`` (que, or prep to attach files, then commit)."""
 
-    model_config = ConfigDict(extra="forbid")
-    param1: str | int | float | None = None
-    param2: str | int | float | None = None
-    param3: str | int | float | None = None
-    param4: str | int | float | None = None
-    params: dict[str, Any] | None = None
-    due: float | None = Field(None, description="epoch seconds; default now")
-    delay: float | None = Field(None, description="seconds from now (instead of due)")
-    src: str = ""
-    max_count: int | None = None
-    dest: str | None = None
-    post_run_webhook: list[str] | None = None
-    orig_msg_id: str | None = None
-    state: Literal["que", "prep"] = Field("que", description="prep: attach files, then commit")
+
+def _new_message_schema() -> dict[str, Any]:
+    """The OpenAPI schema of a JSON send, from the one definition (model.MessageFields)."""
+    schema = TypeAdapter(MessageFields).json_schema()
+    schema["properties"].pop("count", None)
+    schema["properties"]["state"] = {"enum": list(SEND_STATES), "default": "que",
+                                     "description": "prep: attach files, then commit"}
+    schema["properties"]["due"]["description"] = "epoch seconds; default now"
+    schema["properties"]["delay"]["description"] = "seconds from now (instead of due)"
+    schema["title"] = "NewMessage"
+    schema["additionalProperties"] = False
+    return schema
 
 
 class AdminAction(StrEnum):
@@ -102,7 +102,7 @@ _SEND_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": NewMessage.model_json_schema()},
+            "application/json": {"schema": _new_message_schema()},
             "multipart/form-data": {"schema": {
                 "type": "object",
                 "properties": {
@@ -180,13 +180,6 @@ def delete_queue(request: Request, queue: QueueName, force: bool = False) -> dic
 
 
 # -- messages -----------------------------------------------------------------------------
-def _send_fields(data: NewMessage) -> dict[str, Any]:
-    fields = data.model_dump(exclude_none=True, exclude={"state"})
-    if fields.get("max_count") is not None and not 1 <= fields["max_count"] <= 2**31:
-        raise InvalidMessage("max_count must be between 1 and 2147483648")
-    return fields
-
-
 def _receipt_json(ctx: AppContext, queue: str, msg_id: str) -> dict[str, Any]:
     view = ctx.client.get(f"{queue}/{msg_id}")
     return {"queue": queue, "msg_id": msg_id, "full_id": ctx.client.full_id(queue, msg_id),
@@ -194,28 +187,37 @@ def _receipt_json(ctx: AppContext, queue: str, msg_id: str) -> dict[str, Any]:
             "attachments": {n: {"md5": a.md5, "size": a.size} for n, a in view.attachments.items()}}
 
 
-def _parse_message(raw: bytes | str) -> NewMessage:
+def _parse_message(raw: bytes | str) -> tuple[dict[str, Any], str]:
+    """The fields of a JSON send and its state; the values are validated once, by the client
+    (Message.from_dict), as for every other way in."""
+    if len(raw) > MAX_SEND_BYTES:
+        raise TooLarge(f"the message JSON is larger than {MAX_SEND_BYTES >> 20} MiB; put bulk data in an "
+                       "attachment")
     try:
         data = json.loads(raw)
     except ValueError as e:
         raise BadRequest(f"the message is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidMessage("the message must be a JSON object")
-    try:
-        return NewMessage.model_validate(data)
-    except ValidationError as e:
-        raise InvalidMessage(f"invalid message: {validation_text(e.errors())}") from None
+    state = data.pop("state", "que")
+    if state not in SEND_STATES:
+        raise InvalidMessage(f"state must be que or prep, not {state!r}")
+    unknown = set(data) - HTTP_SEND_FIELDS
+    if unknown:
+        raise InvalidMessage(f"unknown message field(s): {', '.join(sorted(unknown))}")
+    return data, state
 
 
-def send_with_files(ctx: AppContext, queue: str, msg: NewMessage, form: ParsedForm | None) -> dict[str, Any]:
+def send_with_files(ctx: AppContext, queue: str, msg: tuple[dict[str, Any], str],
+                    form: ParsedForm | None) -> dict[str, Any]:
     """Store a message with the form's files as attachments, in que (one step) or prep.
 
     Spooled uploads sit on the spool's filesystem, so each attachment is a hard link.
     """
     client = ctx.client
-    fields = _send_fields(msg)
+    fields, state = msg
     files = [f for f in form.files if f.filename] if form else []  # skip a browser's empty file input
-    if msg.state == "prep":
+    if state == "prep":
         receipt = client.prep(queue, **fields)
         for f in files:
             client.attach(receipt, f.path, name=f.filename, link=True)  # our own spooled upload
@@ -234,10 +236,7 @@ async def send_message(request: Request, queue: QueueName) -> dict[str, Any]:
         async with form_of(request, ctx.upload_dir, files=True) as form:
             msg = _parse_message(form.get("message") or "{}")
             return await run_in_threadpool(send_with_files, ctx, queue, msg, form)
-    body = await request.body()
-    if len(body) > 2 * 1024 * 1024:
-        raise InvalidMessage("the message JSON is larger than 2 MiB; put bulk data in an attachment")
-    msg = _parse_message(body or b"")
+    msg = _parse_message(await request.body() or b"")
     return await run_in_threadpool(send_with_files, ctx, queue, msg, None)
 
 

@@ -27,12 +27,12 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..model import MAX_MSG_BYTES
+from ..model import MAX_SEND_BYTES
 from .auth import LOGIN_MAX_BODY
 from .errors import send_error
 from .uploads import MAX_FIELD_BYTES
 
-MAX_BODY = 4 * MAX_MSG_BYTES
+MAX_BODY = 2 * MAX_SEND_BYTES
 """Largest non-multipart request body: room for the biggest message, JSON-escaped."""
 BODY_IDLE_TIMEOUT = 60.0
 BODY_GRACE = 30.0

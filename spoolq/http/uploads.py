@@ -22,15 +22,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from ..errors import TooLarge
+from ..model import MAX_SEND_BYTES
 from .errors import BadRequest
 
-MAX_FIELD_BYTES = 2 * 1024 * 1024
-"""All the non-file fields of one form together (a message's JSON is at most 1 MiB, and
-JSON escaping may double it): before, 1,000 fields of 2 MiB each were allowed (2 GB)."""
+MAX_FIELD_BYTES = MAX_SEND_BYTES
+"""All the non-file fields of one form together (a message as sent, model.MAX_SEND_BYTES):
+before, 1,000 fields of 2 MiB each were allowed (2 GB)."""
 MAX_FIELDS = 100
 """Parts (fields and files) of one form: RQ's largest form has a dozen."""
 MAX_PART_HEADER_BYTES = 8192
-MAX_URLENCODED_BYTES = 4 * 1024 * 1024
+MAX_URLENCODED_BYTES = 2 * MAX_SEND_BYTES
+"""An urlencoded form (RQ's routes): a message's fields, percent-encoding doubling them
+(the same number as limits.MAX_BODY, the cap on any non-upload body)."""
 FLUSH_BYTES = 1024 * 1024
 UPLOAD_PREFIX = "upload."
 
