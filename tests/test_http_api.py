@@ -593,3 +593,18 @@ def test_ui_forms_prep_attach_commit_and_bulk(http: TestClient, client: spoolq.C
     done = finished(http, {"url": f"{API}/operations/{r.headers['location'].rsplit('/', 1)[1]}"})
     assert (done["action"], done["succeeded"], done["remaining"]) == ("delete", 4, 1)
     assert client.counts("work")["que"] == 1
+
+
+def test_the_openapi_document_describes_every_json_answer(http: TestClient) -> None:
+    """Issue 8: JSON endpoints declare what they return (spoolq/http/schemas.py)."""
+    spec = http.get(f"{API}/openapi.json").json()
+    undescribed = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            for status, resp in op.get("responses", {}).items():
+                schema = resp.get("content", {}).get("application/json", {}).get("schema")
+                if status.startswith("2") and schema is not None and not (schema.get("$ref") or schema.get("items")):
+                    undescribed.append(f"{method.upper()} {path} {status}")
+    assert undescribed == [], undescribed
+    msg = spec["components"]["schemas"]["MessageOut"]["properties"]
+    assert {"msg_id", "state", "status", "history", "_attachments"} <= set(msg)

@@ -37,6 +37,19 @@ from .common import (
     queue_summary,
 )
 from .errors import BadRequest
+from .schemas import (
+    AckedOut,
+    ActionOut,
+    AttachedOut,
+    DeletedOut,
+    LoginLinkOut,
+    MessageOut,
+    MessagePage,
+    OperationOut,
+    QueueConfigOut,
+    QueueSummary,
+    ReceiptOut,
+)
 from .uploads import ParsedForm, form_of
 
 router = APIRouter(prefix="/api/v1")
@@ -126,7 +139,7 @@ class LoginLinkRequest(BaseModel):
     ttl: float = Field(LINK_TTL, gt=0, le=86400, description="seconds the link stays valid (it works once)")
 
 
-@router.post("/login-links", status_code=201,
+@router.post("/login-links", status_code=201, response_model=LoginLinkOut,
              summary="A one-time sign-in link for the web UI (what `spoolq login-url` prints)")
 def login_link(request: Request, req: LoginLinkRequest | None = Body(None)) -> dict[str, Any]:  # noqa: B008
     req = req or LoginLinkRequest.model_validate({})
@@ -137,12 +150,12 @@ def login_link(request: Request, req: LoginLinkRequest | None = Body(None)) -> d
 
 
 
-@router.get("/queues", summary="All queues with admin status and counts per state")
+@router.get("/queues", response_model=list[QueueSummary], summary="All queues with admin status and counts per state")
 def list_queues(request: Request) -> list[dict[str, Any]]:
     return all_summaries(_ctx(request))
 
 
-@router.post("/queues", status_code=201, summary="Create a queue from a config object")
+@router.post("/queues", status_code=201, response_model=QueueSummary, summary="Create a queue from a config object")
 def create_queue(request: Request, config: dict[str, Any] = Body(  # noqa: B008
         ..., examples=[{"name": "mail", "script": "/usr/local/bin/send-mail", "num_workers": 2}])
 ) -> dict[str, Any]:
@@ -151,29 +164,31 @@ def create_queue(request: Request, config: dict[str, Any] = Body(  # noqa: B008
     return queue_summary(ctx, cfg.name, with_config=True)
 
 
-@router.get("/queues/{queue}", summary="One queue: status, counts, config")
+@router.get("/queues/{queue}", response_model=QueueSummary, summary="One queue: status, counts, config")
 def get_queue(request: Request, queue: QueueName) -> dict[str, Any]:
     return queue_summary(_ctx(request), queue, with_config=True)
 
 
-@router.get("/queues/{queue}/config", summary="A queue's config")
+@router.get("/queues/{queue}/config", response_model=QueueConfigOut, summary="A queue's config")
 def get_config(request: Request, queue: QueueName) -> dict[str, Any]:
     return _ctx(request).client.queue_config(queue).to_dict()
 
 
-@router.patch("/queues/{queue}/config", summary="Change config keys (the next run uses them)")
+@router.patch("/queues/{queue}/config", response_model=QueueConfigOut,
+              summary="Change config keys (the next run uses them)")
 def patch_config(request: Request, queue: QueueName, changes: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
     if "name" in changes and changes["name"] != queue:
         raise InvalidConfig("a queue cannot be renamed")
     return _ctx(request).client.update_queue(queue, **changes).to_dict()
 
 
-@router.post("/queues/{queue}/ack-errs", summary="Acknowledge every error of a queue")
+@router.post("/queues/{queue}/ack-errs", response_model=AckedOut, summary="Acknowledge every error of a queue")
 def ack_errs(request: Request, queue: QueueName) -> dict[str, Any]:
     return {"queue": queue, "acked": _ctx(request).client.ack_errs(queue)}
 
 
-@router.delete("/queues/{queue}", summary="Delete a queue (refused while it holds work, unless force)")
+@router.delete("/queues/{queue}", response_model=DeletedOut,
+               summary="Delete a queue (refused while it holds work, unless force)")
 def delete_queue(request: Request, queue: QueueName, force: bool = False) -> dict[str, Any]:
     _ctx(request).client.delete_queue(queue, force=force)
     return {"queue": queue, "deleted": True}
@@ -227,7 +242,7 @@ def send_with_files(ctx: AppContext, queue: str, msg: tuple[dict[str, Any], str]
     return _receipt_json(ctx, queue, receipt.msg_id)
 
 
-@router.post("/queues/{queue}/messages", status_code=201, openapi_extra=_SEND_BODY,
+@router.post("/queues/{queue}/messages", status_code=201, openapi_extra=_SEND_BODY, response_model=ReceiptOut,
              summary="Send a message: JSON, or multipart with a 'message' JSON field and files")
 async def send_message(request: Request, queue: QueueName) -> dict[str, Any]:
     ctx = _ctx(request)
@@ -240,7 +255,8 @@ async def send_message(request: Request, queue: QueueName) -> dict[str, Any]:
     return await run_in_threadpool(send_with_files, ctx, queue, msg, None)
 
 
-@router.get("/queues/{queue}/messages", summary="Messages in one state, newest first, paginated")
+@router.get("/queues/{queue}/messages", response_model=MessagePage,
+            summary="Messages in one state, newest first, paginated")
 def list_messages(request: Request, queue: QueueName, state: State = State.QUE,
                   limit: int = Query(50, ge=1, le=1000), cursor: str | None = None,
                   filter: str | None = None,
@@ -258,7 +274,7 @@ def list_messages(request: Request, queue: QueueName, state: State = State.QUE,
             "items": [v.to_rq_json(ctx.client.full_id(queue, v.msg_id), local_paths=False) for v in page.items]}
 
 
-@router.post("/queues/{queue}/bulk", status_code=202,
+@router.post("/queues/{queue}/bulk", status_code=202, response_model=OperationOut,
              summary="Start one action over every message a filter matches (a background operation)")
 def bulk_action(request: Request, queue: QueueName, req: BulkRequest) -> dict[str, Any]:
     op = _ctx(request).operations.start(queue, req.state, req.filter or None, req.action.value,
@@ -269,33 +285,38 @@ def bulk_action(request: Request, queue: QueueName, req: BulkRequest) -> dict[st
 OpId = Annotated[str, FastPath(pattern=r"^[0-9a-f]{16}$", description="an operation id")]
 
 
-@router.get("/operations", summary="Bulk operations, newest first (kept until restart)")
+@router.get("/operations", response_model=list[OperationOut],
+            summary="Bulk operations, newest first (kept until restart)")
 def list_operations(request: Request) -> list[dict[str, Any]]:
     return [op.to_json() for op in _ctx(request).operations.recent()]
 
 
-@router.get("/operations/{op_id}", summary="One bulk operation's progress; ?wait=S waits until it ends")
+@router.get("/operations/{op_id}", response_model=OperationOut,
+            summary="One bulk operation's progress; ?wait=S waits until it ends")
 def get_operation(request: Request, op_id: OpId, wait: float = Query(0, ge=0, le=60)) -> dict[str, Any]:
     ops = _ctx(request).operations
     return (ops.wait(op_id, wait) if wait else ops.get(op_id)).to_json()
 
 
-@router.post("/operations/{op_id}/cancel", summary="Stop a bulk operation (what it did stays done)")
+@router.post("/operations/{op_id}/cancel", response_model=OperationOut,
+             summary="Stop a bulk operation (what it did stays done)")
 def cancel_operation(request: Request, op_id: OpId) -> dict[str, Any]:
     return _ctx(request).operations.cancel(op_id).to_json()
 
 
-@router.get("/queues/{queue}/messages/{msg_id}", summary="One message (RQ's JSON plus history)")
+@router.get("/queues/{queue}/messages/{msg_id}", response_model=MessageOut,
+            summary="One message (RQ's JSON plus history)")
 def get_message(request: Request, queue: QueueName, msg_id: MsgId) -> dict[str, Any]:
     return _ctx(request).client.message_json(f"{queue}/{msg_id}", local_paths=False)
 
 
-@router.delete("/queues/{queue}/messages/{msg_id}", summary="Delete a message (not while it runs)")
+@router.delete("/queues/{queue}/messages/{msg_id}", response_model=ActionOut,
+               summary="Delete a message (not while it runs)")
 def delete_message(request: Request, queue: QueueName, msg_id: MsgId) -> dict[str, Any]:
     return act(_ctx(request).client, queue, msg_id, "delete")
 
 
-@router.post("/queues/{queue}/messages/{msg_id}/attachments", status_code=201,
+@router.post("/queues/{queue}/messages/{msg_id}/attachments", status_code=201, response_model=AttachedOut,
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
                  "schema": {"type": "object", "properties": {
                      "file": {"type": "string", "format": "binary"},
@@ -315,7 +336,7 @@ async def add_attachment(request: Request, queue: QueueName, msg_id: MsgId) -> d
     return {"name": info.name, "md5": info.md5, "sha256": info.sha256, "size": info.size}
 
 
-@router.post("/queues/{queue}/messages/{msg_id}/{action}",
+@router.post("/queues/{queue}/messages/{msg_id}/{action}", response_model=ActionOut,
              summary="retry (err), clone (final), run-now (que), cancel (run), commit (prep)")
 def message_action(request: Request, queue: QueueName, msg_id: MsgId, action: MessageAction) -> dict[str, Any]:
     return act(_ctx(request).client, queue, msg_id, action.value)
@@ -337,7 +358,7 @@ def get_log(request: Request, queue: QueueName, msg_id: MsgId) -> Response:
 
 
 # Registered last: its path would otherwise shadow the other POST /queues/{queue}/... routes.
-@router.post("/queues/{queue}/{action}", summary="pause, resume, down or up")
+@router.post("/queues/{queue}/{action}", response_model=QueueSummary, summary="pause, resume, down or up")
 def admin(request: Request, queue: QueueName, action: AdminAction) -> dict[str, Any]:
     ctx = _ctx(request)
     ctx.client.admin_action(queue, action.value)

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..prometheus import label as _label
 from .common import all_summaries, ctx_of
+from .schemas import HealthOut
 
 router = APIRouter()
 ExtraMetrics = Callable[[], str]
@@ -96,7 +97,8 @@ class RequestMetrics:
                            time.perf_counter() - t0)
 
 
-@router.get("/healthz", summary="Liveness: 200 when the store answers (public: no paths, no counts)")
+@router.get("/healthz", response_model=HealthOut,
+            summary="Liveness: 200 when the store answers (public: no paths, no counts)")
 def healthz(request: Request) -> dict[str, Any]:
     ctx = ctx_of(request)
     ctx.client.queues()
