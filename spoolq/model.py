@@ -525,6 +525,12 @@ class AttachmentInfo:
         return {"md5": self.md5, "sha256": self.sha256, "size": self.size, "path": self.path}
 
 
+def runner_host(runner: str | None) -> str:
+    """The host in a runner record (``Store.heartbeat(runner="pid spawn_ns host")``)."""
+    fields = (runner or "").split()
+    return fields[2] if len(fields) > 2 else ""
+
+
 @dataclass
 class MessageView:
     """A message as read: the stored message plus derived state, status and attachments."""
@@ -535,6 +541,7 @@ class MessageView:
     job_status: str = ""
     attachments: dict[str, AttachmentInfo] = field(default_factory=dict)
     acked: bool = False
+    host: str = ""  # in run: the host whose daemon runs it ("" when not known yet)
 
     @property
     def msg_id(self) -> str:
@@ -565,6 +572,8 @@ class MessageView:
             d["orig_msg_id"] = d.get("orig_msg_id") or full_id
         if self.acked:
             d["acked"] = True
+        if self.host:
+            d["host"] = self.host
         if self.attachments:
             d["_attachments"] = {n: a.to_dict() for n, a in sorted(self.attachments.items())}
             if not local_paths:

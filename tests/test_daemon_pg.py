@@ -3,6 +3,7 @@ several of them on one database acting as hosts."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,15 @@ def test_attachments_reach_the_script_and_cancel_stops_it(client: spoolq.Client,
     v = client.wait(client.send("q", attachments=[str(f)]), 30)
     assert v.state == State.DONE and v.job_status.startswith("attached "), v
     slow = client.send("q", param1="slow")
-    wait_for(lambda: client.get(slow).state == State.RUN, 30, "the start")
+    wait_for(lambda: client.get(slow).host != "", 30, "the start")
+    assert client.get(slow).host == socket.gethostname(), "the API names the host that runs it"
+    from fastapi.testclient import TestClient
+    from http_helpers import AUTH, TOKEN
+
+    from spoolq.http.app import create_app
+
+    page = TestClient(create_app(client, TOKEN), base_url="http://127.0.0.1", headers=AUTH).get(f"/q/q/{slow.msg_id}")
+    assert f'<dd id="msg-host">{socket.gethostname()}</dd>' in page.text, "and so does the UI"
     client.cancel(slow)
     v = client.wait(slow, 30)
     assert (v.state, v.job_status) == (State.ERR, "cancelled")

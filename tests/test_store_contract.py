@@ -730,3 +730,20 @@ def test_a_held_duplicate_that_leaves_the_queue_is_free(store: Store) -> None:
     assert isinstance(b, Attempt) and b.msg_id == dup, "no longer held by the parent"
     store.finish(a, State.DONE, status="ok")
     assert store.state_of("q", dup) == State.RUN, "the parent's success does not take it along"
+
+
+def test_a_running_message_names_the_host_that_runs_it(store: Store) -> None:
+    """Issue 8: the API and the UI show which host runs each attempt (``MessageView.host``,
+    from the runner its daemon recorded)."""
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    a = store.claim("q", owner="host-b:12", lease=30, now=time.time() + 5)
+    assert isinstance(a, Attempt)
+    assert store.get("q", m).host == "", "not started yet"
+    store.heartbeat(a, lease=30, runner="4242 17 host-b")
+    v = store.get("q", m)
+    assert v.host == "host-b" and v.to_rq_json()["host"] == "host-b"
+    store.finish(a, State.DONE, status="ok")
+    assert store.get("q", m).host == "" and "host" not in store.get("q", m).to_rq_json()

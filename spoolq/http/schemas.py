@@ -72,6 +72,7 @@ class MessageOut(_Out):
     path: str
     full_msg_id: str | None = None
     acked: bool | None = None
+    host: str | None = Field(None, description="in run: the host whose daemon runs it")
     attachments: dict[str, AttachmentOut] | None = Field(None, alias="_attachments")
 
 

@@ -45,6 +45,7 @@ from ..model import (
     QueueConfig,
     State,
     check_transition,
+    runner_host,
     search_text,
 )
 from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names, source_stream
@@ -326,6 +327,7 @@ class MemoryStore:
             job_status=e.status,
             attachments={n: info for n, (_, info) in e.attachments.items()},
             acked=e.acked,
+            host=runner_host(e.runner) if e.state == State.RUN else "",
         )
 
     def get(self, queue: str, msg_id: str) -> MessageView:

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import secrets
+import socket
 import stat
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from ...model import (
     Message,
     MessageView,
     State,
+    runner_host,
 )
 from .beneath import NotBeneath, open_dir_beneath, open_in
 from .inotify import FsMessageWatch
@@ -126,7 +128,7 @@ class ReadParts(QueueParts):
             pass
         atts = _attachments(self.qroot / queue, path)
         return MessageView(queue=queue, message=m, state=state, job_status=job_status,
-                           attachments=atts, acked=acked)
+                           attachments=atts, acked=acked, host=_running_host(path) if state == State.RUN else "")
 
     def get(self, queue: str, msg_id: str) -> MessageView:
         for _ in range(3):
@@ -303,3 +305,12 @@ def _job_status(path: Path) -> str:
     except OSError:
         return ""
 
+
+def _running_host(path: Path) -> str:
+    """The host named in a running message's ``pid`` file (this one, for a file written by an
+    older daemon without it); "" before the script started."""
+    try:
+        runner = (path / "pid").read_text(errors="replace")
+    except OSError:
+        return ""
+    return runner_host(runner) or socket.gethostname()

@@ -26,7 +26,17 @@ from ...errors import (
     WrongState,
 )
 from ...ids import make_id, validate_msg_id, validate_queue_name
-from ...model import AttachmentInfo, IdPage, ListPage, Message, MessageView, State, check_transition, search_text
+from ...model import (
+    AttachmentInfo,
+    IdPage,
+    ListPage,
+    Message,
+    MessageView,
+    State,
+    check_transition,
+    runner_host,
+    search_text,
+)
 from ..base import AttachmentSource, attachment_name, check_attachment_names, source_stream
 from .blobs import write_chunks
 from .connection import Cursor
@@ -175,7 +185,8 @@ class MessageParts(QueueParts):
     @staticmethod
     def _view(queue: str, row: DictRow, attachments: dict[str, AttachmentInfo]) -> MessageView:
         return MessageView(queue=queue, message=decoded(row), state=State(row["state"]), job_status=row["status"],
-                           attachments=attachments, acked=row["acked"])
+                           attachments=attachments, acked=row["acked"],
+                           host=runner_host(row.get("runner")) if row["state"] == State.RUN else "")
 
     def get(self, queue: str, msg_id: str) -> MessageView:
         validate_queue_name(queue)

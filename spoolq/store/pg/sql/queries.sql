@@ -102,7 +102,7 @@ VALUES (%(queue)s, %(msg_id)s, %(state)s, %(due)s, %(param1)s, %(param2)s, %(par
 ON CONFLICT (queue, msg_id) DO NOTHING RETURNING msg_id
 
 -- name: message_get
-SELECT m.state, m.acked, m.status, m.msg, m.history,
+SELECT m.state, m.acked, m.status, m.msg, m.history, m.runner,
        (SELECT coalesce(jsonb_agg(jsonb_build_array(a.name, a.size, a.md5, a.sha256)), '[]')
         FROM spoolq.attachments a WHERE a.queue = m.queue AND a.msg_id = m.msg_id) AS attachments
 FROM spoolq.messages m WHERE m.queue = %(queue)s AND m.msg_id = %(msg_id)s
