@@ -406,7 +406,8 @@ class QueueConfig:
 
     name: str
     script: str = ""
-    num_workers: int = 1
+    num_workers: int = 1  # per host
+    cluster_workers: int | None = None  # over every host serving the store together; None: no limit
     exec_prefix: str = ""
     env_vars: dict[str, str] = field(default_factory=dict)
     coalesce_params: list[int] = field(default_factory=list)
@@ -451,6 +452,11 @@ class QueueConfig:
         if isinstance(nw, bool) or not isinstance(nw, int) or not 1 <= nw <= 128:
             raise InvalidConfig(f"num_workers must be an integer 1-128, got {nw!r}")
         c.num_workers = nw
+        cw = data.get("cluster_workers")
+        if cw is not None:
+            if isinstance(cw, bool) or not isinstance(cw, int) or not 1 <= cw <= 100_000:
+                raise InvalidConfig(f"cluster_workers must be an integer 1-100000 or null, got {cw!r}")
+            c.cluster_workers = cw
         prefix = data.get("exec_prefix", "")
         if prefix is None:
             prefix = ""
@@ -499,6 +505,7 @@ class QueueConfig:
             "name": self.name,
             "script": self.script,
             "num_workers": self.num_workers,
+            "cluster_workers": self.cluster_workers,
             "exec_prefix": self.exec_prefix,
             "env_vars": dict(self.env_vars),
             "coalesce_params": list(self.coalesce_params),

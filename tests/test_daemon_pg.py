@@ -231,3 +231,19 @@ def test_a_frozen_host_loses_its_lease_and_cannot_finish(client: spoolq.Client, 
              "its script stopped and its outcome dropped")
     v = client.get(r)
     assert (v.state, v.job_status, v.message.count) == (State.DONE, "second run", 1), v
+
+
+def test_cluster_workers_bound_a_queue_over_every_host(client: spoolq.Client, hosts: Any, tmp_path: Path) -> None:
+    """num_workers is per host (2 each here); cluster_workers 1 lets one message run at a
+    time over both hosts. The script notices company with an atomic mkdir."""
+    lock, seen = tmp_path / "running", tmp_path / "seen"
+    s = tmp_path / "alone.sh"
+    s.write_text(f'#!/bin/sh\nif mkdir {lock} 2>/dev/null; then sleep 0.2; rmdir {lock}; echo alone >> {seen}\n'
+                 f'else echo OVERLAP >> {seen}; fi\necho "done" >&3\n')
+    s.chmod(0o755)
+    client.create_queue("q", script=str(s), num_workers=2, cluster_workers=1)
+    hosts(2)
+    rs = client.send_many("q", [{} for _ in range(8)])
+    for r in rs:
+        assert client.wait(r, 60).state == State.DONE
+    assert seen.read_text().split() == ["alone"] * 8

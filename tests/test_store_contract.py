@@ -83,6 +83,7 @@ def test_bad_queue_names_are_refused(store: Store, bad: str) -> None:
 @pytest.mark.parametrize("cfg", [
     {"num_workers": 0}, {"num_workers": "many"}, {"env_vars": {"RQ_X": "1"}}, {"env_vars": {"1A": "x"}},
     {"coalesce_params": [5]}, {"timeout": -1}, {"fsync": "yes"}, {"bogus": 1}, {"script": ""},
+    {"cluster_workers": 0}, {"cluster_workers": "2"}, {"cluster_workers": True},
 ])
 def test_bad_queue_configs_are_refused(store: Store, cfg: dict[str, Any]) -> None:
     with pytest.raises(InvalidConfig):
@@ -747,3 +748,21 @@ def test_a_running_message_names_the_host_that_runs_it(store: Store) -> None:
     assert v.host == "host-b" and v.to_rq_json()["host"] == "host-b"
     store.finish(a, State.DONE, status="ok")
     assert store.get("q", m).host == "" and "host" not in store.get("q", m).to_rq_json()
+
+
+def test_cluster_workers_limit_running_messages_over_every_host(store: Store) -> None:
+    """Issue 8: ``num_workers`` is per host; ``cluster_workers`` bounds a queue's running
+    messages over every host that claims from the store."""
+    from spoolq.store.leases import Attempt
+
+    make_queue(store, cluster_workers=2)
+    for _ in range(3):
+        store.create("q", msg())
+    t = time.time() + 5
+    a = store.claim("q", owner="host-a", lease=30, now=t)
+    b = store.claim("q", owner="host-b", lease=30, now=t)
+    assert isinstance(a, Attempt) and isinstance(b, Attempt)
+    assert store.claim("q", owner="host-c", lease=30, now=t) is None, "two run: the third waits"
+    store.finish(a, State.DONE, status="ok")
+    assert isinstance(store.claim("q", owner="host-c", lease=30, now=t), Attempt)
+    assert store.queue_config("q").to_dict()["cluster_workers"] == 2

@@ -76,10 +76,19 @@ def new_attempt_id(msg_id: str, count: int) -> str:
     return f"{msg_id}.{count}.{secrets.token_hex(4)}"
 
 
+def at_cluster_limit(cfg: QueueConfig, running: int) -> bool:
+    """The queue's ``cluster_workers`` (over every host) are all busy: claim nothing."""
+    return cfg.cluster_workers is not None and running >= cfg.cluster_workers
+
+
 def pick(queued: Iterable[Candidate], running: Iterable[Params], cfg: QueueConfig,
          now: float) -> tuple[Candidate | None, list[str], float | None]:
     """The message to start now, its duplicates to hold, and otherwise when the first
-    blocked-free message becomes due (None: nothing queued that could run)."""
+    blocked-free message becomes due (None: nothing queued that could run, or the queue's
+    ``cluster_workers`` are all busy)."""
+    running = list(running)
+    if at_cluster_limit(cfg, len(running)):
+        return None, [], None
     blocked = {key_of(p, cfg.blocking_params) for p in running} - {None}
     ordered = sorted(queued, key=lambda c: (c.due, sort_key(c.msg_id)))
     wake: float | None = None

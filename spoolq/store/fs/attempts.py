@@ -34,7 +34,18 @@ from typing import Any
 from ... import durable
 from ...errors import CorruptMessage, MessageNotFound, QueueNotFound, SpoolqError, StorageError, WrongState
 from ...model import AdminState, Message, QueueConfig, State
-from ..leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, key_of, new_attempt_id, params_of, pick
+from ..leases import (
+    SUCCESS,
+    Attempt,
+    Candidate,
+    Lease,
+    at_cluster_limit,
+    fenced_out,
+    key_of,
+    new_attempt_id,
+    params_of,
+    pick,
+)
 from .beneath import open_dir_beneath
 from .index import QueueIndex
 from .layout import iter_entries, message_path
@@ -131,8 +142,11 @@ class AttemptParts(WriteParts):
                        now: float) -> Attempt | float | None:
         if cfg.coalesce_params and ix.walk is not None and ix.walk.full:
             return None  # every duplicate must be indexed before a parent is chosen
+        mine = self._mine.get(ix.name, {})
+        if at_cluster_limit(cfg, len(mine)):
+            return None  # one daemon per root: its attempts are every running one
         bp = cfg.blocking_params
-        blocked = {key_of(params_of(a.message), bp) for a in self._mine.get(ix.name, {}).values()} if bp else set()
+        blocked = {key_of(params_of(a.message), bp) for a in mine.values()} if bp else set()
         while True:
             entry, wake = ix.next_runnable(now, bp, blocked)
             if entry is None:

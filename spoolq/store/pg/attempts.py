@@ -16,7 +16,7 @@ from psycopg.rows import DictRow
 from ...errors import WrongState
 from ...ids import sort_key, validate_msg_id, validate_queue_name
 from ...model import AdminState, Message, QueueConfig, State
-from ..leases import SUCCESS, Attempt, Lease, fenced_out, key_of
+from ..leases import SUCCESS, Attempt, Lease, at_cluster_limit, fenced_out, key_of
 from .connection import CLAIM_LOCK, Cursor
 from .messages import MessageParts, decoded
 from .sql import Q
@@ -32,10 +32,15 @@ class AttemptParts(MessageParts):
             if AdminState.of_flags(row["paused"], row["down"]) != AdminState.UP:
                 return None
             cfg = QueueConfig.from_dict(row["config"])
-            if cfg.blocking_params or cfg.coalesce_params:
+            if cfg.blocking_params or cfg.coalesce_params or cfg.cluster_workers:
                 # Claims of this queue take turns: the next claimer's query sees what this one
-                # started (blocking params hold across hosts) and which duplicates it holds.
+                # started (blocking params and cluster_workers hold across hosts) and which
+                # duplicates it holds.
                 cur.execute(Q.claim_lock, {"lock": CLAIM_LOCK, "queue": queue})
+            if cfg.cluster_workers:
+                n = cur.execute(Q.running_count, {"queue": queue}).fetchone()
+                if at_cluster_limit(cfg, n["n"] if n else 0):
+                    return None
             p = {"queue": queue, "owner": owner, "lease": lease, "now": now, "blocking": cfg.blocking_params}
             got = cur.execute(Q.claim, p).fetchone()
             if got is None:

@@ -166,6 +166,9 @@ UPDATE spoolq.messages SET acked = true WHERE queue = %(queue)s AND state = 'err
 -- name: claim_lock
 SELECT pg_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s))
 
+-- name: running_count
+SELECT count(*) AS n FROM spoolq.messages WHERE queue = %(queue)s AND state = 'run'
+
 -- name: claim
 -- que -> run for the first (due, id) that is due, not held, not blocked by a running message
 -- (leases.pick); SKIP LOCKED: a row another claimer is taking is passed over, never shared.
