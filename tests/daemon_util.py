@@ -26,9 +26,10 @@ class Served:
     """A running ``spoolq serve --no-http`` on one root; stderr goes to ``<root>/../daemon.log``."""
 
     def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None,
-                 low_fds_taken: bool = False, store: str | None = None) -> None:
+                 low_fds_taken: bool = False, store: str | None = None, http: bool = False) -> None:
         self.root = root  # the spool root, or with ``store`` (a URL) the daemon's --home
         self.store = store
+        self.http = http  # serve HTTP on self.port too (the token in --home: use --trust-loopback)
         self.args = args
         self.env = env
         self.low_fds_taken = low_fds_taken  # start with fds 3 and 4 open (as s6 or systemd may)
@@ -44,7 +45,8 @@ class Served:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._mark = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [SPOOLQ, "--root", self.store or str(self.root), "serve", "--no-http", "--port", str(self.port), "-v",
+            [SPOOLQ, "--root", self.store or str(self.root), "serve", *(() if self.http else ("--no-http",)),
+             "--port", str(self.port), "-v",
              *(("--home", str(self.root)) if self.store else ()), *self.args],
             stdout=self._log, stderr=self._log, env=e, start_new_session=True,
             **(_low_fds_kwargs() if self.low_fds_taken else {}))

@@ -247,3 +247,33 @@ def test_cluster_workers_bound_a_queue_over_every_host(client: spoolq.Client, ho
     for r in rs:
         assert client.wait(r, 60).state == State.DONE
     assert seen.read_text().split() == ["alone"] * 8
+
+
+def test_each_host_answers_with_full_ids_naming_itself(client: spoolq.Client, pg_url: str, tmp_path: Path) -> None:
+    """Two daemons with HTTP on one database: a message sent through either has a full id
+    naming the host that accepted it, and either host answers for any message."""
+    import httpx
+
+    client.create_queue("q", script=script("rq_script.sh"))
+    servers = []
+    try:
+        for i in range(2):
+            home = tmp_path / f"host{i}" / "home"
+            home.parent.mkdir()
+            servers.append(Served(home, "--trust-loopback", store=pg_url, http=True).start())
+        urls = [f"http://127.0.0.1:{s.port}" for s in servers]
+        sent = []
+        for url in urls:
+            r = httpx.post(f"{url}/api/v1/queues/q/messages", json={"param1": "done"}, timeout=30)
+            assert r.status_code == 201, r.text
+            assert r.json()["full_id"].startswith(f"{url}/q/q/"), (url, r.json())
+            sent.append(r.json()["msg_id"])
+        for m in sent:
+            assert client.wait(f"q/{m}", 30).state == State.DONE
+            for url in urls:  # any host answers for any message
+                got = httpx.get(f"{url}/api/v1/queues/q/messages/{m}", timeout=30).json()
+                assert got["state"] == "done" and got["full_msg_id"] == f"{url}/q/q/{m}"
+    finally:
+        for s in servers:
+            if s.proc is not None and s.proc.poll() is None:
+                s.stop()

@@ -150,11 +150,14 @@ SERVE_LINK_TTL = 24 * 3600.0
 
 
 def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
-    from ..client import open as open_client
+    from ..client import Client
     from ..http.server import start_http
+    from ..store import open_store
 
     directory = "://" not in ctx.root or ctx.root.startswith("file://")
-    client = open_client(str(d.home) if directory else ctx.root)
+    # Full ids this server answers name this host, whichever host the store's shared root
+    # config names (several daemons share a PostgreSQL store).
+    client = Client(open_store(str(d.home) if directory else ctx.root), root_config=d.rootcfg)
     extra = d.runner.stats.render if d.runner is not None else None
     http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
                       login_root=str(d.home))
