@@ -33,8 +33,8 @@ from .model import (
     QueueConfig,
     State,
 )
-from .store import AttachmentSource, FsStore, Store, SweepResult, open_store
-from .store.base import LostFoundRepair, copied_attachments
+from .store import AttachmentSource, Store, SweepResult, open_store
+from .store.base import LocalSpool, LostFoundRepair, copied_attachments
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -324,7 +324,7 @@ class Client:
     def upload_dir(self) -> Path:
         """Where the HTTP server spools uploads: on the spool's filesystem when there is one,
         so that storing an upload is a link, not a copy."""
-        if isinstance(self.store, FsStore):
+        if isinstance(self.store, LocalSpool):
             return self.store.root / ".uploads"
         return Path(tempfile.gettempdir()) / "spoolq-uploads"
 

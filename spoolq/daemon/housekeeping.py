@@ -21,9 +21,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from ..store.base import Store
-from ..store.fs import FsStore
-from ..store.fs.layout import Counts
+from ..store.base import LocalSpool, Store
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -73,9 +71,9 @@ class Housekeeper:
             self.submit(SWEEP, name)
 
     def _cached_size(self, queue: str) -> float:
-        if not isinstance(self.store, FsStore):
+        if not isinstance(self.store, LocalSpool):
             return 0.0
-        counts = Counts(self.store.qdir(queue) / "counts").read()
+        counts = self.store.cached_counts(queue)
         return float(sum(counts.values())) if counts is not None else float("inf")
 
     def submit(self, kind: str, queue: str = "") -> None:
@@ -118,7 +116,7 @@ class Housekeeper:
                 elif kind == SWEEP:
                     swept = self.store.sweep(name)
                     res = Result(kind, name, tuple(swept.removed), tuple(swept.recovered), tuple(swept.problems))
-                elif isinstance(self.store, FsStore):
+                elif isinstance(self.store, LocalSpool):
                     res = Result(kind, name, tuple(self.store.sweep_root()))
                 else:
                     res = Result(kind, name)

@@ -194,6 +194,19 @@ class LostFoundRepair(Protocol):
 
 
 @runtime_checkable
+class LocalSpool(Protocol):
+    """A store that is a directory on this machine (FsStore): the HTTP server spools uploads
+    on its filesystem, so storing one is a hard link; its housekeeping sweeps the root and
+    orders the start-up recounts by the cached counts."""
+
+    root: Path
+
+    def sweep_root(self, *, older_than: float = 3600.0) -> builtins.list[str]: ...
+
+    def cached_counts(self, queue: str) -> dict[str, int] | None: ...
+
+
+@runtime_checkable
 class LocalWork(Protocol):
     """A store whose scripts' working directories are made on this host (PostgreSQL): the
     daemon says where (``<home>/work``)."""

@@ -23,6 +23,7 @@ from ...config import RootConfig, read_root_config, write_root_config
 from ..base import SweepResult
 from . import pidfile
 from .attempts import AttemptParts
+from .layout import Counts
 from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
 
 log = logging.getLogger("spoolq.daemon")
@@ -67,6 +68,10 @@ class FsStore(AttemptParts):
         """Remove ``queue/.new.<name>.<pid>.<rand>``: queues whose creator died before its
         rename (I1), once that process is gone, or older than ``older_than`` seconds."""
         return sweep_root(self, older_than)
+
+    def cached_counts(self, queue: str) -> dict[str, int] | None:
+        """The counts cache as it is (None when missing or unreadable): no walk."""
+        return Counts(self.qdir(queue) / "counts").read()
 
     def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
         """I6: complete staged messages of dead producers go into their state, the rest of
