@@ -214,6 +214,37 @@ SELECT 1 AS held FROM spoolq.messages
 WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
 FOR UPDATE
 
+-- name: attempt_holds
+-- The attempt still holds the message, at this instant (no lock: nothing is written under it).
+SELECT 1 AS held FROM spoolq.messages
+WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
+
+-- name: finish_move
+-- finish when the message itself does not change (no update), in one statement: the UPDATE
+-- of the parent is the fence (it changes the row only while it names this attempt, and a
+-- racing reclaim waits for its row lock or finds the new state), the status and the move;
+-- then its held duplicates, only if the parent moved: taken along on success (as
+-- dups_finish), else let go (as dups_release). CHECK: a held duplicate is in que.
+WITH moved AS (
+    UPDATE spoolq.messages SET
+        state = %(dst)s, acked = false, held_by = NULL,
+        attempt_id = NULL, owner = NULL, lease_until = NULL, runner = NULL, cancel_requested = false,
+        status = CASE WHEN %(set_status)s THEN %(status)s::text ELSE status END,
+        history = history || spoolq.history_entry(%(dst)s, %(note)s)
+    WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
+    RETURNING msg_id, msg, history
+), dups_done AS (
+    UPDATE spoolq.messages d SET state = %(dst)s, acked = false, held_by = NULL, status = %(dup_status)s,
+        msg = CASE WHEN %(dup)s::text IS NULL THEN d.msg
+                   ELSE (d.msg::jsonb || jsonb_build_object('dup', %(dup)s::text))::text END,
+        history = d.history || spoolq.history_entry(%(dst)s, %(dup_note)s)
+    FROM moved WHERE %(success)s AND d.queue = %(queue)s AND d.held_by = moved.msg_id AND d.state = 'que'
+), dups_free AS (
+    UPDATE spoolq.messages d SET held_by = NULL
+    FROM moved WHERE NOT %(success)s AND d.queue = %(queue)s AND d.held_by = moved.msg_id
+)
+SELECT msg, history FROM moved
+
 -- name: dups_finish
 -- A successful parent takes its held duplicates along (que -> done/relayed), each recording
 -- the parent's full id as its "dup" when one is given.
