@@ -58,6 +58,7 @@ VENV_BIN = Path(sys.executable).parent
 TRUE = "/bin/true"
 BATCH = 1000
 HOSTS = (1, 2, 3)
+POLL = 0.025  # how often the harness asks the database how many are finished (both systems alike)
 ISSUE_PROC_ENQ = 899.0  # the issue's figures for procrastinate on this machine
 ISSUE_PROC_DONE = 376.0
 
@@ -94,7 +95,8 @@ class Cluster:
         for attempt in range(5):
             self.port = free_port()
             opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir} "
-                    "-c fsync=on -c synchronous_commit=on -c max_connections=200")
+                    "-c fsync=on -c synchronous_commit=on -c max_connections=200 "
+                    + os.environ.get("BENCH_PG_OPTS", ""))  # e.g. pg_stat_statements for a profile
             try:
                 self._run(str(self.bin / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data),
                           "-l", str(self.dir / "log"), "-o", opts)
@@ -272,7 +274,7 @@ class Spoolq:
         for i in range(0, n, BATCH):
             self.client.send_many(q, [{"param1": str(j)} for j in range(i, min(n, i + BATCH))])
         t_enq = time.time()
-        t_end = wait_for(lambda: self.finished(q) >= n, 120 + n / 10, f"{n} spoolq messages", 0.01)
+        t_end = wait_for(lambda: self.finished(q) >= n, 120 + n / 10, f"{n} spoolq messages", POLL)
         after = meter.snap()
         c = self.client.counts(q)
         return {"msg_s": n / (t_end - t0), "seconds": t_end - t0, "enqueue_seconds": t_enq - t0, "counts": c,
@@ -372,7 +374,8 @@ class Procrastinate:
             ids = task.batch_defer(*({**args, "key": str(j), "stamp_file": ""} for j in range(i, min(n, i + BATCH))))
             first = first or min(ids)
         t_enq = time.time()
-        t_end = wait_for(lambda: self.finished_since(first) >= n, 120 + n / 10, f"{n} procrastinate jobs", 0.01)
+        t_end = wait_for(lambda: self.finished_since(first) >= n, 120 + n / 10, f"{n} procrastinate jobs",
+                         POLL)
         after = meter.snap()
         return {"msg_s": n / (t_end - t0), "seconds": t_end - t0, "enqueue_seconds": t_enq - t0,
                 "failed": self.failed_since(first), "cpu_per_msg": cpu_per_msg(before, after, n)}

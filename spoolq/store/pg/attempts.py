@@ -27,6 +27,12 @@ class AttemptParts(MessageParts):
 
     def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
         validate_queue_name(queue)
+        p = {"queue": queue, "owner": owner, "lease": lease, "now": now, "blocking": []}
+        with self.db.cursor() as cur:  # the common case: one statement, its own transaction
+            got = cur.execute(Q.claim_plain, p).fetchone()
+        if got is not None:
+            return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got),
+                           (), got["cancel_requested"])
         # The queue's row is read on its own, as it was inside the transaction (read committed,
         # no lock): a pause committed meanwhile is seen by the next claim either way.
         row = self._queue_row(queue)

@@ -122,9 +122,13 @@ class PgStore(AttemptParts):
 
     def workdir(self, attempt: Attempt) -> Path:
         """``<local_dir>/<queue>/<id>/job`` on this host, beside ``msg`` and ``attach/``
-        written from the database (store/local.py); kept while the message runs here."""
-        self._fence(attempt)
-        return materialize(self, attempt, self.local_dir or self._scratch.root())
+        written from the database (store/local.py); kept while the message runs here. The
+        fence and the attachments' names are one query."""
+        row = self.db.one(Q.attempt_attachments, {"queue": attempt.queue, "msg_id": attempt.msg_id,
+                                                  "attempt_id": attempt.attempt_id})
+        if row is None:
+            raise fenced_out(attempt)
+        return materialize(self, attempt, self.local_dir or self._scratch.root(), row["names"])
 
     def log_fd(self, attempt: Attempt) -> int:
         """A pipe whose output one thread appends to the message's log as it comes."""

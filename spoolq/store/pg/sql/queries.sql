@@ -187,6 +187,28 @@ FROM pick WHERE m.queue = pick.queue AND m.msg_id = pick.msg_id
 RETURNING m.msg_id, m.msg, m.history, m.attempt_id, m.lease_until, m.cancel_requested,
           m.param1, m.param2, m.param3, m.param4
 
+-- name: claim_plain
+-- claim in one statement for a queue that is up and has neither blocking nor coalesce
+-- params (checked once, in the same statement); no row: the caller takes the general path,
+-- which tells a paused queue, such params, or nothing due.
+WITH pick AS (
+    SELECT m.queue, m.msg_id FROM spoolq.messages m
+    WHERE m.queue = %(queue)s AND m.state = 'que' AND m.held_by IS NULL
+      AND m.due <= coalesce(%(now)s, spoolq.now())
+      AND EXISTS (SELECT 1 FROM spoolq.queues q WHERE q.name = %(queue)s AND NOT q.paused AND NOT q.down
+                  AND q.config->'blocking_params' = '[]'::jsonb AND q.config->'coalesce_params' = '[]'::jsonb)
+    ORDER BY m.due, m.id_time, m.id_n
+    LIMIT 1 FOR UPDATE OF m SKIP LOCKED
+)
+UPDATE spoolq.messages m SET
+    state = 'run', acked = false, leases = m.leases + 1,
+    attempt_id = m.msg_id || '.' || (m.leases + 1) || '.' || left(md5(random()::text), 8),
+    owner = %(owner)s, runner = NULL,
+    lease_until = coalesce(%(now)s, spoolq.now()) + %(lease)s,
+    history = m.history || spoolq.history_entry('run', 'run')
+FROM pick WHERE m.queue = pick.queue AND m.msg_id = pick.msg_id
+RETURNING m.msg_id, m.msg, m.history, m.attempt_id, m.lease_until, m.cancel_requested
+
 -- name: claim_hold_dups
 -- The queued messages with the parent's coalesce key become its held duplicates.
 UPDATE spoolq.messages d SET held_by = %(parent)s
@@ -218,6 +240,13 @@ FOR UPDATE
 -- The attempt still holds the message, at this instant (no lock: nothing is written under it).
 SELECT 1 AS held FROM spoolq.messages
 WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
+
+-- name: attempt_attachments
+-- The attempt holds the message now (no row: it does not), and the names of its attachments.
+SELECT coalesce((SELECT jsonb_agg(a.name) FROM spoolq.attachments a
+                 WHERE a.queue = m.queue AND a.msg_id = m.msg_id), '[]') AS names
+FROM spoolq.messages m
+WHERE m.queue = %(queue)s AND m.msg_id = %(msg_id)s AND m.state = 'run' AND m.attempt_id = %(attempt_id)s
 
 -- name: finish_move
 -- finish when the message itself does not change (no update), in one statement: the UPDATE
