@@ -335,17 +335,22 @@ WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND name = %(name)s AND off < %(
                        AND msg_id = %(msg_id)s AND name = %(name)s AND off <= %(start)s), 0)
 ORDER BY off
 
--- name: log_lock
-SELECT pg_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s || '/' || %(msg_id)s || '/' || %(name)s))
-
 -- name: log_end
 SELECT off + octet_length(data) AS size FROM spoolq.log_chunks
 WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND name = %(name)s
 ORDER BY off DESC LIMIT 1
 
--- name: log_chunk
+-- name: log_append
+-- One append (its chunks at offsets rels from the log's current end) in one statement. Two
+-- appends that read the same end collide on the primary key: the second fails (once the
+-- first has committed) and is tried again (store.py).
 INSERT INTO spoolq.log_chunks (queue, msg_id, name, off, data)
-VALUES (%(queue)s, %(msg_id)s, %(name)s, %(off)s, %(data)s)
+SELECT %(queue)s, %(msg_id)s, %(name)s, e.size + c.rel, c.data
+FROM (SELECT coalesce((SELECT off + octet_length(data) FROM spoolq.log_chunks
+                       WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND name = %(name)s
+                       ORDER BY off DESC LIMIT 1), 0) AS size) e,
+     unnest(%(rels)s::bigint[], %(datas)s::bytea[]) AS c(rel, data)
+RETURNING off + octet_length(data) AS size
 
 -- name: log_read
 SELECT off, data FROM spoolq.log_chunks
