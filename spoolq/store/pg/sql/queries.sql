@@ -95,6 +95,11 @@ SELECT queue, spoolq.count_key(state, acked), count(*) FROM spoolq.messages WHER
 -- name: new_ids
 SELECT spoolq.now() AS now, nextval('spoolq.msg_seq') AS n FROM generate_series(1, %(count)s)
 
+-- name: queue_new_id
+-- A new message's id parts, and whether its queue takes it (no row: no such queue).
+SELECT q.down, spoolq.now() AS now, nextval('spoolq.msg_seq') AS n FROM spoolq.queues q
+WHERE q.name = %(queue)s
+
 -- name: message_insert
 INSERT INTO spoolq.messages (queue, msg_id, state, due, param1, param2, param3, param4, msg, history)
 VALUES (%(queue)s, %(msg_id)s, %(state)s, %(due)s, %(param1)s, %(param2)s, %(param3)s, %(param4)s, %(msg)s,
