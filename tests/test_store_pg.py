@@ -129,6 +129,12 @@ def test_a_host_whose_lease_ran_out_is_fenced_out(stores: list[PgStore]) -> None
         a_store.heartbeat(a, lease=30)
     with pytest.raises(LeaseLost):
         a_store.finish(a, State.DONE, status="late")
+    with pytest.raises(LeaseLost):
+        a_store.workdir(a)
+    with pytest.raises(LeaseLost):
+        a_store.log_fd(a)
+    assert b_store.workdir(b).name == "job"
+    os.close(b_store.log_fd(b))  # its fence read by workdir just before
     v = b_store.get("q", m)
     assert (v.state, v.job_status) == (State.RUN, ""), "the fenced-out finish changed nothing"
     b_store.finish(b, State.ERR, status="crashed")

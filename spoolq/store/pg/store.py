@@ -11,6 +11,7 @@ local directories).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +28,9 @@ from .blobs import CHUNK, Rows, chunk_file, overlap
 from .sql import Q
 from .watch import PgWatch, PgWatcher
 
+FENCE_REUSE = 1.0
+"""Seconds a fence read by ``workdir`` also stands for ``log_fd`` of the same attempt. A lease
+lost meanwhile is caught all the same: the next heartbeat gets LeaseLost, the finish is fenced."""
 APPEND_TRIES = 100
 """Tries of one log append that other appenders keep beating to the log's end."""
 
@@ -39,6 +43,7 @@ class PgStore(AttemptParts):
         self._scratch = ScratchDirs("spoolq-pg-")
         self.local_dir: Path | None = None  # where scripts run on this host (serve: <home>/work)
         self._pump: LogPump | None = None
+        self._fenced = ("", 0.0)  # the attempt whose fence workdir read last, and when (monotonic)
 
     def close(self) -> None:
         if self._pump is not None:
@@ -155,11 +160,16 @@ class PgStore(AttemptParts):
                                                   "attempt_id": attempt.attempt_id})
         if row is None:
             raise fenced_out(attempt)
+        self._fenced = (attempt.attempt_id, time.monotonic())
         return materialize(self, attempt, self.local_dir or self._scratch.root(), row["names"])
 
     def log_fd(self, attempt: Attempt) -> int:
-        """A pipe whose output one thread appends to the message's log as it comes."""
-        self._fence(attempt)
+        """A pipe whose output one thread appends to the message's log as it comes. The fence
+        is read again unless ``workdir`` read it for this attempt within FENCE_REUSE seconds
+        (the daemon asks for both as it starts a script)."""
+        attempt_id, at = self._fenced
+        if attempt_id != attempt.attempt_id or time.monotonic() - at > FENCE_REUSE:
+            self._fence(attempt)
         if self._pump is None:
             self._pump = LogPump()
         q, msg_id = attempt.queue, attempt.msg_id
