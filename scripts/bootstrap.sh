@@ -6,7 +6,7 @@
 #   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby (script tests),
 #                                xfsprogs and e2fsprogs (power-cut tests on loop-mounted images),
 #                                postgresql (the PostgreSQL store's tests) when initdb is missing
-#   scripts/bootstrap.sh bench   + redis-server and the peers benchmarked against
+#   scripts/bootstrap.sh bench   + redis-server, postgresql and the peers benchmarked against
 set -euo pipefail
 mode=${1:-run}
 cd "$(dirname "$0")/.."
@@ -64,5 +64,10 @@ case "$mode" in
     if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
       apt_install postgresql
     fi ;;
-  bench) apt_install redis-server ;;
+  bench)
+    apt_install redis-server
+    # bench/pg.py starts its own PostgreSQL cluster from these binaries
+    if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+      apt_install postgresql
+    fi ;;
 esac

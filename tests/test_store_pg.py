@@ -129,6 +129,12 @@ def test_a_host_whose_lease_ran_out_is_fenced_out(stores: list[PgStore]) -> None
         a_store.heartbeat(a, lease=30)
     with pytest.raises(LeaseLost):
         a_store.finish(a, State.DONE, status="late")
+    with pytest.raises(LeaseLost):
+        a_store.workdir(a)
+    with pytest.raises(LeaseLost):
+        a_store.log_fd(a)
+    assert b_store.workdir(b).name == "job"
+    os.close(b_store.log_fd(b))  # its fence read by workdir just before
     v = b_store.get("q", m)
     assert (v.state, v.job_status) == (State.RUN, ""), "the fenced-out finish changed nothing"
     b_store.finish(b, State.ERR, status="crashed")
@@ -195,6 +201,36 @@ def test_a_message_watch_wakes_on_its_log_only(stores: list[PgStore]) -> None:
         timer.join()
         assert time.monotonic() - t0 < 10, "woken by the log, not by the timeout"
     assert s.read_log("q", m) == b"line\n"
+
+
+def test_log_appends_racing_from_several_hosts_keep_every_byte_once(stores: list[PgStore]) -> None:
+    """One-statement appends collide on the log's end and read it again: no chunk lost,
+    none overlapping, whichever host appends."""
+    from spoolq.errors import MessageNotFound
+
+    make_queue(stores[0])
+    m = stores[0].create("q", Message()).msg_id
+    lines = [[f"host {h} line {i:03d}\n".encode() for i in range(40)] for h in range(4)]
+
+    def append(h: int) -> None:
+        for line in lines[h]:
+            stores[h].append_log("q", m, line)
+
+    threads = [threading.Thread(target=append, args=(h,)) for h in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = stores[0].read_log("q", m).splitlines(keepends=True)
+    assert sorted(got) == sorted(line for h in lines for line in h)
+    for h in range(4):
+        assert [x for x in got if x.startswith(f"host {h} ".encode())] == lines[h], "each host's lines in order"
+    end = len(b"".join(got))
+    with stores[0].db.tx():  # inside a transaction the append is a savepoint
+        assert stores[0].append_log("q", m, b"in a transaction\n") == end + 17
+    assert stores[1].read_log("q", m, offset=end) == b"in a transaction\n"
+    with pytest.raises(MessageNotFound):
+        stores[1].append_log("q", m[:-1] + ("9" if m[-1] != "9" else "8"), b"no such message\n")
 
 
 @pytest.mark.parametrize("kind", ["memory", "pg"])

@@ -83,6 +83,7 @@ def register(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     from ..daemon.supervisor import Daemon
+    from ..runner.spawn import reserve_low_fds
     from ..store import open_store
     from ..store.base import LocalWork
 
@@ -108,6 +109,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     if args.rescan is not None:
         logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
                                             "rescans queues (see docs/operations.md)")
+    # fds 3 and 4 for spawning (the fast vfork path), claimed before the store opens anything:
+    # a database store keeps connections open, and its sockets would take them.
+    reserve_low_fds()
     store = open_store(ctx.root)
     if isinstance(store, LocalWork):
         store.local_dir = Path(home) / "work"

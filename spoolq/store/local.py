@@ -15,7 +15,7 @@ import os
 import selectors
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,9 +31,10 @@ log = logging.getLogger("spoolq.daemon")
 CHUNK = 1 << 20
 
 
-def materialize(store: Store, attempt: Attempt, base: Path) -> Path:
+def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str] | None = None) -> Path:
     """``base/<queue>/<id>/job``, beside ``msg`` and ``attach/`` written from the store; kept
-    across attempts on this host (the script's files stay, as on the filesystem store)."""
+    across attempts on this host (the script's files stay, as on the filesystem store).
+    ``names``: the message's attachments, when the caller has read them already."""
     mdir = base / validate_queue_name(attempt.queue) / validate_msg_id(attempt.msg_id)
     job = mdir / "job"
     job.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,8 @@ def materialize(store: Store, attempt: Attempt, base: Path) -> Path:
     os.replace(tmp, mdir / "msg")
     attach = mdir / "attach"
     attach.mkdir(exist_ok=True)
-    names = store.get(attempt.queue, attempt.msg_id).attachments
+    if names is None:
+        names = store.get(attempt.queue, attempt.msg_id).attachments
     for name in names:
         dest = attach / name
         if dest.exists():

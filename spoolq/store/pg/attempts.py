@@ -15,7 +15,7 @@ from psycopg.rows import DictRow
 
 from ...errors import WrongState
 from ...ids import sort_key, validate_msg_id, validate_queue_name
-from ...model import AdminState, Message, QueueConfig, State
+from ...model import AdminState, Message, QueueConfig, State, check_transition
 from ..leases import SUCCESS, Attempt, Lease, at_cluster_limit, fenced_out, key_of
 from .connection import CLAIM_LOCK, Cursor
 from .messages import MessageParts, decoded
@@ -27,21 +27,37 @@ class AttemptParts(MessageParts):
 
     def claim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> Attempt | float | None:
         validate_queue_name(queue)
+        p = {"queue": queue, "owner": owner, "lease": lease, "now": now, "blocking": []}
+        with self.db.cursor() as cur:  # the common case: one statement, its own transaction
+            got = cur.execute(Q.claim_plain, p).fetchone()
+        if got is not None:
+            return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got),
+                           (), got["cancel_requested"])
+        # The queue's row is read on its own, as it was inside the transaction (read committed,
+        # no lock): a pause committed meanwhile is seen by the next claim either way.
+        row = self._queue_row(queue)
+        if AdminState.of_flags(row["paused"], row["down"]) != AdminState.UP:
+            return None
+        cfg = QueueConfig.from_dict(row["config"])
+        p = {"queue": queue, "owner": owner, "lease": lease, "now": now, "blocking": cfg.blocking_params}
+        if not (cfg.blocking_params or cfg.coalesce_params or cfg.cluster_workers):
+            # The claim is one statement (its own transaction): no BEGIN and COMMIT round trips.
+            with self.db.cursor() as cur:
+                got = cur.execute(Q.claim, p).fetchone()
+                if got is None:
+                    wake = cur.execute(Q.claim_wake, p).fetchone()
+                    return None if wake is None else wake["wake"]
+            return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got),
+                           (), got["cancel_requested"])
         with self.db.tx() as cur:
-            row = self._queue_row(queue, cur)
-            if AdminState.of_flags(row["paused"], row["down"]) != AdminState.UP:
-                return None
-            cfg = QueueConfig.from_dict(row["config"])
-            if cfg.blocking_params or cfg.coalesce_params or cfg.cluster_workers:
-                # Claims of this queue take turns: the next claimer's query sees what this one
-                # started (blocking params and cluster_workers hold across hosts) and which
-                # duplicates it holds.
-                cur.execute(Q.claim_lock, {"lock": CLAIM_LOCK, "queue": queue})
+            # Claims of this queue take turns: the next claimer's query sees what this one
+            # started (blocking params and cluster_workers hold across hosts) and which
+            # duplicates it holds.
+            cur.execute(Q.claim_lock, {"lock": CLAIM_LOCK, "queue": queue})
             if cfg.cluster_workers:
                 n = cur.execute(Q.running_count, {"queue": queue}).fetchone()
                 if at_cluster_limit(cfg, n["n"] if n else 0):
                     return None
-            p = {"queue": queue, "owner": owner, "lease": lease, "now": now, "blocking": cfg.blocking_params}
             got = cur.execute(Q.claim, p).fetchone()
             if got is None:
                 wake = cur.execute(Q.claim_wake, p).fetchone()
@@ -61,7 +77,7 @@ class AttemptParts(MessageParts):
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
                   now: float | None = None) -> Lease:
-        with self.db.tx() as cur:
+        with self.db.cursor() as cur:  # one statement: no BEGIN and COMMIT round trips
             row = cur.execute(Q.heartbeat, {"queue": attempt.queue, "msg_id": attempt.msg_id,
                                             "attempt_id": attempt.attempt_id, "lease": lease, "now": now,
                                             "runner": runner}).fetchone()
@@ -74,8 +90,21 @@ class AttemptParts(MessageParts):
                dup_status: str | None = None, dup_of: str | None = None) -> Message:
         """One transaction: the fence (the row locked while it still names this attempt),
         the status, the held duplicates, the move. A failure anywhere changes nothing, so the
-        attempt still holds the message and a retry passes the fence."""
+        attempt still holds the message and a retry passes the fence. Without ``update`` (the
+        message itself unchanged: the common end) all of it is one statement, ``finish_move``."""
         key = {"queue": attempt.queue, "msg_id": attempt.msg_id}
+        if update is None:
+            check_transition(State.RUN, dst)
+            with self.db.cursor() as cur:
+                row = cur.execute(Q.finish_move, {
+                    **key, "attempt_id": attempt.attempt_id, "dst": str(dst), "note": note,
+                    "set_status": status is not None, "status": status, "success": dst in SUCCESS,
+                    "dup": dup_of, "dup_note": f"duplicate of {dup_of}" if dup_of else (note or str(dst)),
+                    "dup_status": f"duplicate {dup_of or attempt.msg_id}" if dup_status is None else dup_status,
+                }).fetchone()
+            if row is None:
+                raise fenced_out(attempt)
+            return decoded(row)
         with self.db.tx() as cur:
             if cur.execute(Q.fence, {**key, "attempt_id": attempt.attempt_id}).fetchone() is None:
                 raise fenced_out(attempt)

@@ -25,7 +25,7 @@ from ...errors import DiskFull, StorageError
 HOST_LOCK = 1397772113  # objid: spoolq.hosts.id, held by a serving daemon's session
 MIGRATE_LOCK = 1397772114  # objid 0: migrations
 CLAIM_LOCK = 1397772115  # objid: hashtext(queue), claims of a queue with blocking/coalesce params
-LOG_LOCK = 1397772116  # objid: hashtext(queue/id/name), appends to one log
+# 1397772116 was the lock of appends to one log: they now collide on its primary key instead
 COUNTS_LOCK = 1397772117  # objid: hashtext(queue), compacting or rebuilding its count deltas
 
 Cursor = psycopg.Cursor[DictRow]
@@ -92,6 +92,11 @@ class Db:
                 yield cur
             finally:
                 self._local.cur = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """Does this thread have a transaction open (``tx``)?"""
+        return getattr(self._local, "cur", None) is not None
 
     @contextmanager
     def cursor(self) -> Iterator[Cursor]:

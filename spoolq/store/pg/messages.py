@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from psycopg import errors as pgerr
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
@@ -20,6 +21,7 @@ from ...errors import (
     InvalidInput,
     InvalidName,
     MessageNotFound,
+    QueueDown,
     QueueNotFound,
     SpoolqError,
     StorageError,
@@ -106,6 +108,8 @@ class MessageParts(QueueParts):
         if state not in (State.QUE, State.PREP):
             raise InvalidInput("new messages start in que or prep")
         check_attachment_names(attachments)
+        if not attachments and not self.db.in_transaction:
+            return self._insert_one(queue, msg, state)
         with self.db.tx() as cur:
             self._writable_queue(cur, queue)
             (m,) = self._insert(cur, queue, [msg], state)
@@ -117,6 +121,33 @@ class MessageParts(QueueParts):
         with self.db.tx() as cur:
             self._writable_queue(cur, queue)
             return self._insert(cur, queue, msgs, State.QUE) if msgs else []
+
+    def _insert_one(self, queue: str, msg: Message, state: State) -> Message:
+        """A message without attachments: its queue's check and its id in one query, its row
+        in one statement (its own transaction). Two round trips, where the general path
+        takes five."""
+        validate_queue_name(queue)
+        for _ in range(ID_TRIES):
+            row = self.db.one(Q.queue_new_id, {"queue": queue})
+            if row is None:
+                raise QueueNotFound(f"no such queue: {queue}")
+            if row["down"]:
+                raise QueueDown(f"queue {queue} is DOWN: it refuses new messages")
+            m = self._stamped(queue, msg, state, row["now"], row["n"])
+            with self.db.cursor() as cur:
+                try:
+                    done = cur.execute(Q.message_insert, {"queue": queue, "state": str(state), "msg_id": m.msg_id,
+                                                          "history": Jsonb(m.history), **encoded(m)}).fetchone()
+                except pgerr.ForeignKeyViolation:
+                    done = None
+                    missing = True
+                else:
+                    missing = False
+            if missing:
+                raise QueueNotFound(f"no such queue: {queue}")  # deleted since the query above
+            if done is not None:
+                return m
+        raise StorageError(f"no free message id in {ID_TRIES} tries: is spoolq.msg_seq behind the ids?")
 
     def _insert(self, cur: Cursor, queue: str, msgs: Sequence[Message], state: State) -> list[Message]:
         """Insert new messages with fresh ids (time from the database's clock, suffix from

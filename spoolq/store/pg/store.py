@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ...errors import AttachmentNotFound, LogNotFound
-from ...ids import log_name_ok, validate_attachment_name
+from psycopg import errors as pgerr
+
+from ...errors import AttachmentNotFound, LogNotFound, StorageError
+from ...ids import log_name_ok, validate_attachment_name, validate_msg_id, validate_queue_name
 from ...model import Message, State
 from ..base import SweepResult
 from ..leases import Attempt, fenced_out
@@ -26,7 +29,6 @@ from ..local import LogPump, materialize
 from ..scratch import ScratchDirs
 from .attempts import AttemptParts
 from .blobs import CHUNK, Rows, chunk_file, overlap
-from .connection import LOG_LOCK
 from .sql import Q
 from .watch import PgWatch, PgWatcher
 
@@ -34,6 +36,11 @@ log = logging.getLogger("spoolq.daemon")
 
 LOG_DRAIN = 2.0
 """Seconds a finish waits for the script's output pipe to be read to its end."""
+FENCE_REUSE = 1.0
+"""Seconds a fence read by ``workdir`` also stands for ``log_fd`` of the same attempt. A lease
+lost meanwhile is caught all the same: the next heartbeat gets LeaseLost, the finish is fenced."""
+APPEND_TRIES = 100
+"""Tries of one log append that other appenders keep beating to the log's end."""
 
 
 class PgStore(AttemptParts):
@@ -45,6 +52,7 @@ class PgStore(AttemptParts):
         self.local_dir: Path | None = None  # where scripts run on this host (serve: <home>/work)
         self._pump: LogPump | None = None
         self._drained: dict[str, threading.Event] = {}  # attempt id -> its log pipe read to the end
+        self._fenced = ("", 0.0)  # the attempt whose fence workdir read last, and when (monotonic)
 
     def close(self) -> None:
         if self._pump is not None:
@@ -94,14 +102,37 @@ class PgStore(AttemptParts):
         return chunk_file(lambda start, stop: self._log_rows(key, start, stop), lambda: self._log_end(key) or 0)
 
     def append_log(self, queue: str, msg_id: str, data: bytes, name: str = "stdio.log") -> int:
-        """Append to the message's log (in chunks of at most 1 MiB); returns its new end."""
-        key = self._log_key(queue, msg_id, name)
-        with self.db.tx() as cur:
-            cur.execute(Q.log_lock, {**key, "lock": LOG_LOCK})  # appends to one log take turns
-            end = self._log_end(key) or 0
-            for i in range(0, len(data), CHUNK):
-                cur.execute(Q.log_chunk, {**key, "off": end + i, "data": data[i:i + CHUNK]})
-        return end + len(data)
+        """Append to the message's log (in chunks of at most 1 MiB, all in one statement);
+        returns its new end.
+
+        No lock: the statement reads the log's end and inserts after it. Two appends that
+        read the same end collide on the primary key; the second fails once the first has
+        committed, and reads the end again. Inside a transaction the try is a savepoint."""
+        if not data:
+            key = self._log_key(queue, msg_id, name)
+            return self._log_end(key) or 0
+        if not log_name_ok(name):
+            raise LogNotFound(f"Message ID log '{name}' not found")
+        p = {"queue": validate_queue_name(queue), "msg_id": validate_msg_id(msg_id), "name": name,
+             "rels": list(range(0, len(data), CHUNK)),
+             "datas": [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]}
+        for _ in range(APPEND_TRIES):
+            with self.db.cursor() as cur:  # this thread's transaction, if any
+                try:
+                    if self.db.in_transaction:
+                        with cur.connection.transaction():  # a savepoint: a collision undoes only this try
+                            rows = cur.execute(Q.log_append, p).fetchall()
+                    else:
+                        rows = cur.execute(Q.log_append, p).fetchall()
+                except pgerr.UniqueViolation:
+                    continue  # another append took this end first: read it again
+                except pgerr.ForeignKeyViolation:
+                    break
+            return max(int(r["size"]) for r in rows)
+        else:
+            raise StorageError(f"log {name} of {queue}/{msg_id}: {APPEND_TRIES} appends in a row lost the race "
+                               "for its end")
+        raise self._missing(queue, msg_id)
 
     def read_log(self, queue: str, msg_id: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
         """Up to ``limit`` bytes of the log from ``offset`` (b"" when nothing is there yet);
@@ -132,13 +163,22 @@ class PgStore(AttemptParts):
 
     def workdir(self, attempt: Attempt) -> Path:
         """``<local_dir>/<queue>/<id>/job`` on this host, beside ``msg`` and ``attach/``
-        written from the database (store/local.py); kept while the message runs here."""
-        self._fence(attempt)
-        return materialize(self, attempt, self.local_dir or self._scratch.root())
+        written from the database (store/local.py); kept while the message runs here. The
+        fence and the attachments' names are one query."""
+        row = self.db.one(Q.attempt_attachments, {"queue": attempt.queue, "msg_id": attempt.msg_id,
+                                                  "attempt_id": attempt.attempt_id})
+        if row is None:
+            raise fenced_out(attempt)
+        self._fenced = (attempt.attempt_id, time.monotonic())
+        return materialize(self, attempt, self.local_dir or self._scratch.root(), row["names"])
 
     def log_fd(self, attempt: Attempt) -> int:
-        """A pipe whose output one thread appends to the message's log as it comes."""
-        self._fence(attempt)
+        """A pipe whose output one thread appends to the message's log as it comes. The fence
+        is read again unless ``workdir`` read it for this attempt within FENCE_REUSE seconds
+        (the daemon asks for both as it starts a script)."""
+        attempt_id, at = self._fenced
+        if attempt_id != attempt.attempt_id or time.monotonic() - at > FENCE_REUSE:
+            self._fence(attempt)
         if self._pump is None:
             self._pump = LogPump()
         q, msg_id = attempt.queue, attempt.msg_id
@@ -161,10 +201,12 @@ class PgStore(AttemptParts):
                               dup_of=dup_of)
 
     def _fence(self, attempt: Attempt) -> None:
-        with self.db.tx() as cur:
-            if cur.execute(Q.fence, {"queue": attempt.queue, "msg_id": attempt.msg_id,
-                                     "attempt_id": attempt.attempt_id}).fetchone() is None:
-                raise fenced_out(attempt)
+        """LeaseLost unless the attempt holds its message now. A plain read: a row lock would
+        be let go at once anyway, and it would make this a transaction that waits for a WAL
+        flush at its commit."""
+        if self.db.one(Q.attempt_holds, {"queue": attempt.queue, "msg_id": attempt.msg_id,
+                                         "attempt_id": attempt.attempt_id}) is None:
+            raise fenced_out(attempt)
 
     def message_dir(self, queue: str, msg_id: str) -> Path:
         """A local directory for the message on this host (not shared: the message itself

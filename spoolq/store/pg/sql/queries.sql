@@ -95,6 +95,11 @@ SELECT queue, spoolq.count_key(state, acked), count(*) FROM spoolq.messages WHER
 -- name: new_ids
 SELECT spoolq.now() AS now, nextval('spoolq.msg_seq') AS n FROM generate_series(1, %(count)s)
 
+-- name: queue_new_id
+-- A new message's id parts, and whether its queue takes it (no row: no such queue).
+SELECT q.down, spoolq.now() AS now, nextval('spoolq.msg_seq') AS n FROM spoolq.queues q
+WHERE q.name = %(queue)s
+
 -- name: message_insert
 INSERT INTO spoolq.messages (queue, msg_id, state, due, param1, param2, param3, param4, msg, history)
 VALUES (%(queue)s, %(msg_id)s, %(state)s, %(due)s, %(param1)s, %(param2)s, %(param3)s, %(param4)s, %(msg)s,
@@ -190,6 +195,29 @@ FROM pick WHERE m.queue = pick.queue AND m.msg_id = pick.msg_id
 RETURNING m.msg_id, m.msg, m.history, m.attempt_id, m.lease_until, m.cancel_requested,
           m.param1, m.param2, m.param3, m.param4
 
+-- name: claim_plain
+-- claim in one statement for a queue that is up and has neither blocking nor coalesce
+-- params nor cluster_workers (checked once, in the same statement); no row: the caller takes
+-- the general path, which tells a paused queue, such params, or nothing due.
+WITH pick AS (
+    SELECT m.queue, m.msg_id FROM spoolq.messages m
+    WHERE m.queue = %(queue)s AND m.state = 'que' AND m.held_by IS NULL
+      AND m.due <= coalesce(%(now)s, spoolq.now())
+      AND EXISTS (SELECT 1 FROM spoolq.queues q WHERE q.name = %(queue)s AND NOT q.paused AND NOT q.down
+                  AND q.config->'blocking_params' = '[]'::jsonb AND q.config->'coalesce_params' = '[]'::jsonb
+                  AND coalesce(q.config->'cluster_workers', 'null'::jsonb) = 'null'::jsonb)
+    ORDER BY m.due, m.id_time, m.id_n
+    LIMIT 1 FOR UPDATE OF m SKIP LOCKED
+)
+UPDATE spoolq.messages m SET
+    state = 'run', acked = false, leases = m.leases + 1,
+    attempt_id = m.msg_id || '.' || (m.leases + 1) || '.' || left(md5(random()::text), 8),
+    owner = %(owner)s, runner = NULL,
+    lease_until = coalesce(%(now)s, spoolq.now()) + %(lease)s,
+    history = m.history || spoolq.history_entry('run', 'run')
+FROM pick WHERE m.queue = pick.queue AND m.msg_id = pick.msg_id
+RETURNING m.msg_id, m.msg, m.history, m.attempt_id, m.lease_until, m.cancel_requested
+
 -- name: claim_hold_dups
 -- The queued messages with the parent's coalesce key become its held duplicates.
 UPDATE spoolq.messages d SET held_by = %(parent)s
@@ -216,6 +244,44 @@ RETURNING lease_until, cancel_requested
 SELECT 1 AS held FROM spoolq.messages
 WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
 FOR UPDATE
+
+-- name: attempt_holds
+-- The attempt still holds the message, at this instant (no lock: nothing is written under it).
+SELECT 1 AS held FROM spoolq.messages
+WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
+
+-- name: attempt_attachments
+-- The attempt holds the message now (no row: it does not), and the names of its attachments.
+SELECT coalesce((SELECT jsonb_agg(a.name) FROM spoolq.attachments a
+                 WHERE a.queue = m.queue AND a.msg_id = m.msg_id), '[]') AS names
+FROM spoolq.messages m
+WHERE m.queue = %(queue)s AND m.msg_id = %(msg_id)s AND m.state = 'run' AND m.attempt_id = %(attempt_id)s
+
+-- name: finish_move
+-- finish when the message itself does not change (no update), in one statement: the UPDATE
+-- of the parent is the fence (it changes the row only while it names this attempt, and a
+-- racing reclaim waits for its row lock or finds the new state), the status and the move;
+-- then its held duplicates, only if the parent moved: taken along on success (as
+-- dups_finish), else let go (as dups_release). CHECK: a held duplicate is in que.
+WITH moved AS (
+    UPDATE spoolq.messages SET
+        state = %(dst)s, acked = false, held_by = NULL,
+        attempt_id = NULL, owner = NULL, lease_until = NULL, runner = NULL, cancel_requested = false,
+        status = CASE WHEN %(set_status)s THEN %(status)s::text ELSE status END,
+        history = history || spoolq.history_entry(%(dst)s, %(note)s)
+    WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND state = 'run' AND attempt_id = %(attempt_id)s
+    RETURNING msg_id, msg, history
+), dups_done AS (
+    UPDATE spoolq.messages d SET state = %(dst)s, acked = false, held_by = NULL, status = %(dup_status)s,
+        msg = CASE WHEN %(dup)s::text IS NULL THEN d.msg
+                   ELSE (d.msg::jsonb || jsonb_build_object('dup', %(dup)s::text))::text END,
+        history = d.history || spoolq.history_entry(%(dst)s, %(dup_note)s)
+    FROM moved WHERE %(success)s AND d.queue = %(queue)s AND d.held_by = moved.msg_id AND d.state = 'que'
+), dups_free AS (
+    UPDATE spoolq.messages d SET held_by = NULL
+    FROM moved WHERE NOT %(success)s AND d.queue = %(queue)s AND d.held_by = moved.msg_id
+)
+SELECT msg, history FROM moved
 
 -- name: dups_finish
 -- A successful parent takes its held duplicates along (que -> done/relayed), each recording
@@ -278,17 +344,22 @@ WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND name = %(name)s AND off < %(
                        AND msg_id = %(msg_id)s AND name = %(name)s AND off <= %(start)s), 0)
 ORDER BY off
 
--- name: log_lock
-SELECT pg_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s || '/' || %(msg_id)s || '/' || %(name)s))
-
 -- name: log_end
 SELECT off + octet_length(data) AS size FROM spoolq.log_chunks
 WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND name = %(name)s
 ORDER BY off DESC LIMIT 1
 
--- name: log_chunk
+-- name: log_append
+-- One append (its chunks at offsets rels from the log's current end) in one statement. Two
+-- appends that read the same end collide on the primary key: the second fails (once the
+-- first has committed) and is tried again (store.py).
 INSERT INTO spoolq.log_chunks (queue, msg_id, name, off, data)
-VALUES (%(queue)s, %(msg_id)s, %(name)s, %(off)s, %(data)s)
+SELECT %(queue)s, %(msg_id)s, %(name)s, e.size + c.rel, c.data
+FROM (SELECT coalesce((SELECT off + octet_length(data) FROM spoolq.log_chunks
+                       WHERE queue = %(queue)s AND msg_id = %(msg_id)s AND name = %(name)s
+                       ORDER BY off DESC LIMIT 1), 0) AS size) e,
+     unnest(%(rels)s::bigint[], %(datas)s::bytea[]) AS c(rel, data)
+RETURNING off + octet_length(data) AS size
 
 -- name: log_read
 SELECT off, data FROM spoolq.log_chunks
