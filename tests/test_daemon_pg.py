@@ -65,8 +65,12 @@ def test_attachments_reach_the_script_and_cancel_stops_it(client: spoolq.Client,
     hosts(1)
     f = tmp_path / "a.txt"
     f.write_text("attached")
-    v = client.wait(client.send("q", attachments=[str(f)]), 30)
+    r = client.send("q", attachments=[str(f)])
+    v = client.wait(r, 30)
     assert v.state == State.DONE and v.job_status.startswith("attached "), v
+    work = tmp_path / "host0" / "home" / "work" / "q"
+    wait_for(lambda: work.is_dir() and not (work / r.msg_id).exists(), 10,
+             "a finished message's local directory to go (just after its final state is stored)")
     slow = client.send("q", param1="slow")
     wait_for(lambda: client.get(slow).host != "", 30, "the start")
     assert client.get(slow).host == socket.gethostname(), "the API names the host that runs it"

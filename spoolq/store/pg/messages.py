@@ -289,19 +289,10 @@ class MessageParts(QueueParts):
                 return
             at = _cursor_key(got[-1]["msg_id"])
 
-    def ids(self, queue: str, state: State) -> Iterator[str]:
-        validate_queue_name(queue)
-        found = [r["msg_id"] for r in self.db.all(Q.message_ids, {"queue": queue, "state": str(State(state))})]
-        if not found:
-            self._require_queue(queue)
-        return iter(found)
-
     # -- changing -------------------------------------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, *,
-             update: Callable[[Message], None] | None = None, note: str = "", sync: bool | None = None,
-             current: Message | None = None) -> Message:
-        """One UPDATE guarded by ``state = src`` (``sync``, ``current``: filesystem knobs,
-        nothing to do here: every commit is durable, and the row is read in the UPDATE)."""
+             update: Callable[[Message], None] | None = None, note: str = "") -> Message:
+        """One UPDATE guarded by ``state = src`` (every commit is durable)."""
         check_transition(src, dst)
         validate_queue_name(queue)
         validate_msg_id(msg_id)

@@ -25,7 +25,7 @@ from ...ids import log_name_ok, validate_attachment_name, validate_msg_id, valid
 from ...model import Message, State
 from ..base import SweepResult
 from ..leases import Attempt, fenced_out
-from ..local import LogPump, materialize
+from ..local import LogPump, forget, materialize
 from ..scratch import ScratchDirs
 from .attempts import AttemptParts
 from .blobs import CHUNK, Rows, chunk_file, overlap
@@ -192,13 +192,18 @@ class PgStore(AttemptParts):
         """As the protocol says, once the script's output is in the log: a reader that sees
         the final state then reads the whole log (the SSE stream ends on it), and the next
         attempt's output comes after this one's. A pipe still held open by a process the
-        script left behind is waited for :data:`LOG_DRAIN` seconds at most."""
+        script left behind is waited for :data:`LOG_DRAIN` seconds at most. A message that
+        ends (not back in the queue) has its local directory removed: all of it that lasts
+        is in the database."""
         drained = self._drained.pop(attempt.attempt_id, None)
         if drained is not None and not drained.wait(LOG_DRAIN):
             log.warning("%s/%s: its output pipe is still open (a process the script left?); finishing "
                         "without waiting for the rest of its log", attempt.queue, attempt.msg_id)
-        return super().finish(attempt, dst, status=status, update=update, note=note, dup_status=dup_status,
-                              dup_of=dup_of)
+        m = super().finish(attempt, dst, status=status, update=update, note=note, dup_status=dup_status,
+                           dup_of=dup_of)
+        if dst.final:
+            forget(self.local_dir or self._scratch.root(), attempt.queue, attempt.msg_id)
+        return m
 
     def _fence(self, attempt: Attempt) -> None:
         """LeaseLost unless the attempt holds its message now. A plain read: a row lock would

@@ -150,9 +150,6 @@ SELECT msg_id FROM spoolq.messages
 WHERE queue = %(queue)s AND state = %(state)s AND (id_time, id_n) < (%(c_time)s, %(c_n)s)
 ORDER BY id_time DESC, id_n DESC LIMIT %(limit)s
 
--- name: message_ids
-SELECT msg_id FROM spoolq.messages WHERE queue = %(queue)s AND state = %(state)s
-
 -- name: messages_attachments
 SELECT msg_id, name, size, md5, sha256 FROM spoolq.attachments
 WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::text[])
