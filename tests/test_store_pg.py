@@ -22,7 +22,7 @@ import pytest
 from conftest import SPOOLQ
 
 from spoolq.errors import LeaseLost, LogNotFound, SchemaMismatch
-from spoolq.model import Message, QueueConfig, State
+from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import MemoryStore, open_store
 from spoolq.store.base import AttachmentSource
 from spoolq.store.leases import Attempt
@@ -271,7 +271,7 @@ def test_an_unmigrated_database_says_to_migrate_and_the_cli_migrates(pg_cluster:
     r = spoolq("send", "q")
     assert r.returncode == 6 and "db migrate" in r.stderr, r.stderr
     every = [f"{m.version:03d}_{m.name}" for m in migrations()]
-    assert every[:2] == ["001_init", "002_count_deltas"]
+    assert every[:3] == ["001_init", "002_count_deltas", "003_daemon_channel"]
     assert json.loads(spoolq("--json", "db", "status").stdout) == {"version": 0, "latest": len(every),
                                                                     "pending": every}
     r = spoolq("db", "migrate")
@@ -324,7 +324,7 @@ RSS_CHILD = f"""
 import hashlib, resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_store_pg import BIG, Generated
-from spoolq.model import Message, QueueConfig, State
+from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store.base import AttachmentSource
 from spoolq.store.pg import PgStore
 from spoolq.store.pg.sql import migrations
@@ -410,3 +410,47 @@ def test_counts_are_kept_in_deltas_that_fold(stores: list[PgStore]) -> None:
     assert deltas() == 0
     make_queue(s)
     assert set(s.counts("q").values()) == {0}
+
+
+def test_the_daemon_feed_carries_only_what_a_daemon_acts_on(stores: list[PgStore]) -> None:
+    """The daemons' channel (sql/003_daemon_channel.sql): a batch send wakes a daemon once;
+    a claim, a lease renewal and the end of a plain queue's message wake nobody; the end of a
+    message in a queue with blocking params wakes the others; a cancel reaches them."""
+    a, b = stores[0], stores[1]
+    make_queue(a, "plain")
+    make_queue(a, "blocky", blocking_params=[1])
+    feed = b.watch()
+
+    def take(quiet: float = 0.3) -> list[tuple[str, str | None, str | None]]:
+        """What the feed says until it stays quiet for ``quiet`` s (the backstop left out)."""
+        got: list[tuple[str, str | None, str | None]] = []
+        end = time.monotonic() + quiet
+        while time.monotonic() < end:
+            for ch in feed._queue.take():  # not changes(): its 5 s backstop would add every queue
+                got.append((ch.kind, ch.queue, ch.msg_id))
+                end = time.monotonic() + quiet
+            time.sleep(0.01)
+        return got
+
+    try:
+        take()  # LISTENing: the first look, and the queues' creation
+        a.create_many("plain", [Message(param1=str(i)) for i in range(100)])
+        assert take() == [("work", "plain", None)], "100 messages in one transaction: one wake"
+        att = a.claim("plain", owner="h", lease=30)
+        assert isinstance(att, Attempt)
+        a.heartbeat(att, lease=30, runner="1 2 h")
+        a.finish(att, State.DONE, status="ok")
+        assert take() == [], "a claim, a renewal, a plain finish: nothing for the other daemons"
+        a.create("blocky", Message(param1="k"))
+        assert take() == [("work", "blocky", None)]
+        att = a.claim("blocky", owner="h", lease=30)
+        assert isinstance(att, Attempt)
+        assert take() == []
+        a.cancel("blocky", att.msg_id)
+        assert take() == [("cancel", "blocky", att.msg_id)]
+        a.finish(att, State.ERR, status="cancelled")
+        assert take() == [("work", "blocky", None)], "its key no longer blocks the queue"
+        a.set_admin_state("plain", AdminState.PAUSE)
+        assert take() == [("queues", None, None), ("config", "plain", None)]
+    finally:
+        feed.close()

@@ -1,9 +1,11 @@
-"""Waiting for a change in the PostgreSQL store: LISTEN on the ``spoolq`` channel.
+"""Waiting for a change in the PostgreSQL store: LISTEN.
 
-The database sends ``msg <queue> <id>`` when a message appears, moves, is rewritten or
-deleted, ``log <queue> <id>`` when its log grows, ``queue <name>`` when a queue changes
-(triggers in sql/001_init.sql). A watch owns one connection, LISTENing from the moment it
-is made, so nothing that commits after it is made can be missed.
+On the ``spoolq`` channel the database sends ``msg <queue> <id>`` when a message appears,
+moves, is rewritten or deleted, and ``log <queue> <id>`` when its log grows (triggers in
+sql/001_init.sql): what ``wait``, ``log -f`` and the UI wait for. The daemons listen on
+``spoolq_work`` instead, which carries only what a daemon acts on (sql/003_daemon_channel.sql):
+``work <queue>``, ``cancel <queue> <id>``, ``queue <name>``. A watch owns one connection,
+LISTENing from the moment it is made, so nothing that commits after it is made can be missed.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class PgWatcher:
         while not self._stop.is_set():
             try:
                 with open_connection(self._url) as conn:
-                    conn.execute("LISTEN spoolq")
+                    conn.execute("LISTEN spoolq_work")
                     self._ready.set()
                     self._post([Change("queues")])
                     while not self._stop.is_set():
@@ -124,13 +126,13 @@ class PgWatcher:
 
 
 def _change(payload: str) -> list[Change]:
+    """A ``spoolq_work`` notification as the daemon's changes."""
     kind, _, rest = payload.partition(" ")
-    if kind == "msg":
-        queue, _, msg_id = rest.partition(" ")
-        return [Change("work", queue, msg_id)]
+    if kind == "work":
+        return [Change("work", rest)]
     if kind == "cancel":
         queue, _, msg_id = rest.partition(" ")
         return [Change("cancel", queue, msg_id)]
     if kind == "queue":
         return [Change("queues"), Change("config", rest)]
-    return []  # log lines: not the daemon's business
+    return []
