@@ -9,6 +9,7 @@ can change nothing (docs/internals.md, the PostgreSQL store, "Leases and the fen
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Callable
 
 from psycopg.rows import DictRow
@@ -31,8 +32,7 @@ class AttemptParts(MessageParts):
         with self.db.cursor() as cur:  # the common case: one statement, its own transaction
             got = cur.execute(Q.claim_plain, p).fetchone()
         if got is not None:
-            return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got),
-                           (), got["cancel_requested"])
+            return self._claimed(queue, owner, got)
         # The queue's row is read on its own, as it was inside the transaction (read committed,
         # no lock): a pause committed meanwhile is seen by the next claim either way.
         row = self._queue_row(queue)
@@ -47,8 +47,7 @@ class AttemptParts(MessageParts):
                 if got is None:
                     wake = cur.execute(Q.claim_wake, p).fetchone()
                     return None if wake is None else wake["wake"]
-            return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got),
-                           (), got["cancel_requested"])
+            return self._claimed(queue, owner, got)
         with self.db.tx() as cur:
             # Claims of this queue take turns: the next claimer's query sees what this one
             # started (blocking params and cluster_workers hold across hosts) and which
@@ -62,8 +61,16 @@ class AttemptParts(MessageParts):
             if got is None:
                 wake = cur.execute(Q.claim_wake, p).fetchone()
                 return None if wake is None else wake["wake"]
-            return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got),
-                           self._hold_dups(cur, queue, cfg, got), got["cancel_requested"])
+            return self._claimed(queue, owner, got, self._hold_dups(cur, queue, cfg, got))
+
+    _fenced: tuple[str, float, list[str]] = ("", 0.0, [])
+    """The attempt whose fence was read last, when (monotonic), and its attachments' names:
+    a claim, or ``workdir`` (store.py) reading it again."""
+
+    def _claimed(self, queue: str, owner: str, got: DictRow, dups: tuple[str, ...] = ()) -> Attempt:
+        self._fenced = (got["attempt_id"], time.monotonic(), got["names"])
+        return Attempt(queue, got["msg_id"], got["attempt_id"], owner, got["lease_until"], decoded(got), dups,
+                       got["cancel_requested"])
 
     @staticmethod
     def _hold_dups(cur: Cursor, queue: str, cfg: QueueConfig, parent: DictRow) -> tuple[str, ...]:
@@ -77,7 +84,9 @@ class AttemptParts(MessageParts):
 
     def heartbeat(self, attempt: Attempt, *, lease: float, runner: str | None = None,
                   now: float | None = None) -> Lease:
-        with self.db.cursor() as cur:  # one statement: no BEGIN and COMMIT round trips
+        # One statement (no BEGIN and COMMIT round trips) that does not wait for the WAL flush:
+        # a renewal lost in a server crash is a shorter lease, which the fence makes safe.
+        with self.db.lazy_cursor() as cur:
             row = cur.execute(Q.heartbeat, {"queue": attempt.queue, "msg_id": attempt.msg_id,
                                             "attempt_id": attempt.attempt_id, "lease": lease, "now": now,
                                             "runner": runner}).fetchone()
@@ -91,17 +100,22 @@ class AttemptParts(MessageParts):
         """One transaction: the fence (the row locked while it still names this attempt),
         the status, the held duplicates, the move. A failure anywhere changes nothing, so the
         attempt still holds the message and a retry passes the fence. Without ``update`` (the
-        message itself unchanged: the common end) all of it is one statement, ``finish_move``."""
+        message itself unchanged: the common end) all of it is one statement: ``finish_simple``
+        when the attempt holds no duplicates, else ``finish_move``."""
         key = {"queue": attempt.queue, "msg_id": attempt.msg_id}
         if update is None:
             check_transition(State.RUN, dst)
+            p = {**key, "attempt_id": attempt.attempt_id, "dst": str(dst), "note": note,
+                 "set_status": status is not None, "status": status}
             with self.db.cursor() as cur:
-                row = cur.execute(Q.finish_move, {
-                    **key, "attempt_id": attempt.attempt_id, "dst": str(dst), "note": note,
-                    "set_status": status is not None, "status": status, "success": dst in SUCCESS,
-                    "dup": dup_of, "dup_note": f"duplicate of {dup_of}" if dup_of else (note or str(dst)),
-                    "dup_status": f"duplicate {dup_of or attempt.msg_id}" if dup_status is None else dup_status,
-                }).fetchone()
+                if not attempt.dups:  # it holds none: only its claim could have given it some
+                    row = cur.execute(Q.finish_simple, p).fetchone()
+                else:
+                    row = cur.execute(Q.finish_move, {
+                        **p, "success": dst in SUCCESS, "dup": dup_of,
+                        "dup_note": f"duplicate of {dup_of}" if dup_of else (note or str(dst)),
+                        "dup_status": f"duplicate {dup_of or attempt.msg_id}" if dup_status is None
+                        else dup_status}).fetchone()
             if row is None:
                 raise fenced_out(attempt)
             return decoded(row)

@@ -42,12 +42,19 @@ def latest_version() -> int:
     return migrations()[-1].version
 
 
+_INCLUDE_RE = re.compile(r"^\s*-- include: ([a-z0-9_]+)\s*$", re.MULTILINE)
+
+
 @cache
 def queries() -> dict[str, str]:
-    """The named queries of ``queries.sql``."""
+    """The named queries of ``queries.sql``. A line ``-- include: <name>`` in a query stands
+    for that (earlier) query, e.g. a statement that is also part of a bigger one."""
     text = _read("queries.sql")
     parts = _NAME_RE.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    found: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        found[name] = _INCLUDE_RE.sub(lambda m: found[m.group(1)], body.strip())
+    return found
 
 
 class Queries:
