@@ -14,7 +14,7 @@ from spoolq.model import Message, QueueConfig
 from spoolq.store import MemoryStore
 from spoolq.store.base import AttachmentSource
 from spoolq.store.leases import Attempt
-from spoolq.store.local import LogPump, forget, materialize
+from spoolq.store.local import LogPump, Trash, materialize
 
 
 def test_materialize_writes_msg_and_streams_attachments(tmp_path: Path) -> None:
@@ -33,8 +33,23 @@ def test_materialize_writes_msg_and_streams_attachments(tmp_path: Path) -> None:
     assert (job.parent / "attach" / "a.txt").read_bytes() == b"A"
     (job / "left-by-the-script").write_text("x")
     assert materialize(store, a, tmp_path / "work") == job and (job / "left-by-the-script").exists()
-    forget(tmp_path / "work", "q", m.msg_id)
-    assert not job.parent.exists()
+    trash = Trash(tmp_path / "work")
+    trash.forget("q", m.msg_id)
+    assert not job.parent.exists(), "moved out of the queue's directory at once"
+    trash.forget("q", m.msg_id)  # gone already: nothing to do
+    trash.close()
+    assert os.listdir(tmp_path / "work" / ".trash") == [], "and removed by the trash's thread"
+
+
+def test_the_trash_empties_what_a_dead_process_left(tmp_path: Path) -> None:
+    left = tmp_path / "work" / ".trash" / "123.456.0"
+    (left / "job").mkdir(parents=True)
+    (left / "job" / "stdio.log").write_text("x")
+    (tmp_path / "work" / "q" / "20261203.1147.55.775.1" / "job").mkdir(parents=True)
+    trash = Trash(tmp_path / "work")
+    trash.forget("q", "20261203.1147.55.775.1")
+    trash.close()
+    assert os.listdir(tmp_path / "work" / ".trash") == [] and os.listdir(tmp_path / "work" / "q") == []
 
 
 def test_the_log_pump_carries_output_into_the_store() -> None:

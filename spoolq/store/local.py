@@ -10,11 +10,14 @@ store, from one thread for all running scripts.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
 import selectors
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,9 +59,48 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
     return job
 
 
-def forget(base: Path, queue: str, msg_id: str) -> None:
-    """Remove a finished message's local directory."""
-    shutil.rmtree(base / validate_queue_name(queue) / validate_msg_id(msg_id), ignore_errors=True)
+class Trash:
+    """Finished messages' local directories, removed by a thread of their own: removing one
+    is five or more unlinks (about 0.6 ms on this machine's ext4), renaming it away is one.
+    ``<base>/.trash`` (a name no queue can have) is emptied again at the next start when a
+    process dies first."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base / ".trash"
+        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._n = itertools.count()
+
+    def forget(self, queue_name: str, msg_id: str) -> None:
+        """Remove ``<base>/<queue>/<id>``: moved into the trash now, deleted soon."""
+        path = self.dir.parent / validate_queue_name(queue_name) / validate_msg_id(msg_id)
+        if self._thread is None:
+            self.dir.mkdir(exist_ok=True)
+            for left in os.listdir(self.dir):  # a previous process's, died before removing it
+                self._queue.put(self.dir / left)
+            self._thread = threading.Thread(target=self._run, name="spoolq-trash", daemon=True)
+            self._thread.start()
+        dest = self.dir / f"{os.getpid()}.{time.monotonic_ns()}.{next(self._n)}"
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return
+        except OSError as e:  # e.g. the trash itself removed by hand: remove it here then
+            log.warning("cannot move %s into %s (%s); removing it in place", path, self.dir, e)
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        self._queue.put(dest)
+
+    def _run(self) -> None:
+        while (path := self._queue.get()) is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove what is in the trash now, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 class LogPump:

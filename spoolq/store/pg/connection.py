@@ -76,6 +76,8 @@ class Db:
         self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True, name="spoolq",
                                    kwargs={"autocommit": True, "connect_timeout": 10})
         self._local = threading.local()
+        self._lazy: ConnectionPool | None = None
+        self._lazy_lock = threading.Lock()
 
     @contextmanager
     def tx(self) -> Iterator[Cursor]:
@@ -108,6 +110,26 @@ class Db:
         with storage_errors(self.url), self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             yield cur
 
+    @contextmanager
+    def lazy_cursor(self) -> Iterator[Cursor]:
+        """A cursor whose statements commit without waiting for the WAL flush
+        (``synchronous_commit = off``), for writes whose loss in a server crash is harmless:
+        lease renewals and log appends. Such a commit is visible to all at once, and durable
+        as soon as any later commit waits for its flush (the WAL is flushed in order), e.g.
+        the finish that follows; the server's WAL writer flushes it within a fraction of a
+        second anyway. In this thread's transaction, if any, it is that transaction's."""
+        if getattr(self._local, "cur", None) is not None:
+            with self.cursor() as cur:
+                yield cur
+            return
+        with self._lazy_lock:
+            if self._lazy is None:
+                self._lazy = ConnectionPool(self.url, min_size=1, max_size=2, open=True, name="spoolq-lazy",
+                                            kwargs={"autocommit": True, "connect_timeout": 10},
+                                            configure=_lazy_commits)
+        with storage_errors(self.url), self._lazy.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+
     def one(self, query: str, params: dict[str, Any]) -> DictRow | None:
         with self.cursor() as cur:
             return cur.execute(query, params).fetchone()
@@ -118,3 +140,11 @@ class Db:
 
     def close(self) -> None:
         self.pool.close()
+        with self._lazy_lock:
+            if self._lazy is not None:
+                self._lazy.close()
+                self._lazy = None
+
+
+def _lazy_commits(conn: psycopg.Connection) -> None:
+    conn.execute("SET synchronous_commit = off")

@@ -25,7 +25,7 @@ from ...ids import log_name_ok, validate_attachment_name, validate_msg_id, valid
 from ...model import Message, State
 from ..base import SweepResult
 from ..leases import Attempt, fenced_out
-from ..local import LogPump, forget, materialize
+from ..local import LogPump, Trash, materialize
 from ..scratch import ScratchDirs
 from .attempts import AttemptParts
 from .blobs import CHUNK, Rows, chunk_file, overlap
@@ -37,8 +37,9 @@ log = logging.getLogger("spoolq.daemon")
 LOG_DRAIN = 2.0
 """Seconds a finish waits for the script's output pipe to be read to its end."""
 FENCE_REUSE = 1.0
-"""Seconds a fence read by ``workdir`` also stands for ``log_fd`` of the same attempt. A lease
-lost meanwhile is caught all the same: the next heartbeat gets LeaseLost, the finish is fenced."""
+"""Seconds a fence read by a claim or ``workdir`` also stands for ``workdir`` and ``log_fd`` of
+the same attempt. A lease lost meanwhile is caught all the same: the next heartbeat gets
+LeaseLost, the finish is fenced."""
 APPEND_TRIES = 100
 """Tries of one log append that other appenders keep beating to the log's end."""
 
@@ -51,13 +52,16 @@ class PgStore(AttemptParts):
         self._scratch = ScratchDirs("spoolq-pg-")
         self.local_dir: Path | None = None  # where scripts run on this host (serve: <home>/work)
         self._pump: LogPump | None = None
+        self._trash: Trash | None = None
         self._drained: dict[str, threading.Event] = {}  # attempt id -> its log pipe read to the end
-        self._fenced = ("", 0.0)  # the attempt whose fence workdir read last, and when (monotonic)
 
     def close(self) -> None:
         if self._pump is not None:
             self._pump.close()
             self._pump = None
+        if self._trash is not None:
+            self._trash.close()
+            self._trash = None
         super().close()
         self._scratch.cleanup()
 
@@ -117,7 +121,10 @@ class PgStore(AttemptParts):
              "rels": list(range(0, len(data), CHUNK)),
              "datas": [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]}
         for _ in range(APPEND_TRIES):
-            with self.db.cursor() as cur:  # this thread's transaction, if any
+            # This thread's transaction, if any; else a commit that does not wait for the WAL
+            # flush: the finish that ends the attempt waits for the log (LOG_DRAIN) and its
+            # own flush makes the log durable with it (Db.lazy_cursor).
+            with self.db.lazy_cursor() as cur:
                 try:
                     if self.db.in_transaction:
                         with cur.connection.transaction():  # a savepoint: a collision undoes only this try
@@ -161,23 +168,32 @@ class PgStore(AttemptParts):
         """The daemon's feed: LISTEN on a connection of its own (watch.py)."""
         return PgWatcher(self._conninfo, self.queues)
 
+    def _fence_fresh(self, attempt: Attempt) -> list[str] | None:
+        """The attachments' names, if the attempt's fence was read (by its claim or by
+        ``workdir``) within FENCE_REUSE seconds."""
+        attempt_id, at, names = self._fenced
+        return names if attempt_id == attempt.attempt_id and time.monotonic() - at <= FENCE_REUSE else None
+
     def workdir(self, attempt: Attempt) -> Path:
         """``<local_dir>/<queue>/<id>/job`` on this host, beside ``msg`` and ``attach/``
         written from the database (store/local.py); kept while the message runs here. The
-        fence and the attachments' names are one query."""
-        row = self.db.one(Q.attempt_attachments, {"queue": attempt.queue, "msg_id": attempt.msg_id,
-                                                  "attempt_id": attempt.attempt_id})
-        if row is None:
-            raise fenced_out(attempt)
-        self._fenced = (attempt.attempt_id, time.monotonic())
-        return materialize(self, attempt, self.local_dir or self._scratch.root(), row["names"])
+        fence and the attachments' names are one query, which a claim just made answered
+        already (the daemon starts what it claims at once)."""
+        names = self._fence_fresh(attempt)
+        if names is None:
+            row = self.db.one(Q.attempt_attachments, {"queue": attempt.queue, "msg_id": attempt.msg_id,
+                                                      "attempt_id": attempt.attempt_id})
+            if row is None:
+                raise fenced_out(attempt)
+            names = row["names"]
+            self._fenced = (attempt.attempt_id, time.monotonic(), names)
+        return materialize(self, attempt, self.local_dir or self._scratch.root(), names)
 
     def log_fd(self, attempt: Attempt) -> int:
         """A pipe whose output one thread appends to the message's log as it comes. The fence
         is read again unless ``workdir`` read it for this attempt within FENCE_REUSE seconds
         (the daemon asks for both as it starts a script)."""
-        attempt_id, at = self._fenced
-        if attempt_id != attempt.attempt_id or time.monotonic() - at > FENCE_REUSE:
+        if self._fence_fresh(attempt) is None:
             self._fence(attempt)
         if self._pump is None:
             self._pump = LogPump()
@@ -202,8 +218,16 @@ class PgStore(AttemptParts):
         m = super().finish(attempt, dst, status=status, update=update, note=note, dup_status=dup_status,
                            dup_of=dup_of)
         if dst.final:
-            forget(self.local_dir or self._scratch.root(), attempt.queue, attempt.msg_id)
+            self._trash_of().forget(attempt.queue, attempt.msg_id)
         return m
+
+    def _trash_of(self) -> Trash:
+        base = self.local_dir or self._scratch.root()
+        if self._trash is None or self._trash.dir.parent != base:
+            if self._trash is not None:
+                self._trash.close()
+            self._trash = Trash(base)
+        return self._trash
 
     def _fence(self, attempt: Attempt) -> None:
         """LeaseLost unless the attempt holds its message now. A plain read: a row lock would
