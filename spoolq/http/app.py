@@ -24,7 +24,7 @@ from starlette.types import ASGIApp
 from .. import __version__
 from ..client import Client
 from ..errors import SpoolqError
-from . import api, metrics, rq_routes, sse, ui
+from . import api, metrics, rq_admin, rq_routes, sse, ui
 from .auth import AccessLevel, AuthMiddleware, AuthPolicy, LoginLinks, SecurityHeaders
 from .common import MAX_STREAMS, AppContext
 from .errors import error_body, error_response, status_for, validation_text
@@ -127,6 +127,7 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
     app.include_router(sse.router)
     app.include_router(metrics.router)
     app.include_router(rq_routes.router)
+    app.include_router(rq_admin.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     # add_middleware wraps: the last added runs first. Outermost (see _App): security headers

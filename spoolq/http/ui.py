@@ -216,7 +216,9 @@ def dashboard(request: Request) -> HTMLResponse:
     for q in queues:
         for k, v in q["counts"].items():
             totals[k] = totals.get(k, 0) + v
-    return render(request, "dashboard.html", title="spoolq", queues=queues, totals=totals)
+    served = ctx_of(request).client.served()
+    return render(request, "dashboard.html", title="spoolq", queues=queues, totals=totals,
+                  mgr_up=served is None or served[0])
 
 
 @router.get("/new_queue", response_class=HTMLResponse)

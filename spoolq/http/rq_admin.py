@@ -1,0 +1,136 @@
+"""RQ's queue administration over HTTP (reference/rq-spec.md section 4): creating and
+deleting queues with RQ's form fields, as RQ's own ``setup_test_queues.sh`` does with curl.
+
+``POST /new_queue`` takes ``queue[name]``, ``queue[script]``, ``queue[num_workers]``,
+``queue[exec_prefix]``, ``queue[coalesce_params][]``, ``queue[blocking_params][]`` and answers
+RQ's way: 303 to the queue's page with a flash holding the queue manager's answer,
+``["success","queue created - awesome"]`` or ``["fail","<reason>"]``. ``POST
+/new_queue_link`` (brightroll's RQ; drudru's tests call it) reads the queue's config from a
+JSON file on the server, ``queue[json_path]``, relative to the spool root. ``POST
+/delete_queue`` (``queue_name``) deletes a queue and goes back to ``/``.
+
+Each of these changes what runs, so each needs the ``all`` access level (auth.py): a token,
+a signed-in session (with the CSRF field, as the UI's own forms), or ``serve
+--trust-loopback``, RQ's model (docs/security.md). A browser's cross-site post is refused
+before any of this runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from ..errors import InvalidConfig, SpoolqError
+from ..store.base import LocalSpool
+from .auth import CSRF_FIELD, check_csrf, principal
+from .common import ctx_of
+from .ui import redirect
+from .uploads import ParsedForm, form_of
+
+router = APIRouter(include_in_schema=False)
+CREATED = ["success", "queue created - awesome"]  # RQ's queue manager's words; RQ's tests grep them
+MAX_CONFIG_FILE = 64 * 1024
+T = TypeVar("T")
+
+
+def _answer(result: list[str]) -> str:
+    return json.dumps(result)
+
+
+def _check_session(request: Request, form: ParsedForm) -> None:
+    """A signed-in browser's form needs the CSRF field too (a token or loopback trust does not)."""
+    if principal(request) == "session":
+        check_csrf(request, form.get(CSRF_FIELD))
+
+
+def rq_queue_fields(form: ParsedForm) -> dict[str, Any]:
+    """A queue config from RQ's ``queue[...]`` form fields."""
+    cfg: dict[str, Any] = {"name": (form.get("queue[name]") or "").strip(),
+                           "script": (form.get("queue[script]") or "").strip(),
+                           "exec_prefix": form.get("queue[exec_prefix]") or ""}
+    workers = (form.get("queue[num_workers]") or "").strip()
+    if workers:
+        cfg["num_workers"] = workers  # a string, as RQ stores it; the config parses it
+    for key in ("coalesce_params", "blocking_params"):
+        values = [v for v in form.getlist(f"queue[{key}][]") if v.strip()]
+        if values:
+            cfg[key] = values
+    return cfg
+
+
+def _config_file(request: Request, raw: str) -> dict[str, Any]:
+    """The JSON object in the file ``raw`` names (relative: to the spool root). Errors never
+    quote the file: only what is wrong with it."""
+    path = Path(raw)
+    if not path.is_absolute():
+        store = ctx_of(request).client.store
+        if not isinstance(store, LocalSpool):
+            raise InvalidConfig("queue[json_path] must be an absolute path on this store")
+        path = store.root / path
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_FILE + 1)
+    except OSError as e:
+        raise InvalidConfig(f"cannot read the config file {raw}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_FILE:
+        raise InvalidConfig(f"the config file {raw} is over {MAX_CONFIG_FILE} bytes")
+    try:
+        cfg = json.loads(data)
+    except ValueError:
+        raise InvalidConfig(f"the config file {raw} is not JSON") from None
+    if not isinstance(cfg, dict):
+        raise InvalidConfig(f"the config file {raw} does not hold a JSON object")
+    return cfg
+
+
+async def _create(request: Request, cfg: dict[str, Any]) -> Response:
+    name = str(cfg.get("name") or "")
+    try:
+        await run_in_threadpool(ctx_of(request).client.create_queue, cfg)
+    except SpoolqError as e:
+        # RQ goes to the queue's page either way, the manager's answer in the flash.
+        return redirect(f"/q/{quote(name, safe='')}" if name else "/", _answer(["fail", e.message]), kind="error")
+    return redirect(f"/q/{quote(name, safe='')}", _answer(CREATED))
+
+
+async def _form(request: Request, take: Callable[[ParsedForm], T]) -> T:
+    """What ``take`` reads from the posted form (checked as :func:`_check_session` says)."""
+    async with form_of(request, ctx_of(request).upload_dir) as form:
+        _check_session(request, form)
+        return take(form)
+
+
+def _field(name: str) -> Callable[[ParsedForm], str]:
+    return lambda form: (form.get(name) or "").strip()
+
+
+@router.post("/new_queue")
+async def new_queue(request: Request) -> Response:
+    return await _create(request, await _form(request, rq_queue_fields))
+
+
+@router.post("/new_queue_link")
+async def new_queue_link(request: Request) -> Response:
+    raw = await _form(request, _field("queue[json_path]"))
+    try:
+        cfg = await run_in_threadpool(_config_file, request, raw)
+    except SpoolqError as e:
+        return redirect("/", _answer(["fail", e.message]), kind="error")
+    return await _create(request, cfg)
+
+
+@router.post("/delete_queue")
+async def delete_queue(request: Request) -> Response:
+    name = await _form(request, _field("queue_name"))
+    try:
+        await run_in_threadpool(ctx_of(request).client.delete_queue, name)
+    except SpoolqError as e:
+        return redirect("/", _answer(["fail", e.message]), kind="error")
+    return redirect("/", _answer(["success", "queue deleted"]))

@@ -1,0 +1,133 @@
+"""RQ's own queue setup, run against spoolq: ``test/setup_test_queues.sh`` (curl to
+``/``, ``/new_queue`` and ``/new_queue_link``) and ``test/test_queues_setup.rb`` (Ruby,
+checking ``/q/<q>/config.json``), from a copy of RQ's tree (``../shared/peers/rq``; see
+``../shared/peers/README.md``), with a real ``spoolq serve --trust-loopback`` whose root is
+that copy, as RQ's tests expect (they run from RQ's top directory). Then the same routes
+without loopback trust: refused without the token."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from http_helpers import daemon, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rq_tree() -> Path | None:
+    """RQ's tree: ``$SPOOLQ_PEERS/rq``, else ``../shared/peers/rq`` beside the repository."""
+    for base in (os.environ.get("SPOOLQ_PEERS"), str(REPO.parent / "shared" / "peers")):
+        if base and (Path(base) / "rq" / "test" / "setup_test_queues.sh").is_file():
+            return Path(base) / "rq"
+    return None
+
+
+RQ = rq_tree()
+pytestmark = [
+    pytest.mark.skipif(RQ is None, reason="RQ's tree is not here (set SPOOLQ_PEERS to the peers' folder)"),
+    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
+]
+
+
+@pytest.fixture
+def rq_root(tmp_path: Path) -> Path:
+    """A copy of RQ's tree, which is also the spool root (its scripts write beside themselves)."""
+    assert RQ is not None
+    root = tmp_path / "rq"
+    shutil.copytree(RQ, root, symlinks=True)
+    return root
+
+
+@pytest.fixture
+def trusted(rq_root: Path) -> Iterator[tuple[Path, int]]:
+    port = free_port()
+    with daemon(rq_root, port, token=None, extra=("--trust-loopback",)):
+        yield rq_root, port
+
+
+def test_rq_setup_test_queues_and_its_check_pass(trusted: tuple[Path, int]) -> None:
+    root, port = trusted
+    env = {**os.environ, "RQ_PORT": str(port)}
+    r = subprocess.run(["bash", "test/setup_test_queues.sh"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Sorry" not in r.stdout, r.stdout
+    if shutil.which("ruby") is None:
+        pytest.skip("ruby is not installed: RQ's test_queues_setup.rb not run (the queues were made)")
+    r = subprocess.run(["ruby", "test/test_queues_setup.rb"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # What the setup made, as spoolq sees it: relative scripts stay relative to the root.
+    import spoolq
+
+    client = spoolq.open(root)
+    made = set(client.queues())
+    assert {"test", "test_symlink", "test_coalesce", "test_blocking", "test_run", "test_nop", "test_ansi",
+            "test_env_var"} <= made, made
+    assert client.queue_config("test_blocking").blocking_params == [1]
+    assert client.queue_config("test_blocking").num_workers == 3
+    assert client.queue_config("test_env_var").env_vars == {"RQTESTENV1": "OWEN", "RQTESTENV2": "32"}
+
+
+def curl(*args: str) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of one curl call; with -L, the last response's."""
+    out = subprocess.run(["curl", "-s", "-D", "-", *args], capture_output=True, text=True, timeout=30, check=True)
+    text = out.stdout
+    while True:  # text=True made every CRLF a LF
+        head, _, text = text.partition("\n\n")
+        if not (args and "-L" in args and text.startswith("HTTP/")):
+            break
+    lines = head.splitlines()
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, text
+
+
+def test_rq_queue_admin_answers_and_refusals(trusted: tuple[Path, int], tmp_path: Path) -> None:
+    root, port = trusted
+    base = f"http://127.0.0.1:{port}"
+    status, _, body = curl(f"{base}/")
+    assert status == 200 and "QUEUE MGR is OPERATIONAL" in body
+    # A bad name: RQ still goes to the page, with the manager's refusal in the flash.
+    jar = str(tmp_path / "jar")
+    status, _, body = curl("-L", "--cookie-jar", jar, f"{base}/new_queue", "-F", "queue[name]=bad/name",
+                           "-F", "queue[script]=./test/test_script.sh")
+    assert "fail" in body and "invalid" in body.lower() and "queue created" not in body, body
+    # The config file of /new_queue_link is never quoted back, whatever it holds.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET not json")
+    status, headers, _ = curl(f"{base}/new_queue_link", "-F", f"queue[json_path]={secret}")
+    assert status == 303 and "TOP-SECRET" not in str(headers)
+    status, _, body = curl("-L", "--cookie-jar", jar, f"{base}/new_queue_link", "-F", f"queue[json_path]={secret}")
+    assert "is not JSON" in body and "TOP-SECRET" not in body
+    # Made and deleted again.
+    status, headers, _ = curl(f"{base}/new_queue", "-F", "queue[name]=made", "-F", "queue[script]=/bin/true",
+                              "-F", "queue[num_workers]=2", "-F", "queue[coalesce_params][]=2")
+    assert status == 303 and headers["location"] == "/q/made"
+    status, _, body = curl(f"{base}/q/made/config.json")
+    cfg = json.loads(body)
+    assert (cfg["num_workers"], cfg["coalesce_params"], cfg["exec_prefix"]) == (2, [2], "")
+    status, headers, _ = curl(f"{base}/delete_queue", "-F", "queue_name=made")
+    assert status == 303 and headers["location"] == "/"
+    assert curl(f"{base}/q/made/config.json")[0] == 404
+
+
+def test_rq_queue_admin_needs_the_token_without_loopback_trust(rq_root: Path) -> None:
+    with daemon(rq_root, free_port(), token=None) as base:
+        for path, field in (("/new_queue", "queue[name]=x"), ("/new_queue_link", "queue[json_path]=/etc/passwd"),
+                            ("/delete_queue", "queue_name=relay")):
+            status, _, _ = curl(f"{base}{path}", "-F", field)
+            assert status == 401, path
+        token = (rq_root / "token").read_text().strip()
+        status, headers, _ = curl(f"{base}/new_queue", "-H", f"Authorization: Bearer {token}",
+                                  "-F", "queue[name]=x", "-F", "queue[script]=/bin/true")
+        assert status == 303 and headers["location"] == "/q/x"
+        # A browser post from another site never gets as far as the form.
+        status, _, _ = curl(f"{base}/delete_queue", "-H", f"Authorization: Bearer {token}",
+                            "-H", "Origin: http://evil.example", "-F", "queue_name=x")
+        assert status == 403
