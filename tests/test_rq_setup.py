@@ -131,3 +131,48 @@ def test_rq_queue_admin_needs_the_token_without_loopback_trust(rq_root: Path) ->
         status, _, _ = curl(f"{base}/delete_queue", "-H", f"Authorization: Bearer {token}",
                             "-H", "Origin: http://evil.example", "-F", "queue_name=x")
         assert status == 403
+
+
+def test_rq_adminoper_and_ack_errs(trusted: tuple[Path, int], tmp_path: Path) -> None:
+    """RQ's queue page buttons: a field named for the action, ``back`` where to go."""
+    root, port = trusted
+    base = f"http://127.0.0.1:{port}"
+    import spoolq
+
+    client = spoolq.open(root)
+    client.create_queue("adm", script="/bin/false")
+    for word, state in (("pause", "PAUSE"), ("resume", "UP"), ("down", "DOWN"), ("up", "UP")):
+        status, headers, _ = curl(f"{base}/q/adm/adminoper", "-F", f"{word}=1", "-F", "back=/q/adm")
+        assert (status, headers["location"]) == (303, "/q/adm"), word
+        assert str(client.admin_state("adm")) == state, word
+    status, _, body = curl("-L", "--cookie-jar", str(tmp_path / "jar"), f"{base}/q/adm/adminoper", "-F", "pause=1",
+                           "-F", "back=/q/adm")
+    assert status == 200 and "Successfully paused queue adm" in body
+    # back never leads off this server; a missing queue is RQ's 404; no action is RQ's 500.
+    for evil in ("//evil.example/x", "http://evil.example/", "/\\evil.example"):
+        status, headers, _ = curl(f"{base}/q/adm/adminoper", "-F", "up=1", "-F", f"back={evil}")
+        assert (status, headers["location"]) == (303, "/q/adm"), evil
+    assert curl(f"{base}/q/nope/adminoper", "-F", "pause=1")[:3:2] == (404, "404 - Queue not found")
+    status, _, body = curl(f"{base}/q/adm/adminoper", "-F", "back=/")
+    assert status == 500 and body.startswith("500 - Couldn't  queue.")
+    # ack_errs: every err of the queue acknowledged.
+    m = client.send("adm")
+    client.store.move("adm", m.msg_id, spoolq.State.QUE, spoolq.State.ERR)
+    status, headers, _ = curl(f"{base}/q/adm/ack_errs", "-F", "back=/q/adm")
+    assert (status, headers["location"]) == (303, "/q/adm")
+    assert client.counts("adm")["err_acked"] == 1 and client.counts("adm")["err"] == 0
+
+
+def test_rq_queue_admin_routes_are_not_message_routes_for_anonymous_rq_level(rq_root: Path) -> None:
+    """At the default anonymous level (``rq``: RQ's message routes open on loopback), the
+    queue administration routes still need the token."""
+    with daemon(rq_root, free_port(), token=None) as base:
+        import spoolq
+
+        spoolq.open(rq_root).create_queue("adm", script="/bin/true")
+        for path, field in (("/q/adm/adminoper", "down=1"), ("/q/adm/ack_errs", "back=/"),
+                            ("/q/adm/restart", "back=/")):
+            assert curl(f"{base}{path}", "-F", field)[0] == 401, path
+        status, _, body = curl(f"{base}/q/adm/new_message", "-d", "x_format=json", "--data-urlencode",
+                               'mesg={"param1": "x"}')
+        assert status == 200 and body.startswith('["ok"'), body

@@ -126,8 +126,8 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
     app.include_router(api.router)
     app.include_router(sse.router)
     app.include_router(metrics.router)
+    app.include_router(rq_admin.router)  # before rq_routes: /q/<q>/adminoper is no message id
     app.include_router(rq_routes.router)
-    app.include_router(rq_admin.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     # add_middleware wraps: the last added runs first. Outermost (see _App): security headers

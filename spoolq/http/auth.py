@@ -62,8 +62,9 @@ FAILURE_WINDOW = 60.0
 LINK_TTL = 600.0
 """Seconds a one-time login link made on request (``spoolq login-url``) stays valid."""
 
-# RQ's message routes (rq-spec 4): send, commit/delete, clone, run_now, attach, detach.
-_RQ_MESSAGE_ROUTE = re.compile(r"^/q/[^/]+/[^/]+(?:/clone|/run_now|/attach/[^/]+)?$")
+# RQ's message routes (rq-spec 4): send, commit/delete, clone, run_now, attach, detach. Not
+# RQ's queue administration (adminoper, ack_errs, restart), which shares their shape.
+_RQ_MESSAGE_ROUTE = re.compile(r"^/q/[^/]+/(?!(?:adminoper|ack_errs|restart)$)[^/]+(?:/clone|/run_now|/attach/[^/]+)?$")
 
 
 _RANK = {AccessLevel.NONE: 0, AccessLevel.READ: 1, AccessLevel.RQ: 2, AccessLevel.ALL: 3}

@@ -7,7 +7,10 @@ RQ's way: 303 to the queue's page with a flash holding the queue manager's answe
 ``["success","queue created - awesome"]`` or ``["fail","<reason>"]``. ``POST
 /new_queue_link`` (brightroll's RQ; drudru's tests call it) reads the queue's config from a
 JSON file on the server, ``queue[json_path]``, relative to the spool root. ``POST
-/delete_queue`` (``queue_name``) deletes a queue and goes back to ``/``.
+/delete_queue`` (``queue_name``) deletes a queue and goes back to ``/``. ``POST
+/q/<q>/adminoper`` (a field named ``pause``, ``resume``, ``down`` or ``up``) and ``POST
+/q/<q>/ack_errs`` act on a queue and go ``back`` (a path on this server), RQ's flash saying
+what was done; a refusal is RQ's plain-text 500 (404 for a missing queue).
 
 Each of these changes what runs, so each needs the ``all`` access level (auth.py): a token,
 a signed-in session (with the CSRF field, as the UI's own forms), or ``serve
@@ -25,9 +28,9 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
-from ..errors import InvalidConfig, SpoolqError
+from ..errors import InvalidConfig, InvalidInput, QueueNotFound, SpoolqError
 from ..store.base import LocalSpool
 from .auth import CSRF_FIELD, check_csrf, principal
 from .common import ctx_of
@@ -134,3 +137,40 @@ async def delete_queue(request: Request) -> Response:
     except SpoolqError as e:
         return redirect("/", _answer(["fail", e.message]), kind="error")
     return redirect("/", _answer(["success", "queue deleted"]))
+
+
+def _back(raw: str, queue: str) -> str:
+    """RQ's ``back``, kept to a path on this server (never another site)."""
+    if raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
+        return raw
+    return f"/q/{quote(queue, safe='')}"
+
+
+ADMIN_WORDS = ("pause", "resume", "down", "up")
+
+
+@router.post("/q/{queue}/adminoper")
+async def adminoper(request: Request, queue: str) -> Response:
+    action, back = await _form(request, lambda f: (next((w for w in ADMIN_WORDS if f.get(w) is not None), ""),
+                                                   _field("back")(f)))
+    try:
+        if not action:
+            raise InvalidInput("no action: send one of pause, resume, down, up")
+        await run_in_threadpool(ctx_of(request).client.admin_action, queue, action)
+    except QueueNotFound:
+        return PlainTextResponse("404 - Queue not found", status_code=404)
+    except SpoolqError as e:
+        return PlainTextResponse(f"500 - Couldn't {action} queue. {e.message}.", status_code=500)
+    return redirect(_back(back, queue), f"Successfully {action}d queue {queue}")
+
+
+@router.post("/q/{queue}/ack_errs")
+async def ack_errs(request: Request, queue: str) -> Response:
+    back = await _form(request, _field("back"))
+    try:
+        n = await run_in_threadpool(ctx_of(request).client.ack_errs, queue)
+    except QueueNotFound:
+        return PlainTextResponse("404 - Queue not found", status_code=404)
+    except SpoolqError as e:
+        return PlainTextResponse(f"500 - Couldn't ack errs queue. {e.message}.", status_code=500)
+    return redirect(_back(back, queue), f"Successfully acknowledged errors ({n})")
