@@ -220,7 +220,10 @@ def test_a_frozen_host_loses_its_lease_and_cannot_finish(client: spoolq.Client, 
     client.create_queue("q", script=str(s))
     a, b = hosts(2)
     r = client.send("q")
-    wait_for(lambda: pids.exists(), 30, "the first run")
+    # The script writes its pid before its host logs the start: wait for the log, or the
+    # idle host may be taken for the holder (and frozen instead of it).
+    wait_for(lambda: pids.exists() and any(f"q/{r.msg_id}: started" in h.log() for h in (a, b)), 30,
+             "the first run")
     holder, other = (a, b) if f"q/{r.msg_id}: started" in a.log() else (b, a)
     first_pid = int(pids.read_text().split()[0])
     os.kill(holder.pid, signal.SIGSTOP)
