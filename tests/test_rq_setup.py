@@ -176,3 +176,34 @@ def test_rq_queue_admin_routes_are_not_message_routes_for_anonymous_rq_level(rq_
         status, _, body = curl(f"{base}/q/adm/new_message", "-d", "x_format=json", "--data-urlencode",
                                'mesg={"param1": "x"}')
         assert status == 200 and body.startswith('["ok"'), body
+
+
+def test_rq_admin_flag_files_are_honoured(trusted: tuple[Path, int]) -> None:
+    """RQ's test_run_admin_down.sh and test_run_admin_pause.sh, without ``bin/rq``: touching
+    ``config/<q>.down`` makes ``/q/<q>.txt`` say ``status: DOWN``; with ``config/<q>.pause`` a
+    message waits, and once the file is gone the daemon runs it (it watches the directory);
+    ``up``/``resume`` through the API clear RQ's files too."""
+    root, port = trusted
+    base = f"http://127.0.0.1:{port}"
+    import spoolq
+
+    client = spoolq.open(root)
+    client.create_queue("flagged", script="/bin/true")
+    flags = root / "config"
+    (flags / "flagged.down").touch()
+    assert curl(f"{base}/q/flagged.txt")[2].strip() == "status: DOWN"
+    (flags / "flagged.down").unlink()
+    assert curl(f"{base}/q/flagged.txt")[2].startswith("status: UP")
+    (flags / "flagged.pause").touch()
+    assert str(client.admin_state("flagged")) == "PAUSE"
+    r = client.send("flagged")
+    with pytest.raises(spoolq.errors.WaitTimeout):
+        client.wait(r, 1.5)
+    (flags / "flagged.pause").unlink()
+    assert client.wait(r, 20).state == spoolq.State.DONE
+    (flags / "flagged.down").touch()
+    (flags / "flagged.pause").touch()
+    client.admin_action("flagged", "up")
+    client.admin_action("flagged", "resume")
+    assert not (flags / "flagged.down").exists() and not (flags / "flagged.pause").exists()
+    assert str(client.admin_state("flagged")) == "UP"

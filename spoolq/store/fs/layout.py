@@ -5,6 +5,7 @@ The layout (docs/internals.md has the full table)::
     <root>/config.json                      host and port that name this machine in full ids
     <root>/queue/<q>/config.json            the queue config
     <root>/queue/<q>/pause | down           admin-state flag files (RQ semantics)
+    <root>/config/<q>.pause | .down         RQ's own admin flag files, honoured too
     <root>/queue/<q>/scripterror            the daemon's SCRIPTERROR reason, while it lasts
     <root>/queue/<q>/kick/<id>              run-now's note: the daemon reads that message again
     <root>/queue/<q>/counts                 counts cache (derived; see Counts)
@@ -25,6 +26,9 @@ from pathlib import Path
 
 from ...ids import MSG_ID_RE, bucket_of, sort_key
 from ...model import COMPACT_JSON, COUNT_KEYS, State
+
+RQ_FLAG_DIR = "config"
+"""Where RQ keeps its admin flag files, ``<q>.pause`` and ``<q>.down``, under the root."""
 
 
 def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = False) -> Path:

@@ -33,7 +33,7 @@ from ...model import (
     QueueConfig,
     State,
 )
-from .layout import COUNT_KEYS, Counts
+from .layout import COUNT_KEYS, RQ_FLAG_DIR, Counts
 from .search import read_whole
 
 
@@ -134,9 +134,15 @@ class QueueParts:
         self._cfg_cache[name] = (key, cfg)
         return cfg
 
+    def rq_flag(self, name: str, flag: str) -> Path:
+        """RQ's admin flag file of the queue, ``<root>/config/<queue>.<flag>`` (rq-spec 6.1):
+        honoured beside spoolq's own ``queue/<q>/<flag>``, as RQ's tests touch it."""
+        return self.root / RQ_FLAG_DIR / f"{name}.{flag}"
+
     def admin_state(self, name: str) -> AdminState:
         qdir = self._existing_qdir(name)
-        return AdminState.of_flags((qdir / "pause").exists(), (qdir / "down").exists())
+        return AdminState.of_flags((qdir / "pause").exists() or self.rq_flag(name, "pause").exists(),
+                                   (qdir / "down").exists() or self.rq_flag(name, "down").exists())
 
     def set_admin_state(self, name: str, state: AdminState) -> None:
         self.set_admin_flag(name, "down", state == AdminState.DOWN)
@@ -166,9 +172,11 @@ class QueueParts:
         try:
             if on and not p.exists():
                 durable.write_replace(p, b"")
-            elif not on and p.exists():
-                p.unlink()
-                durable.fsync_dir(p.parent)
+            elif not on:
+                for f in (p, self.rq_flag(name, flag)):  # clearing clears RQ's file too
+                    if f.exists():
+                        f.unlink()
+                        durable.fsync_dir(f.parent)
         except FileNotFoundError:
             pass  # removed meanwhile by someone else: the wanted end state
         except OSError as e:

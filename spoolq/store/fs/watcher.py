@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...model import AdminState, QueueConfig
+from ...model import ADMIN_FLAGS, AdminState, QueueConfig
 from ..base import Change
 from . import inotify as ino
 from . import kicks
 from .index import QUE_DEPTH, QueueIndex, WatchFn
+from .layout import RQ_FLAG_DIR
 
 if TYPE_CHECKING:
     from .attempts import AttemptParts
@@ -73,6 +74,12 @@ class FsWatcher:
         self._out: list[Change] = []
         self._turn = 0  # which queue indexes first (round robin)
         self._add(store.qroot, "root")
+        rq_flags = store.root / RQ_FLAG_DIR
+        try:
+            rq_flags.mkdir(exist_ok=True)
+            self._add(rq_flags, "rqflags")
+        except OSError as e:
+            log.warning("cannot watch %s for RQ's admin flag files: %s", rq_flags, e)
         self._sync_queues()
 
     # -- the Watcher protocol -------------------------------------------------------------
@@ -229,6 +236,12 @@ class FsWatcher:
                     self._forget(ev.name)  # gone, new, or deleted and created again: start afresh
                     self._sync_queues()
                     self._out += [Change("queues"), Change("config", ev.name)]
+                continue
+            if w.kind == "rqflags":
+                queue, dot, flag = ev.name.rpartition(".")
+                if dot and flag in ADMIN_FLAGS and queue in self._queues:
+                    self._settings.pop(queue, None)
+                    self._out.append(Change("config", queue))
                 continue
             queue = w.queue or ""
             if w.kind == "qdir":
