@@ -152,6 +152,9 @@ def test_rq_adminoper_and_ack_errs(trusted: tuple[Path, int], tmp_path: Path) ->
     for evil in ("//evil.example/x", "http://evil.example/", "/\\evil.example"):
         status, headers, _ = curl(f"{base}/q/adm/adminoper", "-F", "up=1", "-F", f"back={evil}")
         assert (status, headers["location"]) == (303, "/q/adm"), evil
+        status, headers, _ = curl(f"{base}/q/adm/new_message", "-F", "x_format=html", "-F", "mesg[param1]=x",
+                                  "-F", f"back={evil}")
+        assert status == 303 and headers["location"].startswith("/q/adm/"), (evil, headers["location"])
     assert curl(f"{base}/q/nope/adminoper", "-F", "pause=1")[:3:2] == (404, "404 - Queue not found")
     status, _, body = curl(f"{base}/q/adm/adminoper", "-F", "back=/")
     assert status == 500 and body.startswith("500 - Couldn't  queue.")

@@ -122,6 +122,15 @@ class StreamSlots:
             self.open = max(0, self.open - 1)
 
 
+def local_target(raw: str | None, default: str) -> str:
+    """A redirect target a client asked for (RQ's ``back``), if it is a path on this server;
+    else ``default``. ``//host`` and any backslash (browsers read ``/\\host`` as ``//host``)
+    would send the browser to another site."""
+    if raw and raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
+        return raw
+    return default
+
+
 def ctx_of(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx

@@ -21,6 +21,7 @@ before any of this runs.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,13 +34,14 @@ from starlette.responses import PlainTextResponse, Response
 from ..errors import InvalidConfig, InvalidInput, QueueNotFound, SpoolqError
 from ..store.base import LocalSpool
 from .auth import CSRF_FIELD, check_csrf, principal
-from .common import ctx_of
-from .ui import redirect
+from .common import ctx_of, local_target
+from .ui import queue_config_from_form, redirect
 from .uploads import ParsedForm, form_of
 
 router = APIRouter(include_in_schema=False)
 CREATED = ["success", "queue created - awesome"]  # RQ's queue manager's words; RQ's tests grep them
 MAX_CONFIG_FILE = 64 * 1024
+RQ_FIELD = re.compile(r"^queue\[([a-z_]+)\](\[\])?$")
 T = TypeVar("T")
 
 
@@ -53,19 +55,15 @@ def _check_session(request: Request, form: ParsedForm) -> None:
         check_csrf(request, form.get(CSRF_FIELD))
 
 
-def rq_queue_fields(form: ParsedForm) -> dict[str, Any]:
-    """A queue config from RQ's ``queue[...]`` form fields."""
-    cfg: dict[str, Any] = {"name": (form.get("queue[name]") or "").strip(),
-                           "script": (form.get("queue[script]") or "").strip(),
-                           "exec_prefix": form.get("queue[exec_prefix]") or ""}
-    workers = (form.get("queue[num_workers]") or "").strip()
-    if workers:
-        cfg["num_workers"] = workers  # a string, as RQ stores it; the config parses it
-    for key in ("coalesce_params", "blocking_params"):
-        values = [v for v in form.getlist(f"queue[{key}][]") if v.strip()]
-        if values:
-            cfg[key] = values
-    return cfg
+def rq_form(form: ParsedForm) -> ParsedForm:
+    """RQ's ``queue[x]`` and ``queue[x][]`` fields as the UI's form names them (``x``), empty
+    list entries left out, for :func:`spoolq.http.ui.queue_config_from_form`."""
+    fields: dict[str, list[str]] = {}
+    for key, values in form.fields.items():
+        m = RQ_FIELD.match(key)
+        if m:
+            fields.setdefault(m.group(1), []).extend(v for v in values if v.strip() or not m.group(2))
+    return ParsedForm(fields=fields)
 
 
 def _config_file(request: Request, raw: str) -> dict[str, Any]:
@@ -93,12 +91,14 @@ def _config_file(request: Request, raw: str) -> dict[str, Any]:
     return cfg
 
 
-async def _create(request: Request, cfg: dict[str, Any]) -> Response:
-    name = str(cfg.get("name") or "")
+async def _create(request: Request, name: str, make: Callable[[], dict[str, Any]]) -> Response:
+    """Create the queue whose config ``make`` reads; RQ goes to the queue's page either way,
+    the manager's answer in the flash (to ``/`` while the name is not known)."""
     try:
+        cfg = await run_in_threadpool(make)
+        name = str(cfg.get("name") or name)
         await run_in_threadpool(ctx_of(request).client.create_queue, cfg)
     except SpoolqError as e:
-        # RQ goes to the queue's page either way, the manager's answer in the flash.
         return redirect(f"/q/{quote(name, safe='')}" if name else "/", _answer(["fail", e.message]), kind="error")
     return redirect(f"/q/{quote(name, safe='')}", _answer(CREATED))
 
@@ -116,17 +116,14 @@ def _field(name: str) -> Callable[[ParsedForm], str]:
 
 @router.post("/new_queue")
 async def new_queue(request: Request) -> Response:
-    return await _create(request, await _form(request, rq_queue_fields))
+    form = await _form(request, rq_form)
+    return await _create(request, form.get("name") or "", lambda: queue_config_from_form(form))
 
 
 @router.post("/new_queue_link")
 async def new_queue_link(request: Request) -> Response:
     raw = await _form(request, _field("queue[json_path]"))
-    try:
-        cfg = await run_in_threadpool(_config_file, request, raw)
-    except SpoolqError as e:
-        return redirect("/", _answer(["fail", e.message]), kind="error")
-    return await _create(request, cfg)
+    return await _create(request, "", lambda: _config_file(request, raw))
 
 
 @router.post("/delete_queue")
@@ -137,13 +134,6 @@ async def delete_queue(request: Request) -> Response:
     except SpoolqError as e:
         return redirect("/", _answer(["fail", e.message]), kind="error")
     return redirect("/", _answer(["success", "queue deleted"]))
-
-
-def _back(raw: str, queue: str) -> str:
-    """RQ's ``back``, kept to a path on this server (never another site)."""
-    if raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
-        return raw
-    return f"/q/{quote(queue, safe='')}"
 
 
 ADMIN_WORDS = ("pause", "resume", "down", "up")
@@ -161,7 +151,7 @@ async def adminoper(request: Request, queue: str) -> Response:
         return PlainTextResponse("404 - Queue not found", status_code=404)
     except SpoolqError as e:
         return PlainTextResponse(f"500 - Couldn't {action} queue. {e.message}.", status_code=500)
-    return redirect(_back(back, queue), f"Successfully {action}d queue {queue}")
+    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully {action}d queue {queue}")
 
 
 @router.post("/q/{queue}/ack_errs")
@@ -173,4 +163,4 @@ async def ack_errs(request: Request, queue: str) -> Response:
         return PlainTextResponse("404 - Queue not found", status_code=404)
     except SpoolqError as e:
         return PlainTextResponse(f"500 - Couldn't ack errs queue. {e.message}.", status_code=500)
-    return redirect(_back(back, queue), f"Successfully acknowledged errors ({n})")
+    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully acknowledged errors ({n})")

@@ -30,7 +30,7 @@ from ..errors import (
 from ..ids import MessageRef
 from ..model import State
 from .actions import act
-from .common import AppContext, attachment_response, ctx_of, file_response, open_log
+from .common import AppContext, attachment_response, ctx_of, file_response, local_target, open_log
 from .errors import status_for
 from .uploads import ParsedForm, form_of
 
@@ -211,8 +211,7 @@ async def new_message(request: Request, queue: str) -> Response:
     except SpoolqError as e:
         return _fail(e)
     if x_format == "html":
-        target = back if back and back.startswith("/") and not back.startswith("//") else \
-            "/q/" + queue + "/" + full_id.rsplit("/", 1)[1]
+        target = local_target(back, "/q/" + queue + "/" + full_id.rsplit("/", 1)[1])
         return RedirectResponse(target, status_code=303)
     return JSONResponse(["ok", full_id])
 

@@ -226,7 +226,7 @@ def new_queue_form(request: Request) -> HTMLResponse:
     return render(request, "new_queue.html", title="new queue", values={}, error=None)
 
 
-def _queue_config_from_form(form: ParsedForm) -> dict[str, Any]:
+def queue_config_from_form(form: ParsedForm) -> dict[str, Any]:
     cfg: dict[str, Any] = {"name": (form.get("name") or "").strip(),
                            "script": (form.get("script") or "").strip(),
                            "exec_prefix": form.get("exec_prefix") or ""}
@@ -260,7 +260,7 @@ async def new_queue(request: Request) -> Response:
     async with form_of(request, ctx.upload_dir) as form:
         check_csrf(request, form.get(CSRF_FIELD))
         try:
-            cfg = _queue_config_from_form(form)
+            cfg = queue_config_from_form(form)
             await run_in_threadpool(ctx.client.create_queue, cfg)
         except SpoolqError as e:
             return render(request, "new_queue.html", status=status_for(e), title="new queue",

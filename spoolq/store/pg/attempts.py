@@ -41,13 +41,10 @@ class AttemptParts(MessageParts):
         cfg = QueueConfig.from_dict(row["config"])
         p = {"queue": queue, "owner": owner, "lease": lease, "now": now, "blocking": cfg.blocking_params}
         if not (cfg.blocking_params or cfg.coalesce_params or cfg.cluster_workers):
-            # The claim is one statement (its own transaction): no BEGIN and COMMIT round trips.
-            with self.db.cursor() as cur:
-                got = cur.execute(Q.claim, p).fetchone()
-                if got is None:
-                    wake = cur.execute(Q.claim_wake, p).fetchone()
-                    return None if wake is None else wake["wake"]
-            return self._claimed(queue, owner, got)
+            # claim_plain found nothing due: only when the next message will be. One that
+            # commits meanwhile is NOTIFYed, and the daemon claims again.
+            wake = self.db.one(Q.claim_wake, p)
+            return None if wake is None else wake["wake"]
         with self.db.tx() as cur:
             # Claims of this queue take turns: the next claimer's query sees what this one
             # started (blocking params and cluster_workers hold across hosts) and which
@@ -103,6 +100,8 @@ class AttemptParts(MessageParts):
         message itself unchanged: the common end) all of it is one statement: ``finish_simple``
         when the attempt holds no duplicates, else ``finish_move``."""
         key = {"queue": attempt.queue, "msg_id": attempt.msg_id}
+        dup_note = f"duplicate of {dup_of}" if dup_of else (note or str(dst))
+        dup_status = f"duplicate {dup_of or attempt.msg_id}" if dup_status is None else dup_status
         if update is None:
             check_transition(State.RUN, dst)
             p = {**key, "attempt_id": attempt.attempt_id, "dst": str(dst), "note": note,
@@ -111,11 +110,8 @@ class AttemptParts(MessageParts):
                 if not attempt.dups:  # it holds none: only its claim could have given it some
                     row = cur.execute(Q.finish_simple, p).fetchone()
                 else:
-                    row = cur.execute(Q.finish_move, {
-                        **p, "success": dst in SUCCESS, "dup": dup_of,
-                        "dup_note": f"duplicate of {dup_of}" if dup_of else (note or str(dst)),
-                        "dup_status": f"duplicate {dup_of or attempt.msg_id}" if dup_status is None
-                        else dup_status}).fetchone()
+                    row = cur.execute(Q.finish_move, {**p, "success": dst in SUCCESS, "dup": dup_of,
+                                                      "dup_note": dup_note, "dup_status": dup_status}).fetchone()
             if row is None:
                 raise fenced_out(attempt)
             return decoded(row)
@@ -126,10 +122,7 @@ class AttemptParts(MessageParts):
                 cur.execute(Q.message_set_status, {**key, "status": status})
             if dst in SUCCESS:
                 cur.execute(Q.dups_finish, {"queue": attempt.queue, "parent": attempt.msg_id, "dst": str(dst),
-                                            "note": f"duplicate of {dup_of}" if dup_of else (note or str(dst)),
-                                            "dup": dup_of,
-                                            "status": f"duplicate {dup_of or attempt.msg_id}" if dup_status is None
-                                            else dup_status})
+                                            "note": dup_note, "dup": dup_of, "status": dup_status})
             return self.move(attempt.queue, attempt.msg_id, State.RUN, dst, update=update, note=note)
 
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:

@@ -171,17 +171,10 @@ SELECT pg_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s))
 -- name: running_count
 SELECT count(*) AS n FROM spoolq.messages WHERE queue = %(queue)s AND state = 'run'
 
--- name: claim
--- que -> run for the first (due, id) that is due, not held, not blocked by a running message
--- (leases.pick); SKIP LOCKED: a row another claimer is taking is passed over, never shared.
-WITH pick AS (
-    SELECT m.queue, m.msg_id FROM spoolq.messages m
-    WHERE m.queue = %(queue)s AND m.state = 'que' AND m.held_by IS NULL
-      AND m.due <= coalesce(%(now)s, spoolq.now())
-      AND NOT spoolq.blocked(m.queue, m.param1, m.param2, m.param3, m.param4, %(blocking)s::int[])
-    ORDER BY m.due, m.id_time, m.id_n
-    LIMIT 1 FOR UPDATE SKIP LOCKED
-)
+-- name: claim_take
+-- The part of claim and claim_plain that takes the row their CTE "pick" chose (included by
+-- both, never run alone): que -> run with a new attempt id and lease; returns the message,
+-- its params (for the coalesce key) and its attachments' names (for workdir).
 UPDATE spoolq.messages m SET
     state = 'run', acked = false, leases = m.leases + 1,
     attempt_id = m.msg_id || '.' || (m.leases + 1) || '.' || left(md5(random()::text), 8),
@@ -193,6 +186,19 @@ RETURNING m.msg_id, m.msg, m.history, m.attempt_id, m.lease_until, m.cancel_requ
           m.param1, m.param2, m.param3, m.param4,
           coalesce((SELECT jsonb_agg(a.name) FROM spoolq.attachments a
                     WHERE a.queue = m.queue AND a.msg_id = m.msg_id), '[]') AS names
+
+-- name: claim
+-- que -> run for the first (due, id) that is due, not held, not blocked by a running message
+-- (leases.pick); SKIP LOCKED: a row another claimer is taking is passed over, never shared.
+WITH pick AS (
+    SELECT m.queue, m.msg_id FROM spoolq.messages m
+    WHERE m.queue = %(queue)s AND m.state = 'que' AND m.held_by IS NULL
+      AND m.due <= coalesce(%(now)s, spoolq.now())
+      AND NOT spoolq.blocked(m.queue, m.param1, m.param2, m.param3, m.param4, %(blocking)s::int[])
+    ORDER BY m.due, m.id_time, m.id_n
+    LIMIT 1 FOR UPDATE SKIP LOCKED
+)
+-- include: claim_take
 
 -- name: claim_plain
 -- claim in one statement for a queue that is up and has neither blocking nor coalesce
@@ -208,16 +214,7 @@ WITH pick AS (
     ORDER BY m.due, m.id_time, m.id_n
     LIMIT 1 FOR UPDATE OF m SKIP LOCKED
 )
-UPDATE spoolq.messages m SET
-    state = 'run', acked = false, leases = m.leases + 1,
-    attempt_id = m.msg_id || '.' || (m.leases + 1) || '.' || left(md5(random()::text), 8),
-    owner = %(owner)s, runner = NULL,
-    lease_until = coalesce(%(now)s, spoolq.now()) + %(lease)s,
-    history = m.history || spoolq.history_entry('run', 'run')
-FROM pick WHERE m.queue = pick.queue AND m.msg_id = pick.msg_id
-RETURNING m.msg_id, m.msg, m.history, m.attempt_id, m.lease_until, m.cancel_requested,
-          coalesce((SELECT jsonb_agg(a.name) FROM spoolq.attachments a
-                    WHERE a.queue = m.queue AND a.msg_id = m.msg_id), '[]') AS names
+-- include: claim_take
 
 -- name: claim_hold_dups
 -- The queued messages with the parent's coalesce key become its held duplicates.
