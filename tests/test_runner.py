@@ -86,10 +86,111 @@ def test_the_recorded_runner_names_exactly_the_process_that_was_spawned(tmp_path
         assert not same_process(sp.pid, sp.spawned_ns + 10**9)
         assert not same_process(1, sp.spawned_ns)
     finally:
-        sp.proc.kill()
-        sp.proc.wait()
+        os.kill(sp.pid, signal.SIGKILL)
+        os.waitpid(sp.pid, 0)
     assert not same_process(sp.pid, sp.spawned_ns)  # gone
     assert runner("garbage") is None and runner("") is None
+
+
+_CHILD_REPORT = r"""
+import json, os, signal, sys
+fds = sorted(int(f) for f in os.listdir("/proc/self/fd") if int(f) > 2)
+os.write(3, b"run spawned\n")
+print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: v for k, v in os.environ.items()
+                  if k.startswith("T_")}, "sid": os.getsid(0) == os.getpid(),
+                  "mask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                  "fds": [f for f in fds if f != max(fds)] if fds and not os.path.exists(f"/proc/self/fd/{max(fds)}") else fds,
+                  "stdin": os.read(0, 10).decode(), "reply": os.read(4, 100).decode()}), flush=True)
+"""
+
+
+@pytest.fixture(params=["posix_spawn", "subprocess"])
+def spawn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a script is started: glibc's posix_spawn through ctypes, and subprocess
+    (where glibc lacks it)."""
+    from spoolq.runner import posix_spawn
+
+    if request.param == "subprocess":
+        monkeypatch.setattr(posix_spawn, "AVAILABLE", False)
+    elif not posix_spawn.AVAILABLE:
+        pytest.skip("this libc has no posix_spawn_file_actions_addchdir_np/addclosefrom_np")
+    return str(request.param)
+
+
+def test_the_script_gets_exactly_its_cwd_env_fds_session_and_signals(tmp_path: Path, spawn_path: str) -> None:
+    import sys
+
+    from spoolq.runner.spawn import spawn
+
+    stray = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(stray, True)  # an inheritable fd of the daemon's must not reach the script
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # nor its signal mask
+    log = tmp_path / "log"
+    try:
+        sp = spawn([sys.executable, "-c", _CHILD_REPORT, "a b", "", "ü"],
+                   env={"T_ONE": "1", "T_SPACE": "x y", "PATH": os.environ["PATH"]}, cwd=tmp_path,
+                   log_fd=os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), header_script="child")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(stray)
+    os.write(sp.reply_fd, b"hello\n")
+    os.close(sp.reply_fd)
+    _, status = os.waitpid(sp.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
+    os.set_blocking(sp.status_fd, True)
+    assert os.read(sp.status_fd, 100) == b"run spawned\n"
+    os.close(sp.status_fd)
+    header, body = log.read_text().split("\n")[1:3]
+    assert header.endswith(" - RQ START - child")
+    got = json.loads(body)
+    assert got["argv"] == ["a b", "", "ü"]
+    assert got["cwd"] == str(tmp_path)
+    assert got["env"] == {"T_ONE": "1", "T_SPACE": "x y"}
+    assert got["sid"] and got["mask"] == []
+    assert got["fds"] == [3, 4], "only the status and reply pipes beyond stdio"
+    assert got["stdin"] == "" and got["reply"] == "hello\n"
+    # Nothing ignored or blocked (Python ignores SIGPIPE and SIGXFSZ itself; a script must
+    # not inherit that): read by a program that changes neither.
+    sp = spawn(["/bin/cat", "/proc/self/status"], env={}, cwd=tmp_path,
+               log_fd=os.open(log, os.O_WRONLY | os.O_TRUNC), header_script="cat")
+    os.waitpid(sp.pid, 0)
+    status = dict(line.split(":\t", 1) for line in log.read_text().splitlines() if ":\t" in line)
+    glibc_internal = (1 << 31) | (1 << 32)  # 32 and 33: glibc's posix_spawn leaves them ignored;
+    # they are no signal a program can use (SIGRTMIN is 34), and glibc re-arms them at start
+    assert int(status["SigIgn"], 16) & ~glibc_internal == 0 and int(status["SigBlk"], 16) == 0
+
+
+def test_spawn_failures_say_why(tmp_path: Path, spawn_path: str) -> None:
+    from spoolq.errors import ScriptError
+    from spoolq.runner.spawn import spawn
+
+    def start(argv: list[str], env: dict[str, str] | None = None) -> None:
+        spawn(argv, env=env or {"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+              log_fd=os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT), header_script="x")
+
+    before = len(os.listdir("/proc/self/fd"))
+    noexec = tmp_path / "noexec"
+    noexec.write_text("echo hi\n")
+    noshebang = tmp_path / "noshebang"
+    noshebang.write_text("echo hi\n")
+    noshebang.chmod(0o755)
+    with pytest.raises(ScriptError, match="missing: No such file"):
+        start([str(tmp_path / "missing"), ""])
+    with pytest.raises(ScriptError, match=r"noexec: not executable \(Permission denied\)"):
+        start([str(noexec), ""])
+    with pytest.raises(ScriptError, match=r"noshebang: cannot be executed \(Exec format error"):
+        start([str(noshebang), ""])
+    with pytest.raises(ScriptError, match="no-such-interpreter: No such file"):
+        start(["no-such-interpreter", str(noshebang)])
+    with pytest.raises(ValueError):
+        start(["/bin/true", ""], env={"T": "a\0b"})
+    assert len(os.listdir("/proc/self/fd")) == before, "every pipe and the log fd closed"
+    # A bare program name is found on the script's PATH, not the daemon's.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "my-interp").symlink_to("/bin/true")
+    start(["my-interp", "x"], env={"PATH": str(bindir)})
+    os.wait()
 
 
 # -- bash: every verb and outcome ---------------------------------------------------------

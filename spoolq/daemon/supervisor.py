@@ -276,7 +276,6 @@ class Daemon:
                 code = os.waitstatus_to_exitcode(status)
             except ChildProcessError:
                 code = -signal.SIGKILL
-            job.spawned.proc.returncode = code  # so subprocess never reaps a reused pid
             self._finish(job, code)
 
     def _finish(self, job: Job, code: int) -> None:

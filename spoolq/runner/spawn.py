@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import durable
+from . import posix_spawn as _ps
 from ..config import RootConfig
 from ..errors import ScriptError
 from ..model import Message, QueueConfig
@@ -210,7 +211,6 @@ def build_argv(cfg: QueueConfig, script: Path) -> list[str]:
 
 @dataclass
 class Spawned:
-    proc: subprocess.Popen[bytes]
     pid: int
     spawned_ns: int  # CLOCK_BOOTTIME just before the spawn (see same_process)
     status_fd: int  # read end of the status pipe (non-blocking)
@@ -248,6 +248,17 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
         durable.write_all(log_fd, f"\n{stamp} - RQ START - {header_script}\n".encode())
     except OSError:
         pass  # a full disk: the script still runs; its output may fail the same way
+    if _ps.AVAILABLE and min(log_fd, status_w, reply_r) > 4:
+        try:
+            pid = _ps.spawn(_exec_path(argv[0], env), argv, _ps.env_block(env), cwd=os.fspath(cwd),
+                            fds=((_devnull(), 0), (log_fd, 1), (log_fd, 2), (status_w, 3), (reply_r, 4)))
+        except BaseException as e:
+            for fd in (status_r, status_w, reply_r, reply_w, log_fd):
+                os.close(fd)
+            if isinstance(e, OSError):
+                raise ScriptError(_spawn_failure(e, argv)) from None
+            raise
+        return _spawned(pid, spawned_ns, log_fd, status_r, status_w, reply_r, reply_w)
     try:
         if fast:
             os.dup2(status_w, 3, inheritable=False)
@@ -262,25 +273,50 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
     except OSError as e:
         for fd in (status_r, status_w, reply_r, reply_w, log_fd):
             os.close(fd)
-        why = e.strerror or str(e)
-        if isinstance(e, PermissionError):
-            why = "not executable (Permission denied)"
-        elif e.errno == 8:
-            why = "cannot be executed (Exec format error: no #! line?)"
-        raise ScriptError(f"script cannot start: {e.filename or argv[0]}: {why}") from None
+        raise ScriptError(_spawn_failure(e, argv)) from None
     except subprocess.SubprocessError as e:
         for fd in (status_r, status_w, reply_r, reply_w, log_fd):
             os.close(fd)
         raise ScriptError(f"script cannot start: {argv[0]}: {e}") from None
+    except BaseException:  # a value no environment can hold (ValueError), or worse
+        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
+            os.close(fd)
+        raise
     finally:
         if fast:
             _park_low_fds()
+    proc.returncode = 0  # the daemon reaps it with waitpid; subprocess must never try
+    return _spawned(proc.pid, spawned_ns, log_fd, status_r, status_w, reply_r, reply_w)
+
+
+def _spawned(pid: int, spawned_ns: int, log_fd: int, status_r: int, status_w: int, reply_r: int,
+             reply_w: int) -> Spawned:
     os.close(log_fd)
     os.close(status_w)
     os.close(reply_r)
     os.set_blocking(status_r, False)
     os.set_blocking(reply_w, False)
-    return Spawned(proc, proc.pid, spawned_ns, status_r, reply_w)
+    return Spawned(pid, spawned_ns, status_r, reply_w)
+
+
+def _exec_path(prog: str, env: Mapping[str, str]) -> str:
+    """What to exec for ``argv[0]``: itself when it holds a slash, else the first match on
+    the script's PATH (as subprocess and execvpe look it up)."""
+    if "/" in prog:
+        return prog
+    found = shutil.which(prog, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(2, "No such file or directory", prog)
+    return found
+
+
+def _spawn_failure(e: OSError, argv: list[str]) -> str:
+    why = e.strerror or str(e)
+    if isinstance(e, PermissionError):
+        why = "not executable (Permission denied)"
+    elif e.errno == 8:
+        why = "cannot be executed (Exec format error: no #! line?)"
+    return f"script cannot start: {e.filename or argv[0]}: {why}"
 
 
 _devnull_fd = -1
