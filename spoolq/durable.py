@@ -393,6 +393,7 @@ class GroupSync:
         self._queued = 0  # directories handed in so far
         self._synced = 0  # of those, how many are durable (or failed and were reported)
         self._stop = False
+        self._idle = False  # the thread waits for work: only then does an add wake it
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="spoolq-groupsync", daemon=True)
         self._thread.start()
@@ -403,7 +404,8 @@ class GroupSync:
         with self._cond:
             self._pending[d] = min(self._pending.get(d, 1), int(source))
             self._queued += 1
-            self._cond.notify_all()
+            if self._idle:  # else the thread is syncing, and looks again before it waits
+                self._cond.notify_all()
 
     def add_rename(self, src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str], *,
                    only_where_unsafe: bool = False) -> None:
@@ -435,7 +437,9 @@ class GroupSync:
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._idle = True
                 self._cond.wait_for(lambda: self._pending or self._stop)
+                self._idle = False
                 if not self._pending and self._stop:
                     return
                 batch = sorted(self._pending, key=self._pending.__getitem__)  # destinations first

@@ -94,12 +94,12 @@ def test_the_recorded_runner_names_exactly_the_process_that_was_spawned(tmp_path
 
 _CHILD_REPORT = r"""
 import json, os, signal, sys
-fds = sorted(int(f) for f in os.listdir("/proc/self/fd") if int(f) > 2)
+fds = [f for f in sorted(int(x) for x in os.listdir("/proc/self/fd")) if f > 2 and os.path.exists(f"/proc/self/fd/{f}")]
 os.write(3, b"run spawned\n")
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: v for k, v in os.environ.items()
                   if k.startswith("T_")}, "sid": os.getsid(0) == os.getpid(),
                   "mask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
-                  "fds": [f for f in fds if f != max(fds)] if fds and not os.path.exists(f"/proc/self/fd/{max(fds)}") else fds,
+                  "fds": fds,
                   "stdin": os.read(0, 10).decode(), "reply": os.read(4, 100).decode()}), flush=True)
 """
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import durable
-from . import posix_spawn as _ps
 from ..config import RootConfig
 from ..errors import ScriptError
 from ..model import Message, QueueConfig
+from . import posix_spawn as _ps
 
 RQ_VER = "3.0.0"
 START_WINDOW_NS = 2_000_000_000
