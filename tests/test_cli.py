@@ -702,3 +702,48 @@ def test_cli_reference_in_the_docs_is_current() -> None:
     r = subprocess.run([sys.executable, str(repo / "scripts" / "cli_reference.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# -- spoolq rq: RQ's bin/rq ---------------------------------------------------------------------
+def test_rq_flags_are_parsed_as_rq_rb_parses_them() -> None:
+    from spoolq.cli.rq_cmd import parse_args
+
+    assert parse_args(["sendmesg", "--dest", "q", "--param1=a=b", "--force_remote", "--src", "x"]) == (
+        "sendmesg", {"dest": "q", "param1": "a=b", "force_remote": True, "src": "x"})
+    # rq.rb takes any word holding "--" for a flag, and a value holding "--" is no value.
+    assert parse_args(["sendmesg", "--param1", "a--b"]) == ("sendmesg", {"param1": True, "-b": True})
+    assert parse_args(["state", "stray", "--msg_id", "u"]) == ("state", {"msg_id": "u"})
+
+
+def test_rq_answers_ok_or_fail_and_exits_as_rq_does(cli: Cli, script: Path, tmp_path: Path) -> None:
+    r = cli("rq")
+    assert r.returncode == 1 and r.stdout.startswith("Valid commands are:\n") and "  sendmesg\n" in r.stdout
+    r = cli("rq", "frobnicate")
+    assert r.returncode == 1 and "Command not found: frobnicate" in r.stderr
+    assert cli("queue", "create", "t", "--script", str(script)).returncode == 0
+    r = cli("rq", "prepmesg", "--dest", "t", "--param1=x", "--force_remote")  # a bare flag RQ crashed on
+    assert r.returncode == 0 and r.stdout.startswith("ok http://")
+    full = r.stdout.split()[1]
+    assert spoolq.open(cli.root).get(f"t/{full.rsplit('/', 1)[1]}").message.force_remote
+    att = tmp_path / "a.txt"
+    att.write_bytes(b"hello\n")
+    md5 = hashlib.md5(b"hello\n").hexdigest()
+    r = cli("rq", "attachmesg", "--msg_id", full, "--pathname", str(att))
+    assert r.stdout == f"ok {md5}-Attached successfully for Message: {full} attachment\n"
+    r = cli("rq", "attachstatusmesg", "--msg_id", full)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "ok 1" and lines[1].startswith(f"a.txt {md5} 6 /")
+    assert cli("rq", "commitmesg", "--msg_id", full).stdout == "ok msg commited\n"
+    assert cli("rq", "state", "--msg_id", full).stdout == "ok que\n"
+    assert cli("rq", "statuscountmesg", "--msg_id", full).stdout == "ok 0\n"
+    assert cli("rq", "single_que", "--dest", "t").stdout == f"ok {full}\n"  # one is waiting already
+    for args, why in ((("sendmesg", "--dest", "nope"), "fail no such queue"),
+                      (("sendmesg", "--dest", "http://far:1/q/x"), "fail cannot relay message"),
+                      (("sendmesg",), "fail missing argument --dest"),
+                      (("statusmesg", "--msg_id", full.replace("/q/t/", "/q/t/2")), "fail "),
+                      (("commitmesg", "--msg_id", "garbage"), "fail not a full message id")):
+        r = cli("rq", *args)
+        assert (r.returncode, r.stdout.startswith(why)) == (1, True), (args, r.stdout, r.stderr)
+    cli("queue", "down", "t")
+    r = cli("rq", "sendmesg", "--dest", "t")
+    assert (r.returncode, r.stdout) == (1, "fail status: DOWN\n")

@@ -41,6 +41,14 @@ def rq_root(tmp_path: Path) -> Path:
     assert RQ is not None
     root = tmp_path / "rq"
     shutil.copytree(RQ, root, symlinks=True)
+    # RQ's repository holds two symlinks, which the peers' copy stores as files holding
+    # their targets: made links again, as a checkout of RQ has them.
+    for link in ("test/test_symlink", "test/test_script_symlink.sh"):
+        p = root / link
+        if p.is_file() and not p.is_symlink() and p.stat().st_size < 64:
+            target = p.read_text().strip()
+            p.unlink()
+            p.symlink_to(target)
     return root
 
 
@@ -210,3 +218,58 @@ def test_rq_admin_flag_files_are_honoured(trusted: tuple[Path, int]) -> None:
     client.admin_action("flagged", "resume")
     assert not (flags / "flagged.down").exists() and not (flags / "flagged.pause").exists()
     assert str(client.admin_state("flagged")) == "UP"
+
+
+# -- RQ's functional tests, with bin/rq running `spoolq rq` -----------------------------------
+# The functional block of RQ's test/run_tests.sh, in its order, less RQ_NOT_YET.
+RQ_FUNCTIONAL = [
+    "send_test_coalesce.sh", "send_test_sneaky.sh", "send_test_symlink.sh", "test_que_create_naming.sh",
+    "test_run_admin_down.sh", "test_run_admin_pause.sh", "send_test_large.sh", "send_test_web_done.rb",
+    "send_test_web_prepattachdone.rb", "send_test_web_http11_prepattachdone.rb",
+    "send_test_web_prepattachdone_large.rb", "send_test_attachdone.sh",
+    "send_test_cloneattachdone.sh", "send_test_web_prepdone.rb", "send_test_done.sh", "send_test_err.sh",
+    "send_test_donequick.sh", "send_test_errquick.sh", "send_test_fast_collide.sh", "send_test_resend.sh",
+    "test_web_attach_err.rb", "test_web_done_json.rb", "env_var_test.rb",
+]
+# What the block holds that spoolq does not pass yet, and why (issue 10's next slices).
+RQ_NOT_YET = {
+    "test_rq.sh": "runs check_rq, RQ's Nagios plugin",
+    "send_test_relay_force.sh": "the relay queue", "send_test_relay.sh": "the relay queue",
+    "send_test_remote_relay_force.sh": "the relay queue", "send_test_remote_relay_force_large.sh": "the relay queue",
+    "send_test_remote_relay.sh": "the relay queue", "send_test_relay_relayid_attach.sh": "the relay queue",
+    "send_test_relay_relayid.sh": "the relay queue", "send_test_force_remote.sh": "the relay queue",
+    "send_dup.rb": "dups to other hosts go through the relay queue",
+    "send_test_web_prepattachmime.rb": "it sends Host: dru-brserv.btrll.com to 127.0.0.1, which spoolq "
+                                       "refuses without a token (DNS rebinding; docs/security.md)",
+    "test_web_max_count.rb": "it matches RQ's message page's 'count: 2' layout",
+    "test_web_overrides.rb": "it needs Ruby's nokogiri",
+}
+
+
+def shim_bin_rq(root: Path) -> None:
+    """RQ's bin/rq replaced by the two lines the issue names: exec spoolq rq."""
+    spoolq_bin = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "spoolq"
+    if not spoolq_bin.exists():
+        spoolq_bin = Path(shutil.which("spoolq") or "spoolq")
+    rq = root / "bin" / "rq"
+    rq.unlink()
+    rq.write_text(f'#!/bin/sh\nexec "{spoolq_bin}" rq "$@"\n')
+    rq.chmod(0o755)
+
+
+def test_rq_functional_tests_pass_with_bin_rq_as_spoolq_rq(trusted: tuple[Path, int]) -> None:
+    root, port = trusted
+    env = {**os.environ, "RQ_PORT": str(port), "SPOOLQ_ROOT": str(root)}
+    r = subprocess.run(["bash", "test/setup_test_queues.sh"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shim_bin_rq(root)
+    failed = {}
+    for name in RQ_FUNCTIONAL:
+        if name.endswith(".rb") and shutil.which("ruby") is None:
+            continue
+        argv = ["ruby", f"test/{name}"] if name.endswith(".rb") else ["bash", f"test/{name}"]
+        r = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            failed[name] = (r.stdout + r.stderr)[-1500:]
+    assert not failed, "\n\n".join(f"{k}:\n{v}" for k, v in failed.items())

@@ -99,7 +99,11 @@ async def _create(request: Request, name: str, make: Callable[[], dict[str, Any]
         name = str(cfg.get("name") or name)
         await run_in_threadpool(ctx_of(request).client.create_queue, cfg)
     except SpoolqError as e:
-        return redirect(f"/q/{quote(name, safe='')}" if name else "/", _answer(["fail", e.message]), kind="error")
+        why = e.message
+        if isinstance(e, InvalidInput) and why.startswith("invalid queue name"):
+            why = f"queue name has invalid characters ({why})"  # RQ's words, which its tests look for
+            name = ""  # no page to go to: the dashboard shows the answer
+        return redirect(f"/q/{quote(name, safe='')}" if name else "/", _answer(["fail", why]), kind="error")
     return redirect(f"/q/{quote(name, safe='')}", _answer(CREATED))
 
 
