@@ -383,6 +383,30 @@ def test_counts_cache_is_rebuilt_when_missing_or_damaged(fs: FsStore) -> None:
     assert fs.counts("q")["que"] == 5
 
 
+def test_a_recount_counts_what_a_listing_lists_and_nothing_else(fs: FsStore) -> None:
+    from spoolq.store.fs.layout import iter_entries
+
+    ms = fs.create_many("q", [Message() for _ in range(7)])
+    for m in ms[:3]:
+        fs.move("q", m.msg_id, State.QUE, State.RUN)
+    for m in ms[:2]:
+        fs.move("q", m.msg_id, State.RUN, State.ERR)
+    fs.ack_errs("q")  # two err entries become ".<id>"
+    fs.move("q", ms[2].msg_id, State.RUN, State.ERR)
+    bucket = fs.message_dir("q", ms[3].msg_id).parent
+    (bucket / "stray-file").write_text("x")
+    (bucket / "not-an-id").mkdir()
+    (bucket / "20990101.0000.00.000.1").write_text("a file with an id's name")
+    (bucket / "20990101.0000.00.000.2").symlink_to(fs.message_dir("q", ms[4].msg_id))
+    (bucket / ".20990101.0000.00.000.3").symlink_to(fs.message_dir("q", ms[4].msg_id))
+    c = fs.recount("q")
+    assert (c["que"], c["run"], c["err"], c["err_acked"]) == (4, 0, 1, 2), c
+    for st in State:
+        listed = list(iter_entries(fs.qroot / "q", st, newest_first=False))
+        assert sum(not a for _, _, a in listed) == c[str(st)]
+    assert sum(a for _, _, a in iter_entries(fs.qroot / "q", State.ERR)) == c["err_acked"]
+
+
 def test_a_torn_counts_file_is_recounted_not_restarted_from_zero(fs: FsStore, tmp_path: Path) -> None:
     # What the audit found after a SIGKILL between pwrite and ftruncate: a shorter record
     # followed by the tail of the longer one. The next update must recount, not start at 0.

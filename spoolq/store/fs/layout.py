@@ -57,6 +57,29 @@ def iter_entries(
             yield msg_id, bdir / name, acked
 
 
+def count_entries(qdir: Path, state: State | str) -> tuple[int, int]:
+    """(messages, acked messages) in ``state``: what :func:`iter_buckets` would yield,
+    counted without sorting or parsing ids (a recount walks every message of a queue)."""
+    sdir = qdir / str(state)
+    plain = acked = 0
+    match = MSG_ID_RE.match
+    for day in _sorted_dirs(sdir, 8, False):
+        for hm in _sorted_dirs(sdir / day, 4, False):
+            for ss in _sorted_dirs(sdir / day / hm, 2, False):
+                try:
+                    with os.scandir(sdir / day / hm / ss) as it:
+                        for e in it:
+                            n = e.name
+                            if n[0] == ".":
+                                if match(n[1:]) and e.is_dir(follow_symlinks=False):
+                                    acked += 1
+                            elif match(n) and e.is_dir(follow_symlinks=False):
+                                plain += 1
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+    return plain, acked
+
+
 def iter_buckets(
     qdir: Path, state: State | str, *, newest_first: bool = True, before: str | None = None
 ) -> Iterator[tuple[Path, list[tuple[str, str, bool]]]]:

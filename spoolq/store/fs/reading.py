@@ -40,7 +40,7 @@ from ...model import (
 )
 from .beneath import NotBeneath, open_dir_beneath, open_in
 from .inotify import FsMessageWatch
-from .layout import COUNT_KEYS, Counts, iter_entries, message_path
+from .layout import COUNT_KEYS, Counts, count_entries, message_path
 from .queues import QueueParts, _read_file
 from .search import Needle, Scan, scan, status_text
 
@@ -195,8 +195,9 @@ class ReadParts(QueueParts):
         def walk() -> dict[str, int]:
             counts = dict.fromkeys(COUNT_KEYS, 0)
             for st in State:
-                for _, _, acked in iter_entries(qdir, st, newest_first=False):
-                    counts[_count_key(st, acked)] += 1
+                plain, acked = count_entries(qdir, st)
+                counts[_count_key(st)] += plain
+                counts[_count_key(st, True)] += acked
             return counts
 
         return Counts(qdir / "counts", walk)
