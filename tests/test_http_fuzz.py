@@ -79,9 +79,15 @@ _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.float
 
 
 def _up() -> None:
-    """The queue UP again: schemathesis may have sent ``POST /api/v1/queues/work/down``, after
-    which RQ's routes answer 503 "Operationally Down", as RQ does, by design."""
-    _client.set_admin_state("work", "UP")
+    """The queue there and UP again: schemathesis may have sent ``POST
+    /api/v1/queues/work/down``, after which RQ's routes answer 503 "Operationally Down", as
+    RQ does, by design, or ``DELETE /api/v1/queues/work?force=true``."""
+    from spoolq.errors import QueueNotFound
+
+    try:
+        _client.set_admin_state("work", "UP")
+    except QueueNotFound:
+        _client.create_queue("work", script="/bin/true")
 
 
 @given(mesg=st.one_of(st.text(max_size=200), st.dictionaries(
