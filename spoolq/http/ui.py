@@ -48,6 +48,9 @@ router = APIRouter(include_in_schema=False)
 HERE = Path(__file__).parent
 FLASH_COOKIE = "spoolq_flash"
 PAGE_SIZE = 50
+RQ_SUMMARY_KEYS = ("status", "state", "param1", "param2", "param3", "param4", "count", "msg_id", "max_count",
+                   "post_run_webhook", "dest", "src", "orig_msg_id", "cloned_from", "dups", "dup", "force_remote")
+"""The rows of RQ's message summary (``views/_message_summary.erb``), in its order."""
 
 
 def _fmt_time(t: Any) -> str:
@@ -439,9 +442,10 @@ def message_page(request: Request, queue: str, msg_id: str) -> Response:
     except SpoolqError as e:
         return error_page(request, e)
     m = view.message
+    full_id = ctx.client.full_id(queue, msg_id)
     return render(request, "message.html", title=f"{msg_id} · {queue}", q=summary, v=view, m=m,
-                  full_id=ctx.client.full_id(queue, msg_id), now=time.time(),
-                  can_cancel=hasattr(ctx.client, "cancel"))
+                  full_id=full_id, now=time.time(), can_cancel=hasattr(ctx.client, "cancel"),
+                  rq=view.to_rq_json(full_id, local_paths=False), rq_keys=RQ_SUMMARY_KEYS)
 
 
 @router.post("/ui/q/{queue}/{msg_id}")
