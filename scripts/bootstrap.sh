@@ -3,7 +3,7 @@
 # the chosen task needs. Safe to run again: each step is skipped when already done.
 #
 #   scripts/bootstrap.sh run     the daemon's needs (Python packages)
-#   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby (script tests),
+#   scripts/bootstrap.sh test    + test tools, chromium (browser tests), ruby, ruby-nokogiri, curl (RQ's tests),
 #                                xfsprogs and e2fsprogs (power-cut tests on loop-mounted images),
 #                                postgresql (the PostgreSQL store's tests) when initdb is missing
 #   scripts/bootstrap.sh bench   + redis-server, postgresql and the peers benchmarked against
@@ -59,7 +59,9 @@ fi
 
 case "$mode" in
   test)
-    apt_install chromium ruby xfsprogs e2fsprogs  # xfsprogs, e2fsprogs: tests/test_powercut.py
+    # ruby, ruby-nokogiri, curl: RQ's own tests (tests/test_rq_setup.py); xfsprogs, e2fsprogs:
+    # tests/test_powercut.py
+    apt_install chromium ruby ruby-nokogiri curl xfsprogs e2fsprogs
     # tests/pg_cluster.py starts its own PostgreSQL cluster from these binaries
     if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
       apt_install postgresql
