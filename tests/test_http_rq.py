@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,12 @@ def test_delete_destroy_html_and_single_que(base: str, client: spoolq.Client) ->
     status, body = curl("-d", "_method=delete", "-d", "x_format=json", f"{base}/q/test/{a}")
     assert json.loads(body) == ["fail", "msg not found"]
     b = client.send("test").msg_id
+    # RQ's destroy stops a running script; a queued message has none: "msg not found", kept.
+    status, body = curl("-d", "_method=destroy", "-d", "x_format=json", f"{base}/q/test/{b}")
+    assert json.loads(body) == ["fail", "msg not found"]
+    assert client.state(f"test/{b}") == State.QUE
     status, _ = curl("-d", "_method=destroy", f"{base}/q/test/{b}")
-    assert status == 303
+    assert status == 303 and client.state(f"test/{b}") == State.QUE
     first = post_mesg(base, "test", {"dest": "test", "_method": "single_que"})[1][1]
     again = post_mesg(base, "test", {"dest": "test", "_method": "single_que", "param1": "ignored"})[1][1]
     assert first == again
@@ -225,3 +230,25 @@ def test_rq_message_routes_on_the_memory_store() -> None:
     assert http.post(f"/q/work/{msg_id}", data={"_method": "commit", "x_format": "json"}).json() == \
         ["ok", "msg commited"]
     assert http.get(f"/q/work/{msg_id}/state.json").json() == ["que"]
+
+
+def test_destroy_stops_the_running_script_and_the_message_ends_in_err(root: Path, tmp_path: Path) -> None:
+    from http_helpers import daemon
+
+    started = tmp_path / "started"
+    slow = tmp_path / "slow.sh"
+    slow.write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 60\n")
+    slow.chmod(0o755)
+    c = spoolq.open(root)
+    c.create_queue("slow", script=str(slow))
+    with daemon(root, free_port(), token=None, extra=("--trust-loopback",)) as base:
+        mid = c.send("slow").msg_id
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.state(f"slow/{mid}") == State.RUN
+        status, body = curl("-d", "_method=destroy", "-d", "x_format=json", f"{base}/q/slow/{mid}")
+        assert (status, json.loads(body)) == (200, ["ok", "msg destroyed"])
+        view = c.wait(f"slow/{mid}", timeout=30)
+        assert view.state == State.ERR and "cancelled" in view.status, view.status
+

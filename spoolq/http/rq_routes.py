@@ -250,7 +250,7 @@ def get_log(request: Request, queue: str, msg_id: str, log: str) -> Response:
         return _lookup_error(e)
 
 
-_RESULT_TEXT = {"commit": "msg commited", "delete": "msg deleted", "destroy": "msg deleted"}
+_RESULT_TEXT = {"commit": "msg commited", "delete": "msg deleted", "destroy": "msg destroyed"}
 
 
 def _message_method(ctx: AppContext, queue: str, msg_id: str, method: str) -> None:
@@ -259,6 +259,13 @@ def _message_method(ctx: AppContext, queue: str, msg_id: str, method: str) -> No
             # RQ's answer when the message is no longer in prep (rq-spec 5.1).
             raise WrongState("cannot find message")
         ctx.client.commit(f"{queue}/{msg_id}")
+    elif method == "destroy":
+        # RQ's destroy stops the running script (SIGTERM to its pid; the message ends in
+        # err) and answers "msg not found" when none runs, keeping the message. Here the
+        # daemon stops the script's whole process group: a cancel.
+        if ctx.client.state(MessageRef(queue, msg_id)) != State.RUN:
+            raise MessageNotFound("msg not found")
+        ctx.client.cancel(f"{queue}/{msg_id}", wait=0)
     else:
         ctx.client.delete(f"{queue}/{msg_id}")
 
@@ -279,6 +286,8 @@ async def message_method(request: Request, queue: str, msg_id: str) -> Response:
     except (QueueNotFound, InvalidName) as e:
         return _lookup_error(e)
     except MessageNotFound as e:
+        if method == "destroy" and x_format != "json":  # RQ: back to the message, which stays
+            return RedirectResponse(f"/q/{queue}/{msg_id}", status_code=303)
         return _fail(e, "cannot find message" if method == "commit" else "msg not found")
     except SpoolqError as e:
         return _fail(e)
