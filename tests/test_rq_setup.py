@@ -174,6 +174,26 @@ def test_rq_adminoper_and_ack_errs(trusted: tuple[Path, int], tmp_path: Path) ->
     assert client.counts("adm")["err_acked"] == 1 and client.counts("adm")["err"] == 0
 
 
+def test_rq_restart_runs_a_fixed_scripterror_queue(trusted: tuple[Path, int], tmp_path: Path) -> None:
+    root, port = trusted
+    base = f"http://127.0.0.1:{port}"
+    import spoolq
+
+    client = spoolq.open(root)
+    script = tmp_path / "later.sh"
+    client.create_queue("rst", script=str(script))
+    first = client.send("rst")
+    assert client.wait(first, timeout=30).state == spoolq.State.ERR  # no script: SCRIPTERROR
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    status, headers, _ = curl(f"{base}/q/rst/restart", "-F", "back=/q/rst")
+    assert (status, headers["location"]) == (303, "/q/rst")
+    assert client.wait(client.send("rst"), timeout=30).state == spoolq.State.DONE
+    status, _, body = curl("-L", "--cookie-jar", str(tmp_path / "jar"), f"{base}/q/rst/restart", "-F", "back=/q/rst")
+    assert status == 200 and "Successfully restarted queue rst" in body
+    assert curl(f"{base}/q/nope/restart", "-F", "back=/")[:1] == (404,)
+
+
 def test_rq_queue_admin_routes_are_not_message_routes_for_anonymous_rq_level(rq_root: Path) -> None:
     """At the default anonymous level (``rq``: RQ's message routes open on loopback), the
     queue administration routes still need the token."""

@@ -168,3 +168,19 @@ async def ack_errs(request: Request, queue: str) -> Response:
     except SpoolqError as e:
         return PlainTextResponse(f"500 - Couldn't ack errs queue. {e.message}.", status_code=500)
     return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully acknowledged errors ({n})")
+
+
+@router.post("/q/{queue}/restart")
+async def restart(request: Request, queue: str) -> Response:
+    """RQ's "restart" of a queue's worker. spoolq has no worker per queue to restart; what it
+    means here is RQ's use for it: a SCRIPTERROR queue whose script was fixed runs again now.
+    The queue's config is written again unchanged, which makes the daemon read it and check
+    the script at once (it checks every 5 s anyway)."""
+    back = await _form(request, _field("back"))
+    try:
+        await run_in_threadpool(ctx_of(request).client.update_queue, queue)
+    except QueueNotFound:
+        return PlainTextResponse("404 - Queue not found", status_code=404)
+    except SpoolqError as e:
+        return PlainTextResponse(f"500 - Couldn't restart queue. {e.message}.", status_code=500)
+    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully restarted queue {queue}")
