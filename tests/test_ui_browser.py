@@ -284,3 +284,43 @@ def test_pages_fit_a_phone(served: tuple[str, Path], page: object) -> None:
     expect(page.locator("#bulk-form")).to_contain_text("Cancel all")
     page.goto(server + "/q/mail?state=done")
     expect(page.locator("#bulk-form")).to_have_count(0)
+
+
+def test_rq_tailview_follows_a_growing_log_and_an_attachment(served: tuple[str, Path], page: object,
+                                                            tmp_path: Path) -> None:
+    """RQ's tailviewlog/tailview pages: the file read with Range requests as it grows,
+    ANSI colours shown, until the message has ended."""
+    from playwright.sync_api import Page, expect
+
+    import spoolq
+
+    assert isinstance(page, Page)
+    server, root = served
+    csp_violations: list[str] = []
+    page.on("console", lambda m: csp_violations.append(m.text) if "Content Security Policy" in m.text else None)
+    script = tmp_path / "colors.sh"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    client = spoolq.open(root)
+    client.create_queue("tail", script=str(script))
+    mid = client.send("tail", param2="8").msg_id
+    page.goto(f"{server}/q/tail/{mid}/tailviewlog/stdio.log")
+    expect(page.locator("#tail span.ansi", has_text="processing chunk 1").first).to_be_attached()
+    green = page.locator("#tail span.ansi", has_text="processing chunk 1").first
+    assert green.evaluate("e => getComputedStyle(e).color") == "rgb(13, 188, 121)"
+    expect(page.locator("#tail")).to_contain_text("all done", timeout=30_000)
+    assert page.locator("#tail script").count() == 0  # markup in the log stays text
+    expect(page.locator("#tail")).to_have_attribute("data-streaming", "0", timeout=30_000)
+    # An attachment of a message in prep: shown as it is; a name it does not have is a 404.
+    data = tmp_path / "data.txt"
+    data.write_text("first line\n\x1b[31mred line\x1b[0m\n")
+    held = client.prep("tail")
+    client.attach(held, data)
+    page.goto(f"{server}/q/tail/{held.msg_id}/tailview/data.txt")
+    expect(page.locator("#tail span.ansi", has_text="red line")).to_be_attached()
+    expect(page.locator("#tail")).to_contain_text("first line")
+    r = page.request.get(f"{server}/q/tail/{held.msg_id}/tailview/nope.txt")
+    assert r.status == 404 and "attachment 'nope.txt' not found" in r.text()
+    r = page.request.get(f"{server}/q/tail/20200101.0000.00.000.1/tailviewlog/stdio.log")
+    assert r.status == 404 and r.text() == "404 - Message ID not found"
+    assert not csp_violations, csp_violations

@@ -27,11 +27,12 @@ from ..errors import (
     SpoolqError,
     WrongState,
 )
-from ..ids import MessageRef
+from ..ids import MessageRef, log_name_ok
 from ..model import State
 from .actions import act
 from .common import AppContext, attachment_response, ctx_of, file_response, local_target, open_log
 from .errors import status_for
+from .ui import render
 from .uploads import ParsedForm, form_of
 
 router = APIRouter(include_in_schema=False)
@@ -248,6 +249,43 @@ def get_log(request: Request, queue: str, msg_id: str, log: str) -> Response:
         return file_response(request, fh, media_type="text/plain; charset=utf-8")
     except SpoolqError as e:
         return _lookup_error(e)
+
+
+def _tailview(request: Request, queue: str, msg_id: str, name: str, tail_path: str) -> Response:
+    return render(request, "tailview.html", title=f"{name} · {msg_id}", q=queue, msg_id=msg_id, file_name=name,
+                  tail_path=tail_path, state_path=f"/q/{queue}/{msg_id}/state.json")
+
+
+def _message_or_404(ctx: AppContext, queue: str, msg_id: str) -> Response | Any:
+    """The message's view, or RQ's 404 answer."""
+    try:
+        return ctx.client.get(MessageRef(queue, msg_id))
+    except QueueNotFound:
+        return _text(404, "404 - Queue not found")
+    except (MessageNotFound, InvalidName):
+        return _text(404, "404 - Message ID not found")
+
+
+@router.get("/q/{queue}/{msg_id}/tailview/{name}")
+def tailview(request: Request, queue: str, msg_id: str, name: str) -> Response:
+    """RQ's tail of an attachment as it grows."""
+    view = _message_or_404(ctx_of(request), queue, msg_id)
+    if isinstance(view, Response):
+        return view
+    if name not in view.attachments:
+        return _text(404, f"404 - Message ID attachment '{name}' not found")
+    return _tailview(request, queue, msg_id, name, f"/q/{queue}/{msg_id}/attach/{name}")
+
+
+@router.get("/q/{queue}/{msg_id}/tailviewlog/{log}")
+def tailviewlog(request: Request, queue: str, msg_id: str, log: str) -> Response:
+    """RQ's tail of a job log (``stdio.log``) as it grows, ANSI colours shown."""
+    view = _message_or_404(ctx_of(request), queue, msg_id)
+    if isinstance(view, Response):
+        return view
+    if not log_name_ok(log):
+        return _text(404, f"404 - Message ID log '{log}' not found")
+    return _tailview(request, queue, msg_id, log, f"/q/{queue}/{msg_id}/log/{log}")
 
 
 _RESULT_TEXT = {"commit": "msg commited", "delete": "msg deleted", "destroy": "msg destroyed"}

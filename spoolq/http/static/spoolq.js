@@ -127,6 +127,49 @@ function followLog(pre) {
   es.addEventListener("error", () => { if (es.readyState === EventSource.CLOSED) pre.dataset.streaming = "0"; });
 }
 
+/* ---- RQ's tailview: a log or an attachment read with Range requests as it grows -------- */
+function tailRange(pre) {
+  const ansi = new AnsiRenderer(pre);
+  const follow = document.getElementById("log-follow");
+  const info = document.getElementById("log-info");
+  const dec = new TextDecoder();
+  let pos = 0;
+  let idle = 0;  // state checks that found the message no longer running
+  pre.dataset.streaming = "1";
+  const scroll = () => { if (follow && follow.checked) pre.scrollTop = pre.scrollHeight; };
+  const done = why => {
+    pre.dataset.streaming = "0";
+    ansi.write(dec.decode());
+    if (info) info.textContent = `${pos} bytes · ${why}`;
+  };
+  const checkState = async () => {
+    try {
+      const r = await fetch(pre.dataset.stateUrl, {cache: "no-store"});
+      const state = r.ok ? (await r.json())[0] : "";
+      if (["prep", "que", "run"].includes(state)) idle = 0;
+      else if (++idle >= 2) return done(state || "gone");
+    } catch (e) { /* the server may be restarting: keep looking */ }
+    setTimeout(next, 1000);
+  };
+  const next = async () => {
+    let r;
+    try {
+      r = await fetch(pre.dataset.tail, {headers: {"Range": `bytes=${pos}-`, "Cache-Control": "no-cache"}});
+    } catch (e) { return setTimeout(checkState, 1000); }
+    if (r.status === 206 || (r.status === 200 && pos === 0)) {
+      const buf = new Uint8Array(await r.arrayBuffer());
+      ansi.write(dec.decode(buf, {stream: true}));
+      const m = /bytes (\d+)-(\d+)/.exec(r.headers.get("Content-Range") || "");
+      pos = m ? Number(m[2]) + 1 : pos + buf.length;
+      if (info) info.textContent = `${pos} bytes`;
+      scroll();
+      return setTimeout(next, 100);
+    }
+    checkState();  // 416 at the end of the file, or not there yet: is the message still going?
+  };
+  next();
+}
+
 /* ---- live counts on the dashboard ----------------------------------------------------- */
 function liveDashboard(table) {
   const es = new EventSource(table.dataset.liveEvents);
@@ -194,6 +237,8 @@ document.addEventListener("click", ev => {
 document.addEventListener("DOMContentLoaded", () => {
   const pre = document.getElementById("log");
   if (pre && pre.dataset.stream) followLog(pre);
+  const tail = document.getElementById("tail");
+  if (tail && tail.dataset.tail) tailRange(tail);
   const table = document.querySelector("table[data-live-events]");
   if (table) liveDashboard(table);
   const tabs = document.querySelector("nav[data-live-queue]");
