@@ -734,6 +734,7 @@ def test_rq_answers_ok_or_fail_and_exits_as_rq_does(cli: Cli, script: Path, tmp_
     lines = r.stdout.splitlines()
     assert lines[0] == "ok 1" and lines[1].startswith(f"a.txt {md5} 6 /")
     assert cli("rq", "commitmesg", "--msg_id", full).stdout == "ok msg commited\n"
+    assert cli("rq", "commitmesg", "--msg_id", full).stdout == "fail cannot find message\n"  # RQ's: not in prep
     assert cli("rq", "state", "--msg_id", full).stdout == "ok que\n"
     assert cli("rq", "statuscountmesg", "--msg_id", full).stdout == "ok 0\n"
     assert cli("rq", "single_que", "--dest", "t").stdout == f"ok {full}\n"  # one is waiting already
@@ -745,5 +746,12 @@ def test_rq_answers_ok_or_fail_and_exits_as_rq_does(cli: Cli, script: Path, tmp_
         r = cli("rq", *args)
         assert (r.returncode, r.stdout.startswith(why)) == (1, True), (args, r.stdout, r.stderr)
     cli("queue", "down", "t")
-    r = cli("rq", "sendmesg", "--dest", "t")
-    assert (r.returncode, r.stdout) == (1, "fail status: DOWN\n")
+    for args in (("sendmesg", "--dest", "t"), ("single_que", "--dest", "t"), ("state", "--msg_id", full),
+                 ("statusmesg", "--msg_id", full), ("commitmesg", "--msg_id", full)):
+        r = cli("rq", *args)
+        assert (r.returncode, r.stdout) == (1, "fail status: DOWN\n"), args  # every command, as RQ's manager
+    # --pathname is expanded as Ruby's File.expand_path does: ~ is the home directory.
+    cli("queue", "up", "t")
+    held = cli("rq", "prepmesg", "--dest", "t").stdout.split()[1]
+    r = cli("rq", "attachmesg", "--msg_id", held, "--pathname", "~/a.txt", env={"HOME": str(tmp_path)})
+    assert r.stdout.startswith(f"ok {md5}-Attached successfully"), r.stdout

@@ -252,6 +252,11 @@ RQ_FUNCTIONAL = [
     "test_web_attach_err.rb", "test_web_max_count.rb", "test_web_overrides.rb", "test_web_done_json.rb",
     "env_var_test.rb",
 ]
+# RQ's scripts that build due times from `date +%s` around several `bin/rq` calls: when a
+# loaded machine makes each call take a second, their messages fall due in another order
+# than the script assumes (seen once in CI, for send_test_coalesce.sh's resend part). They
+# get a second run, and the first failure is printed.
+RQ_SECONDS_SENSITIVE = {"send_test_coalesce.sh"}
 # What the block holds that spoolq does not pass yet, and why (issue 10's next slices).
 RQ_NOT_YET = {
     "test_rq.sh": "runs check_rq, RQ's Nagios plugin",
@@ -294,6 +299,9 @@ def test_rq_functional_tests_pass_with_bin_rq_as_spoolq_rq(trusted: tuple[Path, 
             continue
         argv = ["ruby", f"test/{name}"] if name.endswith(".rb") else ["bash", f"test/{name}"]
         r = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0 and name in RQ_SECONDS_SENSITIVE:
+            print(f"{name} failed once; run again:\n{(r.stdout + r.stderr)[-1500:]}")
+            r = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             failed[name] = (r.stdout + r.stderr)[-1500:]
     assert not failed, "\n\n".join(f"{k}:\n{v}" for k, v in failed.items())

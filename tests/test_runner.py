@@ -186,6 +186,14 @@ def test_spawn_failures_say_why(tmp_path: Path, spawn_path: str) -> None:
         start(["no-such-interpreter", str(noshebang)])
     with pytest.raises(ValueError):
         start(["/bin/true", ""], env={"T": "a\0b"})
+    # Too big for exec: this message's fault (ValueError: it goes to err), not the script's.
+    with pytest.raises(ValueError, match="E2BIG"):
+        start(["/bin/true", ""], env={"PATH": "/usr/bin:/bin", "BIG": "x" * 200_000})
+    # The job directory gone: the machine's problem, tried again later; not a SCRIPTERROR.
+    with pytest.raises(OSError) as info:
+        spawn(["/bin/true", ""], env={}, cwd=tmp_path / "gone",
+              log_fd=os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT), header_script="x")
+    assert not isinstance(info.value, ScriptError)
     assert len(os.listdir("/proc/self/fd")) == before, "every pipe and the log fd closed"
     # A bare program name is found on the script's PATH, not the daemon's.
     bindir = tmp_path / "bin"

@@ -399,6 +399,8 @@ def test_a_recount_counts_what_a_listing_lists_and_nothing_else(fs: FsStore) -> 
     (bucket / "20990101.0000.00.000.1").write_text("a file with an id's name")
     (bucket / "20990101.0000.00.000.2").symlink_to(fs.message_dir("q", ms[4].msg_id))
     (bucket / ".20990101.0000.00.000.3").symlink_to(fs.message_dir("q", ms[4].msg_id))
+    (fs.qroot / "q" / "que" / "20991231").write_text("a file with a day bucket's name")
+    (bucket.parent / "99").write_text("a file with a second bucket's name")
     c = fs.recount("q")
     assert (c["que"], c["run"], c["err"], c["err_acked"]) == (4, 0, 1, 2), c
     for st in State:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MessageNotFound, QueueDown, QueueNotFound, SpoolqError, WrongState
-from ..model import State
+from ..model import AdminState, State
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -123,14 +123,22 @@ def _mesg(flags: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _ref(flags: dict[str, Any]) -> str:
+def _up(client: Client, queue: str) -> str:
+    """``queue``, unless it is DOWN: RQ's manager answers every message command of a DOWN
+    queue with ``fail status: DOWN``."""
+    if client.admin_state(queue) == AdminState.DOWN:
+        raise QueueDown(f"queue {queue} is DOWN")
+    return queue
+
+
+def _ref(client: Client, flags: dict[str, Any]) -> str:
     """``queue/id`` from RQ's full id (``http://host:port/q/<queue>/<id>``), as rq.rb's
     regexes take them apart."""
     full = _need(flags, "msg_id")
     q, i = _QUEUE_RE.search(full), _ID_RE.search(full)
     if q is None or i is None:
         raise RqFail(f"not a full message id: {full}")
-    return f"{q.group(1)}/{i.group(1)}"
+    return f"{_up(client, q.group(1))}/{i.group(1)}"
 
 
 def _full(client: Client, ref: str) -> str:
@@ -148,7 +156,7 @@ def prepmesg(client: Client, flags: dict[str, Any]) -> list[str]:
 
 def single_que(client: Client, flags: dict[str, Any]) -> list[str]:
     """A message only if the queue has none waiting; else the first waiting one's id."""
-    queue = _need(flags, "dest")
+    queue = _up(client, _need(flags, "dest"))
     page = client.list(queue, State.QUE, limit=1)
     if page.items:
         return [f"ok {client.full_id(queue, page.items[0].msg_id)}"]
@@ -156,8 +164,8 @@ def single_que(client: Client, flags: dict[str, Any]) -> list[str]:
 
 
 def attachmesg(client: Client, flags: dict[str, Any]) -> list[str]:
-    ref = _ref(flags)
-    path = os.path.abspath(_need(flags, "pathname"))
+    ref = _ref(client, flags)
+    path = os.path.abspath(os.path.expanduser(_need(flags, "pathname")))  # Ruby's File.expand_path
     if not os.path.exists(path):
         raise RqFail(f"No such file {path} to attach to message")
     if os.path.isdir(path):
@@ -176,8 +184,11 @@ def attachmesg(client: Client, flags: dict[str, Any]) -> list[str]:
 
 
 def commitmesg(client: Client, flags: dict[str, Any]) -> list[str]:
+    ref = _ref(client, flags)
     try:
-        client.commit(_ref(flags))
+        if client.state(ref) != State.PREP:  # RQ commits only what is in prep
+            raise WrongState("not in prep")
+        client.commit(ref)
     except (MessageNotFound, WrongState):
         raise RqFail("cannot find message") from None
     return ["ok msg commited"]  # sic: RQ's answer
@@ -185,7 +196,7 @@ def commitmesg(client: Client, flags: dict[str, Any]) -> list[str]:
 
 def _get(client: Client, flags: dict[str, Any]) -> Any:
     try:
-        return client.get(_ref(flags))
+        return client.get(_ref(client, flags))
     except MessageNotFound:
         raise RqFail("msg not found") from None
 
@@ -212,7 +223,7 @@ def attachstatusmesg(client: Client, flags: dict[str, Any]) -> list[str]:
 
 def clone(client: Client, flags: dict[str, Any]) -> list[str]:
     try:
-        return [f"ok {client.clone(_ref(flags)).full_id}"]
+        return [f"ok {client.clone(_ref(client, flags)).full_id}"]
     except MessageNotFound:
         raise RqFail("msg not found") from None
 

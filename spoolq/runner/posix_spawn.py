@@ -67,7 +67,7 @@ def env_block(env: Mapping[str, str]) -> list[bytes]:
         kb, vb = os.fsencode(k), os.fsencode(v)
         if b"\0" in kb or b"\0" in vb:
             raise ValueError("embedded null byte")
-        if not kb or b"=" in kb:
+        if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
             raise ValueError(f"illegal environment variable name {k!r}")
         out.append(kb + b"=" + vb)
     return out

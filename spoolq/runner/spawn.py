@@ -16,6 +16,7 @@ child is busy exec'ing, on the hot path of every message.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shlex
@@ -256,7 +257,7 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
             for fd in (status_r, status_w, reply_r, reply_w, log_fd):
                 os.close(fd)
             if isinstance(e, OSError):
-                raise ScriptError(_spawn_failure(e, argv)) from None
+                raise _spawn_failure(e, argv, cwd) from None
             raise
         return _spawned(pid, spawned_ns, log_fd, status_r, status_w, reply_r, reply_w)
     try:
@@ -273,7 +274,7 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
     except OSError as e:
         for fd in (status_r, status_w, reply_r, reply_w, log_fd):
             os.close(fd)
-        raise ScriptError(_spawn_failure(e, argv)) from None
+        raise _spawn_failure(e, argv, cwd) from None
     except subprocess.SubprocessError as e:
         for fd in (status_r, status_w, reply_r, reply_w, log_fd):
             os.close(fd)
@@ -310,13 +311,27 @@ def _exec_path(prog: str, env: Mapping[str, str]) -> str:
     return found
 
 
-def _spawn_failure(e: OSError, argv: list[str]) -> str:
+# exec's errors that say the script (or its interpreter) cannot run; anything else
+# (EAGAIN at the process limit, ENOMEM, EMFILE...) is the machine's, for a later try.
+_SCRIPT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP, errno.EISDIR,
+                  errno.ETXTBSY, errno.ENAMETOOLONG}
+
+
+def _spawn_failure(e: OSError, argv: list[str], cwd: Path) -> Exception:
+    """What a failed spawn means: ScriptError when the script cannot run (the queue holds
+    its messages: SCRIPTERROR), ValueError when this message's arguments and environment
+    are too big for exec (that message goes to err), else the OSError itself (the message
+    waits and is tried again)."""
+    if e.errno == errno.E2BIG:
+        return ValueError("the arguments and environment are too long for exec (E2BIG)")
+    if e.errno not in _SCRIPT_ERRNOS or (e.errno == errno.ENOENT and not os.path.isdir(cwd)):
+        return OSError(e.errno, f"cannot start the script: {e.strerror}")
     why = e.strerror or str(e)
     if isinstance(e, PermissionError):
         why = "not executable (Permission denied)"
-    elif e.errno == 8:
+    elif e.errno == errno.ENOEXEC:
         why = "cannot be executed (Exec format error: no #! line?)"
-    return f"script cannot start: {e.filename or argv[0]}: {why}"
+    return ScriptError(f"script cannot start: {e.filename or argv[0]}: {why}")
 
 
 _devnull_fd = -1

@@ -39,7 +39,7 @@ def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = F
 def _sorted_dirs(path: Path, width: int, reverse: bool) -> list[str]:
     try:
         names = os.listdir(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a stray file with a bucket's name
         return []
     return sorted((n for n in names if len(n) == width and n.isdigit()), reverse=reverse)
 
