@@ -229,6 +229,16 @@ class Client:
                 else self._build(queue, item, default_max=default_max, now=now) for item in messages]
         return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
 
+    def single_que(self, queue: str, msg: Message | Mapping[str, Any]) -> tuple[Receipt, bool]:
+        """RQ's ``single_que``: a new message in ``queue`` only if none waits there. Returns
+        the receipt of the first waiting message or of the new one, and whether it is new.
+        Two callers at once never both create (the store locks the queue for it)."""
+        m = msg if isinstance(msg, Message) else Message.from_dict(dict(msg))
+        if not isinstance(msg, Message) and "max_count" not in msg:
+            m.max_count = self.store.queue_config(queue).max_count
+        msg_id, created = self.store.single_que(queue, m)
+        return self.receipt(queue, msg_id), created
+
     def prep(self, queue: str, **fields: Unpack[MessageFields]) -> Receipt:
         """Create a message in prep (two-phase send): :meth:`attach` files to it, then
         :meth:`commit` it. Fields as for :meth:`send`."""

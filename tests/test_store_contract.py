@@ -146,6 +146,36 @@ def test_unknown_queue(store: Store) -> None:
 
 
 # -- messages -------------------------------------------------------------------------------
+def test_single_que_creates_only_when_nothing_waits_even_when_raced(store: Store) -> None:
+    import threading
+
+    make_queue(store)
+    make_queue(store, "race")
+    first, created = store.single_que("q", msg(param1="a"))
+    assert created and store.get("q", first).message.param1 == "a"
+    assert store.single_que("q", msg(param1="b")) == (first, False)
+    later = store.create("q", msg()).msg_id
+    assert store.single_que("q", msg()) == (first, False), "the first waiting one, not the newest"
+    store.delete("q", first)
+    assert store.single_que("q", msg()) == (later, False)
+    got: list[tuple[str, bool]] = []
+    start = threading.Barrier(8)
+
+    def one() -> None:
+        start.wait()
+        got.append(store.single_que("race", msg()))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(c for _, c in got) == 1 and len({i for i, _ in got}) == 1, got
+    assert store.counts("race")["que"] == 1
+    with pytest.raises(QueueNotFound):
+        store.single_que("nope", msg())
+
+
 def test_create_and_get(store: Store) -> None:
     make_queue(store)
     m = store.create("q", msg(param1="a", param2=7, src="me", params={"k": [1, 2]}, max_count=3))

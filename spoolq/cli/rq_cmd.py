@@ -157,10 +157,8 @@ def prepmesg(client: Client, flags: dict[str, Any]) -> list[str]:
 def single_que(client: Client, flags: dict[str, Any]) -> list[str]:
     """A message only if the queue has none waiting; else the first waiting one's id."""
     queue = _up(client, _need(flags, "dest"))
-    page = client.list(queue, State.QUE, limit=1)
-    if page.items:
-        return [f"ok {client.full_id(queue, page.items[0].msg_id)}"]
-    return [f"ok {client.send_message(queue, _mesg(flags)).full_id}"]
+    receipt, _ = client.single_que(queue, _mesg(flags))
+    return [f"ok {receipt.full_id}"]
 
 
 def attachmesg(client: Client, flags: dict[str, Any]) -> list[str]:

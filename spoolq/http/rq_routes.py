@@ -173,10 +173,7 @@ def _store_new(ctx: AppContext, queue: str, mesg: dict[str, Any]) -> str:
     method = mesg.pop("_method", None) or "commit"
     client = ctx.client
     if method == "single_que":
-        page = client.list(queue, State.QUE, limit=1)
-        if page.items:
-            return client.full_id(queue, page.items[0].msg_id)
-        method = "commit"
+        return client.single_que(queue, mesg)[0].full_id
     state = State.PREP if method == "prep" else State.QUE
     return client.send_message(queue, mesg, state=state).full_id
 

@@ -293,6 +293,11 @@ class Store(Protocol):
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
         """Store many messages in ``que`` with one group commit; all or nothing."""
 
+    def single_que(self, queue: str, msg: Message) -> tuple[str, bool]:
+        """RQ's ``single_que``: ``msg`` in ``que`` only if no message waits there; returns
+        (the id of the first waiting message, or of the new one; whether it was created).
+        Atomic among callers of this method: two of them never both create."""
+
     def attach(self, queue: str, msg_id: str, source: AttachmentSource) -> AttachmentInfo:
         """Add an attachment to a message in prep (the same name replaces). WrongState otherwise."""
 

@@ -276,6 +276,13 @@ class MemoryStore:
                 self._notify("work", queue, m.msg_id)
             return Message.from_dict(m.to_dict())
 
+    def single_que(self, queue: str, msg: Message) -> tuple[str, bool]:
+        with self._lock:
+            waiting = [i for i, e in self._queue(queue).messages.items() if e.state == State.QUE]
+            if waiting:
+                return min(waiting, key=sort_key), False
+            return self.create(queue, msg).msg_id, True
+
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
         with self._lock:
             made = [self._new(queue, m, State.QUE) for m in msgs]

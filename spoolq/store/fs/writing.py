@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import fcntl
 import itertools
 import os
 import secrets
@@ -161,6 +162,23 @@ class WriteParts(ReadParts):
                 shutil.rmtree(stage, ignore_errors=True)
         self._counts(qdir).add({str(state): 1})
         return m
+
+    def single_que(self, queue: str, msg: Message) -> tuple[str, bool]:
+        """Under an exclusive flock on ``<queue>/.single_que.lock``: the first waiting message,
+        else a new one."""
+        self._check_accepting(queue)
+        qdir = self.qroot / queue
+        try:
+            fd = os.open(qdir / ".single_que.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot lock {queue} for single_que") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for msg_id, _, _ in iter_entries(qdir, State.QUE, newest_first=False):
+                return msg_id, False
+            return self.create(queue, msg).msg_id, True
+        finally:
+            os.close(fd)  # lets go of the lock
 
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
         """Store ``msgs`` in que, all or none, with one group commit.

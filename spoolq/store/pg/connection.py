@@ -27,6 +27,7 @@ MIGRATE_LOCK = 1397772114  # objid 0: migrations
 CLAIM_LOCK = 1397772115  # objid: hashtext(queue), claims of a queue with blocking/coalesce params
 # 1397772116 was the lock of appends to one log: they now collide on its primary key instead
 COUNTS_LOCK = 1397772117  # objid: hashtext(queue), compacting or rebuilding its count deltas
+SINGLE_QUE_LOCK = 1397772118  # objid: hashtext(queue), single_que's look and create
 
 Cursor = psycopg.Cursor[DictRow]
 

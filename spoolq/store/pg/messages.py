@@ -41,7 +41,7 @@ from ...model import (
 )
 from ..base import AttachmentSource, attachment_name, check_attachment_names, source_stream
 from .blobs import write_chunks
-from .connection import Cursor
+from .connection import SINGLE_QUE_LOCK, Cursor
 from .queues import QueueParts
 from .sql import Q
 
@@ -116,6 +116,16 @@ class MessageParts(QueueParts):
             for a in attachments:
                 self._attach(cur, queue, m.msg_id, a)
             return m
+
+    def single_que(self, queue: str, msg: Message) -> tuple[str, bool]:
+        with self.db.tx() as cur:
+            self._writable_queue(cur, queue)
+            cur.execute(Q.single_que_lock, {"lock": SINGLE_QUE_LOCK, "queue": queue})
+            row = cur.execute(Q.message_first_queued, {"queue": queue}).fetchone()
+            if row is not None:
+                return str(row["msg_id"]), False
+            (m,) = self._insert(cur, queue, [msg], State.QUE)
+            return m.msg_id, True
 
     def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
         with self.db.tx() as cur:

@@ -145,6 +145,14 @@ SELECT msg_id, state, acked, status, msg, history FROM spoolq.messages
 WHERE queue = %(queue)s AND state = %(state)s AND (id_time, id_n) < (%(c_time)s, %(c_n)s)
 ORDER BY id_time DESC, id_n DESC LIMIT %(limit)s
 
+-- name: single_que_lock
+-- Taken by single_que until its transaction ends: two callers never both create.
+SELECT pg_advisory_xact_lock(%(lock)s::int, hashtext(%(queue)s))
+
+-- name: message_first_queued
+SELECT msg_id FROM spoolq.messages WHERE queue = %(queue)s AND state = 'que'
+ORDER BY id_time, id_n LIMIT 1
+
 -- name: message_ids_scan
 SELECT msg_id FROM spoolq.messages
 WHERE queue = %(queue)s AND state = %(state)s AND (id_time, id_n) < (%(c_time)s, %(c_n)s)
