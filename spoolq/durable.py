@@ -145,19 +145,34 @@ def mkdir(path: str | os.PathLike[str], mode: int = 0o755, *, dir_fd: int | None
 
 
 def makedirs(path: Path, stop_at: Path, *, sync: bool = True) -> None:
-    """``mkdir -p path`` below ``stop_at``; fsync the parent of every directory created."""
+    """``mkdir -p path`` below ``stop_at``; with ``sync``, make every directory created durable.
+
+    Where renames are atomic on disk (a journal) an fsync of each new directory's parent
+    does. On ext4 without a journal it does not: fsync writes the directories and their
+    inodes, but not the block group's descriptor and inode bitmap, which the allocation of
+    a new inode also changed. When that inode lies past the part of the inode table the
+    group has used so far, e2fsck after a power cut takes it for unused and clears the
+    entry that names it: the bucket and every message renamed into it are gone (the
+    power-cut test found this). One ``syncfs`` writes those too; it is paid once per new
+    bucket, i.e. at most once a second per state.
+    """
     missing: list[Path] = []
     p = path
     while p != stop_at and not p.is_dir():
         missing.append(p)
         p = p.parent
+    made = False
+    unsafe = sync and rename_needs_source_sync(stop_at)
     for d in reversed(missing):
         try:
             mkdir(d)
         except FileExistsError:
             continue
-        if sync:
+        made = True
+        if sync and not unsafe:
             fsync_dir(d.parent)
+    if made and unsafe:
+        syncfs(stop_at)
 
 
 def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

@@ -274,12 +274,15 @@ class WriteParts(ReadParts):
                 durable.makedirs(bucket, state_dir, sync=sync)
         raise StorageError(f"cannot create bucket directory {bucket}")
 
-    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool) -> None:
-        """Rename ``src`` to ``dst``, creating its bucket directories as needed.
+    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool, *, durable_dirs: bool | None = None) -> None:
+        """Rename ``src`` to ``dst``, creating its bucket directories as needed (made durable
+        when ``durable_dirs``, default ``sync``: a deferred move of a durable queue still
+        makes a new bucket durable at once, as no later directory fsync would).
 
         A janitor may remove an empty bucket between our mkdir and our rename: ENOENT on the
         destination then means "make it again", never a lost message.
         """
+        dirs_sync = sync if durable_dirs is None else durable_dirs
         for _ in range(10):
             try:
                 durable._check("rename", dst)
@@ -288,7 +291,7 @@ class WriteParts(ReadParts):
             except FileNotFoundError:
                 if not src.exists():
                     raise
-                durable.makedirs(dst.parent, state_dir, sync=sync)
+                durable.makedirs(dst.parent, state_dir, sync=dirs_sync)
             except OSError as e:
                 if e.errno in (39, 17):  # the id already exists: clock went back and inode reused
                     raise Conflict(f"message id {dst.name} already exists in {state_dir}") from None
@@ -390,7 +393,7 @@ class WriteParts(ReadParts):
                 before = os.lseek(hfd, 0, os.SEEK_END)
                 os.write(hfd, _json(entry) + b"\n")
                 try:
-                    self._publish(path, dest, qdir / str(dst), sync)
+                    self._publish(path, dest, qdir / str(dst), sync, durable_dirs=cfg.fsync)
                 except FileNotFoundError:
                     os.ftruncate(hfd, before)
                     raise WrongState(f"message {msg_id} left {src} while being moved") from None
