@@ -214,11 +214,18 @@ class Client:
     def send_message(self, queue: str, msg: Message | Mapping[str, Any], *, state: State = State.QUE,
                      attachments: Sequence[AttachmentLike] = ()) -> Receipt:
         """Send an RQ-style message dict (as RQ's HTTP and socket clients do)."""
-        m = msg if isinstance(msg, Message) else Message.from_dict(dict(msg))
-        if not isinstance(msg, Message) and "max_count" not in msg:
-            m.max_count = self.store.queue_config(queue).max_count
-        stored = self.store.create(queue, m, state=state, attachments=[_attachment(a) for a in attachments])
+        stored = self.store.create(queue, self._rq_message(queue, msg), state=state,
+                                   attachments=[_attachment(a) for a in attachments])
         return self.receipt(queue, stored.msg_id)
+
+    def _rq_message(self, queue: str, msg: Message | Mapping[str, Any]) -> Message:
+        """``msg`` as a Message; a dict without ``max_count`` gets the queue's."""
+        if isinstance(msg, Message):
+            return msg
+        m = Message.from_dict(dict(msg))
+        if "max_count" not in msg:
+            m.max_count = self.store.queue_config(queue).max_count
+        return m
 
     def send_many(self, queue: str, messages: Iterable[MessageFields | Message]) -> list[Receipt]:
         """Send many messages with one group commit (all stored, or none). Each is validated
@@ -233,10 +240,7 @@ class Client:
         """RQ's ``single_que``: a new message in ``queue`` only if none waits there. Returns
         the receipt of the first waiting message or of the new one, and whether it is new.
         Two callers at once never both create (the store locks the queue for it)."""
-        m = msg if isinstance(msg, Message) else Message.from_dict(dict(msg))
-        if not isinstance(msg, Message) and "max_count" not in msg:
-            m.max_count = self.store.queue_config(queue).max_count
-        msg_id, created = self.store.single_que(queue, m)
+        msg_id, created = self.store.single_que(queue, self._rq_message(queue, msg))
         return self.receipt(queue, msg_id), created
 
     def prep(self, queue: str, **fields: Unpack[MessageFields]) -> Receipt:

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MessageNotFound, QueueDown, QueueNotFound, SpoolqError, WrongState
+from ..errors import MessageNotFound, QueueDown, SpoolqError, WrongState
 from ..model import AdminState, State
 
 if TYPE_CHECKING:
@@ -88,8 +88,6 @@ def rq_main(args: argparse.Namespace, ctx: Ctx) -> int:
         lines = [f"fail {e}"]
     except QueueDown:
         lines = ["fail status: DOWN"]
-    except QueueNotFound as e:
-        lines = [f"fail {e}"]
     except SpoolqError as e:
         lines = [f"fail {e}"]
     for line in lines:

@@ -31,7 +31,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import PlainTextResponse, Response
 
-from ..errors import InvalidConfig, InvalidInput, QueueNotFound, SpoolqError
+from ..errors import InvalidConfig, InvalidInput, InvalidName, QueueNotFound, SpoolqError
+from ..ids import validate_queue_name
 from ..store.base import LocalSpool
 from .auth import CSRF_FIELD, check_csrf, principal
 from .common import ctx_of, local_target
@@ -97,13 +98,15 @@ async def _create(request: Request, name: str, make: Callable[[], dict[str, Any]
     try:
         cfg = await run_in_threadpool(make)
         name = str(cfg.get("name") or name)
+        try:
+            validate_queue_name(name)
+        except InvalidName as e:
+            # RQ's words, which its tests look for; no page to go to: the dashboard shows it.
+            return redirect("/", _answer(["fail", f"queue name has invalid characters ({e.message})"]),
+                            kind="error")
         await run_in_threadpool(ctx_of(request).client.create_queue, cfg)
     except SpoolqError as e:
-        why = e.message
-        if isinstance(e, InvalidInput) and why.startswith("invalid queue name"):
-            why = f"queue name has invalid characters ({why})"  # RQ's words, which its tests look for
-            name = ""  # no page to go to: the dashboard shows the answer
-        return redirect(f"/q/{quote(name, safe='')}" if name else "/", _answer(["fail", why]), kind="error")
+        return redirect(f"/q/{quote(name, safe='')}" if name else "/", _answer(["fail", e.message]), kind="error")
     return redirect(f"/q/{quote(name, safe='')}", _answer(CREATED))
 
 
@@ -143,31 +146,43 @@ async def delete_queue(request: Request) -> Response:
 ADMIN_WORDS = ("pause", "resume", "down", "up")
 
 
+async def _queue_action(request: Request, queue: str, verb: str, act: Callable[[], str],
+                        back: str | None = None) -> Response:
+    """RQ's queue buttons: run ``act`` (its text goes in the flash), then go ``back`` (the
+    form's, if not given; a path on this server, else the queue's page). A missing queue is
+    RQ's plain-text 404, any other refusal its ``500 - Couldn't <verb> queue. <why>.``"""
+    if back is None:
+        back = await _form(request, _field("back"))
+    try:
+        done = await run_in_threadpool(act)
+    except QueueNotFound:
+        return PlainTextResponse("404 - Queue not found", status_code=404)
+    except SpoolqError as e:
+        return PlainTextResponse(f"500 - Couldn't {verb} queue. {e.message}.", status_code=500)
+    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), done)
+
+
+ADMIN_WORDS = ("pause", "resume", "down", "up")
+
+
 @router.post("/q/{queue}/adminoper")
 async def adminoper(request: Request, queue: str) -> Response:
     action, back = await _form(request, lambda f: (next((w for w in ADMIN_WORDS if f.get(w) is not None), ""),
                                                    _field("back")(f)))
-    try:
+
+    def act() -> str:
         if not action:
             raise InvalidInput("no action: send one of pause, resume, down, up")
-        await run_in_threadpool(ctx_of(request).client.admin_action, queue, action)
-    except QueueNotFound:
-        return PlainTextResponse("404 - Queue not found", status_code=404)
-    except SpoolqError as e:
-        return PlainTextResponse(f"500 - Couldn't {action} queue. {e.message}.", status_code=500)
-    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully {action}d queue {queue}")
+        ctx_of(request).client.admin_action(queue, action)
+        return f"Successfully {action}d queue {queue}"
+
+    return await _queue_action(request, queue, action, act, back)
 
 
 @router.post("/q/{queue}/ack_errs")
 async def ack_errs(request: Request, queue: str) -> Response:
-    back = await _form(request, _field("back"))
-    try:
-        n = await run_in_threadpool(ctx_of(request).client.ack_errs, queue)
-    except QueueNotFound:
-        return PlainTextResponse("404 - Queue not found", status_code=404)
-    except SpoolqError as e:
-        return PlainTextResponse(f"500 - Couldn't ack errs queue. {e.message}.", status_code=500)
-    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully acknowledged errors ({n})")
+    return await _queue_action(request, queue, "ack errs",
+                               lambda: f"Successfully acknowledged errors ({ctx_of(request).client.ack_errs(queue)})")
 
 
 @router.post("/q/{queue}/restart")
@@ -176,11 +191,9 @@ async def restart(request: Request, queue: str) -> Response:
     means here is RQ's use for it: a SCRIPTERROR queue whose script was fixed runs again now.
     The queue's config is written again unchanged, which makes the daemon read it and check
     the script at once (it checks every 5 s anyway)."""
-    back = await _form(request, _field("back"))
-    try:
-        await run_in_threadpool(ctx_of(request).client.update_queue, queue)
-    except QueueNotFound:
-        return PlainTextResponse("404 - Queue not found", status_code=404)
-    except SpoolqError as e:
-        return PlainTextResponse(f"500 - Couldn't restart queue. {e.message}.", status_code=500)
-    return redirect(local_target(back, f"/q/{quote(queue, safe='')}"), f"Successfully restarted queue {queue}")
+
+    def act() -> str:
+        ctx_of(request).client.update_queue(queue)
+        return f"Successfully restarted queue {queue}"
+
+    return await _queue_action(request, queue, "restart", act)

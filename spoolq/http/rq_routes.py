@@ -253,22 +253,13 @@ def _tailview(request: Request, queue: str, msg_id: str, name: str, tail_path: s
                   tail_path=tail_path, state_path=f"/q/{queue}/{msg_id}/state.json")
 
 
-def _message_or_404(ctx: AppContext, queue: str, msg_id: str) -> Response | Any:
-    """The message's view, or RQ's 404 answer."""
-    try:
-        return ctx.client.get(MessageRef(queue, msg_id))
-    except QueueNotFound:
-        return _text(404, "404 - Queue not found")
-    except (MessageNotFound, InvalidName):
-        return _text(404, "404 - Message ID not found")
-
-
 @router.get("/q/{queue}/{msg_id}/tailview/{name}")
 def tailview(request: Request, queue: str, msg_id: str, name: str) -> Response:
     """RQ's tail of an attachment as it grows."""
-    view = _message_or_404(ctx_of(request), queue, msg_id)
-    if isinstance(view, Response):
-        return view
+    try:
+        view = ctx_of(request).client.get(MessageRef(queue, msg_id))
+    except SpoolqError as e:
+        return _lookup_error(e)
     if name not in view.attachments:
         return _text(404, f"404 - Message ID attachment '{name}' not found")
     return _tailview(request, queue, msg_id, name, f"/q/{queue}/{msg_id}/attach/{name}")
@@ -277,9 +268,10 @@ def tailview(request: Request, queue: str, msg_id: str, name: str) -> Response:
 @router.get("/q/{queue}/{msg_id}/tailviewlog/{log}")
 def tailviewlog(request: Request, queue: str, msg_id: str, log: str) -> Response:
     """RQ's tail of a job log (``stdio.log``) as it grows, ANSI colours shown."""
-    view = _message_or_404(ctx_of(request), queue, msg_id)
-    if isinstance(view, Response):
-        return view
+    try:
+        ctx_of(request).client.state(MessageRef(queue, msg_id))
+    except SpoolqError as e:
+        return _lookup_error(e)
     if not log_name_ok(log):
         return _text(404, f"404 - Message ID log '{log}' not found")
     return _tailview(request, queue, msg_id, log, f"/q/{queue}/{msg_id}/log/{log}")

@@ -220,25 +220,15 @@ class Spawned:
 
 def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, header_script: str) -> Spawned:
     """Start the script in ``cwd`` with stdout and stderr on ``log_fd`` (``Store.log_fd``;
-    closed here whatever happens); raises ScriptError if it cannot be executed.
-
-    The pipes reach the child as fds 3 and 4 without any Python code running between fork
-    and exec (so subprocess can use vfork, about twice as fast): the parent points its own
-    reserved fds 3 and 4 (see :func:`reserve_low_fds`) at the pipe ends just for the spawn and
-    passes them down, then points them back at /dev/null. Only the dispatching thread
-    spawns, and fds 3 and 4 are never free, so no other thread can be handed them meanwhile.
+    closed here whatever happens), the status pipe's write end on fd 3 and the reply pipe's
+    read end on fd 4. Raises ScriptError if the script cannot be executed, ValueError if this
+    message's arguments or environment cannot be (a NUL, E2BIG), OSError for a failure of
+    the machine's that may pass (:func:`_spawn_failure`).
     """
     status_r, status_w = os.pipe()
     reply_r, reply_w = os.pipe()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    fast = _low_fds_owned
     spawned_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-    def child_setup() -> None:  # slow path only: runs in the child between fork and exec
-        hi_w, hi_r = os.dup(status_w), os.dup(reply_r)
-        os.dup2(hi_w, 3)
-        os.dup2(hi_r, 4)
-
     # The header goes in before the script can write anything, so it always comes first.
     # RQ's header starts with the script's pid, written by the child between fork and exec;
     # here no Python runs in the child (vfork), and the pid is not known before the spawn.
@@ -249,17 +239,44 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
         durable.write_all(log_fd, f"\n{stamp} - RQ START - {header_script}\n".encode())
     except OSError:
         pass  # a full disk: the script still runs; its output may fail the same way
+    try:
+        pid = _start(argv, env, cwd, log_fd, status_w, reply_r)
+    except BaseException as e:
+        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
+            os.close(fd)
+        if isinstance(e, OSError):
+            raise _spawn_failure(e, argv, cwd) from None
+        if isinstance(e, subprocess.SubprocessError):
+            raise ScriptError(f"script cannot start: {argv[0]}: {e}") from None
+        raise  # a value no environment can hold (ValueError), or worse
+    for fd in (log_fd, status_w, reply_r):
+        os.close(fd)
+    os.set_blocking(status_r, False)
+    os.set_blocking(reply_w, False)
+    return Spawned(pid, spawned_ns, status_r, reply_w)
+
+
+def _start(argv: list[str], env: dict[str, str], cwd: Path, log_fd: int, status_w: int, reply_r: int) -> int:
+    """Exec the script; its pid. glibc's ``posix_spawn`` (runner/posix_spawn.py) where it has
+    what is needed and the fds handed down do not collide with 0-4; else subprocess.
+
+    On the subprocess path the pipes still reach the child as fds 3 and 4 without any Python
+    code running between fork and exec (so subprocess can use vfork): the parent points its
+    own reserved fds 3 and 4 (see :func:`reserve_low_fds`) at the pipe ends just for the
+    spawn and passes them down, then points them back at /dev/null. Only the dispatching
+    thread spawns, and fds 3 and 4 are never free, so no other thread can be handed them
+    meanwhile. Without them, a ``preexec_fn`` does the dup2 in the child.
+    """
     if _ps.AVAILABLE and min(log_fd, status_w, reply_r) > 4:
-        try:
-            pid = _ps.spawn(_exec_path(argv[0], env), argv, _ps.env_block(env), cwd=os.fspath(cwd),
-                            fds=((_devnull(), 0), (log_fd, 1), (log_fd, 2), (status_w, 3), (reply_r, 4)))
-        except BaseException as e:
-            for fd in (status_r, status_w, reply_r, reply_w, log_fd):
-                os.close(fd)
-            if isinstance(e, OSError):
-                raise _spawn_failure(e, argv, cwd) from None
-            raise
-        return _spawned(pid, spawned_ns, log_fd, status_r, status_w, reply_r, reply_w)
+        return _ps.spawn(_exec_path(argv[0], env), argv, _ps.env_block(env), cwd=os.fspath(cwd),
+                         fds=((_devnull(), 0), (log_fd, 1), (log_fd, 2), (status_w, 3), (reply_r, 4)))
+    fast = _low_fds_owned
+
+    def child_setup() -> None:  # slow path only: runs in the child between fork and exec
+        hi_w, hi_r = os.dup(status_w), os.dup(reply_r)
+        os.dup2(hi_w, 3)
+        os.dup2(hi_r, 4)
+
     try:
         if fast:
             os.dup2(status_w, 3, inheritable=False)
@@ -271,33 +288,11 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
             start_new_session=True, close_fds=True, pass_fds=(3, 4),
             preexec_fn=None if fast else child_setup,
         )
-    except OSError as e:
-        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
-            os.close(fd)
-        raise _spawn_failure(e, argv, cwd) from None
-    except subprocess.SubprocessError as e:
-        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
-            os.close(fd)
-        raise ScriptError(f"script cannot start: {argv[0]}: {e}") from None
-    except BaseException:  # a value no environment can hold (ValueError), or worse
-        for fd in (status_r, status_w, reply_r, reply_w, log_fd):
-            os.close(fd)
-        raise
     finally:
         if fast:
             _park_low_fds()
     proc.returncode = 0  # the daemon reaps it with waitpid; subprocess must never try
-    return _spawned(proc.pid, spawned_ns, log_fd, status_r, status_w, reply_r, reply_w)
-
-
-def _spawned(pid: int, spawned_ns: int, log_fd: int, status_r: int, status_w: int, reply_r: int,
-             reply_w: int) -> Spawned:
-    os.close(log_fd)
-    os.close(status_w)
-    os.close(reply_r)
-    os.set_blocking(status_r, False)
-    os.set_blocking(reply_w, False)
-    return Spawned(pid, spawned_ns, status_r, reply_w)
+    return proc.pid
 
 
 def _exec_path(prog: str, env: Mapping[str, str]) -> str:

@@ -57,26 +57,42 @@ def iter_entries(
             yield msg_id, bdir / name, acked
 
 
+def _bucket_dirs(sdir: Path, newest_first: bool, upto: tuple[str, str, str] | None = None) -> Iterator[Path]:
+    """The bucket directories (``<day>/<HHMM>/<SS>``) of a state directory, in time order;
+    ``upto``: none after that bucket."""
+    for day in _sorted_dirs(sdir, 8, newest_first):
+        if upto and day > upto[0]:
+            continue
+        for hm in _sorted_dirs(sdir / day, 4, newest_first):
+            if upto and (day, hm) > upto[:2]:
+                continue
+            for ss in _sorted_dirs(sdir / day / hm, 2, newest_first):
+                if upto and (day, hm, ss) > upto:
+                    continue
+                yield sdir / day / hm / ss
+
+
+def _message_dirs(bdir: Path) -> Iterator[str]:
+    """Names of the directories in a bucket (d_type from scandir, no stat: a stray file or
+    link with an id-like name is not a message); nothing if the bucket is gone."""
+    try:
+        with os.scandir(bdir) as it:
+            yield from (e.name for e in it if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
 def count_entries(qdir: Path, state: State | str) -> tuple[int, int]:
     """(messages, acked messages) in ``state``: what :func:`iter_buckets` would yield,
     counted without sorting or parsing ids (a recount walks every message of a queue)."""
-    sdir = qdir / str(state)
     plain = acked = 0
     match = MSG_ID_RE.match
-    for day in _sorted_dirs(sdir, 8, False):
-        for hm in _sorted_dirs(sdir / day, 4, False):
-            for ss in _sorted_dirs(sdir / day / hm, 2, False):
-                try:
-                    with os.scandir(sdir / day / hm / ss) as it:
-                        for e in it:
-                            n = e.name
-                            if n[0] == ".":
-                                if match(n[1:]) and e.is_dir(follow_symlinks=False):
-                                    acked += 1
-                            elif match(n) and e.is_dir(follow_symlinks=False):
-                                plain += 1
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
+    for bdir in _bucket_dirs(qdir / str(state), False):
+        for n in _message_dirs(bdir):
+            if n[0] == ".":
+                acked += match(n[1:]) is not None
+            else:
+                plain += match(n) is not None
     return plain, acked
 
 
@@ -86,39 +102,21 @@ def iter_buckets(
     """Yield ``(bucket directory, [(msg_id, entry name, acked), ...])`` bucket by bucket, in
     id order (what :func:`iter_entries` walks; scans that touch every message use it to
     build one path per bucket instead of one per message)."""
-    sdir = qdir / str(state)
-    cb = bucket_of(before) if before else None
     ckey = sort_key(before) if before else None
-    for day in _sorted_dirs(sdir, 8, newest_first):
-        if cb and day > cb[0]:
-            continue
-        for hm in _sorted_dirs(sdir / day, 4, newest_first):
-            if cb and (day, hm) > cb[:2]:
+    for bdir in _bucket_dirs(qdir / str(state), newest_first, bucket_of(before) if before else None):
+        found: list[tuple[tuple[str, int], str, bool]] = []
+        for n in _message_dirs(bdir):
+            acked = n.startswith(".")
+            mid = n[1:] if acked else n
+            if not MSG_ID_RE.match(mid):
                 continue
-            for ss in _sorted_dirs(sdir / day / hm, 2, newest_first):
-                if cb and (day, hm, ss) > cb:
-                    continue
-                bdir = sdir / day / hm / ss
-                try:
-                    # d_type from scandir, no stat: a stray file with an id-like name is not
-                    # a message.
-                    with os.scandir(bdir) as it:
-                        names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                found: list[tuple[tuple[str, int], str, bool]] = []
-                for n in names:
-                    acked = n.startswith(".")
-                    mid = n[1:] if acked else n
-                    if not MSG_ID_RE.match(mid):
-                        continue
-                    k = sort_key(mid)
-                    if ckey is not None and k >= ckey:
-                        continue
-                    found.append((k, n, acked))
-                found.sort(reverse=newest_first)
-                if found:
-                    yield bdir, [((n[1:] if acked else n), n, acked) for _, n, acked in found]
+            k = sort_key(mid)
+            if ckey is not None and k >= ckey:
+                continue
+            found.append((k, n, acked))
+        found.sort(reverse=newest_first)
+        if found:
+            yield bdir, [((n[1:] if acked else n), n, acked) for _, n, acked in found]
 
 
 class Counts:
