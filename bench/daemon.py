@@ -12,6 +12,14 @@ Side by side, in one run, each with two jobs in flight at most:
     started for the run (redis' default config: no fsync per write).
 (d) huey: SQLite storage with ``fsync=True``, ``huey_consumer -k process -w 2``.
 
+Persistent workers (issue 9, target 2), each with two worker processes and a no-op Python
+function, measured with ``--persistent-messages`` messages (default 10,000):
+
+(e) spoolq persistent: a queue of kind ``worker`` (``worker_inflight=16``) whose worker is a
+    ``@spoolq.worker`` function; durable as (b).
+(f) dramatiq: ``dramatiq -p 2 -t 1`` on the run's redis-server.
+python-rq's ``SimpleWorker`` (no fork per job) and huey's ``function`` rows come from (c), (d).
+
 rq and huey run two kinds of job (bench/jobs.py): ``program`` (a Python function that runs
 the no-op program, the same work spoolq does per message) and ``function`` (a no-op Python
 function, their best case). Ratios against spoolq use ``program``; both are printed.
@@ -60,6 +68,29 @@ TARGET_VS_HUEY = 1.5  # issue 9: huey running the same program
 TARGET_VS_RQ = 3.0  # issue 3
 TARGET_P50_MS = 1.5  # issue 9 (issue 3 asked 3 ms)
 TARGET_P99_MS = 5.0  # issue 9 (issue 3 asked 15 ms)
+TARGET_PERSISTENT = 10_000  # issue 9: durable messages/s through persistent workers
+PERSISTENT_WORKER = """
+import os, time
+import spoolq
+
+
+def _append(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def noop(job):
+    if job.param2:  # a latency sample: record the start, as the function rows do
+        _append(job.param2, f"{job.param1} {time.time():.9f}\\n".encode())
+
+
+spoolq.worker("ptput")(noop)
+spoolq.worker("plat")(noop)
+raise SystemExit(spoolq.run_worker())
+"""
 
 
 def free_port() -> int:
@@ -199,6 +230,23 @@ def bench_raw(n: int, m: int, stamp: str, work: Path, curve: list[int]) -> dict[
 
 
 # -- (b) spoolq -----------------------------------------------------------------------------
+def start_spoolq(root: Path, log: Path) -> Proc:
+    """``spoolq serve --no-http`` on ``root``, once it says it is serving."""
+    d = Proc([str(VENV_BIN / "spoolq"), "--root", str(root), "serve", "--no-http", "--port", str(free_port())],
+             log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(lambda: b"serving" in log.read_bytes() or not d.alive(), 30, "spoolq serve to start", 0.01)
+    if not d.alive():
+        raise RuntimeError(f"spoolq serve exited: {log.read_text()[-2000:]}")
+    return d
+
+
+def ended(client: Any) -> Callable[[str, int], bool]:
+    """``finished(queue, k)``: have ``k`` messages of the queue ended (done or err)?"""
+    def finished(q: str, k: int) -> bool:
+        c = client.counts(q)
+        return bool(c["done"] + c["err"] + c["err_acked"] >= k)
+    return finished
+
 def bench_spoolq(n: int, m: int, stamp: str, work: Path, curve: list[int]) -> dict[str, Any]:
     import spoolq
 
@@ -209,19 +257,10 @@ def bench_spoolq(n: int, m: int, stamp: str, work: Path, curve: list[int]) -> di
     for w in curve:
         client.create_queue(f"tput{w}", script=TRUE, num_workers=w)
     client.create_queue("lat", script=stamp, num_workers=2, env_vars={"STAMP_FILE": str(stamps.path)})
-    port = free_port()
-    log = work / "spoolq-daemon.log"
-    d = Proc([str(VENV_BIN / "spoolq"), "--root", str(root), "serve", "--no-http", "--port", str(port)],
-             log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    d = start_spoolq(root, work / "spoolq-daemon.log")
     try:
-        wait_for(lambda: b"serving" in log.read_bytes() or not d.alive(), 30, "spoolq serve to start", 0.01)
-        if not d.alive():
-            raise RuntimeError(f"spoolq serve exited: {log.read_text()[-2000:]}")
         time.sleep(0.2)
-
-        def finished(q: str, k: int) -> bool:
-            c = client.counts(q)
-            return c["done"] + c["err"] + c["err_acked"] >= k
+        finished = ended(client)
 
         def throughput(q: str) -> float:
             t0 = time.time()
@@ -240,8 +279,90 @@ def bench_spoolq(n: int, m: int, stamp: str, work: Path, curve: list[int]) -> di
     return {"msg_s": n / el, "seconds": el, "counts": c, "counts_lat": c_lat, "curve": by_width, **lat}
 
 
+# -- (e) spoolq persistent workers ------------------------------------------------------------
+def bench_spoolq_persistent(n: int, m: int, work: Path) -> dict[str, Any]:
+    import spoolq
+
+    root = work / "spool"
+    client = spoolq.open(root)
+    stamps = Stamps(work / "stamps")
+    worker = work / "worker.py"
+    worker.write_text(f"#!{sys.executable}\n" + PERSISTENT_WORKER)
+    worker.chmod(0o755)
+    for q in ("ptput", "plat"):
+        client.create_queue(q, script=str(worker), kind="worker", num_workers=2, worker_inflight=16)
+    d = start_spoolq(root, work / "daemon.log")
+    try:
+        time.sleep(1.0)  # the workers start (Python imports)
+        finished = ended(client)
+
+        t0 = time.time()
+        for i in range(0, n, 1000):
+            client.send_many("ptput", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
+        el = wait_for(lambda: finished("ptput", n), 120 + n / 100, f"{n} persistent messages") - t0
+        c = client.counts("ptput")
+        lat = latency_run(m, lambda key: client.send("plat", param1=key, param2=str(stamps.path)), stamps,
+                          lambda k: finished("plat", k))
+    finally:
+        d.stop()
+    say(f"  spoolq persistent: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
+    return {"msg_s": n / el, "seconds": el, "counts": c, **lat}
+
+
+# -- (f) dramatiq -----------------------------------------------------------------------------
+def bench_dramatiq(n: int, m: int, work: Path) -> dict[str, Any]:
+    with redis_server(work) as url:
+        os.environ["BENCH_REDIS_URL"] = url
+        from bench import dramatiqjobs
+
+        env = {**os.environ, "PYTHONPATH": str(common.REPO), "BENCH_REDIS_URL": url}
+        w = Proc([str(VENV_BIN / "dramatiq"), "bench.dramatiqjobs", "-p", "2", "-t", "1"], work / "dramatiq.log",
+                 env=env, cwd=common.REPO)
+        try:
+            time.sleep(3.0)
+            if not w.alive():
+                raise RuntimeError(f"dramatiq exited: {(work / 'dramatiq.log').read_text()[-2000:]}")
+            end = work / "end"
+            t0 = time.time()
+            for j in range(n):
+                dramatiqjobs.dramatiq_function.send(str(j), "", str(end))
+            el = wait_for(lambda: markers(end) >= n, 120 + n / 5, f"{n} dramatiq messages") - t0
+            stamps = Stamps(work / "stamps")
+            lend = work / "lat-end"
+            lat = latency_run(m, lambda key: dramatiqjobs.dramatiq_function.send(key, str(stamps.path), str(lend)),
+                              stamps, lambda k: markers(lend) >= k)
+        finally:
+            w.stop()
+    say(f"  dramatiq function: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
+    return {"function": {"msg_s": n / el, "seconds": el, **lat}}
+
+
+class redis_server:  # noqa: N801 - used as a context manager, like a function
+    """A redis-server on a free port with its default config, for the run."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    def __enter__(self) -> str:
+        from redis import Redis
+
+        redis_bin = shutil.which("redis-server")
+        if not redis_bin:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        port = free_port()
+        rdir = self.work / "redis"
+        rdir.mkdir()
+        self.proc = Proc([redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir)],
+                         self.work / "redis.log")
+        wait_for(lambda: _ping(Redis(port=port)), 10, "redis-server", 0.01)
+        return f"redis://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stop()
+
+
 # -- (c) python-rq ----------------------------------------------------------------------------
-def bench_rq(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
+def bench_rq(n_fork: int, m: int, stamp: str, work: Path, n_simple: int) -> dict[str, Any]:
     from redis import Redis
     from rq import Queue, Worker
 
@@ -262,13 +383,18 @@ def bench_rq(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
         wait_for(lambda: _ping(conn), 10, "redis-server", 0.01)
         url = f"redis://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(common.REPO)}
-        for i in range(2):
-            workers.append(Proc([str(VENV_BIN / "rq"), "worker", "-u", url, "-P", str(common.REPO), "-q",
-                                 "--name", f"bench{i}", "bench"], work / f"rq-worker{i}.log", env=env,
-                                cwd=common.REPO))
-        wait_for(lambda: Worker.count(connection=conn) >= 2, 30, "2 rq workers", 0.05)
         q = Queue("bench", connection=conn)
-        for kind in ("program", "function"):
+        # The default forking Worker for both kinds; then SimpleWorker (no fork per job, a
+        # persistent worker) for the function, as issue 9 compares persistent workers.
+        for kind, wclass, n in (("program", "", n_fork), ("function", "", n_fork),
+                                ("simple", "rq.worker.SimpleWorker", n_simple)):
+            if kind != "function":
+                for w in workers:
+                    w.stop()
+                workers = [Proc([str(VENV_BIN / "rq"), "worker", "-u", url, "-P", str(common.REPO), "-q",
+                                 *(("-w", wclass) if wclass else ()), "--name", f"bench-{kind}{i}", "bench"],
+                                work / f"rq-worker-{kind}{i}.log", env=env, cwd=common.REPO) for i in range(2)]
+                wait_for(lambda: Worker.count(connection=conn) >= 2, 30, "2 rq workers", 0.05)
             end = work / f"rq-{kind}-end"
             stamps = Stamps(work / f"rq-{kind}-stamps")
             if kind == "program":
@@ -280,7 +406,7 @@ def bench_rq(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
             t0 = time.time()
             for i in range(0, n, 1000):
                 q.enqueue_many([data(str(j), "") for j in range(i, min(n, i + 1000))])
-            t_end = wait_for(lambda end=end: markers(end) >= n, 120 + n / 5, f"{n} rq jobs ({kind})")
+            t_end = wait_for(lambda end=end, n=n: markers(end) >= n, 120 + n / 5, f"{n} rq jobs ({kind})")
             el = t_end - t0
             lend = work / f"rq-{kind}-lat-end"
             if kind == "program":
@@ -366,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 messages, 50 latency samples")
     ap.add_argument("--messages", type=int, default=None, help="messages per throughput run (default 2000)")
     ap.add_argument("--samples", type=int, default=None, help="latency samples per system (default 200)")
-    ap.add_argument("--only", default="a,b,c,d", help="which systems to run (default a,b,c,d)")
+    ap.add_argument("--only", default="a,b,c,d,e,f", help="which systems to run (default a,b,c,d,e,f)")
+    ap.add_argument("--persistent-messages", type=int, default=None,
+                    help="messages per persistent-worker throughput run, (e), (f) and rq's SimpleWorker "
+                         "(default 10000; --quick 1000)")
     ap.add_argument("--dir", type=Path, default=common.DEFAULT_DATA, help="parent of the data directory")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     ap.add_argument("--curve", default=None,
@@ -374,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--quick: none; 'none' for none)")
     a = ap.parse_args(argv)
     n = a.messages or (300 if a.quick else 2000)
+    n_p = a.persistent_messages or (1000 if a.quick else 10_000)
     m = a.samples or (50 if a.quick else 200)
     only = set(a.only.split(","))
     spec = a.curve if a.curve is not None else ("none" if a.quick else "1,2,4,8")
@@ -383,13 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "daemon", "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
         "command": " ".join(["bench/daemon.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": common.machine(), "fs": common.fs_facts(work), "git": common.git_rev(),
-        "messages": n, "samples": m, "errors": {},
+        "messages": n, "persistent_messages": n_p, "samples": m, "errors": {},
     }
     say(f"daemon benchmark in {work}: {n} messages per throughput run, {m} latency samples")
     try:
         stamp = compile_stamp(work)
         runs: list[tuple[str, str, Callable[..., dict[str, Any]]]] = [
-            ("a", "raw", bench_raw), ("b", "spoolq", bench_spoolq), ("c", "rq", bench_rq), ("d", "huey", bench_huey)]
+            ("a", "raw", bench_raw), ("b", "spoolq", bench_spoolq), ("c", "rq", bench_rq), ("d", "huey", bench_huey),
+            ("e", "spoolq_persistent", bench_spoolq_persistent), ("f", "dramatiq", bench_dramatiq)]
         for letter, name, fn in runs:
             if letter not in only:
                 continue
@@ -397,7 +528,14 @@ def main(argv: list[str] | None = None) -> int:
             sub = work / name
             sub.mkdir()
             try:
-                result[name] = fn(n, m, stamp, sub, curve) if name in ("raw", "spoolq") else fn(n, m, stamp, sub)
+                if name in ("raw", "spoolq"):
+                    result[name] = fn(n, m, stamp, sub, curve)
+                elif name == "rq":
+                    result[name] = fn(n, m, stamp, sub, n_p)
+                elif name in ("spoolq_persistent", "dramatiq"):
+                    result[name] = fn(n_p, m, sub)
+                else:
+                    result[name] = fn(n, m, stamp, sub)
             except Exception as e:  # a system that cannot run is reported, the others still run
                 result["errors"][name] = f"{type(e).__name__}: {e}"
                 say(f"  ({letter}) {name} FAILED: {e}")
@@ -427,6 +565,9 @@ def report(r: dict[str, Any]) -> None:
         row(f"(c) rq forking worker x2, {kind}", (r.get("rq") or {}).get(kind))
     for kind in ("program", "function"):
         row(f"(d) huey sqlite, 2 processes, {kind}", (r.get("huey") or {}).get(kind))
+    row("(e) spoolq persistent workers x2, durable", r.get("spoolq_persistent"))
+    row("(f) dramatiq redis, 2 processes, function", (r.get("dramatiq") or {}).get("function"))
+    row("(c') rq SimpleWorker x2, function", (r.get("rq") or {}).get("simple"))
     say("\n" + common.table(rows, ["system", "msg/s", "p50 call", "p99 call", "p50 ack", "p99 ack"]))
     say("latency = enqueue -> script start, ms; 'call': from just before the enqueue call, "
         "'ack': from its return")
@@ -464,6 +605,17 @@ def report(r: dict[str, Any]) -> None:
         p50, p99 = s["from_call_ms"]["p50"], s["from_call_ms"]["p99"]
         checks.append(f"spoolq p50 {p50:.2f} ms (target <= {TARGET_P50_MS}) {common.verdict(p50 <= TARGET_P50_MS)}, "
                       f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS}) {common.verdict(p99 <= TARGET_P99_MS)}")
+    p = r.get("spoolq_persistent")
+    if p:
+        x = p["msg_s"]
+        checks.append(f"(e) spoolq persistent {x:.0f} msg/s (target >= {TARGET_PERSISTENT}) "
+                      f"{common.verdict(x >= TARGET_PERSISTENT)}")
+        for label, peer in (("huey function", (r.get("huey") or {}).get("function")),
+                            ("dramatiq function", (r.get("dramatiq") or {}).get("function")),
+                            ("rq SimpleWorker", (r.get("rq") or {}).get("simple"))):
+            if peer:
+                checks.append(f"(e)/{label} = {x / peer['msg_s']:.2f} (target > 1) "
+                              f"{common.verdict(x > peer['msg_s'])}")
     for c in checks:
         say(c)
     for k, e in r["errors"].items():

@@ -416,7 +416,9 @@ class QueueConfig:
     max_count: int = DEFAULT_MAX_COUNT
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fsync: bool = True
-    kind: str = "script"
+    kind: str = "script"  # "script": one process per message; "worker": persistent workers
+    worker_inflight: int = 1  # kind worker: messages one worker holds at once
+    worker_restart_after: int = 0  # kind worker: messages before a worker is replaced (0: never)
 
     @classmethod
     def from_dict(cls, data: Any) -> QueueConfig:
@@ -442,10 +444,14 @@ class QueueConfig:
             raise InvalidConfig("script must be a path string")
         c.script = script
         c.kind = str(data.get("kind", "script"))
-        if c.kind not in ("script",):
-            raise InvalidConfig(f"unknown queue kind {c.kind!r} (known: script)")
-        if c.kind == "script" and not c.script:
-            raise InvalidConfig("script is required: the path of the program to run per message")
+        if c.kind not in QUEUE_KINDS:
+            raise InvalidConfig(f"unknown queue kind {c.kind!r} (known: {', '.join(QUEUE_KINDS)})")
+        if not c.script:
+            raise InvalidConfig("script is required: the path of the program to run per message"
+                                if c.kind == "script" else "script is required: the worker program")
+        c.worker_inflight = _int_in(data.get("worker_inflight", 1), "worker_inflight", 1, 1000)
+        c.worker_restart_after = _int_in(data.get("worker_restart_after", 0), "worker_restart_after", 0,
+                                         1_000_000_000)
         nw = data.get("num_workers", 1)
         if isinstance(nw, str) and nw.strip().isdigit():
             nw = int(nw)  # RQ's configs hold it as a string
@@ -515,7 +521,20 @@ class QueueConfig:
             "retry": self.retry.to_dict(),
             "fsync": self.fsync,
             "kind": self.kind,
+            "worker_inflight": self.worker_inflight,
+            "worker_restart_after": self.worker_restart_after,
         }
+
+
+QUEUE_KINDS = ("script", "worker")
+
+
+def _int_in(v: Any, key: str, lo: int, hi: int) -> int:
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise InvalidConfig(f"{key} must be an integer {lo}-{hi}, got {v!r}")
+    return v
 
 
 @dataclass

@@ -284,3 +284,21 @@ def test_each_host_answers_with_full_ids_naming_itself(client: spoolq.Client, pg
         for s in servers:
             if s.proc is not None and s.proc.poll() is None:
                 s.stop()
+
+
+def test_persistent_workers_on_postgresql(client: spoolq.Client, hosts: Any, tmp_path: Path) -> None:
+    """A queue of kind worker on two hosts: messages, attachments (copied to the host) and a
+    worker's death behave as on the filesystem."""
+    from test_workers import py_worker
+
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker", cluster_workers=2)
+    a, b = hosts(2)
+    src = tmp_path / "a.txt"
+    src.write_text("from the database")
+    rs = [client.send("w", param1="pid") for _ in range(6)]
+    att = client.send("w", param1="attach", attachments=[str(src)])
+    die = client.send("w", param1="die-once")
+    assert all(client.wait(r, 30).state == State.DONE for r in rs)
+    assert client.wait(att, 30).job_status == "from the database"
+    v = client.wait(die, 30)
+    assert (v.state, v.job_status, v.message.count) == (State.DONE, "survived", 1)

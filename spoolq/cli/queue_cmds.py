@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, SpoolqError
-from ..model import COUNT_KEYS, AdminState, QueueConfig
+from ..model import COUNT_KEYS, QUEUE_KINDS, AdminState, QueueConfig
 from ..store import SweepResult
 from . import output
 from .common import command, integer, json_or_text, key_value, number, queue_name, refs
@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
                    help="never run two messages equal in param N at once (1-4; repeatable)")
     p.add_argument("--no-fsync", action="store_true",
                    help="do not fsync messages (faster; a crash may lose acknowledged ones)")
+    p.add_argument("--kind", choices=QUEUE_KINDS, default="script",
+                   help="script: SCRIPT runs once per message (default); worker: SCRIPT is a persistent "
+                   "worker fed messages over a pipe (docs/workers.md)")
+    p.add_argument("--inflight", metavar="N", help="kind worker: messages one worker holds at once (default 1)")
+    p.add_argument("--restart-after", metavar="N",
+                   help="kind worker: replace a worker after N messages (default 0: never)")
 
     command(qsub, "list", queue_list, "list queues with admin state, workers and script")
 
@@ -102,7 +108,12 @@ def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
         "coalesce_params": [integer(n, "--coalesce", 1, 4) for n in args.coalesce],
         "blocking_params": [integer(n, "--blocking", 1, 4) for n in args.blocking],
         "fsync": not args.no_fsync,
+        "kind": args.kind,
     }
+    if args.inflight is not None:
+        data["worker_inflight"] = integer(args.inflight, "--inflight", 1, 1000)
+    if args.restart_after is not None:
+        data["worker_restart_after"] = integer(args.restart_after, "--restart-after", 0, 1_000_000_000)
     if args.workers is not None:
         data["num_workers"] = integer(args.workers, "--workers", 1, 128)
     if args.timeout is not None:

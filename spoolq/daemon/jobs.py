@@ -176,25 +176,8 @@ class JobRunner:
     # -- while running -------------------------------------------------------------------
     def read_status(self, job: Job) -> None:
         """Read what the script wrote on fd 3; at EOF mark the job so the caller unregisters it."""
-        chunks: list[bytes] = []
-        while True:
-            try:
-                data = os.read(job.spawned.status_fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                job.eof = True
-                break
-            chunks.append(data)
-            if sum(map(len, chunks)) > 1 << 20:
-                break  # let other jobs have a turn; the fd stays readable
-        lines: list[str] = []
-        for c in chunks:
-            lines += job.lines.feed(c)
-        if job.eof:
-            lines += job.lines.flush()
+        lines, eof = protocol.read_lines(job.spawned.status_fd, job.lines)
+        job.eof = job.eof or eof
         if lines:
             self.handle_lines(job, lines)
 
@@ -206,7 +189,7 @@ class JobRunner:
                 continue
             text = rest if verb in KNOWN_VERBS else line.strip()
             if verb == "dup":
-                self.reply(job, self.dup(job, rest))
+                self.reply(job, self.dup(job.queue, job.msg, rest))
                 continue
             c = protocol.parse_completion(verb, rest)
             if c is not None and job.completion is None:
@@ -226,27 +209,26 @@ class JobRunner:
         except OSError:
             pass  # the script closed fd 4 or never reads it: the reply is dropped
 
-    def dup(self, job: Job, text: str) -> str:
-        """``dup DUE-X-DEST``: copy the message (and its attachments) to a local queue, or to
-        the relay queue for an http dest. Answers RQ's reply lines."""
+    def dup(self, queue: str, old: Message, text: str) -> str:
+        """``dup DUE-X-DEST``: copy the message ``old`` of ``queue`` (and its attachments) to a
+        local queue, or to the relay queue for an http dest. Answers RQ's reply lines."""
         req = protocol.parse_dup(text)
         if req is None:
             return "fail dup failed - bad dup request, expected DUE-X-DEST"
         dest = req.dest
         target = RELAY_QUEUE if dest.startswith("http") else dest.strip("/").removeprefix("q/")
-        old = job.msg
         new = Message(dest=dest, src=old.src, count=0, max_count=old.max_count, param1=old.param1,
                       param2=old.param2, param3=old.param3, param4=old.param4,
                       due=self.clock() + req.due_secs, post_run_webhook=list(old.post_run_webhook),
-                      orig_msg_id=old.orig_msg_id or self.full_id(job.queue, old.msg_id),
+                      orig_msg_id=old.orig_msg_id or self.full_id(queue, old.msg_id),
                       params=dict(old.params))
         try:
             self.store.queue_config(target)
         except (QueueNotFound, SpoolqError):
             return f"fail couldn't connect to queue - {target}"
         try:
-            names = sorted(self.store.get(job.queue, old.msg_id).attachments)
-            with copied_attachments(self.store, job.queue, old.msg_id, names) as sources:
+            names = sorted(self.store.get(queue, old.msg_id).attachments)
+            with copied_attachments(self.store, queue, old.msg_id, names) as sources:
                 stored = self.store.create(target, new, attachments=sources)
         except QueueDown:
             return "fail dup failed - status: DOWN"

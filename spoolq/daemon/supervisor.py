@@ -35,6 +35,7 @@ from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
 from .queue import QueueState
 from .recovery import recover_queue
+from .workers import Worker, WorkerInput, Workers, kill_orphans
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -73,6 +74,7 @@ class Daemon:
         self.sel: selectors.BaseSelector  # created in setup(), after fds 3 and 4 are claimed
         self.watcher: Watcher | None = None
         self.runner: JobRunner | None = None
+        self.workers: Workers | None = None
         self.housekeeper: Housekeeper | None = None
 
     # -- setup / teardown ----------------------------------------------------------------
@@ -102,6 +104,8 @@ class Daemon:
                         "port until it is written", e)
         self.runner = JobRunner(self.store, self.home, self.rootcfg, self.clock,
                                 os.environ.get("RQ_ENV") or root_env(self.home), self.owner)
+        self.workers = Workers(self.runner, self.sel, self.home, self.rootcfg, self.clock,
+                               finished=self._finished, changed=self._workers_changed)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -118,6 +122,8 @@ class Daemon:
                 log.warning("put back %s", line)
             for line in found.problems:
                 log.warning("lost+found: %s", line)
+        if kill_orphans(self.home):
+            log.warning("killed the persistent workers of a daemon that is gone")
         names = self.store.queues()
         for name in names:
             try:
@@ -169,6 +175,8 @@ class Daemon:
         for gone in set(self.queues) - names:
             log.info("queue %s is gone", gone)
             del self.queues[gone]
+            if self.workers is not None:
+                self.workers.retire(gone)
         for name in sorted(names - set(self.queues)):
             self.queues[name] = QueueState(name, ready=not starting)
 
@@ -196,6 +204,8 @@ class Daemon:
         job = next((j for j in self.jobs.values() if j.queue == qs.name and j.msg_id == ch.msg_id), None)
         if job is not None and not job.cancelled and self.runner.cancel_asked(job):
             self._cancel_job(job)
+        elif job is None and self.workers is not None and ch.msg_id:
+            self.workers.check(qs.name, ch.msg_id, self.clock())
 
     def _cancel_job(self, job: Job) -> None:
         assert self.runner is not None
@@ -251,6 +261,8 @@ class Daemon:
             return
         self.stopping = True
         self.grace_end = now + self.grace
+        if self.workers is not None:
+            self.workers.stop_all(now, kill=False)  # EOF on fd 4: answer what you hold, then exit
         log.warning("stopping: starting nothing new; %d job(s) get %.0f s to finish", len(self.jobs),
                     self.grace)
 
@@ -261,6 +273,8 @@ class Daemon:
         cancelled or stopped job's process group can be killed (grandchildren included) while
         its id cannot have been reused; only then is the zombie reaped.
         """
+        if self.workers is not None:
+            self.workers.reap()
         for pid, job in list(self.jobs.items()):
             try:
                 if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
@@ -312,6 +326,11 @@ class Daemon:
         qs.running.discard(fin.msg_id)
         qs.dirty = True
 
+    def _workers_changed(self, queue: str) -> None:
+        qs = self.queues.get(queue)
+        if qs is not None:
+            qs.dirty = True
+
     # -- dispatch ------------------------------------------------------------------------
     def _reload(self, qs: QueueState) -> bool:
         """Re-read config and admin state if inotify said they changed; False: not runnable."""
@@ -356,6 +375,8 @@ class Daemon:
             return None
         cfg = qs.config
         assert cfg is not None
+        if cfg.kind != "worker" and self.workers is not None:
+            self.workers.retire(qs.name)  # no longer a queue of workers: let them go
         self._want(qs, qs.admin == AdminState.UP)
         if qs.admin != AdminState.UP or self.stopping or not qs.ready:
             return None
@@ -373,23 +394,51 @@ class Daemon:
             self._record_script_error(qs, None)
         if now < qs.hold_until:
             return qs.hold_until
+        if cfg.kind == "worker":
+            return self._dispatch_workers(qs, cfg, now)
         while len(qs.running) < cfg.num_workers:
-            try:
-                got = self.store.claim(qs.name, owner=self.owner, lease=LEASE, now=now)
-            except StorageError as e:
-                # The move into run failed (disk full...): the message is still queued. Every
-                # other message would fail the same way, so the queue waits, with backoff.
-                qs.hold_for = min(RETRY_MAX, max(RETRY_FIRST, qs.hold_for * 2))
-                qs.hold_until = now + qs.hold_for
-                log.error("queue %s: cannot start a message: %s; trying again in %g s", qs.name, e,
-                          qs.hold_for)
-                return qs.hold_until
-            qs.hold_for = 0.0
+            got = self._claim(qs, now)
             if not isinstance(got, Attempt):
                 return got
             if not self._start(qs, got, cfg):
                 return now + SCRIPT_RECHECK
         return None
+
+    def _claim(self, qs: QueueState, now: float) -> Attempt | float | None:
+        """The next message of ``qs`` to start, or when to look again (a due time, or the
+        end of the wait after the store failed), or None."""
+        try:
+            got = self.store.claim(qs.name, owner=self.owner, lease=LEASE, now=now)
+        except StorageError as e:
+            # The move into run failed (disk full...): the message is still queued. Every
+            # other message would fail the same way, so the queue waits, with backoff.
+            qs.hold_for = min(RETRY_MAX, max(RETRY_FIRST, qs.hold_for * 2))
+            qs.hold_until = now + qs.hold_for
+            log.error("queue %s: cannot start a message: %s; trying again in %g s", qs.name, e,
+                      qs.hold_for)
+            return qs.hold_until
+        qs.hold_for = 0.0
+        return got
+
+    def _dispatch_workers(self, qs: QueueState, cfg: QueueConfig, now: float) -> float | None:
+        """A queue of persistent workers (workers.py): keep them running, and feed each one
+        until it holds ``worker_inflight`` messages."""
+        assert self.workers is not None
+        try:
+            wake = self.workers.ensure(qs.name, cfg, now)
+        except ScriptUnusable as e:
+            log.error("queue %s: SCRIPTERROR: %s; holding its messages until the script is fixed",
+                      qs.name, e)
+            qs.script_error = str(e)
+            self._record_script_error(qs, qs.script_error)
+            return now + SCRIPT_RECHECK
+        while (w := self.workers.free(qs.name, cfg)) is not None:
+            got = self._claim(qs, now)
+            if not isinstance(got, Attempt):
+                return got if wake is None or (got is not None and got < wake) else wake
+            if self.workers.send(w, got, cfg, now):
+                qs.running.add(got.msg_id)
+        return wake
 
     def _start(self, qs: QueueState, attempt: Attempt, cfg: QueueConfig) -> bool:
         """Run a claimed attempt; False when the queue's script is unusable (SCRIPTERROR)."""
@@ -427,6 +476,13 @@ class Daemon:
                 store_ready = True
             elif key.data == "housekeeping":
                 self.on_housekeeping()
+            elif isinstance(key.data, Worker):
+                assert self.workers is not None
+                if not key.data.eof:
+                    self.workers.read(key.data)
+            elif isinstance(key.data, WorkerInput):
+                assert self.workers is not None
+                self.workers.flush(key.data.worker)
             elif isinstance(key.data, Job):
                 job = key.data
                 if self.jobs.get(job.pid) is not job or job.eof:
@@ -441,11 +497,14 @@ class Daemon:
             self.runner.check_timeout(job, now)
             if now >= job.renew_at and self.runner.renew(job, now) and not job.cancelled:
                 self._cancel_job(job)
+        assert self.workers is not None
+        self.workers.tick(now)
         if self.stopping and self.grace_end is not None and now >= self.grace_end:
             for job in self.jobs.values():
                 if not job.stopping:
                     job.stopping = True
                     self.runner.terminate(job, now)
+            self.workers.stop_all(now, kill=True)
         if now >= self.next_sweep and not self.housekeeper.busy:
             self.next_sweep = now + self.sweep_interval
             self.housekeeper.submit(SWEEP_ROOT)
@@ -493,17 +552,22 @@ class Daemon:
         retry = self.runner.finisher.next_retry()
         if retry is not None:
             times.append(retry)
+        assert self.workers is not None
+        wt = self.workers.next_time()
+        if wt is not None:
+            times.append(wt)
         wake_at = self.watcher.wake_at
         if wake_at is not None:
             times.append(now + wake_at - time.monotonic())
         if self.stopping and self.grace_end is not None and (
-                any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held):
+                any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
+                or self.workers.alive()):
             times.append(self.grace_end)
         return max(0.0, min(times) - now)
 
     def _done(self) -> bool:
         """Stopping, nothing running, and no held finish left to wait for (or no more time)."""
-        if not (self.stopping and not self.jobs):
+        if not (self.stopping and not self.jobs and not (self.workers and self.workers.alive())):
             return False
         assert self.runner is not None
         held = self.runner.finisher.held

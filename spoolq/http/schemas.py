@@ -28,7 +28,9 @@ class QueueConfigOut(_Out):
     max_count: int
     retry: dict[str, float]
     fsync: bool = True
-    kind: str = "script"
+    kind: str = Field("script", description="script: one process per message; worker: persistent workers")
+    worker_inflight: int = 1
+    worker_restart_after: int = 0
 
 
 class QueueSummary(_Out):

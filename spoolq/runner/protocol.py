@@ -3,11 +3,13 @@
 A script writes lines ``VERB TEXT`` on fd 3. Every line becomes the message's visible
 status; ``done``, ``err`` (alias ``fails``), ``relayed`` and ``resend`` are completions and
 the first one decides; ``dup`` asks for a copy and gets a reply line on fd 4. This module is
-pure: no processes, no store, so every rule here is tested on its own.
+pure apart from :func:`read_lines` (which reads a pipe): no processes, no store, so every rule
+here is tested on its own.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from dataclasses import dataclass
@@ -59,6 +61,33 @@ class LineBuffer:
         if rest and not self._discarding:
             return [_decode(rest[: self.max_line])]
         return []
+
+
+def read_lines(fd: int, buf: LineBuffer, budget: int = 1 << 20) -> tuple[list[str], bool]:
+    """Read what a non-blocking pipe holds (up to ``budget`` bytes, so other pipes get a
+    turn; the fd stays readable); its complete lines (all of them at EOF) and whether EOF
+    was reached."""
+    chunks: list[bytes] = []
+    eof = False
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError:
+            data = b""
+        if not data:
+            eof = True
+            break
+        chunks.append(data)
+        if sum(map(len, chunks)) > budget:
+            break
+    lines: list[str] = []
+    for c in chunks:
+        lines += buf.feed(c)
+    if eof:
+        lines += buf.flush()
+    return lines, eof
 
 
 def _decode(b: bytes | bytearray) -> str:

@@ -161,10 +161,15 @@ def rq_dest(dest: str, base_url: str, queue: str) -> tuple[str, str]:
     return full, tail.split("/", 1)[0]
 
 
+def scrubbed_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment without its own RQ_* and SPOOLQ_* variables."""
+    return {k: v for k, v in base.items() if not k.startswith(_SCRUB_PREFIXES)}
+
+
 def build_env(*, base: Mapping[str, str], cfg: QueueConfig, msg: Message, queue: str, script: Path,
               rootcfg: RootConfig, root: Path, msg_dir: Path, rq_env: str) -> dict[str, str]:
     """The script's environment: the daemon's, scrubbed, plus RQ's variables and ``env_vars``."""
-    env = {k: v for k, v in base.items() if not k.startswith(_SCRUB_PREFIXES)}
+    env = scrubbed_env(base)
     base_url = rootcfg.base_url
     full_id = f"{base_url}/q/{queue}/{msg.msg_id}"
     dest, dest_queue = rq_dest(msg.dest or queue, base_url, queue)

@@ -396,6 +396,11 @@ class Store(Protocol):
         (RQ_MSG_DIR), whose parent holds ``msg`` and ``attach/`` as RQ's scripts expect."""
         ...
 
+    def attempt_dir(self, attempt: Attempt) -> Path:
+        """The local directory holding the attempt's ``msg`` and ``attach/`` (what a
+        persistent worker is handed; it runs elsewhere, so no ``job/`` is needed)."""
+        ...
+
     def log_fd(self, attempt: Attempt) -> int:
         """A new fd (close-on-exec, the caller closes it) that the script's stdout and stderr
         go to; what is written to it is appended to the message's log, ``stdio.log``."""

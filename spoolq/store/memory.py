@@ -518,6 +518,10 @@ class MemoryStore:
                 e.runner = runner
             return Lease(now + lease, e.cancel_requested)
 
+    def attempt_dir(self, attempt: Attempt) -> Path:
+        """Beside ``job/``: ``msg`` and ``attach/`` written from the store."""
+        return self.workdir(attempt).parent
+
     def workdir(self, attempt: Attempt) -> Path:
         with self._lock:
             self._current(attempt)

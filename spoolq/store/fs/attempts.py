@@ -69,6 +69,7 @@ class AttemptParts(WriteParts):
         self._reclaimed: set[str] = set()  # queues whose run/ was reclaimed under this lock
         self._cancel_seen: set[tuple[str, str]] = set()  # attempts that saw a cancel marker
         self._attempt_files: set[tuple[str, str]] = set()  # attempts with an ``attempt`` file
+        self._pid_files: set[tuple[str, str]] = set()  # attempts whose runner wrote a ``pid`` file
 
     # -- the daemon's feed ---------------------------------------------------------------
     def watch(self) -> FsWatcher:
@@ -95,6 +96,7 @@ class AttemptParts(WriteParts):
         self._reclaimed.clear()
         self._cancel_seen.clear()
         self._attempt_files.clear()
+        self._pid_files.clear()
 
     # -- moves that free held duplicates ---------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
@@ -255,6 +257,10 @@ class AttemptParts(WriteParts):
             raise durable.storage_error(e, f"cannot create {job}") from None
         return job
 
+    def attempt_dir(self, attempt: Attempt) -> Path:
+        """The message's own directory in run: nothing to create or copy."""
+        return self._current_dir(attempt)
+
     def log_fd(self, attempt: Attempt) -> int:
         """``job/stdio.log`` opened for appending (the script writes to the file itself),
         reached without following a link; a link in its place is replaced by a file."""
@@ -283,6 +289,7 @@ class AttemptParts(WriteParts):
             # Not fsync'd and not renamed into place: it matters only while this boot lasts,
             # and a daemon crash cannot tear a finished write(2).
             fd = os.open(path / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            self._pid_files.add((attempt.queue, attempt.msg_id))
             try:
                 os.write(fd, runner.encode() + b"\n")
             finally:
@@ -302,8 +309,11 @@ class AttemptParts(WriteParts):
         try:
             if status is not None and (status or os.path.exists(path / "status")):
                 self._write_status(q, msg_id, path, status)
-            # First: a cancel must never follow the message into a later run.
-            for name in ("pid", "cancel") if (q, msg_id) in self._cancel_seen else ("pid",):
+            # First: a cancel must never follow the message into a later run. A pid file is
+            # there only where a runner wrote one (never for a persistent worker's messages);
+            # after a restart's reclaim, which marks its attempts as seen, it may be.
+            seen = (q, msg_id) in self._cancel_seen
+            for name in ("pid", "cancel") if seen else ("pid",) if (q, msg_id) in self._pid_files else ():
                 try:
                     os.unlink(path / name)
                 except FileNotFoundError:
@@ -342,6 +352,7 @@ class AttemptParts(WriteParts):
         self._mine.get(attempt.queue, {}).pop(attempt.msg_id, None)
         self._cancel_seen.discard(key)
         self._attempt_files.discard(key)
+        self._pid_files.discard(key)
         for d in attempt.dups:
             if self._held.pop((attempt.queue, d), None) not in (None, attempt.attempt_id):
                 continue

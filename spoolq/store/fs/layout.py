@@ -32,8 +32,9 @@ RQ_FLAG_DIR = "config"
 
 
 def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = False) -> Path:
-    day, hm, ss = bucket_of(msg_id)
-    return qdir / str(state) / day / hm / ss / (("." + msg_id) if acked else msg_id)
+    # One Path built from one string: five joins cost the daemon ~10 us per call, and it
+    # makes ten calls per message (bucket_of inlined for the same reason).
+    return Path(f"{qdir}/{state}/{msg_id[0:8]}/{msg_id[9:13]}/{msg_id[14:16]}/{'.' if acked else ''}{msg_id}")
 
 
 def _sorted_dirs(path: Path, width: int, reverse: bool) -> list[str]:

@@ -174,6 +174,10 @@ class PgStore(AttemptParts):
         attempt_id, at, names = self._fenced
         return names if attempt_id == attempt.attempt_id and time.monotonic() - at <= FENCE_REUSE else None
 
+    def attempt_dir(self, attempt: Attempt) -> Path:
+        """Beside ``job/``: ``msg`` and ``attach/`` written from the store."""
+        return self.workdir(attempt).parent
+
     def workdir(self, attempt: Attempt) -> Path:
         """``<local_dir>/<queue>/<id>/job`` on this host, beside ``msg`` and ``attach/``
         written from the database (store/local.py); kept while the message runs here. The
