@@ -432,12 +432,12 @@ class GroupSync:
                 self._cond.notify_all()
 
     def add_rename(self, src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str], *,
-                   only_where_unsafe: bool = False) -> None:
+                   only_where_unsafe: bool = False, dev: int | None = None) -> None:
         """Make a rename from ``src_dir`` into ``dst_dir`` durable in the next round, as
         :func:`fsync_after_rename` would: the destination, then the source where the
         filesystem needs it. ``only_where_unsafe``: nothing at all on a filesystem where a
         rename is atomic on disk (the daemon's que -> run move, which may be lost there)."""
-        if not rename_needs_source_sync(dst_dir):
+        if not rename_needs_source_sync(dst_dir, dev):
             if not only_where_unsafe:
                 self.add(dst_dir)
             return

@@ -105,7 +105,8 @@ class Daemon:
         self.runner = JobRunner(self.store, self.home, self.rootcfg, self.clock,
                                 os.environ.get("RQ_ENV") or root_env(self.home), self.owner)
         self.workers = Workers(self.runner, self.sel, self.home, self.rootcfg, self.clock,
-                               finished=self._finished, changed=self._workers_changed)
+                               finished=self._finished, changed=self._workers_changed,
+                               config=self._config_of)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -325,6 +326,10 @@ class Daemon:
             return
         qs.running.discard(fin.msg_id)
         qs.dirty = True
+
+    def _config_of(self, queue: str) -> QueueConfig | None:
+        qs = self.queues.get(queue)
+        return qs.config if qs is not None else None
 
     def _workers_changed(self, queue: str) -> None:
         qs = self.queues.get(queue)

@@ -132,7 +132,8 @@ class Workers:
 
     def __init__(self, runner: JobRunner, sel: selectors.BaseSelector, home: Path,
                  rootcfg: RootConfig, clock: Callable[[], float], *,
-                 finished: Callable[[Finish], None], changed: Callable[[str], None]) -> None:
+                 finished: Callable[[Finish], None], changed: Callable[[str], None],
+                 config: Callable[[str], QueueConfig | None]) -> None:
         self.runner = runner
         self.store = runner.store
         self.sel = sel
@@ -141,6 +142,7 @@ class Workers:
         self.clock = clock
         self.finished = finished  # the supervisor's: frees the message's place in its queue
         self.changed = changed  # the supervisor's: look at this queue's workers again
+        self._cfg = config  # the supervisor's: a queue's config as last read (no stat per message)
         self.pools: dict[str, Pool] = {}
         self.by_pid: dict[int, Worker] = {}
         self.dir = home / WORKERS_DIR
@@ -390,12 +392,6 @@ class Workers:
             log.info("queue %s: worker %d (pid %d) answered %d messages: replacing it", w.queue, w.slot,
                      w.pid, w.answered)
             self.drain(w)
-
-    def _cfg(self, queue: str) -> QueueConfig | None:
-        try:
-            return self.store.queue_config(queue)
-        except SpoolqError:
-            return None
 
     def _decide(self, inf: InFlight, c: Completion | None, exit_code: int) -> Outcome:
         m = inf.attempt.message

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -55,6 +56,8 @@ from .writing import WriteParts
 log = logging.getLogger("spoolq.daemon")
 
 ATTEMPT_FILE = "attempt"
+COUNTS_LINGER = 0.005
+"""Seconds the daemon's store gathers counts deltas before adding them (``_count_move``)."""
 
 
 class AttemptParts(WriteParts):
@@ -70,6 +73,10 @@ class AttemptParts(WriteParts):
         self._cancel_seen: set[tuple[str, str]] = set()  # attempts that saw a cancel marker
         self._attempt_files: set[tuple[str, str]] = set()  # attempts with an ``attempt`` file
         self._pid_files: set[tuple[str, str]] = set()  # attempts whose runner wrote a ``pid`` file
+        self._devs: dict[str, int] = {}  # queue -> st_dev of its directory
+        self._count_lock = threading.Lock()
+        self._count_pending: dict[Path, dict[str, int]] = {}  # queue dir -> deltas not yet added
+        self._count_due: float | None = None  # time.monotonic() when they must be added
 
     # -- the daemon's feed ---------------------------------------------------------------
     def watch(self) -> FsWatcher:
@@ -88,6 +95,7 @@ class AttemptParts(WriteParts):
 
     def _stop_group_sync(self) -> None:
         """The daemon lets go: its moves made durable, its attempts no longer its own."""
+        self.flush_counts()
         if self._group_sync is not None:
             self._group_sync.close()  # every finished move durable before the lock is let go
             self._group_sync = None
@@ -97,6 +105,36 @@ class AttemptParts(WriteParts):
         self._cancel_seen.clear()
         self._attempt_files.clear()
         self._pid_files.clear()
+        self._devs.clear()
+
+    # -- counts ----------------------------------------------------------------------------
+    def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
+        """The daemon's moves add their counts deltas together, :data:`COUNTS_LINGER` after
+        the first (``flush_counts``, called by the watcher's loop): one locked read-modify-write
+        of ``counts`` for many moves instead of one per move. Readers see a count up to that
+        much late; a crash loses the deltas held, which the next start's recount repairs."""
+        if self._group_sync is None:
+            super()._count_move(qdir, deltas)
+            return
+        with self._count_lock:
+            pending = self._count_pending.setdefault(qdir, {})
+            for k, v in deltas.items():
+                pending[k] = pending.get(k, 0) + v
+            if self._count_due is None:
+                self._count_due = time.monotonic() + COUNTS_LINGER
+
+    @property
+    def counts_due(self) -> float | None:
+        """When :meth:`flush_counts` is due (``time.monotonic()``), or None."""
+        return self._count_due
+
+    def flush_counts(self) -> None:
+        """Add the gathered counts deltas to each queue's ``counts`` file."""
+        with self._count_lock:
+            pending, self._count_pending, self._count_due = self._count_pending, {}, None
+        for qdir, deltas in pending.items():
+            if any(deltas.values()):
+                self._counts(qdir).add(deltas)
 
     # -- moves that free held duplicates ---------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
@@ -180,7 +218,7 @@ class AttemptParts(WriteParts):
                dups: tuple[str, ...]) -> Attempt:
         # Not fsync'd: if a crash loses this rename the message is still in que, which is
         # where recovery would put it; the move out of run is the durable one.
-        m = self.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False)
+        m = self.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False, cfg=cfg)
         qdir = self.qdir(queue)
         run_dir = message_path(qdir, State.RUN, msg_id)
         if self._group_sync is not None and cfg.fsync:
@@ -189,7 +227,7 @@ class AttemptParts(WriteParts):
             # run bucket: the message would be in neither after a power cut. Both are synced
             # soon, new entry first; what is left of the window, lost+found recovery covers.
             self._group_sync.add_rename(message_path(qdir, State.QUE, msg_id).parent, run_dir.parent,
-                                        only_where_unsafe=True)
+                                        only_where_unsafe=True, dev=self._dev(queue))
         a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m, dups,
                     cancel_requested=os.path.exists(run_dir / "cancel"))
         if a.cancel_requested:
@@ -198,6 +236,17 @@ class AttemptParts(WriteParts):
         if self._daemon_fd < 0:
             self._write_attempt(a, run_dir)  # the daemon's fence is _mine: no write per start
         return a
+
+    def _dev(self, queue: str) -> int | None:
+        """The device of a queue's directory, stat'ed once: the group commit asks at every
+        move which filesystem's rules apply, and a stat per ask was part of the daemon's cost."""
+        dev = self._devs.get(queue)
+        if dev is None:
+            try:
+                dev = self._devs[queue] = os.stat(self.qdir(queue)).st_dev
+            except OSError:
+                return None
+        return dev
 
     def _write_attempt(self, a: Attempt, run_dir: Path) -> None:
         """The fence for a process that does not hold the daemon lock (whose ``_mine`` is not
@@ -323,7 +372,7 @@ class AttemptParts(WriteParts):
             # The commit point. If it fails (a full disk) the attempt still holds the message
             # and the caller's retry passes the fence.
             m = self.move(q, msg_id, State.RUN, dst, update=update, note=note,
-                          sync=False if deferred else None, current=attempt.message)
+                          sync=False if deferred else None, current=attempt.message, cfg=cfg)
         except (WrongState, MessageNotFound, QueueNotFound, FileNotFoundError) as e:
             # Not in run any more (moved or deleted by hand, the queue deleted, or a retry of
             # a move whose rename landed before its fsync failed): nothing to retry.
@@ -331,7 +380,7 @@ class AttemptParts(WriteParts):
             raise WrongState(f"{q}/{msg_id} left run without this attempt: {e}") from None
         landed = message_path(self.qdir(q), dst, msg_id)
         if deferred and cfg.fsync and self._group_sync is not None:
-            self._group_sync.add_rename(path.parent, landed.parent)  # destination first
+            self._group_sync.add_rename(path.parent, landed.parent, dev=self._dev(q))  # destination first
         if (q, msg_id) in self._attempt_files:
             try:
                 os.unlink(landed / ATTEMPT_FILE)

@@ -93,10 +93,15 @@ class FsWatcher:
 
     @property
     def wake_at(self) -> float | None:
-        return self._next_trouble_walk if self.trouble else None
+        due = self.store.counts_due  # the daemon's gathered counts deltas (attempts.py)
+        trouble = self._next_trouble_walk if self.trouble else None
+        return min(due, trouble) if due is not None and trouble is not None else due or trouble
 
     def changes(self, budget: float = 0.004) -> list[Change]:
         """What happened since the last call, after at most ``budget`` seconds of indexing."""
+        due = self.store.counts_due
+        if due is not None and time.monotonic() >= due:
+            self.store.flush_counts()
         self._read_events()
         if self.trouble and time.monotonic() >= self._next_trouble_walk:
             self._next_trouble_walk = time.monotonic() + TROUBLE_WALK

@@ -356,9 +356,14 @@ class WriteParts(ReadParts):
         note: str = "",
         sync: bool | None = None,
         current: Message | None = None,
+        cfg: QueueConfig | None = None,
     ) -> Message:
+        """Move a message from ``src`` to ``dst``. ``current``: the message as the caller
+        knows it (not read again); ``cfg``: the queue's config as the caller has it (the
+        daemon's cache: one stat fewer per move)."""
         check_transition(src, dst)
-        cfg = self.queue_config(queue)  # raises QueueNotFound
+        if cfg is None:
+            cfg = self.queue_config(queue)  # raises QueueNotFound
         qdir = self.qroot / queue
         sync = cfg.fsync if sync is None else sync and cfg.fsync
         path = message_path(qdir, src, validate_msg_id(msg_id))
@@ -404,9 +409,13 @@ class WriteParts(ReadParts):
                 os.close(hfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
-        self._counts(qdir).add({_count_key(src, acked): -1, str(dst): 1})
+        self._count_move(qdir, {_count_key(src, acked): -1, str(dst): 1})
         m.history.append(entry)
         return m
+
+    def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
+        """A move's counts delta (the daemon's store gathers them: attempts.py)."""
+        self._counts(qdir).add(deltas)
 
     def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
         state, path, acked = self.locate(queue, msg_id)
