@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import router
 from ..errors import MessageNotFound, QueueDown, SpoolqError, WrongState
 from ..model import AdminState, State
 
@@ -75,9 +76,11 @@ def rq_main(args: argparse.Namespace, ctx: Ctx) -> int:
     words = list(args.words)
     if not words or "-h" in words or "--help" in words:
         ctx.out("Valid commands are:")
-        ctx.out("  " + "\n  ".join(sorted(VERBS)))
+        ctx.out("  " + "\n  ".join(sorted([*VERBS, "verify_rules"])))
         return 1
     cmd, flags = parse_args(words)
+    if cmd == "verify_rules":  # needs no spool
+        return verify_rules(flags, ctx)
     verb = VERBS.get(cmd)
     if verb is None:
         print(f"Command not found: {cmd} (cmd_{cmd})", file=sys.stderr)
@@ -222,6 +225,30 @@ def clone(client: Client, flags: dict[str, Any]) -> list[str]:
         return [f"ok {client.clone(_ref(client, flags)).full_id}"]
     except MessageNotFound:
         raise RqFail("msg not found") from None
+
+
+def verify_rules(flags: dict[str, Any], ctx: Ctx) -> int:
+    """``verify_rules --path FILE [--verbose]``: ``ok``, or ``fail bad router rules file``
+    (with ``--verbose``, the rules read, or where the file is wrong)."""
+    path = flags.get("path")
+    if not isinstance(path, str) or not path:
+        ctx.out("fail missing argument: --path")
+        return 1
+    verbose = bool(flags.get("verbose"))
+    try:
+        rules = router.load(os.path.expanduser(path))
+    except router.RulesError as e:
+        if verbose:
+            ctx.out(str(e))
+        ctx.out("fail bad router rules file")
+        return 1
+    if verbose:
+        for line in rules.warnings:
+            ctx.out(line)
+        for rule in rules.rules:
+            ctx.out(rule.describe())
+    ctx.out("ok")
+    return 0
 
 
 VERBS: dict[str, Callable[[Client, dict[str, Any]], list[str]]] = {
