@@ -126,14 +126,20 @@ class Daemon:
         if kill_orphans(self.home):
             log.warning("killed the persistent workers of a daemon that is gone")
         names = self.store.queues()
-        for name in names:
-            try:
-                self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
-            except SpoolqError as e:
-                log.warning("queue %s: %s", name, e)
-            # D2: run/ is emptied before anything is dispatched. Moves the store refuses are
-            # held by the finisher and retried; nothing else is written here.
-            self._recover(name)
+        try:
+            # One flush for all of recovery's moves (the filesystem: a syncfs at the end of
+            # the block instead of four fsyncs per message), before anything is dispatched.
+            with self.store.durable_batch():
+                for name in names:
+                    try:
+                        self.store.set_script_error(name, None)  # a dead daemon's verdict; found again if true
+                    except SpoolqError as e:
+                        log.warning("queue %s: %s", name, e)
+                    # D2: run/ is emptied before anything is dispatched. Moves the store refuses
+                    # are held by the finisher and retried; nothing else is written here.
+                    self._recover(name)
+        except StorageError as e:
+            log.error("%s; a crash now may run the recovered messages once more", e)
         self.refresh(starting=True)
         # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
         # recount is done (the recount holds its counts lock).

@@ -8,6 +8,7 @@ demand under a private temporary directory.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import io
 import itertools
@@ -517,6 +518,9 @@ class MemoryStore:
             if runner is not None:
                 e.runner = runner
             return Lease(now + lease, e.cancel_requested)
+
+    def durable_batch(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # each finish is durable at its commit already
 
     def attempt_dir(self, attempt: Attempt) -> Path:
         """Beside ``job/``: ``msg`` and ``attach/`` written from the store."""

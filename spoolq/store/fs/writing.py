@@ -7,6 +7,7 @@ the invariants are in docs/internals.md.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 import fcntl
 import itertools
@@ -14,7 +15,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ... import durable
@@ -56,6 +57,27 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 class WriteParts(ReadParts):
     """The filesystem store's writes: creating, publishing, moving, rewriting and deleting messages (and queues)."""
+
+    _batch_depth = 0  # inside durable_batch(): moves are made durable together at its end
+    _batch_dirty = False
+
+    @contextlib.contextmanager
+    def durable_batch(self) -> Iterator[None]:
+        """Moves inside the block are not fsync'd one by one: one ``syncfs`` at its end makes
+        them all durable (recovery's hundreds of moves: one flush instead of four each). A
+        crash inside the block leaves each message where it was or where it went, as a
+        crash between a move and its fsync would (at-least-once: it runs again)."""
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            if self._batch_depth == 0 and self._batch_dirty:
+                self._batch_dirty = False
+                try:
+                    durable.syncfs(self.root)
+                except OSError as e:
+                    raise durable.storage_error(e, "cannot make the recovered moves durable") from None
 
     def delete_queue(self, name: str, *, force: bool = False) -> None:
         qdir = self._existing_qdir(name)
@@ -366,6 +388,10 @@ class WriteParts(ReadParts):
             cfg = self.queue_config(queue)  # raises QueueNotFound
         qdir = self.qroot / queue
         sync = cfg.fsync if sync is None else sync and cfg.fsync
+        durable_dirs = cfg.fsync
+        if self._batch_depth and cfg.fsync:
+            sync = durable_dirs = False
+            self._batch_dirty = True  # durable_batch's syncfs covers this move
         path = message_path(qdir, src, validate_msg_id(msg_id))
         acked = False
         if src == State.ERR and not path.is_dir():
@@ -398,7 +424,7 @@ class WriteParts(ReadParts):
                 before = os.lseek(hfd, 0, os.SEEK_END)
                 os.write(hfd, _json(entry) + b"\n")
                 try:
-                    self._publish(path, dest, qdir / str(dst), sync, durable_dirs=cfg.fsync)
+                    self._publish(path, dest, qdir / str(dst), sync, durable_dirs=durable_dirs)
                 except FileNotFoundError:
                     os.ftruncate(hfd, before)
                     raise WrongState(f"message {msg_id} left {src} while being moved") from None

@@ -11,6 +11,7 @@ local directories).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -173,6 +174,9 @@ class PgStore(AttemptParts):
         ``workdir``) within FENCE_REUSE seconds."""
         attempt_id, at, names = self._fenced
         return names if attempt_id == attempt.attempt_id and time.monotonic() - at <= FENCE_REUSE else None
+
+    def durable_batch(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # each finish is durable at its commit already
 
     def attempt_dir(self, attempt: Attempt) -> Path:
         """Beside ``job/``: ``msg`` and ``attach/`` written from the store."""
