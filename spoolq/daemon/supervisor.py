@@ -35,6 +35,7 @@ from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
 from .queue import QueueState
 from .recovery import recover_queue
+from .timers import Timers
 from .workers import Worker, WorkerInput, Workers, kill_orphans
 
 log = logging.getLogger("spoolq.daemon")
@@ -75,6 +76,8 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.runner: JobRunner | None = None
         self.workers: Workers | None = None
+        self.timers: Timers | None = None
+        self.timers_at = 0.0  # time.monotonic() when the timers are looked at next
         self.housekeeper: Housekeeper | None = None
 
     # -- setup / teardown ----------------------------------------------------------------
@@ -140,6 +143,7 @@ class Daemon:
                     self._recover(name)
         except StorageError as e:
             log.error("%s; a crash now may run the recovered messages once more", e)
+        self.timers = Timers(self.store, self.home, self.clock)  # finishes a dead daemon's tick
         self.refresh(starting=True)
         # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
         # recount is done (the recount holds its counts lock).
@@ -254,8 +258,11 @@ class Daemon:
             pass
         flags, self.flags = self.flags, set()
         if signal.SIGHUP in flags:
-            log.info("SIGHUP: re-reading queue configs and walking the queues")
+            log.info("SIGHUP: re-reading queue configs and timers and walking the queues")
             self._resync()
+            self.timers_at = 0.0
+            if self.timers is not None:
+                self.timers.next_scan = 0.0
         if flags & {signal.SIGTERM, signal.SIGINT}:
             self.begin_stop()
         self.reap()
@@ -528,6 +535,12 @@ class Daemon:
             self.on_changes()
         if self.refresh_queues:
             self.refresh()
+        if self.timers is not None and not self.stopping and time.monotonic() >= self.timers_at:
+            try:
+                self.timers_at = self.timers.tick()
+            except Exception:  # noqa: BLE001 - a timer must never stop the daemon
+                log.exception("timers failed; looking again in 10 s")
+                self.timers_at = time.monotonic() + 10.0
         if now >= self.next_reclaim and not self.stopping:
             self.next_reclaim = now + RECLAIM_EVERY
             for name in list(self.queues):
@@ -570,6 +583,8 @@ class Daemon:
         wake_at = self.watcher.wake_at
         if wake_at is not None:
             times.append(now + wake_at - time.monotonic())
+        if self.timers is not None and not self.stopping:
+            times.append(now + self.timers_at - time.monotonic())
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
                 or self.workers.alive()):
