@@ -67,7 +67,7 @@ if __name__ == "__main__":
 SH_WORKER = r"""#!/bin/sh
 # A worker in sh: read a JSON line on fd 4, answer "ID VERB TEXT" on fd 3.
 while IFS= read -r line <&4; do
-    id=$(printf '%s\n' "$line" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+    id=$(printf '%s\n' "$line" | sed 's/^{"id":"\([^"]*\)".*/\1/')
     p1=$(printf '%s\n' "$line" | sed 's/.*"param1":"\([^"]*\)".*/\1/')
     case "$p1" in
         bad) echo "$id err sh says no" >&3 ;;
@@ -245,7 +245,7 @@ def test_sigterm_lets_workers_answer_and_requeues_the_rest(client: spoolq.Client
     assert client.get(a).state == State.DONE  # answered during the grace
     vb = client.get(b)
     assert vb.state == State.QUE and vb.message.count == 0  # stopped, not failed: unchanged
-    assert not (Path(served.root) / "workers" / "w.0.pid").exists()
+    assert not list((Path(served.root) / "workers").glob("w.*.pid"))
 
 
 def test_daemon_sigkill_kills_the_orphaned_worker(client: spoolq.Client, serve: Any, root: Path,
@@ -254,7 +254,7 @@ def test_daemon_sigkill_kills_the_orphaned_worker(client: spoolq.Client, serve: 
     served = serve()
     r = client.send("w", param1="sleep:60")
     wait_for(lambda: client.get(r).state == State.RUN, 20, "the message to start")
-    worker_pid = int((root / "workers" / "w.0.pid").read_text().split()[0])
+    worker_pid = int(next((root / "workers").glob("w.0.*.pid")).read_text().split()[0])
     served.kill()
     assert alive(worker_pid)
     again = serve()
@@ -294,3 +294,73 @@ def test_chaos_kill_workers_and_the_daemon(client: spoolq.Client, serve: Any, ro
     assert counts["done"] == len(sent) and counts["que"] == counts["run"] == counts["err"] == 0, counts
     assert all(client.get(f"w/{i}").state == State.DONE for i in sent)
     assert kills["daemon"] == 4 and kills["worker"] >= 1, kills
+
+
+def test_a_draining_worker_still_gets_its_dup_reply(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker", worker_inflight=2, worker_restart_after=1)
+    client.create_queue("copies", script="/bin/true")
+    client.set_admin_state("w", "PAUSE")
+    first = client.send("w", param1="sleep:0.3")
+    second = client.send("w", param1="dup:copies")  # held by the same worker, which drains after the first
+    serve()
+    client.set_admin_state("w", "UP")
+    done(client, first)
+    done(client, second)
+    assert status(client, second).startswith("ok http")
+    assert client.counts("copies")["que"] + client.counts("copies")["done"] == 1
+
+
+BROKEN_WORKER = """
+import os, sys, time
+line = os.fdopen(4, "rb").readline()
+os.write(3, line.split(b'"')[3] + b" done once\\n")
+os.close(3)
+time.sleep(60)
+"""
+
+
+def test_a_worker_that_closes_its_answer_pipe_is_stopped(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    path = tmp_path / "broken.py"
+    path.write_text(f"#!{sys.executable}\n" + BROKEN_WORKER)
+    path.chmod(0o755)
+    client.create_queue("w", script=str(path), kind="worker", worker_inflight=2)
+    client.set_admin_state("w", "PAUSE")
+    a, b = client.send("w"), client.send("w")
+    served = serve()
+    client.set_admin_state("w", "UP")
+    done(client, a)
+    assert status(client, a) == "once"
+    m = done(client, b, 40)  # stopped after 5 s; the next worker answers it
+    assert m.count == 0 and status(client, b) == "once"
+    assert "closed its fd 3 but kept running" in served.log()
+
+
+def test_any_string_in_a_message_reaches_the_worker(client: spoolq.Client, serve: Any, root: Path,
+                                                    tmp_path: Path) -> None:
+    """A lone surrogate (a msg written by hand or by another tool) is sent as JSON escapes."""
+    from spoolq.store.fs.layout import message_path
+
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker")
+    client.set_admin_state("w", "PAUSE")
+    r = client.send("w", param1="params", params={"x": "PLACEHOLDER"})
+    f = message_path(root / "queue" / "w", "que", r.msg_id) / "msg"
+    f.write_text(f.read_text().replace("PLACEHOLDER", "\\ud800"))
+    serve()
+    client.set_admin_state("w", "UP")
+    done(client, r)
+    assert status(client, r) == '{"x": "\\ud800"}'
+
+
+def test_counts_are_exact_after_recovering_a_workers_messages(client: spoolq.Client, serve: Any,
+                                                              tmp_path: Path) -> None:
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker", num_workers=3)
+    served = serve()
+    rs = [client.send("w", param1="sleep:60") for _ in range(3)]
+    wait_for(lambda: client.counts("w")["run"] == 3, 20, "three messages running")
+    served.kill()
+    client.set_admin_state("w", "PAUSE")  # recovered messages stay queued
+    serve()
+    assert all(client.get(r).state == State.QUE for r in rs)
+    before = client.counts("w")
+    assert before == client.store.recount("w")
+    assert (before["que"], before["run"]) == (3, 0)

@@ -141,9 +141,11 @@ class Daemon:
                     # D2: run/ is emptied before anything is dispatched. Moves the store refuses
                     # are held by the finisher and retried; nothing else is written here.
                     self._recover(name)
+                self.timers = Timers(self.store, self.home, self.clock)  # finishes a dead daemon's tick
         except StorageError as e:
             log.error("%s; a crash now may run the recovered messages once more", e)
-        self.timers = Timers(self.store, self.home, self.clock)  # finishes a dead daemon's tick
+        if self.timers is None:
+            self.timers = Timers(self.store, self.home, self.clock)
         self.refresh(starting=True)
         # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
         # recount is done (the recount holds its counts lock).

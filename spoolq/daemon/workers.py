@@ -73,7 +73,8 @@ class InFlight:
     attempt: Attempt
     sent: float
     renew_at: float
-    deadline: float | None = None
+    end: int = 0  # the worker's input stream offset just past this message's line
+    deadline: float | None = None  # set while it is the oldest message its worker holds
     last_status: str = ""
     status_written: bool = False
     timed_out: bool = False
@@ -94,12 +95,16 @@ class Worker:
     lines: LineBuffer = field(default_factory=LineBuffer)
     out: bytearray = field(default_factory=bytearray)  # message lines not yet taken by the pipe
     writing: bool = False  # registered for EVENT_WRITE on its input
+    queued_bytes: int = 0  # bytes of message lines handed to `out` so far
+    written_bytes: int = 0  # of those, bytes the pipe took
     answered: int = 0
-    draining: bool = False  # its input is closed: it takes nothing more
+    draining: bool = False  # it takes nothing more; fd 4 is closed once it holds nothing
     eof: bool = False
+    broken_at: float | None = None  # it closed fd 3 or fd 4 while it may still run
     kill_at: float | None = None
     stopping: bool = False  # the daemon stops: what it holds goes back unchanged
     terminated: str = ""  # why the daemon stopped it ("" if it was not stopped)
+    broken_why: str = ""
 
     @property
     def pid(self) -> int:
@@ -235,14 +240,15 @@ class Workers:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
 
     def _pidfile(self, w: Worker) -> Path:
-        return self.dir / f"{w.queue}.{w.slot}.pid"
+        # The pid in the name: a replacement in the same slot has a file of its own.
+        return self.dir / f"{w.queue}.{w.slot}.{w.pid}.pid"
 
     def _write_pidfile(self, w: Worker) -> None:
         """"pid spawn_ns host", as a per-message script's ``pid`` file: the next start kills
         this worker if the daemon dies (:func:`kill_orphans`). Not fsync'd: it matters only
         while this boot lasts."""
         try:
-            tmp = self.dir / f".{w.queue}.{w.slot}.pid.tmp"
+            tmp = self.dir / f".{w.queue}.{w.slot}.{w.pid}.pid.tmp"
             tmp.write_text(f"{w.pid} {w.spawned.spawned_ns} {HOST}\n")
             os.replace(tmp, self._pidfile(w))
         except OSError as e:
@@ -256,7 +262,7 @@ class Workers:
             return None
         best: Worker | None = None
         for w in pool.workers.values():
-            if w.draining or w.eof or len(w.inflight) >= cfg.worker_inflight:
+            if w.draining or w.eof or w.broken_at is not None or len(w.inflight) >= cfg.worker_inflight:
                 continue
             if best is None or len(w.inflight) < len(best.inflight):
                 best = w
@@ -276,24 +282,39 @@ class Workers:
             self.runner.finish_without_run(attempt, Outcome(State.QUE, f"daemon could not start the job: {e}",
                                                             msg.count, requeue_delay=30.0))
             return False
-        data = msg.to_dict()
-        data.pop("history", None)
-        line = json.dumps({"id": attempt.msg_id, "queue": attempt.queue,
-                           "full_id": self.runner.full_id(attempt.queue, attempt.msg_id),
-                           "count": msg.count, "max_count": msg.max_count, "dir": str(mdir),
-                           "msg": data}, separators=(",", ":"), ensure_ascii=False)
+        try:
+            data = msg.to_dict()
+            data.pop("history", None)
+            # ASCII JSON: any string survives (a lone surrogate in a hand-written msg too).
+            line = json.dumps({"id": attempt.msg_id, "queue": attempt.queue,
+                               "full_id": self.runner.full_id(attempt.queue, attempt.msg_id),
+                               "count": msg.count, "max_count": msg.max_count, "dir": str(mdir),
+                               "msg": data}, separators=(",", ":")).encode() + b"\n"
+        except (ValueError, TypeError) as e:
+            log.warning("%s/%s: cannot start: %s", attempt.queue, attempt.msg_id, e)
+            self.runner.finish_without_run(attempt, Outcome(State.ERR, f"cannot start: {e}", msg.count))
+            return False
         inf = InFlight(attempt, now, now + RENEW)
-        if cfg.timeout is not None:
-            inf.deadline = now + cfg.timeout
         w.inflight[attempt.msg_id] = inf
+        self._arm(w, now, cfg)
         self.runner.stats.started(attempt.queue)
-        self._write(w, line.encode("utf-8", "surrogateescape") + b"\n")
+        self._write(w, line)
+        inf.end = w.queued_bytes
         return True
 
+    def _arm(self, w: Worker, now: float, cfg: QueueConfig | None = None) -> None:
+        """The queue's timeout runs for the oldest message a worker holds: a worker that
+        answers in order has started it (the others wait behind it)."""
+        cfg = cfg or self._cfg(w.queue)
+        head = next(iter(w.inflight.values()), None)
+        if head is not None and head.deadline is None and cfg is not None and cfg.timeout is not None:
+            head.deadline = now + cfg.timeout
+
     def _write(self, w: Worker, data: bytes) -> None:
-        if w.draining and not w.out:
-            return
+        if w.spawned.reply_fd < 0:
+            return  # closed: the worker is on its way out
         w.out += data
+        w.queued_bytes += len(data)
         self.flush(w)
 
     def flush(self, w: Worker) -> None:
@@ -308,8 +329,10 @@ class Workers:
                 if e.errno != errno.EPIPE:
                     log.warning("queue %s: worker %d: cannot write to it: %s", w.queue, w.slot, e)
                 w.out.clear()
+                self._broken(w, "closed its fd 4")
                 break
             del w.out[:n]
+            w.written_bytes += n
         want = bool(w.out)
         if want != w.writing:
             if want:
@@ -317,14 +340,24 @@ class Workers:
             else:
                 self.sel.unregister(fd)
             w.writing = want
-        if not w.out and w.draining:
-            self._close_input(w)
+        self._maybe_close(w)
 
     def drain(self, w: Worker) -> None:
-        """Take nothing more; EOF on its fd 4 (once the lines already sent are written)."""
+        """Take nothing more. Its fd 4 stays open until it holds nothing (so it can still
+        be answered a ``dup``), then EOF tells it to exit."""
         w.draining = True
-        if not w.out:
+        self._maybe_close(w)
+
+    def _maybe_close(self, w: Worker) -> None:
+        if w.draining and not w.out and not w.inflight:
             self._close_input(w)
+
+    def _broken(self, w: Worker, why: str) -> None:
+        """It can no longer be fed or answer, yet may run on: stopped if it has not exited
+        within KILL_GRACE (:meth:`tick`); what it holds then goes back unchanged."""
+        if w.broken_at is None and w.pid in self.by_pid:
+            w.broken_at = self.clock()
+            w.broken_why = why
 
     def _close_input(self, w: Worker) -> None:
         if w.spawned.reply_fd >= 0:
@@ -347,6 +380,7 @@ class Workers:
                 self.sel.unregister(w.spawned.status_fd)
             except (KeyError, ValueError):
                 pass
+            self._broken(w, "closed its fd 3")
         if lines:
             self.handle(w, lines)
 
@@ -397,6 +431,8 @@ class Workers:
         m = inf.attempt.message
         if inf.cancelled:
             return Outcome(State.ERR, "cancelled", m.count)
+        if inf.timed_out:  # it answered after the daemon stopped it for its timeout
+            return Outcome(State.ERR, f"TIMEOUT - killed after {self._timeout(inf.attempt.queue):g} s", m.count)
         cfg = self._cfg(inf.attempt.queue)
         return protocol.decide(c, exit_code, count=m.count, max_count=m.max_count, last_status=inf.last_status,
                                retry_delay=retry_delay(cfg, m.count, random.random()))
@@ -406,6 +442,9 @@ class Workers:
         refuses: the message keeps its place in run meanwhile, not the worker's room)."""
         del w.inflight[inf.attempt.msg_id]
         now = self.clock()
+        if w.pid in self.by_pid:
+            self._arm(w, now)
+            self._maybe_close(w)
         fin = Finish(inf.attempt, outcome, note=note, pid=w.pid, took=now - inf.sent,
                      current_status=inf.last_status if inf.status_written else None)
         if inf.lost:
@@ -418,6 +457,8 @@ class Workers:
     # -- time: leases, timeouts, kills -----------------------------------------------------
     def tick(self, now: float) -> None:
         for w in list(self.by_pid.values()):
+            if w.broken_at is not None and not w.terminated and now >= w.broken_at + KILL_GRACE:
+                self.terminate(w, now, f"it {w.broken_why} but kept running")
             if w.kill_at is not None and now >= w.kill_at:
                 w.kill_at = None
                 kill_group(w.pid, signal.SIGKILL)
@@ -448,6 +489,8 @@ class Workers:
         for w in self.by_pid.values():
             if w.kill_at is not None:
                 times.append(w.kill_at)
+            if w.broken_at is not None and not w.terminated:
+                times.append(w.broken_at + KILL_GRACE)
             for inf in w.inflight.values():
                 times.append(inf.renew_at)
                 if inf.deadline is not None and not inf.timed_out:
@@ -552,6 +595,10 @@ class Workers:
                     f"TIMEOUT - killed after {self._timeout(w.queue):g} s (the worker's process group "
                     f"was terminated; its exit status was {how})")
                 self._conclude(w, inf, Outcome(State.ERR, why, m.count))
+            elif inf.end > w.written_bytes:
+                # Its line never reached the worker: it was not tried.
+                self._conclude(w, inf, Outcome(State.QUE, "requeued: its worker exited before taking it",
+                                               m.count), note="requeued")
             elif w.stopping or w.terminated:
                 # Stopped by the daemon for another message's sake, or because it stops: this
                 # one did nothing wrong.

@@ -110,14 +110,24 @@ class AttemptParts(WriteParts):
     # -- counts ----------------------------------------------------------------------------
     def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
         """The daemon's moves add their counts deltas together, :data:`COUNTS_LINGER` after
-        the first (``flush_counts``, called by the watcher's loop): one locked read-modify-write
-        of ``counts`` for many moves instead of one per move. Readers see a count up to that
-        much late; a crash loses the deltas held, which the next start's recount repairs."""
+        the first (``flush_counts``, called by the watcher's loop, and at the end of a
+        ``durable_batch`` such as recovery, before any recount starts): one locked
+        read-modify-write of ``counts`` for many moves instead of one per move. Readers see
+        a count up to that much late; a crash loses the deltas held, which the next start's
+        recount repairs."""
         if self._group_sync is None:
             super()._count_move(qdir, deltas)
             return
         with self._count_lock:
-            pending = self._count_pending.setdefault(qdir, {})
+            pending = self._count_pending.get(qdir)
+            if pending is None:
+                # The directory's inode, so that deltas of a queue deleted and made again
+                # under its name meanwhile are not added to the new one.
+                try:
+                    ino = os.stat(qdir).st_ino
+                except OSError:
+                    return
+                pending = self._count_pending[qdir] = {"": ino}
             for k, v in deltas.items():
                 pending[k] = pending.get(k, 0) + v
             if self._count_due is None:
@@ -133,6 +143,12 @@ class AttemptParts(WriteParts):
         with self._count_lock:
             pending, self._count_pending, self._count_due = self._count_pending, {}, None
         for qdir, deltas in pending.items():
+            ino = deltas.pop("")
+            try:
+                if os.stat(qdir).st_ino != ino:
+                    continue  # deleted (and maybe made again): these moves were in the old one
+            except OSError:
+                continue
             if any(deltas.values()):
                 self._counts(qdir).add(deltas)
 

@@ -72,6 +72,8 @@ class WriteParts(ReadParts):
             yield
         finally:
             self._batch_depth -= 1
+            if self._batch_depth == 0:
+                self.flush_counts()
             if self._batch_depth == 0 and self._batch_dirty:
                 self._batch_dirty = False
                 try:
@@ -442,6 +444,9 @@ class WriteParts(ReadParts):
     def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
         """A move's counts delta (the daemon's store gathers them: attempts.py)."""
         self._counts(qdir).add(deltas)
+
+    def flush_counts(self) -> None:
+        """Add gathered counts deltas (none here: attempts.py gathers them for the daemon)."""
 
     def update(self, queue: str, msg_id: str, fn: Callable[[Message], None]) -> Message:
         state, path, acked = self.locate(queue, msg_id)
