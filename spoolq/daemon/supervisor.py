@@ -35,6 +35,7 @@ from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
 from .queue import QueueState
 from .recovery import recover_queue
+from .scandir import Scandir
 from .timers import Timers
 from .workers import Worker, WorkerInput, Workers, kill_orphans
 
@@ -78,6 +79,7 @@ class Daemon:
         self.workers: Workers | None = None
         self.timers: Timers | None = None
         self.timers_at = 0.0  # time.monotonic() when the timers are looked at next
+        self.scandir: Scandir | None = None
         self.housekeeper: Housekeeper | None = None
 
     # -- setup / teardown ----------------------------------------------------------------
@@ -146,6 +148,11 @@ class Daemon:
             log.error("%s; a crash now may run the recovered messages once more", e)
         if self.timers is None:
             self.timers = Timers(self.store, self.home, self.clock)
+        try:
+            self.scandir = Scandir(self.store, self.home)
+            self.sel.register(self.scandir.fileno(), selectors.EVENT_READ, "scandir")
+        except OSError as e:
+            log.error("scandir: cannot watch %s: %s; links there are not read", self.home, e)
         self.refresh(starting=True)
         # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
         # recount is done (the recount holds its counts lock).
@@ -172,6 +179,8 @@ class Daemon:
     def close(self) -> None:
         if self.housekeeper is not None:
             self.housekeeper.close()
+        if self.scandir is not None:
+            self.scandir.close()
         signal.set_wakeup_fd(-1)
         if self.watcher is not None:
             self.watcher.close()
@@ -265,6 +274,8 @@ class Daemon:
             self.timers_at = 0.0
             if self.timers is not None:
                 self.timers.next_scan = 0.0
+            if self.scandir is not None:
+                self.scandir.scan_at = 0.0
         if flags & {signal.SIGTERM, signal.SIGINT}:
             self.begin_stop()
         self.reap()
@@ -496,6 +507,9 @@ class Daemon:
                 store_ready = True
             elif key.data == "housekeeping":
                 self.on_housekeeping()
+            elif key.data == "scandir":
+                assert self.scandir is not None
+                self.scandir.on_events()
             elif isinstance(key.data, Worker):
                 assert self.workers is not None
                 if not key.data.eof:
@@ -543,6 +557,12 @@ class Daemon:
             except Exception:  # noqa: BLE001 - a timer must never stop the daemon
                 log.exception("timers failed; looking again in 10 s")
                 self.timers_at = time.monotonic() + 10.0
+        if self.scandir is not None and not self.stopping and time.monotonic() >= self.scandir.scan_at:
+            try:
+                self.scandir.scan()
+            except Exception:  # noqa: BLE001 - a bad link must never stop the daemon
+                log.exception("scandir failed; looking again in %g s", 60.0)
+                self.scandir.scan_at = time.monotonic() + 60.0
         if now >= self.next_reclaim and not self.stopping:
             self.next_reclaim = now + RECLAIM_EVERY
             for name in list(self.queues):
@@ -587,6 +607,8 @@ class Daemon:
             times.append(now + wake_at - time.monotonic())
         if self.timers is not None and not self.stopping:
             times.append(now + self.timers_at - time.monotonic())
+        if self.scandir is not None and not self.stopping:
+            times.append(now + self.scandir.scan_at - time.monotonic())
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
                 or self.workers.alive()):
