@@ -66,10 +66,10 @@ def test_status_shows_scripterror(cli: Any, root: Path) -> None:
     assert rows[0]["status"] == "SCRIPTERROR" and "No such file" in rows[0]["script_error"]
 
 
-def test_webhook_help_does_not_promise_a_post(cli: Any) -> None:
+def test_webhook_help_says_what_is_posted(cli: Any) -> None:
     r = cli("send", "--help")
     text = " ".join(r.stdout.split())
-    assert "sends no POST yet" in text
+    assert "POST the message's final state" in text and "until a 2xx answer" in text
 
 
 @pytest.mark.parametrize("page", ["README.md"])

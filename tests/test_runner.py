@@ -409,17 +409,56 @@ def test_timeout_kills_grandchildren(client: spoolq.Client, serve: Any, tmp_path
     wait_for(lambda: not alive(gc), 10, "grandchild to die")
 
 
-def test_webhook_messages(client: spoolq.Client, serve: Any) -> None:
-    client.create_queue("test", script=script("rq_script.sh"))
-    serve()
-    v = run_one(client, "test", param1="done", post_run_webhook=["http://hook.example/a", "http://hook.example/b"])
-    assert v.state == State.DONE
-    assert client.admin_state("webhook") == "PAUSE"
-    hooks = client.list("webhook", "que").items
-    assert sorted(h.message.param1 for h in hooks) == ["http://hook.example/a", "http://hook.example/b"]
-    payload = json.loads(hooks[0].message.param2)
-    assert payload["msg_id"] == spoolq.open(client.store.root).full_id("test", v.msg_id) and payload["state"] == "done"
-    assert "status" not in payload and "_attachments" not in payload
+def test_webhook_messages_are_posted(client: spoolq.Client, serve: Any) -> None:
+    """Each post_run_webhook URL gets the final state: JSON to a plain URL, RQ's form to an RQ
+    receiver; a 500 is retried with backoff, a 2xx ends it done."""
+    import http.server
+    import threading
+    import urllib.parse
+
+    got: list[tuple[str, str, bytes]] = []
+    answers = {"/flaky": [500]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.path, self.headers["Content-Type"], body))
+            codes = answers.get(self.path)
+            self.send_response(codes.pop(0) if codes else 201)
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        client.create_queue("test", script=script("rq_script.sh"))
+        serve()
+        v = run_one(client, "test", param1="done",
+                    post_run_webhook=[f"{base}/hook", f"{base}/q/other/new_message", f"{base}/flaky"])
+        assert v.state == State.DONE
+        wait_for(lambda: client.counts("webhook")["done"] == 3, 30, "three webhooks posted")
+        by_path = {p: (ct, body) for p, ct, body in got}
+        ct, body = by_path["/hook"]
+        payload = json.loads(body)
+        assert ct == "application/json"
+        assert payload["msg_id"] == spoolq.open(client.store.root).full_id("test", v.msg_id)
+        assert payload["state"] == "done" and "status" not in payload and "_attachments" not in payload
+        ct, body = by_path["/q/other/new_message"]
+        form = urllib.parse.parse_qs(body.decode())
+        assert ct == "application/x-www-form-urlencoded" and form["x_format"] == ["json"]
+        assert json.loads(form["mesg"][0]) == {"src": "", "param1": "done", "param2": "", "param3": "",
+                                               "param4": "", "orig_msg_id": "", "dest": "/q/other"}
+        # RQ's backoff is count² × 60 s: the first retry comes at once, and gets its 201.
+        flaky = next(h for h in client.list("webhook", "done").items if h.message.param1.endswith("/flaky"))
+        assert (flaky.message.count, flaky.job_status) == (1, "successful post 201")
+        assert [p for p, _, _ in got].count("/flaky") == 2
+        assert any(h.get("note") == "resend" or h.get("state") == "que" for h in flaky.message.history[1:])
+        assert client.admin_state("webhook") == "UP"
+    finally:
+        httpd.shutdown()
 
 
 # -- Python and Ruby scripts ---------------------------------------------------------------

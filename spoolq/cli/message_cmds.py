@@ -51,9 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-count", metavar="N", help="retry limit (default: the queue's max_count)")
     p.add_argument("--dest", metavar="D", help="RQ dest field (informational; default QUEUE)")
     p.add_argument("--webhook", action="append", default=[], metavar="URL",
-                   help="URL to tell the message's final state (repeatable). Recorded, and queued in "
-                        "the local webhook queue when the message finishes; that queue waits, paused, "
-                        "until a sender is installed: this spoolq sends no POST yet")
+                   help="URL to POST the message's final state to when it finishes (repeatable), "
+                        "through the local webhook queue, retried with backoff until a 2xx answer")
     p.add_argument("--prep", action="store_true",
                    help="leave the message in prep: add files with `attach`, then `commit`")
     p.add_argument("--from-file", metavar="FILE",

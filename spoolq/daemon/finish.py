@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import durable
 from ..errors import CorruptMessage, MessageNotFound, QueueExists, QueueNotFound, SpoolqError, StorageError, WrongState
-from ..model import AdminState, Message, QueueConfig, State
+from ..model import Message, QueueConfig, State
 from ..runner.protocol import Outcome
 from ..store.base import Store
 from ..store.leases import Attempt
@@ -37,12 +38,8 @@ WEBHOOK_QUEUE = "webhook"
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 """Seconds before the first retry of a held finish, and the most between two retries."""
-WEBHOOK_PLACEHOLDER = """#!/bin/sh
-# Placeholder created by spoolq: the webhook sender is not installed yet. The queue is
-# created PAUSEd so webhook messages wait; resume it once a real sender is configured.
-echo "err webhook sender not installed yet" >&3
-exit 0
-"""
+WEBHOOK_PLACEHOLDER = "webhook-placeholder"
+"""The script earlier versions gave the webhook queue (it sent nothing)."""
 
 
 @dataclass
@@ -204,20 +201,37 @@ class Finisher:
             fin.hooks_queued += 1
 
     def ensure_webhook_queue(self) -> None:
+        """The ``webhook`` queue, with spoolq's sender (spoolq/builtin/webhook.py) as its
+        script; one that still has the placeholder of earlier versions gets the sender
+        (its admin state is left as it is)."""
+        sender = self._webhook_script()
         if WEBHOOK_QUEUE in self.store.queues():
+            cfg = self.store.queue_config(WEBHOOK_QUEUE)
+            if Path(cfg.script).name == WEBHOOK_PLACEHOLDER:
+                self.store.update_queue(QueueConfig.from_dict({**cfg.to_dict(), "script": str(sender)}))
+                log.warning("the webhook queue now runs spoolq's sender (%s); it is %s", sender,
+                            self.store.admin_state(WEBHOOK_QUEUE))
             return
-        sdir = self.home / "scripts"
-        sdir.mkdir(exist_ok=True)
-        script = sdir / "webhook-placeholder"
-        if not script.exists():
-            tmp = sdir / ".webhook-placeholder.tmp"
-            tmp.write_text(WEBHOOK_PLACEHOLDER)
-            tmp.chmod(0o755)
-            os.rename(tmp, script)
         try:
-            self.store.create_queue(QueueConfig.from_dict({"name": WEBHOOK_QUEUE, "script": str(script)}))
-            self.store.set_admin_state(WEBHOOK_QUEUE, AdminState.PAUSE)
-            log.warning("created the webhook queue, PAUSEd, with a placeholder script: install a "
-                        "sender and resume it to deliver webhooks")
+            self.store.create_queue(QueueConfig.from_dict({"name": WEBHOOK_QUEUE, "script": str(sender),
+                                                           "num_workers": 4}))
+            log.info("created the webhook queue (script %s)", sender)
         except QueueExists:
             pass
+
+    def _webhook_script(self) -> Path:
+        """``<home>/scripts/webhook``: runs spoolq.builtin.webhook with this Python."""
+        sdir = self.home / "scripts"
+        sdir.mkdir(exist_ok=True)
+        script = sdir / "webhook"
+        text = f"#!{sys.executable}\nfrom spoolq.builtin.webhook import main\nraise SystemExit(main())\n"
+        try:
+            if script.read_text() == text:
+                return script
+        except OSError:
+            pass
+        tmp = sdir / ".webhook.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.rename(tmp, script)
+        return script
