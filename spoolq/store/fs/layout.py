@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -32,8 +33,14 @@ RQ_FLAG_DIR = "config"
 
 
 def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = False) -> Path:
-    # One Path built from one string: five joins cost the daemon ~10 us per call, and it
-    # makes ten calls per message (bucket_of inlined for the same reason).
+    return _message_path(str(qdir), str(state), msg_id, acked)
+
+
+@functools.lru_cache(maxsize=4096)
+def _message_path(qdir: str, state: str, msg_id: str, acked: bool) -> Path:
+    # One Path built from one string, and the last few thousand kept: the daemon asks for
+    # the same few paths of a message ten times while it starts and ends it, and building a
+    # Path costs several us (five joins cost ~10).
     return Path(f"{qdir}/{state}/{msg_id[0:8]}/{msg_id[9:13]}/{msg_id[14:16]}/{'.' if acked else ''}{msg_id}")
 
 
