@@ -364,3 +364,28 @@ def test_counts_are_exact_after_recovering_a_workers_messages(client: spoolq.Cli
     before = client.counts("w")
     assert before == client.store.recount("w")
     assert (before["que"], before["run"]) == (3, 0)
+
+
+def test_the_message_page_says_where_a_workers_output_is(client: spoolq.Client, root: Path, tmp_path: Path) -> None:
+    import urllib.request
+
+    from daemon_util import Served
+
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker")
+    client.create_queue("s", script="/bin/true")
+    served = Served(root, "--trust-loopback", http=True).start()
+    try:
+        r, s = client.send("w", param1="echo:hi"), client.send("s")
+        done(client, r)
+        done(client, s)
+
+        def page(ref: Any) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/q/{ref.queue}/{ref.msg_id}") as res:
+                return str(res.read().decode())
+
+        worker_page, script_page = page(r), page(s)
+        assert 'id="worker-log-note"' in worker_page and "workers/w.log" in worker_page
+        assert "tailviewlog/stdio.log" not in worker_page
+        assert "tailviewlog/stdio.log" in script_page and "worker-log-note" not in script_page
+    finally:
+        served.stop()

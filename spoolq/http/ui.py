@@ -438,7 +438,7 @@ def message_page(request: Request, queue: str, msg_id: str) -> Response:
     ctx = ctx_of(request)
     try:
         view = ctx.client.get(f"{queue}/{msg_id}")
-        summary = queue_summary(ctx, queue)
+        summary = queue_summary(ctx, queue, with_config=True)
     except SpoolqError as e:
         return error_page(request, e)
     m = view.message
