@@ -243,7 +243,7 @@ def test_rq_admin_flag_files_are_honoured(trusted: tuple[Path, int]) -> None:
 # -- RQ's functional tests, with bin/rq running `spoolq rq` -----------------------------------
 # The functional block of RQ's test/run_tests.sh, in its order, less RQ_NOT_YET.
 RQ_FUNCTIONAL = [
-    "send_test_coalesce.sh", "send_test_sneaky.sh", "send_test_symlink.sh", "test_que_create_naming.sh",
+    "test_rq.sh", "send_test_coalesce.sh", "send_test_sneaky.sh", "send_test_symlink.sh", "test_que_create_naming.sh",
     "test_run_admin_down.sh", "test_run_admin_pause.sh", "send_test_large.sh", "send_test_web_done.rb",
     "send_test_web_prepattachdone.rb", "send_test_web_http11_prepattachdone.rb",
     "send_test_web_prepattachdone_large.rb", "send_test_attachdone.sh",
@@ -259,7 +259,6 @@ RQ_FUNCTIONAL = [
 RQ_SECONDS_SENSITIVE = {"send_test_coalesce.sh"}
 # What the block holds that spoolq does not pass yet, and why (issue 10's next slices).
 RQ_NOT_YET = {
-    "test_rq.sh": "runs check_rq, RQ's Nagios plugin",
     "send_test_relay_force.sh": "the relay queue", "send_test_relay.sh": "the relay queue",
     "send_test_remote_relay_force.sh": "the relay queue", "send_test_remote_relay_force_large.sh": "the relay queue",
     "send_test_remote_relay.sh": "the relay queue", "send_test_relay_relayid_attach.sh": "the relay queue",
