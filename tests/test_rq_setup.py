@@ -248,8 +248,11 @@ RQ_FUNCTIONAL = [
     "send_test_web_prepattachdone.rb", "send_test_web_http11_prepattachdone.rb",
     "send_test_web_prepattachdone_large.rb", "send_test_attachdone.sh",
     "send_test_cloneattachdone.sh", "send_test_web_prepdone.rb", "send_test_done.sh", "send_test_err.sh",
-    "send_test_donequick.sh", "send_test_errquick.sh", "send_test_fast_collide.sh", "send_test_resend.sh",
-    "test_web_attach_err.rb", "test_web_max_count.rb", "test_web_overrides.rb", "test_web_done_json.rb",
+    "send_test_donequick.sh", "send_test_errquick.sh", "send_test_fast_collide.sh", "send_test_relay_force.sh",
+    "send_test_relay.sh", "send_test_remote_relay_force.sh", "send_test_remote_relay_force_large.sh",
+    "send_test_remote_relay.sh", "send_test_relay_relayid_attach.sh", "send_test_relay_relayid.sh",
+    "send_test_resend.sh", "send_test_force_remote.sh",
+    "test_web_attach_err.rb", "test_web_max_count.rb", "test_web_overrides.rb", "send_dup.rb", "test_web_done_json.rb",
     "env_var_test.rb",
 ]
 # RQ's scripts that build due times from `date +%s` around several `bin/rq` calls: when a
@@ -259,11 +262,6 @@ RQ_FUNCTIONAL = [
 RQ_SECONDS_SENSITIVE = {"send_test_coalesce.sh"}
 # What the block holds that spoolq does not pass yet, and why (issue 10's next slices).
 RQ_NOT_YET = {
-    "send_test_relay_force.sh": "the relay queue", "send_test_relay.sh": "the relay queue",
-    "send_test_remote_relay_force.sh": "the relay queue", "send_test_remote_relay_force_large.sh": "the relay queue",
-    "send_test_remote_relay.sh": "the relay queue", "send_test_relay_relayid_attach.sh": "the relay queue",
-    "send_test_relay_relayid.sh": "the relay queue", "send_test_force_remote.sh": "the relay queue",
-    "send_dup.rb": "dups to other hosts go through the relay queue",
     "send_test_web_prepattachmime.rb": "it sends Host: dru-brserv.btrll.com to 127.0.0.1, which spoolq "
                                        "refuses without a token (DNS rebinding; docs/security.md)",
 }

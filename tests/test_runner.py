@@ -164,12 +164,13 @@ def test_the_script_gets_exactly_its_cwd_env_fds_session_and_signals(tmp_path: P
 
 def test_spawn_failures_say_why(tmp_path: Path, spawn_path: str) -> None:
     from spoolq.errors import ScriptError
-    from spoolq.runner.spawn import spawn
+    from spoolq.runner.spawn import _devnull, spawn
 
     def start(argv: list[str], env: dict[str, str] | None = None) -> None:
         spawn(argv, env=env or {"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
               log_fd=os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT), header_script="x")
 
+    _devnull()  # the one /dev/null fd kept for every spawn's stdin, opened at the first spawn
     before = len(os.listdir("/proc/self/fd"))
     noexec = tmp_path / "noexec"
     noexec.write_text("echo hi\n")

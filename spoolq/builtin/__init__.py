@@ -1,1 +1,44 @@
-"""The scripts of spoolq's built-in queues (``webhook``), run as queue scripts."""
+"""The scripts of spoolq's built-in queues (``webhook``, ``relay``), run as queue scripts,
+and the queues themselves, made when first needed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..errors import QueueExists
+from ..model import QueueConfig
+from ..store.base import Store
+
+RELAY_QUEUE = "relay"
+
+
+def script(home: Path, name: str) -> Path:
+    """``<home>/scripts/<name>``: runs ``spoolq.builtin.<name>`` with this Python (made or
+    rewritten when it says something else)."""
+    sdir = home / "scripts"
+    sdir.mkdir(parents=True, exist_ok=True)
+    path = sdir / name
+    text = f"#!{sys.executable}\nfrom spoolq.builtin.{name} import main\nraise SystemExit(main())\n"
+    try:
+        if path.read_text() == text:
+            return path
+    except OSError:
+        pass
+    tmp = sdir / f".{name}.tmp"
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.rename(tmp, path)
+    return path
+
+
+def ensure_relay_queue(store: Store, home: Path) -> None:
+    """The ``relay`` queue with spoolq's relay (spoolq/builtin/relay.py), if there is none."""
+    if RELAY_QUEUE in store.queues():
+        return
+    try:
+        store.create_queue(QueueConfig.from_dict({"name": RELAY_QUEUE, "script": str(script(home, "relay")),
+                                                  "num_workers": 4}))
+    except QueueExists:
+        pass

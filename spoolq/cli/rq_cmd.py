@@ -19,9 +19,11 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import router
+from ..builtin import RELAY_QUEUE, ensure_relay_queue
 from ..errors import MessageNotFound, QueueDown, SpoolqError, WrongState
 from ..model import AdminState, State
 
@@ -106,12 +108,18 @@ def _need(flags: dict[str, Any], key: str) -> str:
     return str(v)
 
 
-def _dest_queue(flags: dict[str, Any]) -> str:
+def _dest_queue(client: Client, flags: dict[str, Any]) -> str:
     q = _need(flags, "dest")
     if q.startswith("http:"):
         if "relay-ok" not in flags:
             raise RqFail("cannot relay message (a dest on another host needs --relay-ok)")
-        return "relay"
+        home = getattr(client.store, "root", None)  # the spool root; a database has none here
+        if isinstance(home, Path):
+            try:
+                ensure_relay_queue(client.store, home)
+            except OSError as e:
+                raise RqFail(f"cannot create the relay queue: {e}") from None
+        return RELAY_QUEUE
     return q
 
 
@@ -148,11 +156,11 @@ def _full(client: Client, ref: str) -> str:
 
 
 def sendmesg(client: Client, flags: dict[str, Any]) -> list[str]:
-    return [f"ok {client.send_message(_dest_queue(flags), _mesg(flags)).full_id}"]
+    return [f"ok {client.send_message(_dest_queue(client, flags), _mesg(flags)).full_id}"]
 
 
 def prepmesg(client: Client, flags: dict[str, Any]) -> list[str]:
-    return [f"ok {client.send_message(_dest_queue(flags), _mesg(flags), state=State.PREP).full_id}"]
+    return [f"ok {client.send_message(_dest_queue(client, flags), _mesg(flags), state=State.PREP).full_id}"]
 
 
 def single_que(client: Client, flags: dict[str, Any]) -> list[str]:

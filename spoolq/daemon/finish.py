@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import durable
+from .. import builtin, durable
 from ..errors import CorruptMessage, MessageNotFound, QueueExists, QueueNotFound, SpoolqError, StorageError, WrongState
 from ..model import Message, QueueConfig, State
 from ..runner.protocol import Outcome
@@ -221,17 +219,4 @@ class Finisher:
 
     def _webhook_script(self) -> Path:
         """``<home>/scripts/webhook``: runs spoolq.builtin.webhook with this Python."""
-        sdir = self.home / "scripts"
-        sdir.mkdir(exist_ok=True)
-        script = sdir / "webhook"
-        text = f"#!{sys.executable}\nfrom spoolq.builtin.webhook import main\nraise SystemExit(main())\n"
-        try:
-            if script.read_text() == text:
-                return script
-        except OSError:
-            pass
-        tmp = sdir / ".webhook.tmp"
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        os.rename(tmp, script)
-        return script
+        return builtin.script(self.home, "webhook")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..builtin import RELAY_QUEUE, ensure_relay_queue
 from ..config import RootConfig
 from ..errors import LeaseLost, QueueDown, QueueNotFound, ScriptError, ScriptUnusable, SpoolqError
 from ..model import Message, QueueConfig, State
@@ -37,7 +38,6 @@ from .stats import JobStats
 
 log = logging.getLogger("spoolq.daemon")
 
-RELAY_QUEUE = "relay"
 KILL_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL when the daemon stops a job."""
 LEASE = 30.0
@@ -223,8 +223,10 @@ class JobRunner:
                       orig_msg_id=old.orig_msg_id or self.full_id(queue, old.msg_id),
                       params=dict(old.params))
         try:
+            if target == RELAY_QUEUE:
+                ensure_relay_queue(self.store, self.home)
             self.store.queue_config(target)
-        except (QueueNotFound, SpoolqError):
+        except (QueueNotFound, SpoolqError, OSError):
             return f"fail couldn't connect to queue - {target}"
         try:
             names = sorted(self.store.get(queue, old.msg_id).attachments)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import durable
+from ..builtin import RELAY_QUEUE, ensure_relay_queue
 from ..errors import InvalidInput, QueueDown, QueueNotFound, SpoolqError, StorageError
 from ..ids import QUEUE_NAME_RE
 from ..model import Message, State
@@ -43,7 +44,6 @@ TIMERS_DIR = "timers"
 STATE_FILE = ".state.json"
 RESCAN = 10.0
 """Seconds between looks at the timers directory (a SIGHUP looks at once)."""
-RELAY_QUEUE = "relay"
 MSG_KEYS = ("dest", "src", "param1", "param2", "param3", "param4", "params", "max_count", "post_run_webhook")
 
 
@@ -310,6 +310,11 @@ class Timers:
         t = self.timers[name]
         dest = t.msg["dest"]
         queue = RELAY_QUEUE if dest.startswith("http") else dest.strip("/").removeprefix("q/")
+        if queue == RELAY_QUEUE:
+            try:
+                ensure_relay_queue(self.store, self.dir.parent)
+            except OSError as e:
+                log.error("timer %s: cannot create the relay queue: %s", name, e)
         data = {**t.msg, "src": t.msg.get("src") or f"timer:{name}"}
         st = self.state.setdefault(name, {})
         try:
