@@ -259,7 +259,7 @@ def test_daemon_sigkill_kills_the_orphaned_worker(client: spoolq.Client, serve: 
     assert alive(worker_pid)
     again = serve()
     wait_for(lambda: not alive(worker_pid), 20, "the orphaned worker to be killed")
-    assert "killed orphaned worker" in again.log()
+    wait_for(lambda: "killed orphaned worker" in again.log(), 10, "the kill logged")
     v = client.get(r)
     assert v.message.count == 1 and v.state in (State.QUE, State.RUN)
 
