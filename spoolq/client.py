@@ -185,8 +185,8 @@ class Client:
         if d.get("params") is not None:
             d["params"] = dict(d["params"])
         hooks = d.get("post_run_webhook")
-        if hooks is not None and not isinstance(hooks, str):
-            d["post_run_webhook"] = list(hooks)
+        if isinstance(hooks, (list, tuple)):
+            d["post_run_webhook"] = list(hooks)  # anything else: Message.from_dict says what is wrong
         d["dest"] = d.get("dest") or queue
         if d.get("max_count") in (None, ""):
             d["max_count"] = default_max if default_max is not None else self.store.queue_config(queue).max_count
