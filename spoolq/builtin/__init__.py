@@ -33,6 +33,15 @@ def script(home: Path, name: str) -> Path:
     return path
 
 
+def target_queue(store: Store, home: Path, dest: str) -> str:
+    """The local queue a copy for ``dest`` goes to: ``relay`` (made if needed) for an http
+    dest, else the queue ``dest`` names (``q/name``, ``/name/`` and ``name`` alike)."""
+    if dest.startswith("http"):
+        ensure_relay_queue(store, home)
+        return RELAY_QUEUE
+    return dest.strip("/").removeprefix("q/")
+
+
 def ensure_relay_queue(store: Store, home: Path) -> None:
     """The ``relay`` queue with spoolq's relay (spoolq/builtin/relay.py), if there is none."""
     if RELAY_QUEUE in store.queues():

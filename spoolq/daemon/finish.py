@@ -202,7 +202,7 @@ class Finisher:
         """The ``webhook`` queue, with spoolq's sender (spoolq/builtin/webhook.py) as its
         script; one that still has the placeholder of earlier versions gets the sender
         (its admin state is left as it is)."""
-        sender = self._webhook_script()
+        sender = builtin.script(self.home, "webhook")
         if WEBHOOK_QUEUE in self.store.queues():
             cfg = self.store.queue_config(WEBHOOK_QUEUE)
             if Path(cfg.script).name == WEBHOOK_PLACEHOLDER:
@@ -216,7 +216,3 @@ class Finisher:
             log.info("created the webhook queue (script %s)", sender)
         except QueueExists:
             pass
-
-    def _webhook_script(self) -> Path:
-        """``<home>/scripts/webhook``: runs spoolq.builtin.webhook with this Python."""
-        return builtin.script(self.home, "webhook")

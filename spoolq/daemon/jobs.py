@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..builtin import RELAY_QUEUE, ensure_relay_queue
+from ..builtin import target_queue
 from ..config import RootConfig
 from ..errors import LeaseLost, QueueDown, QueueNotFound, ScriptError, ScriptUnusable, SpoolqError
 from ..model import Message, QueueConfig, State
@@ -216,17 +216,18 @@ class JobRunner:
         if req is None:
             return "fail dup failed - bad dup request, expected DUE-X-DEST"
         dest = req.dest
-        target = RELAY_QUEUE if dest.startswith("http") else dest.strip("/").removeprefix("q/")
         new = Message(dest=dest, src=old.src, count=0, max_count=old.max_count, param1=old.param1,
                       param2=old.param2, param3=old.param3, param4=old.param4,
                       due=self.clock() + req.due_secs, post_run_webhook=list(old.post_run_webhook),
                       orig_msg_id=old.orig_msg_id or self.full_id(queue, old.msg_id),
                       params=dict(old.params))
         try:
-            if target == RELAY_QUEUE:
-                ensure_relay_queue(self.store, self.home)
+            target = target_queue(self.store, self.home, dest)
+        except (OSError, SpoolqError) as e:
+            return f"fail dup failed - cannot create the relay queue: {e}"
+        try:
             self.store.queue_config(target)
-        except (QueueNotFound, SpoolqError, OSError):
+        except (QueueNotFound, SpoolqError):
             return f"fail couldn't connect to queue - {target}"
         try:
             names = sorted(self.store.get(queue, old.msg_id).attachments)

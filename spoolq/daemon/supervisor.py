@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, StorageError
 from ..model import AdminState, QueueConfig
-from ..runner.spawn import kill_group, reserve_low_fds, script_problem
+from ..runner.spawn import has_exited, kill_group, reap, reserve_low_fds, script_problem
 from ..store.base import Change, LostFoundRepair, Store, Watcher
 from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
@@ -303,21 +303,13 @@ class Daemon:
         if self.workers is not None:
             self.workers.reap()
         for pid, job in list(self.jobs.items()):
-            try:
-                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    continue
-            except ChildProcessError:
-                pass
+            if not has_exited(pid):
+                continue
             assert self.runner is not None
             job.cancelled = job.cancelled or self.runner.cancel_asked(job)
             if job.timed_out or job.stopping or job.cancelled or job.lost:
                 kill_group(pid, signal.SIGKILL)
-            try:
-                _, status = os.waitpid(pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                code = -signal.SIGKILL
-            self._finish(job, code)
+            self._finish(job, reap(pid))
 
     def _finish(self, job: Job, code: int) -> None:
         assert self.runner is not None

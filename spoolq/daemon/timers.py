@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import durable
-from ..builtin import RELAY_QUEUE, ensure_relay_queue
+from ..builtin import target_queue
 from ..errors import InvalidInput, QueueDown, QueueNotFound, SpoolqError, StorageError
 from ..ids import QUEUE_NAME_RE
 from ..model import Message, State
@@ -309,12 +309,11 @@ class Timers:
             return
         t = self.timers[name]
         dest = t.msg["dest"]
-        queue = RELAY_QUEUE if dest.startswith("http") else dest.strip("/").removeprefix("q/")
-        if queue == RELAY_QUEUE:
-            try:
-                ensure_relay_queue(self.store, self.dir.parent)
-            except OSError as e:
-                log.error("timer %s: cannot create the relay queue: %s", name, e)
+        try:
+            queue = target_queue(self.store, self.dir.parent, dest)
+        except (OSError, SpoolqError) as e:
+            log.error("timer %s: cannot create the relay queue: %s", name, e)
+            return
         data = {**t.msg, "src": t.msg.get("src") or f"timer:{name}"}
         st = self.state.setdefault(name, {})
         try:
@@ -337,14 +336,3 @@ class Timers:
             self._done(name, tick)
         except OSError as e:
             log.error("timer %s: cannot record the tick: %s", name, e)
-
-    def listing(self) -> list[tuple[str, float]]:
-        """(name, due epoch) of each timer: what RQ's main page lists."""
-        now = self.clock()
-        out = []
-        for name in sorted(self.timers):
-            try:
-                out.append((name, self.due(name, now)))
-            except ValueError:
-                continue
-        return out

@@ -43,7 +43,9 @@ from ..runner.spawn import (
     RQ_VER,
     Spawned,
     build_argv,
+    has_exited,
     kill_group,
+    reap,
     require_file,
     resolve_script,
     same_process,
@@ -408,7 +410,7 @@ class Workers:
                 pending[msg_id] = status
                 continue
             pending.pop(msg_id, None)
-            self._conclude(w, inf, self._decide(inf, c, 0))
+            self._conclude(w, inf, self._decide(inf, c))
             w.answered += 1
             self.pool(w.queue).fails = 0  # a worker that answers is not failing to start
         for msg_id, text in pending.items():
@@ -427,14 +429,15 @@ class Workers:
                      w.pid, w.answered)
             self.drain(w)
 
-    def _decide(self, inf: InFlight, c: Completion | None, exit_code: int) -> Outcome:
+    def _decide(self, inf: InFlight, c: Completion) -> Outcome:
+        """The outcome of a completion line (a worker has no exit status per message)."""
         m = inf.attempt.message
         if inf.cancelled:
             return Outcome(State.ERR, "cancelled", m.count)
         if inf.timed_out:  # it answered after the daemon stopped it for its timeout
             return Outcome(State.ERR, f"TIMEOUT - killed after {self._timeout(inf.attempt.queue):g} s", m.count)
         cfg = self._cfg(inf.attempt.queue)
-        return protocol.decide(c, exit_code, count=m.count, max_count=m.max_count, last_status=inf.last_status,
+        return protocol.decide(c, 0, count=m.count, max_count=m.max_count, last_status=inf.last_status,
                                retry_delay=retry_delay(cfg, m.count, random.random()))
 
     def _conclude(self, w: Worker, inf: InFlight, outcome: Outcome, note: str = "") -> None:
@@ -546,19 +549,11 @@ class Workers:
     # -- exits -----------------------------------------------------------------------------
     def reap(self) -> None:
         for pid, w in list(self.by_pid.items()):
-            try:
-                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    continue
-            except ChildProcessError:
-                pass
+            if not has_exited(pid):
+                continue
             if w.terminated or w.stopping:
                 kill_group(pid, signal.SIGKILL)  # what it left behind, while its pid is held
-            try:
-                _, status = os.waitpid(pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                code = -signal.SIGKILL
-            self._exited(w, code)
+            self._exited(w, reap(pid))
 
     def _exited(self, w: Worker, code: int) -> None:
         """Settle the answers it wrote before it died, then what it still held."""

@@ -420,6 +420,24 @@ def leftover_processes(pgid: int, msg_id: str) -> list[int]:
     return found
 
 
+def has_exited(pid: int) -> bool:
+    """Has child ``pid`` exited? ``waitid(WNOWAIT)``: it stays a zombie, so its process
+    group can still be killed (grandchildren included) while its id cannot be reused."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def reap(pid: int) -> int:
+    """Reap an exited child: its exit code (``-9`` if something else reaped it)."""
+    try:
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        return -signal.SIGKILL
+
+
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     """Signal a whole process group; False if it no longer exists."""
     if pgid <= 1:
