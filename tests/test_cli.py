@@ -734,7 +734,9 @@ def test_rq_answers_ok_or_fail_and_exits_as_rq_does(cli: Cli, script: Path, tmp_
     lines = r.stdout.splitlines()
     assert lines[0] == "ok 1" and lines[1].startswith(f"a.txt {md5} 6 /")
     assert cli("rq", "commitmesg", "--msg_id", full).stdout == "ok msg commited\n"
-    assert cli("rq", "commitmesg", "--msg_id", full).stdout == "fail cannot find message\n"  # RQ's: not in prep
+    assert cli("rq", "commitmesg", "--msg_id", full).stdout == "ok msg commited\n"  # again: ok (RQ: fail)
+    other = full[:-1] + ("1" if full[-1] == "0" else "0")
+    assert cli("rq", "commitmesg", "--msg_id", other).stdout == "fail cannot find message\n"
     assert cli("rq", "state", "--msg_id", full).stdout == "ok que\n"
     assert cli("rq", "statuscountmesg", "--msg_id", full).stdout == "ok 0\n"
     assert cli("rq", "single_que", "--dest", "t").stdout == f"ok {full}\n"  # one is waiting already

@@ -63,6 +63,11 @@ def post_mesg(base: str, queue: str, mesg: dict[str, Any]) -> tuple[int, Any]:
         return status, body
 
 
+def other_id(msg_id: str) -> str:
+    """A well-formed id that is not ``msg_id``."""
+    return msg_id[:-1] + ("1" if msg_id[-1] == "0" else "0")
+
+
 def test_new_message_done_flow(base: str, client: spoolq.Client) -> None:
     status, res = post_mesg(base, "test", {"dest": f"{base}/q/test", "src": "dev", "count": "2",
                                            "param1": "hello", "max_count": "5"})
@@ -100,8 +105,11 @@ def test_prep_attach_commit_like_the_relay_script(base: str, client: spoolq.Clie
     assert curl("-o", "/dev/null", f"{base}/q/test/{short}/Xstudio54.jpgX")[0] == 404
     status, body = curl("-o", str(tmp_path / "back.jpg"), f"{base}/q/test/{short}/attach/studio3.jpg")
     assert status == 200 and (tmp_path / "back.jpg").read_bytes() == img.read_bytes()
-    # Committing again: no longer in prep, RQ's answer.
+    # Committing again is ok (a relay's retried commit; RQ answers "cannot find message").
     status, body = curl("-d", "x_format=json", "-d", "_method=commit", full_id)
+    assert json.loads(body) == ["ok", "msg commited"]
+    assert client.counts("test")["que"] == 1, "still one message"
+    status, body = curl("-d", "x_format=json", "-d", "_method=commit", f"{base}/q/test/{other_id(short)}")
     assert json.loads(body) == ["fail", "cannot find message"]
     # Attaching after commit fails the same way.
     status, body = curl("-F", "x_format=json", "-F", f"filedata=@{img}", f"{full_id}/attach/new")

@@ -282,10 +282,12 @@ _RESULT_TEXT = {"commit": "msg commited", "delete": "msg deleted", "destroy": "m
 
 def _message_method(ctx: AppContext, queue: str, msg_id: str, method: str) -> None:
     if method == "commit":
-        if ctx.client.state(MessageRef(queue, msg_id)) != State.PREP:
-            # RQ's answer when the message is no longer in prep (rq-spec 5.1).
-            raise WrongState("cannot find message")
-        ctx.client.commit(f"{queue}/{msg_id}")
+        try:
+            ctx.client.commit(f"{queue}/{msg_id}")
+        except WrongState:
+            # Committed by an earlier try whose answer was lost: ok again, so a relay's
+            # retried commit is safe. RQ answers "cannot find message" (rq-spec 5.1).
+            pass
     elif method == "destroy":
         # RQ's destroy stops the running script (SIGTERM to its pid; the message ends in
         # err) and answers "msg not found" when none runs, keeping the message. Here the
