@@ -102,6 +102,15 @@ def git_rev() -> str:
     return r.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def run_header(kind: str, argv: Sequence[str] | None, work: Path) -> dict[str, Any]:
+    """The facts every result file starts with: kind, date, command, machine, fs, git."""
+    return {
+        "kind": kind, "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+        "command": " ".join([f"bench/{kind}.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(), "fs": fs_facts(work), "git": git_rev(),
+    }
+
+
 def write_results(kind: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{kind}-{utc_stamp()}.json"

@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     tenth = max(BATCH, n // 10 // BATCH * BATCH)
     work = common.make_base(a.dir, "million")
     r: dict[str, Any] = {
-        "kind": "million", "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["bench/million.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": common.machine(), "fs": common.fs_facts(work), "git": common.git_rev(),
+        **common.run_header("million", argv, work),
         "messages": n, "in_run": a.in_run,
     }
     say(f"million benchmark in {work}: {n:,} messages, {a.in_run:,} left in run by a crash")

@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     n = a.messages or (100_000 if a.quick else 1_000_000)
     work = common.make_base(a.dir, "pgscale")
     result: dict[str, Any] = {
-        "kind": "pgscale", "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["bench/pgscale.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": common.machine(), "fs": common.fs_facts(work), "git": common.git_rev(),
+        **common.run_header("pgscale", argv, work),
         "messages": n, "timings_s": {}, "fill_per_s": [],
     }
     say(f"pgscale benchmark in {work}: {n:,} messages in one queue")

@@ -44,6 +44,9 @@ def register(sub: Any) -> None:
                    help="RQ's model: everything open on loopback without a token, queue creation and "
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
+    p.add_argument("--no-builtin-queues", action="store_true",
+                   help="do not make RQ's built-in queues (relay, webhook, cleaner, debug) at the root's "
+                        "first start; they are still made when first needed")
     p.add_argument("--home", default=os.environ.get("SPOOLQ_HOME"), metavar="DIR",
                    help="this daemon's own directory: its token, sign-in codes, relative scripts and, "
                         "for a store that is not a directory (PostgreSQL), the scripts' working "
@@ -115,7 +118,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     store = open_store(ctx.root)
     if isinstance(store, LocalWork):
         store.local_dir = Path(home) / "work"
-    d = Daemon(store, home=home, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep)
+    d = Daemon(store, home=home, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep,
+               builtin_queues=not args.no_builtin_queues)
     token = None if args.no_http else credentials.load_or_create(home, args.token_file)
     d.setup()
     http: Any = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import builtin, durable
-from ..errors import CorruptMessage, MessageNotFound, QueueExists, QueueNotFound, SpoolqError, StorageError, WrongState
+from ..errors import CorruptMessage, MessageNotFound, QueueNotFound, SpoolqError, StorageError, WrongState
 from ..model import Message, QueueConfig, State
 from ..runner.protocol import Outcome
 from ..store.base import Store
@@ -210,9 +210,4 @@ class Finisher:
                 log.warning("the webhook queue now runs spoolq's sender (%s); it is %s", sender,
                             self.store.admin_state(WEBHOOK_QUEUE))
             return
-        try:
-            self.store.create_queue(QueueConfig.from_dict({"name": WEBHOOK_QUEUE, "script": str(sender),
-                                                           "num_workers": 4}))
-            log.info("created the webhook queue (script %s)", sender)
-        except QueueExists:
-            pass
+        builtin.ensure_queue(self.store, self.home, WEBHOOK_QUEUE)

@@ -118,6 +118,7 @@ class JobRunner:
             script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
                             rootcfg=self.rootcfg, root=self.home, msg_dir=workdir.parent, rq_env=self.rq_env)
+            env["SPOOLQ_STORE"] = self.store.url  # no password (the PostgreSQL store's url is safe_url'd)
             sp = spawn(build_argv(cfg, script), env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
                        header_script=str(script))
         except ScriptError as e:

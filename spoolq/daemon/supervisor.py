@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import builtin
 from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, StorageError
 from ..model import AdminState, QueueConfig
@@ -56,9 +57,10 @@ class Daemon:
 
     def __init__(self, store: Store, *, home: str | os.PathLike[str], host: str | None = None,
                  port: int | None = None, grace: float = 30.0, sweep_interval: float = 300.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, builtin_queues: bool = True) -> None:
         self.store = store
         self.home = Path(home)
+        self.builtin_queues = builtin_queues
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         cfg = self.store.root_config()
         self.rootcfg = RootConfig(host=host or cfg.host, port=port if port is not None else cfg.port)
@@ -130,6 +132,15 @@ class Daemon:
                 log.warning("lost+found: %s", line)
         if kill_orphans(self.home):
             log.warning("killed the persistent workers of a daemon that is gone")
+        if self.builtin_queues:
+            try:
+                made = builtin.first_start(self.store, self.home)
+                if builtin.ensure_router_queue(self.store, self.home):
+                    made.append(builtin.ROUTER_QUEUE)
+                if made:
+                    log.info("made the built-in queues %s", ", ".join(made))
+            except (SpoolqError, OSError) as e:
+                log.error("cannot make the built-in queues: %s", e)
         names = self.store.queues()
         try:
             # One flush for all of recovery's moves (the filesystem: a syncfs at the end of

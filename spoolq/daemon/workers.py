@@ -226,6 +226,7 @@ class Workers:
             "RQ_READ": "4",
             "RQ_ENV": self.runner.rq_env,
             "SPOOLQ_ROOT": str(self.home),
+            "SPOOLQ_STORE": self.runner.store.url,
             "SPOOLQ_QUEUE": queue,
             "SPOOLQ_WORKER": str(slot),
             "SPOOLQ_WORKER_PROTOCOL": PROTOCOL_VERSION,

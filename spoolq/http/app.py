@@ -64,7 +64,8 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
                         links=LoginLinks(root=login_root))
     ctx = AppContext(client=client, auth=policy,
                      upload_dir=upload_dir or client.upload_dir,
-                     poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams)
+                     poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams,
+                     home=Path(login_root) if login_root else None)
     try:
         ctx.upload_dir.mkdir(parents=True, exist_ok=True)
         sweep_uploads(ctx.upload_dir)

@@ -84,6 +84,7 @@ class AppContext:
     poll_interval: float = 0.25
     events_interval: float = 1.0
     max_streams: int = 100
+    home: FsPath | None = None  # the daemon's home: RQ's router rules file is looked for there
     streams: StreamSlots = field(init=False)
     operations: Operations = field(init=False)
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
+from ..builtin import RELAY_QUEUE, ROUTER_QUEUE, ensure_router_queue, router_rules
 from ..errors import (
     InvalidInput,
     InvalidName,
@@ -178,9 +179,22 @@ def _store_new(ctx: AppContext, queue: str, mesg: dict[str, Any]) -> str:
     return client.send_message(queue, mesg, state=state).full_id
 
 
+def routed(ctx: AppContext, queue: str) -> str:
+    """RQ's ``get_queueclient``: on a root with router rules (``config/rq_router_rules.rb``),
+    new messages for any queue but ``relay`` and ``cleaner`` go to ``rq_router``, which
+    routes them by the rules (made here if the rules came after the daemon's start)."""
+    if ctx.home is None or queue in (RELAY_QUEUE, "cleaner", ROUTER_QUEUE):
+        return queue
+    if not router_rules(ctx.home).exists():
+        return queue
+    ensure_router_queue(ctx.client.store, ctx.home)
+    return ROUTER_QUEUE
+
+
 @router.post("/q/{queue}/new_message")
 async def new_message(request: Request, queue: str) -> Response:
     ctx = ctx_of(request)
+    queue = await run_in_threadpool(routed, ctx, queue)
     missing = await run_in_threadpool(_queue_or_error, ctx, queue)
     if missing is not None:
         return missing
