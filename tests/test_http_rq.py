@@ -54,6 +54,15 @@ def curl(*args: str) -> tuple[int, str]:
     return int(status), body
 
 
+def redirect(url: str, *fields: str) -> tuple[int, str]:
+    """POST form ``fields``; (status, where it redirects)."""
+    args = [a for f in fields for a in ("-d", f)]
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", *args, url],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    status, _, where = out.partition(" ")
+    return int(status), where
+
+
 def post_mesg(base: str, queue: str, mesg: dict[str, Any]) -> tuple[int, Any]:
     status, body = curl("-d", "x_format=json", "--data-urlencode", f"mesg={json.dumps(mesg)}",
                         f"{base}/q/{queue}/new_message")
@@ -153,7 +162,12 @@ def test_queue_listings_and_done_json(base: str, client: spoolq.Client) -> None:
     assert two == sorted(ids, reverse=True)[:2]
     assert all(re.fullmatch(ID_RE, i) for i in two)
     assert len(json.loads(curl(f"{base}/q/test/done.json")[1])) == 10
-    assert curl(f"{base}/q/test/done.json?limit=x")[0] == 400
+    # RQ's params['limit'].to_i: a leading integer, else 0 (none).
+    assert len(json.loads(curl(f"{base}/q/test/done.json?limit=3abc")[1])) == 3
+    assert len(json.loads(curl(f"{base}/q/test/done.json?limit=%2011")[1])) == 11
+    for bad in ("x", "0", "-4", ""):
+        assert curl(f"{base}/q/test/done.json?limit={bad}") == (200, "[]"), bad
+    assert len(json.loads(curl(f"{base}/q/test/done.json?limit=99999999999999999999")[1])) == 12
 
 
 def test_log_range_206_and_416(base: str, client: spoolq.Client) -> None:
@@ -183,9 +197,22 @@ def test_delete_destroy_html_and_single_que(base: str, client: spoolq.Client) ->
     first = post_mesg(base, "test", {"dest": "test", "_method": "single_que"})[1][1]
     again = post_mesg(base, "test", {"dest": "test", "_method": "single_que", "param1": "ignored"})[1][1]
     assert first == again
-    status, _ = curl("-d", "x_format=html", "-d", "mesg[dest]=test", "-d", "mesg[param1]=from-form",
-                     f"{base}/q/test/new_message")
-    assert status == 303
+    # x_format=html: RQ's result page without "back", a redirect there with it.
+    status, page = curl("-d", "x_format=html", "-d", "mesg[dest]=test", "-d", "mesg[param1]=from-form",
+                        f"{base}/q/test/new_message")
+    assert status == 200 and "New Message Result" in page
+    made = re.search(rf'OK - <a href="/q/test/({ID_RE})">http://[^<]+/q/test/\1</a>', page)
+    assert made and client.get(f"test/{made.group(1)}").message.param1 == "from-form"
+    status, page = curl("-d", "x_format=html", "-d", "mesg[dest]=test", "-d", "mesg[max_count]=lots",
+                        f"{base}/q/test/new_message")
+    assert status == 200 and "fail - " in page and "max_count" in page
+    assert redirect(f"{base}/q/test/new_message", "x_format=html", "back=/q/test", "mesg[dest]=test") == (
+        303, f"{base}/q/test")
+    # A commit from a form goes on to the message (RQ); a delete to the queue.
+    p = client.prep("test").msg_id
+    assert redirect(f"{base}/q/test/{p}", "_method=commit") == (303, f"{base}/q/test/{p}")
+    assert client.state(f"test/{p}") == State.QUE
+    assert redirect(f"{base}/q/test/{p}", "_method=delete") == (303, f"{base}/q/test")
     status, body = curl("-H", "Content-Type: application/json", "-d", json.dumps({"dest": "test", "param1": "j"}),
                         f"{base}/q/test/new_message")
     assert status == 200 and json.loads(body)[0] == "ok"

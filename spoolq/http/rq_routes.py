@@ -119,13 +119,22 @@ def queue_txt(request: Request, queue: str) -> Response:
 @router.get("/q/{queue}/done.json")
 def done_json(request: Request, queue: str, limit: str = "10") -> Response:
     ctx = ctx_of(request)
-    if not re.fullmatch(r"[0-9]{1,5}", limit) or not 1 <= int(limit) <= 10000:  # ASCII: "²".isdigit()
-        return _text(400, "400 - limit must be an integer 1-10000")
+    n = min(ruby_to_i(limit), DONE_JSON_MAX)  # RQ: params['limit'].to_i
     try:
-        page = ctx.client.list(queue, State.DONE, limit=int(limit))
+        page = ctx.client.list(queue, State.DONE, limit=max(n, 1))
     except SpoolqError as e:
         return _lookup_error(e)
-    return JSONResponse([v.msg_id for v in page.items])
+    return JSONResponse([v.msg_id for v in page.items] if n > 0 else [])
+
+
+DONE_JSON_MAX = 10000
+
+
+def ruby_to_i(text: str) -> int:
+    """Ruby's ``String#to_i``: the integer at the start (after blanks, with a sign), else 0;
+    ``"12abc"`` is 12 and ``"abc"`` 0. Digits are ASCII only (``"²".isdigit()`` is true)."""
+    m = re.match(r"[ \t\n\v\f\r]*([+-]?[0-9]+)", text)
+    return int(m.group(1)[:12]) if m else 0
 
 
 @router.get("/q/{queue}/config.json")
@@ -201,6 +210,7 @@ async def new_message(request: Request, queue: str) -> Response:
     if await run_in_threadpool(lambda: str(ctx.client.admin_state(queue))) == "DOWN":
         return _text(503, TEXT_503_DOWN)
     x_format = "json"
+    back: str | None = None
     try:
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -209,7 +219,6 @@ async def new_message(request: Request, queue: str) -> Response:
                 raise InvalidInput(f"body is not valid JSON: {e}") from None
             if not isinstance(mesg, dict):
                 raise InvalidInput("the message must be a JSON object")
-            back = None
         else:
             async with form_of(request, ctx.upload_dir) as form:
                 x_format = form.get("x_format") or "json"
@@ -221,10 +230,16 @@ async def new_message(request: Request, queue: str) -> Response:
     except QueueDown:
         return _text(503, TEXT_503_DOWN)
     except SpoolqError as e:
+        if x_format == "html" and not back:
+            return render(request, "new_message_post.html", title="New Message Result", q=queue, ok=False,
+                          word="fail", text=e.message)
         return _fail(e)
     if x_format == "html":
-        target = local_target(back, "/q/" + queue + "/" + full_id.rsplit("/", 1)[1])
-        return RedirectResponse(target, status_code=303)
+        msg_id = full_id.rsplit("/", 1)[1]
+        if not back:  # RQ renders its result page; with "back" it redirects there
+            return render(request, "new_message_post.html", title="New Message Result", q=queue, ok=True,
+                          msg_id=msg_id, full_id=full_id)
+        return RedirectResponse(local_target(back, f"/q/{queue}/{msg_id}"), status_code=303)
     return JSONResponse(["ok", full_id])
 
 
@@ -329,14 +344,17 @@ async def message_method(request: Request, queue: str, msg_id: str) -> Response:
     except (QueueNotFound, InvalidName) as e:
         return _lookup_error(e)
     except MessageNotFound as e:
-        if method == "destroy" and x_format != "json":  # RQ: back to the message, which stays
+        if x_format != "json":  # RQ: back to the message page
             return RedirectResponse(f"/q/{queue}/{msg_id}", status_code=303)
         return _fail(e, "cannot find message" if method == "commit" else "msg not found")
     except SpoolqError as e:
+        if x_format != "json":
+            return RedirectResponse(f"/q/{queue}/{msg_id}", status_code=303)
         return _fail(e)
     if x_format == "json":
         return JSONResponse(["ok", _RESULT_TEXT[method]])
-    return RedirectResponse(f"/q/{queue}", status_code=303)
+    # RQ: a commit goes on to the message, a delete or destroy to its queue.
+    return RedirectResponse(f"/q/{queue}/{msg_id}" if method == "commit" else f"/q/{queue}", status_code=303)
 
 
 async def _simple_action(request: Request, queue: str, msg_id: str, action: str) -> Response:
