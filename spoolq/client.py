@@ -348,10 +348,12 @@ class Client:
         r = self.ref(ref)
         self.store.delete(r.queue, r.msg_id)
 
-    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+    def delete_many(self, queue: str, msg_ids: Sequence[str], *, state: State | str | None = None,
+                    acked: bool | None = None) -> builtins.list[tuple[str, SpoolqError]]:
         """Delete many messages of ``queue`` at once (none may be running); returns the
-        ``(msg_id, error)`` of those that could not be deleted."""
-        return self.store.delete_many(queue, msg_ids)
+        ``(msg_id, error)`` of those that could not be deleted. With ``state`` (and
+        ``acked``), only those still in it (see Store.delete_many)."""
+        return self.store.delete_many(queue, msg_ids, state=None if state is None else _state(state), acked=acked)
 
     def retry(self, ref: Ref) -> None:
         """err -> que, due now, with ``count`` reset so the message gets its full ``max_count``."""

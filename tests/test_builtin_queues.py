@@ -132,27 +132,31 @@ action :err
     assert dests[1] == "http://b1.example:4444/q/inbox"
     assert dests[2] in ("http://c1.example:3333/q/inbox", "http://c2.example:3333/q/inbox")  # one of all
     assert "spread - relay" in (root / "log" / "rq_router.log").read_text()
+    client.send(ROUTER_QUEUE, src="finished\nforged - line", dest="x")
+    wait_for(lambda: "forged" in (root / "log" / "rq_router.log").read_text(), 30, "the router's log line")
+    assert not any(ln.startswith("forged") for ln in (root / "log" / "rq_router.log").read_text().splitlines())
 
 
 def test_router_copies_are_made_once_across_tries(client: spoolq.Client, serve: Any, root: Path) -> None:
     """A try that runs again (a crash after the first copy) makes only the missing copies."""
-    _rules(root, 'rule "spread"\nsrc /./\naction :relay\nroute "h1.example", "h2.example"\n\n'
+    _rules(root, 'rule "spread"\nsrc /./\naction :relay\nroute ["a1.example", "a2.example"], ["h2.example"]\n\n'
                  'rule "default"\naction :err\n')
     serve()
     client.set_admin_state("relay", "pause")
     client.set_admin_state(ROUTER_QUEUE, "pause")
     r = client.send(ROUTER_QUEUE, src="s", dest="inbox")
-    # What a killed first try leaves: h1's copy made and recorded in job/router_dups.
-    first = client.send("relay", dest="http://h1.example:3333/q/inbox")
+    # What a killed first try leaves: the first list's copy (to a2) made and recorded in
+    # job/router_dups; the retry, picking at random again, must not copy to a1 as well.
+    first = client.send("relay", dest="http://a2.example:3333/q/inbox")
     mdir = root / "queue" / ROUTER_QUEUE
     (path,) = list(mdir.glob(f"que/*/*/*/{r.msg_id}"))
     (path / "job").mkdir(exist_ok=True)
-    (path / "job" / "router_dups").write_text(json.dumps({"http://h1.example:3333/q/inbox": first.full_id}))
+    (path / "job" / "router_dups").write_text(json.dumps({"#0": first.full_id}))
     client.set_admin_state(ROUTER_QUEUE, "up")
     v = client.wait(r, 30)
     assert v.state == State.DONE, v.job_status
     dests = sorted(m.message.dest for m in client.list("relay", State.QUE).items)
-    assert dests == ["http://h1.example:3333/q/inbox", "http://h2.example:3333/q/inbox"]
+    assert dests == ["http://a2.example:3333/q/inbox", "http://h2.example:3333/q/inbox"]
     assert "made by an earlier try" in client.open_log(r).read().decode()
 
 

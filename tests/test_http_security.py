@@ -537,7 +537,8 @@ def test_the_audits_500s_are_4xx(client: spoolq.Client) -> None:
     log = client.store.message_dir("work", mid) / "job"
     log.mkdir()
     (log / "stdio.log").write_text("hello\n")
-    assert http.get("/q/work/done.json?limit=%C2%B2").status_code == 400
+    r = http.get("/q/work/done.json?limit=%C2%B2")  # RQ's to_i: no leading digit is 0, so none
+    assert (r.status_code, r.json()) == (200, [])
     stream = f"{API}/queues/work/messages/{mid}/log/stream"
     for value in (b"\xb2", b"1" * 5000):
         with http.stream("GET", stream, headers=[(b"last-event-id", value)]) as r:  # type: ignore[arg-type]

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +236,11 @@ def test_relay_under_kills_delivers_exactly_once(tmp_path: Path) -> None:
             victim.kill()
             kills["near" if victim is near else "far"] += 1
             victim.start()
-        wait_for(lambda: a.counts("relay")["relayed"] + a.counts("relay")["err"] >= len(sent), 300,
+        wait_for(lambda: a.counts("relay")["relayed"] + a.counts("relay")["err"] >= len(sent), 300 + n / 10,
                  "every message to leave relay")
-        counts = a.counts("relay")
+        # The tree, not the counts cache: a recount at a restart racing this test's sends may
+        # leave the cache one off (docs/internals.md, I8).
+        counts = a.store.recount("relay")
         assert counts["relayed"] == len(sent) and counts["que"] == counts["run"] == counts["err"] == 0, counts
         seen = _far_messages(b)
         twice = {k: v for k, v in seen.items() if len(v) > 1}
@@ -246,3 +252,82 @@ def test_relay_under_kills_delivers_exactly_once(tmp_path: Path) -> None:
     finally:
         near.stop()
         far.stop()
+
+
+class _FakeRQ(http.server.BaseHTTPRequestHandler):
+    """A far end with RQ's answers (a commit of a committed message: ``cannot find
+    message``) that processes the first commit and then drops the connection unanswered."""
+
+    protocol_version = "HTTP/1.1"
+    msgs: dict[str, str] = {}
+    drop_first_commit = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, obj: Any, code: int = 200) -> None:
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        parts = self.path.split("/")
+        if self.path.endswith("/state.json") and parts[3] in self.msgs:
+            return self._answer([self.msgs[parts[3]]])
+        return self._answer(b"404 - Message ID not found", 404)
+
+    def do_POST(self) -> None:  # noqa: N802
+        form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        parts = self.path.split("/")
+        if parts[-1] == "new_message":
+            mid = str(len(self.msgs) + 1)
+            self.msgs[mid] = "prep"
+            return self._answer(["ok", f"http://{self.headers['Host']}/q/{parts[2]}/{mid}"])
+        if form.get("_method") == ["commit"]:
+            if self.msgs.get(parts[3]) != "prep":
+                return self._answer(["fail", "cannot find message"])
+            self.msgs[parts[3]] = "que"
+            if _FakeRQ.drop_first_commit:
+                _FakeRQ.drop_first_commit = False
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            return self._answer(["ok", "msg commited"])
+        return self._answer(["fail", "?"])
+
+
+def test_a_lost_commit_answer_against_rq_is_not_sent_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RQ answers a second commit with 'cannot find message': the relay checks the state
+    before calling the far message gone, so a commit whose answer was lost delivers once."""
+    monkeypatch.setattr(relay, "status", lambda line: None)
+    _FakeRQ.msgs = {}
+    _FakeRQ.drop_first_commit = True
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeRQ)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        dest = f"http://127.0.0.1:{srv.server_address[1]}/q/inbox"
+        msg_dir, jobdir = _local_message(tmp_path, None)
+        with pytest.raises(relay.SoftFail):
+            relay.relay(msg_dir, dest, jobdir, tmp_path)  # committed there, the answer lost
+        assert _FakeRQ.msgs == {"1": "que"}
+        assert relay.relay(msg_dir, dest, jobdir, tmp_path).endswith("/q/inbox/1")
+        assert _FakeRQ.msgs == {"1": "que"}, "one far message"
+        (jobdir / relay.ID_FILE).write_text(f"{dest}/1")  # RQ's commit answer itself, when reached
+        _FakeRQ.msgs["1"] = "prep"
+        assert relay.relay(msg_dir, dest, jobdir, tmp_path).endswith("/q/inbox/1")
+        assert _FakeRQ.msgs == {"1": "que"}
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_unusable_urls_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(relay.BadSetup, match="not a usable URL"):
+        relay.relay(tmp_path, "http://127.0.0.1:99999/q/x", tmp_path, tmp_path)
+    creds = tmp_path / relay.CREDENTIALS_FILE
+    creds.write_text(json.dumps({"http://other:99999": {"token": "x" * 20},
+                                 "http://127.0.0.1:1": {"token": "y" * 20}}))
+    creds.chmod(0o600)
+    assert relay.auth_header(tmp_path, "http://127.0.0.1:1/q/x") == "Bearer " + "y" * 20  # a bad key is skipped

@@ -362,6 +362,25 @@ def test_delete_many(store: Store) -> None:
         store.get("q", a)
 
 
+def test_delete_many_in_a_state_leaves_what_moved(store: Store) -> None:
+    """What a caller chose by state (the cleaner: old acknowledged errors) is deleted only if
+    still there: a message retried meanwhile is not lost."""
+    make_queue(store)
+    acked, unacked, retried, prep = (store.create("q", msg()).msg_id for _ in range(4))
+    for m in (acked, retried):
+        store.move("q", m, State.QUE, State.ERR)
+    store.ack_errs("q")
+    store.move("q", unacked, State.QUE, State.ERR)
+    store.move("q", retried, State.ERR, State.QUE)  # a retry after the caller listed it
+    failures = store.delete_many("q", [acked, unacked, retried], state=State.ERR, acked=True)
+    assert sorted(m for m, e in failures if isinstance(e, WrongState)) == sorted([unacked, retried])
+    assert store.state_of("q", retried) == State.QUE and store.state_of("q", unacked) == State.ERR
+    with pytest.raises(MessageNotFound):
+        store.get("q", acked)
+    assert [m for m, _ in store.delete_many("q", [prep], state=State.PREP)] == [prep]  # it is queued
+    assert store.state_of("q", prep) == State.QUE
+
+
 def test_counts_follow_every_change(store: Store) -> None:
     make_queue(store)
     a = store.create("q", msg()).msg_id

@@ -491,3 +491,29 @@ def test_updating_a_queued_message_kicks_the_daemon(fs: FsStore) -> None:
     fs.update("q", queued, front)
     assert os.listdir(fs.qdir("q") / "kick") == [queued]
     assert fs.get("q", queued).message.due == 0.0
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_recount_racing_a_send_counts_it_once(fs: FsStore, monkeypatch: pytest.MonkeyPatch, many: bool) -> None:
+    """I8: a recount that comes between a send's publishing rename and its delta must not
+    count the message twice. The recount is started inside the rename and must wait."""
+    import threading
+
+    real = fs._publish_at
+    recounts: list[threading.Thread] = []
+
+    def publish_then_recount(*args: object, **kw: object) -> None:
+        real(*args, **kw)  # type: ignore[arg-type]
+        if not recounts:  # the message is visible now; its delta is not added yet
+            t = threading.Thread(target=fs.recount, args=("q",))
+            recounts.append(t)
+            t.start()
+            t.join(0.3)  # a recount free to run now would count the new message here
+
+    monkeypatch.setattr(fs, "_publish_at", publish_then_recount)
+    if many:
+        fs.create_many("q", [Message(dest="q") for _ in range(5)])
+    else:
+        fs.create("q", Message(dest="q"))
+    recounts[0].join(10)
+    assert fs.counts("q")["que"] == (5 if many else 1) == len(list(fs.find_ids("q", State.QUE).ids))

@@ -382,6 +382,7 @@ def test_the_store_never_shows_its_password(pg_url: str) -> None:
     finally:
         s.close()
     assert safe_url("postgresql://u@h/db?sslmode=require&password=s3cret") == "postgresql://u@h/db?sslmode=require"
+    assert safe_url("postgresql://u@h/db?sslpassword=keypw&sslmode=verify-full") == "postgresql://u@h/db?sslmode=verify-full"
     assert safe_url("postgresql:///db?host=/run/pg") == "postgresql:///db?host=%2Frun%2Fpg"
 
 

@@ -26,10 +26,11 @@ class Builtin:
     name: str
     num_workers: int
     package: bool = False  # the script imports spoolq (runs with site-packages)
+    timeout: int | None = None
 
 
 BUILTINS = {b.name: b for b in (
-    Builtin("relay", 4),
+    Builtin("relay", 4, timeout=3600),  # a far end that answers a byte a minute holds a slot an hour at most
     Builtin("webhook", 4),
     Builtin("cleaner", 1, package=True),
     Builtin("rq_router", 4),
@@ -75,7 +76,8 @@ def ensure_queue(store: Store, home: Path, name: str) -> bool:
         return False
     try:
         store.create_queue(QueueConfig.from_dict({"name": name, "script": str(script(home, name)),
-                                                  "num_workers": b.num_workers}))
+                                                  "num_workers": b.num_workers,
+                                                  **({"timeout": b.timeout} if b.timeout else {})}))
     except QueueExists:
         return False
     log.info("created the built-in queue %s", name)

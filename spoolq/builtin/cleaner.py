@@ -59,23 +59,16 @@ def clean(client: Client, queue: str, cutoff: float) -> dict[str, int]:
         n = 0
         while cursor is not None:
             page = client.find_ids(queue, state, cursor=cursor, limit=PAGE)
-            ids = page.ids
-            if state == State.ERR:
-                ids = [i for i in ids if _acked(client, queue, i)]
-            if ids:
-                failed = client.delete_many(queue, ids)
-                n += len(ids) - len(failed)
+            if page.ids:
+                # Only what is still in this state (err: acknowledged) goes, checked by the
+                # store as it deletes: a message retried or committed meanwhile stays.
+                failed = client.delete_many(queue, page.ids, state=state,
+                                            acked=True if state == State.ERR else None)
+                n += len(page.ids) - len(failed)
             cursor = page.next_cursor
         if n:
             removed[str(state)] = n
     return removed
-
-
-def _acked(client: Client, queue: str, msg_id: str) -> bool:
-    try:
-        return client.get(f"{queue}/{msg_id}").acked
-    except SpoolqError:
-        return False  # gone meanwhile
 
 
 def main() -> int:
@@ -88,8 +81,15 @@ def main() -> int:
     if not target:
         status("err param1 must name a queue, or ALLQUEUES")
         return 1
-    client = open_store(os.environ.get("SPOOLQ_STORE") or os.environ["SPOOLQ_ROOT"])
-    queues = client.queues()
+    where = os.environ.get("SPOOLQ_STORE") or os.environ["SPOOLQ_ROOT"]
+    try:
+        client = open_store(where)
+        queues = client.queues()
+    except SpoolqError as e:
+        # On PostgreSQL scripts get the store's URL without its password: the daemon's user
+        # needs it in ~/.pgpass or PGPASSWORD (docs/builtin-queues.md).
+        status(f"err cannot open the store {where}: {e}")
+        return 1
     if target != ALL and target not in queues:
         status(f"err no such queue: {target}")
         return 1

@@ -77,10 +77,13 @@ def status(line: str) -> None:
 
 def origin(url: str) -> str:
     """``scheme://host:port`` of ``url``, lower case, the port filled in."""
-    u = urllib.parse.urlsplit(url)
+    try:
+        u = urllib.parse.urlsplit(url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:  # a port out of range, a bad IPv6 literal
+        raise BadSetup(f"not a usable URL: {url!r}: {e}") from None
     if u.scheme not in ("http", "https") or not u.hostname:
         raise BadSetup(f"not an http(s) URL: {url!r}")
-    port = u.port or (443 if u.scheme == "https" else 80)
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
     return f"{u.scheme}://{host.lower()}:{port}"
 
@@ -149,8 +152,8 @@ class Peer:
     """The far end: requests to its origin, with its credential, no redirect followed."""
 
     def __init__(self, queue_url: str, auth: str | None) -> None:
+        self.origin = origin(queue_url)  # BadSetup for a URL that cannot be used
         u = urllib.parse.urlsplit(queue_url)
-        self.origin = origin(queue_url)
         cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
         self.conn = cls(u.hostname or "", u.port, timeout=TIMEOUT)
         self.auth = auth
@@ -171,21 +174,15 @@ class Peer:
             headers["Content-Length"] = str(length)
         if self.auth:
             headers["Authorization"] = self.auth
-        for tries in (1, 2):
-            try:
-                self.conn.request(method, path, body=body, headers=headers)
-                res = self.conn.getresponse()
-                return res.status, res.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                # A kept-alive connection the far end closed: once more on a new one, if the
-                # body can be sent again (bytes can; a stream is restarted by the caller).
-                self.conn.close()
-                if tries == 2 or not (body is None or isinstance(body, bytes)):
-                    raise SoftFail(f"could not talk to {self.origin}: {e}") from None
-            except (OSError, http.client.HTTPException) as e:
-                self.conn.close()
-                raise SoftFail(f"could not connect to {self.origin}: {getattr(e, 'strerror', None) or e}") from None
-        raise AssertionError("unreachable")
+        # No request is sent twice here: a POST whose answer was lost may have been done
+        # (a commit, a prep), and only the state check of the next try may decide that.
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            res = self.conn.getresponse()
+            return res.status, res.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.conn.close()
+            raise SoftFail(f"could not talk to {self.origin}: {getattr(e, 'strerror', None) or e}") from None
 
     def json(self, method: str, url: str, body: Any = None, content_type: str | None = None,
              length: int | None = None) -> Any:
@@ -266,19 +263,25 @@ def relay(msg_dir: Path, dest: str, jobdir: Path, home: Path) -> str:
         peer.close()
 
 
+def _far_state(peer: Peer, far: str) -> str:
+    """The far message's state (``GET <far id>/state.json``); Gone when it has none."""
+    try:
+        res = peer.json("GET", far + "/state.json")
+    except Gone:
+        raise Gone(far) from None
+    if not (isinstance(res, list) and res and isinstance(res[0], str)):
+        raise SoftFail(f"unexpected state answer for {far}: {res!r}")
+    return res[0]
+
+
 def _relay(peer: Peer, msg_dir: Path, queue_url: str, jobdir: Path) -> str:
     id_file = jobdir / ID_FILE
     far = id_file.read_text().strip() if id_file.exists() else ""
     print(f"{os.getpid()} - attempting remote {queue_url}", flush=True)  # RQ's log line
     if far:
-        try:
-            res = peer.json("GET", far + "/state.json")
-        except Gone:
-            raise Gone(far) from None
-        if not (isinstance(res, list) and res and isinstance(res[0], str)):
-            raise SoftFail(f"unexpected state answer for {far}: {res!r}")
-        if res[0] != "prep":
-            print(f"{os.getpid()} - {far} is already committed ({res[0]}): not sent again", flush=True)
+        state = _far_state(peer, far)
+        if state != "prep":
+            print(f"{os.getpid()} - {far} is already committed ({state}): not sent again", flush=True)
             return far
     else:
         msg = json.loads((msg_dir / "msg").read_text())
@@ -306,6 +309,10 @@ def _relay(peer: Peer, msg_dir: Path, queue_url: str, jobdir: Path) -> str:
             raise SoftFail(f"md5 mismatch for {path.name}: {res[1]!r}")
     res = peer.form(far, {"x_format": "json", "_method": "commit", "msg_id": short})
     if isinstance(res, list) and res[:2] == ["fail", "cannot find message"]:
+        # RQ's answer to a commit of a committed message too (an earlier commit whose answer
+        # was lost): only a far end that no longer has it makes it gone.
+        if _far_state(peer, far) != "prep":
+            return far
         raise Gone(far)
     if not (isinstance(res, list) and res and res[0] == "ok"):
         raise SoftFail(f"could not commit {far}: {res!r}")

@@ -9,9 +9,10 @@ patterns match the message decides:
 - ``balance``: one copy to one host of ``route``, picked at random (``dup 0-X-<dest>``, the
   dest's host swapped by RQ's ``txform_host``), then ``done DUP to <id>``;
 - ``relay``: one copy per host (one of each inner list), then ``done done relay of N
-  messages``. Each copy made is recorded in ``job/router_dups`` before the next, so a try
-  that runs again after a crash makes only the copies still missing (RQ's made them all
-  again).
+  messages``. Each copy made is recorded in ``job/router_dups`` (by its place in the
+  route) before the next, so a try that runs again after a crash makes only the copies
+  still missing (RQ's made them all again); a crash in the instant between the daemon
+  making a copy and the record can still make that one copy twice.
 
 ``delay N`` waits N seconds first; ``log true`` (forced for ``err``) appends a line to
 ``<home>/log/rq_router.log``. A rules file that cannot be read sends the message to err and
@@ -63,6 +64,10 @@ def read_reply(reply: Any) -> tuple[str, str]:
     return word, rest
 
 
+def _one_line(value: object) -> str:
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(value))
+
+
 def _fsync_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -91,9 +96,10 @@ def route(home: Path, msg: dict[str, Any], jobdir: Path, reply: Any) -> int:
     rule = rules.first_match(msg)
     if rule.log or rule.action == "err":
         (home / LOG).parent.mkdir(parents=True, exist_ok=True)
-        with open(home / LOG, "a") as f:
-            f.write(f"{os.getpid()} - {time.strftime('%Y-%m-%d %H:%M:%S %z')} - {rule.desc} - {rule.action} - "
-                    f"{msg.get('msg_id', '')} - {msg.get('src', '')}\n")
+        fields = (rule.desc, rule.action, msg.get("msg_id", ""), msg.get("src", ""))
+        with open(home / LOG, "a") as f:  # one line each: a sender's src cannot forge another
+            f.write(f"{os.getpid()} - {time.strftime('%Y-%m-%d %H:%M:%S %z')} - "
+                    + " - ".join(_one_line(v) for v in fields) + "\n")
     if rule.delay > 0:
         status(f"run router delay {rule.delay} seconds")
         time.sleep(rule.delay)
@@ -105,25 +111,23 @@ def route(home: Path, msg: dict[str, Any], jobdir: Path, reply: Any) -> int:
         return 1
     dest = str(msg.get("dest") or "")
     dups_file = jobdir / DUPS_FILE
+    # Keyed by the copy's place in the route (its host, or its list in a list of lists: a
+    # retry picks at random again, and a list already served must not get a second copy).
     made: dict[str, str] = json.loads(dups_file.read_text()) if dups_file.exists() else {}
-    if rule.action == "balance":
-        if made:  # an earlier try copied it already
-            status(f"done DUP to {next(iter(made.values()))}")
-            return 0
-        hosts = rule.select_hosts()[:1]
-    else:
-        hosts = rule.select_hosts()
-    for host in hosts:
-        new_dest = router.txform_host(dest, host)
-        if new_dest in made:
-            status(f"run DUP relay to {made[new_dest]} (made by an earlier try)")
+    hosts = rule.select_hosts()[:1] if rule.action == "balance" else rule.select_hosts()
+    grouped = rule.action == "balance" or bool(rule.route and isinstance(rule.route[0], list))
+    for i, host in enumerate(hosts):
+        key = f"#{i}" if grouped else host
+        if key in made:
+            status(f"run DUP relay to {made[key]} (made by an earlier try)")
             continue
+        new_dest = router.txform_host(dest, host)
         status(f"dup 0-X-{new_dest}")
         word, new_id = read_reply(reply)
         if word != "ok":
             status(f"err DUP {'relay ' if rule.action == 'relay' else ''}failed - {new_id}")
             return 1
-        made[new_dest] = new_id
+        made[key] = new_id
         _fsync_write(dups_file, json.dumps(made))
         if rule.action == "balance":
             status(f"done DUP to {new_id}")

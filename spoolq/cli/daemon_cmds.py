@@ -44,6 +44,12 @@ def register(sub: Any) -> None:
                    help="RQ's model: everything open on loopback without a token, queue creation and "
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
+    p.add_argument("--notify-port", type=int, default=None, metavar="P",
+                   help="serve the notifier on port P (docs/notifier.md): each line a client sends goes to "
+                        "every other client; ':join events' gives spoolq's events as JSON lines")
+    p.add_argument("--notify-host", default="127.0.0.1", metavar="ADDR",
+                   help="the notifier's address (default 127.0.0.1). Off loopback a client from another host "
+                        "must send ':auth <token>' first")
     p.add_argument("--no-builtin-queues", action="store_true",
                    help="do not make RQ's built-in queues (relay, webhook, cleaner, debug) at the root's "
                         "first start; they are still made when first needed")
@@ -120,10 +126,25 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
         store.local_dir = Path(home) / "work"
     d = Daemon(store, home=home, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep,
                builtin_queues=not args.no_builtin_queues)
-    token = None if args.no_http else credentials.load_or_create(home, args.token_file)
+    notifying = args.notify_port is not None
+    if notifying and not 0 <= args.notify_port <= 65535:
+        raise InvalidInput(f"--notify-port {args.notify_port} is not a port (0-65535)")
+    need_token = not args.no_http or (notifying and not is_loopback(args.notify_host))
+    token = credentials.load_or_create(home, args.token_file) if need_token else None
     d.setup()
     http: Any = None
+    notifier: Any = None
     try:
+        if notifying:
+            from ..daemon.notifier import Notifier
+
+            notifier = Notifier(args.notify_host, args.notify_port, token=None if token is None else token.value,
+                                bus=d.events)
+            try:
+                notifier.start()
+            except OSError as e:
+                raise Unavailable(f"the notifier cannot listen on {args.notify_host}:{args.notify_port}: "
+                                  f"{e.strerror or e}") from None
         if not args.no_http:
             assert token is not None
             if anonymous == AccessLevel.ALL and is_loopback(d.rootcfg.host):
@@ -133,6 +154,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
             http = _start_http(ctx, d, token.value, anonymous)
         d.loop()
     finally:
+        if notifier is not None:
+            notifier.stop()
         if http is not None:
             try:
                 http.stop()
@@ -168,7 +191,7 @@ def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
     client = Client(open_store(str(d.home) if directory else ctx.root), root_config=d.rootcfg)
     extra = d.runner.stats.render if d.runner is not None else None
     http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
-                      login_root=str(d.home))
+                      login_root=str(d.home), events=d.events)
     code = http.app.state.auth.links.mint(SERVE_LINK_TTL)
     # Like Jupyter: the way into the UI, printed once. The link works once, for a day.
     url = d.rootcfg.local_url

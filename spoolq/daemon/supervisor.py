@@ -27,6 +27,7 @@ from pathlib import Path
 from .. import builtin
 from ..config import RootConfig
 from ..errors import InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, StorageError
+from ..events import EventBus
 from ..model import AdminState, QueueConfig
 from ..runner.spawn import has_exited, kill_group, reap, reserve_low_fds, script_problem
 from ..store.base import Change, LostFoundRepair, Store, Watcher
@@ -57,10 +58,12 @@ class Daemon:
 
     def __init__(self, store: Store, *, home: str | os.PathLike[str], host: str | None = None,
                  port: int | None = None, grace: float = 30.0, sweep_interval: float = 300.0,
-                 clock: Callable[[], float] = time.time, builtin_queues: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, builtin_queues: bool = True,
+                 events: EventBus | None = None) -> None:
         self.store = store
         self.home = Path(home)
         self.builtin_queues = builtin_queues
+        self.events = events or EventBus()  # the notifier's channels and the SSE stream listen
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         cfg = self.store.root_config()
         self.rootcfg = RootConfig(host=host or cfg.host, port=port if port is not None else cfg.port)
@@ -208,10 +211,13 @@ class Daemon:
         for gone in set(self.queues) - names:
             log.info("queue %s is gone", gone)
             del self.queues[gone]
+            self.events.publish({"event": "queue_change", "queue": gone, "change": "deleted"})
             if self.workers is not None:
                 self.workers.retire(gone)
         for name in sorted(names - set(self.queues)):
             self.queues[name] = QueueState(name, ready=not starting)
+            if not starting:
+                self.events.publish({"event": "queue_change", "queue": name, "change": "created"})
 
     def on_changes(self) -> None:
         """What the store reports (at most SLICE seconds of its indexing)."""
@@ -355,6 +361,8 @@ class Daemon:
             return
         qs.running.discard(fin.msg_id)
         qs.dirty = True
+        self.events.publish({"event": "state", "queue": fin.queue, "msg_id": fin.msg_id,
+                             "state": str(fin.outcome.state), "status": fin.outcome.status})
 
     def _config_of(self, queue: str) -> QueueConfig | None:
         qs = self.queues.get(queue)
@@ -370,6 +378,7 @@ class Daemon:
         """Re-read config and admin state if inotify said they changed; False: not runnable."""
         if not (qs.config_stale or qs.config is None):
             return True
+        first = qs.config is None  # its admin state is news only after the first read
         # Only when inotify saw config.json, pause or down change (or SIGHUP): three stats
         # fewer per message on a busy queue.
         try:
@@ -382,11 +391,14 @@ class Daemon:
                 log.error("queue %s: unusable config, not running it: %s", qs.name, e)
                 return False
             log.error("queue %s: unusable config, keeping the last good one: %s", qs.name, e)
+        was = None if first else qs.admin
         try:
             qs.admin = self.store.admin_state(qs.name)
         except QueueNotFound:
             self.refresh_queues = True
             return False
+        if was is not None and qs.admin != was:
+            self.events.publish({"event": "admin", "queue": qs.name, "state": str(qs.admin), "was": str(was)})
         qs.config_stale = False
         return True
 
@@ -472,6 +484,7 @@ class Daemon:
                 return got if wake is None or (got is not None and got < wake) else wake
             if self.workers.send(w, got, cfg, now):
                 qs.running.add(got.msg_id)
+                self._started(got)
         return wake
 
     def _start(self, qs: QueueState, attempt: Attempt, cfg: QueueConfig) -> bool:
@@ -489,7 +502,13 @@ class Daemon:
             qs.running.add(attempt.msg_id)
             self.jobs[job.pid] = job
             self.sel.register(job.spawned.status_fd, selectors.EVENT_READ, job)
+            self._started(attempt)
         return True
+
+    def _started(self, attempt: Attempt) -> None:
+        if self.events.listening:
+            self.events.publish({"event": "state", "queue": attempt.queue, "msg_id": attempt.msg_id,
+                                 "state": "run", "status": "run"})
 
     def _record_script_error(self, qs: QueueState, why: str | None) -> None:
         """Show SCRIPTERROR (or its end) to every reader of the spool: the ``scripterror`` file."""

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 from .. import __version__
 from ..client import Client
 from ..errors import SpoolqError
+from ..events import EventBus
 from . import api, metrics, rq_admin, rq_routes, sse, ui
 from .auth import AccessLevel, AuthMiddleware, AuthPolicy, LoginLinks, SecurityHeaders
 from .common import MAX_STREAMS, AppContext
@@ -46,7 +47,7 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
                loopback_only: bool = True, upload_dir: Path | None = None,
                extra_metrics: ExtraMetrics | None = None, poll_interval: float = 0.25,
                events_interval: float = 1.0, max_streams: int = MAX_STREAMS,
-               login_root: str | None = None) -> FastAPI:
+               login_root: str | None = None, events: EventBus | None = None) -> FastAPI:
     """The ASGI app over ``client``.
 
     ``token`` is the credential that may do everything; without it nothing beyond the
@@ -65,7 +66,7 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
     ctx = AppContext(client=client, auth=policy,
                      upload_dir=upload_dir or client.upload_dir,
                      poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams,
-                     home=Path(login_root) if login_root else None)
+                     home=Path(login_root) if login_root else None, events=events)
     try:
         ctx.upload_dir.mkdir(parents=True, exist_ok=True)
         sweep_uploads(ctx.upload_dir)

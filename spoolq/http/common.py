@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..client import Client
 from ..errors import QueueNotFound, SpoolqError
+from ..events import EventBus
 from ..ids import MessageRef
 from .auth import AuthPolicy
 from .operations import Operations
@@ -85,6 +86,7 @@ class AppContext:
     events_interval: float = 1.0
     max_streams: int = 100
     home: FsPath | None = None  # the daemon's home: RQ's router rules file is looked for there
+    events: EventBus | None = None  # the daemon's events (spoolq/events.py), when it runs in this process
     streams: StreamSlots = field(init=False)
     operations: Operations = field(init=False)
 

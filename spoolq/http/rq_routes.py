@@ -231,8 +231,8 @@ async def new_message(request: Request, queue: str) -> Response:
         return _text(503, TEXT_503_DOWN)
     except SpoolqError as e:
         if x_format == "html" and not back:
-            return render(request, "new_message_post.html", title="New Message Result", q=queue, ok=False,
-                          word="fail", text=e.message)
+            return render(request, "new_message_post.html", status_for(e), title="New Message Result", q=queue,
+                          ok=False, word="fail", text=e.message)
         return _fail(e)
     if x_format == "html":
         msg_id = full_id.rsplit("/", 1)[1]

@@ -23,6 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import LogNotFound, MessageNotFound, SpoolqError
+from ..events import Subscription
 from ..model import FINAL_STATES, State
 from .auth import principal
 from .common import AppContext, MsgId, QueueName, StreamSlots, all_summaries, ctx_of, open_log
@@ -136,10 +137,27 @@ def stream_log(request: Request, queue: QueueName, msg_id: MsgId,
 
 
 async def queue_events(ctx: AppContext, request: Request, only: str | None) -> AsyncIterator[str]:
-    """A ``queue`` event for each queue whose status or counts changed (all of them first)."""
+    """A ``queue`` event for each queue whose status or counts changed (all of them first),
+    and the daemon's own events as they come (``message``, ``admin``: spoolq/events.py)."""
+    sub = ctx.events.subscribe(maxlen=10000) if ctx.events is not None else None
+    try:
+        async for frame in _queue_events(ctx, request, only, sub):
+            yield frame
+    finally:
+        if sub is not None:
+            sub.close()
+
+
+async def _queue_events(ctx: AppContext, request: Request, only: str | None,
+                        sub: Subscription | None) -> AsyncIterator[str]:
     seen: dict[str, str] = {}
     idle = 0.0
     while not ctx.stopping.is_set():
+        if sub is not None:
+            for ev in sub.drain():
+                if not only or ev.get("queue") == only:
+                    idle = 0.0
+                    yield sse("message" if ev.get("event") == "state" else str(ev.get("event")), ev)
         summaries = await run_in_threadpool(all_summaries, ctx)
         names = set()
         for s in summaries:

@@ -438,9 +438,13 @@ class Store(Protocol):
     def delete(self, queue: str, msg_id: str) -> None:
         """Remove a message (any state but run: cancel it first)."""
 
-    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+    def delete_many(self, queue: str, msg_ids: Sequence[str], *, state: State | None = None,
+                    acked: bool | None = None) -> builtins.list[tuple[str, SpoolqError]]:
         """Delete each message (as :meth:`delete`), cheaper than one by one; returns the
-        ``(msg_id, error)`` of those that could not be deleted."""
+        ``(msg_id, error)`` of those that could not be deleted. With ``state`` (and for err
+        ``acked``), only a message still in that state is deleted, checked atomically with
+        the deletion (WrongState otherwise): what a caller chose by state cannot be lost to
+        a move made meanwhile (a retry, a commit)."""
 
     def ack_errs(self, queue: str) -> int:
         """Acknowledge every unacknowledged error; returns how many."""

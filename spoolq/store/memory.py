@@ -603,11 +603,17 @@ class MemoryStore:
                 raise WrongState(f"message {msg_id} is running: cancel it first")
             del self._queue(queue).messages[msg_id]
 
-    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+    def delete_many(self, queue: str, msg_ids: Sequence[str], *, state: State | None = None,
+                    acked: bool | None = None) -> builtins.list[tuple[str, SpoolqError]]:
         failures: list[tuple[str, SpoolqError]] = []
         for msg_id in msg_ids:
             try:
-                self.delete(queue, msg_id)
+                with self._lock:
+                    if state is not None:
+                        e = self._entry(queue, msg_id)
+                        if e.state != state or (acked is not None and e.acked != acked):
+                            raise WrongState(f"message {msg_id} is {e.state}, not {state}")
+                    self.delete(queue, msg_id)
             except SpoolqError as e:
                 failures.append((msg_id, e))
         return failures

@@ -17,6 +17,7 @@ The layout (docs/internals.md has the full table)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -219,6 +220,38 @@ class Counts:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
                 raise
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def adding(self, deltas: dict[str, int]) -> Iterator[None]:
+        """``with counts.adding({"que": 1}): rename(...)``: the change and its delta under one
+        hold of the lock, so a recount (which takes the lock) sees both or neither. Without it
+        a recount between a producer's rename and its delta counted the message twice. Keep
+        the body short (a rename, not an fsync): producers and recounts wait for it. The
+        delta is added only when the body succeeds."""
+        try:
+            fd = self._open()
+        except OSError:
+            yield  # derived data: the next recount repairs it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+            try:
+                raw = os.pread(fd, self.RECORD + 1, 0)
+                counts = self._parse(raw) if raw else None
+                if counts is None and self.walk is not None:
+                    counts = self.walk()
+                else:
+                    if counts is None:
+                        counts = dict.fromkeys(COUNT_KEYS, 0)
+                    for k, v in deltas.items():
+                        counts[k] = counts.get(k, 0) + v
+                self._write(fd, counts, longer=len(raw) > self.RECORD)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+                    raise
         finally:
             os.close(fd)
 

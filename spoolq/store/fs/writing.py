@@ -167,8 +167,10 @@ class WriteParts(ReadParts):
                 # The names msg (and attach) in the stage. On ext4/xfs/btrfs the fsync of
                 # the new msg file has already made them durable (durable.py explains).
                 durable.fsync_fd(sfd)
-            # I2: the message becomes visible by one rename of a complete directory.
-            self._publish_at(stage, qdir / str(state), m.msg_id, buckets, sync)
+            # I2: the message becomes visible by one rename of a complete directory, counted
+            # under the same hold of the counts lock (I8: a recount sees both or neither).
+            with self._counts(qdir).adding({str(state): 1}):
+                self._publish_at(stage, qdir / str(state), m.msg_id, buckets, sync)
             stage, published = None, True
             if sync:
                 # The rename: its new entry, then (where renames are not atomic on disk) its
@@ -177,6 +179,7 @@ class WriteParts(ReadParts):
         except OSError as e:
             if published:  # visible, but maybe not durable: withdraw it
                 shutil.rmtree(message_path(qdir, state, m.msg_id), ignore_errors=True)
+                self._counts(qdir).add({str(state): -1})
             raise durable.storage_error(e, f"cannot store message in {queue}") from None
         finally:
             for fd in (sfd, *buckets.values()):
@@ -184,7 +187,6 @@ class WriteParts(ReadParts):
                     os.close(fd)
             if stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
-        self._counts(qdir).add({str(state): 1})
         return m
 
     def single_que(self, queue: str, msg: Message) -> tuple[str, bool]:
@@ -221,6 +223,7 @@ class WriteParts(ReadParts):
         prefix = id_prefix(now)  # one time for the batch: usually one bucket for all
         made: list[Message] = []
         published: list[str] = []
+        counted = False
         batch: str | None = None
         bfd = -1
         buckets: dict[str, int] = {}  # bucket part of the id -> open fd on that bucket
@@ -237,10 +240,13 @@ class WriteParts(ReadParts):
             if sync:
                 # Group commit: one flush makes every staged file and directory durable.
                 durable.syncfs(qdir)
-            for i, m in enumerate(made):
-                # I2: each message becomes visible by one rename of a complete directory.
-                self._publish_at(str(i), sdir, m.msg_id, buckets, sync, src_dir_fd=bfd)
-                published.append(m.msg_id)
+            # I2: each message becomes visible by one rename of a complete directory; I8:
+            # counted under the same hold of the counts lock as the renames.
+            with self._counts(qdir).adding({"que": len(made)}):
+                for i, m in enumerate(made):
+                    self._publish_at(str(i), sdir, m.msg_id, buckets, sync, src_dir_fd=bfd)
+                    published.append(m.msg_id)
+            counted = True
             if sync:
                 for fd in buckets.values():
                     durable.fsync_fd(fd)
@@ -250,6 +256,8 @@ class WriteParts(ReadParts):
             # All or nothing: withdraw what was already published (the batch dir goes below).
             for msg_id in published:
                 shutil.rmtree(message_path(qdir, State.QUE, msg_id), ignore_errors=True)
+            if counted:
+                self._counts(qdir).add({"que": -len(made)})
             if isinstance(e, SpoolqError):
                 raise
             raise durable.storage_error(e, f"cannot store {len(msgs)} messages in {queue}") from None
@@ -259,7 +267,6 @@ class WriteParts(ReadParts):
                     os.close(fd)
             if batch is not None:
                 shutil.rmtree(batch, ignore_errors=True)
-        self._counts(qdir).add({"que": len(made)})
         return made
 
     def _publish_at(self, src: str, state_dir: Path, msg_id: str, buckets: dict[str, int],
@@ -510,7 +517,8 @@ class WriteParts(ReadParts):
         if failures:
             raise failures[0][1]
 
-    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+    def delete_many(self, queue: str, msg_ids: Sequence[str], *, state: State | None = None,
+                    acked: bool | None = None) -> builtins.list[tuple[str, SpoolqError]]:
         """Delete each message (none may be running); one fsync per touched bucket and one
         counts update for the lot. Returns ``(msg_id, error)`` for those that could not go."""
         qdir = self._existing_qdir(queue)
@@ -519,11 +527,18 @@ class WriteParts(ReadParts):
         deltas: dict[str, int] = {}
         touched: dict[Path, None] = {}
         trash: list[Path] = []
+        want_state, want_acked = state, acked
         for msg_id in msg_ids:
             try:
                 state, path, acked = self.locate(queue, msg_id)
                 if state == State.RUN:
                     raise WrongState(f"message {msg_id} is running: cancel it first")
+                # The rename below takes the path found here: a message moved meanwhile is
+                # not there any more, and is not deleted.
+                if want_state is not None and (state != want_state or (want_acked is not None
+                                                                      and acked != want_acked)):
+                    raise WrongState(f"message {msg_id} is {'acknowledged ' if acked else ''}{state}, "
+                                     f"not {'acknowledged ' if want_acked else ''}{want_state}")
                 dest = qdir / ".tmp" / f"deleted.{msg_id}.{secrets.token_hex(3)}"
                 try:
                     os.rename(path, dest)  # I2 again: it disappears in one step

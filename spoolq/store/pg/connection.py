@@ -37,7 +37,9 @@ def safe_url(url: str) -> str:
     scripts (``SPOOLQ_ROOT``): they get the password from ``~/.pgpass`` or ``PGPASSWORD``."""
     parts = urlsplit(url)
     creds, at, host = parts.netloc.rpartition("@")
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    # Every secret libpq takes as a parameter: the password, and a client key's passphrase.
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k not in ("password", "sslpassword")])
     shown = f"{parts.scheme}://{creds.partition(':')[0]}{at}{host}{parts.path}"
     return f"{shown}?{query}" if query else shown
 

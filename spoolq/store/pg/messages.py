@@ -344,7 +344,8 @@ class MessageParts(QueueParts):
         for _, error in self.delete_many(queue, [msg_id]):
             raise error
 
-    def delete_many(self, queue: str, msg_ids: Sequence[str]) -> builtins.list[tuple[str, SpoolqError]]:
+    def delete_many(self, queue: str, msg_ids: Sequence[str], *, state: State | None = None,
+                    acked: bool | None = None) -> builtins.list[tuple[str, SpoolqError]]:
         validate_queue_name(queue)
         valid = []
         for i in msg_ids:
@@ -353,13 +354,19 @@ class MessageParts(QueueParts):
             except InvalidName:
                 pass
         with self.db.tx() as cur:
-            gone = {r["msg_id"] for r in cur.execute(Q.messages_delete, {"queue": queue, "ids": valid})}
+            if state is None:
+                rows = cur.execute(Q.messages_delete, {"queue": queue, "ids": valid})
+            else:  # the state checked in the DELETE itself
+                rows = cur.execute(Q.messages_delete_in_state, {"queue": queue, "ids": valid, "state": str(state),
+                                                                "acked": acked})
+            gone = {r["msg_id"] for r in rows}
             left = [i for i in valid if i not in gone]
             states = {r["msg_id"]: r["state"]
                       for r in (cur.execute(Q.messages_states, {"queue": queue, "ids": left}) if left else [])}
-        return [(i, e) for i in msg_ids if (e := self._undeletable(queue, i, gone, states)) is not None]
+        return [(i, e) for i in msg_ids if (e := self._undeletable(queue, i, gone, states, state)) is not None]
 
-    def _undeletable(self, queue: str, msg_id: str, gone: set[str], states: dict[str, str]) -> SpoolqError | None:
+    def _undeletable(self, queue: str, msg_id: str, gone: set[str], states: dict[str, str],
+                     want: State | None = None) -> SpoolqError | None:
         """Why ``msg_id`` was not deleted (None: it was; a second mention of it: not found)."""
         if msg_id in gone:
             gone.discard(msg_id)
@@ -370,6 +377,8 @@ class MessageParts(QueueParts):
             return e
         if states.get(msg_id) == State.RUN:
             return WrongState(f"message {msg_id} is running: cancel it first")
+        if want is not None and msg_id in states:
+            return WrongState(f"message {msg_id} is {states[msg_id]}, not {want}")
         return self._missing(queue, msg_id)
 
     def ack_errs(self, queue: str) -> int:

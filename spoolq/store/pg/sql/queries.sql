@@ -166,6 +166,11 @@ WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::text[])
 DELETE FROM spoolq.messages WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::text[]) AND state <> 'run'
 RETURNING msg_id
 
+-- name: messages_delete_in_state
+DELETE FROM spoolq.messages WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::text[]) AND state = %(state)s
+  AND (%(acked)s::boolean IS NULL OR acked = %(acked)s::boolean)
+RETURNING msg_id
+
 -- name: messages_states
 SELECT msg_id, state FROM spoolq.messages WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::text[])
 
