@@ -201,27 +201,8 @@ class Counts:
         """Add ``deltas`` (state -> change) under the lock. A file that is missing, empty or
         does not parse is rebuilt by ``walk`` instead (never started again from zeros): the
         walk sees this change's rename already, so the deltas are not added to it."""
-        try:
-            fd = self._open()
-        except OSError:
-            return  # derived data: a failed update is repaired by the next recount
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = os.pread(fd, self.RECORD + 1, 0)
-            counts = self._parse(raw) if raw else None
-            if counts is None and self.walk is not None:
-                counts = self.walk()  # missing, empty or damaged
-            else:
-                if counts is None:
-                    counts = dict.fromkeys(COUNT_KEYS, 0)
-                for k, v in deltas.items():
-                    counts[k] = counts.get(k, 0) + v  # raw sums: see the class docstring
-            self._write(fd, counts, longer=len(raw) > self.RECORD)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
-                raise
-        finally:
-            os.close(fd)
+        with self.adding(deltas):
+            pass
 
     @contextlib.contextmanager
     def adding(self, deltas: dict[str, int]) -> Iterator[None]:
