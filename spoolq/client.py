@@ -236,6 +236,17 @@ class Client:
                 else self._build(queue, item, default_max=default_max, now=now) for item in messages]
         return [self.receipt(queue, m.msg_id) for m in self.store.create_many(queue, msgs)]
 
+    def prep_relayed(self, queue: str, msg: Message | Mapping[str, Any], key: str) -> tuple[Receipt, bool]:
+        """A prep for a relay with ``key`` (docs/relay.md): the message made for that key
+        before, if it still exists (True), else a new one, its key recorded durably before
+        this returns (False)."""
+        made = self.store.relay_key(queue, key)
+        if made is not None:
+            return self.receipt(queue, made), True
+        r = self.send_message(queue, msg, state=State.PREP)
+        self.store.set_relay_key(queue, key, r.msg_id)
+        return r, False
+
     def single_que(self, queue: str, msg: Message | Mapping[str, Any]) -> tuple[Receipt, bool]:
         """RQ's ``single_que``: a new message in ``queue`` only if none waits there. Returns
         the receipt of the first waiting message or of the new one, and whether it is new.

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,16 @@ def _pair(tmp_path: Path, *far_args: str) -> tuple[spoolq.Client, spoolq.Client,
     b.create_queue("inbox", script="/bin/true")
     ensure_relay_queue(a.store, a_root)
     return a, b, a_root, b_root
+
+
+def _paused_far(tmp_path: Path) -> tuple[spoolq.Client, Served]:
+    """A far spoolq (RQ's model on loopback) whose ``inbox`` is PAUSEd: what arrives stays."""
+    b_root = tmp_path / "b" / "spool"
+    b_root.parent.mkdir()
+    b = spoolq.open(b_root)
+    b.create_queue("inbox", script="/bin/true")
+    b.set_admin_state("inbox", "pause")
+    return b, Served(b_root, "--trust-loopback", http=True).start()
 
 
 def test_relay_to_another_spoolq(tmp_path: Path) -> None:
@@ -163,12 +174,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def test_an_attachment_is_streamed_not_held(tmp_path: Path) -> None:
     """A 256 MiB attachment relays with the relay's peak memory far below its size."""
-    b_root = tmp_path / "b" / "spool"
-    b_root.parent.mkdir()
-    b = spoolq.open(b_root)
-    b.create_queue("inbox", script="/bin/true")
-    b.set_admin_state("inbox", "pause")
-    far = Served(b_root, "--trust-loopback", http=True).start()
+    b, far = _paused_far(tmp_path)
     try:
         blob = tmp_path / "big.bin"
         with open(blob, "wb") as f:
@@ -331,3 +337,38 @@ def test_unusable_urls_are_clear_errors(tmp_path: Path) -> None:
                                  "http://127.0.0.1:1": {"token": "y" * 20}}))
     creds.chmod(0o600)
     assert relay.auth_header(tmp_path, "http://127.0.0.1:1/q/x") == "Bearer " + "y" * 20  # a bad key is skipped
+
+
+def test_another_host_trying_again_finds_the_far_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A try that has no relay_id (another host of a shared store took the message over)
+    sends the same X-Spoolq-Relay-Key: the far spoolq answers the message it made before,
+    and the relay, finding it committed, sends nothing again."""
+    monkeypatch.setattr(relay, "status", lambda line: None)
+    monkeypatch.setenv("SPOOLQ_QUEUE", "relay")
+    monkeypatch.setenv("SPOOLQ_MSG_ID", "20261203.2100.00.000.42")
+    b, far = _paused_far(tmp_path)
+    try:
+        dest = f"http://127.0.0.1:{far.port}/q/inbox"
+        msg_dir, jobdir = _local_message(tmp_path, None)
+        first = relay.relay(msg_dir, dest, jobdir, tmp_path)
+        (jobdir / relay.ID_FILE).unlink()  # the other host's job directory has none
+        assert relay.relay(msg_dir, dest, jobdir, tmp_path) == first
+        assert b.counts("inbox")["que"] == 1 and b.counts("inbox")["prep"] == 0
+        # The same key while the far message is still in prep: the same message, finished.
+        msg = json.loads((msg_dir / "msg").read_text())
+        msg["created_at"] = 7.0
+        (msg_dir / "msg").write_text(json.dumps(msg))
+        body = urllib.parse.urlencode({"x_format": "json", "mesg": json.dumps({"dest": "x", "_method": "prep"})})
+        key = relay.relay_key(msg)
+        assert key is not None
+        answers = []
+        for _ in range(2):
+            req = urllib.request.Request(f"{dest}/new_message", body.encode(), {"X-Spoolq-Relay-Key": key})
+            with urllib.request.urlopen(req) as res:  # noqa: S310 - a local test server
+                answers.append((json.loads(res.read())[1], res.headers.get("X-Spoolq-Reused")))
+        assert answers[0][0] == answers[1][0] and [a[1] for a in answers] == [None, "1"]
+        (jobdir / relay.ID_FILE).unlink()
+        assert relay.relay(msg_dir, dest, jobdir, tmp_path) == answers[0][0]
+        assert b.counts("inbox")["que"] == 2 and b.counts("inbox")["prep"] == 0
+    finally:
+        far.stop()

@@ -381,6 +381,21 @@ def test_delete_many_in_a_state_leaves_what_moved(store: Store) -> None:
     assert store.state_of("q", prep) == State.QUE
 
 
+def test_relay_keys(store: Store) -> None:
+    """The receiving side of exactly-once relay: a key names the message made for it, while
+    that message exists."""
+    make_queue(store)
+    m = store.create("q", msg(), state=State.PREP).msg_id
+    assert store.relay_key("q", "far/1@1.5") is None
+    store.set_relay_key("q", "far/1@1.5", m)
+    assert store.relay_key("q", "far/1@1.5") == m
+    assert store.relay_key("q", "far/2@1.5") is None
+    store.sweep("q")  # a fresh key stays
+    assert store.relay_key("q", "far/1@1.5") == m
+    store.delete("q", m)
+    assert store.relay_key("q", "far/1@1.5") is None, "a key whose message is gone is no key"
+
+
 def test_counts_follow_every_change(store: Store) -> None:
     make_queue(store)
     a = store.create("q", msg()).msg_id

@@ -157,12 +157,13 @@ class Peer:
         cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
         self.conn = cls(u.hostname or "", u.port, timeout=TIMEOUT)
         self.auth = auth
+        self.reused = False  # the last answer said: a message made before for this relay key
 
     def close(self) -> None:
         self.conn.close()
 
     def request(self, method: str, url: str, body: Any = None, content_type: str | None = None,
-                length: int | None = None) -> tuple[int, bytes]:
+                length: int | None = None, extra: dict[str, str] | None = None) -> tuple[int, bytes]:
         # The path only: requests (and the credential) go to the dest's origin even when the
         # far end names itself otherwise in its ids (a proxy, NAT, a wildcard address).
         u = urllib.parse.urlsplit(url)
@@ -174,19 +175,21 @@ class Peer:
             headers["Content-Length"] = str(length)
         if self.auth:
             headers["Authorization"] = self.auth
+        headers.update(extra or {})
         # No request is sent twice here: a POST whose answer was lost may have been done
         # (a commit, a prep), and only the state check of the next try may decide that.
         try:
             self.conn.request(method, path, body=body, headers=headers)
             res = self.conn.getresponse()
+            self.reused = res.getheader("X-Spoolq-Reused") == "1"
             return res.status, res.read()
         except (OSError, http.client.HTTPException) as e:
             self.conn.close()
             raise SoftFail(f"could not talk to {self.origin}: {getattr(e, 'strerror', None) or e}") from None
 
     def json(self, method: str, url: str, body: Any = None, content_type: str | None = None,
-             length: int | None = None) -> Any:
-        code, data = self.request(method, url, body, content_type, length)
+             length: int | None = None, extra: dict[str, str] | None = None) -> Any:
+        code, data = self.request(method, url, body, content_type, length, extra)
         if code == 404 and data.startswith(b"404 - Message ID not found"):
             raise Gone(url)
         if code != 200:
@@ -196,8 +199,9 @@ class Peer:
         except ValueError:
             raise SoftFail(f"not JSON from {url}: {data[:200]!r}") from None
 
-    def form(self, url: str, fields: dict[str, str]) -> Any:
-        return self.json("POST", url, urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded")
+    def form(self, url: str, fields: dict[str, str], extra: dict[str, str] | None = None) -> Any:
+        return self.json("POST", url, urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded",
+                         extra=extra)
 
     def upload(self, url: str, fields: dict[str, str], path: Path) -> tuple[Any, str]:
         """POST ``path`` as multipart ``filedata``, streamed; (the answer, the file's md5)."""
@@ -251,6 +255,15 @@ def _attachments(msg_dir: Path) -> list[Path]:
     return sorted(p for p in attach.iterdir() if not p.is_symlink() and p.is_file() and not p.name.startswith("."))
 
 
+def relay_key(msg: dict[str, Any]) -> str | None:
+    """This message's key for the far end (``X-Spoolq-Relay-Key``): its queue, id and
+    creation time, the same on every host of a shared store and on every try."""
+    queue, msg_id = os.environ.get("SPOOLQ_QUEUE"), os.environ.get("SPOOLQ_MSG_ID")
+    if not (queue and msg_id):
+        return None
+    return f"{queue}/{msg_id}@{msg.get('created_at', '')}"
+
+
 def relay(msg_dir: Path, dest: str, jobdir: Path, home: Path) -> str:
     m = re.match(r"^(https?://[^/]+/q/[^/]+)", dest)
     if m is None:
@@ -291,11 +304,18 @@ def _relay(peer: Peer, msg_dir: Path, queue_url: str, jobdir: Path) -> str:
         msg["orig_msg_id"] = msg.get("orig_msg_id") or os.environ.get("RQ_ORIG_MSG_ID", "")
         mesg = {k: msg[k] for k in KEYS if k in msg}
         mesg["_method"] = "prep"
-        res = peer.form(queue_url + "/new_message", {"x_format": "json", "mesg": json.dumps(mesg)})
+        key = relay_key(msg)
+        res = peer.form(queue_url + "/new_message", {"x_format": "json", "mesg": json.dumps(mesg)},
+                        extra={"X-Spoolq-Relay-Key": key} if key else None)
         if not (isinstance(res, list) and len(res) > 1 and res[0] == "ok" and isinstance(res[1], str)):
             raise SoftFail(f"could not queue the message: {res!r}")
         far = res[1]
         _write_id(jobdir, far)
+        if peer.reused:  # a spoolq far end knew this message (another host of ours sent it)
+            state = _far_state(peer, far)
+            if state != "prep":
+                print(f"{os.getpid()} - {far} was made and committed by an earlier try ({state})", flush=True)
+                return far
         status(f"run prepared {far}")
     short = far.rstrip("/").rsplit("/", 1)[-1]
     for path in _attachments(msg_dir):

@@ -178,14 +178,32 @@ def _mesg_from_form(form: ParsedForm, x_format: str) -> dict[str, Any]:
     return data
 
 
-def _store_new(ctx: AppContext, queue: str, mesg: dict[str, Any]) -> str:
-    """Create the message per RQ's ``_method``; returns the full id."""
+RELAY_KEY_HEADER = "x-spoolq-relay-key"
+REUSED_HEADER = "X-Spoolq-Reused"
+
+
+def _store_new(ctx: AppContext, queue: str, mesg: dict[str, Any], relay_key: str | None = None) -> tuple[str, bool]:
+    """Create the message per RQ's ``_method``; returns the full id, and whether it is a
+    message made before for the same relay key (a prep from a relay that tries again)."""
     method = mesg.pop("_method", None) or "commit"
     client = ctx.client
     if method == "single_que":
-        return client.single_que(queue, mesg)[0].full_id
+        return client.single_que(queue, mesg)[0].full_id, False
     state = State.PREP if method == "prep" else State.QUE
-    return client.send_message(queue, mesg, state=state).full_id
+    if relay_key is not None and state == State.PREP:
+        r, reused = client.prep_relayed(queue, mesg, relay_key)
+        return r.full_id, reused
+    return client.send_message(queue, mesg, state=state).full_id, False
+
+
+def _relay_key(request: Request) -> str | None:
+    """The relay's key header (docs/relay.md): printable ASCII, at most 1,024 bytes."""
+    key = request.headers.get(RELAY_KEY_HEADER)
+    if key is None:
+        return None
+    if not key or len(key) > 1024 or not key.isascii() or not key.isprintable():
+        raise InvalidInput(f"{RELAY_KEY_HEADER} must be 1-1024 printable ASCII characters")
+    return key
 
 
 def routed(ctx: AppContext, queue: str) -> str:
@@ -226,7 +244,7 @@ async def new_message(request: Request, queue: str) -> Response:
                 back = form.get("back")
         if mesg.get("_method", "commit") not in ("commit", "prep", "single_que", "", None):
             return _text(400, "400 - Invalid method param")
-        full_id = await run_in_threadpool(_store_new, ctx, queue, mesg)
+        full_id, reused = await run_in_threadpool(_store_new, ctx, queue, mesg, _relay_key(request))
     except QueueDown:
         return _text(503, TEXT_503_DOWN)
     except SpoolqError as e:
@@ -240,7 +258,7 @@ async def new_message(request: Request, queue: str) -> Response:
             return render(request, "new_message_post.html", title="New Message Result", q=queue, ok=True,
                           msg_id=msg_id, full_id=full_id)
         return RedirectResponse(local_target(back, f"/q/{queue}/{msg_id}"), status_code=303)
-    return JSONResponse(["ok", full_id])
+    return JSONResponse(["ok", full_id], headers={REUSED_HEADER: "1"} if reused else None)
 
 
 # -- one message ----------------------------------------------------------------------------

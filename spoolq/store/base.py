@@ -446,6 +446,15 @@ class Store(Protocol):
         the deletion (WrongState otherwise): what a caller chose by state cannot be lost to
         a move made meanwhile (a retry, a commit)."""
 
+    def relay_key(self, queue: str, key: str) -> str | None:
+        """The message of ``queue`` a relay with ``key`` made (recorded by
+        :meth:`set_relay_key` in the last seven days, and still there), or None."""
+        ...
+
+    def set_relay_key(self, queue: str, key: str, msg_id: str) -> None:
+        """Record that ``msg_id`` was made for the relay ``key``: durable before it returns
+        (the prep's answer follows). Kept seven days; the queue's sweep drops older ones."""
+
     def ack_errs(self, queue: str) -> int:
         """Acknowledge every unacknowledged error; returns how many."""
 

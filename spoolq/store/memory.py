@@ -75,6 +75,7 @@ class _Queue:
     flags: set[str] = field(default_factory=set)
     script_error: str | None = None
     messages: dict[str, _Entry] = field(default_factory=dict)
+    relay_keys: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (msg_id, when)
 
 
 class _NapWatch:
@@ -628,5 +629,20 @@ class MemoryStore:
             return n
 
     def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
-        self._queue(queue)
+        q = self._queue(queue)
+        with self._lock:
+            week = self.clock() - 7 * 86400
+            for k in [k for k, (_, t) in q.relay_keys.items() if t < week]:
+                del q.relay_keys[k]
         return SweepResult()
+
+    def relay_key(self, queue: str, key: str) -> str | None:
+        with self._lock:
+            got = self._queue(queue).relay_keys.get(key)
+            if got is None or got[1] < self.clock() - 7 * 86400:
+                return None
+            return got[0] if got[0] in self._queue(queue).messages else None
+
+    def set_relay_key(self, queue: str, key: str, msg_id: str) -> None:
+        with self._lock:
+            self._queue(queue).relay_keys[key] = (msg_id, self.clock())

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from ... import durable
 from ...config import RootConfig, read_root_config, write_root_config
+from ...errors import MessageNotFound
 from ..base import SweepResult
-from . import pidfile
+from . import pidfile, relaykeys
 from .attempts import AttemptParts
 from .layout import Counts
 from .sweep import lost_found_of, recover_lost_found, sweep_queue, sweep_root
@@ -75,8 +76,28 @@ class FsStore(AttemptParts):
 
     def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
         """I6: complete staged messages of dead producers go into their state, the rest of
-        their debris goes, empty old buckets go (store/fs/sweep.py)."""
-        return sweep_queue(self, queue, older_than)
+        their debris goes, empty old buckets go (store/fs/sweep.py); relay keys older than
+        a week go."""
+        result = sweep_queue(self, queue, older_than)
+        relaykeys.prune(self._existing_qdir(queue), self.clock())
+        return result
+
+    def relay_key(self, queue: str, key: str) -> str | None:
+        msg_id = relaykeys.lookup(self._existing_qdir(queue), key, self.clock())
+        if msg_id is None:
+            return None
+        try:
+            self.state_of(queue, msg_id)
+        except MessageNotFound:
+            return None
+        return msg_id
+
+    def set_relay_key(self, queue: str, key: str, msg_id: str) -> None:
+        qdir = self._existing_qdir(queue)
+        try:
+            relaykeys.record(qdir, key, msg_id, self.clock(), sync=self.queue_config(queue).fsync)
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot record a relay key in {queue}") from None
 
     def recover_lost_found(self, lost_found: str | os.PathLike[str] | None = None) -> SweepResult:
         """I10: put back message directories that e2fsck moved to ``lost_found`` (default:

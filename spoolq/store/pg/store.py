@@ -33,6 +33,8 @@ from .blobs import CHUNK, Rows, chunk_file, overlap
 from .sql import Q
 from .watch import PgWatch, PgWatcher
 
+RELAY_KEY_DAYS = 7  # as the filesystem store's (store/fs/relaykeys.py)
+
 log = logging.getLogger("spoolq.daemon")
 
 LOG_DRAIN = 2.0
@@ -256,4 +258,18 @@ class PgStore(AttemptParts):
         so a busy queue that nobody counts keeps few of them."""
         self._require_queue(queue)
         self._compact_counts(queue)
+        with self.db.tx() as cur:
+            cur.execute(Q.relay_keys_prune, {"queue": queue, "since": time.time() - RELAY_KEY_DAYS * 86400})
         return SweepResult()
+
+    def relay_key(self, queue: str, key: str) -> str | None:
+        validate_queue_name(queue)
+        row = self.db.one(Q.relay_key_get, {"queue": queue, "key": key,
+                                            "since": time.time() - RELAY_KEY_DAYS * 86400})
+        return None if row is None else str(row["msg_id"])
+
+    def set_relay_key(self, queue: str, key: str, msg_id: str) -> None:
+        validate_queue_name(queue)
+        self._require_queue(queue)
+        with self.db.tx() as cur:
+            cur.execute(Q.relay_key_set, {"queue": queue, "key": key, "msg_id": msg_id, "now": time.time()})

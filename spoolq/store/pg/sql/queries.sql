@@ -171,6 +171,18 @@ DELETE FROM spoolq.messages WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::te
   AND (%(acked)s::boolean IS NULL OR acked = %(acked)s::boolean)
 RETURNING msg_id
 
+-- name: relay_key_get
+SELECT k.msg_id FROM spoolq.relay_keys k
+JOIN spoolq.messages m ON m.queue = k.queue AND m.msg_id = k.msg_id
+WHERE k.queue = %(queue)s AND k.key = %(key)s AND k.created > %(since)s
+
+-- name: relay_key_set
+INSERT INTO spoolq.relay_keys (queue, key, msg_id, created) VALUES (%(queue)s, %(key)s, %(msg_id)s, %(now)s)
+ON CONFLICT (queue, key) DO UPDATE SET msg_id = EXCLUDED.msg_id, created = EXCLUDED.created
+
+-- name: relay_keys_prune
+DELETE FROM spoolq.relay_keys WHERE queue = %(queue)s AND created < %(since)s
+
 -- name: messages_states
 SELECT msg_id, state FROM spoolq.messages WHERE queue = %(queue)s AND msg_id = ANY(%(ids)s::text[])
 
