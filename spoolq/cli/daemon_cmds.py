@@ -44,12 +44,16 @@ def register(sub: Any) -> None:
                    help="RQ's model: everything open on loopback without a token, queue creation and "
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
-    p.add_argument("--notify-port", type=int, default=None, metavar="P",
-                   help="serve the notifier on port P (docs/notifier.md): each line a client sends goes to "
-                        "every other client; ':join events' gives spoolq's events as JSON lines")
-    p.add_argument("--notify-host", default="127.0.0.1", metavar="ADDR",
-                   help="the notifier's address (default 127.0.0.1). Off loopback a client from another host "
-                        "must send ':auth <token>' first")
+    for name, what, doc in (
+            ("notify", "serve the notifier on port P (docs/notifier.md): each line a client sends goes to every "
+                       "other client; ':join events' gives spoolq's events as JSON lines", "the notifier's"),
+            ("intake", "take messages as lines on port P (docs/intake.md): 'QUEUE MESSAGE' per line, e.g. echo "
+                       "'mail alice@example.com' | nc 127.0.0.1 P; ':ack' asks for 'ok <full id>' per line",
+             "the intake's")):
+        p.add_argument(f"--{name}-port", type=int, default=None, metavar="P", help=what)
+        p.add_argument(f"--{name}-host", default="127.0.0.1", metavar="ADDR",
+                       help=f"{doc} address (default 127.0.0.1). Off loopback a client from another host must "
+                            "send ':auth <token>' first")
     p.add_argument("--no-builtin-queues", action="store_true",
                    help="do not make RQ's built-in queues (relay, webhook, cleaner, debug) at the root's "
                         "first start; they are still made when first needed")
@@ -126,24 +130,33 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
         store.local_dir = Path(home) / "work"
     d = Daemon(store, home=home, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep,
                builtin_queues=not args.no_builtin_queues)
-    notifying = args.notify_port is not None
-    if notifying and not 0 <= args.notify_port <= 65535:
-        raise InvalidInput(f"--notify-port {args.notify_port} is not a port (0-65535)")
-    need_token = not args.no_http or (notifying and not is_loopback(args.notify_host))
+    notifying, taking = args.notify_port is not None, args.intake_port is not None
+    for flag, port in (("--notify-port", args.notify_port), ("--intake-port", args.intake_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise InvalidInput(f"{flag} {port} is not a port (0-65535)")
+    need_token = (not args.no_http or (notifying and not is_loopback(args.notify_host))
+                  or (taking and not is_loopback(args.intake_host)))
     token = credentials.load_or_create(home, args.token_file) if need_token else None
     d.setup()
     http: Any = None
-    notifier: Any = None
+    lines: list[Any] = []  # the notifier and the intake: line servers on their own threads
     try:
+        secret = None if token is None else token.value
         if notifying:
             from ..daemon.notifier import Notifier
 
-            notifier = Notifier(args.notify_host, args.notify_port, token=None if token is None else token.value,
-                                bus=d.events)
+            lines.append(Notifier(args.notify_host, args.notify_port, token=secret, bus=d.events))
+        if taking:
+            from ..client import Client
+            from ..daemon.intake import Intake
+
+            lines.append(Intake(args.intake_host, args.intake_port, token=secret,
+                                client=Client(open_store(ctx.root), root_config=d.rootcfg)))
+        for srv in lines:
             try:
-                notifier.start()
+                srv.start()
             except OSError as e:
-                raise Unavailable(f"the notifier cannot listen on {args.notify_host}:{args.notify_port}: "
+                raise Unavailable(f"the {srv.name} cannot listen on {srv.host}:{srv.port}: "
                                   f"{e.strerror or e}") from None
         if not args.no_http:
             assert token is not None
@@ -154,8 +167,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
             http = _start_http(ctx, d, token.value, anonymous)
         d.loop()
     finally:
-        if notifier is not None:
-            notifier.stop()
+        for srv in lines:
+            if srv.srv is not None:
+                srv.stop()
         if http is not None:
             try:
                 http.stop()

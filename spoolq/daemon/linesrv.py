@@ -2,8 +2,8 @@
 (notifier.py) and the line intake (intake.py) share.
 
 Each client's lines (``\\n``-terminated, a ``\\r`` before it dropped) go to :meth:`handle`;
-a last line without its newline counts at EOF; a 0x04 byte (Ctrl-D in telnet) ends the
-connection after the complete lines before it. A line longer than 64 KiB drops its sender.
+a last line without its newline counts at EOF (not after a reset); a 0x04 byte (Ctrl-D
+in telnet) ends the connection after the complete lines before it. A line longer than 64 KiB drops its sender.
 Output is buffered per client: one with more than 1 MiB waiting is dropped, so a client
 that does not read never slows the others. Bound off loopback, a client from anywhere but
 loopback must send ``:auth <token>`` first.
@@ -168,8 +168,9 @@ class LineServer:
             data = c.sock.recv(READ)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            data = b""
+        except OSError:  # a reset: the sender gave up, its unfinished line with it
+            self.drop(c, None)
+            return
         if not data:  # EOF: a last line without its newline still counts
             if c.inbuf:
                 self._lines(c, [bytes(c.inbuf).rstrip(b"\r")])
