@@ -4,6 +4,13 @@
  * prints markup shows it as text. */
 "use strict";
 
+/* A page that refreshes itself (a log that ended, a finished operation) must not do it once
+ * the user, or a test, is already going elsewhere: a reload then would cancel that
+ * navigation and bring the old page back. */
+let leaving = false;
+window.addEventListener("beforeunload", () => { leaving = true; });
+function refresh() { if (!leaving) window.location.reload(); }
+
 /* ---- ANSI SGR → DOM ------------------------------------------------------------------- */
 const ANSI_256 = (() => {
   const base = ["#000000", "#cd3131", "#0dbc79", "#e5e510", "#2472c8", "#bc3fbc", "#11a8cd", "#e5e5e5",
@@ -122,7 +129,7 @@ function followLog(pre) {
     const d = JSON.parse(ev.data || "{}");
     if (info) info.textContent = `${bytes} bytes · ${d.status || "ended"}`;
     // The actions shown were for the state the page was loaded in: refresh them.
-    if (d.state && d.state !== initial) setTimeout(() => window.location.reload(), 600);
+    if (d.state && d.state !== initial) setTimeout(refresh, 600);
   });
   es.addEventListener("error", () => { if (es.readyState === EventSource.CLOSED) pre.dataset.streaming = "0"; });
 }
@@ -176,7 +183,7 @@ function liveDashboard(table) {
   es.addEventListener("queue", ev => {
     const q = JSON.parse(ev.data);
     const row = table.querySelector(`tr[data-queue="${CSS.escape(q.name)}"]`);
-    if (!row) { window.location.reload(); return; }
+    if (!row) { refresh(); return; }
     for (const cell of row.querySelectorAll("[data-count]")) {
       const n = q.counts[cell.dataset.count] || 0;
       cell.textContent = String(n);
@@ -194,7 +201,7 @@ function liveDashboard(table) {
       total.textContent = String(sum);
     }
   });
-  es.addEventListener("queue_deleted", () => window.location.reload());
+  es.addEventListener("queue_deleted", refresh);
 }
 
 /* ---- live state counts in the queue page's tabs --------------------------------------- */
@@ -224,7 +231,7 @@ function liveOperation(card) {
     const bar = card.querySelector("[data-op-progress]");
     if (bar) bar.value = op.scanned;
     if (op.status === "running") setTimeout(tick, 500);
-    else window.location.reload();  // the finished page offers what comes next
+    else refresh();  // the finished page offers what comes next
   };
   setTimeout(tick, 300);
 }
