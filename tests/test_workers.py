@@ -330,9 +330,12 @@ def test_a_worker_that_closes_its_answer_pipe_is_stopped(client: spoolq.Client, 
     client.set_admin_state("w", "UP")
     done(client, a)
     assert status(client, a) == "once"
-    m = done(client, b, 40)  # stopped after 5 s; the next worker answers it
+    # b either waited in the broken worker (stopped after 5 s, then the next one answers
+    # it) or went to the next worker at once: either way unchanged, and the broken one is
+    # stopped 5 s after it closed fd 3 (the log line may come after b is done).
+    m = done(client, b, 90)  # once in three local runs 36 s: see the 2026-12-03 closing note
     assert m.count == 0 and status(client, b) == "once"
-    assert "closed its fd 3 but kept running" in served.log()
+    wait_for(lambda: "closed its fd 3 but kept running" in served.log(), 20, "the broken worker stopped")
 
 
 def test_any_string_in_a_message_reaches_the_worker(client: spoolq.Client, serve: Any, root: Path,
