@@ -89,7 +89,9 @@ def origin(url: str) -> str:
 
 
 def _read_private(path: Path) -> bytes:
-    """``path``'s bytes; refused when others may read it or someone else owns it (as ssh)."""
+    """``path``'s bytes; refused when others may read it or someone else owns it (as ssh).
+    spoolq.credentials.read_file checks the same for the daemon's token; this script runs
+    without the spoolq package (``python -IS``, builtin/__init__.script), so it keeps its own."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:

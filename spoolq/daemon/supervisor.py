@@ -361,8 +361,9 @@ class Daemon:
             return
         qs.running.discard(fin.msg_id)
         qs.dirty = True
-        self.events.publish({"event": "state", "queue": fin.queue, "msg_id": fin.msg_id,
-                             "state": str(fin.outcome.state), "status": fin.outcome.status})
+        if self.events.listening:  # once per message: no dict for nobody
+            self.events.publish({"event": "state", "queue": fin.queue, "msg_id": fin.msg_id,
+                                 "state": str(fin.outcome.state), "status": fin.outcome.status})
 
     def _config_of(self, queue: str) -> QueueConfig | None:
         qs = self.queues.get(queue)
