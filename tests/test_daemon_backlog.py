@@ -135,3 +135,65 @@ def test_debris_is_swept_while_the_daemon_runs(client: spoolq.Client, serve: Any
     os.utime(debris, (old, old))  # older than sweep's one-second grace for dead owners
     wait_for(lambda: not debris.exists(), 30, "the periodic sweep")
     settle(client)
+
+
+CAP = 100  # SPOOLQ_INDEX_CAP for the daemons below: a backlog of hundreds is "over the cap"
+
+
+def sent_in_buckets(root: Path, queue: str, ages: list[int], per: int, **fields: Any) -> list[Any]:
+    """``per`` messages created ``age`` seconds ago for each age: one bucket per age, so the
+    walk meets them bucket by bucket (param1 = "<bucket>-<n>", buckets numbered oldest first)."""
+    ids = []
+    for b, age in enumerate(sorted(ages, reverse=True)):
+        past = spoolq.Client(FsStore(root, clock=lambda age=age: time.time() - age))
+        ids += [r for r in past.send_many(queue, [{"param1": f"{b:02d}-{i:03d}", **fields}
+                                                        for i in range(per)])]
+    return ids
+
+
+def test_a_backlog_over_the_index_cap_is_read_a_slice_at_a_time(client: spoolq.Client, root: Path,
+                                                                 serve: Any, tmp_path: Path) -> None:
+    gate, fifo, out = tmp_path / "gate", tmp_path / "fifo", tmp_path / "out"
+    os.mkfifo(fifo)
+    held = tmp_path / "held.sh"  # the first message waits on the fifo, later ones run at once
+    held.write_text(f'#!/bin/sh\n[ -e {gate} ] || read x < {fifo}\necho "$RQ_PARAM1" >> {out}\n')
+    held.chmod(0o755)
+    client.create_queue("big", script=str(held), num_workers=1)
+    client.set_admin_state("big", "pause")
+    buckets, per = 10, 60
+    sent_in_buckets(root, "big", [2 * b + 2 for b in range(buckets)], per)
+    opens = Opens(client.store.qdir("big"))
+    try:
+        serve(env={"SPOOLQ_INDEX_CAP": str(CAP)})
+        client.set_admin_state("big", "up")
+        wait_for(lambda: client.counts("big")["run"] == 1, 30, "the first message to start")
+        settle(client)
+        _, opened = opens.read()  # (every bucket is listed: the start-up recount)
+        # The walk stops between buckets once CAP are indexed: two buckets of 60 here.
+        assert len(opened) <= CAP + per, f"{len(opened)} of {buckets * per} queued messages read"
+    finally:
+        opens.close()
+    late = client.send("big", param1="late")  # a new bucket while the walk waits
+    gate.touch()
+    with open(fifo, "w"):
+        pass  # the first script's read ends
+    total = buckets * per + 1
+    wait_for(lambda: client.counts("big")["done"] == total, 120, "the backlog to run")
+    ran = out.read_text().split()
+    assert sorted(ran) == sorted([f"{b:02d}-{i:03d}" for b in range(buckets) for i in range(per)] + ["late"])
+    order = [r.split("-")[0] for r in ran if r != "late"]
+    assert order == sorted(order), "buckets ran out of creation order"
+    assert client.get(late).state == State.DONE
+
+
+def test_over_the_cap_a_runnable_message_behind_later_ones_is_found(client: spoolq.Client, root: Path,
+                                                                    serve: Any) -> None:
+    client.create_queue("q", script="/bin/true", num_workers=2)
+    client.set_admin_state("q", "pause")
+    later = sent_in_buckets(root, "q", [12, 10], CAP, delay=3600)  # fill the index, due in an hour
+    now = sent_in_buckets(root, "q", [6, 4], 10)
+    serve(env={"SPOOLQ_INDEX_CAP": str(CAP)})
+    client.set_admin_state("q", "up")
+    for msg_id in now:
+        assert client.wait(msg_id, 60).state == State.DONE
+    assert all(client.get(m).state == State.QUE for m in later)

@@ -196,6 +196,7 @@ class AttemptParts(WriteParts):
 
     def _claim_indexed(self, ix: QueueIndex, cfg: QueueConfig, owner: str, lease: float,
                        now: float) -> Attempt | float | None:
+        ix.bound(cfg)
         if cfg.coalesce_params and ix.walk is not None and ix.walk.full:
             return None  # every duplicate must be indexed before a parent is chosen
         mine = self._mine.get(ix.name, {})

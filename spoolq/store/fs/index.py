@@ -24,12 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...ids import MSG_ID_RE
-from ...model import State
+from ...model import QueueConfig, State
 from ..leases import key_of
 from .layout import message_path
 
 QUE_DEPTH = 3
 """que/<day>/<HHMM>/<SS>/<id>: bucket directories are levels 0..3 below que/."""
+
+INDEX_CAP = int(os.environ.get("SPOOLQ_INDEX_CAP") or 20_000)
+"""A walk pauses between buckets once this many messages are indexed, and goes on when
+dispatch has taken a quarter of them or finds nothing it can start (``QueueIndex.cap``).
+The environment variable is for tests; the figure bounds the daemon's memory, which is
+otherwise ~500 bytes per queued message."""
 _WIDTHS = (8, 4, 2)  # name lengths of the bucket levels 1..3
 
 
@@ -88,6 +94,18 @@ class Walk:
     names: list[str] = field(default_factory=list)
     sweep: list[str] | None = None  # a full walk's last phase: ids to check for staleness
     read: int = 0
+    paused: bool = False  # between buckets, the index full (QueueIndex.cap)
+
+    def add_root(self, path: Path, level: int) -> None:
+        """Visit ``path`` in creation order. The stack holds directories newest at the
+        bottom, oldest on top (paths under one ``que/`` compare by their parts: a bucket's
+        name is its creation time), so a new bucket, usually the newest, goes below the
+        older ones still to visit instead of jumping the queue."""
+        key = path.parts
+        i = len(self.stack)
+        while i > 0 and self.stack[i - 1][0].parts < key:
+            i -= 1
+        self.stack.insert(i, (path, level))
 
 
 WatchFn = Callable[[Path, int], None]
@@ -106,6 +124,10 @@ class QueueIndex:
     indexed: bool = False  # que/ is watched and the index is (being) kept
     walk: Walk | None = None
     gen: int = 0
+    # Bound on the index (None: index everything, as a coalescing queue must): with more
+    # queued than this the walk waits between buckets, oldest buckets indexed first.
+    cap: int | None = INDEX_CAP
+    starved: bool = False  # dispatch found nothing it could start while the walk waited
 
     # -- index maintenance ---------------------------------------------------------------
     def _put(self, e: Entry) -> None:
@@ -134,7 +156,7 @@ class QueueIndex:
             return
         if self.walk is None:
             self.walk = Walk(stack=[], full=False, gen=self.gen)
-        self.walk.stack.append((path, level))
+        self.walk.add_root(path, level)
 
     def unindex(self) -> None:
         """Forget ``que/`` (the queue cannot run): no index, no walk, no pending reads."""
@@ -156,7 +178,19 @@ class QueueIndex:
         self.absorbed.pop(msg_id, None)
 
     def has_work(self) -> bool:
-        return bool(self.pending_ids) or self.walk is not None
+        w = self.walk
+        if w is not None and w.paused and (self.starved or self.cap is None
+                                           or len(self.index) <= self.cap * 3 // 4):
+            w.paused = False
+        return bool(self.pending_ids) or (w is not None and not w.paused)
+
+    def bound(self, cfg: QueueConfig) -> None:
+        """Cap the index unless the queue coalesces: a parent's duplicates may be anywhere
+        in ``que/``, so all of it must be indexed before one is chosen."""
+        self.cap = None if cfg.coalesce_params else INDEX_CAP
+
+    def _full(self) -> bool:
+        return self.cap is not None and len(self.index) >= self.cap and not self.starved
 
     def absorb(self, until: float, now: Callable[[], float]) -> bool:
         """Read the messages events announced, until ``now() >= until``; True if any was
@@ -175,10 +209,15 @@ class QueueIndex:
         Bounded, so that indexing a million messages never holds up the other queues."""
         added = False
         w = self.walk
-        while w is not None and now() < until:
+        while w is not None and not w.paused and now() < until:
             if w.names:
                 added |= self._walk_message(w)
             elif w.stack:
+                if added:
+                    self.starved = False  # one bucket more; dispatch says if it needs another
+                if self._full():
+                    w.paused = True  # between buckets: goes on when dispatch needs more
+                    break
                 self._walk_dir(w, watch)
             elif w.full and w.sweep is None:
                 w.sweep = list(self.index)
@@ -191,6 +230,8 @@ class QueueIndex:
                         self.absorbed.pop(msg_id, None)
             else:
                 self.walk = w = None
+        if added:
+            self.starved = False
         return added
 
     def _walk_dir(self, w: Walk, watch: WatchFn) -> None:
@@ -294,6 +335,8 @@ class QueueIndex:
             break
         for s in skipped:
             heapq.heappush(self.heap, s)
+        if pick is None and self.walk is not None and self.walk.paused:
+            self.starved = True  # what can start may be in a bucket not yet indexed
         return pick, wake
 
     def coalesce_with(self, parent: Entry, cp: Sequence[int]) -> list[str]:

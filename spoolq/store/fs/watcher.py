@@ -117,6 +117,7 @@ class FsWatcher:
             ix = self.indexes[queue] = QueueIndex(queue, self.store.qdir(queue))
             # Duplicates held by running attempts stay held in the new index.
             ix.absorbed = {d: parent for (q, d), parent in self.store._held.items() if q == queue}
+            ix.bound(self.settings(queue)[0])
             ix.start_index()
             log.debug("queue %s: indexing que/", queue)
         elif not on and ix is not None:
