@@ -30,7 +30,7 @@ from ..errors import InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, 
 from ..events import EventBus
 from ..model import AdminState, QueueConfig
 from ..runner.spawn import has_exited, kill_group, reap, reserve_low_fds, script_problem
-from ..store.base import Change, LostFoundRepair, Store, Watcher
+from ..store.base import Change, LiveRecounts, LostFoundRepair, Store, Watcher
 from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
@@ -168,8 +168,12 @@ class Daemon:
         except OSError as e:
             log.error("scandir: cannot watch %s: %s; links there are not read", self.home, e)
         self.refresh(starting=True)
-        # Recounts and sweeps go to the housekeeping thread; a queue starts nothing until its
-        # recount is done (the recount holds its counts lock).
+        # Recounts and sweeps go to the housekeeping thread. A queue starts nothing until its
+        # recount is done (the recount holds its counts lock), unless the store numbers our
+        # moves against the recount's walk instead (store/fs/recount.py).
+        if isinstance(self.store, LiveRecounts):
+            for name, qs in self.queues.items():
+                qs.ready = self.store.begin_recount(name)
         self.housekeeper.start_up(list(self.queues))
         self.next_sweep = self.clock() + self.sweep_interval
         self.next_reclaim = self.clock() + RECLAIM_EVERY

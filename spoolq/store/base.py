@@ -208,6 +208,15 @@ class LocalSpool(Protocol):
 
 
 @runtime_checkable
+class LiveRecounts(Protocol):
+    """A store whose recount lets the daemon's own moves go on meanwhile (FsStore: the
+    recount holds the counts lock, which producers wait for; store/fs/recount.py). The
+    daemon dispatches from a queue whose ``begin_recount`` said True without waiting."""
+
+    def begin_recount(self, queue: str) -> bool: ...
+
+
+@runtime_checkable
 class LocalWork(Protocol):
     """A store whose scripts' working directories are made on this host (PostgreSQL): the
     daemon says where (``<home>/work``)."""

@@ -50,6 +50,7 @@ from ..leases import (
 from .beneath import open_dir_beneath
 from .index import QueueIndex
 from .layout import iter_entries, message_path
+from .recount import LiveRecount
 from .watcher import FsWatcher
 from .writing import WriteParts
 
@@ -77,6 +78,8 @@ class AttemptParts(WriteParts):
         self._count_lock = threading.Lock()
         self._count_pending: dict[Path, dict[str, int]] = {}  # queue dir -> deltas not yet added
         self._count_due: float | None = None  # time.monotonic() when they must be added
+        self._recounts: dict[str, LiveRecount] = {}  # queue -> its recount beside our moves
+        self._moving = threading.local()  # .rc, .msg_id: a move under a LiveRecount's lock
 
     # -- the daemon's feed ---------------------------------------------------------------
     def watch(self) -> FsWatcher:
@@ -95,6 +98,8 @@ class AttemptParts(WriteParts):
 
     def _stop_group_sync(self) -> None:
         """The daemon lets go: its moves made durable, its attempts no longer its own."""
+        for queue, rc in list(self._recounts.items()):
+            self._abandon_recount(queue, rc)  # not walked yet (or still walking): add them as usual
         self.flush_counts()
         if self._group_sync is not None:
             self._group_sync.close()  # every finished move durable before the lock is let go
@@ -114,10 +119,18 @@ class AttemptParts(WriteParts):
         ``durable_batch`` such as recovery, before any recount starts): one locked
         read-modify-write of ``counts`` for many moves instead of one per move. Readers see
         a count up to that much late; a crash loses the deltas held, which the next start's
-        recount repairs."""
+        recount repairs. A move made while its queue is recounted is the recount's to
+        judge (recount.py)."""
+        rc = getattr(self._moving, "rc", None)
+        if rc is not None:
+            rc.moved(self._moving.msg_id, deltas)
+            return
         if self._group_sync is None:
             super()._count_move(qdir, deltas)
             return
+        self._gather(qdir, deltas)
+
+    def _gather(self, qdir: Path, deltas: dict[str, int]) -> None:
         with self._count_lock:
             pending = self._count_pending.get(qdir)
             if pending is None:
@@ -152,9 +165,72 @@ class AttemptParts(WriteParts):
             if any(deltas.values()):
                 self._counts(qdir).add(deltas)
 
+    # -- the start-up recount beside dispatch (recount.py) --------------------------------
+    def begin_recount(self, queue: str) -> bool:
+        """From now until :meth:`recount` of ``queue`` ends, this store's moves in it are
+        numbered against the walk's listings instead of waiting for its lock: the daemon
+        dispatches while a million messages are counted. False: not the daemon's store."""
+        if self._group_sync is None:
+            return False
+        qdir = self.qdir(queue)
+        with self._count_lock:
+            self._count_pending.pop(qdir, None)  # moves already made: the walk will see them
+            self._recounts[queue] = LiveRecount()
+        return True
+
+    def recount(self, queue: str) -> dict[str, int]:
+        rc = self._recounts.get(queue)
+        if rc is None:
+            return super().recount(queue)
+        try:
+            qdir = self._existing_qdir(queue)
+
+            def walk() -> dict[str, int]:
+                counts = rc.walk(qdir)
+                with rc.lock:  # still under the counts lock: later moves add on top
+                    if rc.closed:
+                        raise _Abandoned  # the daemon let go and added the moves' deltas itself
+                    self._close_recount(queue, rc)
+                    for k, v in rc.adjustments().items():
+                        counts[k] = counts.get(k, 0) + v
+                return counts
+
+            try:
+                return self._counts(qdir).rewrite(walk)
+            except _Abandoned:
+                return self._counts(qdir).read() or {}
+        finally:
+            self._abandon_recount(queue, rc)  # if the walk failed: the deltas go the usual way
+
+    def _close_recount(self, queue: str, rc: LiveRecount) -> None:
+        rc.closed = True
+        if self._recounts.get(queue) is rc:
+            del self._recounts[queue]
+
+    def _abandon_recount(self, queue: str, rc: LiveRecount) -> None:
+        """Close ``rc`` unjudged, its moves' deltas gathered as if no recount were open."""
+        with rc.lock:
+            if rc.closed:
+                return
+            self._close_recount(queue, rc)
+            for _, _, deltas in rc.moves:
+                self._gather(self.qdir(queue), deltas)
+
     # -- moves that free held duplicates ---------------------------------------------------
     def move(self, queue: str, msg_id: str, src: State, dst: State, **kw: Any) -> Message:
-        m = super().move(queue, msg_id, src, dst, **kw)
+        rc = self._recounts.get(queue)
+        if rc is None:
+            m = super().move(queue, msg_id, src, dst, **kw)
+        else:
+            with rc.lock:
+                if rc.closed:
+                    m = super().move(queue, msg_id, src, dst, **kw)
+                else:
+                    self._moving.rc, self._moving.msg_id = rc, msg_id
+                    try:
+                        m = super().move(queue, msg_id, src, dst, **kw)
+                    finally:
+                        self._moving.rc = None
         if src == State.QUE:
             self._held.pop((queue, msg_id), None)  # a held duplicate that left the queue is free
         return m
@@ -478,6 +554,10 @@ class AttemptParts(WriteParts):
             out.append(a)
         self._reclaimed.add(queue)
         return out
+
+
+class _Abandoned(Exception):
+    """A recount whose moves were handed back to the usual counting before its walk ended."""
 
 
 def _group_sync_failed(directory: str, e: OSError) -> None:

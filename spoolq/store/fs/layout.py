@@ -66,7 +66,7 @@ def iter_entries(
             yield msg_id, bdir / name, acked
 
 
-def _bucket_dirs(sdir: Path, newest_first: bool, upto: tuple[str, str, str] | None = None) -> Iterator[Path]:
+def bucket_dirs(sdir: Path, newest_first: bool, upto: tuple[str, str, str] | None = None) -> Iterator[Path]:
     """The bucket directories (``<day>/<HHMM>/<SS>``) of a state directory, in time order;
     ``upto``: none after that bucket."""
     for day in _sorted_dirs(sdir, 8, newest_first):
@@ -81,7 +81,7 @@ def _bucket_dirs(sdir: Path, newest_first: bool, upto: tuple[str, str, str] | No
                 yield sdir / day / hm / ss
 
 
-def _message_dirs(bdir: Path) -> Iterator[str]:
+def message_dirs(bdir: Path) -> Iterator[str]:
     """Names of the directories in a bucket (d_type from scandir, no stat: a stray file or
     link with an id-like name is not a message); nothing if the bucket is gone."""
     try:
@@ -96,8 +96,8 @@ def count_entries(qdir: Path, state: State | str) -> tuple[int, int]:
     counted without sorting or parsing ids (a recount walks every message of a queue)."""
     plain = acked = 0
     match = MSG_ID_RE.match
-    for bdir in _bucket_dirs(qdir / str(state), False):
-        for n in _message_dirs(bdir):
+    for bdir in bucket_dirs(qdir / str(state), False):
+        for n in message_dirs(bdir):
             if n[0] == ".":
                 acked += match(n[1:]) is not None
             else:
@@ -112,9 +112,9 @@ def iter_buckets(
     id order (what :func:`iter_entries` walks; scans that touch every message use it to
     build one path per bucket instead of one per message)."""
     ckey = sort_key(before) if before else None
-    for bdir in _bucket_dirs(qdir / str(state), newest_first, bucket_of(before) if before else None):
+    for bdir in bucket_dirs(qdir / str(state), newest_first, bucket_of(before) if before else None):
         found: list[tuple[tuple[str, int], str, bool]] = []
-        for n in _message_dirs(bdir):
+        for n in message_dirs(bdir):
             acked = n.startswith(".")
             mid = n[1:] if acked else n
             if not MSG_ID_RE.match(mid):
