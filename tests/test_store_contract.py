@@ -396,6 +396,23 @@ def test_relay_keys(store: Store) -> None:
     assert store.relay_key("q", "far/1@1.5") is None, "a key whose message is gone is no key"
 
 
+def test_create_many_in_prep_waits_for_commits_in_order(store: Store) -> None:
+    """Batches in prep (the isq spool's take, docs/isq.md), committed one by one, and FIFO:
+    a batch's messages are due in the order given."""
+    make_queue(store)
+    made = store.create_many("q", [Message.from_dict({"param1": str(i)}) for i in range(20)], state=State.PREP)
+    assert store.counts("q")["prep"] == 20 and store.counts("q")["que"] == 0
+    assert [m.due for m in made] == sorted(m.due for m in made)
+    assert len({(m.due, m.msg_id) for m in made}) == 20
+    for m in made:
+        store.commit("q", m.msg_id)
+    assert store.counts("q")["que"] == 20
+    order = sorted(made, key=lambda m: (m.due, sort_key(m.msg_id)))  # the daemons' order
+    assert [m.param1 for m in order] == [str(i) for i in range(20)]
+    with pytest.raises(InvalidInput):
+        store.create_many("q", [msg()], state=State.RUN)
+
+
 def test_counts_follow_every_change(store: Store) -> None:
     make_queue(store)
     a = store.create("q", msg()).msg_id

@@ -300,8 +300,8 @@ class Store(Protocol):
         raises QueueDown. Nothing partial is ever visible: on any error nothing was stored.
         """
 
-    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
-        """Store many messages in ``que`` with one group commit; all or nothing."""
+    def create_many(self, queue: str, msgs: Sequence[Message], *, state: State = State.QUE) -> list[Message]:
+        """Store many messages in ``state`` (que, or prep) with one group commit; all or nothing."""
 
     def single_que(self, queue: str, msg: Message) -> tuple[str, bool]:
         """RQ's ``single_que``: ``msg`` in ``que`` only if no message waits there; returns

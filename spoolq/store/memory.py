@@ -285,11 +285,13 @@ class MemoryStore:
                 return min(waiting, key=sort_key), False
             return self.create(queue, msg).msg_id, True
 
-    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
+    def create_many(self, queue: str, msgs: Sequence[Message], *, state: State = State.QUE) -> list[Message]:
+        if state not in (State.QUE, State.PREP):
+            raise InvalidInput("new messages start in que or prep")
         with self._lock:
-            made = [self._new(queue, m, State.QUE) for m in msgs]
+            made = [self._new(queue, m, state) for m in msgs]
             for m in made:
-                self._queue(queue).messages[m.msg_id] = _Entry(m, State.QUE)
+                self._queue(queue).messages[m.msg_id] = _Entry(m, state)
             self._notify("work", queue)
             return [Message.from_dict(m.to_dict()) for m in made]
 

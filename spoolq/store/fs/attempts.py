@@ -20,6 +20,7 @@ the daemon's lock owns: one device flush per bucket per round, not one per messa
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import json
 import logging
@@ -27,7 +28,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,15 @@ class AttemptParts(WriteParts):
         self._devs.clear()
 
     # -- counts ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _counted_move(self, qdir: Path, deltas: dict[str, int]) -> Iterator[None]:
+        if self._group_sync is None:
+            with super()._counted_move(qdir, deltas):
+                yield
+            return
+        yield
+        self._count_move(qdir, deltas)
+
     def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
         """The daemon's moves add their counts deltas together, :data:`COUNTS_LINGER` after
         the first (``flush_counts``, called by the watcher's loop, and at the end of a
@@ -124,9 +134,6 @@ class AttemptParts(WriteParts):
         rc = getattr(self._moving, "rc", None)
         if rc is not None:
             rc.moved(self._moving.msg_id, deltas)
-            return
-        if self._group_sync is None:
-            super()._count_move(qdir, deltas)
             return
         self._gather(qdir, deltas)
 

@@ -206,8 +206,8 @@ class WriteParts(ReadParts):
         finally:
             os.close(fd)  # lets go of the lock
 
-    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
-        """Store ``msgs`` in que, all or none, with one group commit.
+    def create_many(self, queue: str, msgs: Sequence[Message], *, state: State = State.QUE) -> list[Message]:
+        """Store ``msgs`` in ``state`` (que, or prep), all or none, with one group commit.
 
         Each message is made as :meth:`create` makes one (a complete directory, published by
         one rename), but the flushes are shared. The messages are staged side by side in one
@@ -215,9 +215,11 @@ class WriteParts(ReadParts):
         is renamed into its bucket; one fsync per bucket makes the renames durable. Only then
         does this return. ``msgs`` are trusted to be valid (built by Message.from_dict).
         """
+        if state not in (State.QUE, State.PREP):
+            raise InvalidInput("new messages start in que or prep")
         cfg = self._check_accepting(queue)
         qdir = self.qdir(queue)
-        sdir = qdir / str(State.QUE)
+        sdir = qdir / str(state)
         sync = cfg.fsync
         now = self.clock()
         prefix = id_prefix(now)  # one time for the batch: usually one bucket for all
@@ -234,7 +236,11 @@ class WriteParts(ReadParts):
                 name = str(i)
                 durable.mkdir(name, dir_fd=bfd)
                 ino = os.stat(name, dir_fd=bfd).st_ino
-                m = self._prepare(msg, queue, now, State.QUE, f"{prefix}.{ino}", validate=False)
+                m = self._prepare(msg, queue, now, state, f"{prefix}.{ino}", validate=False)
+                if not msg.due:
+                    # Ids in one batch differ by inode, in no useful order: a microsecond per
+                    # message keeps the batch first in, first out (the daemon starts by due).
+                    m.due = now + i * 1e-6
                 durable.write_new(f"{name}/msg", m.encode(), sync=False, dir_fd=bfd)
                 made.append(m)
             if sync:
@@ -242,7 +248,7 @@ class WriteParts(ReadParts):
                 durable.syncfs(qdir)
             # I2: each message becomes visible by one rename of a complete directory; I8:
             # counted under the same hold of the counts lock as the renames.
-            with self._counts(qdir).adding({"que": len(made)}):
+            with self._counts(qdir).adding({str(state): len(made)}):
                 for i, m in enumerate(made):
                     self._publish_at(str(i), sdir, m.msg_id, buckets, sync, src_dir_fd=bfd)
                     published.append(m.msg_id)
@@ -255,9 +261,9 @@ class WriteParts(ReadParts):
         except (OSError, SpoolqError) as e:
             # All or nothing: withdraw what was already published (the batch dir goes below).
             for msg_id in published:
-                shutil.rmtree(message_path(qdir, State.QUE, msg_id), ignore_errors=True)
+                shutil.rmtree(message_path(qdir, state, msg_id), ignore_errors=True)
             if counted:
-                self._counts(qdir).add({"que": -len(made)})
+                self._counts(qdir).add({str(state): -len(made)})
             if isinstance(e, SpoolqError):
                 raise
             raise durable.storage_error(e, f"cannot store {len(msgs)} messages in {queue}") from None
@@ -433,7 +439,10 @@ class WriteParts(ReadParts):
                 before = os.lseek(hfd, 0, os.SEEK_END)
                 os.write(hfd, _json(entry) + b"\n")
                 try:
-                    self._publish(path, dest, qdir / str(dst), sync, durable_dirs=durable_dirs)
+                    # I8: the rename and its delta under one hold of the counts lock, so a
+                    # recount sees both or neither (the fsyncs come after, outside it).
+                    with self._counted_move(qdir, {_count_key(src, acked): -1, str(dst): 1}):
+                        self._publish(path, dest, qdir / str(dst), False, durable_dirs=durable_dirs)
                 except FileNotFoundError:
                     os.ftruncate(hfd, before)
                     raise WrongState(f"message {msg_id} left {src} while being moved") from None
@@ -442,15 +451,19 @@ class WriteParts(ReadParts):
                     raise
             finally:
                 os.close(hfd)
+            if sync:
+                # On a journaling filesystem the rename is one transaction, which the fsync of
+                # the destination directory commits; elsewhere the source is fsync'd as well.
+                durable.fsync_after_rename(dest.parent, path.parent)
         except OSError as e:
             raise durable.storage_error(e, f"cannot move {queue}/{msg_id} to {dst}") from None
-        self._count_move(qdir, {_count_key(src, acked): -1, str(dst): 1})
         m.history.append(entry)
         return m
 
-    def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
-        """A move's counts delta (the daemon's store gathers them: attempts.py)."""
-        self._counts(qdir).add(deltas)
+    def _counted_move(self, qdir: Path, deltas: dict[str, int]) -> contextlib.AbstractContextManager[None]:
+        """``with``: a move's rename, and its counts delta once the rename is done (the
+        daemon's store gathers them instead: attempts.py)."""
+        return self._counts(qdir).adding(deltas)
 
     def flush_counts(self) -> None:
         """Add gathered counts deltas (none here: attempts.py gathers them for the daemon)."""

@@ -127,10 +127,12 @@ class MessageParts(QueueParts):
             (m,) = self._insert(cur, queue, [msg], State.QUE)
             return m.msg_id, True
 
-    def create_many(self, queue: str, msgs: Sequence[Message]) -> list[Message]:
+    def create_many(self, queue: str, msgs: Sequence[Message], *, state: State = State.QUE) -> list[Message]:
+        if state not in (State.QUE, State.PREP):
+            raise InvalidInput("new messages start in que or prep")
         with self.db.tx() as cur:
             self._writable_queue(cur, queue)
-            return self._insert(cur, queue, msgs, State.QUE) if msgs else []
+            return self._insert(cur, queue, msgs, state) if msgs else []
 
     def _insert_one(self, queue: str, msg: Message, state: State) -> Message:
         """A message without attachments: its queue's check and its id in one query, its row
