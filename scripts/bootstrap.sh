@@ -61,8 +61,8 @@ case "$mode" in
   test)
     # ruby, ruby-nokogiri, curl: RQ's own tests (tests/test_rq_setup.py); xfsprogs, e2fsprogs:
     # tests/test_powercut.py; netcat-openbsd: isq's producers and the notifier as their users
-    # run them (tests/test_intake.py)
-    apt_install chromium ruby ruby-nokogiri curl xfsprogs e2fsprogs netcat-openbsd
+    # run them (tests/test_intake.py); lockfile-progs: isq's own lock (tests/test_isq.py)
+    apt_install chromium ruby ruby-nokogiri curl xfsprogs e2fsprogs netcat-openbsd lockfile-progs
     # tests/pg_cluster.py starts its own PostgreSQL cluster from these binaries
     if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
       apt_install postgresql

@@ -419,6 +419,8 @@ class QueueConfig:
     kind: str = "script"  # "script": one process per message; "worker": persistent workers
     worker_inflight: int = 1  # kind worker: messages one worker holds at once
     worker_restart_after: int = 0  # kind worker: messages before a worker is replaced (0: never)
+    args: list[str] = field(default_factory=list)  # arguments after the script (isq's "cmd arg")
+    message_arg: bool = False  # param1 as the script's last argument (isq's cmd "$line")
 
     @classmethod
     def from_dict(cls, data: Any) -> QueueConfig:
@@ -469,6 +471,18 @@ class QueueConfig:
         if not isinstance(prefix, str) or "\0" in prefix:
             raise InvalidConfig("exec_prefix must be a string")
         c.exec_prefix = prefix
+        args = data.get("args") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) and "\0" not in a and _utf8(a) for a in args):
+            raise InvalidConfig("args must be a list of strings (the script's arguments)")
+        if len(args) > 256 or sum(len(a.encode()) for a in args) > MAX_ENV_VALUE:
+            raise InvalidConfig("args: at most 256 arguments and 128 KiB")
+        c.args = list(args)
+        ma = data.get("message_arg", False)
+        if not isinstance(ma, bool):
+            raise InvalidConfig("message_arg must be true or false")
+        if ma and c.kind != "script":
+            raise InvalidConfig("message_arg needs kind script: a persistent worker gets messages on its pipe")
+        c.message_arg = ma
         env = data.get("env_vars") or {}
         if not isinstance(env, dict):
             raise InvalidConfig("env_vars must be an object of NAME: value")
@@ -523,6 +537,8 @@ class QueueConfig:
             "kind": self.kind,
             "worker_inflight": self.worker_inflight,
             "worker_restart_after": self.worker_restart_after,
+            **({"args": list(self.args)} if self.args else {}),
+            **({"message_arg": True} if self.message_arg else {}),
         }
 
 

@@ -54,6 +54,9 @@ def register(sub: Any) -> None:
         p.add_argument(f"--{name}-host", default="127.0.0.1", metavar="ADDR",
                        help=f"{doc} address (default 127.0.0.1). Off loopback a client from another host must "
                             "send ':auth <token>' first")
+    p.add_argument("--isq-spool", default=None, metavar="DIR",
+                   help="take the lines of isq's spool files DIR/<queue>.queue as messages of <queue>, as "
+                        "the queue has room (docs/isq.md); spoolq isq put and isq's own put append to them")
     p.add_argument("--no-builtin-queues", action="store_true",
                    help="do not make RQ's built-in queues (relay, webhook, cleaner, debug) at the root's "
                         "first start; they are still made when first needed")
@@ -152,12 +155,18 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
 
             lines.append(Intake(args.intake_host, args.intake_port, token=secret,
                                 client=Client(open_store(ctx.root), root_config=d.rootcfg)))
+        if args.isq_spool:
+            from ..client import Client
+            from ..daemon.isqspool import IsqSpool
+
+            lines.append(IsqSpool(Path(args.isq_spool), Path(home), client=Client(open_store(ctx.root)),
+                                  bus=d.events))
         for srv in lines:
             try:
                 srv.start()
             except OSError as e:
-                raise Unavailable(f"the {srv.name} cannot listen on {srv.host}:{srv.port}: "
-                                  f"{e.strerror or e}") from None
+                where = f"use {srv.spool}" if hasattr(srv, "spool") else f"listen on {srv.host}:{srv.port}"
+                raise Unavailable(f"the {srv.name} cannot {where}: {e.strerror or e}") from None
         if not args.no_http:
             assert token is not None
             if anonymous == AccessLevel.ALL and is_loopback(d.rootcfg.host):
@@ -168,7 +177,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
         d.loop()
     finally:
         for srv in lines:
-            if srv.srv is not None:
+            if getattr(srv, "srv", True) is not None:
                 srv.stop()
         if http is not None:
             try:

@@ -18,10 +18,10 @@ from ..client import Client
 from ..client import open as open_client
 from ..config import default_root
 from ..errors import SpoolqError
-from . import daemon_cmds, db_cmds, exitcodes, message_cmds, output, queue_cmds, rq_cmd
+from . import daemon_cmds, db_cmds, exitcodes, isq_cmds, message_cmds, output, queue_cmds, rq_cmd
 
 # Command-group modules, in help order.
-COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds, db_cmds, rq_cmd)
+COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds, db_cmds, rq_cmd, isq_cmds)
 
 
 class Ctx:

@@ -119,7 +119,7 @@ class JobRunner:
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
                             rootcfg=self.rootcfg, root=self.home, msg_dir=workdir.parent, rq_env=self.rq_env)
             env["SPOOLQ_STORE"] = self.store.url  # no password (the PostgreSQL store's url is safe_url'd)
-            sp = spawn(build_argv(cfg, script), env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
+            sp = spawn(build_argv(cfg, script, msg), env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
                        header_script=str(script))
         except ScriptError as e:
             why = script_problem(cfg, self.home) or str(e)  # "bad interpreter" beats ENOENT

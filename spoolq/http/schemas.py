@@ -31,6 +31,8 @@ class QueueConfigOut(_Out):
     kind: str = Field("script", description="script: one process per message; worker: persistent workers")
     worker_inflight: int = 1
     worker_restart_after: int = 0
+    args: list[str] = Field([], description="arguments after the script")
+    message_arg: bool = Field(False, description="param1 as the script's last argument (isq)")
 
 
 class QueueSummary(_Out):

@@ -206,13 +206,15 @@ def build_env(*, base: Mapping[str, str], cfg: QueueConfig, msg: Message, queue:
     return env
 
 
-def build_argv(cfg: QueueConfig, script: Path) -> list[str]:
+def build_argv(cfg: QueueConfig, script: Path, msg: Message | None = None) -> list[str]:
     """``exec_prefix`` empty: exec the script itself with one empty argument (RQ's
     ``exec(path, "")``). Otherwise the prefix is split like a shell would (no shell runs)
-    and the script path appended."""
+    and the script path appended. Then ``args``, and with ``message_arg`` the message's
+    param1 as one last argument (isq's ``cmd "$line"``), in place of RQ's empty one."""
+    extra = [*cfg.args, *([msg.param1 if msg is not None else ""] if cfg.message_arg else [])]
     if not cfg.exec_prefix.strip():
-        return [str(script), ""]
-    return [*shlex.split(cfg.exec_prefix), str(script)]
+        return [str(script), *(extra or [""])]
+    return [*shlex.split(cfg.exec_prefix), str(script), *extra]
 
 
 @dataclass
