@@ -4,7 +4,8 @@ with one message per line, appended under a lock file ``<queue>.queue.lock``.
 The lock is lockfile-progs' (``lockfile-create --use-pid``, which isq uses): a file that
 holds the owner's pid and a newline, made by ``link(2)`` of a complete temporary file so it
 appears whole or not at all. A lock whose pid is not a live process is stale and may be
-removed, as is one without a pid older than five minutes (liblockfile's rules). spoolq's
+removed, as is one without a pid older than five minutes (liblockfile's rules), one that
+is not a regular file, and one holding this process's own pid. spoolq's
 ``isq put`` and the daemon's spool intake (daemon/isqspool.py) both take it, so they
 interoperate with isq's own ``put``/``get`` and with anything else that uses lockfile-progs.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -81,15 +83,17 @@ def try_lock(path: Path) -> bool:
 def stale(path: Path) -> bool:
     """Is the lock at ``path`` left by a process that is gone (or gone itself)?"""
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
     except FileNotFoundError:
         return True
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            return True  # not a lock file: a link planted in the spool
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            return True  # not a lock file: a link (or a socket) planted in the spool
         raise
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return True  # a FIFO or a device planted in the spool: no process's lock
         raw = os.read(fd, 64)
     finally:
         os.close(fd)
@@ -99,6 +103,9 @@ def stale(path: Path) -> bool:
         pid = 0
     if pid <= 0:
         return time.time() - st.st_mtime > STALE_NO_PID
+    if pid == os.getpid():
+        return True  # this process takes a lock only to let it go before it asks again: an
+        # earlier process with the same pid (a container's daemon restarted) left it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -134,12 +141,16 @@ def put(spool: Path, queue: str, message: str, *, timeout: float = 30.0) -> None
     lock(lk, timeout)
     try:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | _NOFOLLOW, 0o666)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise InvalidInput(f"{path} is a symbolic link: refusing to follow it") from None
+            if e.errno == errno.ENXIO:  # a FIFO nobody reads (or a socket)
+                raise InvalidInput(f"{path} is not a regular file") from None
             raise Unavailable(f"cannot open {path}: {e.strerror or e}") from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidInput(f"{path} is not a regular file")
             data = message.encode() + b"\n"
             if os.write(fd, data) != len(data):
                 raise Unavailable(f"short write to {path}")

@@ -20,6 +20,7 @@ from conftest import SPOOLQ
 from daemon_util import Served, wait_for
 
 import spoolq
+from spoolq import inotify as ino
 from spoolq import isq
 from spoolq.model import State
 
@@ -217,14 +218,15 @@ def test_isqs_own_producer_and_a_torn_line(client: spoolq.Client, spool: Path, d
     assert "half a line" in params(client, "server_type", State.QUE)
 
 
-def test_a_line_that_cannot_be_a_message_is_moved_aside(client: spoolq.Client, spool: Path, daemon: Any) -> None:
+def test_a_line_that_cannot_be_a_message_is_moved_aside(client: spoolq.Client, root: Path, spool: Path,
+                                                        daemon: Any) -> None:
     client.create_queue("q", script="/bin/true")
     client.set_admin_state("q", "pause")
     daemon()
     (spool / "q.queue").write_bytes(b"good\n\xff\xfe not utf-8\nalso good\n")
     wait_for(lambda: client.counts("q")["que"] == 2 and (spool / "q.queue").read_bytes() == b"", 30,
              "the good lines")
-    assert (spool / "q.queue.rejected").read_bytes() == b"\xff\xfe not utf-8\n"
+    assert (root / "isq" / "q.rejected").read_bytes() == b"\xff\xfe not utf-8\n"
     assert (spool / "q.queue").read_bytes() == b""
 
 
@@ -272,13 +274,23 @@ def test_daemon_kills_while_taking_lose_and_double_nothing(cli: Any, client: spo
                 isq.put(spool, "q", f"line-{i}")
         sent += batch
         if rng.random() < 0.5:
+            if rng.random() < 0.5:
+                # Into the window that matters: the journal is written, the cut not yet made.
+                (root / "isq").mkdir(exist_ok=True)
+                with ino.Inotify() as w:
+                    w.add(root / "isq", ino.IN_MOVED_TO)
+                    isq.put(spool, "q", f"line-{sent}")
+                    sent += 1
+                    w.wait(5)
             os.kill(s.pid, signal.SIGKILL)
             s.proc.wait(10)  # type: ignore[union-attr]
             s = start()
-    wait_for(lambda: client.counts("q")["done"] >= n and client.counts("q")["que"] == 0, 300, "every line to run")
+    wait_for(lambda: client.counts("q")["done"] >= sent and client.counts("q")["que"] == 0, 300, "every line to run")
     s.stop()
+    interrupted = sum(log.count("a crash interrupted") for log in [served[0].log()])
+    print(f"{len(served) - 1} kills, {interrupted} of them between a journal and its cut")
     done = params(client, "q", State.DONE)
-    assert sorted(done) == sorted(f"line-{i}" for i in range(n)), "a line lost or run twice"
+    assert sorted(done) == sorted(f"line-{i}" for i in range(sent)), "a line lost or run twice"
     assert (spool / "q.queue").read_bytes() == b""
     assert not list((root / "isq").glob("*.json")), "a journal left behind"
 
@@ -320,3 +332,82 @@ def test_a_take_cut_short_by_a_crash_is_finished_at_start(client: spoolq.Client,
     assert path.read_bytes() == b""
     wait_for(lambda: not list((root / "isq").glob("*.json")), 10, "the last take's journal to go")
     assert "a crash interrupted" in s.log()
+
+
+class LockTakes:
+    """Counts the creations of a spool's lock files (inotify from outside): each is one take."""
+
+    def __init__(self, spool: Path) -> None:
+        from spoolq import inotify as ino
+
+        self.ino = ino.Inotify()
+        self.ino.add(spool, ino.IN_CREATE | ino.IN_MOVED_TO)
+
+    def count(self) -> int:
+        return sum(1 for e in self.ino.read() if e.name.endswith(".queue.lock"))
+
+
+def test_an_idle_spool_is_left_alone(client: spoolq.Client, spool: Path, daemon: Any) -> None:
+    """The daemon's own lock and cut are inotify events too: they must not start another take
+    (a loop of takes, the CPU at 100 %, found by an audit)."""
+    client.create_queue("q", script="/bin/true")
+    client.set_admin_state("q", "pause")
+    s = daemon()
+    takes = LockTakes(spool)
+    try:
+        (spool / "q.queue").write_text("a\nb\n")
+        wait_for(lambda: client.counts("q")["que"] == 2 and (spool / "q.queue").read_bytes() == b"", 30, "the lines")
+        settle_start = s.cpu_ticks()
+        client.create_queue("probe", script="/bin/true")
+        assert client.wait(client.send("probe"), 30).state == State.DONE  # the daemon went round its loop
+        first = takes.count()
+        assert first <= 3, f"{first} takes of two lines"
+        client.create_queue("probe2", script="/bin/true")
+        assert client.wait(client.send("probe2"), 30).state == State.DONE
+        assert takes.count() == 0, "takes with nothing new in the file"
+        assert s.cpu_ticks() - settle_start < 100  # not a spinning thread (100 ticks = 1 s of CPU)
+    finally:
+        takes.ino.close()
+
+
+def test_fifos_planted_in_the_spool_block_nothing(cli: Any, client: spoolq.Client, spool: Path,
+                                                  daemon: Any) -> None:
+    os.mkfifo(spool / "trap.queue")
+    os.mkfifo(spool / "other.queue.lock")
+    client.create_queue("trap", script="/bin/true")
+    client.create_queue("q", script="/bin/true")
+    client.set_admin_state("q", "pause")
+    s = daemon()
+    (spool / "q.queue").write_text("fine\n")
+    wait_for(lambda: client.counts("q")["que"] == 1, 30, "the other queue's line")
+    assert "not a regular file" in s.log()
+    r = cli("isq", "put", "--spool", str(spool), "other", "m", timeout=30)  # a FIFO lock is no lock
+    assert r.returncode == 0, r.stderr
+    r = cli("isq", "put", "--spool", str(spool), "trap", "m", timeout=30)
+    assert r.returncode != 0 and "not a regular file" in r.stderr
+
+
+def test_a_cut_that_fails_takes_nothing_twice(client: spoolq.Client, root: Path, spool: Path, daemon: Any) -> None:
+    """An append-only file (chattr +a) cannot be replaced, even by root: the lines taken stay
+    taken once, nothing more is taken while the journal waits, and all goes on once it can."""
+    client.create_queue("q", script="/bin/true")
+    client.set_admin_state("q", "pause")
+    path = spool / "q.queue"
+    path.write_text("one\ntwo\n")
+    if subprocess.run(["chattr", "+a", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +a does not work here (scripts/bootstrap.sh test installs e2fsprogs; ext4 needed)")
+    try:
+        s = daemon()
+        wait_for(lambda: client.counts("q")["que"] == 2, 30, "the two lines")
+        wait_for(lambda: "Operation not permitted" in s.log(), 30, "the failed cut")
+        with open(path, "a") as f:
+            f.write("three\n")  # an event: a take that must finish the journal first, and cannot
+        client.create_queue("probe", script="/bin/true")
+        assert client.wait(client.send("probe"), 30).state == State.DONE
+        assert client.counts("q")["que"] == 2 and client.counts("q")["prep"] == 0
+    finally:
+        subprocess.run(["chattr", "-a", str(path)], check=True)
+    with open(path, "a") as f:
+        f.write("four\n")
+    wait_for(lambda: client.counts("q")["que"] == 4 and path.read_bytes() == b"", 30, "the rest")
+    assert sorted(params(client, "q", State.QUE)) == ["four", "one", "three", "two"]

@@ -133,3 +133,44 @@ def test_moves_of_a_recount_never_walked_are_counted_when_the_daemon_lets_go(tmp
     st.release_daemon()
     assert st.counts("q") == truth(st, "q")
     assert truth(st, "q")["done"] == 3
+
+
+def test_a_corrupt_message_met_during_a_recount_does_not_deadlock(daemon_store: FsStore, monkeypatch: Any) -> None:
+    """Setting a corrupt message aside takes the counts lock, which the recount holds while it
+    waits for its own lock between buckets: the move must not hold that one meanwhile."""
+    from spoolq.errors import CorruptMessage, WrongState
+
+    st = daemon_store
+    st.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true"}))
+    for age in range(60, 0, -2):
+        FsStore(st.root, clock=lambda age=age: time.time() - age).create_many("q", [Message.from_dict({})])
+    bad = st.create("q", Message.from_dict({"param1": "x"})).msg_id
+    (st.message_dir("q", bad) / "msg").write_text("{not json")
+    slow_buckets = recount_mod.bucket_dirs
+
+    def bucket_dirs(*a: Any) -> Iterator[Path]:
+        for b in slow_buckets(*a):
+            time.sleep(0.01)
+            yield b
+
+    monkeypatch.setattr(recount_mod, "bucket_dirs", bucket_dirs)
+    st.flush_counts()
+    assert st.begin_recount("q")
+    walker = threading.Thread(target=st.recount, args=("q",), daemon=True)
+    walker.start()
+    time.sleep(0.05)  # the walk is under way, holding the counts lock
+    outcome: list[BaseException | None] = []
+
+    def mover() -> None:
+        try:
+            st.move("q", bad, State.QUE, State.RUN)
+            outcome.append(None)
+        except (CorruptMessage, WrongState) as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=mover, daemon=True)
+    t.start()
+    t.join(30)
+    walker.join(30)
+    assert not t.is_alive() and not walker.is_alive(), "deadlock: the move and the recount wait for each other"
+    assert outcome and isinstance(outcome[0], (CorruptMessage, WrongState))

@@ -19,21 +19,28 @@ once; here at least once, and exactly once through a crash at any instant):
 6. drop the journal, release the lock.
 
 A crash before 3 leaves preps nobody commits (the cleaner removes old preps) and the lines
-in the file: they are taken again. At start each journal is finished: its preps committed
-(again: committing is idempotent), and the cut made if the file is still the same inode
-and still starts with the taken bytes. Bytes a writer without the lock appends while a cut
-is made are carried over to the new file (checked once more just after the rename); a
-writer that keeps the file open across a cut and writes after it loses those lines, so
-long-lived writers must take the lock (docs/isq.md).
+in the file: they are taken again. A journal that exists is finished before anything new
+is taken from its file (at start, or after a cut that failed): its preps committed (again:
+committing is idempotent), and the cut made if the file is still the same inode and still
+starts with the taken bytes; while it cannot be finished, nothing more is taken. Bytes a
+writer without the lock appends while a cut is made are carried over to the new file
+(checked once more just after the rename); a writer that keeps the file open across a cut
+and writes after it loses those lines, so long-lived writers must take the lock; and a
+crash in the instant between the rename and that second check loses what a writer without
+the lock appended in it (docs/isq.md).
 
 Lines that cannot be messages (not UTF-8, a NUL, longer than :data:`MAX_LINE`) are moved
-to ``<queue>.queue.rejected`` beside the file, never dropped. The spool is often
-world-writable: nothing here follows a symbolic link, and a ``.queue`` that is not a
-regular file with one link is left alone (logged once).
+to ``<home>/isq/<queue>.rejected``, never dropped. The spool is often world-writable:
+nothing here follows a symbolic link or opens anything but a regular file with one link
+(``O_NONBLOCK``, then ``fstat``: a FIFO planted there cannot block the thread), and the
+journals and rejected lines live in the daemon's home. The file is read a piece at a time,
+never whole. The daemon's own lock and cut are events too: a file is looked at again only
+when it differs from how the last take left it.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -49,7 +56,7 @@ from typing import Any
 from .. import durable, isq
 from .. import inotify as ino
 from ..client import Client
-from ..errors import InvalidMessage, MessageNotFound, QueueDown, QueueNotFound, SpoolqError, WrongState
+from ..errors import InvalidMessage, MessageNotFound, QueueDown, QueueNotFound, WrongState
 from ..events import EventBus
 from ..model import Message, State
 
@@ -64,7 +71,7 @@ SAFETY_POLL = 5.0
 """Seconds between looks at files that wait (a lock held, a full window) when no event came."""
 _MASK = (ino.IN_MODIFY | ino.IN_CLOSE_WRITE | ino.IN_MOVED_TO | ino.IN_CREATE | ino.IN_DELETE
          | ino.IN_MOVED_FROM)
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def window(num_workers: int) -> int:
@@ -83,7 +90,9 @@ class IsqSpool:
         self.client = client
         self.bus = bus
         self._dirty: set[str] = set()
-        self._waiting: set[str] = set()  # files with lines left that wait for room or the lock
+        self._waiting: set[str] = set()  # files with lines left that wait for room, a queue, a retry
+        self._lock_wait: set[str] = set()  # files whose lock another process holds
+        self._left: dict[str, tuple[int, int]] = {}  # (inode, size) each file was left in
         self._warned: set[tuple[str, str]] = set()
         self._ino: ino.Inotify | None = None
         self._sub: Any = None
@@ -100,7 +109,8 @@ class IsqSpool:
         if self.bus is not None:
             self._sub = self.bus.subscribe(maxlen=1000, wake=self._wake)
         self._sweep_debris()
-        self._recover()
+        for j in sorted(self.journals.glob("*.json")):
+            self._dirty.add(j.stem)  # a take a crash interrupted: finished first (take)
         for name in os.listdir(self.spool):
             q = isq.queue_of(name)
             if q is not None:
@@ -130,17 +140,16 @@ class IsqSpool:
     def _run(self) -> None:
         assert self._ino is not None
         while not self._stop.is_set():
-            if self._dirty:
-                for q in sorted(self._dirty):
-                    self._dirty.discard(q)
-                    try:
-                        if self.take(q):
-                            self._waiting.add(q)
-                        else:
-                            self._waiting.discard(q)
-                    except Exception:  # noqa: BLE001 - one file must never stop the others
-                        log.exception("isq spool: %s.queue", q)
-                        self._waiting.add(q)
+            for q in sorted(self._dirty):
+                self._dirty.discard(q)
+                self._lock_wait.discard(q)
+                try:
+                    waits = self.take(q)
+                except Exception as e:  # noqa: BLE001 - one file must never stop the others
+                    self._warn(q, f"error {e}", "isq spool: %s.queue: %s; trying again every %g s", q, e,
+                               SAFETY_POLL)
+                    waits = True
+                (self._waiting.add if waits else self._waiting.discard)(q)
             timeout = SAFETY_POLL if self._waiting else None
             ready, _, _ = select.select([self._ino.fd, self._wake_r], [], [], timeout)
             if not ready:
@@ -158,60 +167,99 @@ class IsqSpool:
                         if eq in self._waiting and (ev.get("event") != "state" or ev.get("state") == "run"):
                             self._dirty.add(eq)
             if self._ino.fd in ready:
-                for e in self._ino.read():
-                    if e.mask & ino.IN_Q_OVERFLOW:
-                        self._dirty |= {oq for n in os.listdir(self.spool) if (oq := isq.queue_of(n))}
-                        continue
-                    name = e.name[: -len(".lock")] if e.name.endswith(isq.LOCK_SUFFIX) else e.name
-                    fq = isq.queue_of(name)
-                    if fq is not None:
-                        self._dirty.add(fq)
+                self._events(self._ino.read())
+
+    def _events(self, events: list[ino.Event]) -> None:
+        """Mark the files others changed. The daemon's own lock and cut are events too, and
+        must not start another take: a file is looked at again only when its inode or size
+        differs from how the last take left it, a lock's removal only by whoever waits for it."""
+        for e in events:
+            if e.mask & ino.IN_Q_OVERFLOW:
+                self._dirty |= {oq for n in os.listdir(self.spool) if (oq := isq.queue_of(n))}
+                continue
+            if e.name.endswith(isq.LOCK_SUFFIX):
+                lq = isq.queue_of(e.name[: -len(".lock")])
+                if lq in self._lock_wait and e.mask & (ino.IN_DELETE | ino.IN_MOVED_FROM):
+                    self._dirty.add(lq)
+                continue
+            fq = isq.queue_of(e.name)
+            if fq is None:
+                continue
+            try:
+                st = os.lstat(self.spool / e.name)
+                now = (st.st_ino, st.st_size)
+            except OSError:
+                now = (0, 0)
+            if self._left.get(fq) != now:
+                self._dirty.add(fq)
 
     # -- taking ---------------------------------------------------------------------------
     def take(self, queue: str) -> bool:
-        """Take what room allows of ``queue``'s file; True if lines were left waiting."""
+        """Finish a take a crash interrupted, then take what room allows of ``queue``'s file;
+        True if lines were left waiting."""
+        journal = self.journals / f"{queue}.json"
+        pending = journal.exists()
         store = self.client.store
         try:
             cfg = store.queue_config(queue)
             queued = self.client.counts(queue).get("que", 0)
         except QueueNotFound:
-            self._warn(queue, "noqueue", "isq spool: %s.queue waits: no queue %s (spoolq isq get %s CMD)",
-                       queue, queue, queue)
-            return True
-        room = window(cfg.num_workers) - queued
-        if room <= 0:
+            if pending:
+                cfg, queued = None, 0  # its preps went with the queue: the cut is what is left
+            else:
+                self._warn(queue, "noqueue", "isq spool: %s.queue waits: no queue %s (spoolq isq get %s CMD)",
+                           queue, queue, queue)
+                return True
+        room = window(cfg.num_workers) - queued if cfg is not None else 0
+        if room <= 0 and not pending:
             return True
         lk = isq.lock_file(self.spool, queue)
         if not isq.try_lock(lk):
+            self._lock_wait.add(queue)
             return True  # its removal is an event
         try:
-            return self._take_locked(queue, room)
+            if pending:
+                self._finish(queue, journal)
+            return self._take_locked(queue, room) if room > 0 else True
         finally:
             isq.unlock(lk)
 
-    def _take_locked(self, queue: str, room: int) -> bool:
+    def _open(self, queue: str) -> tuple[int, os.stat_result] | None:
+        """The queue's file, open for reading, if it is a regular file with one link (never
+        a link, a FIFO or a device: O_NONBLOCK, then fstat)."""
         path = isq.queue_file(self.spool, queue)
         try:
             fd = os.open(path, _READ)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as e:
             if e.errno == errno.ELOOP:
                 self._warn(queue, "link", "isq spool: %s is a symbolic link: left alone", path)
-                return False
+                return None
             raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            self._warn(queue, "odd", "isq spool: %s is not a regular file with one link: left alone", path)
+            return None
+        return fd, st
+
+    def _take_locked(self, queue: str, room: int) -> bool:
+        opened = self._open(queue)
+        if opened is None:
+            self._left.pop(queue, None)
+            return False
+        fd, st = opened
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                self._warn(queue, "odd", "isq spool: %s is not a regular file with one link: left alone", path)
-                return False
-            data = _read_all(fd, 0)
-            taken, lines = _complete_lines(data, room)
+            self._left[queue] = (st.st_ino, st.st_size)
+            taken, lines = _complete_lines(fd, room)
             if not taken:
                 return False
+            if not self._cuttable(st):
+                self._warn(queue, "sticky", "isq spool: %s.queue belongs to uid %d in a sticky directory: "
+                           "this user cannot replace it, so its lines are left alone", queue, st.st_uid)
+                return True
             good, bad = _messages(lines)
-            if bad:
-                self._reject(queue, bad)
             ids: list[str] = []
             if good:
                 try:
@@ -220,18 +268,51 @@ class IsqSpool:
                     self._warn(queue, "down", "isq spool: %s.queue waits: queue %s is DOWN", queue, queue)
                     return True
                 ids = [m.msg_id for m in made]
-            journal = {"dev": st.st_dev, "inode": st.st_ino, "length": taken,
-                       "sha256": hashlib.sha256(data[:taken]).hexdigest(), "ids": ids}
+            journal = {"dev": st.st_dev, "inode": st.st_ino, "length": taken, "sha256": _sha256(fd, taken),
+                       "ids": ids, "rejected": [base64.b64encode(b).decode() for b in bad]}
             jpath = self.journals / f"{queue}.json"
             durable.write_replace(jpath, json.dumps(journal).encode())
-            self._commit(queue, ids)
-            self._cut(path, fd, st, data, taken)
-            os.unlink(jpath)
+            self._finish(queue, jpath, journal, (fd, st))
             self._warned.discard((queue, "down"))
             log.debug("isq spool: %s.queue: %d line(s) taken", queue, len(lines))
-            return data.count(b"\n") > len(lines)
+            return len(lines) >= room  # perhaps more: looked at again when there is room
         finally:
             os.close(fd)
+
+    def _finish(self, queue: str, jpath: Path, journal: dict[str, Any] | None = None,
+                opened: tuple[int, os.stat_result] | None = None) -> None:
+        """Steps 4-6 of a take (module docstring), from its journal: commit the preps, keep
+        the rejected lines, cut the taken bytes if the file still starts with them, drop the
+        journal. Raises (the journal stays, the next take tries again) if any step fails."""
+        recovering = journal is None
+        if journal is None:
+            journal = json.loads(jpath.read_bytes())
+        ids = [str(i) for i in journal["ids"]]
+        try:
+            self._commit(queue, ids)
+        except QueueNotFound:
+            pass
+        bad = [base64.b64decode(b) for b in journal.get("rejected", [])]
+        if bad:
+            self._reject(queue, bad)  # again after a crash between this and the cut: at least once
+        own = opened is None
+        if own:
+            opened = self._open(queue)
+        if opened is not None:
+            fd, st = opened
+            try:
+                st = os.fstat(fd)  # its size now: lines may have come since it was opened
+                if ((st.st_dev, st.st_ino) == (int(journal["dev"]), int(journal["inode"]))
+                        and st.st_size >= int(journal["length"])
+                        and _sha256(fd, int(journal["length"])) == journal["sha256"]):
+                    self._left[queue] = self._cut(isq.queue_file(self.spool, queue), fd, st, int(journal["length"]))
+            finally:
+                if own:
+                    os.close(fd)
+        os.unlink(jpath)
+        if recovering:
+            log.warning("isq spool: finished %s.queue's take of %d line(s) that a crash interrupted",
+                        queue, len(ids) + len(bad))
 
     def _commit(self, queue: str, ids: list[str]) -> None:
         with self.client.store.durable_batch():
@@ -241,11 +322,21 @@ class IsqSpool:
                 except (WrongState, MessageNotFound):
                     pass  # committed before a crash, and maybe run since
 
-    def _cut(self, path: Path, fd: int, st: os.stat_result, data: bytes, taken: int) -> None:
-        """Replace the file by what follows the first ``taken`` bytes of ``data``, plus what
-        was appended to it since ``data`` was read (``fd`` is the old file)."""
-        extra = _read_all(fd, len(data))
-        rest = data[taken:] + extra
+    def _cuttable(self, st: os.stat_result) -> bool:
+        """Can this user rename over the file? Not in a sticky directory (an a+w spool with
+        +t) where neither the file nor the directory is ours, unless we are root. Checked
+        before anything is stored: a cut that always fails would take the lines again and
+        again."""
+        me = os.geteuid()
+        if me == 0 or st.st_uid == me:
+            return True
+        d = os.stat(self.spool)
+        return not (d.st_mode & stat.S_ISVTX) or d.st_uid == me
+
+    def _cut(self, path: Path, fd: int, st: os.stat_result, taken: int) -> tuple[int, int]:
+        """Replace the file by what follows its first ``taken`` bytes, read from ``fd`` (the
+        old file) up to its end now, then what reached it during the rename. Returns the new
+        file's (inode, size)."""
         tmp = path.with_name(f".{path.name}.spoolq-{secrets.token_hex(4)}")
         tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -257,8 +348,9 @@ class IsqSpool:
                     except PermissionError:
                         mode |= 0o066  # its owner could write it; so can they now (docs/isq.md)
                 os.fchmod(tfd, mode)
-                os.write(tfd, rest)
+                copied = _copy(fd, taken, tfd)
                 os.fsync(tfd)
+                nst = os.fstat(tfd)
             finally:
                 os.close(tfd)
             os.rename(tmp, path)
@@ -269,17 +361,19 @@ class IsqSpool:
                 pass
             raise
         durable.fsync_dir(path.parent)
-        late = _read_all(fd, len(data) + len(extra))  # appended to the old file while it was being replaced
+        late = _read_from(fd, taken + copied)  # appended to the old file while it was replaced
         if late:
-            afd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            afd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 os.write(afd, late)
                 os.fsync(afd)
+                nst = os.fstat(afd)
             finally:
                 os.close(afd)
+        return nst.st_ino, nst.st_size
 
     def _reject(self, queue: str, bad: list[bytes]) -> None:
-        path = self.spool / f"{queue}.queue.rejected"
+        path = self.journals / f"{queue}.rejected"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, b"".join(line + b"\n" for line in bad))
@@ -290,53 +384,10 @@ class IsqSpool:
                     "bytes): moved to %s", len(bad), queue, MAX_LINE, path)
 
     # -- start-up ---------------------------------------------------------------------------
-    def _recover(self) -> None:
-        """Finish what a crash left between a journal and its removal."""
-        for j in sorted(self.journals.glob("*.json")):
-            queue = j.stem
-            try:
-                journal = json.loads(j.read_bytes())
-                ids = [str(i) for i in journal["ids"]]
-                dev, inode, length, digest = (int(journal["dev"]), int(journal["inode"]),
-                                              int(journal["length"]), str(journal["sha256"]))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.error("isq spool: journal %s unreadable (%s): left for a person to look at", j, e)
-                continue
-            try:
-                self._commit(queue, ids)
-            except QueueNotFound:
-                pass
-            except SpoolqError as e:
-                log.error("isq spool: journal %s: cannot commit its messages: %s; retried at the next start",
-                          j, e)
-                continue
-            lk = isq.lock_file(self.spool, queue)
-            isq.lock(lk, 60.0)
-            try:
-                path = isq.queue_file(self.spool, queue)
-                try:
-                    fd = os.open(path, _READ)
-                except FileNotFoundError:
-                    fd = -1
-                if fd >= 0:
-                    try:
-                        st = os.fstat(fd)
-                        data = _read_all(fd, 0)
-                        if ((st.st_dev, st.st_ino) == (dev, inode) and len(data) >= length
-                                and hashlib.sha256(data[:length]).hexdigest() == digest):
-                            self._cut(path, fd, st, data, length)  # the crash came before the cut
-                    finally:
-                        os.close(fd)
-            finally:
-                isq.unlock(lk)
-            os.unlink(j)
-            log.warning("isq spool: finished %s.queue's take of %d line(s) that a crash interrupted",
-                        queue, len(ids))
-
     def _sweep_debris(self) -> None:
-        """Temporary files of cuts and locks a crash left (only ours: their names say so)."""
+        """Temporary files of cuts a crash left (only ours: their names and owner say so)."""
         for name in os.listdir(self.spool):
-            if name.startswith(".") and (".queue.spoolq-" in name or name.startswith(f".lk{os.getpid()}.")):
+            if name.startswith(".") and ".queue.spoolq-" in name:
                 try:
                     p = self.spool / name
                     if os.lstat(p).st_uid == os.geteuid():
@@ -350,29 +401,71 @@ class IsqSpool:
             log.warning(fmt, *args)
 
 
-def _read_all(fd: int, offset: int) -> bytes:
+def _read_from(fd: int, offset: int, limit: int | None = None) -> bytes:
     chunks = []
-    while chunk := os.pread(fd, 1 << 20, offset):
+    got = 0
+    while limit is None or got < limit:
+        chunk = os.pread(fd, 1 << 20 if limit is None else min(1 << 20, limit - got), offset)
+        if not chunk:
+            break
         chunks.append(chunk)
         offset += len(chunk)
+        got += len(chunk)
     return b"".join(chunks)
 
 
-def _complete_lines(data: bytes, room: int) -> tuple[int, list[bytes]]:
-    """(bytes taken, the lines): at most ``room`` complete lines, each with its newline;
-    empty lines are taken and dropped without counting."""
-    taken, start = 0, 0
+def _copy(src: int, offset: int, dst: int) -> int:
+    """Copy ``src`` from ``offset`` to its end into ``dst``; the number of bytes."""
+    n = 0
+    while chunk := os.pread(src, 1 << 20, offset + n):
+        os.write(dst, chunk)
+        n += len(chunk)
+    return n
+
+
+def _sha256(fd: int, length: int) -> str:
+    h = hashlib.sha256()
+    off = 0
+    while off < length:
+        chunk = os.pread(fd, min(1 << 20, length - off), off)
+        if not chunk:
+            break
+        h.update(chunk)
+        off += len(chunk)
+    return h.hexdigest()
+
+
+def _complete_lines(fd: int, room: int) -> tuple[int, list[bytes]]:
+    """(bytes taken, the lines): at most ``room`` complete lines from the start of ``fd``,
+    read a piece at a time (never the whole file). Empty lines are taken and dropped without
+    counting. A line longer than :data:`MAX_LINE` is taken as its first MAX_LINE + 1 bytes
+    (rejected: too long) once its newline has come."""
+    taken, buf, pos, skipping, head = 0, b"", 0, False, b""
     lines: list[bytes] = []
     while len(lines) < room:
-        nl = data.find(b"\n", start)
+        nl = buf.find(b"\n")
         if nl < 0:
-            break
-        line = data[start:nl]
+            if len(buf) > MAX_LINE:  # a giant line: keep its head, look for its end
+                if not skipping:
+                    head = buf[: MAX_LINE + 1]
+                    skipping = True
+                buf = b""
+            chunk = os.pread(fd, 1 << 16, pos)
+            if not chunk:
+                break
+            buf += chunk
+            pos += len(chunk)
+            continue
+        line, buf = buf[:nl], buf[nl + 1:]
+        taken = pos - len(buf)
+        if skipping:
+            lines.append(head)
+            skipping = False
+            continue
         if line.endswith(b"\r"):
             line = line[:-1]
         if line.strip():
             lines.append(line)
-        start = taken = nl + 1
     return taken, lines
 
 

@@ -59,7 +59,7 @@ log = logging.getLogger("spoolq.daemon")
 
 ATTEMPT_FILE = "attempt"
 COUNTS_LINGER = 0.005
-"""Seconds the daemon's store gathers counts deltas before adding them (``_count_move``)."""
+"""Seconds the daemon's store gathers counts deltas before adding them (``_counted_move``)."""
 
 
 class AttemptParts(WriteParts):
@@ -116,25 +116,25 @@ class AttemptParts(WriteParts):
     # -- counts ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _counted_move(self, qdir: Path, deltas: dict[str, int]) -> Iterator[None]:
-        if self._group_sync is None:
-            with super()._counted_move(qdir, deltas):
-                yield
-            return
-        yield
-        self._count_move(qdir, deltas)
-
-    def _count_move(self, qdir: Path, deltas: dict[str, int]) -> None:
         """The daemon's moves add their counts deltas together, :data:`COUNTS_LINGER` after
         the first (``flush_counts``, called by the watcher's loop, and at the end of a
         ``durable_batch`` such as recovery, before any recount starts): one locked
         read-modify-write of ``counts`` for many moves instead of one per move. Readers see
         a count up to that much late; a crash loses the deltas held, which the next start's
-        recount repairs. A move made while its queue is recounted is the recount's to
-        judge (recount.py)."""
+        recount repairs. A move made while its queue is recounted is renamed under the
+        recount's lock and left to it to judge (recount.py)."""
+        if self._group_sync is None:
+            with super()._counted_move(qdir, deltas):
+                yield
+            return
         rc = getattr(self._moving, "rc", None)
         if rc is not None:
-            rc.moved(self._moving.msg_id, deltas)
-            return
+            with rc.lock:
+                if not rc.closed:
+                    yield
+                    rc.moved(self._moving.msg_id, deltas)
+                    return
+        yield
         self._gather(qdir, deltas)
 
     def _gather(self, qdir: Path, deltas: dict[str, int]) -> None:
@@ -229,15 +229,14 @@ class AttemptParts(WriteParts):
         if rc is None:
             m = super().move(queue, msg_id, src, dst, **kw)
         else:
-            with rc.lock:
-                if rc.closed:
-                    m = super().move(queue, msg_id, src, dst, **kw)
-                else:
-                    self._moving.rc, self._moving.msg_id = rc, msg_id
-                    try:
-                        m = super().move(queue, msg_id, src, dst, **kw)
-                    finally:
-                        self._moving.rc = None
+            # Only the rename and its numbering happen under rc.lock (_counted_move): the
+            # rest of a move may take the counts lock (a corrupt msg set aside), which the
+            # recount holds while it waits for rc.lock.
+            self._moving.rc, self._moving.msg_id = rc, msg_id
+            try:
+                m = super().move(queue, msg_id, src, dst, **kw)
+            finally:
+                self._moving.rc = None
         if src == State.QUE:
             self._held.pop((queue, msg_id), None)  # a held duplicate that left the queue is free
         return m
