@@ -517,3 +517,40 @@ def test_a_recount_racing_a_send_counts_it_once(fs: FsStore, monkeypatch: pytest
         fs.create("q", Message(dest="q"))
     recounts[0].join(10)
     assert fs.counts("q")["que"] == (5 if many else 1) == len(list(fs.find_ids("q", State.QUE).ids))
+
+
+@pytest.mark.parametrize("what", ["move", "delete_many", "ack_errs"])
+def test_a_recount_racing_a_rename_counts_it_once(fs: FsStore, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """I8 for the other renames: a commit, a bulk delete, an acknowledgement. A recount is
+    started right after the first rename and must wait for its delta."""
+    import threading
+
+    ids = [m.msg_id for m in fs.create_many("q", [Message(dest="q") for _ in range(4)], state=State.PREP)]
+    if what == "ack_errs":
+        for i in ids:
+            fs.move("q", i, State.PREP, State.QUE)
+            fs.move("q", i, State.QUE, State.RUN)
+            fs.move("q", i, State.RUN, State.ERR)
+    real = os.rename
+    recounts: list[threading.Thread] = []
+
+    def rename_then_recount(*args: object, **kw: object) -> None:
+        real(*args, **kw)  # type: ignore[arg-type]
+        if not recounts:
+            t = threading.Thread(target=fs.recount, args=("q",))
+            recounts.append(t)
+            t.start()
+            t.join(0.3)  # a recount free to run now would see this rename without its delta
+
+    monkeypatch.setattr(os, "rename", rename_then_recount)
+    if what == "move":
+        fs.commit("q", ids[0])
+    elif what == "delete_many":
+        assert fs.delete_many("q", ids[:2]) == []  # not all: counts clamp at zero
+    else:
+        assert fs.ack_errs("q") == 4
+    monkeypatch.undo()
+    recounts[0].join(10)
+    truth = fs.counts("q")
+    walked = FsStore(fs.root).recount("q")
+    assert truth == walked, f"{what}: counts {truth} but the tree holds {walked}"

@@ -53,6 +53,8 @@ from .reading import ReadParts, _count_key
 
 _seq = itertools.count()
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+COUNT_LOCK_BATCH = 256
+"""Renames of a bulk delete or acknowledgement made per hold of the counts lock (I8)."""
 
 
 class WriteParts(ReadParts):
@@ -537,35 +539,40 @@ class WriteParts(ReadParts):
         qdir = self._existing_qdir(queue)
         sync = self.queue_config(queue).fsync
         failures: list[tuple[str, SpoolqError]] = []
-        deltas: dict[str, int] = {}
         touched: dict[Path, None] = {}
         trash: list[Path] = []
         want_state, want_acked = state, acked
-        for msg_id in msg_ids:
-            try:
-                state, path, acked = self.locate(queue, msg_id)
-                if state == State.RUN:
-                    raise WrongState(f"message {msg_id} is running: cancel it first")
-                # The rename below takes the path found here: a message moved meanwhile is
-                # not there any more, and is not deleted.
-                if want_state is not None and (state != want_state or (want_acked is not None
-                                                                      and acked != want_acked)):
-                    raise WrongState(f"message {msg_id} is {'acknowledged ' if acked else ''}{state}, "
-                                     f"not {'acknowledged ' if want_acked else ''}{want_state}")
-                dest = qdir / ".tmp" / f"deleted.{msg_id}.{secrets.token_hex(3)}"
-                try:
-                    os.rename(path, dest)  # I2 again: it disappears in one step
-                except FileNotFoundError:
-                    raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
-                except OSError as e:
-                    raise durable.storage_error(e, f"cannot delete {queue}/{msg_id}") from None
-            except SpoolqError as e:
-                failures.append((msg_id, e))
-                continue
-            trash.append(dest)
-            touched[path.parent] = None
-            key = _count_key(state, acked)
-            deltas[key] = deltas.get(key, 0) - 1
+        ids = list(msg_ids)
+        for at in range(0, len(ids), COUNT_LOCK_BATCH):
+            # I8: renames and their deltas under one hold of the counts lock (a recount sees
+            # both or neither), a batch at a time so that producers do not wait long.
+            part: dict[str, int] = {}
+            with self._counts(qdir).adding(part):
+                for msg_id in ids[at:at + COUNT_LOCK_BATCH]:
+                    try:
+                        state, path, acked = self.locate(queue, msg_id)
+                        if state == State.RUN:
+                            raise WrongState(f"message {msg_id} is running: cancel it first")
+                        # The rename below takes the path found here: a message moved meanwhile
+                        # is not there any more, and is not deleted.
+                        if want_state is not None and (state != want_state or (want_acked is not None
+                                                                              and acked != want_acked)):
+                            raise WrongState(f"message {msg_id} is {'acknowledged ' if acked else ''}{state}, "
+                                             f"not {'acknowledged ' if want_acked else ''}{want_state}")
+                        dest = qdir / ".tmp" / f"deleted.{msg_id}.{secrets.token_hex(3)}"
+                        try:
+                            os.rename(path, dest)  # I2 again: it disappears in one step
+                        except FileNotFoundError:
+                            raise MessageNotFound(f"message {msg_id} moved while being deleted") from None
+                        except OSError as e:
+                            raise durable.storage_error(e, f"cannot delete {queue}/{msg_id}") from None
+                    except SpoolqError as e:
+                        failures.append((msg_id, e))
+                        continue
+                    trash.append(dest)
+                    touched[path.parent] = None
+                    key = _count_key(state, acked)
+                    part[key] = part.get(key, 0) - 1
         if sync and trash:
             try:
                 # .tmp first, then each bucket the messages left (durable.fsync_after_rename,
@@ -575,8 +582,6 @@ class WriteParts(ReadParts):
                     durable.fsync_dirs(touched)
             except OSError:
                 pass  # gone from the tree already; a power cut may bring one back, never lose one
-        if deltas:
-            self._counts(qdir).add(deltas)
         for t in trash:
             shutil.rmtree(t, ignore_errors=True)
         return failures
@@ -586,22 +591,29 @@ class WriteParts(ReadParts):
         sync = self.queue_config(queue).fsync
         n = 0
         buckets: dict[Path, None] = {}
+        entries = [(msg_id, path) for msg_id, path, acked in iter_entries(qdir, State.ERR) if not acked]
         try:
-            for msg_id, path, acked in list(iter_entries(qdir, State.ERR)):
-                if acked:
-                    continue
-                try:
-                    os.rename(path, path.with_name("." + msg_id))  # a rename within its bucket
-                except FileNotFoundError:
-                    continue
-                n += 1
-                buckets[path.parent] = None
+            for at in range(0, len(entries), COUNT_LOCK_BATCH):
+                part: dict[str, int] = {}
+                failed: OSError | None = None
+                with self._counts(qdir).adding(part):  # I8, as in delete_many
+                    for msg_id, path in entries[at:at + COUNT_LOCK_BATCH]:
+                        try:
+                            os.rename(path, path.with_name("." + msg_id))  # a rename within its bucket
+                        except FileNotFoundError:
+                            continue
+                        except OSError as e:
+                            failed = e  # raised once what was renamed is counted
+                            break
+                        n += 1
+                        part["err"] = part.get("err", 0) - 1
+                        part["err_acked"] = part.get("err_acked", 0) + 1
+                        buckets[path.parent] = None
+                if failed is not None:
+                    raise failed
             if sync:
                 durable.fsync_dirs(buckets)  # each bucket once: every rename in it is durable
         except OSError as e:
             raise durable.storage_error(e, f"cannot acknowledge the errors of {queue}") from None
-        finally:
-            if n:
-                self._counts(qdir).add({"err": -n, "err_acked": n})
         return n
 
