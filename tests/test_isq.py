@@ -328,7 +328,7 @@ def test_a_take_cut_short_by_a_crash_is_finished_at_start(client: spoolq.Client,
     wait_for(lambda: client.counts("q")["que"] == 3 and path.read_bytes() == b"", 30, "the three lines")
     assert sorted(params(client, "q", State.QUE)) == ["one", "three", "two"]
     assert client.counts("q")["prep"] == 0
-    assert params(client, "r", State.QUE) == ["gone"]
+    wait_for(lambda: params(client, "r", State.QUE) == ["gone"], 30, "r's journal to be finished")
     assert path.read_bytes() == b""
     wait_for(lambda: not list((root / "isq").glob("*.json")), 10, "the last take's journal to go")
     assert "a crash interrupted" in s.log()

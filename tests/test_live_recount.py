@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-import spoolq.store.fs.recount as recount_mod
-from spoolq.model import COUNT_KEYS, Message, QueueConfig, State
+import spoolq.store.fs.layout as layout_mod
+from spoolq.model import Message, QueueConfig, State
 from spoolq.store.fs import FsStore
-from spoolq.store.fs.layout import count_entries
+from spoolq.store.fs.layout import count_tree
 from spoolq.store.fs.recount import LiveRecount
 
 STATES = ("que", "run", "done", "err")
@@ -77,12 +77,7 @@ def daemon_store(tmp_path: Path) -> Iterator[FsStore]:
 
 
 def truth(st: FsStore, queue: str) -> dict[str, int]:
-    counts = dict.fromkeys(COUNT_KEYS, 0)
-    for s in State:
-        plain, acked = count_entries(st.qdir(queue), s)
-        counts[str(s)] += plain
-        counts["err_acked"] += acked
-    return counts
+    return count_tree(st.qdir(queue))
 
 
 def test_claims_and_finishes_during_a_recount_leave_exact_counts(daemon_store: FsStore, tmp_path: Path,
@@ -92,18 +87,19 @@ def test_claims_and_finishes_during_a_recount_leave_exact_counts(daemon_store: F
     for age in range(60, 0, -2):  # 30 buckets of 20: the walk takes turns with the moves below
         past = FsStore(st.root, clock=lambda age=age: time.time() - age)
         past.create_many("q", [Message.from_dict({"param1": str(i)}) for i in range(20)])
-    slow_buckets = recount_mod.bucket_dirs
+    slow_buckets = layout_mod.bucket_dirs
 
     def bucket_dirs(*a: Any) -> Iterator[Path]:
         for b in slow_buckets(*a):
-            time.sleep(0.002)  # outside the recount's lock: moves slip in between listings
+            if threading.current_thread().name == "recount":  # not this thread's claims' walks
+                time.sleep(0.002)  # outside the recount's lock: moves slip in between listings
             yield b
 
-    monkeypatch.setattr(recount_mod, "bucket_dirs", bucket_dirs)
+    monkeypatch.setattr(layout_mod, "bucket_dirs", bucket_dirs)
     st.flush_counts()
     assert st.begin_recount("q")
     done = threading.Event()
-    t = threading.Thread(target=lambda: (st.recount("q"), done.set()))
+    t = threading.Thread(target=lambda: (st.recount("q"), done.set()), name="recount")
     t.start()
     moved = 0
     while not done.is_set() or moved < 50:
@@ -146,17 +142,18 @@ def test_a_corrupt_message_met_during_a_recount_does_not_deadlock(daemon_store: 
         FsStore(st.root, clock=lambda age=age: time.time() - age).create_many("q", [Message.from_dict({})])
     bad = st.create("q", Message.from_dict({"param1": "x"})).msg_id
     (st.message_dir("q", bad) / "msg").write_text("{not json")
-    slow_buckets = recount_mod.bucket_dirs
+    slow_buckets = layout_mod.bucket_dirs
 
     def bucket_dirs(*a: Any) -> Iterator[Path]:
         for b in slow_buckets(*a):
-            time.sleep(0.01)
+            if threading.current_thread().name == "recount":
+                time.sleep(0.01)
             yield b
 
-    monkeypatch.setattr(recount_mod, "bucket_dirs", bucket_dirs)
+    monkeypatch.setattr(layout_mod, "bucket_dirs", bucket_dirs)
     st.flush_counts()
     assert st.begin_recount("q")
-    walker = threading.Thread(target=st.recount, args=("q",), daemon=True)
+    walker = threading.Thread(target=st.recount, args=("q",), daemon=True, name="recount")
     walker.start()
     time.sleep(0.05)  # the walk is under way, holding the counts lock
     outcome: list[BaseException | None] = []

@@ -64,9 +64,7 @@ log = logging.getLogger("spoolq.isq")
 
 SRC = "isq"
 MAX_LINE = 64 * 1024
-"""A longer line is rejected (moved to ``<queue>.queue.rejected``), as the line intake's limit."""
-MAX_TAKE = 1000
-"""Lines taken in one batch at most, whatever the window."""
+"""A longer line is rejected (moved to ``<home>/isq/<queue>.rejected``), as the line intake's limit."""
 SAFETY_POLL = 5.0
 """Seconds between looks at files that wait (a lock held, a full window) when no event came."""
 _MASK = (ino.IN_MODIFY | ino.IN_CLOSE_WRITE | ino.IN_MOVED_TO | ino.IN_CREATE | ino.IN_DELETE
@@ -76,7 +74,7 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 def window(num_workers: int) -> int:
     """Messages of a queue allowed to wait in ``que`` before more lines are taken."""
-    return min(MAX_TAKE, max(16, 4 * num_workers))
+    return max(16, 4 * num_workers)  # num_workers is at most 128: 512 at most
 
 
 class IsqSpool:
@@ -353,19 +351,18 @@ class IsqSpool:
                 nst = os.fstat(tfd)
             finally:
                 os.close(tfd)
-            os.rename(tmp, path)
+            durable.rename(tmp, path)  # and the directory fsync'd
         except BaseException:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             raise
-        durable.fsync_dir(path.parent)
         late = _read_from(fd, taken + copied)  # appended to the old file while it was replaced
         if late:
             afd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                os.write(afd, late)
+                durable.write_all(afd, late)
                 os.fsync(afd)
                 nst = os.fstat(afd)
             finally:
@@ -376,7 +373,7 @@ class IsqSpool:
         path = self.journals / f"{queue}.rejected"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"".join(line + b"\n" for line in bad))
+            durable.write_all(fd, b"".join(line + b"\n" for line in bad))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -401,16 +398,11 @@ class IsqSpool:
             log.warning(fmt, *args)
 
 
-def _read_from(fd: int, offset: int, limit: int | None = None) -> bytes:
+def _read_from(fd: int, offset: int) -> bytes:
     chunks = []
-    got = 0
-    while limit is None or got < limit:
-        chunk = os.pread(fd, 1 << 20 if limit is None else min(1 << 20, limit - got), offset)
-        if not chunk:
-            break
+    while chunk := os.pread(fd, 1 << 20, offset):
         chunks.append(chunk)
         offset += len(chunk)
-        got += len(chunk)
     return b"".join(chunks)
 
 
@@ -418,7 +410,7 @@ def _copy(src: int, offset: int, dst: int) -> int:
     """Copy ``src`` from ``offset`` to its end into ``dst``; the number of bytes."""
     n = 0
     while chunk := os.pread(src, 1 << 20, offset + n):
-        os.write(dst, chunk)
+        durable.write_all(dst, chunk)
         n += len(chunk)
     return n
 

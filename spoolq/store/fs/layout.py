@@ -23,7 +23,7 @@ import fcntl
 import functools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ...ids import MSG_ID_RE, bucket_of, sort_key
@@ -91,18 +91,30 @@ def message_dirs(bdir: Path) -> Iterator[str]:
         return
 
 
-def count_entries(qdir: Path, state: State | str) -> tuple[int, int]:
+def count_entries(qdir: Path, state: State | str,
+                  names_of: Callable[[Path], Iterable[str]] = message_dirs) -> tuple[int, int]:
     """(messages, acked messages) in ``state``: what :func:`iter_buckets` would yield,
-    counted without sorting or parsing ids (a recount walks every message of a queue)."""
+    counted without sorting or parsing ids (a recount walks every message of a queue).
+    ``names_of`` lists one bucket (a live recount numbers each listing: recount.py)."""
     plain = acked = 0
     match = MSG_ID_RE.match
     for bdir in bucket_dirs(qdir / str(state), False):
-        for n in message_dirs(bdir):
+        for n in names_of(bdir):
             if n[0] == ".":
                 acked += match(n[1:]) is not None
             else:
                 plain += match(n) is not None
     return plain, acked
+
+
+def count_tree(qdir: Path, names_of: Callable[[Path], Iterable[str]] = message_dirs) -> dict[str, int]:
+    """The counts of every state of the queue in ``qdir``, from a walk of its tree."""
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    for st in State:
+        plain, acked = count_entries(qdir, st, names_of)
+        counts[str(st)] += plain
+        counts["err_acked"] += acked
+    return counts
 
 
 def iter_buckets(

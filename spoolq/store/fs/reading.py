@@ -40,7 +40,7 @@ from ...model import (
 )
 from .beneath import NotBeneath, open_dir_beneath, open_in
 from .inotify import FsMessageWatch
-from .layout import COUNT_KEYS, Counts, count_entries, message_path
+from .layout import Counts, count_tree, message_path
 from .queues import QueueParts, _read_file
 from .search import Needle, Scan, scan, status_text
 
@@ -192,15 +192,7 @@ class ReadParts(QueueParts):
     def _counts(qdir: Path) -> Counts:
         """The counts cache of the queue in ``qdir``, able to rebuild itself from the tree."""
 
-        def walk() -> dict[str, int]:
-            counts = dict.fromkeys(COUNT_KEYS, 0)
-            for st in State:
-                plain, acked = count_entries(qdir, st)
-                counts[_count_key(st)] += plain
-                counts[_count_key(st, True)] += acked
-            return counts
-
-        return Counts(qdir / "counts", walk)
+        return Counts(qdir / "counts", lambda: count_tree(qdir))
 
     def open_attachment(self, queue: str, msg_id: str, name: str) -> BinaryIO:
         validate_attachment_name(name)

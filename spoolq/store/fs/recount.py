@@ -25,9 +25,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ...ids import MSG_ID_RE
-from ...model import COUNT_KEYS, State
-from .layout import bucket_dirs, message_dirs
+from .layout import count_tree, message_dirs
 
 
 class LiveRecount:
@@ -47,20 +45,15 @@ class LiveRecount:
 
     def walk(self, qdir: Path) -> dict[str, int]:
         """The counts of the tree, each bucket listed under ``lock`` and numbered."""
-        counts = dict.fromkeys(COUNT_KEYS, 0)
-        match = MSG_ID_RE.match
-        for st in State:
-            for bdir in bucket_dirs(qdir / str(st), False):
-                with self.lock:
-                    names = list(message_dirs(bdir))
-                    self.seq += 1
-                    self.listed[(str(st), f"{bdir.parent.parent.name}/{bdir.parent.name}/{bdir.name}")] = self.seq
-                for n in names:
-                    if n[0] == ".":
-                        counts["err_acked"] += match(n[1:]) is not None
-                    else:
-                        counts[str(st)] += match(n) is not None
-        return counts
+
+        def names_of(bdir: Path) -> list[str]:
+            with self.lock:
+                names = list(message_dirs(bdir))
+                self.seq += 1
+                self.listed[(bdir.parent.parent.parent.name, bucket_key_of(bdir))] = self.seq
+            return names
+
+        return count_tree(qdir, names_of)
 
     def adjustments(self) -> dict[str, int]:
         """What the daemon's moves during the walk add to its counts (call holding ``lock``)."""
@@ -80,3 +73,8 @@ class LiveRecount:
 
 def bucket_key(msg_id: str) -> str:
     return f"{msg_id[0:8]}/{msg_id[9:13]}/{msg_id[14:16]}"
+
+
+def bucket_key_of(bdir: Path) -> str:
+    """:func:`bucket_key` of a bucket directory (``<state>/<day>/<HHMM>/<SS>``)."""
+    return f"{bdir.parent.parent.name}/{bdir.parent.name}/{bdir.name}"
