@@ -18,10 +18,10 @@ from ..client import Client
 from ..client import open as open_client
 from ..config import default_root
 from ..errors import SpoolqError
-from . import daemon_cmds, db_cmds, exitcodes, isq_cmds, message_cmds, output, queue_cmds, rq_cmd
+from . import daemon_cmds, db_cmds, exitcodes, fsq_cmds, isq_cmds, message_cmds, output, queue_cmds, rq_cmd
 
 # Command-group modules, in help order.
-COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds, db_cmds, rq_cmd, isq_cmds)
+COMMAND_MODULES = (queue_cmds, message_cmds, daemon_cmds, db_cmds, rq_cmd, isq_cmds, fsq_cmds)
 
 
 class Ctx:
@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        words = list(sys.argv[1:] if argv is None else argv)
+        if e.code == exitcodes.USAGE and "fsq" in words and all(w.startswith("-") for w in words[:words.index("fsq")]):
+            raise SystemExit(fsq_cmds.USAGE) from None  # fsq's tools say bad usage with 100
+        raise
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
