@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -421,6 +422,8 @@ class QueueConfig:
     worker_restart_after: int = 0  # kind worker: messages before a worker is replaced (0: never)
     args: list[str] = field(default_factory=list)  # arguments after the script (isq's "cmd arg")
     message_arg: bool = False  # param1 as the script's last argument (isq's cmd "$line")
+    fsq_dir: str = ""  # kind fsq: the fsq queue directory (ROOT/QUEUE) whose items are the messages
+    fsq_ttl: int = 0  # kind fsq: items older than this many seconds go to fail/ untaken (0: never)
 
     @classmethod
     def from_dict(cls, data: Any) -> QueueConfig:
@@ -483,6 +486,15 @@ class QueueConfig:
         if ma and c.kind != "script":
             raise InvalidConfig("message_arg needs kind script: a persistent worker gets messages on its pipe")
         c.message_arg = ma
+        fd = data.get("fsq_dir") or ""
+        if not isinstance(fd, str) or "\0" in fd or (fd and not os.path.isabs(fd)):
+            raise InvalidConfig("fsq_dir must be an absolute path (the fsq queue directory, ROOT/QUEUE)")
+        if c.kind == "fsq" and not fd:
+            raise InvalidConfig("kind fsq needs fsq_dir: the fsq queue directory (ROOT/QUEUE) to serve")
+        if fd and c.kind != "fsq":
+            raise InvalidConfig("fsq_dir needs kind fsq")
+        c.fsq_dir = os.path.normpath(fd) if fd else ""
+        c.fsq_ttl = _int_in(data.get("fsq_ttl", 0), "fsq_ttl", 0, 10 * 365 * 86400)
         env = data.get("env_vars") or {}
         if not isinstance(env, dict):
             raise InvalidConfig("env_vars must be an object of NAME: value")
@@ -539,10 +551,12 @@ class QueueConfig:
             "worker_restart_after": self.worker_restart_after,
             **({"args": list(self.args)} if self.args else {}),
             **({"message_arg": True} if self.message_arg else {}),
+            **({"fsq_dir": self.fsq_dir} if self.fsq_dir else {}),
+            **({"fsq_ttl": self.fsq_ttl} if self.fsq_ttl else {}),
         }
 
 
-QUEUE_KINDS = ("script", "worker")
+QUEUE_KINDS = ("script", "worker", "fsq")
 
 
 def _int_in(v: Any, key: str, lo: int, hi: int) -> int:

@@ -161,6 +161,11 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
 
             lines.append(IsqSpool(Path(args.isq_spool), Path(home), client=Client(open_store(ctx.root)),
                                   bus=d.events))
+        from ..client import Client
+        from ..daemon.fsqintake import FsqIntake
+
+        # Queues of kind fsq: served whenever one exists (docs/fsq.md).
+        lines.append(FsqIntake(Path(home), client=Client(open_store(ctx.root)), bus=d.events))
         for srv in lines:
             try:
                 srv.start()

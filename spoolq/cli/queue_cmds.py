@@ -48,7 +48,10 @@ def register(sub: Any) -> None:
                    help="do not fsync messages (faster; a crash may lose acknowledged ones)")
     p.add_argument("--kind", choices=QUEUE_KINDS, default="script",
                    help="script: SCRIPT runs once per message (default); worker: SCRIPT is a persistent "
-                   "worker fed messages over a pipe (docs/workers.md)")
+                   "worker fed messages over a pipe (docs/workers.md); fsq: SCRIPT runs once per item of "
+                   "the fsq queue directory --fsq-dir, with fsq's contract (docs/fsq.md)")
+    p.add_argument("--fsq-dir", metavar="DIR", help="kind fsq: the fsq queue directory (ROOT/QUEUE) to serve")
+    p.add_argument("--fsq-ttl", metavar="S", help="kind fsq: items older than S seconds fail untaken (0: never)")
     p.add_argument("--inflight", metavar="N", help="kind worker: messages one worker holds at once (default 1)")
     p.add_argument("--restart-after", metavar="N",
                    help="kind worker: replace a worker after N messages (default 0: never)")
@@ -110,6 +113,10 @@ def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
         "fsync": not args.no_fsync,
         "kind": args.kind,
     }
+    if args.fsq_dir is not None:
+        data["fsq_dir"] = os.path.abspath(args.fsq_dir)
+    if args.fsq_ttl is not None:
+        data["fsq_ttl"] = integer(args.fsq_ttl, "--fsq-ttl", 0, 10 * 365 * 86400)
     if args.inflight is not None:
         data["worker_inflight"] = integer(args.inflight, "--inflight", 1, 1000)
     if args.restart_after is not None:

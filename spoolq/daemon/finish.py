@@ -16,14 +16,24 @@ is done, so a retry does not queue a webhook twice.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import builtin, durable
-from ..errors import CorruptMessage, MessageNotFound, QueueNotFound, SpoolqError, StorageError, WrongState
+from .. import builtin, durable, fsq
+from ..errors import (
+    AttachmentNotFound,
+    CorruptMessage,
+    MessageNotFound,
+    QueueNotFound,
+    SpoolqError,
+    StorageError,
+    WrongState,
+)
 from ..model import Message, QueueConfig, State
 from ..runner.protocol import Outcome
 from ..store.base import Store
@@ -55,6 +65,7 @@ class Finish:
     # Progress, kept across retries.
     due: float | None = None  # for a requeue: fixed at the first try
     hooks_queued: int = 0
+    mirrored: bool = False  # kind fsq: the item is in the fsq queue's done/ or fail/
     tries: int = 0
     retry_at: float = 0.0
 
@@ -151,6 +162,9 @@ class Finisher:
             final = Message.from_dict(msg.to_dict())
             update(final)
             self._webhooks(fin, final)
+        if outcome.state.final and not fin.mirrored and isinstance(msg.params.get("fsq"), dict):
+            self._fsq_outcome(fin)
+            fin.mirrored = True
         changed = outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and bool(dups))
         status = None if outcome.status == fin.current_status else outcome.status
         try:
@@ -168,6 +182,29 @@ class Finisher:
             self.stats.finished(queue, str(outcome.state), fin.took)
             log.debug("%s/%s: pid %d exit %d after %.3f s -> %s%s", queue, msg_id, fin.pid, fin.exit_code,
                       fin.took, outcome.state, f" - {outcome.status}" if outcome.status else "")
+
+    def _fsq_outcome(self, fin: Finish) -> None:
+        """Kind fsq: put the item into its fsq queue's ``done/`` (done, relayed) or ``fail/``
+        (err) under its id with tries = the message's count, before the message moves, so
+        fsq's tools see the outcome. Idempotent (a crash before the move re-runs the message
+        and writes the same name). A disk that refuses holds the finish; a directory gone or
+        not writable is logged and skipped: the message's own outcome matters more."""
+        queue, msg = fin.queue, fin.msg
+        which = "fail" if fin.outcome.state == State.ERR else "done"
+        try:
+            fsq_dir, item_id = fsq.message_item(msg)
+            conf = fsq.Conf.from_env(root=os.path.dirname(fsq_dir))
+            name = fsq.outcome_name(item_id, msg.count, conf.encode)
+            taken_tries = int(fsq.deconstruct(item_id, conf.encode)[1][4])
+            earlier = [fsq.outcome_name(item_id, t, conf.encode) for t in range(taken_tries, msg.count + 1)]
+            with self.store.open_attachment(queue, msg.msg_id, fsq.ITEM_ATTACHMENT) as f:
+                fsq.put_outcome(conf, os.path.basename(fsq_dir), name, f, which, earlier)
+        except (ValueError, IndexError, fsq.FsqError, AttachmentNotFound, MessageNotFound) as e:
+            log.warning("%s/%s: not put into the fsq queue's %s/: %s", queue, msg.msg_id, which, e)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                raise durable.storage_error(e, f"cannot put the item into the fsq queue's {which}/") from None
+            log.warning("%s/%s: not put into the fsq queue's %s/: %s", queue, msg.msg_id, which, e)
 
     def _webhooks(self, fin: Finish, msg: Message) -> None:
         """One message in the local ``webhook`` queue per ``post_run_webhook`` URL (rq-spec 3.3).

@@ -5,19 +5,32 @@ the disk refuses) is :mod:`.finish`'s.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import fsq
 from ..builtin import target_queue
 from ..config import RootConfig
-from ..errors import LeaseLost, QueueDown, QueueNotFound, ScriptError, ScriptUnusable, SpoolqError
+from ..errors import (
+    AttachmentNotFound,
+    LeaseLost,
+    MessageNotFound,
+    QueueDown,
+    QueueNotFound,
+    ScriptError,
+    ScriptUnusable,
+    SpoolqError,
+)
 from ..model import Message, QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import MAX_RESEND_TEXT, Completion, LineBuffer, Outcome
@@ -119,8 +132,17 @@ class JobRunner:
             env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
                             rootcfg=self.rootcfg, root=self.home, msg_dir=workdir.parent, rq_env=self.rq_env)
             env["SPOOLQ_STORE"] = self.store.url  # no password (the PostgreSQL store's url is safe_url'd)
-            sp = spawn(build_argv(cfg, script, msg), env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
-                       header_script=str(script))
+            argv = build_argv(cfg, script, msg)
+            stdin = None
+            if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
+                env.update(fsq.message_env(msg))
+                stdin = self._item_stdin(attempt, workdir)
+            try:
+                sp = spawn(argv, env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
+                           header_script=str(script), stdin_fd=stdin)
+            finally:
+                if stdin is not None:
+                    os.close(stdin)
         except ScriptError as e:
             why = script_problem(cfg, self.home) or str(e)  # "bad interpreter" beats ENOENT
             log.warning("%s/%s: %s", queue, msg_id, why)
@@ -151,6 +173,26 @@ class JobRunner:
         self.stats.started(queue)
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
+
+    def _item_stdin(self, attempt: Attempt, workdir: Path) -> int:
+        """An fd of the fsq item's content (its attachment) for the script's stdin. ValueError
+        when the message has none: it was not made by the fsq intake, and can never run."""
+        try:
+            f = self.store.open_attachment(attempt.queue, attempt.msg_id, fsq.ITEM_ATTACHMENT)
+        except (AttachmentNotFound, MessageNotFound):
+            raise ValueError(f"no {fsq.ITEM_ATTACHMENT} attachment: not an fsq item") from None
+        with f:
+            try:
+                return os.dup(f.fileno())
+            except (OSError, AttributeError, io.UnsupportedOperation):
+                pass
+            # A store without files (PostgreSQL): a private copy, unlinked once open.
+            fd, path = tempfile.mkstemp(dir=workdir, prefix=".fsq-item.")
+            os.unlink(path)
+            with os.fdopen(os.dup(fd), "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+            os.lseek(fd, 0, os.SEEK_SET)
+            return fd
 
     def cancel_asked(self, job: Job) -> bool:
         """Has a cancel been asked for the job's message (Store.cancel)? Renews the lease."""

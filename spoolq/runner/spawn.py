@@ -32,6 +32,7 @@ from pathlib import Path
 from .. import durable
 from ..config import RootConfig
 from ..errors import ScriptError
+from ..fsq import message_args as fsq_item_args
 from ..model import Message, QueueConfig
 from . import posix_spawn as _ps
 
@@ -210,8 +211,12 @@ def build_argv(cfg: QueueConfig, script: Path, msg: Message | None = None) -> li
     """``exec_prefix`` empty: exec the script itself with one empty argument (RQ's
     ``exec(path, "")``). Otherwise the prefix is split like a shell would (no shell runs)
     and the script path appended. Then ``args``, and with ``message_arg`` the message's
-    param1 as one last argument (isq's ``cmd "$line"``), in place of RQ's empty one."""
+    param1 as one last argument (isq's ``cmd "$line"``), in place of RQ's empty one. Kind
+    fsq: ``args`` then the item's arguments, as fsq-scan runs ``PROG ARGS... ITEM-ARGS...``."""
     extra = [*cfg.args, *([msg.param1 if msg is not None else ""] if cfg.message_arg else [])]
+    if cfg.kind == "fsq":  # fsq-scan's PROG ARGS... ITEM-ARGS...: no empty argument
+        extra = [*cfg.args, *(fsq_item_args(msg) if msg is not None else [])]
+        return [*shlex.split(cfg.exec_prefix), str(script), *extra]
     if not cfg.exec_prefix.strip():
         return [str(script), *(extra or [""])]
     return [*shlex.split(cfg.exec_prefix), str(script), *extra]
@@ -225,10 +230,12 @@ class Spawned:
     reply_fd: int  # write end of the reply pipe (non-blocking)
 
 
-def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, header_script: str) -> Spawned:
+def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, header_script: str,
+          stdin_fd: int | None = None) -> Spawned:
     """Start the script in ``cwd`` with stdout and stderr on ``log_fd`` (``Store.log_fd``;
     closed here whatever happens), the status pipe's write end on fd 3 and the reply pipe's
-    read end on fd 4. Raises ScriptError if the script cannot be executed, ValueError if this
+    read end on fd 4; stdin is ``stdin_fd`` (kind fsq: the item; the caller closes it), else
+    /dev/null. Raises ScriptError if the script cannot be executed, ValueError if this
     message's arguments or environment cannot be (a NUL, E2BIG), OSError for a failure of
     the machine's that may pass (:func:`_spawn_failure`).
     """
@@ -247,7 +254,7 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
     except OSError:
         pass  # a full disk: the script still runs; its output may fail the same way
     try:
-        pid = _start(argv, env, cwd, log_fd, status_w, reply_r)
+        pid = _start(argv, env, cwd, log_fd, status_w, reply_r, stdin_fd)
     except BaseException as e:
         for fd in (status_r, status_w, reply_r, reply_w, log_fd):
             os.close(fd)
@@ -263,7 +270,8 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_fd: int, heade
     return Spawned(pid, spawned_ns, status_r, reply_w)
 
 
-def _start(argv: list[str], env: dict[str, str], cwd: Path, log_fd: int, status_w: int, reply_r: int) -> int:
+def _start(argv: list[str], env: dict[str, str], cwd: Path, log_fd: int, status_w: int, reply_r: int,
+           stdin_fd: int | None = None) -> int:
     """Exec the script; its pid. glibc's ``posix_spawn`` (runner/posix_spawn.py) where it has
     what is needed and the fds handed down do not collide with 0-4; else subprocess.
 
@@ -274,9 +282,10 @@ def _start(argv: list[str], env: dict[str, str], cwd: Path, log_fd: int, status_
     thread spawns, and fds 3 and 4 are never free, so no other thread can be handed them
     meanwhile. Without them, a ``preexec_fn`` does the dup2 in the child.
     """
-    if _ps.AVAILABLE and min(log_fd, status_w, reply_r) > 4:
+    stdin = _devnull() if stdin_fd is None else stdin_fd
+    if _ps.AVAILABLE and min(log_fd, status_w, reply_r, stdin) > 4:
         return _ps.spawn(_exec_path(argv[0], env), argv, _ps.env_block(env), cwd=os.fspath(cwd),
-                         fds=((_devnull(), 0), (log_fd, 1), (log_fd, 2), (status_w, 3), (reply_r, 4)))
+                         fds=((stdin, 0), (log_fd, 1), (log_fd, 2), (status_w, 3), (reply_r, 4)))
     fast = _low_fds_owned
 
     def child_setup() -> None:  # slow path only: runs in the child between fork and exec
@@ -291,7 +300,7 @@ def _start(argv: list[str], env: dict[str, str], cwd: Path, log_fd: int, status_
         # pass_fds (3, 4) on both paths: close_fds runs after preexec_fn, and would close
         # the pipes the slow path has just put on 3 and 4.
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=_devnull(), stdout=log_fd, stderr=subprocess.STDOUT,
+            argv, cwd=cwd, env=env, stdin=stdin, stdout=log_fd, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, pass_fds=(3, 4),
             preexec_fn=None if fast else child_setup,
         )

@@ -1,0 +1,265 @@
+"""The daemon serving fsq queue directories (kind fsq; spec A; docs/fsq.md): items put in
+``queue/`` by anyone become messages that run in parallel with fsq-scan's contract, and come
+back into ``done/`` or ``fail/``. A real daemon (``spoolq serve``), real scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon_util import Served, wait_for
+
+import spoolq
+from spoolq import fsq
+from spoolq.model import State
+
+RECORD = """#!/bin/sh
+# one line per run: the item id, its arguments, its stdin, FSQ_ITEM_TRIES; then wait for
+# $HOLD (if set) to exist, and exit with the code in $OUT/code.<first arg> (default 0)
+line="$FSQ_ITEM_ID|$*|$(cat)|$FSQ_ITEM_TRIES|$FSQ_ITEM_ENQUEUED_AT"
+echo "$line" >> "$OUT/runs"
+touch "$OUT/running.$$"
+if [ -n "$HOLD" ]; then
+  n=0; while [ ! -e "$HOLD" ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+fi
+rm -f "$OUT/running.$$"
+exit "$(cat "$OUT/code.$1" 2>/dev/null || echo 0)"
+"""
+
+
+@pytest.fixture
+def fsq_root(tmp_path: Path) -> Path:
+    r = tmp_path / "fsq"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def conf(fsq_root: Path) -> fsq.Conf:
+    return fsq.Conf.from_env({}, root=str(fsq_root))
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    o = tmp_path / "out"
+    o.mkdir()
+    return o
+
+
+@pytest.fixture
+def prog(tmp_path: Path) -> Path:
+    p = tmp_path / "record.sh"
+    p.write_text(RECORD)
+    p.chmod(0o755)
+    return p
+
+
+@pytest.fixture
+def daemon(root: Path, out: Path) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def start(*extra: str, hold: Path | None = None) -> Served:
+        env = {"OUT": str(out), **({"HOLD": str(hold)} if hold else {})}
+        s = Served(root, "--no-builtin-queues", "--grace", "1", *extra, env=env).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc is not None and s.proc.poll() is None:
+            s.stop()
+
+
+def make_queue(client: spoolq.Client, conf: fsq.Conf, prog: Path, name: str = "jobs", **kw: object) -> str:
+    fsq.install(conf, name, triggered=True)
+    client.create_queue(name, kind="fsq", script=str(prog), fsq_dir=os.path.join(conf.root, name),
+                        **{"num_workers": 2, "retry": {"base": 0.05, "factor": 1, "jitter": 0}, **kw})
+    return name
+
+
+def listing(conf: fsq.Conf, q: str, which: str) -> list[str]:
+    return sorted(os.listdir(fsq.Paths(conf, q).sub(which)))
+
+
+def runs(out: Path) -> list[list[str]]:
+    p = out / "runs"
+    return [line.split("|") for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_items_from_fsq_tools_run_in_parallel_with_fsq_contract(client: spoolq.Client, conf: fsq.Conf,
+                                                                 prog: Path, out: Path, daemon: Callable[..., Served],
+                                                                 tmp_path: Path) -> None:
+    q = make_queue(client, conf, prog, num_workers=3)
+    hold = tmp_path / "go"
+    daemon(hold=hold)
+    ids = [fsq.enqueue(conf, q, f"body {i}".encode(), ["arg one", f"n_{i}"]) for i in range(6)]
+    # three run at once: each waits for `go`, so three at a time are seen running together
+    wait_for(lambda: len(list(out.glob("running.*"))) == 3, what="three items running at once")
+    hold.touch()
+    wait_for(lambda: len(listing(conf, q, "done")) == 6, what="six items in done/")
+    assert listing(conf, q, "done") == sorted(ids) and listing(conf, q, "queue") == []
+    got = {r[0]: r for r in runs(out)}
+    assert sorted(got) == sorted(ids)
+    for i, item_id in enumerate(ids):
+        f = fsq.deconstruct(item_id)[1]
+        assert got[item_id][1:] == [f"arg one n_{i}", f"body {i}", "0", f[0]]
+    wait_for(lambda: client.counts(q).get("done") == 6, what="counts")
+    view = client.list(q, State.DONE, limit=10).items[0]
+    assert view.message.src == "fsq" and view.message.param1 == "arg one"
+    assert view.message.params["fsq"]["dir"] == os.path.join(conf.root, q)
+
+
+def test_exit_codes_retries_and_failures_reach_fsq_dirs(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                         out: Path, daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog, max_count=3)
+    (out / "code.perm").write_text("100")
+    (out / "code.never").write_text("111")
+    perm = fsq.enqueue(conf, q, b"", ["perm"])
+    never = fsq.enqueue(conf, q, b"", ["never"])
+    daemon()
+    wait_for(lambda: len(listing(conf, q, "fail")) == 2, what="two items in fail/")
+    # a temporary failure is retried with the queue's backoff (count + 1 each time), until
+    # max_count; the item is named with its tries, as fsq's fail_tmp names it
+    assert listing(conf, q, "fail") == sorted([perm, fsq.outcome_name(never, 2)])
+    assert [r[3] for r in runs(out) if r[0] == never] == ["0", "1", "2"]
+    assert [r[3] for r in runs(out) if r[0] == perm] == ["0"]
+    (out / "code.never").write_text("0")
+    later = fsq.enqueue(conf, q, b"", ["never"])  # ("never" now succeeds)
+    wait_for(lambda: listing(conf, q, "done") == [later], what="done/")
+    wait_for(lambda: client.counts(q).get("err") == 2, what="err counted")
+
+
+def test_fsq_down_stops_taking_and_up_resumes(client: spoolq.Client, conf: fsq.Conf, prog: Path, out: Path,
+                                              daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    daemon()
+    first = fsq.enqueue(conf, q, b"")
+    wait_for(lambda: listing(conf, q, "done") == [first], what="the first item done")
+    fsq.set_down(conf, q)
+    waiting = fsq.enqueue(conf, q, b"")
+    time.sleep(0.5)  # a negative: nothing may happen while the fsq queue is down
+    assert listing(conf, q, "queue") == [waiting]
+    fsq.set_up(conf, q)
+    wait_for(lambda: waiting in listing(conf, q, "done"), what="taken once up")
+
+
+def test_takes_stop_at_the_window_so_queue_dir_shows_the_backlog(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                                 out: Path, daemon: Callable[..., Served],
+                                                                 tmp_path: Path) -> None:
+    q = make_queue(client, conf, prog, num_workers=1)
+    hold = tmp_path / "go"
+    ids = [fsq.enqueue(conf, q, b"", [str(i)]) for i in range(60)]
+    daemon(hold=hold)
+    wait_for(lambda: client.counts(q).get("que", 0) == 16 and client.counts(q).get("run", 0) == 1,
+             what="a full window")
+    assert len(listing(conf, q, "queue")) == 60 - 17
+    hold.touch()
+    wait_for(lambda: len(listing(conf, q, "done")) == 60, timeout=60, what="all done")
+    # one worker: fsq-scan's order, by name (within a second entropy sorts as text: 0, 1, 10...)
+    assert [r[0] for r in runs(out)] == sorted(ids)
+
+
+def test_fsq_scan_beside_the_daemon_never_runs_an_item_twice(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                             out: Path, daemon: Callable[..., Served]) -> None:
+    import subprocess
+
+    from conftest import SPOOLQ
+    q = make_queue(client, conf, prog, num_workers=2)
+    ids = [fsq.enqueue(conf, q, b"", [str(i)]) for i in range(200)]
+    daemon()
+    env = {**os.environ, "OUT": str(out)}
+    for _ in range(3):  # fsq's own kind of scanner, working the same directory meanwhile
+        subprocess.run([SPOOLQ, "fsq", "-r", conf.root, "scan", q, str(prog)], env=env, check=True,
+                       capture_output=True, timeout=120)
+    wait_for(lambda: len(listing(conf, q, "done")) == 200, timeout=60, what="all done")
+    seen = [r[0] for r in runs(out)]
+    assert sorted(seen) == sorted(ids), "an item ran twice or never"
+
+
+def test_hostile_entries_go_to_fail_and_the_trigger_has_a_listener(client: spoolq.Client, conf: fsq.Conf,
+                                                                   prog: Path, out: Path, tmp_path: Path,
+                                                                   daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    secret = tmp_path / "secret"
+    secret.write_text("secret")
+    qdir = Path(fsq.Paths(conf, q).sub("queue"))
+    os.symlink(secret, qdir / "_20200101000000_0_1_h_0_link")
+    os.mkfifo(qdir / "_20200101000000_0_1_h_0_fifo")
+    (qdir / "junk").write_text("")
+    daemon()
+    wait_for(lambda: len(listing(conf, q, "fail")) == 3, what="three in fail/")
+    assert runs(out) == []
+    # the daemon holds trigger-s open: fsq's `enqueue -t` finds a listener (it fails without one)
+    fsq.trigger_pull(conf, q)
+    item = fsq.enqueue(conf, q, b"x", ["t"])
+    fsq.trigger_pull(conf, q)
+    wait_for(lambda: listing(conf, q, "done") == [item], what="done")
+
+
+def test_a_take_interrupted_after_its_journal_is_finished_at_start(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                                   out: Path, root: Path,
+                                                                   daemon: Callable[..., Served]) -> None:
+    """The state a crash between journal and unlink leaves: a prep with the item's content, the
+    journal naming both, the item still in queue/. The daemon commits the prep and drops the
+    item: it runs once."""
+    from spoolq.model import Message
+    from spoolq.store.base import AttachmentSource
+    q = make_queue(client, conf, prog)
+    item_id = fsq.enqueue(conf, q, b"journal", ["j"])
+    path = fsq.Paths(conf, q).item(item_id)
+    m = client.store.create(q, Message(src="fsq", param1="j", params={"fsq": {"dir": os.path.join(conf.root, q),
+                                                                               "id": item_id}}),
+                            state=State.PREP, attachments=[AttachmentSource(name=fsq.ITEM_ATTACHMENT, path=path)])
+    (root / "fsq").mkdir()
+    (root / "fsq" / f"{q}.json").write_text(json.dumps({"dir": os.path.join(conf.root, q),
+                                                        "items": [[item_id, m.msg_id]]}))
+    daemon()
+    wait_for(lambda: listing(conf, q, "done") == [item_id], what="done")
+    assert [r[0] for r in runs(out)] == [item_id]
+    assert not (root / "fsq" / f"{q}.json").exists()
+    wait_for(lambda: client.counts(q).get("done") == 1 and client.counts(q).get("prep") == 0, what="counts")
+
+
+@pytest.mark.slow
+def test_daemon_kills_lose_no_item(client: spoolq.Client, conf: fsq.Conf, prog: Path, out: Path,
+                                   daemon: Callable[..., Served]) -> None:
+    """SIGKILL the daemon over and over while it takes and runs items: every item ends in
+    done/ exactly once, none stays in queue/ (a run cut short runs again: at least once)."""
+    n = int(os.environ.get("SPOOLQ_FSQ_CHAOS_N", "400"))
+    q = make_queue(client, conf, prog, num_workers=4)
+    ids = [fsq.enqueue(conf, q, b"", [str(i)]) for i in range(n)]
+    rnd = random.Random(os.environ.get("SPOOLQ_CHAOS_SEED", "fsq"))
+    kills = 0
+    while len(listing(conf, q, "done")) < n and kills < 12:
+        s = daemon()
+        time.sleep(rnd.uniform(0.05, 0.4))
+        s.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        s.proc.wait(10)  # type: ignore[union-attr]
+        kills += 1
+    daemon()
+    wait_for(lambda: len(listing(conf, q, "done")) == n, timeout=120, what="every item done")
+    # an attempt a kill cut short counts as a try, as spoolq counts it: the name in done/ may
+    # carry tries 1 or more; the item is the same (every other field)
+    assert sorted(fsq.outcome_name(i, 0) for i in listing(conf, q, "done")) == sorted(ids)
+    assert listing(conf, q, "queue") == []
+    assert listing(conf, q, "fail") == []
+    assert set(r[0] for r in runs(out)) == set(ids)
+    wait_for(lambda: client.counts(q).get("done") == n, what="counts")
+
+
+def test_the_ui_says_which_fsq_directory_a_queue_takes(client: spoolq.Client, conf: fsq.Conf, prog: Path) -> None:
+    from fastapi.testclient import TestClient
+    from http_helpers import AUTH, TOKEN
+
+    from spoolq.http.app import create_app
+    q = make_queue(client, conf, prog)
+    http = TestClient(create_app(client, TOKEN), base_url="http://127.0.0.1", headers=AUTH)
+    page = http.get(f"/q/{q}").text
+    assert 'id="kind-note"' in page and "Kind <b>fsq</b>" in page and os.path.join(conf.root, q) in page
+    assert http.get(f"/api/v1/queues/{q}").json()["config"]["fsq_dir"] == os.path.join(conf.root, q)
