@@ -31,6 +31,7 @@ import fcntl
 import grp
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
@@ -698,10 +699,7 @@ class WorkItem:
         if len(f) < 5:
             raise MalformedEntryError(errno.EINVAL, f"needed at least 5 fields, got {len(f)}: {item_id}")
         self.entropy, self.pid, self.hostname = f[1], f[2], f[3]
-        try:
-            self.tries = int(f[4])
-        except ValueError:
-            raise MalformedEntryError(errno.EINVAL, f"tries must be an int, not {f[4]!r}") from None
+        self.tries = parse_tries(f[4])
         self.arguments = tuple(f[5:])
         if fd is not None:  # last: an item that does not parse leaves the fd to its caller
             self.item = os.fdopen(fd, "rb")
@@ -929,8 +927,10 @@ def host_dist(conf: Conf, queue: str, to_hosts: Iterable[str] = (), *, link: boo
 
 # --- spoolq messages made of fsq items (kind fsq; daemon/fsqintake.py) -----------------------
 
-ITEM_ATTACHMENT = "fsq-item"
-"""The attachment that holds an item's content, given to its program as stdin."""
+HOLD = ".spoolq"
+"""The directory, beside ``queue/``, where the daemon holds the items it took (each one is a
+message of a kind fsq queue, waiting or running) until their outcome moves them into
+``done/`` or ``fail/``. Hidden, the daemon's own (0700): fsq's tools never look there."""
 
 
 def message_item(msg: Any) -> tuple[str, str]:
@@ -962,33 +962,277 @@ def message_env(msg: Any) -> dict[str, str]:
             "FSQ_ITEM_TRIES": str(msg.count), "FSQ_ITEM_ENQUEUED_AT": f[0]}
 
 
+_TRIES = re.compile(r"-?[0-9]+")
+
+
+def parse_tries(field: str) -> int:
+    """The tries field, as Python 2's ``int()`` (fsq's) reads it: digits, maybe a minus; not
+    Python 3's laxer ``int()`` (``" 2"``, ``"1_0"``)."""
+    if not _TRIES.fullmatch(field):
+        raise MalformedEntryError(errno.EINVAL, f"tries must be an int, not {field!r}")
+    return int(field)
+
+
 def outcome_name(item_id: str, tries: int, encodeseq: str = "%") -> str:
-    """The item's id with its tries field set, as fsq names it in ``done/`` and ``fail/``."""
+    """The item's id with its tries field set, as fsq names it in ``done/`` and ``fail/``
+    (the id itself, byte for byte, while the tries are those it came with)."""
     delimiter, f = deconstruct(item_id, encodeseq)
-    if len(f) < 5:
+    if len(f) < 5 or (_TRIES.fullmatch(f[4]) and max(0, int(f[4])) == tries):
         return item_id
     f[4] = str(tries)
     return construct(f, delimiter, encodeseq)
 
 
-def put_outcome(conf: Conf, queue: str, item_id: str, src: BinaryIO, which: str,
-                earlier: Iterable[str] = ()) -> str:
-    """Write an item that spoolq finished into ``done/`` or ``fail/`` (tmp, fsync, link, unlink,
-    fsync), so fsq's tools see its outcome. Idempotent: if ``item_id`` or one of ``earlier``
-    (the names an earlier try of the same run may have used: a crash between this and the
-    message's move re-runs it) is in ``which`` already, nothing is written; one in the other
-    directory is an outcome that did not stand, and is removed once this one is written."""
-    p = Paths(conf, queue)
-    target = p.item(item_id, which)
-    other = "fail" if which == "done" else "done"
-    names = [item_id, *earlier]
-    if any(os.path.lexists(p.item(n, which)) for n in names):
-        return target
-    stale = [p.item(n, other) for n in names if os.path.lexists(p.item(n, other))]
-    _link_in(src, p.item(f".spoolq.{os.getpid()}.{item_id}"[:255], "tmp"), target, conf.item_mode)
-    durable.fsync_dir(p.sub(which))
-    for path in stale:
-        _unlink_quietly(path)
-    if stale:
-        durable.fsync_dir(p.sub(other))
-    return target
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Held:
+    """An fsq queue directory's ``queue/``, ``done/``, ``fail/`` and hold directory, opened
+    without following a link (every rename is relative to these fds, so a directory swapped
+    for a link later cannot redirect one). The hold directory must be this user's and
+    writable by no one else; it is made when missing. A held item is named by the id of the
+    message it is (its own id is in the message's ``params.fsq``), so a look at the hold
+    directory tells which messages' items are there. Close it after use."""
+
+    def __init__(self, fsq_dir: str, conf: Conf | None = None) -> None:
+        self.fsq_dir = fsq_dir
+        self.conf = conf or Conf.from_env(root=os.path.dirname(fsq_dir))
+        self.fds: dict[str, int] = {}
+        try:
+            top = os.open(fsq_dir, _DIR)
+            self.fds["top"] = top
+            for which in ("queue", "done", "fail"):
+                self.fds[which] = os.open(getattr(self.conf, which), _DIR, dir_fd=top)
+            try:
+                os.mkdir(HOLD, 0o700, dir_fd=top)
+                os.fsync(top)
+            except FileExistsError:
+                pass
+            hold = os.open(HOLD, _DIR, dir_fd=top)
+            self.fds["hold"] = hold
+            st = os.fstat(hold)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise ConfigError(errno.EPERM, f"{fsq_dir}/{HOLD} is not this user's alone "
+                                               f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def hold(self, taken: Iterable[tuple[WorkItem, str]]) -> tuple[set[str], list[str]]:
+        """Move taken items (each with its message's id) from ``queue/`` into the hold
+        directory, each named by the message's id, and check each is still the file that was
+        locked (one swapped meanwhile goes to ``fail/`` instead). fsync'd. Returns the message
+        ids of the items held, and what went wrong with the others."""
+        moved: set[str] = set()
+        problems: list[str] = []
+        swapped = False
+        for item, msg_id in taken:
+            try:
+                os.rename(valid_name(item.id), valid_name(msg_id), src_dir_fd=self.fds["queue"],
+                          dst_dir_fd=self.fds["hold"])
+            except FileNotFoundError:
+                problems.append(f"{item.id}: gone before it was held")
+                continue
+            except OSError as e:
+                problems.append(f"{item.id}: cannot be held: {e.strerror or e}")
+                continue
+            now = os.stat(msg_id, dir_fd=self.fds["hold"], follow_symlinks=False)
+            if item.item is not None and (now.st_dev, now.st_ino) != _dev_ino(item.item.fileno()):
+                os.rename(msg_id, item.id, src_dir_fd=self.fds["hold"], dst_dir_fd=self.fds["fail"])
+                swapped = True
+                problems.append(f"{item.id}: replaced by another file after it was locked: moved to fail/")
+                continue
+            moved.add(msg_id)
+        durable.fsync_after_rename(self.fds["hold"], self.fds["queue"])
+        if swapped:
+            os.fsync(self.fds["fail"])
+        return moved, problems
+
+    def is_held(self, msg_id: str) -> bool:
+        return _lexists(self.fds["hold"], valid_name(msg_id))
+
+    def held(self) -> list[str]:
+        """The message ids whose items are held."""
+        return sorted(n for n in os.listdir(self.fds["hold"]) if not n.startswith("."))
+
+    def where(self, msg_id: str, names: Iterable[str] = ()) -> tuple[str, str] | None:
+        """Where a message's item is: ``("hold", msg_id)``, or ``("done"|"fail", name)`` for
+        one of ``names`` (the names its outcome may have been given); None if nowhere."""
+        if self.is_held(msg_id):
+            return "hold", msg_id
+        for which in ("done", "fail"):
+            for n in names:
+                if _lexists(self.fds[which], n):
+                    return which, n
+        return None
+
+    def open(self, msg_id: str, names: Iterable[str] = ()) -> int:
+        """An fd of the message's held item (or, for a message a crash made run again after
+        its outcome was written, of that outcome). FileNotFoundError if it is nowhere."""
+        at = self.where(msg_id, names)
+        if at is None:
+            raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} is not held")
+        try:
+            fd = os.open(at[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fds[at[0]])
+        except OSError as e:  # a link (ELOOP), a FIFO without a writer (ENXIO)...: never read through
+            raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} cannot be opened: "
+                                                  f"{e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} is not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+
+    def release(self, msg_id: str, name: str, which: str, earlier: Iterable[str] = (), *, sync: bool = True) -> bool:
+        """Move the message's held item into ``done/`` or ``fail/`` as ``name``. Idempotent:
+        an item already there (as ``name`` or one of ``earlier``) stays; one in the other
+        directory (an outcome a crash kept from standing) is moved over. False if the item
+        is nowhere. ``sync`` False: no fsync (the caller's recovery repairs a lost rename)."""
+        names = [name, *earlier]
+        for _ in range(3):  # another thread may move it between the look and the rename
+            at = self.where(msg_id, names)
+            if at is None:
+                return False
+            src_dir, src = at
+            if src_dir == which:
+                return True
+            try:
+                os.rename(src, name, src_dir_fd=self.fds[src_dir], dst_dir_fd=self.fds[which])
+            except FileNotFoundError:
+                continue
+            if sync:
+                durable.fsync_after_rename(self.fds[which], self.fds[src_dir])
+            return True
+        return False
+
+    def drop(self, msg_id: str) -> None:
+        """Remove a held item whose message is gone (deleted by hand: so is its item)."""
+        try:
+            os.unlink(valid_name(msg_id), dir_fd=self.fds["hold"])
+        except FileNotFoundError:
+            pass
+
+
+def outcome_names(msg: Any, encodeseq: str = "%") -> tuple[str, list[str]]:
+    """The name a message's item gets in ``done/``/``fail/`` now (tries = its count), and every
+    name an earlier try of it may have given it (tries from the item's own up to the count)."""
+    _, item_id = message_item(msg)
+    f = deconstruct(item_id, encodeseq)[1]
+    try:
+        taken = max(0, parse_tries(f[4]))
+    except (IndexError, MalformedEntryError):
+        raise ValueError(f"malformed fsq item id: {item_id}") from None
+    return (outcome_name(item_id, msg.count, encodeseq),
+            [outcome_name(item_id, t, encodeseq) for t in range(taken, max(taken, msg.count) + 1)])
+
+
+class HeldCache:
+    """:class:`Held` per fsq directory, kept open for the daemon's dispatch (no opens per
+    message); one that fails is dropped and opened again once."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Held] = {}
+        self._lock = threading.Lock()
+
+    def run(self, fsq_dir: str, fn: Callable[[Held], Any]) -> Any:
+        for attempt in (0, 1):
+            with self._lock:
+                h = self._held.get(fsq_dir)
+                if h is None:
+                    h = self._held[fsq_dir] = Held(fsq_dir)
+            try:
+                return fn(h)
+            except OSError:
+                if attempt:
+                    raise
+                self.forget(fsq_dir)  # the directory may have been replaced: open it afresh
+        raise AssertionError("unreachable")
+
+    def forget(self, fsq_dir: str) -> None:
+        with self._lock:
+            h = self._held.pop(fsq_dir, None)
+        if h is not None:
+            h.close()
+
+    def close(self) -> None:
+        for d in list(self._held):
+            self.forget(d)
+
+
+def _dev_ino(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def take_at(held: Held, name: str, *, ttl: int = 0, rejected: Rejected | None = None) -> WorkItem | None:
+    """:func:`take` for the daemon: every look, open and rename relative to ``held``'s
+    directory fds (never a path: a ``queue/`` or ``fail/`` swapped for a link cannot lead out
+    of the fsq directory). Tries are not checked here (the message's ``max_count`` is)."""
+    qfd, ffd = held.fds["queue"], held.fds["fail"]
+    queue = os.path.basename(held.fsq_dir)
+    fd = None
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=qfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM):
+                raise
+            raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # another scanner's
+        try:
+            now = os.stat(name, dir_fd=qfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+            return None
+        os.set_blocking(fd, True)
+        item = WorkItem(held.conf, queue, name, fd=fd)
+        fd = None
+        try:
+            check_limits(item.tries, item.enqueued_at, 0, ttl)
+        except WorkItemError as e:
+            item.close()
+            raise type(e)(e.errno or errno.EINTR, f"{e.strerror}: for item {name}; failed permanently") from None
+        return item
+    except FsqError as e:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+        try:
+            os.rename(name, name, src_dir_fd=qfd, dst_dir_fd=ffd)
+        except FileNotFoundError:
+            return None
+        durable.fsync_after_rename(ffd, qfd)
+        if rejected:
+            rejected(name, e)
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lexists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

@@ -4,7 +4,6 @@ back into ``done/`` or ``fail/``. A real daemon (``spoolq serve``), real scripts
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -156,9 +155,10 @@ def test_takes_stop_at_the_window_so_queue_dir_shows_the_backlog(client: spoolq.
     hold = tmp_path / "go"
     ids = [fsq.enqueue(conf, q, b"", [str(i)]) for i in range(60)]
     daemon(hold=hold)
-    wait_for(lambda: client.counts(q).get("que", 0) == 16 and client.counts(q).get("run", 0) == 1,
+    # one take of a window (16), then none while more than half of it waits
+    wait_for(lambda: client.counts(q).get("que", 0) == 15 and client.counts(q).get("run", 0) == 1,
              what="a full window")
-    assert len(listing(conf, q, "queue")) == 60 - 17
+    assert len(listing(conf, q, "queue")) == 60 - 16
     hold.touch()
     wait_for(lambda: len(listing(conf, q, "done")) == 60, timeout=60, what="all done")
     # one worker: fsq-scan's order, by name (within a second entropy sorts as text: 0, 1, 10...)
@@ -202,28 +202,58 @@ def test_hostile_entries_go_to_fail_and_the_trigger_has_a_listener(client: spool
     wait_for(lambda: listing(conf, q, "done") == [item], what="done")
 
 
-def test_a_take_interrupted_after_its_journal_is_finished_at_start(client: spoolq.Client, conf: fsq.Conf, prog: Path,
-                                                                   out: Path, root: Path,
-                                                                   daemon: Callable[..., Served]) -> None:
-    """The state a crash between journal and unlink leaves: a prep with the item's content, the
-    journal naming both, the item still in queue/. The daemon commits the prep and drops the
-    item: it runs once."""
+def test_a_take_a_crash_interrupted_is_finished_at_start(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                          out: Path, root: Path, daemon: Callable[..., Served]) -> None:
+    """What a crash leaves in the middle of takes: a prep whose item was held (crash between
+    the hold and the commit: the start-up sweep commits it), a prep whose item is still in
+    queue/ (crash before the hold: the item is taken again), the held item of a message
+    deleted meanwhile (removed with it); then a finished message whose item is still held
+    (its outcome's rename, not fsync'd, lost in a power cut): moved at the next start, not
+    run again."""
     from spoolq.model import Message
-    from spoolq.store.base import AttachmentSource
     q = make_queue(client, conf, prog)
-    item_id = fsq.enqueue(conf, q, b"journal", ["j"])
-    path = fsq.Paths(conf, q).item(item_id)
-    m = client.store.create(q, Message(src="fsq", param1="j", params={"fsq": {"dir": os.path.join(conf.root, q),
-                                                                               "id": item_id}}),
-                            state=State.PREP, attachments=[AttachmentSource(name=fsq.ITEM_ATTACHMENT, path=path)])
-    (root / "fsq").mkdir()
-    (root / "fsq" / f"{q}.json").write_text(json.dumps({"dir": os.path.join(conf.root, q),
-                                                        "items": [[item_id, m.msg_id]]}))
+    fsq_dir = os.path.join(conf.root, q)
+    ids = [fsq.enqueue(conf, q, b"", [a]) for a in ("held", "again", "deleted")]
+    made = client.store.create_many(q, [Message(src="fsq", params={"fsq": {"dir": fsq_dir, "id": i}}) for i in ids],
+                                    state=State.PREP)
+    with fsq.Held(fsq_dir) as h:
+        items = [fsq.take_at(h, ids[0]), fsq.take_at(h, ids[2])]
+        assert h.hold([(items[0], made[0].msg_id), (items[1], made[2].msg_id)])[0] == {made[0].msg_id,
+                                                                                      made[2].msg_id}
+        for i in items:
+            i.close()  # type: ignore[union-attr]
+    client.store.delete(q, made[2].msg_id)
+    s = daemon()
+    wait_for(lambda: len(listing(conf, q, "done")) == 2, what="two done")
+    assert sorted(r[0] for r in runs(out)) == sorted(ids[:2]) == listing(conf, q, "done")
+    assert os.listdir(Path(fsq_dir, fsq.HOLD)) == []
+    wait_for(lambda: client.counts(q).get("done") == 2, what="counts")
+    assert client.counts(q).get("prep") == 1  # the orphan prep of `again`: the cleaner's
+    s.stop()
+    os.rename(Path(fsq_dir, "done", ids[0]), Path(fsq_dir, fsq.HOLD, made[0].msg_id))  # the lost rename
     daemon()
-    wait_for(lambda: listing(conf, q, "done") == [item_id], what="done")
-    assert [r[0] for r in runs(out)] == [item_id]
-    assert not (root / "fsq" / f"{q}.json").exists()
-    wait_for(lambda: client.counts(q).get("done") == 1 and client.counts(q).get("prep") == 0, what="counts")
+    wait_for(lambda: len(listing(conf, q, "done")) == 2, what="moved again")
+    assert os.listdir(Path(fsq_dir, fsq.HOLD)) == [] and len(runs(out)) == 2
+
+
+def test_the_hold_directory_must_be_the_daemons_alone(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                      out: Path, tmp_path: Path, daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    hold = Path(conf.root, q, fsq.HOLD)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    os.symlink(other, hold)  # a link planted where the hold goes: never followed
+    item = fsq.enqueue(conf, q, b"", ["x"])
+    s = daemon()
+    wait_for(lambda: "cannot serve" in s.log(), what="the refusal in the log")
+    assert listing(conf, q, "queue") == [item] and os.listdir(other) == []
+    os.unlink(hold)
+    hold.mkdir(mode=0o777)
+    os.chmod(hold, 0o777)  # writable by others: refused too
+    with pytest.raises(fsq.ConfigError):
+        fsq.Held(os.path.join(conf.root, q)).close()
+    os.chmod(hold, 0o700)
+    wait_for(lambda: listing(conf, q, "done") == [item], timeout=30, what="served once the hold is sound")
 
 
 @pytest.mark.slow
@@ -263,3 +293,94 @@ def test_the_ui_says_which_fsq_directory_a_queue_takes(client: spoolq.Client, co
     page = http.get(f"/q/{q}").text
     assert 'id="kind-note"' in page and "Kind <b>fsq</b>" in page and os.path.join(conf.root, q) in page
     assert http.get(f"/api/v1/queues/{q}").json()["config"]["fsq_dir"] == os.path.join(conf.root, q)
+
+
+# -- the audit's attacks: a group that may write the fsq directory may not lead the daemon out of it
+def test_a_done_or_fail_dir_swapped_for_a_link_leads_nothing_out(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                                  out: Path, tmp_path: Path,
+                                                                  daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    outside = tmp_path / "rootonly"
+    outside.mkdir(mode=0o700)
+    top = Path(conf.root, q)
+    s = daemon()
+    first = fsq.enqueue(conf, q, b"", ["warm"])
+    wait_for(lambda: listing(conf, q, "done") == [first], what="the first item done")
+    for d in ("done", "fail"):
+        os.rename(top / d, top / f"{d}.old")
+        os.symlink(outside, top / d)
+    (top / "queue" / "junk").write_text("* * * * * root /tmp/evil\n")
+    item = fsq.enqueue(conf, q, b"* * * * * root /tmp/evil\n", ["payload"])
+    wait_for(lambda: "Not a directory: 'done'" in s.log(), timeout=15, what="the refusal")
+    assert os.listdir(outside) == [] and sorted(os.listdir(top / "queue")) == sorted(["junk", item])
+    assert sorted(os.listdir(top / "done.old")) == [first] and len(runs(out)) == 1
+
+
+def test_a_queue_dir_swapped_for_a_link_is_not_followed(client: spoolq.Client, conf: fsq.Conf, prog: Path, out: Path,
+                                                        tmp_path: Path, daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    outside = tmp_path / "rootonly"
+    outside.mkdir(mode=0o700)
+    secret = outside / "_20260101000000_0_1_h_0_x"
+    secret.write_text("TOP SECRET")
+    top = Path(conf.root, q)
+    s = daemon()
+    first = fsq.enqueue(conf, q, b"", ["warm"])
+    wait_for(lambda: listing(conf, q, "done") == [first], what="the first item done")
+    os.rename(top / "queue", top / "queue.old")
+    os.symlink(outside, top / "queue")
+    fsq.trigger_pull(conf, q)  # wake it
+    wait_for(lambda: "Not a directory: 'queue'" in s.log(), timeout=15, what="the refusal")
+    assert secret.read_text() == "TOP SECRET" and [r[0] for r in runs(out)] == [first]
+    assert listing(conf, q, "done") == [first]
+
+
+def test_an_item_swapped_after_its_lock_goes_to_fail_not_held(conf: fsq.Conf, tmp_path: Path) -> None:
+    fsq.install(conf, "q")
+    item_id = fsq.enqueue(conf, "q", b"mine", ["x"])
+    secret = tmp_path / "secret"
+    secret.write_text("not yours")
+    fsq_dir = os.path.join(conf.root, "q")
+    with fsq.Held(fsq_dir) as h:
+        item = fsq.take_at(h, item_id)
+        assert item is not None
+        path = Path(fsq_dir, "queue", item_id)
+        os.rename(path, tmp_path / "moved-away")
+        os.symlink(secret, path)  # the swap, between the lock and the hold
+        moved, problems = h.hold([(item, "20260101.0000.00.000.1")])
+        item.close()
+        assert moved == set() and "replaced" in problems[0]
+        assert os.path.islink(Path(fsq_dir, "fail", item_id)) and os.listdir(Path(fsq_dir, fsq.HOLD)) == []
+        with pytest.raises(FileNotFoundError):
+            h.open("20260101.0000.00.000.1")
+
+
+def test_tries_fields_python2_would_refuse_fail_and_others_keep_their_text(client: spoolq.Client, conf: fsq.Conf,
+                                                                          prog: Path, out: Path,
+                                                                          daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    qdir = Path(conf.root, q, "queue")
+    for n in ("_20260101000000_0_1_h_1%5f0_lax", "_20260101000000_0_1_h_ 2_space", "_20260101000000_0_1_h_00_kept"):
+        (qdir / n).write_text("")
+    daemon()
+    wait_for(lambda: len(listing(conf, q, "fail")) == 2 and len(listing(conf, q, "done")) == 1, what="all three")
+    assert listing(conf, q, "done") == ["_20260101000000_0_1_h_00_kept"]  # byte for byte
+
+
+def test_a_trigger_made_anew_gets_a_listener(client: spoolq.Client, conf: fsq.Conf, prog: Path, out: Path,
+                                             daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    daemon()
+    wait_for(lambda: _pull(conf, q), what="a listener")
+    trig = Path(conf.root, q, "trigger-s")
+    trig.unlink()
+    os.mkfifo(trig)
+    wait_for(lambda: _pull(conf, q), timeout=15, what="a listener on the new trigger-s")
+
+
+def _pull(conf: fsq.Conf, q: str) -> bool:
+    try:
+        fsq.trigger_pull(conf, q)
+    except fsq.TriggerPullError:
+        return False
+    return True

@@ -19,14 +19,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import builtin, durable, fsq
 from ..errors import (
-    AttachmentNotFound,
     CorruptMessage,
     MessageNotFound,
     QueueNotFound,
@@ -93,6 +91,7 @@ class Finisher:
         self.clock = clock
         self.stats = stats
         self.held: list[Finish] = []
+        self.fsq = fsq.HeldCache()  # kind fsq: the hold directories, kept open
 
     # -- settling and retrying -----------------------------------------------------------
     def settle(self, fin: Finish) -> bool:
@@ -184,22 +183,27 @@ class Finisher:
                       fin.took, outcome.state, f" - {outcome.status}" if outcome.status else "")
 
     def _fsq_outcome(self, fin: Finish) -> None:
-        """Kind fsq: put the item into its fsq queue's ``done/`` (done, relayed) or ``fail/``
-        (err) under its id with tries = the message's count, before the message moves, so
-        fsq's tools see the outcome. Idempotent (a crash before the move re-runs the message
-        and writes the same name). A disk that refuses holds the finish; a directory gone or
-        not writable is logged and skipped: the message's own outcome matters more."""
+        """Kind fsq: move the held item into its fsq queue's ``done/`` (done, relayed) or
+        ``fail/`` (err), named with tries = the message's count, before the message moves, so
+        fsq's tools see the outcome. One rename, not fsync'd: the message's state is the
+        record, and the intake's start-up sweep moves the item of a finished message that a
+        crash left held (fsqintake.py). Idempotent: a crash before the message's move re-runs
+        it, and the names an earlier try may have used are looked for. An item or directory
+        gone is logged and skipped: the message's own outcome matters more."""
         queue, msg = fin.queue, fin.msg
         which = "fail" if fin.outcome.state == State.ERR else "done"
         try:
-            fsq_dir, item_id = fsq.message_item(msg)
-            conf = fsq.Conf.from_env(root=os.path.dirname(fsq_dir))
-            name = fsq.outcome_name(item_id, msg.count, conf.encode)
-            taken_tries = int(fsq.deconstruct(item_id, conf.encode)[1][4])
-            earlier = [fsq.outcome_name(item_id, t, conf.encode) for t in range(taken_tries, msg.count + 1)]
-            with self.store.open_attachment(queue, msg.msg_id, fsq.ITEM_ATTACHMENT) as f:
-                fsq.put_outcome(conf, os.path.basename(fsq_dir), name, f, which, earlier)
-        except (ValueError, IndexError, fsq.FsqError, AttachmentNotFound, MessageNotFound) as e:
+            fsq_dir, _ = fsq.message_item(msg)
+            name, earlier = fsq.outcome_names(msg)
+
+            def release(h: fsq.Held) -> bool:
+                return h.release(msg.msg_id, name, which, earlier, sync=False)
+
+            if not self.fsq.run(fsq_dir, release):
+                self.fsq.forget(fsq_dir)  # perhaps a directory replaced since it was opened
+                if not self.fsq.run(fsq_dir, release):
+                    log.warning("%s/%s: its fsq item is no longer held: not put into %s/", queue, msg.msg_id, which)
+        except (ValueError, fsq.FsqError) as e:
             log.warning("%s/%s: not put into the fsq queue's %s/: %s", queue, msg.msg_id, which, e)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):

@@ -7,31 +7,33 @@ contract (jobs.py: ``PROG ARGS... ITEM-ARGS...``, the item on stdin, ``FSQ_ITEM_
 the finished item is put back into ``done/`` or ``fail/`` under its id (finish.py).
 
 Items are taken only as the queue has room (at most ``window`` messages waiting in
-``que``), so ``ls queue/`` still shows the backlog, and fsq's own ``scan`` may work the
-same directory at the same time: both take an item only under its flock. A take:
+``que``, in batches of at least half of it), so ``ls queue/`` still shows the backlog, and
+fsq's own ``scan`` may work the same directory at the same time: both take an item only
+under its flock. A take:
 
 1. flock each item (``LOCK_EX|LOCK_NB``: one another scanner holds is skipped), check the
    name still is that file, parse its name; an item that cannot run (not a regular file, a
    malformed name, older than ``fsq_ttl``) goes to ``fail/``, as fsq-scan does;
-2. store each as a **prep** message: the content as its attachment ``fsq-item`` (a hard
-   link where the spool is on the same filesystem, else a copy), the directory and id in
+2. store them as **prep** messages, one group commit: the directory and id in
    ``params.fsq``, the first four arguments as param1-4, ``count`` = the item's tries;
-3. write a journal ``<home>/fsq/<queue>.json`` (fsync'd): the item ids and message ids;
-4. commit the preps;
-5. unlink the items from ``queue/`` (fsync'd), drop the journal, release the flocks.
+3. move the items by rename from ``queue/`` into the hold directory ``.spoolq/`` beside it,
+   each named by its message's id (fsq.Held: the daemon's own, 0700; fsync'd): no copy,
+   and fsq's tools never look there;
+4. commit the preps (from here they can run: the script's stdin is the held item);
+5. release the flocks.
 
-A crash before 3 leaves preps nobody commits (the cleaner removes them) and the items in
-``queue/``, flock released: they are taken again. A journal found is finished first: its
-preps committed (idempotent), its items unlinked if still there. Between 3 and 5 the
-items stay flock'd, so fsq's own scan does not take them; only if the daemon dies there
-*and* fsq's scan runs the directory before the daemon is back can an item run twice.
+The outcome moves the held item into ``done/`` or ``fail/`` by one more rename (finish.py).
+
+The hold directory is the take's journal: a crash before 3 leaves preps nobody commits
+(the cleaner removes them) and the items in ``queue/``, taken again; a crash between 3
+and 4 leaves held items of prep messages, which the start-up sweep commits. Until 3 the
+items stay flock'd, so fsq's own scan skips them; after 3 fsq cannot see them.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import json
 import logging
 import os
 import select
@@ -41,13 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import durable, fsq
+from .. import fsq
 from .. import inotify as ino
 from ..client import Client
-from ..errors import MessageNotFound, QueueDown, QueueNotFound, SpoolqError, StorageError, WrongState
+from ..errors import MessageNotFound, QueueDown, QueueNotFound, SpoolqError
 from ..events import EventBus
 from ..model import Message, QueueConfig, State
-from ..store.base import AttachmentSource
 
 log = logging.getLogger("spoolq.fsq")
 
@@ -76,6 +77,7 @@ class Served:
         # scan works a snapshot through, so a directory of N items is listed about once,
         # not once per take of a window (N^2 / window for a big backlog).
         self.snapshot: collections.deque[str] = collections.deque()
+        self.resweep = False  # a take failed after its hold: sweep before the next
         self.trigger_fd: int | None = None
         self.trigger_wfd: int | None = None  # our own writer: no EOF storm when fsq's hang up
 
@@ -86,8 +88,7 @@ class FsqIntake:
     name = "fsq intake"
 
     def __init__(self, home: Path, *, client: Client, bus: EventBus | None = None) -> None:
-        self.journals = Path(home) / "fsq"
-        self.spool = self.journals  # named in the error if it cannot start
+        self.spool = Path(home)  # named in the error if it cannot start
         self.client = client
         self.bus = bus
         self.served: dict[str, Served] = {}
@@ -104,7 +105,6 @@ class FsqIntake:
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
-        self.journals.mkdir(mode=0o700, exist_ok=True)
         self._ino = ino.Inotify()
         if self.bus is not None:
             self._sub = self.bus.subscribe(maxlen=1000, wake=self._wake)
@@ -193,17 +193,16 @@ class FsqIntake:
         for q, cfg in want.items():
             if q in self.served and self.served[q].watches:
                 self._dirty.add(q)  # the safety poll: a lock released by a dead scanner is no event
+                self._open_trigger(self.served[q])  # a trigger-s made (again) since
                 continue
             self._unserve(q)
             s = Served(cfg)
             self.served[q] = s
-            if (self.journals / f"{q}.json").exists():
-                self._dirty.add(q)
             try:
                 self._watch(q, s)
             except OSError as e:
-                self._warn(q, "nodir", "fsq: %s: cannot watch %s: %s (looked for again every %g s)", q,
-                           s.paths.sub("queue"), e.strerror or e, SAFETY_POLL)
+                self._warn(q, "nodir", "fsq: %s: cannot serve %s: %s (looked at again every %g s)", q,
+                           s.fsq_dir, e.strerror or e, SAFETY_POLL)
                 continue
             self._warned.discard((q, "nodir"))
             log.info("fsq: queue %s takes the items of %s", q, cfg.fsq_dir)
@@ -211,6 +210,8 @@ class FsqIntake:
 
     def _watch(self, q: str, s: Served) -> None:
         assert self._ino is not None
+        with fsq.Held(s.fsq_dir, s.conf) as held:  # the directories are there, the hold is ours
+            self._sweep(q, held)
         for path in (s.paths.sub("queue"), s.paths.base):  # items; and the down file, the trigger
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
@@ -218,9 +219,27 @@ class FsqIntake:
             wd = self._ino.add(Path(path), _MASK)
             s.watches.append(wd)
             self._by_wd[wd] = q
+        self._open_trigger(s)
+
+    def _open_trigger(self, s: Served) -> None:
+        """Hold ``trigger-s`` open for reading (and writing, so its readers see no EOF), so
+        fsq's ``enqueue -t`` finds a listener and wakes us; again if it was made anew."""
         trig = os.path.join(s.paths.base, s.conf.trigger)
         try:
-            # A reader held open, so fsq's `enqueue -t` finds a listener and wakes us.
+            st = os.lstat(trig)
+        except OSError:
+            return
+        if not stat.S_ISFIFO(st.st_mode):
+            return
+        if s.trigger_fd is not None:
+            now = os.fstat(s.trigger_fd)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return
+            for fd in (s.trigger_fd, s.trigger_wfd):
+                if fd is not None:
+                    os.close(fd)
+            s.trigger_fd = s.trigger_wfd = None
+        try:
             fd = os.open(trig, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return
@@ -229,6 +248,35 @@ class FsqIntake:
             s.trigger_wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         else:
             os.close(fd)
+
+    def _sweep(self, queue: str, held: fsq.Held) -> None:
+        """Finish what a crash interrupted: a held item's prep message is committed (the crash
+        came between the hold and the commit); items held for messages that are finished (a
+        crash kept the outcome's rename from standing: it is not fsync'd) go where the
+        outcome says; items of messages deleted by hand go with them. Looked at each time the
+        directory starts being served: the hold holds only the window and the running, so
+        this is cheap."""
+        store = self.client.store
+        for msg_id in held.held():
+            try:
+                view = store.get(queue, msg_id)
+            except MessageNotFound:
+                held.drop(msg_id)
+                log.warning("fsq: %s/%s: message gone: its held item removed", queue, msg_id)
+                continue
+            except (SpoolqError, ValueError):
+                continue
+            if view.state == State.PREP:  # held, then a crash before its commit
+                store.commit(queue, msg_id)
+                log.info("fsq: %s/%s: committed (its item was held when the daemon stopped)", queue, msg_id)
+            elif view.state.final:
+                which = "fail" if view.state == State.ERR else "done"
+                try:
+                    name, earlier = fsq.outcome_names(view.message)
+                except ValueError:
+                    continue
+                held.release(msg_id, name, which, earlier)
+                log.info("fsq: %s/%s: its item moved into %s/ (the move a crash undid)", queue, msg_id, which)
 
     def _unserve(self, q: str) -> None:
         s = self.served.pop(q, None)
@@ -247,12 +295,10 @@ class FsqIntake:
 
     # -- taking ---------------------------------------------------------------------------
     def take(self, queue: str) -> bool:
-        """Finish a take a crash interrupted, then take what room allows; True if items were
-        left waiting (room, a lock, the queue down)."""
+        """Take what room allows of ``queue``'s fsq directory; True if items were left
+        waiting (room, a lock, the queue down). Everything is done through one fsq.Held:
+        directory fds opened without following links, fresh for each take."""
         s = self.served.get(queue)
-        journal = self.journals / f"{queue}.json"
-        if journal.exists():
-            self._finish(queue, journal)
         if s is None or not s.watches:
             return False
         store = self.client.store
@@ -262,96 +308,97 @@ class FsqIntake:
         except QueueNotFound:
             return False
         room = window(cfg.num_workers) - queued
-        if room <= 0:
+        if queued > window(cfg.num_workers) // 2:
+            # Take in batches: each take costs a few fsyncs whatever its size, so wait until
+            # half the window has started (half of it still waits: the workers never starve).
             return True
         if fsq.is_down(s.conf, s.fsq_queue):
             return True  # fsq's down: scans stop; its removal is an event
-        held: list[fsq.WorkItem] = []
+        try:
+            held_dirs = fsq.Held(s.fsq_dir, s.conf)
+        except FileNotFoundError:
+            self._unserve(queue)  # looked for again at the next refresh
+            return False
+        items: list[fsq.WorkItem] = []
         left = False
         relisted = False
         try:
-            while len(held) < room:
+            if s.resweep:
+                self._sweep(queue, held_dirs)
+                s.resweep = False
+            while len(items) < room:
                 if not s.snapshot:
                     if relisted:
                         break
-                    try:
-                        s.snapshot.extend(sorted(os.listdir(s.paths.sub("queue"))))
-                    except FileNotFoundError:
-                        self._unserve(queue)
-                        return False
+                    s.snapshot.extend(sorted(os.listdir(held_dirs.fds["queue"])))
                     relisted = True
                     continue
                 name = s.snapshot.popleft()
-                item = fsq.take(s.conf, s.fsq_queue, name, lock=True, max_tries=0, ttl=cfg.fsq_ttl,
-                                rejected=lambda n, e: log.warning("fsq: %s: %s: moved to fail/: %s", queue, n, e))
+                item = fsq.take_at(held_dirs, name, ttl=cfg.fsq_ttl,
+                                   rejected=lambda n, e: log.warning("fsq: %s: %s: moved to fail/: %s", queue, n, e))
                 if item is None:
                     # gone (another scanner finished it), or locked: seen again at the next listing
                     left = left or os.path.lexists(os.path.join(s.paths.sub("queue"), name))
                     continue
-                held.append(item)
+                items.append(item)
             left = left or bool(s.snapshot)
-            if held:
-                self._store(queue, cfg, s, held)
+            if items:
+                self._store(queue, cfg, s, held_dirs, items)
         finally:
-            for item in held:
+            for item in items:
                 item.close()
+            held_dirs.close()
         return left
 
-    def _store(self, queue: str, cfg: QueueConfig, s: Served, items: list[fsq.WorkItem]) -> None:
+    def _store(self, queue: str, cfg: QueueConfig, s: Served, held: fsq.Held, items: list[fsq.WorkItem]) -> None:
+        """Steps 2-4 of a take (module docstring)."""
+        good: list[tuple[fsq.WorkItem, Message]] = []
+        for item in items:
+            msg = Message(src=SRC, count=max(0, item.tries), max_count=cfg.max_count,
+                          params={"fsq": {"dir": s.fsq_dir, "id": item.id}})
+            for i, a in enumerate(item.arguments[:4]):
+                setattr(msg, f"param{i + 1}", a)
+            try:
+                Message.from_dict(msg.to_dict())  # what the store would refuse (not Unicode, a NUL...)
+            except (ValueError, SpoolqError) as e:
+                self._reject(queue, held, item, f"cannot be a message ({e})")
+                continue
+            good.append((item, msg))
+        if not good:
+            return
         store = self.client.store
-        made: list[tuple[str, str]] = []
         try:
-            for item in items:
-                args = list(item.arguments)
-                msg = Message(src=SRC, count=item.tries, max_count=cfg.max_count,
-                              params={"fsq": {"dir": s.fsq_dir, "id": item.id}})
-                for i, a in enumerate(args[:4]):
-                    setattr(msg, f"param{i + 1}", a)
-                try:
-                    m = store.create(queue, msg, state=State.PREP, attachments=[
-                        AttachmentSource(name=fsq.ITEM_ATTACHMENT, path=item.path, link=True)])
-                except (QueueDown, QueueNotFound, StorageError):
-                    raise
-                except (ValueError, SpoolqError) as e:
-                    # this item cannot be a message (an argument spoolq refuses): fsq's fail/
-                    log.warning("fsq: %s: %s cannot be a message (%s): moved to fail/", queue, item.id, e)
-                    item.fail_perm()
-                    continue
-                made.append((item.id, m.msg_id))
+            made = store.create_many(queue, [m for _, m in good], state=State.PREP)
         except QueueDown:
             self._warn(queue, "down", "fsq: %s waits: the spoolq queue is DOWN", queue)
-            if not made:
-                return
-        if not made:
             return
-        jpath = self.journals / f"{queue}.json"
-        durable.write_replace(jpath, json.dumps({"dir": s.fsq_dir, "items": made}).encode())
-        self._finish(queue, jpath, made)
-        self._warned.discard((queue, "down"))
-        log.debug("fsq: %s: %d item(s) taken", queue, len(made))
-
-    def _finish(self, queue: str, jpath: Path, made: list[tuple[str, str]] | None = None) -> None:
-        """Steps 4-5 of a take, from its journal. Raises (the journal stays) if a step fails."""
-        data = json.loads(jpath.read_bytes()) if made is None else None
-        fsq_dir = data["dir"] if data is not None else self.served[queue].fsq_dir
-        pairs = made if made is not None else [(str(a), str(b)) for a, b in data["items"]]  # type: ignore[index]
-        with self.client.store.durable_batch():
-            for _item_id, msg_id in pairs:
-                try:
-                    self.client.store.commit(queue, msg_id)
-                except (WrongState, MessageNotFound, QueueNotFound):
-                    pass  # committed before a crash, and maybe run since; or the queue is gone
-        qdir = os.path.join(fsq_dir, fsq.Conf.from_env().queue)
-        for item_id, _msg_id in pairs:
-            try:
-                os.unlink(os.path.join(qdir, fsq.valid_name(item_id)))
-            except FileNotFoundError:
-                pass
+        taken = [(item, m.msg_id) for (item, _), m in zip(good, made, strict=True)]
         try:
-            durable.fsync_dir(qdir)
+            moved, problems = held.hold(taken)
+        except BaseException:
+            s.resweep = True  # some may be held: the next take commits those
+            raise
+        for p in problems:
+            log.warning("fsq: %s: %s", queue, p)
+        try:
+            with store.durable_batch():
+                for _, msg_id in taken:  # in order: a commit makes a message due (FIFO)
+                    if msg_id in moved:
+                        store.commit(queue, msg_id)
+                    else:
+                        store.delete(queue, msg_id)  # its item was not held: no message
+        except BaseException:
+            s.resweep = True  # held items of uncommitted preps: the next take commits them
+            raise
+        self._warned.discard((queue, "down"))
+        log.debug("fsq: %s: %d item(s) taken", queue, len(moved))
+
+    def _reject(self, queue: str, held: fsq.Held, item: fsq.WorkItem, why: str) -> None:
+        try:
+            os.rename(item.id, item.id, src_dir_fd=held.fds["queue"], dst_dir_fd=held.fds["fail"])
         except FileNotFoundError:
-            pass
-        os.unlink(jpath)
+            return
+        log.warning("fsq: %s: %s %s: moved to fail/", queue, item.id, why)
 
     def _warn(self, queue: str, kind: str, fmt: str, *args: object) -> None:
         if (queue, kind) not in self._warned:

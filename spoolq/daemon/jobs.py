@@ -5,15 +5,12 @@ the disk refuses) is :mod:`.finish`'s.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import random
-import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +19,7 @@ from .. import fsq
 from ..builtin import target_queue
 from ..config import RootConfig
 from ..errors import (
-    AttachmentNotFound,
     LeaseLost,
-    MessageNotFound,
     QueueDown,
     QueueNotFound,
     ScriptError,
@@ -136,7 +131,7 @@ class JobRunner:
             stdin = None
             if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
                 env.update(fsq.message_env(msg))
-                stdin = self._item_stdin(attempt, workdir)
+                stdin = self._item_stdin(attempt)
             try:
                 sp = spawn(argv, env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
                            header_script=str(script), stdin_fd=stdin)
@@ -174,25 +169,18 @@ class JobRunner:
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
 
-    def _item_stdin(self, attempt: Attempt, workdir: Path) -> int:
-        """An fd of the fsq item's content (its attachment) for the script's stdin. ValueError
-        when the message has none: it was not made by the fsq intake, and can never run."""
+    def _item_stdin(self, attempt: Attempt) -> int:
+        """An fd of the message's held fsq item (fsq.Held), for the script's stdin.
+        ValueError when there is none (the message was not made by the fsq intake, or its
+        item was removed by hand): it can never run."""
+        msg = attempt.message
         try:
-            f = self.store.open_attachment(attempt.queue, attempt.msg_id, fsq.ITEM_ATTACHMENT)
-        except (AttachmentNotFound, MessageNotFound):
-            raise ValueError(f"no {fsq.ITEM_ATTACHMENT} attachment: not an fsq item") from None
-        with f:
-            try:
-                return os.dup(f.fileno())
-            except (OSError, AttributeError, io.UnsupportedOperation):
-                pass
-            # A store without files (PostgreSQL): a private copy, unlinked once open.
-            fd, path = tempfile.mkstemp(dir=workdir, prefix=".fsq-item.")
-            os.unlink(path)
-            with os.fdopen(os.dup(fd), "wb") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
-            os.lseek(fd, 0, os.SEEK_SET)
+            fsq_dir, _ = fsq.message_item(msg)
+            _, names = fsq.outcome_names(msg)
+            fd: int = self.finisher.fsq.run(fsq_dir, lambda h: h.open(msg.msg_id, names))
             return fd
+        except (FileNotFoundError, NotADirectoryError, fsq.FsqError) as e:
+            raise ValueError(f"its fsq item cannot be read: {e}") from None
 
     def cancel_asked(self, job: Job) -> bool:
         """Has a cancel been asked for the job's message (Store.cancel)? Renews the lease."""
