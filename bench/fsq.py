@@ -10,7 +10,9 @@ One fresh fsq root per row, N items (2,000; ``--quick`` 400) with one argument e
    fsq 0.2.5's ``fsq scan`` (serial, its only mode), ``spoolq fsq scan`` (serial, the same
    contract), and the daemon serving the directory as a queue of kind fsq with W workers
    (2 and 4 by default; the daemon is up before the queue is made, so its start is not
-   timed).
+   timed);
+3. **process with work**: N/5 items of a program that sleeps ``--work-ms`` (20) each, fsq's
+   scan beside the daemon: where running items in parallel counts.
 
 fsq 0.2.5 needs a python2.7 (``scripts/bootstrap.sh bench`` installs fsq into
 ``.venv/peers/fsq-0.2.5``); without one its rows say so. Writes bench/results/fsq-<time>.json.
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="400 items")
     ap.add_argument("--messages", type=int, default=None, help="items per run (default 2,000)")
     ap.add_argument("--workers", default="2,4", help="daemon rows: workers per row (default 2,4)")
+    ap.add_argument("--work-ms", type=int, default=20, help="the working program's time per item (default 20)")
     ap.add_argument("--dir", type=Path, default=common.DEFAULT_DATA, help="parent of the data directory")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     a = ap.parse_args(argv)
@@ -141,9 +144,37 @@ def main(argv: list[str] | None = None) -> int:
                                 fsq_dir=os.path.join(c.root, "q"))
             wait_for(lambda c=c: done_count(c) == n, 600, "all items done", 0.01)  # type: ignore[misc]
             row(f"daemon_{w}", f"process: spoolq serve, kind fsq, {w} workers", time.perf_counter() - t0)
-        if r["rows"].get("scan_fsq"):
-            for key in [k for k in r["rows"] if k.startswith("daemon_")]:
-                ratio = r["rows"][key] / r["rows"]["scan_fsq"]
+        # The same with a program that works (sleeps) a while per item: where parallel
+        # workers count. Fewer items, so the serial rows stay short.
+        m = max(50, n // 5)
+        prog = work / "work.sh"
+        prog.write_text(f"#!/bin/sh\nsleep {a.work_ms / 1000:g}\n")
+        prog.chmod(0o755)
+        nw = n
+        n = m
+        if PY2:
+            c = fresh(work, "wscan-fsq")
+            enqueue_spoolq(c, m)
+            t0 = time.perf_counter()
+            fsq_tool(Path(c.root), "scan", "q", str(prog))
+            assert done_count(c) == m
+            row("work_scan_fsq", f"process, {a.work_ms} ms of work each: fsq 0.2.5 `fsq scan`",
+                time.perf_counter() - t0)
+        for w in [int(x) for x in a.workers.split(",") if x]:
+            c = fresh(work, f"wdaemon-{w}")
+            enqueue_spoolq(c, m)
+            t0 = time.perf_counter()
+            client.create_queue(f"w{w}", kind="fsq", script=str(prog), num_workers=w,
+                                fsq_dir=os.path.join(c.root, "q"))
+            wait_for(lambda c=c: done_count(c) == m, 600, "all items done", 0.01)  # type: ignore[misc]
+            row(f"work_daemon_{w}", f"process, {a.work_ms} ms of work each: spoolq serve, {w} workers",
+                time.perf_counter() - t0)
+        n = nw
+        for base in ("", "work_"):
+            if not r["rows"].get(f"{base}scan_fsq"):
+                continue
+            for key in [k for k in r["rows"] if k.startswith(f"{base}daemon_")]:
+                ratio = r["rows"][key] / r["rows"][f"{base}scan_fsq"]
                 r[f"{key}_vs_fsq_scan"] = round(ratio, 2)
                 rows.append([f"  {key} / fsq scan", f"{ratio:.2f} ({common.verdict(ratio > 1)})"])
         say(common.table(rows, ["measure", "rate"]))
