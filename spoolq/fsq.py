@@ -45,6 +45,7 @@ from . import durable
 
 HOSTNAME = socket.gethostname()
 CHUNK = 1 << 16
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -791,13 +792,6 @@ def check_limits(tries: int, enqueued_at: datetime.datetime, max_tries: int, ttl
         raise TTLExpiredError(errno.EINTR, f"TTL Expired: {ttl}")
 
 
-def fail_path(conf: Conf, queue: str, name: str, host: str | None = None) -> None:
-    """Move whatever ``queue/name`` is (a link, a FIFO, a malformed name) into ``fail/``."""
-    p = Paths(conf, queue, host)
-    os.rename(p.item(name), p.item(name, "fail"))
-    durable.fsync_after_rename(p.sub("fail"), p.sub("queue"))
-
-
 Rejected = Callable[[str, FsqError], None]
 
 
@@ -809,19 +803,37 @@ def take(conf: Conf, queue: str, name: str, *, host: str | None = None, lock: bo
     An item that cannot be run (not a regular file, a bad name, past its tries or TTL) is
     moved to ``fail/``, reported to ``rejected``, and ``None`` returned."""
     p = Paths(conf, queue, host)
-    lock = conf.lock if lock is None else lock
-    max_tries = conf.max_tries if max_tries is None else max_tries
-    ttl = conf.ttl if ttl is None else ttl
-    path = os.path.join(p.sub("queue"), name)
+    try:
+        qfd = os.open(p.sub("queue"), _DIR)
+    except FileNotFoundError:
+        return None
+    try:
+        ffd = os.open(p.sub("fail"), _DIR)
+    except BaseException:
+        os.close(qfd)
+        raise
+    try:
+        return _take(conf, queue, host, qfd, ffd, name, lock=conf.lock if lock is None else lock, no_open=no_open,
+                     max_tries=conf.max_tries if max_tries is None else max_tries,
+                     ttl=conf.ttl if ttl is None else ttl, rejected=rejected)
+    finally:
+        os.close(qfd)
+        os.close(ffd)
+
+
+def _take(conf: Conf, queue: str, host: str | None, qfd: int, ffd: int, name: str, *, lock: bool, no_open: bool,
+          max_tries: int, ttl: int, rejected: Rejected | None) -> WorkItem | None:
+    """:func:`take` on open ``queue/`` and ``fail/`` directory fds: every look, open and
+    rename relative to them."""
     fd = None
     try:
         if not no_open:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=qfd)
             except FileNotFoundError:
                 return None
             except OSError as e:
-                if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM):
                     raise
                 raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}") from None
             st = os.fstat(fd)
@@ -833,24 +845,21 @@ def take(conf: Conf, queue: str, name: str, *, host: str | None = None, lock: bo
                 except BlockingIOError:
                     return None  # another scanner's (fd closed below)
                 try:
-                    now = os.lstat(path)
+                    now = os.stat(name, dir_fd=qfd, follow_symlinks=False)
                 except FileNotFoundError:
                     return None
                 if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
                     return None  # finished and replaced while we waited: not ours
             os.set_blocking(fd, True)
-        elif not stat.S_ISREG(os.lstat(path).st_mode):
+        elif not stat.S_ISREG(os.stat(name, dir_fd=qfd, follow_symlinks=False).st_mode):
             raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}")
         item = WorkItem(conf, queue, name, host=host, fd=fd)
         fd = None
         try:
             check_limits(item.tries, item.enqueued_at, max_tries, ttl)
         except WorkItemError as e:
-            item.fail_perm()
             item.close()
-            if rejected:
-                rejected(name, type(e)(e.errno or errno.EINTR, f"{e.strerror}: for item {name}; failed permanently"))
-            return None
+            raise type(e)(e.errno or errno.EINTR, f"{e.strerror}: for item {name}; failed permanently") from None
         return item
     except FileNotFoundError:
         return None
@@ -859,11 +868,14 @@ def take(conf: Conf, queue: str, name: str, *, host: str | None = None, lock: bo
             os.close(fd)
             fd = None
         try:
-            fail_path(conf, queue, name, host)
+            os.rename(name, name, src_dir_fd=qfd, dst_dir_fd=ffd)
         except FileNotFoundError:
             return None
+        durable.fsync_after_rename(ffd, qfd)
         if rejected:
-            rejected(name, e)
+            # A fresh exception: the caught one's traceback would keep the frames above alive,
+            # and with them the items a scan yielded before (their locks held).
+            rejected(name, type(e)(e.errno or errno.EINVAL, str(e.strerror)))
         return None
     finally:
         if fd is not None:
@@ -981,9 +993,6 @@ def outcome_name(item_id: str, tries: int, encodeseq: str = "%") -> str:
         return item_id
     f[4] = str(tries)
     return construct(f, delimiter, encodeseq)
-
-
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Held:
@@ -1176,58 +1185,11 @@ def _dev_ino(fd: int) -> tuple[int, int]:
 
 
 def take_at(held: Held, name: str, *, ttl: int = 0, rejected: Rejected | None = None) -> WorkItem | None:
-    """:func:`take` for the daemon: every look, open and rename relative to ``held``'s
-    directory fds (never a path: a ``queue/`` or ``fail/`` swapped for a link cannot lead out
-    of the fsq directory). Tries are not checked here (the message's ``max_count`` is)."""
-    qfd, ffd = held.fds["queue"], held.fds["fail"]
-    queue = os.path.basename(held.fsq_dir)
-    fd = None
-    try:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=qfd)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM):
-                raise
-            raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None  # another scanner's
-        try:
-            now = os.stat(name, dir_fd=qfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-            return None
-        os.set_blocking(fd, True)
-        item = WorkItem(held.conf, queue, name, fd=fd)
-        fd = None
-        try:
-            check_limits(item.tries, item.enqueued_at, 0, ttl)
-        except WorkItemError as e:
-            item.close()
-            raise type(e)(e.errno or errno.EINTR, f"{e.strerror}: for item {name}; failed permanently") from None
-        return item
-    except FsqError as e:
-        if fd is not None:
-            os.close(fd)
-            fd = None
-        try:
-            os.rename(name, name, src_dir_fd=qfd, dst_dir_fd=ffd)
-        except FileNotFoundError:
-            return None
-        durable.fsync_after_rename(ffd, qfd)
-        if rejected:
-            rejected(name, e)
-        return None
-    finally:
-        if fd is not None:
-            os.close(fd)
+    """:func:`take` for the daemon, on ``held``'s directory fds (a ``queue/`` or ``fail/``
+    swapped for a link after they were opened cannot lead out of the fsq directory). Tries
+    are not checked here (the message's ``max_count`` is)."""
+    return _take(held.conf, os.path.basename(held.fsq_dir), None, held.fds["queue"], held.fds["fail"], name,
+                 lock=True, no_open=False, max_tries=0, ttl=ttl, rejected=rejected)
 
 
 def _lexists(dir_fd: int, name: str) -> bool:

@@ -359,9 +359,9 @@ class FsqIntake:
             for i, a in enumerate(item.arguments[:4]):
                 setattr(msg, f"param{i + 1}", a)
             try:
-                Message.from_dict(msg.to_dict())  # what the store would refuse (not Unicode, a NUL...)
-            except (ValueError, SpoolqError) as e:
-                self._reject(queue, held, item, f"cannot be a message ({e})")
+                item.id.encode()  # a name that is not UTF-8 (surrogate escapes) cannot be a message
+            except UnicodeEncodeError:
+                self._reject(queue, held, item, "cannot be a message (its name is not UTF-8)")
                 continue
             good.append((item, msg))
         if not good:
