@@ -107,3 +107,31 @@ def test_a_line_too_long_drops_only_its_sender(intake: int, client: spoolq.Clien
     assert answers == [b":error line longer than 64 KiB"]
     assert talk(intake, b":ack\nmail fine\n", answers=2)[1].startswith(b"ok ")
     assert queued(client) == ["fine"]
+
+
+@pytest.mark.parametrize("level", ["none", "read"])
+def test_with_anonymous_none_or_read_loopback_clients_need_the_token(root: Path, client: spoolq.Client,
+                                                                      level: str) -> None:
+    """As over HTTP: where a request without the token may not send messages, neither may a
+    loopback line client that has not sent :auth (the notifier follows --anonymous none)."""
+    client.create_queue("mail", script="/bin/true")
+    client.set_admin_state("mail", "pause")
+    port, nport = free_port(), free_port()
+    s = Served(root, "--intake-port", str(port), "--notify-port", str(nport), "--anonymous", level,
+               "--no-builtin-queues").start()
+    try:
+        token = (root / "token").read_text().strip()
+        assert talk(port, b"mail sneaky\n", answers=1)[0].startswith(b":error send :auth")
+        got = talk(port, b":auth " + token.encode() + b"\n:ack\nmail allowed\n", answers=3)
+        assert got[0] == b":ok authenticated" and got[-1].startswith(b"ok ")
+        assert queued(client) == ["allowed"]
+        if level == "none":  # (under read, the notifier's events are readable, as GETs are)
+            assert talk(nport, b"hello\n", answers=1)[0].startswith(b":error send :auth")
+    finally:
+        s.stop()
+    # the default (rq) trusts loopback, as RQ's HTTP routes do
+    s = Served(root, "--intake-port", str(port), "--no-builtin-queues").start()
+    try:
+        assert talk(port, b":ack\nmail trusted\n", answers=2)[-1].startswith(b"ok ")
+    finally:
+        s.stop()

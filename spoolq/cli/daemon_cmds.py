@@ -137,8 +137,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     for flag, port in (("--notify-port", args.notify_port), ("--intake-port", args.intake_port)):
         if port is not None and not 0 <= port <= 65535:
             raise InvalidInput(f"{flag} {port} is not a port (0-65535)")
-    need_token = (not args.no_http or (notifying and not is_loopback(args.notify_host))
-                  or (taking and not is_loopback(args.intake_host)))
+    # The line servers trust loopback as HTTP does: the intake sends messages (RQ's routes:
+    # anonymous rq or all), the notifier is read and chat (anything but none).
+    intake_trusts = anonymous in (AccessLevel.RQ, AccessLevel.ALL)
+    notify_trusts = anonymous != AccessLevel.NONE
+    need_token = (not args.no_http or (notifying and not (notify_trusts and is_loopback(args.notify_host)))
+                  or (taking and not (intake_trusts and is_loopback(args.intake_host))))
     token = credentials.load_or_create(home, args.token_file) if need_token else None
     d.setup()
     http: Any = None
@@ -148,13 +152,15 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
         if notifying:
             from ..daemon.notifier import Notifier
 
-            lines.append(Notifier(args.notify_host, args.notify_port, token=secret, bus=d.events))
+            lines.append(Notifier(args.notify_host, args.notify_port, token=secret, bus=d.events,
+                                  trust_loopback=notify_trusts))
         if taking:
             from ..client import Client
             from ..daemon.intake import Intake
 
             lines.append(Intake(args.intake_host, args.intake_port, token=secret,
-                                client=Client(open_store(ctx.root), root_config=d.rootcfg)))
+                                client=Client(open_store(ctx.root), root_config=d.rootcfg),
+                                trust_loopback=intake_trusts))
         if args.isq_spool:
             from ..client import Client
             from ..daemon.isqspool import IsqSpool

@@ -34,8 +34,9 @@ SRC = "intake"
 class Intake(LineServer):
     name = "intake"
 
-    def __init__(self, host: str, port: int, *, token: str | None, client: SpoolqClient) -> None:
-        super().__init__(host, port, token=token)
+    def __init__(self, host: str, port: int, *, token: str | None, client: SpoolqClient,
+                 trust_loopback: bool = True) -> None:
+        super().__init__(host, port, token=token, trust_loopback=trust_loopback)
         self.client = client
 
     def handle(self, c: Client, lines: list[bytes]) -> None:

@@ -52,10 +52,13 @@ class Client:
 class LineServer:
     name = "line server"
 
-    def __init__(self, host: str, port: int, *, token: str | None) -> None:
+    def __init__(self, host: str, port: int, *, token: str | None, trust_loopback: bool = True) -> None:
         self.host = host
         self.port = port
         self.token = token
+        # False (serve --anonymous none, or read for the intake): loopback clients send
+        # :auth <token> first too, as HTTP requests without the token get nothing there
+        self.trust_loopback = trust_loopback
         self.sel = selectors.DefaultSelector()
         self.clients: dict[int, Client] = {}
         self._wake_r, self._wake_w = os.pipe()
@@ -146,7 +149,7 @@ class LineServer:
                 return
             sock.setblocking(False)
             peer = str(addr[0])
-            c = Client(sock, peer, authed=self.token is None or is_loopback_addr(peer))
+            c = Client(sock, peer, authed=self.token is None or (self.trust_loopback and is_loopback_addr(peer)))
             self.clients[sock.fileno()] = c
             self.sel.register(sock, selectors.EVENT_READ, c)
             self.new_client(c)

@@ -37,8 +37,9 @@ def valid_channel(name: str) -> bool:
 class Notifier(LineServer):
     name = "notifier"
 
-    def __init__(self, host: str, port: int, *, token: str | None, bus: EventBus | None) -> None:
-        super().__init__(host, port, token=token)
+    def __init__(self, host: str, port: int, *, token: str | None, bus: EventBus | None,
+                 trust_loopback: bool = True) -> None:
+        super().__init__(host, port, token=token, trust_loopback=trust_loopback)
         self.bus = bus
         self._sub: Subscription | None = None
 
