@@ -871,6 +871,11 @@ def _take(conf: Conf, queue: str, host: str | None, qfd: int, ffd: int, name: st
             os.rename(name, name, src_dir_fd=qfd, dst_dir_fd=ffd)
         except FileNotFoundError:
             return None
+        except OSError as e2:  # (fail/<name> is a directory...): left where it is, the scan goes on
+            if rejected:
+                rejected(name, type(e)(e.errno or errno.EINVAL, f"{e.strerror}; it cannot be moved to fail/ "
+                                                                f"either ({e2.strerror}): left in queue/"))
+            return None
         durable.fsync_after_rename(ffd, qfd)
         if rejected:
             # A fresh exception: the caught one's traceback would keep the frames above alive,
@@ -996,15 +1001,20 @@ def outcome_name(item_id: str, tries: int, encodeseq: str = "%") -> str:
 
 
 class Held:
-    """An fsq queue directory's ``queue/``, ``done/``, ``fail/`` and hold directory, opened
-    without following a link (every rename is relative to these fds, so a directory swapped
-    for a link later cannot redirect one). The hold directory must be this user's and
-    writable by no one else; it is made when missing. A held item is named by the id of the
-    message it is (its own id is in the message's ``params.fsq``), so a look at the hold
-    directory tells which messages' items are there. Close it after use."""
+    """An fsq queue directory's ``queue/``, ``done/``, ``fail/`` and one spoolq queue's hold
+    directory ``.spoolq/<queue>/``, opened without following a link (every rename is
+    relative to these fds, so a directory swapped for a link later cannot redirect one).
+    The hold directories must be this user's and writable by no one else. A held item is
+    named by the id of the message it is (its own id is in the message's ``params.fsq``),
+    so a look at the hold directory tells which messages' items are there. Close it after
+    use."""
 
-    def __init__(self, fsq_dir: str, conf: Conf | None = None) -> None:
+    def __init__(self, fsq_dir: str, queue: str, conf: Conf | None = None, *, create: bool = False) -> None:
+        """``queue``: the spoolq queue whose items these are; each has its own hold directory,
+        ``.spoolq/<queue>/``, so two queues serving one fsq directory never touch each
+        other's. ``create``: make the hold directories when missing (the intake does)."""
         self.fsq_dir = fsq_dir
+        self.queue = queue
         self.conf = conf or Conf.from_env(root=os.path.dirname(fsq_dir))
         self.fds: dict[str, int] = {}
         try:
@@ -1012,17 +1022,21 @@ class Held:
             self.fds["top"] = top
             for which in ("queue", "done", "fail"):
                 self.fds[which] = os.open(getattr(self.conf, which), _DIR, dir_fd=top)
-            try:
-                os.mkdir(HOLD, 0o700, dir_fd=top)
-                os.fsync(top)
-            except FileExistsError:
-                pass
-            hold = os.open(HOLD, _DIR, dir_fd=top)
-            self.fds["hold"] = hold
-            st = os.fstat(hold)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                raise ConfigError(errno.EPERM, f"{fsq_dir}/{HOLD} is not this user's alone "
-                                               f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+            parent = top
+            for i, name in enumerate((HOLD, valid_name(queue))):
+                if create:
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=parent)
+                        os.fsync(parent)
+                    except FileExistsError:
+                        pass
+                fd = os.open(name, _DIR, dir_fd=parent)
+                self.fds["hold" if i else "holds"] = fd
+                st = os.fstat(fd)
+                if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                    raise ConfigError(errno.EPERM, f"{fsq_dir}/{HOLD} is not this user's alone "
+                                                   f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+                parent = fd
         except BaseException:
             self.close()
             raise
@@ -1075,62 +1089,54 @@ class Held:
         """The message ids whose items are held."""
         return sorted(n for n in os.listdir(self.fds["hold"]) if not n.startswith("."))
 
-    def where(self, msg_id: str, names: Iterable[str] = ()) -> tuple[str, str] | None:
-        """Where a message's item is: ``("hold", msg_id)``, or ``("done"|"fail", name)`` for
-        one of ``names`` (the names its outcome may have been given); None if nowhere."""
-        if self.is_held(msg_id):
-            return "hold", msg_id
-        for which in ("done", "fail"):
-            for n in names:
-                if _lexists(self.fds[which], n):
-                    return which, n
-        return None
-
-    def open(self, msg_id: str, names: Iterable[str] = ()) -> int:
-        """An fd of the message's held item (or, for a message a crash made run again after
-        its outcome was written, of that outcome). FileNotFoundError if it is nowhere."""
-        at = self.where(msg_id, names)
-        if at is None:
-            raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} is not held")
+    def open(self, msg_id: str) -> int:
+        """An fd of the message's held item. FileNotFoundError if it is not held: only an
+        item the intake held under the message's own id is ever read (a message naming some
+        other item in its params gets nothing)."""
         try:
-            fd = os.open(at[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fds[at[0]])
-        except OSError as e:  # a link (ELOOP), a FIFO without a writer (ENXIO)...: never read through
-            raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} cannot be opened: "
-                                                  f"{e.strerror}") from None
+            fd = os.open(valid_name(msg_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fds["hold"])
+        except OSError as e:  # gone, a link (ELOOP), a FIFO without a writer (ENXIO)...
+            raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} is not held "
+                                                  f"({e.strerror})") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise FileNotFoundError(errno.ENOENT, f"the fsq item of message {msg_id} is not a regular file")
         os.set_blocking(fd, True)
         return fd
 
-    def release(self, msg_id: str, name: str, which: str, earlier: Iterable[str] = (), *, sync: bool = True) -> bool:
-        """Move the message's held item into ``done/`` or ``fail/`` as ``name``. Idempotent:
-        an item already there (as ``name`` or one of ``earlier``) stays; one in the other
-        directory (an outcome a crash kept from standing) is moved over. False if the item
-        is nowhere. ``sync`` False: no fsync (the caller's recovery repairs a lost rename)."""
-        names = [name, *earlier]
-        for _ in range(3):  # another thread may move it between the look and the rename
-            at = self.where(msg_id, names)
-            if at is None:
-                return False
-            src_dir, src = at
-            if src_dir == which:
-                return True
-            try:
-                os.rename(src, name, src_dir_fd=self.fds[src_dir], dst_dir_fd=self.fds[which])
-            except FileNotFoundError:
-                continue
-            if sync:
-                durable.fsync_after_rename(self.fds[which], self.fds[src_dir])
-            return True
-        return False
-
-    def drop(self, msg_id: str) -> None:
-        """Remove a held item whose message is gone (deleted by hand: so is its item)."""
+    def release(self, msg_id: str, name: str, which: str, *, sync: bool = True) -> bool:
+        """Move the message's held item into ``done/`` or ``fail/`` as ``name``. Only a held
+        item moves: one already in ``done/`` or ``fail/`` is fsq's, whatever a message
+        says. A name taken there gets a ``.<n>`` suffix rather than replace it. False if the
+        item is not held. ``sync`` False: no fsync (the start-up sweep repairs a lost rename)."""
+        if not self.is_held(msg_id):
+            return False
+        target = name
+        for n in range(1, 1000):
+            if not _lexists(self.fds[which], target):
+                break
+            target = f"{name}.{n}"[:255]
         try:
-            os.unlink(valid_name(msg_id), dir_fd=self.fds["hold"])
+            os.rename(msg_id, target, src_dir_fd=self.fds["hold"], dst_dir_fd=self.fds[which])
         except FileNotFoundError:
-            pass
+            return False
+        if sync:
+            durable.fsync_after_rename(self.fds[which], self.fds["hold"])
+        return True
+
+    def where_finished(self, names: Iterable[str]) -> str | None:
+        """``"done"`` or ``"fail"`` if one of ``names`` is there (an outcome written before a
+        crash kept its message from moving), else None."""
+        for which in ("done", "fail"):
+            if any(_lexists(self.fds[which], n) for n in names):
+                return which
+        return None
+
+    def to_fail(self, msg_id: str, name: str) -> None:
+        """A held item whose message is gone (deleted by hand, or set aside unreadable): into
+        ``fail/`` (never deleted: the item is the user's)."""
+        self.release(msg_id, name, "fail")
 
 
 def outcome_names(msg: Any, encodeseq: str = "%") -> tuple[str, list[str]]:
@@ -1151,26 +1157,27 @@ class HeldCache:
     message); one that fails is dropped and opened again once."""
 
     def __init__(self) -> None:
-        self._held: dict[str, Held] = {}
+        self._held: dict[tuple[str, str], Held] = {}
         self._lock = threading.Lock()
 
-    def run(self, fsq_dir: str, fn: Callable[[Held], Any]) -> Any:
+    def run(self, fsq_dir: str, queue: str, fn: Callable[[Held], Any]) -> Any:
+        key = (fsq_dir, queue)
         for attempt in (0, 1):
             with self._lock:
-                h = self._held.get(fsq_dir)
+                h = self._held.get(key)
                 if h is None:
-                    h = self._held[fsq_dir] = Held(fsq_dir)
+                    h = self._held[key] = Held(fsq_dir, queue)
             try:
                 return fn(h)
             except OSError:
                 if attempt:
                     raise
-                self.forget(fsq_dir)  # the directory may have been replaced: open it afresh
+                self.forget(key)  # the directory may have been replaced: open it afresh
         raise AssertionError("unreachable")
 
-    def forget(self, fsq_dir: str) -> None:
+    def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
-            h = self._held.pop(fsq_dir, None)
+            h = self._held.pop(key, None)
         if h is not None:
             h.close()
 

@@ -207,16 +207,16 @@ def test_a_take_a_crash_interrupted_is_finished_at_start(client: spoolq.Client, 
     """What a crash leaves in the middle of takes: a prep whose item was held (crash between
     the hold and the commit: the start-up sweep commits it), a prep whose item is still in
     queue/ (crash before the hold: the item is taken again), the held item of a message
-    deleted meanwhile (removed with it); then a finished message whose item is still held
-    (its outcome's rename, not fsync'd, lost in a power cut): moved at the next start, not
-    run again."""
+    deleted meanwhile (into fail/, named by the message's id: never deleted); then a
+    finished message whose item is still held (its outcome's rename, not fsync'd, lost in a
+    power cut): moved at the next start, not run again."""
     from spoolq.model import Message
     q = make_queue(client, conf, prog)
     fsq_dir = os.path.join(conf.root, q)
     ids = [fsq.enqueue(conf, q, b"", [a]) for a in ("held", "again", "deleted")]
     made = client.store.create_many(q, [Message(src="fsq", params={"fsq": {"dir": fsq_dir, "id": i}}) for i in ids],
                                     state=State.PREP)
-    with fsq.Held(fsq_dir) as h:
+    with fsq.Held(fsq_dir, q, create=True) as h:
         items = [fsq.take_at(h, ids[0]), fsq.take_at(h, ids[2])]
         assert h.hold([(items[0], made[0].msg_id), (items[1], made[2].msg_id)])[0] == {made[0].msg_id,
                                                                                       made[2].msg_id}
@@ -226,14 +226,14 @@ def test_a_take_a_crash_interrupted_is_finished_at_start(client: spoolq.Client, 
     s = daemon()
     wait_for(lambda: len(listing(conf, q, "done")) == 2, what="two done")
     assert sorted(r[0] for r in runs(out)) == sorted(ids[:2]) == listing(conf, q, "done")
-    assert os.listdir(Path(fsq_dir, fsq.HOLD)) == []
+    assert os.listdir(Path(fsq_dir, fsq.HOLD, q)) == [] and listing(conf, q, "fail") == [made[2].msg_id]
     wait_for(lambda: client.counts(q).get("done") == 2, what="counts")
     assert client.counts(q).get("prep") == 1  # the orphan prep of `again`: the cleaner's
     s.stop()
-    os.rename(Path(fsq_dir, "done", ids[0]), Path(fsq_dir, fsq.HOLD, made[0].msg_id))  # the lost rename
+    os.rename(Path(fsq_dir, "done", ids[0]), Path(fsq_dir, fsq.HOLD, q, made[0].msg_id))  # the lost rename
     daemon()
     wait_for(lambda: len(listing(conf, q, "done")) == 2, what="moved again")
-    assert os.listdir(Path(fsq_dir, fsq.HOLD)) == [] and len(runs(out)) == 2
+    assert os.listdir(Path(fsq_dir, fsq.HOLD, q)) == [] and len(runs(out)) == 2
 
 
 def test_the_hold_directory_must_be_the_daemons_alone(client: spoolq.Client, conf: fsq.Conf, prog: Path,
@@ -251,7 +251,7 @@ def test_the_hold_directory_must_be_the_daemons_alone(client: spoolq.Client, con
     hold.mkdir(mode=0o777)
     os.chmod(hold, 0o777)  # writable by others: refused too
     with pytest.raises(fsq.ConfigError):
-        fsq.Held(os.path.join(conf.root, q)).close()
+        fsq.Held(os.path.join(conf.root, q), q, create=True).close()
     os.chmod(hold, 0o700)
     wait_for(lambda: listing(conf, q, "done") == [item], timeout=30, what="served once the hold is sound")
 
@@ -343,7 +343,7 @@ def test_an_item_swapped_after_its_lock_goes_to_fail_not_held(conf: fsq.Conf, tm
     secret = tmp_path / "secret"
     secret.write_text("not yours")
     fsq_dir = os.path.join(conf.root, "q")
-    with fsq.Held(fsq_dir) as h:
+    with fsq.Held(fsq_dir, "q", create=True) as h:
         item = fsq.take_at(h, item_id)
         assert item is not None
         path = Path(fsq_dir, "queue", item_id)
@@ -352,7 +352,7 @@ def test_an_item_swapped_after_its_lock_goes_to_fail_not_held(conf: fsq.Conf, tm
         moved, problems = h.hold([(item, "20260101.0000.00.000.1")])
         item.close()
         assert moved == set() and "replaced" in problems[0]
-        assert os.path.islink(Path(fsq_dir, "fail", item_id)) and os.listdir(Path(fsq_dir, fsq.HOLD)) == []
+        assert os.path.islink(Path(fsq_dir, "fail", item_id)) and os.listdir(Path(fsq_dir, fsq.HOLD, "q")) == []
         with pytest.raises(FileNotFoundError):
             h.open("20260101.0000.00.000.1")
 
@@ -386,3 +386,89 @@ def _pull(conf: fsq.Conf, q: str) -> bool:
     except fsq.TriggerPullError:
         return False
     return True
+
+
+# -- the second audit (of the hold design)
+def test_a_message_naming_other_items_reads_and_moves_nothing(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                               out: Path, tmp_path: Path,
+                                                               daemon: Callable[..., Served]) -> None:
+    """params.fsq is the message's, and anyone who may send may write it: only the item the
+    intake held under the message's own id is ever read or moved."""
+    q = make_queue(client, conf, prog)
+    private = fsq.Conf.from_env({}, root=str(tmp_path / "private"))
+    os.mkdir(private.root, 0o700)
+    fsq.install(private, "secretq")
+    secret_id = fsq.enqueue(private, "secretq", b"SECRET", ["y"])
+    os.rename(Path(private.root, "secretq", "queue", secret_id), Path(private.root, "secretq", "done", secret_id))
+    daemon()
+    mine = fsq.enqueue(conf, q, b"", ["mine"])
+    wait_for(lambda: listing(conf, q, "done") == [mine], what="an item of the queue's own done")
+    forged = [client.send(q, params={"fsq": {"dir": os.path.join(private.root, "secretq"), "id": secret_id}}),
+              client.send(q, params={"fsq": {"dir": os.path.join(conf.root, q), "id": mine}})]
+    wait_for(lambda: all(client.get(f"{q}/{m.msg_id}").state.final for m in forged), what="both ended")
+    assert [r[0] for r in runs(out)] == [mine]  # neither ran: nothing was read
+    assert os.listdir(Path(private.root, "secretq", "done")) == [secret_id]
+    assert not os.path.exists(Path(private.root, "secretq", fsq.HOLD))
+    assert listing(conf, q, "done") == [mine] and listing(conf, q, "fail") == []
+
+
+def test_two_queues_on_one_directory_lose_nothing_across_a_restart(client: spoolq.Client, conf: fsq.Conf,
+                                                                    prog: Path, out: Path, tmp_path: Path,
+                                                                    daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    client.create_queue("jobs2", kind="fsq", script=str(prog), fsq_dir=os.path.join(conf.root, q))
+    hold = tmp_path / "go"
+    ids = [fsq.enqueue(conf, q, b"", [str(i)]) for i in range(40)]
+    s = daemon(hold=hold)
+    wait_for(lambda: len(list(out.glob("running.*"))) == 3, what="both queues running")
+    assert {d.name for d in Path(conf.root, q, fsq.HOLD).iterdir()} == {q, "jobs2"}
+    s.stop(signal.SIGKILL)
+    hold.touch()
+    daemon()
+    wait_for(lambda: len(listing(conf, q, "done")) == 40, timeout=30, what="all done")
+    assert sorted(fsq.outcome_name(i, 0) for i in listing(conf, q, "done")) == sorted(ids)
+    assert listing(conf, q, "fail") == []
+
+
+def test_names_that_cannot_be_messages_go_to_fail_not_away(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                           out: Path, daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog)
+    qdir = Path(conf.root, q, "queue")
+    bad = ["_20260101000000_0_1_h_0_a%00b", "_20260101000000_0_1_h_99999999999999999999_big"]
+    for n in bad:
+        (qdir / n).write_text("")
+    (Path(conf.root, q, "fail") / "~").mkdir()
+    (qdir / "~").write_text("")  # cannot move into fail/ (a directory there): must not block the rest
+    daemon()
+    good = fsq.enqueue(conf, q, b"", ["good"])
+    wait_for(lambda: listing(conf, q, "done") == [good], what="the good item, past the poison")
+    wait_for(lambda: sorted(bad) == [n for n in listing(conf, q, "fail") if n != "~"], what="the bad ones in fail/")
+    assert listing(conf, q, "queue") == ["~"]
+
+
+def test_items_in_backoff_do_not_stall_the_intake(client: spoolq.Client, conf: fsq.Conf, prog: Path, out: Path,
+                                                  daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog, num_workers=1, retry={"base": 300, "factor": 1, "jitter": 0})
+    (out / "code.never").write_text("111")
+    for i in range(17):  # more than half the window, all waiting out a 300 s backoff after one try
+        fsq.enqueue(conf, q, b"", ["never", str(i)])
+    daemon()
+    wait_for(lambda: len([r for r in runs(out) if r[1].startswith("never")]) == 17, timeout=30, what="one try each")
+    good = fsq.enqueue(conf, q, b"", ["good"])
+    wait_for(lambda: listing(conf, q, "done") == [good], timeout=30, what="the good item, past the backoffs")
+
+
+def test_a_cancelled_queued_message_gives_its_item_to_fail(client: spoolq.Client, conf: fsq.Conf, prog: Path,
+                                                           out: Path, tmp_path: Path,
+                                                           daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, conf, prog, num_workers=1)
+    hold = tmp_path / "go"
+    first = fsq.enqueue(conf, q, b"", ["first"])
+    second = fsq.enqueue(conf, q, b"", ["second"])
+    daemon(hold=hold)
+    wait_for(lambda: client.counts(q).get("run") == 1 and client.counts(q).get("que") == 1, what="one waiting")
+    [waiting] = client.list(q, State.QUE, limit=10).items
+    client.cancel(f"{q}/{waiting.msg_id}")
+    wait_for(lambda: listing(conf, q, "fail") == [second], timeout=15, what="the cancelled item in fail/")
+    hold.touch()
+    wait_for(lambda: listing(conf, q, "done") == [first], what="the first done")

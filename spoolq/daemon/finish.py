@@ -186,24 +186,20 @@ class Finisher:
         """Kind fsq: move the held item into its fsq queue's ``done/`` (done, relayed) or
         ``fail/`` (err), named with tries = the message's count, before the message moves, so
         fsq's tools see the outcome. One rename, not fsync'd: the message's state is the
-        record, and the intake's start-up sweep moves the item of a finished message that a
-        crash left held (fsqintake.py). Idempotent: a crash before the message's move re-runs
-        it, and the names an earlier try may have used are looked for. An item or directory
-        gone is logged and skipped: the message's own outcome matters more."""
+        record, and the intake's sweep moves the item of a finished message that a crash
+        left held. Only the item held under this message's id moves, and only in the queue's
+        own fsq directory. An item or directory gone is logged and skipped: the message's
+        own outcome matters more."""
         queue, msg = fin.queue, fin.msg
         which = "fail" if fin.outcome.state == State.ERR else "done"
         try:
             fsq_dir, _ = fsq.message_item(msg)
-            name, earlier = fsq.outcome_names(msg)
-
-            def release(h: fsq.Held) -> bool:
-                return h.release(msg.msg_id, name, which, earlier, sync=False)
-
-            if not self.fsq.run(fsq_dir, release):
-                self.fsq.forget(fsq_dir)  # perhaps a directory replaced since it was opened
-                if not self.fsq.run(fsq_dir, release):
-                    log.warning("%s/%s: its fsq item is no longer held: not put into %s/", queue, msg.msg_id, which)
-        except (ValueError, fsq.FsqError) as e:
+            cfg = self.store.queue_config(queue)
+            if cfg.kind != "fsq" or cfg.fsq_dir != fsq_dir:
+                return  # a message naming another directory: nothing of it is held anywhere
+            name, _earlier = fsq.outcome_names(msg)
+            self.fsq.run(fsq_dir, queue, lambda h: h.release(msg.msg_id, name, which, sync=False))
+        except (ValueError, fsq.FsqError, QueueNotFound) as e:
             log.warning("%s/%s: not put into the fsq queue's %s/: %s", queue, msg.msg_id, which, e)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):

@@ -59,6 +59,27 @@ window, the fsq queue down) and between reads of the queue list, when no event c
 _MASK = ino.IN_CREATE | ino.IN_MOVED_TO | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_ONLYDIR
 
 
+IDLE_AFTER = 1.0
+"""Seconds after a take before idle workers count as idle (the daemon starts what was just
+taken within milliseconds; idle past this, what waits in ``que`` waits out a backoff)."""
+MAX_WINDOWS = 4
+"""With workers idle, items are taken until this many windows wait in ``que`` (messages
+waiting out a retry's backoff are in ``que`` too, and must not stop the intake)."""
+
+
+def _not_a_message(item: fsq.WorkItem) -> str:
+    """Why an item's name cannot be a message's fields, or ''."""
+    try:
+        item.id.encode()
+    except UnicodeEncodeError:
+        return "its name is not UTF-8"
+    if any("\0" in a for a in item.arguments):
+        return "an argument holds a NUL (%00)"
+    if not item.tries < 2**31 - 1:
+        return f"tries {item.tries} is out of range"
+    return ""
+
+
 def window(num_workers: int) -> int:
     """Messages of a queue allowed to wait in ``que`` before more items are taken."""
     return max(16, 4 * num_workers)
@@ -78,6 +99,7 @@ class Served:
         # not once per take of a window (N^2 / window for a big backlog).
         self.snapshot: collections.deque[str] = collections.deque()
         self.resweep = False  # a take failed after its hold: sweep before the next
+        self.last_take = 0.0  # time.monotonic() of the last take that stored items
         self.trigger_fd: int | None = None
         self.trigger_wfd: int | None = None  # our own writer: no EOF storm when fsq's hang up
 
@@ -92,7 +114,7 @@ class FsqIntake:
         self.client = client
         self.bus = bus
         self.served: dict[str, Served] = {}
-        self._by_wd: dict[int, str] = {}
+        self._by_wd: dict[int, set[str]] = {}  # two queues on one directory share its watches
         self._dirty: set[str] = set()
         self._waiting: set[str] = set()
         self._warned: set[tuple[str, str]] = set()
@@ -157,7 +179,7 @@ class FsqIntake:
                         eq = ev.get("queue")
                         if ev.get("event") == "queue_change":
                             self._refresh_due = 0.0
-                        elif eq in self._waiting and (ev.get("event") != "state" or ev.get("state") == "run"):
+                        elif eq in self._waiting:  # a start, an end, an admin change: room, perhaps
                             self._dirty.add(eq)
             for q, s in self.served.items():
                 if s.trigger_fd is not None and s.trigger_fd in ready:
@@ -167,8 +189,8 @@ class FsqIntake:
                 for ie in self._ino.read():
                     if ie.mask & ino.IN_Q_OVERFLOW:
                         self._dirty |= set(self.served)
-                    elif (wq := self._by_wd.get(ie.wd)) is not None:
-                        self._dirty.add(wq)
+                    else:
+                        self._dirty |= self._by_wd.get(ie.wd, set())
 
     # -- which queues ---------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -192,8 +214,14 @@ class FsqIntake:
                 self._unserve(q)
         for q, cfg in want.items():
             if q in self.served and self.served[q].watches:
+                s = self.served[q]
                 self._dirty.add(q)  # the safety poll: a lock released by a dead scanner is no event
-                self._open_trigger(self.served[q])  # a trigger-s made (again) since
+                self._open_trigger(s)  # a trigger-s made (again) since
+                try:  # items of messages that ended without the daemon's finish (cancel, duplicates)
+                    with fsq.Held(s.fsq_dir, q, s.conf) as held:
+                        self._sweep(q, held)
+                except OSError as e:
+                    self._warn(q, "sweep", "fsq: %s: cannot look at its held items: %s", q, e)
                 continue
             self._unserve(q)
             s = Served(cfg)
@@ -210,7 +238,7 @@ class FsqIntake:
 
     def _watch(self, q: str, s: Served) -> None:
         assert self._ino is not None
-        with fsq.Held(s.fsq_dir, s.conf) as held:  # the directories are there, the hold is ours
+        with fsq.Held(s.fsq_dir, q, s.conf, create=True) as held:  # the directories, the hold ours
             self._sweep(q, held)
         for path in (s.paths.sub("queue"), s.paths.base):  # items; and the down file, the trigger
             st = os.lstat(path)
@@ -218,7 +246,7 @@ class FsqIntake:
                 raise OSError(errno.ENOTDIR, "not a directory (or a symbolic link)")
             wd = self._ino.add(Path(path), _MASK)
             s.watches.append(wd)
-            self._by_wd[wd] = q
+            self._by_wd.setdefault(wd, set()).add(q)
         self._open_trigger(s)
 
     def _open_trigger(self, s: Served) -> None:
@@ -250,19 +278,21 @@ class FsqIntake:
             os.close(fd)
 
     def _sweep(self, queue: str, held: fsq.Held) -> None:
-        """Finish what a crash interrupted: a held item's prep message is committed (the crash
-        came between the hold and the commit); items held for messages that are finished (a
-        crash kept the outcome's rename from standing: it is not fsync'd) go where the
-        outcome says; items of messages deleted by hand go with them. Looked at each time the
-        directory starts being served: the hold holds only the window and the running, so
-        this is cheap."""
+        """Finish what the take and the finish could not: a held item's prep message is
+        committed (a crash came between the hold and the commit); items held for messages
+        that are finished (a crash kept the outcome's rename from standing, it is not
+        fsync'd; or the message ended without the daemon: a cancel while queued, a coalesced
+        duplicate) go where the outcome says; items of messages that are gone (deleted by
+        hand, set aside unreadable) go to ``fail/`` under the message's id, never deleted.
+        At each start of serving and every SAFETY_POLL: the hold holds the window and the
+        running, so this is cheap."""
         store = self.client.store
         for msg_id in held.held():
             try:
                 view = store.get(queue, msg_id)
             except MessageNotFound:
-                held.drop(msg_id)
-                log.warning("fsq: %s/%s: message gone: its held item removed", queue, msg_id)
+                held.to_fail(msg_id, msg_id)
+                log.warning("fsq: %s/%s: message gone: its held item moved to fail/%s", queue, msg_id, msg_id)
                 continue
             except (SpoolqError, ValueError):
                 continue
@@ -272,17 +302,22 @@ class FsqIntake:
             elif view.state.final:
                 which = "fail" if view.state == State.ERR else "done"
                 try:
-                    name, earlier = fsq.outcome_names(view.message)
+                    name, _ = fsq.outcome_names(view.message)
                 except ValueError:
-                    continue
-                held.release(msg_id, name, which, earlier)
-                log.info("fsq: %s/%s: its item moved into %s/ (the move a crash undid)", queue, msg_id, which)
+                    name = msg_id
+                if held.release(msg_id, name, which):
+                    log.info("fsq: %s/%s: its item moved into %s/ (its message ended without the daemon's "
+                             "finish, or a crash undid the move)", queue, msg_id, which)
 
     def _unserve(self, q: str) -> None:
         s = self.served.pop(q, None)
         if s is None:
             return
         for wd in s.watches:
+            users = self._by_wd.get(wd, set())
+            users.discard(q)
+            if users:
+                continue  # another queue watches the same directory
             self._by_wd.pop(wd, None)
             if self._ino is not None:
                 try:
@@ -304,18 +339,23 @@ class FsqIntake:
         store = self.client.store
         try:
             cfg = store.queue_config(queue)
-            queued = self.client.counts(queue).get("que", 0)
+            counts = self.client.counts(queue)
         except QueueNotFound:
             return False
-        room = window(cfg.num_workers) - queued
-        if queued > window(cfg.num_workers) // 2:
+        queued, running = counts.get("que", 0), counts.get("run", 0)
+        w = window(cfg.num_workers)
+        idle = running < cfg.num_workers and time.monotonic() - s.last_take > IDLE_AFTER
+        if queued > w // 2 and (not idle or queued >= MAX_WINDOWS * w):
             # Take in batches: each take costs a few fsyncs whatever its size, so wait until
             # half the window has started (half of it still waits: the workers never starve).
+            # Messages waiting out a retry's backoff are queued too: with workers idle a while
+            # after the last take, take on, up to MAX_WINDOWS windows in que.
             return True
+        room = min(w, MAX_WINDOWS * w - queued)
         if fsq.is_down(s.conf, s.fsq_queue):
             return True  # fsq's down: scans stop; its removal is an event
         try:
-            held_dirs = fsq.Held(s.fsq_dir, s.conf)
+            held_dirs = fsq.Held(s.fsq_dir, queue, s.conf, create=True)
         except FileNotFoundError:
             self._unserve(queue)  # looked for again at the next refresh
             return False
@@ -342,36 +382,35 @@ class FsqIntake:
                     continue
                 items.append(item)
             left = left or bool(s.snapshot)
-            if items:
-                self._store(queue, cfg, s, held_dirs, items)
+            if items and not self._store(queue, cfg, s, held_dirs, items):
+                left = True  # the spoolq queue is DOWN: its "up" is an event
         finally:
             for item in items:
                 item.close()
             held_dirs.close()
         return left
 
-    def _store(self, queue: str, cfg: QueueConfig, s: Served, held: fsq.Held, items: list[fsq.WorkItem]) -> None:
-        """Steps 2-4 of a take (module docstring)."""
+    def _store(self, queue: str, cfg: QueueConfig, s: Served, held: fsq.Held, items: list[fsq.WorkItem]) -> bool:
+        """Steps 2-4 of a take (module docstring). False if the spoolq queue is DOWN."""
         good: list[tuple[fsq.WorkItem, Message]] = []
         for item in items:
             msg = Message(src=SRC, count=max(0, item.tries), max_count=cfg.max_count,
                           params={"fsq": {"dir": s.fsq_dir, "id": item.id}})
             for i, a in enumerate(item.arguments[:4]):
                 setattr(msg, f"param{i + 1}", a)
-            try:
-                item.id.encode()  # a name that is not UTF-8 (surrogate escapes) cannot be a message
-            except UnicodeEncodeError:
-                self._reject(queue, held, item, "cannot be a message (its name is not UTF-8)")
+            why = _not_a_message(item)
+            if why:
+                self._reject(queue, held, item, f"cannot be a message ({why})")
                 continue
             good.append((item, msg))
         if not good:
-            return
+            return True
         store = self.client.store
         try:
             made = store.create_many(queue, [m for _, m in good], state=State.PREP)
         except QueueDown:
             self._warn(queue, "down", "fsq: %s waits: the spoolq queue is DOWN", queue)
-            return
+            return False
         taken = [(item, m.msg_id) for (item, _), m in zip(good, made, strict=True)]
         try:
             moved, problems = held.hold(taken)
@@ -391,7 +430,9 @@ class FsqIntake:
             s.resweep = True  # held items of uncommitted preps: the next take commits them
             raise
         self._warned.discard((queue, "down"))
+        s.last_take = time.monotonic()
         log.debug("fsq: %s: %d item(s) taken", queue, len(moved))
+        return True
 
     def _reject(self, queue: str, held: fsq.Held, item: fsq.WorkItem, why: str) -> None:
         try:

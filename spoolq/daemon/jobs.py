@@ -131,7 +131,13 @@ class JobRunner:
             stdin = None
             if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
                 env.update(fsq.message_env(msg))
-                stdin = self._item_stdin(attempt)
+                got = self._item_stdin(attempt, cfg)
+                if isinstance(got, str):
+                    state = State.DONE if got == "done" else State.ERR
+                    self.finish_without_run(attempt, Outcome(state, f"its fsq item was in {got}/ already "
+                                                             "(finished before a crash)", msg.count))
+                    return None
+                stdin = got
             try:
                 sp = spawn(argv, env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
                            header_script=str(script), stdin_fd=stdin)
@@ -169,16 +175,30 @@ class JobRunner:
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
 
-    def _item_stdin(self, attempt: Attempt) -> int:
-        """An fd of the message's held fsq item (fsq.Held), for the script's stdin.
-        ValueError when there is none (the message was not made by the fsq intake, or its
-        item was removed by hand): it can never run."""
+    def _item_stdin(self, attempt: Attempt, cfg: QueueConfig) -> int | str:
+        """An fd of the message's held fsq item (fsq.Held), for the script's stdin; or
+        ``"done"``/``"fail"`` when the item is already there (its outcome was written, then a
+        crash kept the message from moving: it is finished as that, not run again).
+        ValueError when there is none: only the item the intake held under this message's id
+        is ever read, in the queue's own fsq directory, whatever the message's params say."""
         msg = attempt.message
         try:
             fsq_dir, _ = fsq.message_item(msg)
+            if fsq_dir != cfg.fsq_dir:
+                raise ValueError(f"its params name {fsq_dir}, not the queue's fsq_dir")
             _, names = fsq.outcome_names(msg)
-            fd: int = self.finisher.fsq.run(fsq_dir, lambda h: h.open(msg.msg_id, names))
-            return fd
+
+            def open_or_where(h: fsq.Held) -> int | str:
+                try:
+                    return h.open(attempt.msg_id)
+                except FileNotFoundError:
+                    where = h.where_finished(names)
+                    if where is None:
+                        raise
+                    return where
+
+            got: int | str = self.finisher.fsq.run(fsq_dir, attempt.queue, open_or_where)
+            return got
         except (FileNotFoundError, NotADirectoryError, fsq.FsqError) as e:
             raise ValueError(f"its fsq item cannot be read: {e}") from None
 
