@@ -681,10 +681,14 @@ def _nofollow_opener(path: str, flags: int) -> int:
 
 class WorkItem:
     """One item taken from ``queue/``: its fields, and (unless ``no_open``) ``item``, the open,
-    flock'd file. The lock lasts until :meth:`close`; a renamed item keeps it (same inode)."""
+    flock'd file. The lock lasts until :meth:`close`; a renamed item keeps it (same inode).
+    Taken by :func:`take` or :func:`scan`, it also holds its queue's directory open, and its
+    done/fail moves are made relative to it, never through a ``done/`` or ``fail/`` swapped
+    for a link."""
 
     def __init__(self, conf: Conf, queue: str, item_id: str, *, host: str | None = None,
-                 fd: int | None = None) -> None:
+                 fd: int | None = None, base_fd: int | None = None) -> None:
+        self._base: int | None = None
         self.conf = conf
         self.queue = queue
         self.host = host
@@ -702,8 +706,10 @@ class WorkItem:
         self.entropy, self.pid, self.hostname = f[1], f[2], f[3]
         self.tries = parse_tries(f[4])
         self.arguments = tuple(f[5:])
-        if fd is not None:  # last: an item that does not parse leaves the fd to its caller
+        if fd is not None:  # last: an item that does not parse leaves the fds to its caller
             self.item = os.fdopen(fd, "rb")
+        if base_fd is not None:
+            self._base = os.dup(base_fd)
 
     @property
     def path(self) -> str:
@@ -723,6 +729,28 @@ class WorkItem:
         if self.item is not None:
             self.item.close()
             self.item = None
+        if self._base is not None:
+            os.close(self._base)
+            self._base = None
+
+    def _rename(self, new_id: str, which: str) -> None:
+        """``queue/<id>`` to ``<which>/<new_id>``, durably: relative to the queue's directory
+        when this item holds it open (each sub-directory opened without following a link)."""
+        if self._base is None:
+            os.rename(self.path, self.paths.item(new_id, which))
+            durable.fsync_after_rename(self.paths.sub(which), self.paths.sub("queue"))
+            return
+        qfd = os.open(self.conf.queue, _DIR, dir_fd=self._base)
+        try:
+            dfd = qfd if which == "queue" else os.open(getattr(self.conf, which), _DIR, dir_fd=self._base)
+            try:
+                os.rename(self.id, valid_name(new_id), src_dir_fd=qfd, dst_dir_fd=dfd)
+                durable.fsync_after_rename(dfd, qfd)
+            finally:
+                if dfd != qfd:
+                    os.close(dfd)
+        finally:
+            os.close(qfd)
 
     def __enter__(self) -> WorkItem:
         return self
@@ -750,9 +778,7 @@ class WorkItem:
         _, f = deconstruct(self.id, self.conf.encode)
         f[4] = str(self.tries + 1)
         new_id = construct(f, self.delimiter, self.conf.encode)
-        old = self.path
-        os.rename(old, self.paths.item(new_id))
-        durable.fsync_dir(self.paths.sub("queue"))
+        self._rename(new_id, "queue")
         self.id, self.tries = new_id, self.tries + 1
         return new_id
 
@@ -776,10 +802,9 @@ class WorkItem:
 
 def _move(item: WorkItem, which: str) -> None:
     try:
-        os.rename(item.path, item.paths.item(item.id, which))
+        item._rename(item.id, which)
     except OSError as e:
         raise WorkItemError(e.errno or errno.EIO, f"cannot move {item.id} to {which}: {e.strerror}") from None
-    durable.fsync_after_rename(item.paths.sub(which), item.paths.sub("queue"))
 
 
 def check_limits(tries: int, enqueued_at: datetime.datetime, max_tries: int, ttl: int,
@@ -803,26 +828,24 @@ def take(conf: Conf, queue: str, name: str, *, host: str | None = None, lock: bo
     An item that cannot be run (not a regular file, a bad name, past its tries or TTL) is
     moved to ``fail/``, reported to ``rejected``, and ``None`` returned."""
     p = Paths(conf, queue, host)
+    fds: list[int] = []
     try:
-        qfd = os.open(p.sub("queue"), _DIR)
-    except FileNotFoundError:
-        return None
-    try:
-        ffd = os.open(p.sub("fail"), _DIR)
-    except BaseException:
-        os.close(qfd)
-        raise
-    try:
-        return _take(conf, queue, host, qfd, ffd, name, lock=conf.lock if lock is None else lock, no_open=no_open,
-                     max_tries=conf.max_tries if max_tries is None else max_tries,
-                     ttl=conf.ttl if ttl is None else ttl, rejected=rejected)
+        try:
+            fds.append(os.open(p.base, _DIR))
+        except FileNotFoundError:
+            return None
+        fds.append(os.open(conf.queue, _DIR, dir_fd=fds[0]))
+        fds.append(os.open(conf.fail, _DIR, dir_fd=fds[0]))
+        return _take(conf, queue, host, fds[1], fds[2], name, lock=conf.lock if lock is None else lock,
+                     no_open=no_open, max_tries=conf.max_tries if max_tries is None else max_tries,
+                     ttl=conf.ttl if ttl is None else ttl, rejected=rejected, base_fd=fds[0])
     finally:
-        os.close(qfd)
-        os.close(ffd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _take(conf: Conf, queue: str, host: str | None, qfd: int, ffd: int, name: str, *, lock: bool, no_open: bool,
-          max_tries: int, ttl: int, rejected: Rejected | None) -> WorkItem | None:
+          max_tries: int, ttl: int, rejected: Rejected | None, base_fd: int | None = None) -> WorkItem | None:
     """:func:`take` on open ``queue/`` and ``fail/`` directory fds: every look, open and
     rename relative to them."""
     fd = None
@@ -853,7 +876,7 @@ def _take(conf: Conf, queue: str, host: str | None, qfd: int, ffd: int, name: st
             os.set_blocking(fd, True)
         elif not stat.S_ISREG(os.stat(name, dir_fd=qfd, follow_symlinks=False).st_mode):
             raise MalformedEntryError(errno.EINVAL, f"not a regular file: {name}")
-        item = WorkItem(conf, queue, name, host=host, fd=fd)
+        item = WorkItem(conf, queue, name, host=host, fd=fd, base_fd=base_fd)
         fd = None
         try:
             check_limits(item.tries, item.enqueued_at, max_tries, ttl)
@@ -1196,7 +1219,7 @@ def take_at(held: Held, name: str, *, ttl: int = 0, rejected: Rejected | None = 
     swapped for a link after they were opened cannot lead out of the fsq directory). Tries
     are not checked here (the message's ``max_count`` is)."""
     return _take(held.conf, os.path.basename(held.fsq_dir), None, held.fds["queue"], held.fds["fail"], name,
-                 lock=True, no_open=False, max_tries=0, ttl=ttl, rejected=rejected)
+                 lock=True, no_open=False, max_tries=0, ttl=ttl, rejected=rejected, base_fd=held.fds["top"])
 
 
 def _lexists(dir_fd: int, name: str) -> bool:

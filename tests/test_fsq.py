@@ -557,3 +557,26 @@ def test_constants_come_from_the_environment_when_read(tmp_path: Path) -> None:
         fsq.Conf.from_env({"FSQ_MAX_TRIES": "lots"})
     with pytest.raises(fsq.EncodeError):
         fsq.Conf.from_env({"FSQ_DELIMITER": "%"})
+
+
+def test_a_taken_item_never_moves_through_a_done_dir_swapped_for_a_link(conf: fsq.Conf, q: str,
+                                                                         tmp_path: Path) -> None:
+    """What `spoolq fsq scan` does after running a program: the move is relative to the queue
+    directory the item was taken from, each sub-directory opened without following links."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    item_id = fsq.enqueue(conf, q, b"x")
+    item = fsq.take(conf, q, item_id)
+    assert item is not None
+    top = Path(conf.root, q)
+    os.rename(top / "done", top / "done.old")
+    os.symlink(outside, top / "done")
+    with pytest.raises(fsq.WorkItemError):
+        item.success()
+    assert os.listdir(outside) == [] and listing(conf, q, "queue") == [item_id]
+    os.unlink(top / "done")
+    os.rename(top / "done.old", top / "done")
+    item.fail_tmp(max_tries=0)  # within queue/, relative too
+    item.success()
+    item.close()
+    assert listing(conf, q, "done") == [fsq.outcome_name(item_id, 1)]
