@@ -1105,6 +1105,9 @@ class Held:
             os.fsync(self.fds["fail"])
         return moved, problems
 
+    def in_queue(self, name: str) -> bool:
+        return _lexists(self.fds["queue"], name)
+
     def is_held(self, msg_id: str) -> bool:
         return _lexists(self.fds["hold"], valid_name(msg_id))
 

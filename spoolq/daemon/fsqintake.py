@@ -38,10 +38,8 @@ import logging
 import os
 import select
 import stat
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from .. import fsq
 from .. import inotify as ino
@@ -49,6 +47,7 @@ from ..client import Client
 from ..errors import MessageNotFound, QueueDown, QueueNotFound, SpoolqError
 from ..events import EventBus
 from ..model import Message, QueueConfig, State
+from .watchthread import WatchThread, drain
 
 log = logging.getLogger("spoolq.fsq")
 
@@ -104,54 +103,31 @@ class Served:
         self.trigger_wfd: int | None = None  # our own writer: no EOF storm when fsq's hang up
 
 
-class FsqIntake:
+class FsqIntake(WatchThread):
     """The fsq queues' watcher and taker, on its own thread."""
 
     name = "fsq intake"
+    thread_name = "spoolq-fsq"
 
     def __init__(self, home: Path, *, client: Client, bus: EventBus | None = None) -> None:
         self.spool = Path(home)  # named in the error if it cannot start
         self.client = client
-        self.bus = bus
+        super().__init__(bus)
         self.served: dict[str, Served] = {}
         self._by_wd: dict[int, set[str]] = {}  # two queues on one directory share its watches
         self._dirty: set[str] = set()
         self._waiting: set[str] = set()
         self._warned: set[tuple[str, str]] = set()
-        self._ino: ino.Inotify | None = None
-        self._sub: Any = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._refresh_due = 0.0
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._ino = ino.Inotify()
-        if self.bus is not None:
-            self._sub = self.bus.subscribe(maxlen=1000, wake=self._wake)
-        self._thread = threading.Thread(target=self._run, name="spoolq-fsq", daemon=True)
-        self._thread.start()
+        self._open_watch()
+        self._start_thread(self._run)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(30)
-        if self._sub is not None:
-            self._sub.close()
+    def _on_stop(self) -> None:
         for q in list(self.served):
             self._unserve(q)
-        if self._ino is not None:
-            self._ino.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
 
     def _run(self) -> None:
         assert self._ino is not None
@@ -173,17 +149,15 @@ class FsqIntake:
             if not ready:
                 self._dirty |= self._waiting
             if self._wake_r in ready:
-                _drain(self._wake_r)
-                if self._sub is not None:
-                    for ev in self._sub.drain():
-                        eq = ev.get("queue")
-                        if ev.get("event") == "queue_change":
-                            self._refresh_due = 0.0
-                        elif eq in self._waiting:  # a start, an end, an admin change: room, perhaps
-                            self._dirty.add(eq)
+                for ev in self._woken():
+                    eq = ev.get("queue")
+                    if ev.get("event") == "queue_change":
+                        self._refresh_due = 0.0
+                    elif eq in self._waiting:  # a start, an end, an admin change: room, perhaps
+                        self._dirty.add(eq)
             for q, s in self.served.items():
                 if s.trigger_fd is not None and s.trigger_fd in ready:
-                    _drain(s.trigger_fd)  # fsq's trigger_pull: one NUL per enqueue -t
+                    drain(s.trigger_fd)  # fsq's trigger_pull: one NUL per enqueue -t
                     self._dirty.add(q)
             if self._ino.fd in ready:
                 for ie in self._ino.read():
@@ -289,6 +263,9 @@ class FsqIntake:
         store = self.client.store
         for msg_id in held.held():
             try:
+                state = store.state_of(queue, msg_id)  # every SAFETY_POLL: the cheap look first
+                if not (state == State.PREP or state.final):
+                    continue  # waiting or running: the daemon's
                 view = store.get(queue, msg_id)
             except MessageNotFound:
                 held.to_fail(msg_id, msg_id)
@@ -378,7 +355,7 @@ class FsqIntake:
                                    rejected=lambda n, e: log.warning("fsq: %s: %s: moved to fail/: %s", queue, n, e))
                 if item is None:
                     # gone (another scanner finished it), or locked: seen again at the next listing
-                    left = left or os.path.lexists(os.path.join(s.paths.sub("queue"), name))
+                    left = left or held_dirs.in_queue(name)
                     continue
                 items.append(item)
             left = left or bool(s.snapshot)
@@ -445,11 +422,3 @@ class FsqIntake:
         if (queue, kind) not in self._warned:
             self._warned.add((queue, kind))
             log.warning(fmt, *args)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

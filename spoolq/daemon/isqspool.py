@@ -49,7 +49,6 @@ import os
 import secrets
 import select
 import stat
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from ..client import Client
 from ..errors import InvalidMessage, MessageNotFound, QueueDown, QueueNotFound, WrongState
 from ..events import EventBus
 from ..model import Message, State
+from .watchthread import WatchThread
 
 log = logging.getLogger("spoolq.isq")
 
@@ -77,35 +77,28 @@ def window(num_workers: int) -> int:
     return max(16, 4 * num_workers)  # num_workers is at most 128: 512 at most
 
 
-class IsqSpool:
+class IsqSpool(WatchThread):
     """The spool directory's watcher and taker, on its own thread."""
 
     name = "isq spool"
+    thread_name = "spoolq-isq"
 
     def __init__(self, spool: Path, home: Path, *, client: Client, bus: EventBus | None = None) -> None:
         self.spool = Path(spool)
         self.journals = Path(home) / "isq"
         self.client = client
-        self.bus = bus
+        super().__init__(bus)
         self._dirty: set[str] = set()
         self._waiting: set[str] = set()  # files with lines left that wait for room, a queue, a retry
         self._lock_wait: set[str] = set()  # files whose lock another process holds
         self._left: dict[str, tuple[int, int]] = {}  # (inode, size) each file was left in
         self._warned: set[tuple[str, str]] = set()
-        self._ino: ino.Inotify | None = None
-        self._sub: Any = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
         self.journals.mkdir(mode=0o700, exist_ok=True)
-        self._ino = ino.Inotify()
-        self._ino.add(self.spool, _MASK | ino.IN_ONLYDIR)
-        if self.bus is not None:
-            self._sub = self.bus.subscribe(maxlen=1000, wake=self._wake)
+        self._open_watch().add(self.spool, _MASK | ino.IN_ONLYDIR)
         self._sweep_debris()
         for j in sorted(self.journals.glob("*.json")):
             self._dirty.add(j.stem)  # a take a crash interrupted: finished first (take)
@@ -113,27 +106,8 @@ class IsqSpool:
             q = isq.queue_of(name)
             if q is not None:
                 self._dirty.add(q)
-        self._thread = threading.Thread(target=self._run, name="spoolq-isq", daemon=True)
-        self._thread.start()
+        self._start_thread(self._run)
         log.info("isq spool %s: taking lines of <queue>.queue files", self.spool)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(30)
-        if self._sub is not None:
-            self._sub.close()
-        if self._ino is not None:
-            self._ino.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass  # full: a wake-up is pending already
 
     def _run(self) -> None:
         assert self._ino is not None
@@ -153,17 +127,11 @@ class IsqSpool:
             if not ready:
                 self._dirty |= self._waiting
             if self._wake_r in ready:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                if self._sub is not None:
-                    for ev in self._sub.drain():
-                        eq = ev.get("queue")
-                        # a message started (room in que), a queue made or resumed
-                        if eq in self._waiting and (ev.get("event") != "state" or ev.get("state") == "run"):
-                            self._dirty.add(eq)
+                for ev in self._woken():
+                    eq = ev.get("queue")
+                    # a message started (room in que), a queue made or resumed
+                    if eq in self._waiting and (ev.get("event") != "state" or ev.get("state") == "run"):
+                        self._dirty.add(eq)
             if self._ino.fd in ready:
                 self._events(self._ino.read())
 
