@@ -424,6 +424,11 @@ class QueueConfig:
     message_arg: bool = False  # param1 as the script's last argument (isq's cmd "$line")
     fsq_dir: str = ""  # kind fsq: the fsq queue directory (ROOT/QUEUE) whose items are the messages
     fsq_ttl: int = 0  # kind fsq: items older than this many seconds go to fail/ untaken (0: never)
+    http_ok: list[int] = field(default_factory=list)  # kind http: codes that mean done ([]: 200-299)
+    http_per_host: int = 4  # kind http: requests in flight to one host:port at once
+    http_verify: bool = True  # kind http: verify TLS certificates
+    http_auth: dict[str, str] = field(default_factory=dict)  # kind http: {"user", "password_file"}
+    http_allow: list[str] = field(default_factory=list)  # kind http: URL prefixes jobs may call ([]: any)
 
     @classmethod
     def from_dict(cls, data: Any) -> QueueConfig:
@@ -451,7 +456,7 @@ class QueueConfig:
         c.kind = str(data.get("kind", "script"))
         if c.kind not in QUEUE_KINDS:
             raise InvalidConfig(f"unknown queue kind {c.kind!r} (known: {', '.join(QUEUE_KINDS)})")
-        if not c.script:
+        if not c.script and c.kind != "http":
             raise InvalidConfig("script is required: the path of the program to run per message"
                                 if c.kind == "script" else "script is required: the worker program")
         c.worker_inflight = _int_in(data.get("worker_inflight", 1), "worker_inflight", 1, 1000)
@@ -495,6 +500,7 @@ class QueueConfig:
             raise InvalidConfig("fsq_dir needs kind fsq")
         c.fsq_dir = os.path.normpath(fd) if fd else ""
         c.fsq_ttl = _int_in(data.get("fsq_ttl", 0), "fsq_ttl", 0, 10 * 365 * 86400)
+        _http_keys(c, data)
         env = data.get("env_vars") or {}
         if not isinstance(env, dict):
             raise InvalidConfig("env_vars must be an object of NAME: value")
@@ -553,10 +559,47 @@ class QueueConfig:
             **({"message_arg": True} if self.message_arg else {}),
             **({"fsq_dir": self.fsq_dir} if self.fsq_dir else {}),
             **({"fsq_ttl": self.fsq_ttl} if self.fsq_ttl else {}),
+            **({"http_ok": list(self.http_ok), "http_per_host": self.http_per_host, "http_verify": self.http_verify,
+                "http_auth": dict(self.http_auth), "http_allow": list(self.http_allow)}
+               if self.kind == "http" else {}),
         }
 
 
-QUEUE_KINDS = ("script", "worker", "fsq")
+QUEUE_KINDS = ("script", "worker", "fsq", "http")
+HTTP_KEYS = ("http_ok", "http_per_host", "http_verify", "http_auth", "http_allow")
+
+
+def _http_keys(c: QueueConfig, data: dict[str, Any]) -> None:
+    """Kind http's keys (docs/http-jobs.md); refused on any other kind."""
+    given = [k for k in HTTP_KEYS if k in data and data[k] not in (None, [], {}, "")]
+    if c.kind != "http":
+        # A config written back by to_dict() of a kind http queue turned script keeps defaults only.
+        if any(k not in ("http_per_host", "http_verify") for k in given):
+            raise InvalidConfig(f"{', '.join(given)} need kind http")
+        return
+    ok = data.get("http_ok") or []
+    if not isinstance(ok, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599
+                                           for v in ok):
+        raise InvalidConfig("http_ok must be a list of HTTP status codes 100-599 ([]: any 2xx)")
+    c.http_ok = sorted(set(ok))
+    c.http_per_host = _int_in(data.get("http_per_host", 4), "http_per_host", 1, 128)
+    verify = data.get("http_verify", True)
+    if not isinstance(verify, bool):
+        raise InvalidConfig("http_verify must be true or false")
+    c.http_verify = verify
+    auth = data.get("http_auth") or {}
+    if not isinstance(auth, dict) or set(auth) - {"user", "password_file"} or not all(
+            isinstance(v, str) and "\0" not in v for v in auth.values()):
+        raise InvalidConfig('http_auth must be {"user": NAME, "password_file": ABSOLUTE PATH}')
+    if auth and (not auth.get("user") or ":" in auth["user"] or not os.path.isabs(auth.get("password_file", ""))):
+        raise InvalidConfig('http_auth needs "user" (no colon) and "password_file" (an absolute path: the '
+                            "password is read from that file, never from a message)")
+    c.http_auth = dict(auth)
+    allow = data.get("http_allow") or []
+    if not isinstance(allow, list) or not all(isinstance(a, str) and a.lower().startswith(("http://", "https://"))
+                                              for a in allow):
+        raise InvalidConfig("http_allow must be a list of URL prefixes starting http:// or https://")
+    c.http_allow = list(allow)
 
 
 def _int_in(v: Any, key: str, lo: int, hi: int) -> int:

@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,23 @@ def stop_all(served: list[Served]) -> None:
             except OSError:
                 pass
             s.proc.wait(10)
+
+
+def daemons(root: Path, *base: str) -> Iterator[Callable[..., Served]]:
+    """Generator behind a test module's ``daemon`` fixture: ``start(*extra, env=None)`` runs
+    ``spoolq serve`` on ``root`` with ``base`` then ``extra``; those still running are
+    stopped (SIGTERM) at the end."""
+    started: list[Served] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> Served:
+        s = Served(root, *base, *extra, env=env).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc is not None and s.proc.poll() is None:
+            s.stop()
 
 
 def serve_fixture(root: Path) -> Any:

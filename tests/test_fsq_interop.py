@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SPOOLQ
-from daemon_util import Served, wait_for
+from daemon_util import Served, daemons, wait_for
 
 import spoolq
 from spoolq import fsq
@@ -169,17 +169,7 @@ def test_fsq_scan_skips_an_item_spoolq_holds(conf: fsq.Conf, recorder: tuple[Pat
 
 @pytest.fixture
 def daemon(root: Path) -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
-
-    def start(env: dict[str, str]) -> Served:
-        s = Served(root, "--no-builtin-queues", "--grace", "1", env=env).start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc is not None and s.proc.poll() is None:
-            s.stop()
+    yield from daemons(root, "--no-builtin-queues", "--grace", "1")
 
 
 def test_the_daemon_runs_what_fsq_enqueues(client: spoolq.Client, conf: fsq.Conf, recorder: tuple[Path, Path],
@@ -190,7 +180,7 @@ def test_the_daemon_runs_what_fsq_enqueues(client: spoolq.Client, conf: fsq.Conf
     r = fsq_tool(Path(conf.root), "install", "-t", "jobs")
     assert r.returncode == 0, r.stderr
     client.create_queue("jobs", kind="fsq", script=str(prog), fsq_dir=os.path.join(conf.root, "jobs"), num_workers=4)
-    daemon({"OUT": str(out)})
+    daemon(env={"OUT": str(out)})
     # -t: fsq's enqueue pulls the trigger, and fails when nothing listens; the daemon listens
     wait_for(lambda: fsq_tool(Path(conf.root), "enqueue", "-e", "-t", "jobs", "probe").returncode == 0,
              what="fsq's enqueue -t to find the daemon listening")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import SPOOLQ
-from daemon_util import Served, wait_for
+from daemon_util import Served, daemons, wait_for
 
 import spoolq
 from spoolq import inotify as ino
@@ -49,17 +49,7 @@ def spool(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daemon(root: Path, spool: Path) -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
-
-    def start(*extra: str) -> Served:
-        s = Served(root, "--isq-spool", str(spool), "--no-builtin-queues", "--grace", "1", *extra).start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc is not None and s.proc.poll() is None:
-            s.stop()
+    yield from daemons(root, "--isq-spool", str(spool), "--no-builtin-queues", "--grace", "1")
 
 
 def lines(path: Path) -> list[str]:

@@ -31,8 +31,8 @@ def register(sub: Any) -> None:
 
     p = command(qsub, "create", queue_create, "create a queue whose messages are run by SCRIPT")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--script", required=True, metavar="PATH",
-                   help="program run once per message (made absolute)")
+    p.add_argument("--script", metavar="PATH",
+                   help="program run once per message (made absolute); required but for --kind http")
     p.add_argument("--workers", metavar="N", help="messages run at once (1-128, default 1)")
     p.add_argument("--exec-prefix", metavar="S", default="",
                    help="command line put before the script, e.g. 'nice -n 10'")
@@ -49,9 +49,20 @@ def register(sub: Any) -> None:
     p.add_argument("--kind", choices=QUEUE_KINDS, default="script",
                    help="script: SCRIPT runs once per message (default); worker: SCRIPT is a persistent "
                    "worker fed messages over a pipe (docs/workers.md); fsq: SCRIPT runs once per item of "
-                   "the fsq queue directory --fsq-dir, with fsq's contract (docs/fsq.md)")
+                   "the fsq queue directory --fsq-dir, with fsq's contract (docs/fsq.md); http: each message is an "
+                   "HTTP request the daemon makes itself, no SCRIPT (docs/http-jobs.md)")
     p.add_argument("--fsq-dir", metavar="DIR", help="kind fsq: the fsq queue directory (ROOT/QUEUE) to serve")
     p.add_argument("--fsq-ttl", metavar="S", help="kind fsq: items older than S seconds fail untaken (0: never)")
+    p.add_argument("--http-ok", action="append", default=[], metavar="CODE",
+                   help="kind http: a status code that means done (repeatable; default any 2xx; "
+                   "strings-queue took 200 only)")
+    p.add_argument("--http-per-host", metavar="N", help="kind http: requests in flight to one host (default 4)")
+    p.add_argument("--http-auth-user", metavar="USER",
+                   help="kind http: basic auth user sent with every request (with --http-password-file)")
+    p.add_argument("--http-password-file", metavar="FILE",
+                   help="kind http: the file holding the basic auth password (read at each request)")
+    p.add_argument("--http-allow", action="append", default=[], metavar="PREFIX",
+                   help="kind http: only call URLs under this prefix (repeatable; default any)")
     p.add_argument("--inflight", metavar="N", help="kind worker: messages one worker holds at once (default 1)")
     p.add_argument("--restart-after", metavar="N",
                    help="kind worker: replace a worker after N messages (default 0: never)")
@@ -101,11 +112,11 @@ def register(sub: Any) -> None:
 
 # -- queue ... ------------------------------------------------------------------------------
 def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
-    if not args.script:
+    if not args.script and args.kind != "http":
         raise InvalidInput("--script must name the program to run per message")
     data: dict[str, Any] = {
         "name": name,
-        "script": os.path.abspath(args.script),
+        "script": os.path.abspath(args.script) if args.script else "",
         "exec_prefix": args.exec_prefix,
         "env_vars": dict(key_value(e, "--env") for e in args.env),
         "coalesce_params": [integer(n, "--coalesce", 1, 4) for n in args.coalesce],
@@ -117,6 +128,15 @@ def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
         data["fsq_dir"] = os.path.abspath(args.fsq_dir)
     if args.fsq_ttl is not None:
         data["fsq_ttl"] = integer(args.fsq_ttl, "--fsq-ttl", 0, 10 * 365 * 86400)
+    if args.http_ok:
+        data["http_ok"] = [integer(c, "--http-ok", 100, 599) for c in args.http_ok]
+    if args.http_per_host is not None:
+        data["http_per_host"] = integer(args.http_per_host, "--http-per-host", 1, 128)
+    if args.http_auth_user is not None or args.http_password_file is not None:
+        data["http_auth"] = {"user": args.http_auth_user or "",
+                             "password_file": os.path.abspath(args.http_password_file or "")}
+    if args.http_allow:
+        data["http_allow"] = list(args.http_allow)
     if args.inflight is not None:
         data["worker_inflight"] = integer(args.inflight, "--inflight", 1, 1000)
     if args.restart_after is not None:

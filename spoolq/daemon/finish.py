@@ -156,6 +156,8 @@ class Finisher:
                 m.due = due
             if finished_ok and dups:
                 m.dups = [self.full_id(queue, d) for d in dups]
+            if outcome.params_update:
+                m.params = {**m.params, **outcome.params_update}
 
         if outcome.state.final and fin.hooks_queued < len(msg.post_run_webhook):
             final = Message.from_dict(msg.to_dict())
@@ -164,7 +166,8 @@ class Finisher:
         if outcome.state.final and not fin.mirrored and isinstance(msg.params.get("fsq"), dict):
             self._fsq_outcome(fin)
             fin.mirrored = True
-        changed = outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and bool(dups))
+        changed = (outcome.count != msg.count or outcome.state == State.QUE or (finished_ok and bool(dups))
+                   or bool(outcome.params_update))
         status = None if outcome.status == fin.current_status else outcome.status
         try:
             # No rewrite of msg when nothing in it changes: one fsync'd write fewer per message

@@ -34,6 +34,7 @@ from ..store.base import Change, LiveRecounts, LostFoundRepair, Store, Watcher
 from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
+from .httpjobs import HttpJobs
 from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
 from .queue import QueueState
 from .recovery import recover_queue
@@ -82,6 +83,7 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.runner: JobRunner | None = None
         self.workers: Workers | None = None
+        self.http: HttpJobs | None = None
         self.timers: Timers | None = None
         self.timers_at = 0.0  # time.monotonic() when the timers are looked at next
         self.scandir: Scandir | None = None
@@ -117,6 +119,7 @@ class Daemon:
         self.workers = Workers(self.runner, self.sel, self.home, self.rootcfg, self.clock,
                                finished=self._finished, changed=self._workers_changed,
                                config=self._config_of)
+        self.http = HttpJobs(self.runner, self.sel, self.clock, finished=self._finished)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -195,6 +198,8 @@ class Daemon:
         self.flags.add(signum)
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         if self.housekeeper is not None:
             self.housekeeper.close()
         if self.scandir is not None:
@@ -247,8 +252,11 @@ class Daemon:
         job = next((j for j in self.jobs.values() if j.queue == qs.name and j.msg_id == ch.msg_id), None)
         if job is not None and not job.cancelled and self.runner.cancel_asked(job):
             self._cancel_job(job)
-        elif job is None and self.workers is not None and ch.msg_id:
-            self.workers.check(qs.name, ch.msg_id, self.clock())
+        elif job is None and ch.msg_id:
+            if self.http is not None and self.http.check(qs.name, ch.msg_id, self.clock()):
+                return
+            if self.workers is not None:
+                self.workers.check(qs.name, ch.msg_id, self.clock())
 
     def _cancel_job(self, job: Job) -> None:
         assert self.runner is not None
@@ -311,6 +319,8 @@ class Daemon:
         self.grace_end = now + self.grace
         if self.workers is not None:
             self.workers.stop_all(now, kill=False)  # EOF on fd 4: answer what you hold, then exit
+        if self.http is not None:
+            self.http.stop_all(now, kill=False)  # what waits for its host goes back at once
         log.warning("stopping: starting nothing new; %d job(s) get %.0f s to finish", len(self.jobs),
                     self.grace)
 
@@ -447,6 +457,8 @@ class Daemon:
             return qs.hold_until
         if cfg.kind == "worker":
             return self._dispatch_workers(qs, cfg, now)
+        if cfg.kind == "http":
+            return self._dispatch_http(qs, cfg, now)
         while len(qs.running) < cfg.num_workers:
             got = self._claim(qs, now)
             if not isinstance(got, Attempt):
@@ -491,6 +503,18 @@ class Daemon:
                 qs.running.add(got.msg_id)
                 self._started(got)
         return wake
+
+    def _dispatch_http(self, qs: QueueState, cfg: QueueConfig, now: float) -> float | None:
+        """A queue of HTTP jobs (httpjobs.py): no process, a request on a pool thread."""
+        assert self.http is not None
+        while self.http.free(qs.name, cfg):
+            got = self._claim(qs, now)
+            if not isinstance(got, Attempt):
+                return got
+            if self.http.send(got, cfg, now):
+                qs.running.add(got.msg_id)
+                self._started(got)
+        return None
 
     def _start(self, qs: QueueState, attempt: Attempt, cfg: QueueConfig) -> bool:
         """Run a claimed attempt; False when the queue's script is unusable (SCRIPTERROR)."""
@@ -541,6 +565,8 @@ class Daemon:
                 assert self.workers is not None
                 if not key.data.eof:
                     self.workers.read(key.data)
+            elif isinstance(key.data, HttpJobs):
+                key.data.on_answers()
             elif isinstance(key.data, WorkerInput):
                 assert self.workers is not None
                 self.workers.flush(key.data.worker)
@@ -560,12 +586,15 @@ class Daemon:
                 self._cancel_job(job)
         assert self.workers is not None
         self.workers.tick(now)
+        assert self.http is not None
+        self.http.tick(now)
         if self.stopping and self.grace_end is not None and now >= self.grace_end:
             for job in self.jobs.values():
                 if not job.stopping:
                     job.stopping = True
                     self.runner.terminate(job, now)
             self.workers.stop_all(now, kill=True)
+            self.http.stop_all(now, kill=True)
         if now >= self.next_sweep and not self.housekeeper.busy:
             self.next_sweep = now + self.sweep_interval
             self.housekeeper.submit(SWEEP_ROOT)
@@ -629,6 +658,10 @@ class Daemon:
         wt = self.workers.next_time()
         if wt is not None:
             times.append(wt)
+        assert self.http is not None
+        ht = self.http.next_time()
+        if ht is not None:
+            times.append(ht)
         wake_at = self.watcher.wake_at
         if wake_at is not None:
             times.append(now + wake_at - time.monotonic())
@@ -638,13 +671,14 @@ class Daemon:
             times.append(now + self.scandir.scan_at - time.monotonic())
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
-                or self.workers.alive()):
+                or self.workers.alive() or self.http.alive()):
             times.append(self.grace_end)
         return max(0.0, min(times) - now)
 
     def _done(self) -> bool:
         """Stopping, nothing running, and no held finish left to wait for (or no more time)."""
-        if not (self.stopping and not self.jobs and not (self.workers and self.workers.alive())):
+        if not (self.stopping and not self.jobs and not (self.workers and self.workers.alive())
+                and not (self.http and self.http.alive())):
             return False
         assert self.runner is not None
         held = self.runner.finisher.held

@@ -28,7 +28,8 @@ class QueueConfigOut(_Out):
     max_count: int
     retry: dict[str, float]
     fsync: bool = True
-    kind: str = Field("script", description="script: one process per message; worker: persistent workers")
+    kind: str = Field("script", description="script: one process per message; worker: persistent workers; "
+                      "fsq: the items of an fsq queue directory; http: each message an HTTP request")
     worker_inflight: int = 1
     worker_restart_after: int = 0
     args: list[str] = Field([], description="arguments after the script")

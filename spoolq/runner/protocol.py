@@ -13,6 +13,7 @@ import os
 import re
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 from ..model import State
 
@@ -164,6 +165,7 @@ class Outcome:
     status: str
     count: int
     requeue_delay: float = 0.0  # when state is QUE: seconds until due
+    params_update: dict[str, Any] | None = None  # keys set in the message's params on the way (kind http)
 
 
 MAX_RESEND_TEXT = "HIT MAX RESEND COUNT - MOVING TO ERR"

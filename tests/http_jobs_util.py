@@ -1,0 +1,121 @@
+"""A scripted HTTP server for the tests of kind http (strings-queue's jobs): a real socket on
+loopback, answering by path, recording every request it gets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    start: float
+    end: float = 0.0
+
+
+@dataclass
+class Scripted:
+    """Answers by path (the part before ``?``):
+
+    ``/code/N``           status N, body ``METHOD N`` (strings-queue's test handlers' body)
+    ``/slow/S``           sleeps S seconds, then 200
+    ``/seq/NAME``         the next code of ``seqs[NAME]`` (its last one repeats)
+    ``/hdr/N``            status N with the headers in ``headers_for[path]``
+    ``/hold``             200 after ``release`` is set (or 30 s)
+    """
+
+    calls: list[Call] = field(default_factory=list)
+    seqs: dict[str, list[int]] = field(default_factory=dict)
+    headers_for: dict[str, dict[str, str]] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: dict[str, int] = field(default_factory=dict)  # x-bitlancer-job-id -> requests in progress
+    most_at_once: dict[str, int] = field(default_factory=dict)
+    in_progress: int = 0
+    peak: int = 0
+    port: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def of(self, path: str) -> list[Call]:
+        with self.lock:
+            return [c for c in self.calls if c.path == path]
+
+    def answer(self, h: BaseHTTPRequestHandler) -> None:
+        n = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(n) if n else b""
+        path = h.path.split("?", 1)[0]
+        call = Call(h.command, path, body, {k.lower(): v for k, v in h.headers.items()}, time.time())
+        job = call.headers.get("x-bitlancer-job-id", "")
+        with self.lock:
+            self.calls.append(call)
+            self.running[job] = self.running.get(job, 0) + 1
+            self.most_at_once[job] = max(self.most_at_once.get(job, 0), self.running[job])
+            self.in_progress += 1
+            self.peak = max(self.peak, self.in_progress)
+        try:
+            code, extra = self._route(path)
+            out = f"{h.command} {code}".encode()
+            try:
+                h.send_response(code)
+                for k, v in extra.items():
+                    h.send_header(k, v)
+                h.send_header("Content-Length", str(len(out)))
+                h.end_headers()
+                if h.command != "HEAD":
+                    h.wfile.write(out)
+            except OSError:
+                pass  # the client gave up (a timeout test)
+        finally:
+            with self.lock:
+                call.end = time.time()
+                self.running[job] -= 1
+                self.in_progress -= 1
+
+    def _route(self, path: str) -> tuple[int, dict[str, str]]:
+        parts = path.strip("/").split("/")
+        if parts[0] == "code":
+            return int(parts[1]), {}
+        if parts[0] == "slow":
+            time.sleep(float(parts[1]))
+            return 200, {}
+        if parts[0] == "seq":
+            with self.lock:
+                s = self.seqs[parts[1]]
+                code = s.pop(0) if len(s) > 1 else s[0]
+            return code, {}
+        if parts[0] == "hdr":
+            return int(parts[1]), self.headers_for.get(path, {})
+        if parts[0] == "hold":
+            self.release.wait(30)
+            return 200, {}
+        return 404, {}
+
+
+def start_server() -> tuple[Scripted, ThreadingHTTPServer]:
+    s = Scripted()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _any(self) -> None:
+            s.answer(self)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    s.port = srv.server_address[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return s, srv
