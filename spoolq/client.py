@@ -373,6 +373,7 @@ class Client:
         def reset(m: Message) -> None:
             m.count = 0
             m.due = time.time()
+            _reset_http_retries(m)
 
         try:
             self.store.move(r.queue, r.msg_id, State.ERR, State.QUE, update=reset, note="retry")
@@ -404,6 +405,7 @@ class Client:
         m = Message.from_dict(old.to_dict())
         m.count = 0
         m.due = 0.0
+        _reset_http_retries(m)
         m.cloned_from = old.msg_id
         m.orig_msg_id = old.orig_msg_id or self.full_id(r.queue, old.msg_id)
         m.dups, m.dup, m.history = [], "", []
@@ -483,3 +485,10 @@ def open(url: str | os.PathLike[str] | None = None) -> Client:  # noqa: A001 - s
     target = os.fspath(url) if url is not None else default_root()
     return Client(open_store(target))
 
+
+def _reset_http_retries(m: Message) -> None:
+    """An HTTP job (a kind http queue's message) retried or cloned gets its retries back, as
+    its ``count`` is reset: the daemon kept the first ``remaining_retries`` as ``retries``."""
+    first = m.params.get("retries")
+    if "remaining_retries" in m.params and isinstance(first, int) and not isinstance(first, bool):
+        m.params = {**m.params, "remaining_retries": first}

@@ -148,6 +148,24 @@ def daemons(root: Path, *base: str) -> Iterator[Callable[..., Served]]:
             s.stop()
 
 
+def pg_hosts(pg_url: str, tmp_path: Path, *base: str) -> Iterator[Callable[..., list[Served]]]:
+    """Generator behind a ``hosts`` fixture: ``start(n, *args)`` starts n daemons ("hosts")
+    on the database ``pg_url``, each with a --home of its own under ``tmp_path``."""
+    started: list[Served] = []
+
+    def start(n: int = 1, *args: str) -> list[Served]:
+        for _ in range(n):
+            home = tmp_path / f"host{len(started)}" / "home"
+            home.parent.mkdir()
+            started.append(Served(home, *base, *args, store=pg_url).start())
+        return started[-n:]
+
+    yield start
+    for s in started:
+        if s.proc is not None and s.proc.poll() is None:
+            s.stop()
+
+
 def serve_fixture(root: Path) -> Any:
     """Generator behind the ``serve`` fixture: ``serve(*args)`` starts a daemon (grace 1 s)."""
     started: list[Served] = []

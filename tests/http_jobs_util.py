@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -119,3 +120,12 @@ def start_server() -> tuple[Scripted, ThreadingHTTPServer]:
     s.port = srv.server_address[1]
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return s, srv
+
+
+def scripted_server() -> Iterator[Scripted]:
+    """Generator behind the ``srv`` fixtures: a server for the test, shut down after it."""
+    s, server = start_server()
+    yield s
+    s.release.set()
+    server.shutdown()
+    server.server_close()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_util import Served, script, wait_for
+from daemon_util import Served, pg_hosts, script, wait_for
 
 import spoolq
 from spoolq.model import State
@@ -19,19 +19,7 @@ from spoolq.model import State
 @pytest.fixture
 def hosts(pg_url: str, tmp_path: Path) -> Iterator[Any]:
     """Start daemons ("hosts") on the test's database, each with a --home of its own."""
-    started: list[Served] = []
-
-    def start(n: int = 1, *args: str) -> list[Served]:
-        for _ in range(n):
-            home = tmp_path / f"host{len(started)}" / "home"
-            home.parent.mkdir()
-            started.append(Served(home, *args, store=pg_url).start())
-        return started[-n:]
-
-    yield start
-    for s in started:
-        if s.proc is not None and s.proc.poll() is None:
-            s.stop()
+    yield from pg_hosts(pg_url, tmp_path)
 
 
 @pytest.fixture

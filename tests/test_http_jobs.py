@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import Cli
 from daemon_util import Served, daemons, wait_for
-from http_jobs_util import Scripted, start_server
+from http_jobs_util import Scripted, scripted_server
 
 import spoolq
 from spoolq.model import MessageView, State
@@ -24,11 +24,7 @@ from spoolq.model import MessageView, State
 
 @pytest.fixture
 def srv() -> Iterator[Scripted]:
-    s, server = start_server()
-    yield s
-    s.release.set()
-    server.shutdown()
-    server.server_close()
+    yield from scripted_server()
 
 
 @pytest.fixture

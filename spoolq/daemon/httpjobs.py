@@ -215,6 +215,8 @@ def _first_line(text: str) -> str:
 def decide(job: HttpJob, res: Response, cfg: QueueConfig, msg: Message, now: float) -> tuple[Outcome, str]:
     """The outcome of a request and its log line (strings-queue's words)."""
     upd: dict[str, Any] = {"last_started_at": res.started, "last_finished_at": now}
+    if "retries" not in msg.params:
+        upd["retries"] = job.remaining  # what `spoolq retry` gives back (client.py)
     delay = job.retry_delay
     body = res.body.decode("utf-8", "replace")
     if res.status is not None:
@@ -258,6 +260,12 @@ def decide(job: HttpJob, res: Response, cfg: QueueConfig, msg: Message, now: flo
     return Outcome(State.ERR, status, msg.count, params_update=upd), f"Job failed permanently: {body}"
 
 
+def _not_called(why: str) -> dict[str, Any]:
+    """The params of a job that ends without a request: a permanent failure, as a row of the
+    SQL intake shows it."""
+    return {"result_code": 1, "last_response": why, "last_finished_at": time.time()}
+
+
 def log_line(job_id: str, text: str, when: float | None = None) -> bytes:
     """A line of the message's log as strings-queue logged it: ``<asctime>  [JOBID id] text``."""
     t = time.time() if when is None else when
@@ -294,6 +302,8 @@ class HttpJobs:
         self.store = runner.store
         self.clock = clock
         self.finished = finished  # the supervisor's: frees the message's place in its queue
+        # httpx logs every request at INFO: the job's own log has it, the daemon's need not
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.flights: dict[tuple[str, str], Flight] = {}
         self.per_queue: dict[str, int] = {}
         self.per_host: dict[tuple[str, str], int] = {}
@@ -341,11 +351,13 @@ class HttpJobs:
             job = parse_job(msg, cfg)
         except ValueError as e:
             log.warning("%s/%s: not an HTTP job: %s", attempt.queue, attempt.msg_id, e)
-            self.runner.finish_without_run(attempt, Outcome(State.ERR, f"not an HTTP job: {e}", msg.count))
+            self.runner.finish_without_run(attempt, Outcome(State.ERR, f"not an HTTP job: {e}", msg.count,
+                                                            params_update=_not_called(f"not an HTTP job: {e}")))
             return False
         if job.remaining <= 0:
-            self.runner.finish_without_run(attempt, Outcome(State.ERR, "no retries left (remaining_retries 0)",
-                                                            msg.count))
+            why = "no retries left (remaining_retries 0)"
+            self.runner.finish_without_run(attempt, Outcome(State.ERR, why, msg.count,
+                                                            params_update=_not_called(why)))
             return False
         try:
             self.store.workdir(attempt)  # the message's job/ (where the log is) is made here
@@ -382,6 +394,7 @@ class HttpJobs:
         self.per_host[f.host] = self.per_host.get(f.host, 0) + 1
         f.started = True
         f.deadline = now + f.job.timeout
+        log.debug("%s/%s: %s %s", a.queue, a.msg_id, f.job.method, f.job.url)
         self._log(f, f"Calling job with method {f.job.method} on url {f.job.url} (timeout {f.job.timeout:g})")
         try:
             auth = self._auth(f.cfg)

@@ -1,0 +1,204 @@
+"""strings-queue's SQL intake on the PostgreSQL store (spec C; docs/http-jobs.md): a row
+INSERTed into ``spoolq.http_jobs`` is an HTTP job, and the row shows its outcome with
+strings-queue's columns. Real PostgreSQL (a throwaway cluster), real daemons, a real HTTP
+server on loopback. Check C.4 #9 (two processors never call one job at once) runs two
+daemons on one database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from daemon_util import pg_hosts, wait_for
+from http_jobs_util import Scripted, scripted_server
+
+import spoolq
+from spoolq.model import State
+
+
+@pytest.fixture
+def srv() -> Iterator[Scripted]:
+    yield from scripted_server()
+
+
+@pytest.fixture
+def hosts(pg_url: str, tmp_path: Path) -> Iterator[Any]:
+    yield from pg_hosts(pg_url, tmp_path, "--no-builtin-queues", "--grace", "1")
+
+
+@pytest.fixture
+def client(pg_url: str) -> spoolq.Client:
+    c = spoolq.open(pg_url)
+    c.create_queue("http", kind="http", num_workers=4)
+    return c
+
+
+@pytest.fixture
+def db(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        yield conn
+
+
+def insert(db: psycopg.Connection[Any], sql: str, *args: Any) -> int:
+    row = db.execute(sql + " RETURNING id", args).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def job(db: psycopg.Connection[Any], job_id: int) -> dict[str, Any]:
+    cur = db.execute("SELECT * FROM spoolq.http_jobs WHERE id = %s", (job_id,))
+    names = [d.name for d in cur.description or ()]
+    row = cur.fetchone()
+    assert row is not None
+    return dict(zip(names, row, strict=True))
+
+
+def finished(db: psycopg.Connection[Any], job_id: int, timeout: float = 20) -> dict[str, Any]:
+    return wait_for(lambda: (j := job(db, job_id))["last_finished_at"] is not None and j, timeout, f"job {job_id}")
+
+
+def log_rows(db: psycopg.Connection[Any], job_id: int) -> list[str]:
+    return [r[0] for r in db.execute("SELECT msg FROM spoolq.http_job_log WHERE job_id = %s ORDER BY line",
+                                     (job_id,))]
+
+
+def test_c4_1_an_insert_with_method_and_url_gets_the_defaults(client: spoolq.Client,
+                                                              db: psycopg.Connection[Any], srv: Scripted) -> None:
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/code/200"))
+    j = job(db, jid)
+    assert (j["timeout_secs"], j["remaining_retries"], j["retry_delay_secs"], j["result_code"]) == (60, 10, 60, None)
+    # the row and its message were made in one statement: the message waits in the queue
+    v = client.get(f"http/{j['msg_id']}")
+    assert v.state == State.QUE and v.message.src == "sql"
+    p = v.message.params
+    assert (p["method"], p["url"], p["timeout_secs"], p["remaining_retries"], p["http_job_id"]) == (
+        "GET", srv.url("/code/200"), 60, 10, str(jid))
+
+
+def test_c4_2_to_8_the_row_shows_each_outcome(client: spoolq.Client, db: psycopg.Connection[Any], srv: Scripted,
+                                              hosts: Any, tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret")
+    client.update_queue("http", http_ok=[200], http_auth={"user": "api", "password_file": str(pw)})
+    srv.headers_for["/hdr/503"] = {"x-bitlancer-retry-delay-secs": "786"}
+    srv.headers_for["/hdr/502"] = {"x-bitlancer-url": srv.url("/code/200")}
+    ins = ("INSERT INTO spoolq.http_jobs (http_method, url, body, timeout_secs, remaining_retries) "
+           "VALUES (%s, %s, %s, %s, %s)")
+    ok = insert(db, ins, "post", srv.url("/code/200"), "the body", 60, 10)
+    temp = insert(db, ins, "GET", srv.url("/hdr/503"), None, 60, 10)
+    slow = insert(db, ins, "GET", srv.url("/slow/3"), None, 1, 1)
+    perm = {c: insert(db, ins, "GET", srv.url(f"/code/{c}"), None, 60, 10) for c in (500, 404, 201)}
+    moved = insert(db, ins, "GET", srv.url("/hdr/502"), None, 60, 10)
+    hosts(1)
+    t0 = time.time()
+    # 2: 200 -> result 0, retries unchanged, the body in last_response and the log
+    j = finished(db, ok)
+    assert (j["result_code"], j["remaining_retries"], j["last_response"]) == (0, 10, "POST 200")
+    assert log_rows(db, ok)[-1] == f"[JOBID {ok}] Job succeeded: POST 200"
+    first = f"[JOBID {ok}] Calling job with method POST on url {srv.url('/code/200')} (timeout 60)"
+    assert log_rows(db, ok)[0] == first
+    # 8: the body, basic auth from the queue, the job id header
+    (call,) = srv.of("/code/200")[:1]
+    assert call.body == b"the body" and call.headers["x-bitlancer-job-id"] == str(ok)
+    assert call.headers["authorization"].startswith("Basic ")
+    # 3 and 7: 503 -> result 2, one retry used, the header's delay kept, not run again before it
+    j = finished(db, temp)
+    assert (j["result_code"], j["remaining_retries"], j["retry_delay_secs"]) == (2, 9, 786)
+    assert log_rows(db, temp)[-1] == f"[JOBID {temp}] Job failed temporarily: GET 503"
+    msg = client.get(f"http/{j['msg_id']}")
+    assert msg.state == State.QUE and msg.message.due > t0 + 780
+    # 4: a timeout is temporary; its last retry used, it is never selected again (6)
+    j = finished(db, slow)
+    assert (j["result_code"], j["remaining_retries"]) == (2, 0)
+    assert log_rows(db, slow)[-1] == f"[JOBID {slow}] Job failed due to timeout"
+    assert client.get(f"http/{j['msg_id']}").state == State.ERR
+    # 5: 500, 404 and (strings-queue's rule, http_ok [200]) 201 are permanent
+    for code, jid in perm.items():
+        j = finished(db, jid)
+        assert (j["result_code"], j["remaining_retries"]) == (1, 9), code
+        assert client.get(f"http/{j['msg_id']}").state == State.ERR
+    # 7: x-bitlancer-url rewrites the row's url (a 502 is permanent: it is not called again)
+    j = finished(db, moved)
+    assert j["url"] == srv.url("/code/200") and j["result_code"] == 1
+    time.sleep(0.3)
+    assert len(srv.of("/hdr/503")) == 1 and all(len(srv.of(f"/code/{c}")) == 1 for c in perm)
+
+
+def test_bad_inserts_are_refused_and_make_nothing(client: spoolq.Client, db: psycopg.Connection[Any]) -> None:
+    client.create_queue("scripts", script="/bin/true")
+    for sql, why in [
+        ("INSERT INTO spoolq.http_jobs (http_method, url, queue) VALUES ('GET', 'http://x/', 'nope')", "no queue nope"),
+        ("INSERT INTO spoolq.http_jobs (http_method, url, queue) VALUES ('GET', 'http://x/', 'scripts')",
+         "not of kind http"),
+        ("INSERT INTO spoolq.http_jobs (http_method, url, remaining_retries) VALUES ('GET', 'http://x/', -1)",
+         "remaining_retries"),
+        ("INSERT INTO spoolq.http_jobs (http_method, url, headers) VALUES ('GET', 'http://x/', '[1]')", "headers"),
+    ]:
+        with pytest.raises(psycopg.Error, match=why):
+            db.execute(sql)
+    client.set_admin_state("http", "DOWN")
+    with pytest.raises(psycopg.Error, match="DOWN"):
+        db.execute("INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', 'http://x/')")
+    assert db.execute("SELECT count(*) FROM spoolq.http_jobs").fetchone() == (0,)
+    assert client.counts("http").get("que", 0) == 0 and client.counts("scripts").get("que", 0) == 0
+
+
+def test_a_rolled_back_insert_leaves_no_message(client: spoolq.Client, pg_url: str) -> None:
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', 'http://x/')")
+        conn.rollback()
+    assert client.counts("http").get("que", 0) == 0
+
+
+def test_a_job_that_is_not_valid_fails_permanently_in_its_row(client: spoolq.Client, db: psycopg.Connection[Any],
+                                                               hosts: Any) -> None:
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', 'file:///etc/passwd')")
+    hosts(1)
+    j = finished(db, jid)
+    assert j["result_code"] == 1 and j["last_response"].startswith("not an HTTP job: url")
+
+
+def test_retry_gives_a_job_its_retries_back(client: spoolq.Client, db: psycopg.Connection[Any], srv: Scripted,
+                                            hosts: Any) -> None:
+    srv.seqs["r"] = [503, 200]
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url, remaining_retries) VALUES ('GET', %s, 1)",
+                 srv.url("/seq/r"))
+    hosts(1)
+    j = finished(db, jid)
+    assert (j["result_code"], j["remaining_retries"]) == (2, 0)
+    msg_id = j["msg_id"]
+    wait_for(lambda: client.get(f"http/{msg_id}").state == State.ERR, what="err")
+    client.retry(f"http/{msg_id}")
+    j = wait_for(lambda: (r := job(db, jid))["result_code"] == 0 and r, what="done after the retry")
+    assert j["remaining_retries"] == 1
+
+
+def test_c4_9_two_daemons_never_call_one_job_at_once(client: spoolq.Client, db: psycopg.Connection[Any],
+                                                     srv: Scripted, hosts: Any) -> None:
+    srv.seqs["c"] = [503, 503, 200]  # some jobs run more than once: retries too must not overlap
+    n = 40
+    ids = [insert(db, "INSERT INTO spoolq.http_jobs (http_method, url, retry_delay_secs) VALUES ('GET', %s, 0)",
+                  srv.url("/slow/0.05") if i % 4 else srv.url("/seq/c")) for i in range(n)]
+    daemons = hosts(2)
+    wait_for(lambda: db.execute("SELECT count(*) FROM spoolq.http_jobs WHERE result_code = 0").fetchone() == (n,),
+             timeout=60, what="every job done")
+    assert set(srv.most_at_once) == {str(i) for i in ids}
+    assert max(srv.most_at_once.values()) == 1  # never two calls of one job at once
+    assert len(srv.calls) == n + 2  # each job once, and the two 503s once more
+    calls = [d.log().count(": GET http://") for d in daemons]  # "-v": each request started is logged
+    assert sum(calls) == n + 2 and min(calls) > 0, calls  # both took part
+
+
+def test_c4_10_one_at_a_time_still_finishes_every_job(client: spoolq.Client, db: psycopg.Connection[Any],
+                                                      srv: Scripted, hosts: Any) -> None:
+    client.update_queue("http", num_workers=1)
+    ids = [insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/slow/0.05"))
+           for _ in range(5)]
+    hosts(1)
+    for i in ids:
+        assert finished(db, i)["result_code"] == 0
+    assert srv.peak == 1
