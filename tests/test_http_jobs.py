@@ -70,10 +70,18 @@ def test_c4_2_success(client: spoolq.Client, srv: Scripted, daemon: Callable[...
     mid = send(client, q, srv.url("/code/200"), remaining_retries=7)
     v = final(client, q, mid)
     assert v.state == State.DONE and v.job_status == "HTTP 200: GET 200"
+    # unchanged by a success (no row mirrors them: the status and the log say it, and the
+    # finish does not rewrite the message)
+    assert v.message.params == {"method": "GET", "url": srv.url("/code/200"), "remaining_retries": 7}
+    # a job of the SQL intake (http_job_id) gets strings-queue's columns for its row
+    row = send(client, q, srv.url("/code/200"), http_job_id="77")
+    v = final(client, q, row)
     p = v.message.params
     assert p["result_code"] == 0 and p["last_response"] == "GET 200" and p["status_code"] == 200
-    assert p["remaining_retries"] == 7  # unchanged by a success
+    assert p["retries"] == 10
     assert time.time() - 30 < p["last_finished_at"] <= time.time() and p["last_started_at"] <= p["last_finished_at"]
+    assert log_lines(client, q, row)[-1].endswith("  [JOBID 77] Job succeeded: GET 200")
+    assert srv.of("/code/200")[-1].headers["x-bitlancer-job-id"] == "77"
     lines = log_lines(client, q, mid)
     assert lines[-1].endswith(f"  [JOBID {mid}] Job succeeded: GET 200"), lines
     assert f"[JOBID {mid}] Calling job with method GET on url {srv.url('/code/200')} (timeout 60)" in lines[0]

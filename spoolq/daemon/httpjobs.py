@@ -235,7 +235,13 @@ def decide(job: HttpJob, res: Response, cfg: QueueConfig, msg: Message, now: flo
         if ok:
             upd["result_code"] = 0
             status = f"HTTP {res.status}" + (f": {_first_line(body)}" if body.strip() else "")
-            return Outcome(State.DONE, status, msg.count, params_update=upd), f"Job succeeded: {body}"
+            # A success rewrites the params only where a row mirrors them (the SQL intake's
+            # jobs) or an earlier failure wrote them: elsewhere the status and the log say it
+            # all, and the filesystem store then finishes without rewriting msg (one durable
+            # write fewer per job: 1.7 x the rate, bench/README.md).
+            keep = upd if ({"http_job_id", "result_code"} & set(msg.params) or "url" in upd
+                           or "retry_delay_secs" in upd) else None
+            return Outcome(State.DONE, status, msg.count, params_update=keep), f"Job succeeded: {body}"
     remaining = job.remaining - 1
     upd["remaining_retries"] = remaining
     if res.status is None or res.status in TEMPORARY:
