@@ -122,6 +122,8 @@ def test_senqueue_makes_one_linked_item_and_leaves_tmp_empty(conf: fsq.Conf, q: 
     assert listing(conf, q, "queue") == [item_id] and listing(conf, q, "tmp") == []
     assert Path(fsq.Paths(conf, q).item(item_id)).read_bytes() == b"data"
     assert stat.S_IMODE(os.stat(fsq.Paths(conf, q).item(item_id)).st_mode) == 0o640 & ~_umask()
+    bare = fsq.enqueue(conf, q, b"")  # no arguments: the name ends with its tries
+    assert bare.endswith(f"_{fsq.HOSTNAME}_0") and fsq.deconstruct(bare)[1][5:] == []
 
 
 def _umask() -> int:
@@ -186,6 +188,7 @@ def test_escaping_vectors() -> None:
     lambda: fsq.decode("abc%"), lambda: fsq.decode("abc%f"), lambda: fsq.decode("%0xf8"),
     lambda: fsq.decode("%zz"), lambda: fsq.encode("x", "_", "_"), lambda: fsq.encode("x", "ø", "%"),
     lambda: fsq.encode("x", "__", "%"), lambda: fsq.encode("x", encoded=("ø",)),
+    lambda: fsq.encode("x", "_", "ø"), lambda: fsq.encode("x", "_", "%%"),
     lambda: fsq.deconstruct("%abc"),
 ])
 def test_encoding_errors(call: object) -> None:
@@ -272,6 +275,7 @@ def test_done_and_fail_move_by_code(conf: fsq.Conf, q: str) -> None:
 def test_fail_tmp_counts_tries_in_the_name_then_fails(conf: fsq.Conf, q: str) -> None:
     item_id = fsq.enqueue(conf, q, b"x", ["r"])
     seen = []
+    raised = []
     for _ in range(3):
         [item] = list(fsq.scan(conf, q, max_tries=3))
         seen.append(item.tries)
@@ -279,10 +283,11 @@ def test_fail_tmp_counts_tries_in_the_name_then_fails(conf: fsq.Conf, q: str) ->
             item.fail_tmp(max_tries=3)
         except fsq.MaxTriesError as e:
             assert "failed permanently" in str(e)
+            raised.append(item.tries)
             break
         finally:
             item.close()
-    assert seen == [0, 1, 2]
+    assert seen == [0, 1, 2] and raised == [2]  # the third fail_tmp fails it for good, and says so
     [failed] = listing(conf, q, "fail")
     assert fsq.deconstruct(failed)[1][4] == "2" and failed == fsq.outcome_name(item_id, 2)
     assert listing(conf, q, "queue") == []

@@ -149,6 +149,7 @@ def test_a_failing_cmd_leaves_its_message_in_err_not_lost(cli: Any, client: spoo
     """B.3 #2/#3 differ on purpose: isq ignored the status and lost the message (at most once);
     here the line leaves the file as before, and a failure keeps its message in err."""
     assert cli("isq", "get", "q", "/bin/false").returncode == 0
+    assert client.queue_config("q").num_workers == 2  # B.3 #5: isq's default of two consumers
     client.update_queue("q", max_count=1)
     daemon()
     assert cli("isq", "put", "--spool", str(spool), "q", "doomed").returncode == 0
