@@ -596,9 +596,17 @@ def _http_keys(c: QueueConfig, data: dict[str, Any]) -> None:
                             "password is read from that file, never from a message)")
     c.http_auth = dict(auth)
     allow = data.get("http_allow") or []
-    if not isinstance(allow, list) or not all(isinstance(a, str) and a.lower().startswith(("http://", "https://"))
-                                              for a in allow):
-        raise InvalidConfig("http_allow must be a list of URL prefixes starting http:// or https://")
+    if not isinstance(allow, list):
+        raise InvalidConfig("http_allow must be a list of URL prefixes (http:// or https://)")
+    from .httpjob import check_prefix  # here: httpjob imports this module
+    for a in allow:
+        try:
+            check_prefix(a)
+        except ValueError as e:
+            raise InvalidConfig(str(e)) from None
+    if auth and not allow:
+        raise InvalidConfig("http_auth needs http_allow: the URL prefixes the queue's credentials may be sent "
+                            "to (anyone who may send to the queue chooses the URL)")
     c.http_allow = list(allow)
 
 

@@ -3,6 +3,8 @@ loopback, answering by path, recording every request it gets."""
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ class Call:
     headers: dict[str, str]
     start: float
     end: float = 0.0
+    dropped: bool = False  # the client closed the connection before the answer
 
 
 @dataclass
@@ -29,12 +32,15 @@ class Scripted:
     ``/slow/S``           sleeps S seconds, then 200
     ``/seq/NAME``         the next code of ``seqs[NAME]`` (its last one repeats)
     ``/hdr/N``            status N with the headers in ``headers_for[path]``
-    ``/hold``             200 after ``release`` is set (or 30 s)
+    ``/hold``             200 after ``release`` is set (or 30 s); a client that closes the
+                          connection meanwhile ends the call (``Call.dropped``)
+    ``/body/NAME``        200 with ``bodies[NAME]`` as the body
     """
 
     calls: list[Call] = field(default_factory=list)
     seqs: dict[str, list[int]] = field(default_factory=dict)
     headers_for: dict[str, dict[str, str]] = field(default_factory=dict)
+    bodies: dict[str, bytes] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: dict[str, int] = field(default_factory=dict)  # x-bitlancer-job-id -> requests in progress
@@ -63,8 +69,14 @@ class Scripted:
             self.in_progress += 1
             self.peak = max(self.peak, self.in_progress)
         try:
+            if path == "/hold" and not self._hold(h):
+                call.dropped = True
+                h.close_connection = True
+                return
             code, extra = self._route(path)
             out = f"{h.command} {code}".encode()
+            if path.startswith("/body/"):
+                out = self.bodies[path[6:]]
             try:
                 h.send_response(code)
                 for k, v in extra.items():
@@ -81,6 +93,21 @@ class Scripted:
                 self.running[job] -= 1
                 self.in_progress -= 1
 
+    def _hold(self, h: BaseHTTPRequestHandler) -> bool:
+        """Wait for ``release``; False if the client closed the connection first."""
+        conn = h.connection
+        for _ in range(600):
+            if self.release.wait(0.05):
+                return True
+            r, _, _ = select.select([conn], [], [], 0)
+            if r:
+                try:
+                    if conn.recv(1, socket.MSG_PEEK) == b"":
+                        return False
+                except OSError:
+                    return False
+        return True
+
     def _route(self, path: str) -> tuple[int, dict[str, str]]:
         parts = path.strip("/").split("/")
         if parts[0] == "code":
@@ -95,8 +122,7 @@ class Scripted:
             return code, {}
         if parts[0] == "hdr":
             return int(parts[1]), self.headers_for.get(path, {})
-        if parts[0] == "hold":
-            self.release.wait(30)
+        if parts[0] in ("hold", "body"):
             return 200, {}
         return 404, {}
 
@@ -129,3 +155,54 @@ def scripted_server() -> Iterator[Scripted]:
     s.release.set()
     server.shutdown()
     server.server_close()
+
+
+class Trickle:
+    """A server that answers a status line, then one header byte every ``every`` seconds
+    until the client goes away: a request that never ends unless its client ends it."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.every = every
+        self.lock = threading.Lock()
+        self.open = 0
+        self.job_ids: list[str] = []
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        with self.lock:
+            self.open += 1
+        try:
+            req = c.recv(65536).decode(errors="replace")
+            for line in req.split("\r\n"):
+                if line.lower().startswith("x-bitlancer-job-id:"):
+                    self.job_ids.append(line.split(":", 1)[1].strip())
+            c.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not self.stop.is_set():
+                time.sleep(self.every)
+                c.sendall(b"a")
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.open -= 1
+            c.close()

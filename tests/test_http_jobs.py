@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from conftest import Cli
 from daemon_util import Served, daemons, wait_for
-from http_jobs_util import Scripted, scripted_server
+from http_jobs_util import Scripted, Trickle, scripted_server
 
 import spoolq
-from spoolq.model import MessageView, State
+from spoolq.errors import InvalidConfig
+from spoolq.httpjob import HttpJob, parse_job
+from spoolq.model import Message, MessageView, QueueConfig, State
 
 
 @pytest.fixture
@@ -188,7 +190,7 @@ def test_c4_8_body_auth_and_job_id(client: spoolq.Client, srv: Scripted, daemon:
     pw = tmp_path / "password"
     pw.write_text("s3cret\n")
     pw.chmod(0o600)
-    q = make_queue(client, http_auth={"user": "api", "password_file": str(pw)})
+    q = make_queue(client, http_auth={"user": "api", "password_file": str(pw)}, http_allow=[srv.url("/code/")])
     daemon()
     mid = send(client, q, srv.url("/code/200"), method="POST", body="hello=world",
                headers={"Content-Type": "application/x-www-form-urlencoded"})
@@ -199,6 +201,7 @@ def test_c4_8_body_auth_and_job_id(client: spoolq.Client, srv: Scripted, daemon:
     assert call.headers["x-bitlancer-job-id"] == mid
     assert call.headers["x-spoolq-message"].endswith(f"/q/{q}/{mid}")
     assert call.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert call.headers["accept-encoding"] == "identity"  # no gzip to inflate in the daemon
 
 
 def test_credentials_never_come_from_the_message(client: spoolq.Client, srv: Scripted,
@@ -293,7 +296,10 @@ def test_cli_creates_an_http_queue(cli: Cli, client: spoolq.Client, srv: Scripte
     pw.write_text("x")
     r = cli("queue", "create", "sq", "--kind", "http", "--http-ok", "200", "--http-per-host", "2",
             "--http-auth-user", "api", "--http-password-file", str(pw), "--http-allow", srv.url("/"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "created queue sq (HTTP jobs, 1 worker)" in r.stdout
+    r = cli("queue", "create", "half", "--kind", "http", "--http-auth-user", "api")
+    assert r.returncode != 0 and "go together" in r.stderr
     cfg = client.queue_config("sq")
     assert (cfg.kind, cfg.http_ok, cfg.http_per_host, cfg.script) == ("http", [200], 2, "")
     assert cfg.http_auth == {"user": "api", "password_file": str(pw)}
@@ -323,3 +329,135 @@ def test_the_ui_and_api_show_an_http_queue(client: spoolq.Client) -> None:
     r = anon.patch("/api/v1/queues/hooks/config", json={"http_allow": []})
     assert r.status_code in (401, 403)
     assert client.queue_config("hooks").http_allow == ["https://hooks.example/"]
+
+
+# -- the audit's findings: requests that must end, pools that must grow, headers and URLs that
+# -- must not steer the daemon
+def test_a_trickling_server_cannot_stretch_a_request_past_its_timeout(client: spoolq.Client,
+                                                                      daemon: Callable[..., Served]) -> None:
+    slow = Trickle(every=0.1)  # a header byte every 0.1 s, forever: no read ever times out
+    try:
+        q = make_queue(client)
+        daemon()
+        t0 = time.monotonic()
+        mid = send(client, q, slow.url("/x"), timeout_secs=1, remaining_retries=2, retry_delay_secs=0)
+        v = final(client, q, mid)
+        assert v.state == State.ERR and v.job_status == "timeout - no retries left"
+        assert time.monotonic() - t0 < 5  # two tries of 1 s each, not forever
+        assert slow.job_ids == [mid, mid]
+        wait_for(lambda: slow.open == 0, 5, "both connections closed by the daemon")
+    finally:
+        slow.close()
+
+
+def test_a_cancel_closes_the_request_and_a_retry_never_overlaps_it(client: spoolq.Client, srv: Scripted,
+                                                                   daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, num_workers=1)
+    daemon()
+    mid = send(client, q, srv.url("/hold"))
+    wait_for(lambda: srv.in_progress == 1, what="the request at the server")
+    client.cancel(f"{q}/{mid}")
+    v = final(client, q, mid, timeout=15)
+    assert v.state == State.ERR and v.job_status == "cancelled" and v.message.params["result_code"] == 1
+    wait_for(lambda: srv.in_progress == 0, 5, "the connection closed by the daemon")
+    assert srv.of("/hold")[0].dropped
+    nxt = send(client, q, srv.url("/code/200"), timeout_secs=2)  # the one worker's place is free
+    assert final(client, q, nxt).state == State.DONE
+    client.retry(f"{q}/{mid}")
+    wait_for(lambda: len(srv.of("/hold")) == 2, what="the retry's call")
+    srv.release.set()
+    assert final(client, q, mid).state == State.DONE
+    assert srv.most_at_once[mid] == 1
+
+
+def test_more_workers_means_more_at_once(client: spoolq.Client, srv: Scripted,
+                                         daemon: Callable[..., Served]) -> None:
+    q = make_queue(client, num_workers=1, http_per_host=8)
+    daemon()
+    assert final(client, q, send(client, q, srv.url("/code/200"))).state == State.DONE  # its client exists
+    client.update_queue(q, num_workers=4)
+    ids = [send(client, q, srv.url("/hold")) for _ in range(4)]
+    wait_for(lambda: srv.in_progress == 4, what="four requests at once")
+    srv.release.set()
+    assert all(final(client, q, i).state == State.DONE for i in ids)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000, "-1", "1e9"])
+def test_a_bad_delay_header_is_ignored(client: spoolq.Client, srv: Scripted, daemon: Callable[..., Served],
+                                       value: str) -> None:
+    q = make_queue(client)
+    srv.headers_for["/hdr/503"] = {"x-bitlancer-retry-delay-secs": value, "Retry-After": value}
+    daemon()
+    mid = send(client, q, srv.url("/hdr/503"), remaining_retries=2, retry_delay_secs=0.2)
+    v = final(client, q, mid)
+    assert v.state == State.ERR and v.job_status == "HTTP 503 - no retries left"
+    assert v.message.params["retry_delay_secs"] == 0.2 and len(srv.of("/hdr/503")) == 2
+
+
+def test_an_answer_cannot_move_its_job_to_another_host(client: spoolq.Client, srv: Scripted,
+                                                       daemon: Callable[..., Served]) -> None:
+    q = make_queue(client)
+    srv.headers_for["/hdr/503"] = {"x-bitlancer-url": "http://169.254.169.254/latest/meta-data/",
+                                   "x-bitlancer-retry-delay-secs": "0"}
+    daemon()
+    mid = send(client, q, srv.url("/hdr/503"), remaining_retries=2)
+    v = final(client, q, mid)
+    assert v.message.params["url"] == srv.url("/hdr/503") and len(srv.of("/hdr/503")) == 2
+
+
+def test_a_nul_in_an_answer_is_kept_out_of_status_and_log(client: spoolq.Client, srv: Scripted,
+                                                          daemon: Callable[..., Served]) -> None:
+    q = make_queue(client)
+    srv.bodies["nul"] = b"a\x00b\nsecond \xff line"
+    daemon()
+    mid = send(client, q, srv.url("/body/nul"))
+    v = final(client, q, mid)
+    assert v.state == State.DONE and v.job_status == "HTTP 200: a\ufffdb"
+    assert log_lines(client, q, mid)[-2:] == [log_lines(client, q, mid)[-2], "second \ufffd line"]
+    assert "\x00" not in "".join(log_lines(client, q, mid))
+
+
+def test_a_queue_turned_http_leaves_its_scripterror(client: spoolq.Client, srv: Scripted,
+                                                    daemon: Callable[..., Served]) -> None:
+    client.create_queue("h", script="/nonexistent/script")
+    daemon()
+    client.send("h", params={"x": "1"})
+    wait_for(lambda: client.script_error("h") is not None, what="SCRIPTERROR")
+    client.update_queue("h", kind="http", script="")
+    mid = send(client, "h", srv.url("/code/200"))
+    assert final(client, "h", mid).state == State.DONE
+    assert client.script_error("h") is None
+
+
+def test_job_checks() -> None:
+    cfg = QueueConfig.from_dict({"name": "q", "kind": "http", "http_allow": ["http://h.example/api",
+                                                                           "https://h.example:8443/v1/"]})
+
+    def job(url: str = "http://h.example/api/x", **p: Any) -> HttpJob:
+        return parse_job(Message(msg_id="20261204.0900.00.000.1", params={"method": "get", "url": url, **p}), cfg)
+
+    assert job().method == "GET" and job().job_id == "20261204.0900.00.000.1"
+    assert job(http_job_id="42").job_id == "42"
+    assert job(http_job_id="4\n[JOBID 1] forged").job_id == "20261204.0900.00.000.1"
+    for url in ("http://h.example/api", "http://h.example/api/", "http://h.example/api/x?y=1",
+                "https://h.example:8443/v1/z", "HTTP://H.EXAMPLE/api/x"):
+        assert job(url).url
+    for url in ("http://h.example/api-admin", "http://h.example/apix", "http://h.example/api/%2e%2e/admin",
+                "http://h.example/api%2f..%2fadmin", "http://h.example/api/%2E%2E/x", "http://h.example/api/..%5cx",
+                "http://h.example.evil/api/x", "http://h.example:81/api/x", "https://h.example/api/x",
+                "https://h.example:8443/v1", "http://x@h.example/api/x", "ftp://h.example/api/x"):
+        with pytest.raises(ValueError):
+            job(url)
+    for headers in ({"X(A)": "1"}, {"X-A": "\u2603"}, {"X-A": "a\r\nb"}, {"accept-encoding": "gzip"},
+                    {"": "x"}, {"Host": "x"}):
+        with pytest.raises(ValueError):
+            job(headers=headers)
+    assert job(headers={"X-Ok": "a b\tc"}).headers == {"X-Ok": "a b\tc"}
+    for bad in ({"http_allow": ["http://a:port/"]}, {"http_allow": ["http://h/?q=1"]}, {"http_allow": ["h/"]},
+                {"http_allow": ["http://u:p@h/"]}, {"http_allow": ["http://h/%2e%2e/"]},
+                {"http_auth": {"user": "u", "password_file": "/etc/pw"}},  # credentials need http_allow
+                {"http_ok": [99]}, {"http_per_host": 0}, {"http_verify": "yes"}):
+        with pytest.raises(InvalidConfig):
+            QueueConfig.from_dict({"name": "q", "kind": "http", **bad})
+    with pytest.raises(InvalidConfig):
+        QueueConfig.from_dict({"name": "q", "script": "/bin/true", "http_ok": [200]})

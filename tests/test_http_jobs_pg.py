@@ -6,6 +6,7 @@ daemons on one database."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,8 @@ def test_c4_2_to_8_the_row_shows_each_outcome(client: spoolq.Client, db: psycopg
                                               hosts: Any, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("s3cret")
-    client.update_queue("http", http_ok=[200], http_auth={"user": "api", "password_file": str(pw)})
+    client.update_queue("http", http_ok=[200], http_auth={"user": "api", "password_file": str(pw)},
+                        http_allow=[srv.url("/")])
     srv.headers_for["/hdr/503"] = {"x-bitlancer-retry-delay-secs": "786"}
     srv.headers_for["/hdr/502"] = {"x-bitlancer-url": srv.url("/code/200")}
     ins = ("INSERT INTO spoolq.http_jobs (http_method, url, body, timeout_secs, remaining_retries) "
@@ -102,9 +104,9 @@ def test_c4_2_to_8_the_row_shows_each_outcome(client: spoolq.Client, db: psycopg
     first = f"[JOBID {ok}] Calling job with method POST on url {srv.url('/code/200')} (timeout 60)"
     assert log_rows(db, ok)[0] == first
     # 8: the body, basic auth from the queue, the job id header
-    (call,) = srv.of("/code/200")[:1]
-    assert call.body == b"the body" and call.headers["x-bitlancer-job-id"] == str(ok)
-    assert call.headers["authorization"].startswith("Basic ")
+    calls = srv.of("/code/200")
+    assert len(calls) == 1 and calls[0].body == b"the body" and calls[0].headers["x-bitlancer-job-id"] == str(ok)
+    assert calls[0].headers["authorization"] == "Basic " + base64.b64encode(b"api:s3cret").decode()
     # 3 and 7: 503 -> result 2, one retry used, the header's delay kept, not run again before it
     j = finished(db, temp)
     assert (j["result_code"], j["remaining_retries"], j["retry_delay_secs"]) == (2, 9, 786)
@@ -126,6 +128,7 @@ def test_c4_2_to_8_the_row_shows_each_outcome(client: spoolq.Client, db: psycopg
     assert j["url"] == srv.url("/code/200") and j["result_code"] == 1
     time.sleep(0.3)
     assert len(srv.of("/hdr/503")) == 1 and all(len(srv.of(f"/code/{c}")) == 1 for c in perm)
+    assert len(srv.of("/hdr/502")) == 1 and len(srv.of("/code/200")) == 1
 
 
 def test_bad_inserts_are_refused_and_make_nothing(client: spoolq.Client, db: psycopg.Connection[Any]) -> None:
@@ -202,3 +205,73 @@ def test_c4_10_one_at_a_time_still_finishes_every_job(client: spoolq.Client, db:
     for i in ids:
         assert finished(db, i)["result_code"] == 0
     assert srv.peak == 1
+
+
+def test_jobs_inserted_while_the_daemon_runs(client: spoolq.Client, db: psycopg.Connection[Any], srv: Scripted,
+                                             hosts: Any) -> None:
+    hosts(1)
+    time.sleep(0.5)
+    ids = [insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/code/200"))
+           for _ in range(3)]
+    assert [finished(db, i)["result_code"] for i in ids] == [0, 0, 0]
+
+
+def test_on_conflict_do_nothing_makes_no_second_message(client: spoolq.Client, db: psycopg.Connection[Any]) -> None:
+    sql = "INSERT INTO spoolq.http_jobs (id, http_method, url) VALUES (1000, 'GET', 'http://x/') ON CONFLICT DO NOTHING"
+    db.execute(sql)
+    db.execute(sql)
+    assert db.execute("SELECT count(*) FROM spoolq.http_jobs").fetchone() == (1,)
+    assert client.counts("http")["que"] == 1
+
+
+def test_what_no_daemon_could_run_is_refused_at_the_insert(client: spoolq.Client,
+                                                           db: psycopg.Connection[Any]) -> None:
+    for cols, vals in [("timeout_secs", 7200), ("retry_delay_secs", 10**9), ("remaining_retries", 2147483647),
+                       ("http_method", "TRACE"), ("body", "x" * 1_100_000)]:
+        with pytest.raises(psycopg.Error):
+            db.execute(f"INSERT INTO spoolq.http_jobs (url, http_method, {cols}) VALUES ('http://x/', 'GET', %s)"
+                       if cols != "http_method" else
+                       "INSERT INTO spoolq.http_jobs (url, http_method) VALUES ('http://x/', %s)", (vals,))
+    assert db.execute("SELECT count(*) FROM spoolq.http_jobs").fetchone() == (0,)
+    assert client.counts("http").get("que", 0) == 0
+
+
+@pytest.mark.parametrize("body", [b"a\x00b", b"ok\nthen \x00 later"])
+def test_a_nul_in_an_answer_still_finishes_the_row(client: spoolq.Client, db: psycopg.Connection[Any],
+                                                   srv: Scripted, hosts: Any, body: bytes) -> None:
+    srv.bodies["nul"] = body
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/body/nul"))
+    hosts(1)
+    j = finished(db, jid)
+    assert j["result_code"] == 0 and j["last_response"] == body.decode().replace("\x00", "\ufffd")
+    assert log_rows(db, jid)[-1] == f"[JOBID {jid}] Job succeeded: " + body.decode().replace("\x00", "\ufffd")
+
+
+def test_the_row_trigger_never_blocks_another_message(client: spoolq.Client, db: psycopg.Connection[Any]) -> None:
+    client.create_queue("other", script="/bin/true")
+    r = client.send("other", params={"http_job_id": "1", "x": "a\x00b"})  # not json-castable as stored
+    client.set_admin_state("other", "PAUSE")
+    client.run_now(r)  # rewrites the message: the trigger looks at it and lets it be
+    assert client.get(r).message.due == 0.0
+
+
+def test_a_cancelled_job_is_a_permanent_failure_in_its_row(client: spoolq.Client, db: psycopg.Connection[Any],
+                                                           srv: Scripted, hosts: Any) -> None:
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/hold"))
+    hosts(1)
+    wait_for(lambda: srv.in_progress == 1, what="the request at the server")
+    client.cancel(f"http/{job(db, jid)['msg_id']}")
+    j = finished(db, jid)
+    assert (j["result_code"], j["last_response"]) == (1, "cancelled")
+
+
+def test_a_body_of_two_lines_is_one_log_row(client: spoolq.Client, db: psycopg.Connection[Any], srv: Scripted,
+                                            hosts: Any) -> None:
+    srv.bodies["two"] = b"first line\nsecond line"
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/body/two"))
+    hosts(1)
+    finished(db, jid)
+    rows = db.execute("SELECT line, logged_at IS NOT NULL, msg FROM spoolq.http_job_log WHERE job_id = %s "
+                      "ORDER BY line", (jid,)).fetchall()
+    assert [r[:2] for r in rows] == [(1, True), (2, True)]
+    assert rows[-1][2] == f"[JOBID {jid}] Job succeeded: first line\nsecond line"

@@ -133,8 +133,9 @@ def _config_from_args(args: argparse.Namespace, name: str) -> QueueConfig:
     if args.http_per_host is not None:
         data["http_per_host"] = integer(args.http_per_host, "--http-per-host", 1, 128)
     if args.http_auth_user is not None or args.http_password_file is not None:
-        data["http_auth"] = {"user": args.http_auth_user or "",
-                             "password_file": os.path.abspath(args.http_password_file or "")}
+        if not (args.http_auth_user and args.http_password_file):
+            raise InvalidInput("--http-auth-user and --http-password-file go together")
+        data["http_auth"] = {"user": args.http_auth_user, "password_file": os.path.abspath(args.http_password_file)}
     if args.http_allow:
         data["http_allow"] = list(args.http_allow)
     if args.inflight is not None:
@@ -173,13 +174,14 @@ def _warn_about_script(cfg: QueueConfig) -> None:
 def queue_create(args: argparse.Namespace, ctx: Ctx) -> int:
     # Validated in full before the spool is opened: bad input leaves no trace on disk.
     cfg = _config_from_args(args, queue_name(args.name))
-    _warn_about_script(cfg)
+    if cfg.kind != "http":
+        _warn_about_script(cfg)
     ctx.client.create_queue(cfg)
     if ctx.json:
         ctx.emit_json(_queue_json(ctx, cfg.name))
     else:
-        ctx.out(f"created queue {cfg.name} (script {output.clean(cfg.script)}, "
-                f"{cfg.num_workers} worker{'s' if cfg.num_workers != 1 else ''})")
+        what = "HTTP jobs" if cfg.kind == "http" else f"script {output.clean(cfg.script)}"
+        ctx.out(f"created queue {cfg.name} ({what}, {cfg.num_workers} worker{'s' if cfg.num_workers != 1 else ''})")
     return 0
 
 

@@ -441,6 +441,9 @@ class Daemon:
         self._want(qs, qs.admin == AdminState.UP)
         if qs.admin != AdminState.UP or self.stopping or not qs.ready:
             return None
+        if qs.script_error is not None and cfg.kind == "http":
+            qs.script_error = None  # no script to run: a kind script turned http
+            self._record_script_error(qs, None)
         if qs.script_error is not None:
             # SCRIPTERROR (RQ's oper status): nothing starts until the script can run again.
             # Checked on every config change and every SCRIPT_RECHECK seconds.

@@ -4,8 +4,9 @@
 --
 --   INSERT INTO spoolq.http_jobs (http_method, url, body, timeout_secs) VALUES ('post', 'http://...', 'x', 120);
 --
--- The insert makes the message in the same transaction (http_jobs_insert): the row and its
--- message exist together or not at all. Each finish of the message rewrites its params (the
+-- The insert makes the message in the same transaction (http_jobs_check names it before the
+-- row is written, http_jobs_message makes it once the row is: a row an ON CONFLICT skips
+-- makes none): the row and its message exist together or not at all. Each finish of the message rewrites its params (the
 -- daemon's kind http: result_code, last_response, remaining_retries, ...), and
 -- messages_http_job copies them onto the row in the finish's own transaction, so the row
 -- always agrees with the message.
@@ -13,17 +14,18 @@
 CREATE TABLE spoolq.http_jobs (
     id bigserial PRIMARY KEY,
     organization_id bigint,
-    http_method varchar(10) NOT NULL,
+    http_method varchar(10) NOT NULL
+        CHECK (upper(http_method) IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD', 'OPTIONS')),
     url text NOT NULL,
     body text,
     headers jsonb,
-    timeout_secs integer NOT NULL DEFAULT 60 CHECK (timeout_secs > 0),
+    timeout_secs integer NOT NULL DEFAULT 60 CHECK (timeout_secs BETWEEN 1 AND 3600),
     last_started_at timestamptz,
     last_finished_at timestamptz,
     last_response text,
     result_code integer,                    -- 0 success, 1 permanent failure, 2 temporary; NULL: not yet
-    remaining_retries integer NOT NULL DEFAULT 10 CHECK (remaining_retries >= 0),
-    retry_delay_secs integer NOT NULL DEFAULT 60 CHECK (retry_delay_secs >= 0),
+    remaining_retries integer NOT NULL DEFAULT 10 CHECK (remaining_retries BETWEEN 0 AND 1000000),
+    retry_delay_secs integer NOT NULL DEFAULT 60 CHECK (retry_delay_secs BETWEEN 0 AND 31536000),
     queue text COLLATE "C" NOT NULL DEFAULT 'http',
     msg_id text COLLATE "C",
     created_at timestamptz NOT NULL DEFAULT now()
@@ -37,14 +39,11 @@ CREATE FUNCTION spoolq.make_msg_id(t float8, n bigint) RETURNS text LANGUAGE sql
            || lpad(floor((t - floor(t)) * 1000)::int::text, 3, '0') || '.' || n::text
 $$;
 
-CREATE FUNCTION spoolq.http_job_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Before the row is written: the queue takes it, and the row gets its message's id.
+CREATE FUNCTION spoolq.http_job_check() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     cfg jsonb;
     is_down boolean;
-    t float8 := spoolq.now();
-    mid text;
-    params jsonb;
-    body text;
 BEGIN
     SELECT config, down INTO cfg, is_down FROM spoolq.queues WHERE name = NEW.queue FOR SHARE;
     IF NOT FOUND THEN
@@ -61,38 +60,62 @@ BEGIN
     IF NEW.headers IS NOT NULL AND jsonb_typeof(NEW.headers) <> 'object' THEN
         RAISE EXCEPTION 'spoolq: headers must be a JSON object' USING ERRCODE = 'check_violation';
     END IF;
-    mid := spoolq.make_msg_id(t, nextval('spoolq.msg_seq'));
-    NEW.msg_id := mid;
+    NEW.msg_id := spoolq.make_msg_id(spoolq.now(), nextval('spoolq.msg_seq'));
     NEW.result_code := NULL;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER http_jobs_check BEFORE INSERT ON spoolq.http_jobs
+    FOR EACH ROW EXECUTE FUNCTION spoolq.http_job_check();
+
+-- Once the row is written (not for a row an ON CONFLICT skipped): its message, in que.
+CREATE FUNCTION spoolq.http_job_message() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    t float8 := spoolq.now();
+    params jsonb;
+    body text;
+BEGIN
     params := jsonb_strip_nulls(jsonb_build_object(
         'method', NEW.http_method, 'url', NEW.url, 'body', NEW.body, 'headers', NEW.headers,
         'timeout_secs', NEW.timeout_secs, 'remaining_retries', NEW.remaining_retries,
         'retry_delay_secs', NEW.retry_delay_secs, 'http_job_id', NEW.id::text));
     body := jsonb_build_object(
-        'msg_id', mid, 'dest', NEW.queue, 'src', 'sql', 'count', 0,
+        'msg_id', NEW.msg_id, 'dest', NEW.queue, 'src', 'sql', 'count', 0,
         -- one try more than the job's retries: a crash's extra try cannot cut them short,
         -- and crashes that keep coming still end
         'max_count', least(NEW.remaining_retries + 1, 1000000),
         'param1', '', 'param2', '', 'param3', '', 'param4', '', 'due', t, 'orig_msg_id', '',
         'post_run_webhook', '[]'::jsonb, 'params', params, 'created_at', t)::text;
+    IF octet_length(body) > 1048576 THEN  -- spoolq.model.MAX_MSG_BYTES: no daemon could run it
+        RAISE EXCEPTION 'spoolq: the job is % bytes as a message; the limit is 1048576', octet_length(body)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
     INSERT INTO spoolq.messages (queue, msg_id, state, due, param1, param2, param3, param4, msg, history)
-    VALUES (NEW.queue, mid, 'que', t, '', '', '', '', body, jsonb_build_array(jsonb_build_object('state', 'que', 'at', t)));
-    RETURN NEW;
+    VALUES (NEW.queue, NEW.msg_id, 'que', t, '', '', '', '', body,
+            jsonb_build_array(jsonb_build_object('state', 'que', 'at', t)));
+    RETURN NULL;
 END $$;
-CREATE TRIGGER http_jobs_insert BEFORE INSERT ON spoolq.http_jobs
-    FOR EACH ROW EXECUTE FUNCTION spoolq.http_job_insert();
+CREATE TRIGGER http_jobs_message AFTER INSERT ON spoolq.http_jobs
+    FOR EACH ROW EXECUTE FUNCTION spoolq.http_job_message();
 
 -- A finish rewrote the message of a row: copy strings-queue's columns from its params.
 -- Only the row whose msg_id is this message's is touched (a clone or a hand-made message
 -- that carries some http_job_id changes no row).
+-- Never fails the message's own update: a message that cannot be read as jsonb (a \u0000 in
+-- it) or params that do not fit the row are skipped, with a warning.
 CREATE FUNCTION spoolq.http_job_mirror() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    p jsonb := (NEW.msg::jsonb)->'params';
+    p jsonb;
 BEGIN
-    IF jsonb_typeof(p) <> 'object' OR jsonb_typeof(p->'http_job_id') <> 'string'
+    BEGIN
+        p := (NEW.msg::jsonb)->'params';
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    IF jsonb_typeof(p) IS DISTINCT FROM 'object' OR jsonb_typeof(p->'http_job_id') IS DISTINCT FROM 'string'
        OR (p->>'http_job_id') !~ '^[0-9]{1,18}$' THEN
         RETURN NULL;
     END IF;
+    BEGIN
     UPDATE spoolq.http_jobs j SET
         url = CASE WHEN jsonb_typeof(p->'url') = 'string' THEN p->>'url' ELSE j.url END,
         retry_delay_secs = CASE WHEN jsonb_typeof(p->'retry_delay_secs') = 'number'
@@ -109,22 +132,33 @@ BEGIN
         last_finished_at = CASE WHEN jsonb_typeof(p->'last_finished_at') = 'number'
                                 THEN to_timestamp((p->>'last_finished_at')::float8) ELSE j.last_finished_at END
     WHERE j.id = (p->>'http_job_id')::bigint AND j.queue = NEW.queue AND j.msg_id = NEW.msg_id;
+    EXCEPTION WHEN others THEN
+        RAISE WARNING 'spoolq: http_jobs row % not updated from message %/%: %', p->>'http_job_id', NEW.queue,
+            NEW.msg_id, SQLERRM;
+    END;
     RETURN NULL;
 END $$;
 CREATE TRIGGER messages_http_job AFTER UPDATE ON spoolq.messages
-    FOR EACH ROW WHEN (OLD.msg IS DISTINCT FROM NEW.msg AND strpos(NEW.msg, '"http_job_id"') > 0)
+    FOR EACH ROW WHEN (strpos(NEW.msg, '"http_job_id"') > 0 AND OLD.msg IS DISTINCT FROM NEW.msg)
     EXECUTE FUNCTION spoolq.http_job_mirror();
 
--- strings-queue's queued_job_log: one row per line of a job's log (its message's stdio.log).
--- `logged_at` is the time as the daemon wrote it (its local time); a line of a response body
--- that spans lines has none.
+-- strings-queue's queued_job_log: one row per entry of a job's log (its message's stdio.log;
+-- the lines of a body that spans lines belong to the entry they follow). `logged_at` is the
+-- time as the daemon wrote it (its local time).
 CREATE VIEW spoolq.http_job_log AS
-SELECT j.id AS job_id, l.n AS line, nullif(substring(l.text FROM '^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})  '), '') AS logged_at,
-       regexp_replace(l.text, '^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}  ', '') AS msg
-FROM spoolq.http_jobs j
-CROSS JOIN LATERAL (
-    SELECT convert_from(string_agg(c.data, ''::bytea ORDER BY c.off), 'UTF8') AS all_text
-    FROM spoolq.log_chunks c WHERE c.queue = j.queue AND c.msg_id = j.msg_id AND c.name = 'stdio.log'
-) logs
-CROSS JOIN LATERAL regexp_split_to_table(rtrim(logs.all_text, E'\n'), E'\n') WITH ORDINALITY AS l(text, n)
-WHERE logs.all_text IS NOT NULL;
+WITH lines AS (
+    SELECT j.id AS job_id, l.n, l.text,
+           substring(l.text FROM '^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})  ') AS stamp
+    FROM spoolq.http_jobs j
+    CROSS JOIN LATERAL (
+        SELECT convert_from(string_agg(c.data, ''::bytea ORDER BY c.off), 'UTF8') AS all_text
+        FROM spoolq.log_chunks c WHERE c.queue = j.queue AND c.msg_id = j.msg_id AND c.name = 'stdio.log'
+    ) logs
+    CROSS JOIN LATERAL regexp_split_to_table(rtrim(logs.all_text, E'\n'), E'\n') WITH ORDINALITY AS l(text, n)
+    WHERE logs.all_text IS NOT NULL
+), entries AS (
+    SELECT *, count(stamp) OVER (PARTITION BY job_id ORDER BY n) AS entry FROM lines
+)
+SELECT job_id, entry AS line, min(stamp) AS logged_at,
+       regexp_replace(string_agg(text, E'\n' ORDER BY n), '^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}  ', '') AS msg
+FROM entries GROUP BY job_id, entry;
