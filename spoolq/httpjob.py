@@ -5,6 +5,7 @@ request: the daemon's side (threads, leases, finishing) is :mod:`spoolq.daemon.h
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import ssl
@@ -46,8 +47,12 @@ TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 VALUE_RE = re.compile(r"[\t\x20-\x7e]*", re.ASCII)
 DIGITS_RE = re.compile(r"[0-9]{1,10}", re.ASCII)
 JOB_ID_RE = re.compile(r"[0-9]{1,18}", re.ASCII)
-ENCODED_PATH_RE = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+ENCODED_PATH_RE = re.compile(r"%(2e|2f|5c|25|00)|[\\;\x00]", re.IGNORECASE)
+"""In a path compared with ``http_allow``: an encoded dot, slash, backslash, percent or NUL,
+a backslash, or a semicolon (``..;`` is ``..`` to some servers): never under a prefix."""
+HEX_RE = re.compile(r"%[0-9a-fA-F]{2}")
 KEPT_HEADERS = ("retry-after", "x-bitlancer-retry-delay-secs", "x-bitlancer-url")
+WRITE_PIECE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ def check_prefix(prefix: Any) -> httpx.URL:
     if not isinstance(prefix, str) or not prefix.lower().startswith(("http://", "https://")):
         raise ValueError(f"http_allow: {prefix!r} is not an http:// or https:// URL prefix")
     p = _parse(prefix)
-    if not p.host or p.userinfo or p.query or p.fragment or ENCODED_PATH_RE.search(p.raw_path.decode("ascii")):
+    if (not p.host or p.userinfo or "?" in prefix or "#" in prefix
+            or ENCODED_PATH_RE.search(p.raw_path.decode("ascii"))):
         raise ValueError(f"http_allow: {prefix!r} must be scheme://host[:port][/path], with no user, "
                          "query, fragment or encoded dot or slash")
     return p
@@ -115,7 +121,7 @@ def allowed(u: httpx.URL, allow: list[str]) -> bool:
     on the path as it is sent, segment by segment (``/api`` allows ``/api`` and ``/api/x``,
     not ``/api-admin``); a path with an encoded dot, slash or backslash is never allowed (a
     server that decodes it would serve another path than the one compared)."""
-    path = u.raw_path.decode("ascii").split("?", 1)[0]
+    path = _hex_upper(u.raw_path.decode("ascii").split("?", 1)[0])
     if ENCODED_PATH_RE.search(path) or "/../" in f"{path}/" or "/./" in f"{path}/":
         return False
     for prefix in allow:
@@ -125,10 +131,15 @@ def allowed(u: httpx.URL, allow: list[str]) -> bool:
             continue
         if (u.scheme, u.host, u.port) != (p.scheme, p.host, p.port):
             continue
-        pp = p.raw_path.decode("ascii") or "/"
+        pp = _hex_upper(p.raw_path.decode("ascii")) or "/"
         if path == pp or path.startswith(pp if pp.endswith("/") else pp + "/"):
             return True
     return False
+
+
+def _hex_upper(path: str) -> str:
+    """Percent-escapes in one case (``%c3%a9`` and ``%C3%A9`` are the same path)."""
+    return HEX_RE.sub(lambda m: m.group().upper(), path)
 
 
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
@@ -228,7 +239,11 @@ class GuardedStream(httpcore.NetworkStream):
         return self._inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, self._left(timeout, httpcore.WriteTimeout))
+        # In pieces, each given the time left: a peer that reads slowly cannot stretch one
+        # write of a big body past the deadline (httpcore gives every send() the whole timeout).
+        view = memoryview(buffer)
+        for i in range(0, len(view), WRITE_PIECE):
+            self._inner.write(bytes(view[i:i + WRITE_PIECE]), self._left(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self._inner.close()
@@ -295,7 +310,13 @@ def perform(client: httpx.Client, job: HttpJob, extra: dict[str, str], auth: tup
                 res.status = r.status_code
                 res.headers = {k: r.headers[k] for k in KEPT_HEADERS if k in r.headers}
                 got = bytearray()
-                for chunk in r.iter_raw():
+                # r.stream, not r.iter_raw(): iter_raw closes the response when the body ends,
+                # which gives the connection back to the pool while this guard still holds its
+                # socket; an abort then could cut another request's. It goes back when the
+                # `with` closes the response, after release().
+                stream = r.stream
+                assert isinstance(stream, httpx.SyncByteStream)
+                for chunk in stream:
                     got += chunk
                     if len(got) >= BODY_KEPT:
                         break
@@ -422,7 +443,24 @@ def not_called(why: str) -> dict[str, Any]:
 
 
 def log_line(job_id: str, line: str, when: float | None = None) -> bytes:
-    """A line of the message's log as strings-queue logged it: ``<asctime>  [JOBID id] text``."""
+    """An entry of the message's log as strings-queue logged it: ``<asctime>  [JOBID id] text``.
+    The further lines of a text that spans lines begin with a tab, so no answer can forge an
+    entry of its own (``spoolq.http_job_log`` strips the tab again)."""
     t = time.time() if when is None else when
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f",{int(t * 1000) % 1000:03d}"
-    return f"{stamp}  [JOBID {job_id}] {line}\n".replace("\x00", "\ufffd").encode("utf-8", "replace")
+    entry = f"{stamp}  [JOBID {job_id}] {line}".replace("\x00", "\ufffd").replace("\n", "\n\t")
+    return (entry + "\n").encode("utf-8", "replace")
+
+
+def final_row(msg: Message, outcome: Outcome) -> Outcome:
+    """``outcome``, closing the SQL intake's row of a job whatever ended it (a crash's
+    recovery, a cancel while the daemon was down): a final outcome without a ``result_code``
+    gets one (2 when a crash loop used up the tries, else 1), so the row never stays
+    "not finished" (NULL) for a message that is."""
+    if not outcome.state.final or "http_job_id" not in msg.params:
+        return outcome
+    if outcome.params_update and "result_code" in outcome.params_update:
+        return outcome
+    code = 0 if outcome.state != State.ERR else 2 if outcome.status.startswith(MAX_RESEND_TEXT) else 1
+    upd = {**not_called(outcome.status), "result_code": code, **(outcome.params_update or {})}
+    return dataclasses.replace(outcome, params_update=upd)

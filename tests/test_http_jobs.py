@@ -413,7 +413,8 @@ def test_a_nul_in_an_answer_is_kept_out_of_status_and_log(client: spoolq.Client,
     mid = send(client, q, srv.url("/body/nul"))
     v = final(client, q, mid)
     assert v.state == State.DONE and v.job_status == "HTTP 200: a\ufffdb"
-    assert log_lines(client, q, mid)[-2:] == [log_lines(client, q, mid)[-2], "second \ufffd line"]
+    # a line of the answer is indented in the log: no answer can forge an entry of its own
+    assert log_lines(client, q, mid)[-2:] == [log_lines(client, q, mid)[-2], "\tsecond \ufffd line"]
     assert "\x00" not in "".join(log_lines(client, q, mid))
 
 
@@ -431,7 +432,8 @@ def test_a_queue_turned_http_leaves_its_scripterror(client: spoolq.Client, srv: 
 
 def test_job_checks() -> None:
     cfg = QueueConfig.from_dict({"name": "q", "kind": "http", "http_allow": ["http://h.example/api",
-                                                                           "https://h.example:8443/v1/"]})
+                                                                           "https://h.example:8443/v1/",
+                                                                           "http://h.example/caf%C3%A9/"]})
 
     def job(url: str = "http://h.example/api/x", **p: Any) -> HttpJob:
         return parse_job(Message(msg_id="20261204.0900.00.000.1", params={"method": "get", "url": url, **p}), cfg)
@@ -442,6 +444,11 @@ def test_job_checks() -> None:
     for url in ("http://h.example/api", "http://h.example/api/", "http://h.example/api/x?y=1",
                 "https://h.example:8443/v1/z", "HTTP://H.EXAMPLE/api/x"):
         assert job(url).url
+    assert job("http://h.example/caf%c3%a9/x").url  # escapes compare in either case
+    for url in ("http://h.example/api/..;/admin", "http://h.example/api/..\\admin", "http://h.example/api/%252e%252e/x",
+                "http://h.example/api/x;y"):
+        with pytest.raises(ValueError):
+            job(url)
     for url in ("http://h.example/api-admin", "http://h.example/apix", "http://h.example/api/%2e%2e/admin",
                 "http://h.example/api%2f..%2fadmin", "http://h.example/api/%2E%2E/x", "http://h.example/api/..%5cx",
                 "http://h.example.evil/api/x", "http://h.example:81/api/x", "https://h.example/api/x",
@@ -454,6 +461,7 @@ def test_job_checks() -> None:
             job(headers=headers)
     assert job(headers={"X-Ok": "a b\tc"}).headers == {"X-Ok": "a b\tc"}
     for bad in ({"http_allow": ["http://a:port/"]}, {"http_allow": ["http://h/?q=1"]}, {"http_allow": ["h/"]},
+                {"http_allow": ["http://h/a?"]}, {"http_allow": ["http://h/a;b/"]},
                 {"http_allow": ["http://u:p@h/"]}, {"http_allow": ["http://h/%2e%2e/"]},
                 {"http_auth": {"user": "u", "password_file": "/etc/pw"}},  # credentials need http_allow
                 {"http_ok": [99]}, {"http_per_host": 0}, {"http_verify": "yes"}):
@@ -461,3 +469,25 @@ def test_job_checks() -> None:
             QueueConfig.from_dict({"name": "q", "kind": "http", **bad})
     with pytest.raises(InvalidConfig):
         QueueConfig.from_dict({"name": "q", "script": "/bin/true", "http_ok": [200]})
+
+
+def test_a_crash_or_a_cancel_while_down_still_closes_a_rows_job(client: spoolq.Client, srv: Scripted,
+                                                                daemon: Callable[..., Served]) -> None:
+    """A job of the SQL intake (http_job_id) that recovery ends gets a result_code, so its row
+    (on PostgreSQL) never stays "not finished": 1 for a cancel, 2 for tries a crash used up."""
+    q = make_queue(client)
+    d = daemon()
+    cancelled = send(client, q, srv.url("/hold"), http_job_id="5")
+    crashed = client.send(q, params={"method": "GET", "url": srv.url("/hold"), "http_job_id": "6"},
+                          max_count=1, count=1).msg_id
+    wait_for(lambda: srv.in_progress == 2, what="both requests at the server")
+    d.kill()
+    client.cancel(f"{q}/{cancelled}", wait=0)  # recorded; its daemon is gone
+    srv.release.set()
+    daemon()
+    v = final(client, q, cancelled)
+    assert (v.state, v.message.params["result_code"], v.message.params["last_response"]) == (
+        State.ERR, 1, "cancelled")
+    v = final(client, q, crashed)
+    assert v.state == State.ERR and v.message.params["result_code"] == 2
+

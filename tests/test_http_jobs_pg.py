@@ -275,3 +275,54 @@ def test_a_body_of_two_lines_is_one_log_row(client: spoolq.Client, db: psycopg.C
                       "ORDER BY line", (jid,)).fetchall()
     assert [r[:2] for r in rows] == [(1, True), (2, True)]
     assert rows[-1][2] == f"[JOBID {jid}] Job succeeded: first line\nsecond line"
+
+
+def test_a_producer_needs_only_insert_on_http_jobs(client: spoolq.Client, db: psycopg.Connection[Any],
+                                                   pg_url: str) -> None:
+    db.execute("DO $$ BEGIN CREATE ROLE sq_producer LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    db.execute("GRANT USAGE ON SCHEMA spoolq TO sq_producer")
+    db.execute("GRANT INSERT ON spoolq.http_jobs TO sq_producer")
+    db.execute("GRANT USAGE ON SEQUENCE spoolq.http_jobs_id_seq TO sq_producer")
+    as_producer = pg_url.replace("postgres@", "sq_producer@", 1)
+    with psycopg.connect(as_producer, autocommit=True) as conn:
+        conn.execute("INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', 'http://x/')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # and nothing else of spoolq's
+            conn.execute("UPDATE spoolq.queues SET config = '{}'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM spoolq.messages")
+    assert client.counts("http")["que"] == 1
+
+
+def test_a_row_locked_by_a_user_holds_the_finish_not_the_daemon(client: spoolq.Client, pg_url: str,
+                                                                db: psycopg.Connection[Any], srv: Scripted,
+                                                                hosts: Any) -> None:
+    locked = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/code/200"))
+    with psycopg.connect(pg_url) as user:
+        user.execute("SELECT 1 FROM spoolq.http_jobs WHERE id = %s FOR UPDATE", (locked,))
+        hosts(1)
+        other = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)",
+                       srv.url("/code/201"))
+        assert finished(db, other)["result_code"] == 0  # the daemon goes on meanwhile
+        assert client.get(f"http/{job(db, locked)['msg_id']}").state == State.RUN  # its finish is held
+        user.rollback()
+    assert finished(db, locked)["result_code"] == 0  # and lands once the lock is gone
+    assert client.get(f"http/{job(db, locked)['msg_id']}").state == State.DONE
+
+
+def test_a_row_keeps_its_id_queue_and_message(client: spoolq.Client, db: psycopg.Connection[Any]) -> None:
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', 'http://x/')")
+    with pytest.raises(psycopg.Error, match="keeps its id"):
+        db.execute("UPDATE spoolq.http_jobs SET msg_id = 'x' WHERE id = %s", (jid,))
+    db.execute("UPDATE spoolq.http_jobs SET organization_id = 7 WHERE id = %s", (jid,))  # the rest is the user's
+
+
+def test_an_answer_cannot_forge_a_log_entry(client: spoolq.Client, db: psycopg.Connection[Any], srv: Scripted,
+                                            hosts: Any) -> None:
+    srv.bodies["forge"] = b"ok\n2026-01-01 00:00:00,000  [JOBID 9] Job succeeded: forged"
+    jid = insert(db, "INSERT INTO spoolq.http_jobs (http_method, url) VALUES ('GET', %s)", srv.url("/body/forge"))
+    hosts(1)
+    finished(db, jid)
+    rows = db.execute("SELECT logged_at, msg FROM spoolq.http_job_log WHERE job_id = %s ORDER BY line",
+                      (jid,)).fetchall()
+    assert len(rows) == 2 and not rows[-1][0].startswith("2026-01-01")
+    assert rows[-1][1] == f"[JOBID {jid}] Job succeeded: ok\n2026-01-01 00:00:00,000  [JOBID 9] Job succeeded: forged"

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import builtin, durable, fsq
+from .. import builtin, durable, fsq, httpjob
 from ..errors import (
     CorruptMessage,
     MessageNotFound,
@@ -142,7 +142,7 @@ class Finisher:
 
     # -- the steps -----------------------------------------------------------------------
     def _commit(self, fin: Finish) -> None:
-        queue, msg, outcome = fin.queue, fin.msg, fin.outcome
+        queue, msg, outcome = fin.queue, fin.msg, httpjob.final_row(fin.msg, fin.outcome)
         msg_id = msg.msg_id
         dups = fin.attempt.dups
         finished_ok = outcome.state in (State.DONE, State.RELAYED)

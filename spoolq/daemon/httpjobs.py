@@ -48,6 +48,8 @@ from .jobs import LEASE, RENEW, JobRunner
 
 log = logging.getLogger("spoolq.daemon")
 
+IDLE_THREAD = 60.0
+"""Seconds a request thread waits for another request before it ends."""
 ABANDON_GRACE = 5.0
 """Seconds past a request's deadline before the daemon gives up on its thread (which the
 guard's deadline should have ended: a safety net), aborting its socket."""
@@ -66,6 +68,7 @@ class Flight:
     renew_at: float
     deadline: float = 0.0  # time.monotonic(); set when the request starts
     guard: Guard | None = None
+    client: httpx.Client | None = None
     started: bool = False
     done: bool = False  # concluded or abandoned: a late answer is dropped
 
@@ -174,7 +177,10 @@ class HttpJobs:
         if have is not None and have[0] == key:
             return have[1]
         if have is not None:
-            self.old_clients.append(have[1])
+            if any(f.client is have[1] for f in self.flights.values()):
+                self.old_clients.append(have[1])  # closed when its last request ends
+            else:
+                have[1].close()
         c = make_client(cfg)
         self.clients[queue] = (key, c)
         return c
@@ -195,14 +201,17 @@ class HttpJobs:
             return
         extra = {"x-bitlancer-job-id": f.job.job_id, "X-Spoolq-Message": self.runner.full_id(a.queue, a.msg_id)}
         client = self._client(a.queue, f.cfg)
+        f.client = client
         with self._busy_lock:
             self.busy += 1
             more = self.busy > self.threads
+            if more:
+                self.threads += 1
         if more:
-            # One thread per request in flight (at most the queues' num_workers together).
-            # Daemon threads: one in a request abandoned at the stop must not hold the
-            # process's exit (a ThreadPoolExecutor's are joined at exit).
-            self.threads += 1
+            # One thread per request in flight (at most the queues' num_workers together);
+            # idle ones leave after IDLE_THREAD seconds. Daemon threads: one in a request
+            # abandoned at the stop must not hold the process's exit (a ThreadPoolExecutor's
+            # are joined at exit).
             threading.Thread(target=self._worker, name=f"spoolq-http-{self.threads}", daemon=True).start()
         self.tasks.put((f, client, extra, auth))
 
@@ -219,7 +228,16 @@ class HttpJobs:
 
     def _worker(self) -> None:
         while True:
-            task = self.tasks.get()
+            try:
+                task = self.tasks.get(timeout=IDLE_THREAD)
+            except queuemod.Empty:
+                with self._busy_lock:
+                    # Leave only while every task handed out has a thread without this one
+                    # (busy counts those queued and those running).
+                    if self.busy < self.threads:
+                        self.threads -= 1
+                        return
+                continue
             if task is None:
                 return
             try:
@@ -294,6 +312,10 @@ class HttpJobs:
             self._log(f, line)
         self._close_log(f)
         del self.flights[f.key]
+        if f.client is not None and f.client in self.old_clients and not any(
+                g.client is f.client for g in self.flights.values()):
+            self.old_clients.remove(f.client)  # replaced by a config change, and now unused
+            f.client.close()
         q = f.attempt.queue
         self.per_queue[q] -= 1
         if f.started:

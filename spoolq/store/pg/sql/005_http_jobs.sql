@@ -39,13 +39,20 @@ CREATE FUNCTION spoolq.make_msg_id(t float8, n bigint) RETURNS text LANGUAGE sql
            || lpad(floor((t - floor(t)) * 1000)::int::text, 3, '0') || '.' || n::text
 $$;
 
--- Before the row is written: the queue takes it, and the row gets its message's id.
-CREATE FUNCTION spoolq.http_job_check() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The two insert triggers run with the rights of the role that migrated (SECURITY DEFINER,
+-- a fixed search_path): a producer needs INSERT on spoolq.http_jobs and USAGE on its id
+-- sequence, and nothing on spoolq's own tables, so it can enqueue HTTP jobs into kind http
+-- queues and do nothing else.
+
+-- Before the row is written: the queue takes it, and the row gets its message's id. No lock
+-- on the queue's row (a send takes none): a queue deleted meanwhile fails the insert.
+CREATE FUNCTION spoolq.http_job_check() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     cfg jsonb;
     is_down boolean;
 BEGIN
-    SELECT config, down INTO cfg, is_down FROM spoolq.queues WHERE name = NEW.queue FOR SHARE;
+    SELECT config, down INTO cfg, is_down FROM spoolq.queues WHERE name = NEW.queue;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'spoolq: no queue %', NEW.queue USING ERRCODE = 'foreign_key_violation',
             HINT = 'create it: spoolq queue create ' || NEW.queue || ' --kind http';
@@ -68,7 +75,8 @@ CREATE TRIGGER http_jobs_check BEFORE INSERT ON spoolq.http_jobs
     FOR EACH ROW EXECUTE FUNCTION spoolq.http_job_check();
 
 -- Once the row is written (not for a row an ON CONFLICT skipped): its message, in que.
-CREATE FUNCTION spoolq.http_job_message() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spoolq.http_job_message() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t float8 := spoolq.now();
     params jsonb;
@@ -97,24 +105,39 @@ END $$;
 CREATE TRIGGER http_jobs_message AFTER INSERT ON spoolq.http_jobs
     FOR EACH ROW EXECUTE FUNCTION spoolq.http_job_message();
 
+-- A row keeps the id, queue and message it was made with: the mirror finds it by them.
+CREATE FUNCTION spoolq.http_job_keep() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.id, NEW.queue, NEW.msg_id) IS DISTINCT FROM (OLD.id, OLD.queue, OLD.msg_id) THEN
+        RAISE EXCEPTION 'spoolq: an http_jobs row keeps its id, queue and msg_id' USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER http_jobs_keep BEFORE UPDATE ON spoolq.http_jobs
+    FOR EACH ROW EXECUTE FUNCTION spoolq.http_job_keep();
+
 -- A finish rewrote the message of a row: copy strings-queue's columns from its params.
 -- Only the row whose msg_id is this message's is touched (a clone or a hand-made message
 -- that carries some http_job_id changes no row).
--- Never fails the message's own update: a message that cannot be read as jsonb (a \u0000 in
--- it) or params that do not fit the row are skipped, with a warning.
+-- A message that cannot be read as jsonb (a \u0000 in it) or params that do not fit the
+-- row are skipped (with a warning): never a reason to refuse the message's own update. A row
+-- locked by someone else's transaction fails the update at once (NOWAIT): the daemon holds
+-- that finish and tries it again later, instead of waiting on its one store thread.
 CREATE FUNCTION spoolq.http_job_mirror() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     p jsonb;
 BEGIN
     BEGIN
         p := (NEW.msg::jsonb)->'params';
-    EXCEPTION WHEN others THEN
+    EXCEPTION WHEN invalid_text_representation OR untranslatable_character THEN
         RETURN NULL;
     END;
     IF jsonb_typeof(p) IS DISTINCT FROM 'object' OR jsonb_typeof(p->'http_job_id') IS DISTINCT FROM 'string'
        OR (p->>'http_job_id') !~ '^[0-9]{1,18}$' THEN
         RETURN NULL;
     END IF;
+    PERFORM 1 FROM spoolq.http_jobs
+        WHERE id = (p->>'http_job_id')::bigint AND queue = NEW.queue AND msg_id = NEW.msg_id FOR UPDATE NOWAIT;
     BEGIN
     UPDATE spoolq.http_jobs j SET
         url = CASE WHEN jsonb_typeof(p->'url') = 'string' THEN p->>'url' ELSE j.url END,
@@ -132,7 +155,8 @@ BEGIN
         last_finished_at = CASE WHEN jsonb_typeof(p->'last_finished_at') = 'number'
                                 THEN to_timestamp((p->>'last_finished_at')::float8) ELSE j.last_finished_at END
     WHERE j.id = (p->>'http_job_id')::bigint AND j.queue = NEW.queue AND j.msg_id = NEW.msg_id;
-    EXCEPTION WHEN others THEN
+    EXCEPTION WHEN invalid_text_representation OR numeric_value_out_of_range OR check_violation
+                   OR untranslatable_character OR datetime_field_overflow OR invalid_parameter_value THEN
         RAISE WARNING 'spoolq: http_jobs row % not updated from message %/%: %', p->>'http_job_id', NEW.queue,
             NEW.msg_id, SQLERRM;
     END;
@@ -143,8 +167,9 @@ CREATE TRIGGER messages_http_job AFTER UPDATE ON spoolq.messages
     EXECUTE FUNCTION spoolq.http_job_mirror();
 
 -- strings-queue's queued_job_log: one row per entry of a job's log (its message's stdio.log;
--- the lines of a body that spans lines belong to the entry they follow). `logged_at` is the
--- time as the daemon wrote it (its local time).
+-- the lines of a body that spans lines belong to the entry they follow: the daemon begins
+-- them with a tab, which is taken off here). `logged_at` is the time as the daemon wrote it
+-- (its local time).
 CREATE VIEW spoolq.http_job_log AS
 WITH lines AS (
     SELECT j.id AS job_id, l.n, l.text,
@@ -160,5 +185,7 @@ WITH lines AS (
     SELECT *, count(stamp) OVER (PARTITION BY job_id ORDER BY n) AS entry FROM lines
 )
 SELECT job_id, entry AS line, min(stamp) AS logged_at,
-       regexp_replace(string_agg(text, E'\n' ORDER BY n), '^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}  ', '') AS msg
+       regexp_replace(string_agg(CASE WHEN stamp IS NULL THEN regexp_replace(text, E'^\t', '') ELSE text END,
+                                 E'\n' ORDER BY n),
+                      '^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}  ', '') AS msg
 FROM entries GROUP BY job_id, entry;
