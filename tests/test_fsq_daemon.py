@@ -472,3 +472,48 @@ def test_a_cancelled_queued_message_gives_its_item_to_fail(client: spoolq.Client
     wait_for(lambda: listing(conf, q, "fail") == [second], timeout=15, what="the cancelled item in fail/")
     hold.touch()
     wait_for(lambda: listing(conf, q, "done") == [first], what="the first done")
+
+
+def test_the_intake_hears_the_daemons_per_message_events_only_while_it_serves(client: spoolq.Client,
+                                                                             conf: fsq.Conf, prog: Path,
+                                                                             root: Path) -> None:
+    """Every `spoolq serve` runs the fsq intake. With no fsq queue it must not subscribe to
+    the daemon's per-message events: the daemon would build and push two per message, and
+    wake this thread for each (fork-per-message ran 0.82x as fast, persistent workers 0.6x)."""
+    from spoolq.daemon.fsqintake import FsqIntake
+    from spoolq.events import EventBus
+
+    bus = EventBus()
+    client.create_queue("plain", script=str(prog))
+    intake = FsqIntake(root, client=client, bus=bus)
+    intake.start()
+    try:
+        wait_for(lambda: intake._refresh_due > 0, 5, "its first look at the queues")
+        assert bus.listening and not bus.wants("state") and bus.wants("queue_change")
+        make_queue(client, conf, prog)
+        bus.publish({"event": "queue_change", "queue": "jobs", "change": "created"})
+        wait_for(lambda: bus.wants("state") and bus.wants("admin"), 5, "the intake listening to its queue's events")
+        client.delete_queue("jobs", force=True)
+        bus.publish({"event": "queue_change", "queue": "jobs", "change": "deleted"})
+        wait_for(lambda: not bus.wants("state"), 5, "the intake deaf to per-message events again")
+    finally:
+        intake.stop()
+    assert not bus.listening
+
+
+def test_event_subscriptions_by_kind() -> None:
+    from spoolq.events import EventBus
+
+    bus = EventBus()
+    assert not bus.wants("state")
+    some = bus.subscribe(kinds={"admin"})
+    every = bus.subscribe()
+    assert bus.wants("state") and bus.wants("admin")
+    bus.publish({"event": "state", "queue": "q"})
+    bus.publish({"event": "admin", "queue": "q"})
+    assert [e["event"] for e in some.drain()] == ["admin"]
+    assert [e["event"] for e in every.drain()] == ["state", "admin"]
+    every.close()
+    assert not bus.wants("state") and bus.wants("admin")
+    some.close()
+    assert not bus.wants("admin") and not bus.listening

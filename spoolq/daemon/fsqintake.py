@@ -52,6 +52,9 @@ from .watchthread import WatchThread, drain
 log = logging.getLogger("spoolq.fsq")
 
 SRC = "fsq"
+NEW_QUEUES = frozenset({"queue_change"})
+SERVING = frozenset({"queue_change", "state", "admin"})
+"""The daemon's events the intake hears: with no fsq queue to serve, only new queues."""
 SAFETY_POLL = 5.0
 """Seconds between looks at queues that wait (items locked by another scanner, a full
 window, the fsq queue down) and between reads of the queue list, when no event came."""
@@ -122,7 +125,7 @@ class FsqIntake(WatchThread):
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._open_watch()
+        self._open_watch(NEW_QUEUES)
         self._start_thread(self._run)
 
     def _on_stop(self) -> None:
@@ -209,6 +212,9 @@ class FsqIntake(WatchThread):
             self._warned.discard((q, "nodir"))
             log.info("fsq: queue %s takes the items of %s", q, cfg.fsq_dir)
             self._dirty.add(q)
+        # The daemon's events cost it a dict and a wake-up per message start and end: hear
+        # them only while there is an fsq queue to serve; else only of queues made.
+        self._listen(SERVING if self.served else NEW_QUEUES)
 
     def _watch(self, q: str, s: Served) -> None:
         assert self._ino is not None

@@ -375,7 +375,7 @@ class Daemon:
             return
         qs.running.discard(fin.msg_id)
         qs.dirty = True
-        if self.events.listening:  # once per message: no dict for nobody
+        if self.events.wants("state"):  # once per message: no dict for nobody
             self.events.publish({"event": "state", "queue": fin.queue, "msg_id": fin.msg_id,
                                  "state": str(fin.outcome.state), "status": fin.outcome.status})
 
@@ -538,7 +538,7 @@ class Daemon:
         return True
 
     def _started(self, attempt: Attempt) -> None:
-        if self.events.listening:
+        if self.events.wants("state"):
             self.events.publish({"event": "state", "queue": attempt.queue, "msg_id": attempt.msg_id,
                                  "state": "run", "status": "run"})
 

@@ -36,11 +36,19 @@ class WatchThread:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _open_watch(self) -> ino.Inotify:
+    def _open_watch(self, kinds: frozenset[str] | None = None) -> ino.Inotify:
         self._ino = ino.Inotify()
-        if self.bus is not None:
-            self._sub = self.bus.subscribe(maxlen=1000, wake=self._wake)
+        self._listen(kinds)
         return self._ino
+
+    def _listen(self, kinds: frozenset[str] | None) -> None:
+        """Hear the daemon's events of these kinds (None: all) from now on; the subscription
+        is replaced only when they change (the new one first: no event falls between)."""
+        if self.bus is None or (self._sub is not None and self._sub.kinds == kinds):
+            return
+        old, self._sub = self._sub, self.bus.subscribe(maxlen=1000, wake=self._wake, kinds=kinds)
+        if old is not None:
+            old.close()
 
     def _start_thread(self, run: Callable[[], None]) -> None:
         self._thread = threading.Thread(target=run, name=self.thread_name, daemon=True)
