@@ -13,7 +13,7 @@ from pathlib import Path
 from spoolq.model import Message, QueueConfig
 from spoolq.store import MemoryStore
 from spoolq.store.base import AttachmentSource
-from spoolq.store.leases import Attempt
+from spoolq.store.leases import Attempt, new_attempt_id
 from spoolq.store.local import LogPump, Trash, materialize
 
 
@@ -97,3 +97,26 @@ def test_a_store_that_refuses_loses_only_that_part() -> None:
     finally:
         pump.close()
     assert calls[0] == b"first\n" and b"".join(calls[1:]) == b"second\n"
+
+
+def test_attempt_ids_are_unique_in_a_process_and_across_a_fork() -> None:
+    """The attempt id is the fence: a random prefix per process and a counter (no getrandom
+    per start). A forked child must not repeat its parent's ids."""
+    mine = {new_attempt_id("20261204.1400.00.000.1", 0) for _ in range(10_000)}
+    assert len(mine) == 10_000
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.close(r)
+            os.write(w, "\n".join(new_attempt_id("20261204.1400.00.000.1", 0) for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        theirs = set(f.read().decode().split("\n"))
+    os.waitpid(pid, 0)
+    ours_next = {new_attempt_id("20261204.1400.00.000.1", 0) for _ in range(100)}
+    assert len(theirs) == 100
+    assert not theirs & (mine | ours_next)
+    assert {i.rsplit(".", 1)[1][:8] for i in theirs} != {i.rsplit(".", 1)[1][:8] for i in mine}

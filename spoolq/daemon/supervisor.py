@@ -498,14 +498,17 @@ class Daemon:
             qs.script_error = str(e)
             self._record_script_error(qs, qs.script_error)
             return now + SCRIPT_RECHECK
-        while (w := self.workers.free(qs.name, cfg)) is not None:
-            got = self._claim(qs, now)
-            if not isinstance(got, Attempt):
-                return got if wake is None or (got is not None and got < wake) else wake
-            if self.workers.send(w, got, cfg, now):
-                qs.running.add(got.msg_id)
-                self._started(got)
-        return wake
+        try:
+            while (w := self.workers.free(qs.name, cfg)) is not None:
+                got = self._claim(qs, now)
+                if not isinstance(got, Attempt):
+                    return got if wake is None or (got is not None and got < wake) else wake
+                if self.workers.send(w, got, cfg, now):
+                    qs.running.add(got.msg_id)
+                    self._started(got)
+            return wake
+        finally:
+            self.workers.flush_sent()  # the pass's lines, one write per worker
 
     def _dispatch_http(self, qs: QueueState, cfg: QueueConfig, now: float) -> float | None:
         """A queue of HTTP jobs (httpjobs.py): no process, a request on a pool thread."""

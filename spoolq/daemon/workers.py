@@ -153,6 +153,7 @@ class Workers:
         self.pools: dict[str, Pool] = {}
         self.by_pid: dict[int, Worker] = {}
         self.dir = home / WORKERS_DIR
+        self._unflushed: dict[int, Worker] = {}  # id -> a worker whose sent lines wait (flush_sent)
 
     # -- starting --------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -301,9 +302,16 @@ class Workers:
         w.inflight[attempt.msg_id] = inf
         self._arm(w, now, cfg)
         self.runner.stats.started(attempt.queue)
-        self._write(w, line)
+        self._write(w, line, flush=False)
         inf.end = w.queued_bytes
         return True
+
+    def flush_sent(self) -> None:
+        """Write the lines :meth:`send` gathered: one write (and one wake-up of the worker)
+        per worker per dispatch pass instead of one per message."""
+        pending, self._unflushed = self._unflushed, {}
+        for w in pending.values():
+            self.flush(w)
 
     def _arm(self, w: Worker, now: float, cfg: QueueConfig | None = None) -> None:
         """The queue's timeout runs for the oldest message a worker holds: a worker that
@@ -313,12 +321,15 @@ class Workers:
         if head is not None and head.deadline is None and cfg is not None and cfg.timeout is not None:
             head.deadline = now + cfg.timeout
 
-    def _write(self, w: Worker, data: bytes) -> None:
+    def _write(self, w: Worker, data: bytes, *, flush: bool = True) -> None:
         if w.spawned.reply_fd < 0:
             return  # closed: the worker is on its way out
         w.out += data
         w.queued_bytes += len(data)
-        self.flush(w)
+        if flush:
+            self.flush(w)
+        else:
+            self._unflushed[id(w)] = w
 
     def flush(self, w: Worker) -> None:
         """Write what the pipe takes; the rest when the selector says it has room."""

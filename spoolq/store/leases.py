@@ -17,9 +17,12 @@ the queued message with the smallest (due, id) that is due, skipping messages wh
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import LeaseLost
 from ..ids import sort_key
@@ -72,8 +75,16 @@ def fenced_out(a: Attempt) -> LeaseLost:
     return LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's (fenced out)")
 
 
+_attempt_seq: list[Any] = [-1, "", itertools.count()]  # pid, its random prefix, a counter
+
+
 def new_attempt_id(msg_id: str, count: int) -> str:
-    return f"{msg_id}.{count}.{secrets.token_hex(4)}"
+    """Unique among processes (a random prefix per process, made again after a fork) and
+    within one (a counter): a ``getrandom`` per start was part of the daemon's cost."""
+    seq = _attempt_seq
+    if seq[0] != os.getpid():
+        seq[:] = [os.getpid(), secrets.token_hex(4), itertools.count()]
+    return f"{msg_id}.{count}.{seq[1]}{next(seq[2]):x}"
 
 
 def at_cluster_limit(cfg: QueueConfig, running: int) -> bool:

@@ -20,7 +20,6 @@ the daemon's lock owns: one device flush per bucket per round, not one per messa
 from __future__ import annotations
 
 import builtins
-import contextlib
 import errno
 import json
 import logging
@@ -28,7 +27,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ log = logging.getLogger("spoolq.daemon")
 
 ATTEMPT_FILE = "attempt"
 COUNTS_LINGER = 0.005
-"""Seconds the daemon's store gathers counts deltas before adding them (``_counted_move``)."""
+"""Seconds the daemon's store gathers counts deltas before adding them (``_counted_rename``)."""
 
 
 class AttemptParts(WriteParts):
@@ -114,8 +113,7 @@ class AttemptParts(WriteParts):
         self._devs.clear()
 
     # -- counts ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _counted_move(self, qdir: Path, deltas: dict[str, int]) -> Iterator[None]:
+    def _counted_rename(self, qdir: Path, deltas: dict[str, int], rename: Callable[[], None]) -> None:
         """The daemon's moves add their counts deltas together, :data:`COUNTS_LINGER` after
         the first (``flush_counts``, called by the watcher's loop, and at the end of a
         ``durable_batch`` such as recovery, before any recount starts): one locked
@@ -124,17 +122,16 @@ class AttemptParts(WriteParts):
         recount repairs. A move made while its queue is recounted is renamed under the
         recount's lock and left to it to judge (recount.py)."""
         if self._group_sync is None:
-            with super()._counted_move(qdir, deltas):
-                yield
+            super()._counted_rename(qdir, deltas, rename)
             return
         rc = getattr(self._moving, "rc", None)
         if rc is not None:
             with rc.lock:
                 if not rc.closed:
-                    yield
+                    rename()
                     rc.moved(self._moving.msg_id, deltas)
                     return
-        yield
+        rename()
         self._gather(qdir, deltas)
 
     def _gather(self, qdir: Path, deltas: dict[str, int]) -> None:
@@ -229,7 +226,7 @@ class AttemptParts(WriteParts):
         if rc is None:
             m = super().move(queue, msg_id, src, dst, **kw)
         else:
-            # Only the rename and its numbering happen under rc.lock (_counted_move): the
+            # Only the rename and its numbering happen under rc.lock (_counted_rename): the
             # rest of a move may take the counts lock (a corrupt msg set aside), which the
             # recount holds while it waits for rc.lock.
             self._moving.rc, self._moving.msg_id = rc, msg_id
@@ -328,7 +325,7 @@ class AttemptParts(WriteParts):
             self._group_sync.add_rename(message_path(qdir, State.QUE, msg_id).parent, run_dir.parent,
                                         only_where_unsafe=True, dev=self._dev(queue))
         a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m, dups,
-                    cancel_requested=os.path.exists(run_dir / "cancel"))
+                    cancel_requested=os.path.exists(f"{run_dir}/cancel"))
         if a.cancel_requested:
             self._cancel_seen.add((queue, msg_id))
         self._mine.setdefault(queue, {})[msg_id] = a
@@ -442,7 +439,7 @@ class AttemptParts(WriteParts):
                 os.write(fd, runner.encode() + b"\n")
             finally:
                 os.close(fd)
-        cancel = os.path.exists(path / "cancel")
+        cancel = os.path.exists(f"{path}/cancel")
         if cancel:
             self._cancel_seen.add((attempt.queue, attempt.msg_id))
         return Lease(now + lease, cancel)
@@ -455,7 +452,7 @@ class AttemptParts(WriteParts):
         path = self._current_dir(attempt)
         ix = self._watcher.indexes.get(q) if self._watcher is not None else None
         try:
-            if status is not None and (status or os.path.exists(path / "status")):
+            if status is not None and (status or os.path.exists(f"{path}/status")):
                 self._write_status(q, msg_id, path, status)
             # First: a cancel must never follow the message into a later run. A pid file is
             # there only where a runner wrote one (never for a persistent worker's messages);
@@ -463,7 +460,7 @@ class AttemptParts(WriteParts):
             seen = (q, msg_id) in self._cancel_seen
             for name in ("pid", "cancel") if seen else ("pid",) if (q, msg_id) in self._pid_files else ():
                 try:
-                    os.unlink(path / name)
+                    os.unlink(f"{path}/{name}")
                 except FileNotFoundError:
                     pass
             cfg, _ = self._settings(q)
@@ -482,7 +479,7 @@ class AttemptParts(WriteParts):
             self._group_sync.add_rename(path.parent, landed.parent, dev=self._dev(q))  # destination first
         if (q, msg_id) in self._attempt_files:
             try:
-                os.unlink(landed / ATTEMPT_FILE)
+                os.unlink(f"{landed}/{ATTEMPT_FILE}")
             except OSError:
                 pass  # the message moved on already
         if ix is not None and dst == State.QUE:

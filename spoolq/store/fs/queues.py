@@ -47,6 +47,7 @@ class QueueParts:
         self._daemon_fd = -1  # daemon.pid, locked while this store serves as the daemon's
         self.clock = clock
         self._cfg_cache: dict[str, tuple[tuple[int, int], QueueConfig]] = {}
+        self._qdirs: dict[str, Path] = {}  # name -> its directory: qdir() is asked per message
 
     def ensure_root(self) -> None:
         """Create the spool root and its ``queue/`` directory if they are missing."""
@@ -57,7 +58,13 @@ class QueueParts:
 
     # -- queues --------------------------------------------------------------------------
     def qdir(self, name: str) -> Path:
-        return self.qroot / validate_queue_name(name)
+        q = self._qdirs.get(name)
+        if q is None:
+            q = self.qroot / validate_queue_name(name)
+            if len(self._qdirs) >= 1024:
+                self._qdirs.clear()  # many queue names, or a caller trying many: start over
+            self._qdirs[name] = q
+        return q
 
     def _existing_qdir(self, name: str) -> Path:
         q = self.qdir(name)
@@ -184,7 +191,7 @@ class QueueParts:
 
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path | str) -> bytes:
     return read_whole(path)
 
 

@@ -70,7 +70,7 @@ class ReadParts(QueueParts):
 
     def _read_msg(self, queue: str, state: State, path: Path, acked: bool = False) -> Message:
         try:
-            raw = _read_file(path / "msg")
+            raw = _read_file(f"{path}/msg")
             m = Message.from_dict(json.loads(raw))
         except FileNotFoundError:
             if not path.is_dir():

@@ -313,7 +313,8 @@ class WriteParts(ReadParts):
                 durable.makedirs(bucket, state_dir, sync=sync)
         raise StorageError(f"cannot create bucket directory {bucket}")
 
-    def _publish(self, src: Path, dst: Path, state_dir: Path, sync: bool, *, durable_dirs: bool | None = None) -> None:
+    def _publish(self, src: Path, dst: Path, state_dir: Path | str, sync: bool, *,
+                 durable_dirs: bool | None = None) -> None:
         """Rename ``src`` to ``dst``, creating its bucket directories as needed (made durable
         when ``durable_dirs``, default ``sync``: a deferred move of a durable queue still
         makes a new bucket durable at once, as no later directory fsync would).
@@ -330,7 +331,7 @@ class WriteParts(ReadParts):
             except FileNotFoundError:
                 if not src.exists():
                     raise
-                durable.makedirs(dst.parent, state_dir, sync=dirs_sync)
+                durable.makedirs(dst.parent, Path(state_dir), sync=dirs_sync)  # a str from move()
             except OSError as e:
                 if e.errno in (39, 17):  # the id already exists: clock went back and inode reused
                     raise Conflict(f"message id {dst.name} already exists in {state_dir}") from None
@@ -433,7 +434,7 @@ class WriteParts(ReadParts):
             now = self.clock()
             entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
             try:
-                hfd = os.open(path / "history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                hfd = os.open(f"{path}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
                 # No message directory: someone else moved or deleted it.
                 raise WrongState(f"message {msg_id} is not in {src}") from None
@@ -443,8 +444,9 @@ class WriteParts(ReadParts):
                 try:
                     # I8: the rename and its delta under one hold of the counts lock, so a
                     # recount sees both or neither (the fsyncs come after, outside it).
-                    with self._counted_move(qdir, {_count_key(src, acked): -1, str(dst): 1}):
-                        self._publish(path, dest, qdir / str(dst), False, durable_dirs=durable_dirs)
+                    self._counted_rename(qdir, {_count_key(src, acked): -1, str(dst): 1},
+                                         lambda: self._publish(path, dest, f"{qdir}/{dst}", False,
+                                                               durable_dirs=durable_dirs))
                 except FileNotFoundError:
                     os.ftruncate(hfd, before)
                     raise WrongState(f"message {msg_id} left {src} while being moved") from None
@@ -462,10 +464,12 @@ class WriteParts(ReadParts):
         m.history.append(entry)
         return m
 
-    def _counted_move(self, qdir: Path, deltas: dict[str, int]) -> contextlib.AbstractContextManager[None]:
-        """``with``: a move's rename, and its counts delta once the rename is done (the
-        daemon's store gathers them instead: attempts.py)."""
-        return self._counts(qdir).adding(deltas)
+    def _counted_rename(self, qdir: Path, deltas: dict[str, int], rename: Callable[[], None]) -> None:
+        """A move's ``rename()``, and its counts delta once the rename is done (the daemon's
+        store gathers them instead: attempts.py). A call, not a ``with``: a generator-based
+        context manager cost the daemon several us per move."""
+        with self._counts(qdir).adding(deltas):
+            rename()
 
     def flush_counts(self) -> None:
         """Add gathered counts deltas (none here: attempts.py gathers them for the daemon)."""
