@@ -554,3 +554,33 @@ def test_a_recount_racing_a_rename_counts_it_once(fs: FsStore, monkeypatch: pyte
     truth = fs.counts("q")
     walked = FsStore(fs.root).recount("q")
     assert truth == walked, f"{what}: counts {truth} but the tree holds {walked}"
+
+
+def test_the_claim_sees_a_msg_rewritten_within_one_clock_tick(fs: FsStore) -> None:
+    """The daemon's index keeps each message's ``msg`` as read, and a claim uses it when the
+    file is unchanged. A rewrite with the same mtime (two writes within one clock tick; here
+    set by hand) is a new inode: the claim must read the new file, not the kept bytes."""
+    m = fs.create("q", Message(param1="old"))
+    w = fs.watch()
+    w.want("q", True)
+    ix = w.indexes["q"]
+    deadline = time.monotonic() + 10
+    while m.msg_id not in ix.index:
+        assert time.monotonic() < deadline, "not indexed"
+        w.changes()
+    entry = ix.index[m.msg_id]
+    assert entry.raw is not None and b'"old"' in entry.raw  # the kept bytes the claim would use
+    path = fs.qroot / "q" / "que" / Path(*bucket_of(m.msg_id)) / m.msg_id / "msg"
+    st = os.stat(path)
+    data = json.loads(path.read_bytes())
+    data["param1"] = "new"
+    tmp = path.with_name("msg.new")
+    tmp.write_bytes(json.dumps(data).encode())
+    os.rename(tmp, path)  # how every rewrite of msg is made (durable.write_replace): a new inode
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == entry.mtime_ns
+    a = fs.claim("q", owner="t", lease=60)
+    assert not isinstance(a, (float, type(None)))
+    assert a.message.param1 == "new"
+    fs.finish(a, State.DONE, status=None)
+    assert fs.get("q", m.msg_id).message.param1 == "new"

@@ -22,7 +22,6 @@ import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import LeaseLost
 from ..ids import sort_key
@@ -75,16 +74,26 @@ def fenced_out(a: Attempt) -> LeaseLost:
     return LeaseLost(f"attempt {a.attempt_id} of {a.queue}/{a.msg_id} is no longer the message's (fenced out)")
 
 
-_attempt_seq: list[Any] = [-1, "", itertools.count()]  # pid, its random prefix, a counter
+class _AttemptIds:
+    """Attempt ids unique among processes (a random prefix per process, made again in a
+    forked child) and within one (a counter): a ``getrandom`` per start was part of the
+    daemon's cost, and so would a ``getpid`` be."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(4)
+        self.seq = itertools.count()
+
+
+_attempt_ids = _AttemptIds()
+os.register_at_fork(after_in_child=_attempt_ids.reset)
 
 
 def new_attempt_id(msg_id: str, count: int) -> str:
-    """Unique among processes (a random prefix per process, made again after a fork) and
-    within one (a counter): a ``getrandom`` per start was part of the daemon's cost."""
-    seq = _attempt_seq
-    if seq[0] != os.getpid():
-        seq[:] = [os.getpid(), secrets.token_hex(4), itertools.count()]
-    return f"{msg_id}.{count}.{seq[1]}{next(seq[2]):x}"
+    ids = _attempt_ids
+    return f"{msg_id}.{count}.{ids.prefix}{next(ids.seq):x}"
 
 
 def at_cluster_limit(cfg: QueueConfig, running: int) -> bool:

@@ -404,7 +404,7 @@ class WriteParts(ReadParts):
         check_transition(src, dst)
         if cfg is None:
             cfg = self.queue_config(queue)  # raises QueueNotFound
-        qdir = self.qroot / queue
+        qdir = self.qdir(queue)  # cached: a Path join per move was measurable
         sync = cfg.fsync if sync is None else sync and cfg.fsync
         durable_dirs = cfg.fsync
         if self._batch_depth and cfg.fsync:
