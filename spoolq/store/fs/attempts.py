@@ -293,7 +293,7 @@ class AttemptParts(WriteParts):
                 continue
             ix.index.pop(entry.msg_id, None)
             try:
-                a = self._start(ix.name, entry.msg_id, cfg, owner, lease, now, (), raw=entry.raw)
+                a = self._start(ix.name, entry.msg_id, cfg, owner, lease, now, ())
             except (WrongState, MessageNotFound):
                 continue  # gone since indexed: its departure event is on its way
             except CorruptMessage as e:
@@ -311,13 +311,10 @@ class AttemptParts(WriteParts):
             return a
 
     def _start(self, queue: str, msg_id: str, cfg: QueueConfig, owner: str, lease: float, now: float,
-               dups: tuple[str, ...], raw: bytes | None = None) -> Attempt:
-        # ``raw``: the msg as the index read it, unchanged since (refresh_entry): not read
-        # again. Anything wrong with it and the move reads the file (and sets it aside).
-        current = _parsed(raw, msg_id) if raw is not None else None
+               dups: tuple[str, ...]) -> Attempt:
         # Not fsync'd: if a crash loses this rename the message is still in que, which is
         # where recovery would put it; the move out of run is the durable one.
-        m = self.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False, cfg=cfg, current=current)
+        m = self.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False, cfg=cfg)
         qdir = self.qdir(queue)
         run_dir = message_path(qdir, State.RUN, msg_id)
         if self._group_sync is not None and cfg.fsync:
@@ -560,14 +557,6 @@ class AttemptParts(WriteParts):
             out.append(a)
         self._reclaimed.add(queue)
         return out
-
-
-def _parsed(raw: bytes, msg_id: str) -> Message | None:
-    try:
-        m = Message.from_dict(json.loads(raw))
-    except (ValueError, RecursionError, SpoolqError):
-        return None
-    return m if m.msg_id == msg_id else None
 
 
 class _Abandoned(Exception):

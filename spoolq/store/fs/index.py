@@ -39,25 +39,18 @@ otherwise ~500 bytes per queued message."""
 _WIDTHS = (8, 4, 2)  # name lengths of the bucket levels 1..3
 
 
-RAW_KEEP = 4096
-"""An entry keeps its ``msg`` (raw bytes) up to this size, so that the claim that takes it
-does not read the file again; a bigger one is read again (~500 bytes a message at most
-``INDEX_CAP`` of them is what the daemon's memory pays for it)."""
-
-
 class Entry:
     """What the scheduler needs of one queued message (slots: a million of them add up)."""
 
-    __slots__ = ("msg_id", "due", "params", "mtime_ns", "ino", "raw", "gen")
+    __slots__ = ("msg_id", "due", "params", "mtime_ns", "ino", "gen")
 
     def __init__(self, msg_id: str, due: float, params: tuple[str, str, str, str], mtime_ns: int,
-                 gen: int = 0, ino: int = 0, raw: bytes | None = None) -> None:
+                 gen: int = 0, ino: int = 0) -> None:
         self.msg_id = msg_id
         self.due = due
         self.params = params
         self.mtime_ns = mtime_ns
         self.ino = ino
-        self.raw = raw
         self.gen = gen
 
     def same(self, st: os.stat_result) -> bool:
@@ -79,16 +72,14 @@ def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        data = json.loads(raw)
+        data = json.loads(b"".join(chunks))
         due = float(data.get("due") or 0.0)
         params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
     except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return None
     finally:
         os.close(fd)
-    return Entry(msg_id, due, params, st.st_mtime_ns, ino=st.st_ino,  # type: ignore[arg-type]
-                 raw=raw if len(raw) <= RAW_KEEP else None)
+    return Entry(msg_id, due, params, st.st_mtime_ns, ino=st.st_ino)  # type: ignore[arg-type]
 
 
 @dataclass
