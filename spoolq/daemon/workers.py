@@ -302,13 +302,17 @@ class Workers:
         w.inflight[attempt.msg_id] = inf
         self._arm(w, now, cfg)
         self.runner.stats.started(attempt.queue)
-        self._write(w, line, flush=False)
+        # The pass's first line to a worker is written at once: a worker that closed its
+        # fd 4 or died is found broken (EPIPE) before it is handed more; the rest wait for
+        # flush_sent, one write for the lot.
+        self._write(w, line, flush=id(w) not in self._unflushed)
+        self._unflushed[id(w)] = w
         inf.end = w.queued_bytes
         return True
 
     def flush_sent(self) -> None:
-        """Write the lines :meth:`send` gathered: one write (and one wake-up of the worker)
-        per worker per dispatch pass instead of one per message."""
+        """Write the rest of the lines :meth:`send` gathered: two writes (and wake-ups of the
+        worker) per worker per dispatch pass instead of one per message."""
         pending, self._unflushed = self._unflushed, {}
         for w in pending.values():
             self.flush(w)
@@ -328,8 +332,6 @@ class Workers:
         w.queued_bytes += len(data)
         if flush:
             self.flush(w)
-        else:
-            self._unflushed[id(w)] = w
 
     def flush(self, w: Worker) -> None:
         """Write what the pipe takes; the rest when the selector says it has room."""

@@ -1,0 +1,301 @@
+"""What a one-thread Python daemon can do per message on spoolq's layout, beside spoolq
+(issue 9's persistent-worker target: is 10,000 durable messages/s within reach?).
+
+    ./bench/run floor [--quick] [--messages N] [--rounds R] [--keep]
+
+Both sides start from the same thing: N messages (20,000; ``--quick`` 5,000) sent with
+``send_many`` into a PAUSEd queue, then run through two worker processes, each holding up
+to 16 messages, durable (the moves out of run made durable by a directory fsync per
+bucket per round of at most 10 ms, as the daemon's group commit does).
+
+* **floor**: no spoolq code on the way. One Python loop lists ``que/`` once, then per
+  message: reads and parses ``msg``, appends a history line and renames the directory into
+  ``run/``, writes one JSON line to a worker; per answer: appends a history line, renames
+  into ``done/``; every round hands the ``done/`` buckets touched (and the ``run/`` and
+  ``que/`` ones where renames are not atomic on disk) to a thread that fsyncs them. The
+  workers read a line and answer ``<id> done``. No inotify, index, leases, counts, status,
+  logs or checks: the syscalls the layout needs and the least Python around them.
+* **spoolq**: ``spoolq serve --no-http`` with a queue of kind ``worker`` (``num_workers``
+  2, ``worker_inflight`` 16) whose worker is a ``@spoolq.worker`` no-op function; resumed,
+  timed to the last message in ``done/``.
+
+Rounds alternate the two (``--rounds``, default 2). Printed: msg/s, the CPU each process
+used per message (the loop or the daemon, the two workers), and spoolq / floor. Writes
+bench/results/floor-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import selectors
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from bench.common import say  # noqa: E402
+from bench.daemon import PERSISTENT_WORKER, ended, start_spoolq, wait_for  # noqa: E402
+
+INFLIGHT = 16
+WORKERS = 2
+LINGER = 0.010  # seconds between group commits, as durable.GROUP_LINGER
+FLOOR_WORKER = """
+import sys
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    out.write(line.split(b" ", 1)[0] + b" done\\n")
+    out.flush()
+"""
+
+
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) of the live processes ``pids``."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(f[11]) + int(f[12])) / tick
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p))
+            except OSError:
+                continue
+    return out
+
+
+def fill(root: Path, n: int, kind: str, worker: Path | None) -> Any:
+    import spoolq
+
+    client = spoolq.open(root)
+    if kind == "worker":
+        assert worker is not None
+        client.create_queue("q", script=str(worker), kind="worker", num_workers=WORKERS, worker_inflight=INFLIGHT)
+    else:
+        client.create_queue("q", script="/bin/true")
+    client.set_admin_state("q", "PAUSE")
+    for i in range(0, n, 1000):
+        client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
+    return client
+
+
+def _append(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_floor(work: Path, n: int) -> dict[str, Any]:
+    """The least a Python loop does per message on this layout (the module's docstring)."""
+    from spoolq import durable
+
+    root = work / "floor"
+    fill(root, n, "script", None)
+    q = root / "queue" / "q"
+    unsafe = durable.rename_needs_source_sync(q)
+    os.sync()
+    worker = work / "floor_worker.py"
+    worker.write_text(FLOOR_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              bufsize=0) for _ in range(WORKERS)]
+    sel = selectors.DefaultSelector()
+    for i, p in enumerate(procs):
+        assert p.stdout is not None
+        os.set_blocking(p.stdout.fileno(), False)
+        sel.register(p.stdout.fileno(), selectors.EVENT_READ, i)
+    rounds: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+
+    def sync_rounds() -> None:
+        while (dirs := rounds.get()) is not None:
+            for d in dirs:
+                _fsync_dir(d)
+
+    syncer = threading.Thread(target=sync_rounds)
+    syncer.start()
+    time.sleep(0.3)  # the workers start
+    own0, w0 = os.times(), cpu_of([p.pid for p in procs])
+    t0 = time.perf_counter()
+    # Listing que/ once stands in for the daemon's index.
+    queued = []
+    for day in sorted(os.listdir(q / "que")):
+        for hm in sorted(os.listdir(q / "que" / day)):
+            for ss in sorted(os.listdir(q / "que" / day / hm)):
+                b = f"{q}/que/{day}/{hm}/{ss}"
+                queued += [(f"{day}/{hm}/{ss}", name) for name in sorted(os.listdir(b))]
+    queued.reverse()
+    held: list[dict[str, str]] = [{} for _ in procs]  # msg id -> bucket, per worker
+    partial = [b""] * len(procs)
+    to_sync: set[str] = set()
+    next_sync = time.perf_counter() + LINGER
+    finished = 0
+    while finished < n:
+        for i, p in enumerate(procs):
+            out = bytearray()
+            while queued and len(held[i]) < INFLIGHT:
+                bucket, mid = queued.pop()
+                src = f"{q}/que/{bucket}/{mid}"
+                with open(f"{src}/msg", "rb") as f:
+                    m = json.loads(f.read())
+                _append(f"{src}/history", json.dumps({"state": "run", "at": time.time()}).encode() + b"\n")
+                dst = f"{q}/run/{bucket}"
+                try:
+                    os.rename(src, f"{dst}/{mid}")
+                except FileNotFoundError:
+                    os.makedirs(dst, exist_ok=True)
+                    os.rename(src, f"{dst}/{mid}")
+                if unsafe:
+                    to_sync.add(f"{q}/que/{bucket}")
+                    to_sync.add(dst)
+                held[i][mid] = bucket
+                out += mid.encode() + b" " + json.dumps({"id": mid, "msg": m}).encode() + b"\n"
+            if out:
+                assert p.stdin is not None
+                p.stdin.write(bytes(out))
+        for key, _ in sel.select(max(0.0, next_sync - time.perf_counter())):
+            i = key.data
+            data = partial[i] + os.read(key.fd, 65536)
+            *lines, partial[i] = data.split(b"\n")
+            for line in lines:
+                mid = line.split(b" ", 1)[0].decode()
+                bucket = held[i].pop(mid)
+                src = f"{q}/run/{bucket}/{mid}"
+                _append(f"{src}/history", json.dumps({"state": "done", "at": time.time()}).encode() + b"\n")
+                dst = f"{q}/done/{bucket}"
+                try:
+                    os.rename(src, f"{dst}/{mid}")
+                except FileNotFoundError:
+                    os.makedirs(dst, exist_ok=True)
+                    os.rename(src, f"{dst}/{mid}")
+                to_sync.add(dst)
+                if unsafe:
+                    to_sync.add(f"{q}/run/{bucket}")
+                finished += 1
+        if time.perf_counter() >= next_sync or finished >= n:
+            rounds.put(sorted(to_sync))  # fsync'd by the syncer thread, as the daemon's GroupSync
+            to_sync = set()
+            next_sync = time.perf_counter() + LINGER
+    rounds.put(None)
+    syncer.join()
+    el = time.perf_counter() - t0
+    own1, w1 = os.times(), cpu_of([p.pid for p in procs])
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+        p.wait()
+    done = sum(1 for _, _, files in os.walk(q / "done") if "msg" in files)
+    return {"msg_s": n / el, "seconds": el, "done": done,
+            "loop_cpu_us": (own1.user + own1.system - own0.user - own0.system) / n * 1e6,
+            "workers_cpu_us": (w1 - w0) / n * 1e6}
+
+
+def run_spoolq(work: Path, n: int) -> dict[str, Any]:
+    import spoolq
+
+    root = work / "spool"  # not "spoolq": the worker script beside it would import it
+    worker = work / "worker.py"
+    worker.write_text(f"#!{sys.executable}\n" + PERSISTENT_WORKER.replace('"ptput"', '"q"'))
+    worker.chmod(0o755)
+    client = spoolq.open(root)
+    client.create_queue("q", script=str(worker), kind="worker", num_workers=WORKERS, worker_inflight=INFLIGHT)
+    d = start_spoolq(root, work / "daemon.log")
+    try:
+        finished = ended(client)
+        # One message first, so that the workers are running (and their start is not
+        # counted), then the queue is paused while the N are sent.
+        client.send("q", param1="warm-up")
+        wait_for(lambda: finished("q", 1), 60, "the warm-up message")
+        wait_for(lambda: len(children(d.p.pid)) >= WORKERS, 60, "both workers")
+        client.set_admin_state("q", "PAUSE")
+        for i in range(0, n, 1000):
+            client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
+        os.sync()
+        kids = children(d.p.pid)
+        c0, w0 = cpu_of([d.p.pid]), cpu_of(kids)
+        t0 = time.perf_counter()
+        client.set_admin_state("q", "UP")
+        wait_for(lambda: finished("q", n + 1), 120 + n / 100, f"{n} persistent messages")
+        el = time.perf_counter() - t0
+        c1, w1 = cpu_of([d.p.pid]), cpu_of(kids)
+        counts = client.counts("q")
+    finally:
+        d.stop()
+    return {"msg_s": n / el, "seconds": el, "done": counts["done"] - 1,
+            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": (w1 - w0) / n * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5,000 messages")
+    ap.add_argument("--messages", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dir", type=Path, default=common.DEFAULT_DATA)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args(argv)
+    n = a.messages or (5_000 if a.quick else 20_000)
+    base = common.make_base(a.dir, "floor")
+    r: dict[str, Any] = {**common.run_header("floor", argv, base), "messages": n, "rounds": []}
+    say(f"floor benchmark in {base}: {n} messages, {a.rounds} round(s)")
+    try:
+        for k in range(a.rounds):
+            got = {}
+            for name, fn in (("floor", run_floor), ("spoolq", run_spoolq)):
+                work = base / f"{name}-{k}"
+                work.mkdir()
+                got[name] = fn(work, n)
+                if got[name]["done"] != n:
+                    raise SystemExit(f"{name}: {got[name]['done']} of {n} messages done")
+                say(f"  round {k + 1}: {name} {got[name]['msg_s']:.0f} msg/s")
+                if not a.keep:
+                    shutil.rmtree(work, ignore_errors=True)
+            r["rounds"].append(got)
+    finally:
+        if not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    rows = []
+    for k, got in enumerate(r["rounds"]):
+        for name in ("floor", "spoolq"):
+            g = got[name]
+            rows.append([f"{name} (round {k + 1})", f"{g['msg_s']:.0f}", f"{g['loop_cpu_us']:.0f}",
+                         f"{g['workers_cpu_us']:.0f}"])
+    say("")
+    say(common.table(rows, ["system", "msg/s", "loop/daemon CPU us/msg", "workers CPU us/msg"]))
+    ratios = [got["spoolq"]["msg_s"] / got["floor"]["msg_s"] for got in r["rounds"]]
+    best_floor = max(got["floor"]["msg_s"] for got in r["rounds"])
+    say(f"spoolq / floor: {', '.join(f'{x:.2f}' for x in ratios)}")
+    say(f"floor {best_floor:.0f} msg/s: the 10,000 msg/s target is "
+        f"{'within' if best_floor >= 10_000 else 'beyond'} what one Python thread does on this layout here")
+    r["ratios"] = ratios
+    say(f"\nresults: {common.write_results('floor', r)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
