@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 from bench.common import say  # noqa: E402
 from bench.daemon import PERSISTENT_WORKER, ended, start_spoolq, wait_for  # noqa: E402
+from bench.jobs import _append  # noqa: E402
 
 INFLIGHT = 16
 WORKERS = 2
@@ -95,14 +96,6 @@ def fill(root: Path, n: int, kind: str, worker: Path | None) -> Any:
     for i in range(0, n, 1000):
         client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
     return client
-
-
-def _append(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
