@@ -433,7 +433,7 @@ class AttemptParts(WriteParts):
         if runner is not None:
             # Not fsync'd and not renamed into place: it matters only while this boot lasts,
             # and a daemon crash cannot tear a finished write(2).
-            fd = os.open(path / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(f"{path}/pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             self._pid_files.add((attempt.queue, attempt.msg_id))
             try:
                 os.write(fd, runner.encode() + b"\n")
