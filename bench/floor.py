@@ -48,10 +48,10 @@ from bench import common  # noqa: E402
 from bench.common import say  # noqa: E402
 from bench.daemon import PERSISTENT_WORKER, ended, start_spoolq, wait_for  # noqa: E402
 from bench.jobs import _append  # noqa: E402
+from spoolq.durable import GROUP_LINGER as LINGER  # noqa: E402  the daemon's round
 
 INFLIGHT = 16
 WORKERS = 2
-LINGER = 0.010  # seconds between group commits, as durable.GROUP_LINGER
 FLOOR_WORKER = """
 import sys
 out = sys.stdout.buffer
@@ -86,62 +86,109 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def fill(root: Path, n: int, kind: str, worker: Path | None) -> Any:
+def fill(root: Path, n: int) -> Any:
+    """A fresh root with a PAUSEd queue ``q`` (a script per message, ``WORKERS`` at once)
+    holding ``n`` messages sent with ``send_many``."""
     import spoolq
 
     client = spoolq.open(root)
-    if kind == "worker":
-        assert worker is not None
-        client.create_queue("q", script=str(worker), kind="worker", num_workers=WORKERS, worker_inflight=INFLIGHT)
-    else:
-        client.create_queue("q", script="/bin/true", num_workers=WORKERS)
+    client.create_queue("q", script="/bin/true", num_workers=WORKERS)
     client.set_admin_state("q", "PAUSE")
     for i in range(0, n, 1000):
         client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
     return client
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _cpu_us(before: os.times_result, after: os.times_result, n: int, *, children: bool = False) -> float:
+    """This process's CPU (or its reaped children's) between two ``os.times()``, per message."""
+    if children:
+        return (after.children_user + after.children_system - before.children_user
+                - before.children_system) / n * 1e6
+    return (after.user + after.system - before.user - before.system) / n * 1e6
 
 
-def listed(q: Path) -> list[tuple[str, str]]:
-    """``(bucket, id)`` of every message in ``que/``, the oldest last: listing ``que/`` once
-    stands in for the daemon's index."""
-    out = []
-    for day in sorted(os.listdir(q / "que")):
-        for hm in sorted(os.listdir(q / "que" / day)):
-            for ss in sorted(os.listdir(q / "que" / day / hm)):
-                b = f"{q}/que/{day}/{hm}/{ss}"
-                out += [(f"{day}/{hm}/{ss}", name) for name in sorted(os.listdir(b))]
-    out.reverse()
-    return out
+class Layout:
+    """What spoolq's layout asks per message, and nothing else: a claim (read and parse
+    ``msg``, a history line, the rename into ``run/``), a finish (a history line, the rename
+    into ``done/``), and every ``LINGER`` seconds the buckets touched handed to a thread that
+    fsyncs them, as the daemon's group commit does (the source buckets too where renames are
+    not atomic on disk)."""
 
+    def __init__(self, root: Path, n: int) -> None:
+        from spoolq import durable
 
-def move_into(q: Path, state: str, bucket: str, mid: str, src: str) -> str:
-    """Rename the message directory ``src`` into ``state``'s bucket (made as needed)."""
-    dst = f"{q}/{state}/{bucket}"
-    try:
-        os.rename(src, f"{dst}/{mid}")
-    except FileNotFoundError:
-        os.makedirs(dst, exist_ok=True)
-        os.rename(src, f"{dst}/{mid}")
-    return f"{dst}/{mid}"
+        fill(root, n)
+        self.q = root / "queue" / "q"
+        self.unsafe = durable.rename_needs_source_sync(self.q)
+        os.sync()
+        self.to_sync: set[str] = set()
+        self.next_sync = time.perf_counter() + LINGER
+        self.rounds: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        self.syncer = threading.Thread(target=self._sync_rounds)
+        self.syncer.start()
+
+    def _sync_rounds(self) -> None:
+        from spoolq import durable
+
+        while (dirs := self.rounds.get()) is not None:
+            durable.fsync_dirs(dirs)
+
+    def queued(self) -> list[tuple[str, str]]:
+        """``(bucket, id)`` of every message in ``que/``, the oldest last: listing ``que/``
+        once stands in for the daemon's index."""
+        que = self.q / "que"
+        out = []
+        for day in sorted(os.listdir(que)):
+            for hm in sorted(os.listdir(que / day)):
+                for ss in sorted(os.listdir(que / day / hm)):
+                    out += [(f"{day}/{hm}/{ss}", name) for name in sorted(os.listdir(que / day / hm / ss))]
+        out.reverse()
+        return out
+
+    def _move(self, src_state: str, dst_state: str, bucket: str, mid: str) -> str:
+        src = f"{self.q}/{src_state}/{bucket}/{mid}"
+        _append(f"{src}/history", json.dumps({"state": dst_state, "at": time.time()}).encode() + b"\n")
+        dst = f"{self.q}/{dst_state}/{bucket}"
+        try:
+            os.rename(src, f"{dst}/{mid}")
+        except FileNotFoundError:
+            os.makedirs(dst, exist_ok=True)
+            os.rename(src, f"{dst}/{mid}")
+        if self.unsafe:
+            self.to_sync.add(f"{self.q}/{src_state}/{bucket}")
+        return f"{dst}/{mid}"
+
+    def claim(self, bucket: str, mid: str) -> tuple[str, Any]:
+        """The message's directory in ``run/``, and its ``msg`` parsed."""
+        with open(f"{self.q}/que/{bucket}/{mid}/msg", "rb") as f:
+            m = json.loads(f.read())
+        mdir = self._move("que", "run", bucket, mid)
+        if self.unsafe:
+            self.to_sync.add(f"{self.q}/run/{bucket}")
+        return mdir, m
+
+    def finish(self, bucket: str, mid: str) -> None:
+        self._move("run", "done", bucket, mid)
+        self.to_sync.add(f"{self.q}/done/{bucket}")
+
+    def tick(self, last: bool = False) -> None:
+        """Hand the round's buckets to the syncer when the round is over (or ``last``)."""
+        if last or time.perf_counter() >= self.next_sync:
+            self.rounds.put(sorted(self.to_sync))
+            self.to_sync = set()
+            self.next_sync = time.perf_counter() + LINGER
+
+    def close(self) -> int:
+        """Wait for the last round's fsyncs; how many messages are in ``done/``."""
+        self.rounds.put(None)
+        self.syncer.join()
+        return sum(1 for _, _, files in os.walk(self.q / "done") if "msg" in files)
 
 
 def run_floor(work: Path, n: int) -> dict[str, Any]:
-    """The least a Python loop does per message on this layout (the module's docstring)."""
-    from spoolq import durable
-
-    root = work / "floor"
-    fill(root, n, "script", None)
-    q = root / "queue" / "q"
-    unsafe = durable.rename_needs_source_sync(q)
-    os.sync()
+    """The least a Python loop does per message with persistent workers (the module's
+    docstring): :class:`Layout`'s claim and finish, a line to a worker and its answer."""
+    lay = Layout(work / "floor", n)
     worker = work / "floor_worker.py"
     worker.write_text(FLOOR_WORKER)
     procs = [subprocess.Popen([sys.executable, str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -151,115 +198,63 @@ def run_floor(work: Path, n: int) -> dict[str, Any]:
         assert p.stdout is not None
         os.set_blocking(p.stdout.fileno(), False)
         sel.register(p.stdout.fileno(), selectors.EVENT_READ, i)
-    rounds: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
-
-    def sync_rounds() -> None:
-        while (dirs := rounds.get()) is not None:
-            for d in dirs:
-                _fsync_dir(d)
-
-    syncer = threading.Thread(target=sync_rounds)
-    syncer.start()
     time.sleep(0.3)  # the workers start
     own0, w0 = os.times(), cpu_of([p.pid for p in procs])
     t0 = time.perf_counter()
-    queued = listed(q)
+    queued = lay.queued()
     held: list[dict[str, str]] = [{} for _ in procs]  # msg id -> bucket, per worker
     partial = [b""] * len(procs)
-    to_sync: set[str] = set()
-    next_sync = time.perf_counter() + LINGER
     finished = 0
     while finished < n:
         for i, p in enumerate(procs):
             out = bytearray()
             while queued and len(held[i]) < INFLIGHT:
                 bucket, mid = queued.pop()
-                src = f"{q}/que/{bucket}/{mid}"
-                with open(f"{src}/msg", "rb") as f:
-                    m = json.loads(f.read())
-                _append(f"{src}/history", json.dumps({"state": "run", "at": time.time()}).encode() + b"\n")
-                move_into(q, "run", bucket, mid, src)
-                if unsafe:
-                    to_sync.update((f"{q}/que/{bucket}", f"{q}/run/{bucket}"))
+                _, m = lay.claim(bucket, mid)
                 held[i][mid] = bucket
                 out += mid.encode() + b" " + json.dumps({"id": mid, "msg": m}).encode() + b"\n"
             if out:
                 assert p.stdin is not None
                 p.stdin.write(bytes(out))
-        for key, _ in sel.select(max(0.0, next_sync - time.perf_counter())):
+        for key, _ in sel.select(max(0.0, lay.next_sync - time.perf_counter())):
             i = key.data
-            data = partial[i] + os.read(key.fd, 65536)
-            *lines, partial[i] = data.split(b"\n")
+            *lines, partial[i] = (partial[i] + os.read(key.fd, 65536)).split(b"\n")
             for line in lines:
                 mid = line.split(b" ", 1)[0].decode()
-                bucket = held[i].pop(mid)
-                src = f"{q}/run/{bucket}/{mid}"
-                _append(f"{src}/history", json.dumps({"state": "done", "at": time.time()}).encode() + b"\n")
-                move_into(q, "done", bucket, mid, src)
-                to_sync.add(f"{q}/done/{bucket}")
-                if unsafe:
-                    to_sync.add(f"{q}/run/{bucket}")
+                lay.finish(held[i].pop(mid), mid)
                 finished += 1
-        if time.perf_counter() >= next_sync or finished >= n:
-            rounds.put(sorted(to_sync))  # fsync'd by the syncer thread, as the daemon's GroupSync
-            to_sync = set()
-            next_sync = time.perf_counter() + LINGER
-    rounds.put(None)
-    syncer.join()
+        lay.tick(last=finished >= n)
+    done = lay.close()
     el = time.perf_counter() - t0
     own1, w1 = os.times(), cpu_of([p.pid for p in procs])
     for p in procs:
         assert p.stdin is not None
         p.stdin.close()
         p.wait()
-    done = sum(1 for _, _, files in os.walk(q / "done") if "msg" in files)
-    return {"msg_s": n / el, "seconds": el, "done": done,
-            "loop_cpu_us": (own1.user + own1.system - own0.user - own0.system) / n * 1e6,
+    return {"msg_s": n / el, "seconds": el, "done": done, "loop_cpu_us": _cpu_us(own0, own1, n),
             "workers_cpu_us": (w1 - w0) / n * 1e6}
 
 
 def run_floor_script(work: Path, n: int) -> dict[str, Any]:
     """The least a Python loop does per message to run a script per message on this layout,
-    two at once: claim as above, then ``job/`` made, ``job/stdio.log`` opened, the status and
-    reply pipes (fds 3 and 4 of the contract), glibc's ``posix_spawn`` of ``/bin/true`` in
-    ``job/`` (spoolq's ctypes wrapper: the primitive, not the daemon), a ``pid`` file; at
-    its exit (``os.wait``) a history line and the rename into ``done/``; the same syncer."""
-    from spoolq import durable
+    two at once: :class:`Layout`'s claim, then ``job/`` made, ``job/stdio.log`` opened, the
+    status and reply pipes (fds 3 and 4 of the contract), glibc's ``posix_spawn`` of
+    ``/bin/true`` in ``job/`` (spoolq's ctypes wrapper: the primitive, not the daemon), a
+    ``pid`` file; at its exit (``os.wait``) the ``pid`` file removed and the finish."""
     from spoolq.runner import posix_spawn as ps
 
-    root = work / "floor"
-    fill(root, n, "script", None)
-    q = root / "queue" / "q"
-    unsafe = durable.rename_needs_source_sync(q)
-    os.sync()
+    lay = Layout(work / "floor", n)
     env = ps.env_block({"PATH": "/usr/bin:/bin"})
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    rounds: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
-
-    def sync_rounds() -> None:
-        while (dirs := rounds.get()) is not None:
-            for d in dirs:
-                _fsync_dir(d)
-
-    syncer = threading.Thread(target=sync_rounds)
-    syncer.start()
     own0 = os.times()
     t0 = time.perf_counter()
-    queued = listed(q)
-    running: dict[int, tuple[str, str, int, int]] = {}  # pid -> bucket, id, status_r, reply_w
-    to_sync: set[str] = set()
-    next_sync = time.perf_counter() + LINGER
+    queued = lay.queued()
+    running: dict[int, tuple[str, str, str, int, int]] = {}  # pid -> bucket, id, dir, status_r, reply_w
     finished = 0
     while finished < n:
         while queued and len(running) < WORKERS:
             bucket, mid = queued.pop()
-            src = f"{q}/que/{bucket}/{mid}"
-            with open(f"{src}/msg", "rb") as f:
-                json.loads(f.read())
-            _append(f"{src}/history", json.dumps({"state": "run", "at": time.time()}).encode() + b"\n")
-            mdir = move_into(q, "run", bucket, mid, src)
-            if unsafe:
-                to_sync.update((f"{q}/que/{bucket}", f"{q}/run/{bucket}"))
+            mdir, _ = lay.claim(bucket, mid)
             os.mkdir(f"{mdir}/job")
             log_fd = os.open(f"{mdir}/job/stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             os.write(log_fd, b"RQ START\n")
@@ -270,39 +265,27 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
             for fd in (log_fd, status_w, reply_r):
                 os.close(fd)
             _append(f"{mdir}/pid", f"{pid}\n".encode())
-            running[pid] = (bucket, mid, status_r, reply_w)
+            running[pid] = (bucket, mid, mdir, status_r, reply_w)
         pid, _ = os.wait()
-        bucket, mid, status_r, reply_w = running.pop(pid)
+        bucket, mid, mdir, status_r, reply_w = running.pop(pid)
         os.close(status_r)
         os.close(reply_w)
-        src = f"{q}/run/{bucket}/{mid}"
-        os.unlink(f"{src}/pid")
-        _append(f"{src}/history", json.dumps({"state": "done", "at": time.time()}).encode() + b"\n")
-        move_into(q, "done", bucket, mid, src)
-        to_sync.add(f"{q}/done/{bucket}")
-        if unsafe:
-            to_sync.add(f"{q}/run/{bucket}")
+        os.unlink(f"{mdir}/pid")
+        lay.finish(bucket, mid)
         finished += 1
-        if time.perf_counter() >= next_sync or finished >= n:
-            rounds.put(sorted(to_sync))
-            to_sync = set()
-            next_sync = time.perf_counter() + LINGER
-    rounds.put(None)
-    syncer.join()
+        lay.tick(last=finished >= n)
+    done = lay.close()
     el = time.perf_counter() - t0
     own1 = os.times()
     os.close(devnull)
-    done = sum(1 for _, _, files in os.walk(q / "done") if "msg" in files)
-    # The children's CPU is the scripts': not the loop's.
-    return {"msg_s": n / el, "seconds": el, "done": done,
-            "loop_cpu_us": (own1.user + own1.system - own0.user - own0.system) / n * 1e6,
-            "workers_cpu_us": (own1.children_user + own1.children_system - own0.children_user
-                               - own0.children_system) / n * 1e6}
+    # The reaped children's CPU is the scripts', not the loop's.
+    return {"msg_s": n / el, "seconds": el, "done": done, "loop_cpu_us": _cpu_us(own0, own1, n),
+            "workers_cpu_us": _cpu_us(own0, own1, n, children=True)}
 
 
 def run_spoolq_script(work: Path, n: int) -> dict[str, Any]:
     root = work / "spool"
-    client = fill(root, n, "script", None)
+    client = fill(root, n)
     d = start_spoolq(root, work / "daemon.log")
     try:
         os.sync()
@@ -326,10 +309,8 @@ def run_raw(work: Path, n: int) -> dict[str, Any]:
     own0 = os.times()
     msg_s = raw_throughput(n, WORKERS)
     own1 = os.times()
-    return {"msg_s": msg_s, "seconds": n / msg_s, "done": n,
-            "loop_cpu_us": (own1.user + own1.system - own0.user - own0.system) / n * 1e6,
-            "workers_cpu_us": (own1.children_user + own1.children_system - own0.children_user
-                               - own0.children_system) / n * 1e6}
+    return {"msg_s": msg_s, "seconds": n / msg_s, "done": n, "loop_cpu_us": _cpu_us(own0, own1, n),
+            "workers_cpu_us": _cpu_us(own0, own1, n, children=True)}
 
 
 def run_spoolq(work: Path, n: int) -> dict[str, Any]:

@@ -556,13 +556,15 @@ def test_a_recount_racing_a_rename_counts_it_once(fs: FsStore, monkeypatch: pyte
     assert truth == walked, f"{what}: counts {truth} but the tree holds {walked}"
 
 
-def test_the_index_sees_a_msg_rewritten_within_one_clock_tick(fs: FsStore) -> None:
+def test_the_index_sees_a_msg_rewritten_within_one_clock_tick(fs: FsStore,
+                                                                 request: pytest.FixtureRequest) -> None:
     """The daemon's index schedules by each message's due time and params as read, and a
     claim checks the file is unchanged (``refresh_entry``) before trusting them. A rewrite
     with the same mtime (two writes within one clock tick; here set by hand) is a new
     inode: the index must read the new file, not keep the old values."""
     m = fs.create("q", Message(param1="old"))
     w = fs.watch()
+    request.addfinalizer(w.close)
     w.want("q", True)
     ix = w.indexes["q"]
     deadline = time.monotonic() + 10

@@ -233,7 +233,7 @@ def _put_back(store: FsStore, queue: str, m: _Staged, note: str, res: SweepResul
     try:
         with open(m.path / "history", "ab") as f:
             f.write(COMPACT_JSON.encode(entry).encode() + b"\n")  # advisory, like every history line
-        store._publish(m.path, message_path(qdir, st, msg_id), qdir / str(st), store.queue_config(queue).fsync)
+        store._publish(m.path, message_path(qdir, st, msg_id), store.queue_config(queue).fsync)
     except (OSError, SpoolqError) as e:
         if m.path.exists():  # else another sweep put it back meanwhile
             res.problems.append(f"{m.path}: cannot put message {msg_id} back into {queue}/{st}: {e}")

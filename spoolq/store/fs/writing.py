@@ -313,11 +313,11 @@ class WriteParts(ReadParts):
                 durable.makedirs(bucket, state_dir, sync=sync)
         raise StorageError(f"cannot create bucket directory {bucket}")
 
-    def _publish(self, src: Path, dst: Path, state_dir: Path | str, sync: bool, *,
-                 durable_dirs: bool | None = None) -> None:
-        """Rename ``src`` to ``dst``, creating its bucket directories as needed (made durable
-        when ``durable_dirs``, default ``sync``: a deferred move of a durable queue still
-        makes a new bucket durable at once, as no later directory fsync would).
+    def _publish(self, src: Path, dst: Path, sync: bool, *, durable_dirs: bool | None = None) -> None:
+        """Rename ``src`` to ``dst`` (``<state>/<day>/<HHMM>/<SS>/<id>``), creating its bucket
+        directories as needed (made durable when ``durable_dirs``, default ``sync``: a
+        deferred move of a durable queue still makes a new bucket durable at once, as no
+        later directory fsync would).
 
         A janitor may remove an empty bucket between our mkdir and our rename: ENOENT on the
         destination then means "make it again", never a lost message.
@@ -331,10 +331,10 @@ class WriteParts(ReadParts):
             except FileNotFoundError:
                 if not src.exists():
                     raise
-                durable.makedirs(dst.parent, Path(state_dir), sync=dirs_sync)  # a str from move()
+                durable.makedirs(dst.parent, dst.parents[3], sync=dirs_sync)  # up to the state directory
             except OSError as e:
                 if e.errno in (39, 17):  # the id already exists: clock went back and inode reused
-                    raise Conflict(f"message id {dst.name} already exists in {state_dir}") from None
+                    raise Conflict(f"message id {dst.name} already exists in {dst.parents[3]}") from None
                 raise
         else:
             raise StorageError(f"cannot create bucket directory {dst.parent}")
@@ -445,8 +445,7 @@ class WriteParts(ReadParts):
                     # I8: the rename and its delta under one hold of the counts lock, so a
                     # recount sees both or neither (the fsyncs come after, outside it).
                     self._counted_rename(qdir, {_count_key(src, acked): -1, str(dst): 1},
-                                         lambda: self._publish(path, dest, f"{qdir}/{dst}", False,
-                                                               durable_dirs=durable_dirs))
+                                         lambda: self._publish(path, dest, False, durable_dirs=durable_dirs))
                 except FileNotFoundError:
                     os.ftruncate(hfd, before)
                     raise WrongState(f"message {msg_id} left {src} while being moved") from None
