@@ -292,7 +292,7 @@ class Workers:
             # ASCII JSON: any string survives (a lone surrogate in a hand-written msg too).
             line = json.dumps({"id": attempt.msg_id, "queue": attempt.queue,
                                "full_id": self.runner.full_id(attempt.queue, attempt.msg_id),
-                               "count": msg.count, "max_count": msg.max_count, "dir": str(mdir),
+                               "count": msg.count, "max_count": msg.max_count, "dir": mdir,
                                "msg": data}, separators=(",", ":")).encode() + b"\n"
         except (ValueError, TypeError) as e:
             log.warning("%s/%s: cannot start: %s", attempt.queue, attempt.msg_id, e)

@@ -91,10 +91,12 @@ def read_lines(fd: int, buf: LineBuffer, budget: int = 1 << 20) -> tuple[list[st
     return lines, eof
 
 
+_CONTROLS = {c: " " for c in range(32) if c != 0x1B}
+"""Control characters would corrupt a one-line status (tabs become spaces); ESC stays for colours."""
+
+
 def _decode(b: bytes | bytearray) -> str:
-    s = bytes(b).decode("utf-8", "replace").rstrip("\r")
-    # Control characters would corrupt a one-line status; tabs become spaces.
-    return "".join(c if c >= " " or c == "\x1b" else " " for c in s)
+    return bytes(b).decode("utf-8", "replace").rstrip("\r").translate(_CONTROLS)
 
 
 def split_line(line: str) -> tuple[str, str]:

@@ -411,9 +411,9 @@ class Store(Protocol):
         syncfs instead of fsyncs per move); elsewhere nothing changes."""
         ...
 
-    def attempt_dir(self, attempt: Attempt) -> Path:
-        """The local directory holding the attempt's ``msg`` and ``attach/`` (what a
-        persistent worker is handed; it runs elsewhere, so no ``job/`` is needed)."""
+    def attempt_dir(self, attempt: Attempt) -> str:
+        """The local directory (its path) holding the attempt's ``msg`` and ``attach/`` (what
+        a persistent worker is handed; it runs elsewhere, so no ``job/`` is needed)."""
         ...
 
     def log_fd(self, attempt: Attempt) -> int:

@@ -525,9 +525,9 @@ class MemoryStore:
     def durable_batch(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # each finish is durable at its commit already
 
-    def attempt_dir(self, attempt: Attempt) -> Path:
+    def attempt_dir(self, attempt: Attempt) -> str:
         """Beside ``job/``: ``msg`` and ``attach/`` written from the store."""
-        return self.workdir(attempt).parent
+        return str(self.workdir(attempt).parent)
 
     def workdir(self, attempt: Attempt) -> Path:
         with self._lock:

@@ -180,9 +180,9 @@ class PgStore(AttemptParts):
     def durable_batch(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # each finish is durable at its commit already
 
-    def attempt_dir(self, attempt: Attempt) -> Path:
+    def attempt_dir(self, attempt: Attempt) -> str:
         """Beside ``job/``: ``msg`` and ``attach/`` written from the store."""
-        return self.workdir(attempt).parent
+        return str(self.workdir(attempt).parent)
 
     def workdir(self, attempt: Attempt) -> Path:
         """``<local_dir>/<queue>/<id>/job`` on this host, beside ``msg`` and ``attach/``

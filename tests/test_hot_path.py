@@ -1,0 +1,199 @@
+"""The daemon's lean start and finish (store/fs/attempts.py, ``_start_indexed`` and
+``_finish_move``): the store of a process holding the daemon lock, claiming from its index.
+Each unusual case must fall back to the general path and end exactly as it would: the
+message set aside, skipped, rescheduled or reported, nothing lost, the counts true, the
+history honest."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spoolq import durable
+from spoolq.errors import StorageError, WrongState
+from spoolq.model import Message, QueueConfig, State
+from spoolq.store.fs import FsStore
+from spoolq.store.fs.layout import count_tree, message_path
+from spoolq.store.leases import Attempt
+
+
+@pytest.fixture
+def st(tmp_path: Path) -> Iterator[FsStore]:
+    durable.faults.clear()
+    s = FsStore(tmp_path / "root")
+    s.ensure_root()
+    s.acquire_daemon()
+    s.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true", "num_workers": 100}))
+    w = s.watch()
+    w.want("q", True)
+    try:
+        yield s
+    finally:
+        durable.faults.clear()
+        s.release_daemon()
+
+
+def indexed(st: FsStore, *ids: str) -> None:
+    ix = st.watch().indexes["q"]
+    deadline = time.monotonic() + 10
+    while not all(i in ix.index for i in ids):
+        assert time.monotonic() < deadline, "not indexed"
+        st.watch().changes()
+
+
+def claim(st: FsStore) -> Attempt:
+    a = st.claim("q", owner="t", lease=60)
+    assert isinstance(a, Attempt), a
+    return a
+
+
+def history(st: FsStore, msg_id: str) -> list[dict[str, object]]:
+    return [h for h in st.get("q", msg_id).message.history]
+
+
+def true_counts(st: FsStore) -> None:
+    st.flush_counts()
+    assert {k: v for k, v in st.counts("q").items() if v} == {k: v for k, v in count_tree(st.qdir("q")).items() if v}
+
+
+def msg_file(st: FsStore, state: State, msg_id: str) -> Path:
+    return message_path(st.qdir("q"), state, msg_id) / "msg"
+
+
+def test_claim_and_finish_write_what_the_general_move_writes(st: FsStore) -> None:
+    m = st.create("q", Message(param1="a b", params={"k": "v"}))
+    indexed(st, m.msg_id)
+    a = claim(st)
+    assert (a.message.param1, a.message.params) == ("a b", {"k": "v"})
+    assert a.message.history[-1]["state"] == "run" and a.message.history[-1]["note"] == "run"
+    assert st.state_of("q", m.msg_id) == State.RUN
+    true_counts(st)
+    st.finish(a, State.DONE, status=None, note="done")
+    assert st.state_of("q", m.msg_id) == State.DONE
+    assert [(h["state"], h.get("note")) for h in history(st, m.msg_id)] == [
+        ("que", None), ("run", "run"), ("done", "done")]
+    true_counts(st)
+
+
+def test_a_msg_rewritten_after_indexing_runs_as_it_is_now(st: FsStore) -> None:
+    m = st.create("q", Message(param1="old"))
+    indexed(st, m.msg_id)
+    path = msg_file(st, State.QUE, m.msg_id)
+    data = json.loads(path.read_bytes())
+    data["param1"] = "new"
+    durable.write_replace(path, json.dumps(data).encode(), sync=False)
+    a = claim(st)
+    assert a.message.param1 == "new"
+
+
+def test_a_msg_rewritten_to_a_later_due_time_waits(st: FsStore) -> None:
+    m = st.create("q", Message(param1="x"))
+    indexed(st, m.msg_id)
+    path = msg_file(st, State.QUE, m.msg_id)
+    data = json.loads(path.read_bytes())
+    data["due"] = time.time() + 3600
+    durable.write_replace(path, json.dumps(data).encode(), sync=False)
+    got = st.claim("q", owner="t", lease=60)
+    assert isinstance(got, float) and got > time.time() + 3000  # when to look again
+    assert st.state_of("q", m.msg_id) == State.QUE
+
+
+@pytest.mark.parametrize("damage", [b"{half", b"[]", b'{"msg_id": "20000101.0000.00.000.1"}', None])
+def test_a_msg_damaged_after_indexing_is_set_aside_and_the_queue_goes_on(st: FsStore, damage: bytes | None) -> None:
+    bad = st.create("q", Message(param1="bad"))
+    good = st.create("q", Message(param1="good"))
+    indexed(st, bad.msg_id, good.msg_id)
+    path = msg_file(st, State.QUE, bad.msg_id)
+    if damage is None:
+        path.unlink()
+    else:
+        before = os.stat(path)
+        path.write_bytes(damage)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # within one clock tick: the read decides
+    a = claim(st)
+    assert a.msg_id == good.msg_id
+    corrupt = list((st.qdir("q") / "corrupt").iterdir())
+    assert len(corrupt) == 1 and corrupt[0].name.startswith(f"que.{bad.msg_id}.")
+    hist = corrupt[0] / "history"
+    assert not hist.exists() or "run" not in hist.read_text()  # no record of a move that did not happen
+    true_counts(st)
+
+
+def test_a_message_gone_after_indexing_is_skipped(st: FsStore) -> None:
+    gone = st.create("q", Message(param1="gone"))
+    kept = st.create("q", Message(param1="kept"))
+    indexed(st, gone.msg_id, kept.msg_id)
+    st.delete("q", gone.msg_id)  # its event not read yet: the index still has it
+    assert claim(st).msg_id == kept.msg_id
+    true_counts(st)
+
+
+def test_a_big_msg_takes_the_general_path_whole(st: FsStore) -> None:
+    big = "x" * 200_000
+    m = st.create("q", Message(param1="big", params={"blob": big}))
+    indexed(st, m.msg_id)
+    a = claim(st)
+    assert a.message.params["blob"] == big
+
+
+def test_a_failed_rename_into_run_leaves_the_message_queued_and_its_history_unclaimed(st: FsStore) -> None:
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    claim_bucket = message_path(st.qdir("q"), State.RUN, m.msg_id).parent
+    os.makedirs(claim_bucket, exist_ok=True)  # the lean path's rename is the one that fails
+    durable.faults["rename"] = [errno.EIO, 0]
+    with pytest.raises(StorageError):
+        st.claim("q", owner="t", lease=60)
+    durable.faults.clear()
+    assert st.state_of("q", m.msg_id) == State.QUE
+    assert [h["state"] for h in history(st, m.msg_id)] == ["que"]
+    assert claim(st).msg_id == m.msg_id  # put back in the index: the next try starts it
+    true_counts(st)
+
+
+def test_a_failed_rename_out_of_run_keeps_the_attempt_and_a_retry_finishes(st: FsStore) -> None:
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    os.makedirs(message_path(st.qdir("q"), State.DONE, m.msg_id).parent, exist_ok=True)
+    durable.faults["rename"] = [errno.ENOSPC, 0]
+    with pytest.raises(StorageError):
+        st.finish(a, State.DONE, status=None, note="done")
+    durable.faults.clear()
+    assert st.state_of("q", m.msg_id) == State.RUN
+    assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run"]
+    st.finish(a, State.DONE, status=None, note="done")  # the Finisher's retry
+    assert st.state_of("q", m.msg_id) == State.DONE
+    assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run", "done"]
+    true_counts(st)
+
+
+def test_a_finish_after_the_message_left_run_by_hand_lets_go(st: FsStore) -> None:
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    shutil.rmtree(message_path(st.qdir("q"), State.RUN, m.msg_id))
+    with pytest.raises(WrongState):
+        st.finish(a, State.DONE, status=None, note="done")
+    assert not st.holds("q", m.msg_id)
+    assert not message_path(st.qdir("q"), State.DONE, m.msg_id).exists()
+
+
+@pytest.mark.parametrize("dst", [State.DONE, State.ERR, State.QUE, State.RELAYED])
+def test_each_way_out_of_run_lands_in_its_state_with_a_note_that_is_json(st: FsStore, dst: State) -> None:
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    note = 'he said "no"\n\\ \x1b[31m ok'
+    st.finish(a, dst, status="", note=note)
+    assert st.state_of("q", m.msg_id) == dst
+    assert history(st, m.msg_id)[-1] == {"state": str(dst), "at": history(st, m.msg_id)[-1]["at"], "note": note}
+    assert not (message_path(st.qdir("q"), dst, m.msg_id) / "attempt").exists()
+    true_counts(st)
