@@ -496,3 +496,22 @@ def test_python_reads_attachment(client: spoolq.Client, serve: Any, tmp_path: Pa
     f.write_text("forty-two\n")
     v = run_one(client, "test", param1="attach", param2="data.txt", attachments=[f])
     assert v.status == "done - attachment says forty-two"
+
+
+def test_env_block_checks_every_start_and_encodes_as_os_fsencode() -> None:
+    """The encoded entries are kept between starts (runner/posix_spawn.py): a refused one
+    is never kept, so it is refused again; what is kept is byte for byte os.fsencode's."""
+    from spoolq.runner import posix_spawn as ps
+
+    odd = "caf\u00e9 \udcff"  # a byte that is not UTF-8 (surrogateescape), as os.environ holds it
+    env = {"A": "1", "ODD": odd}
+    for _ in range(2):
+        assert ps.env_block(env) == [b"A=1", b"ODD=" + os.fsencode(odd)]
+    for bad in ({"X": "a\x00b"}, {"X=Y": "1"}, {"N\x00": "1"}):
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                ps.env_block({"A": "1", **bad})
+    many = {f"K{i}": str(i) for i in range(ps._ENTRIES_MAX + 10)}
+    assert ps.env_block(many)[-1] == f"K{ps._ENTRIES_MAX + 9}={ps._ENTRIES_MAX + 9}".encode()
+    ps.env_block({"A": "1"})
+    assert len(ps._ENTRIES) <= ps._ENTRIES_MAX  # bounded: cleared once over

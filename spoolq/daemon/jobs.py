@@ -37,6 +37,7 @@ from ..runner.spawn import (
     require_file,
     resolve_script,
     script_problem,
+    scrubbed_env,
     spawn,
 )
 from ..store.base import Store, copied_attachments
@@ -105,6 +106,9 @@ class JobRunner:
         self.owner = owner
         self.stats = JobStats()
         self.finisher = Finisher(store, home, self.full_id, clock, self.stats)
+        # The daemon's environment is read once: os.environ decodes each variable at every
+        # read, which was a tenth of a start's cost.
+        self.base_env = scrubbed_env(os.environ)
 
     def full_id(self, queue: str, msg_id: str) -> str:
         return f"{self.rootcfg.base_url}/q/{queue}/{msg_id}"
@@ -124,7 +128,7 @@ class JobRunner:
             workdir = self.store.workdir(attempt)
             # With a prefix the exec succeeds whatever the script: check it is there first.
             script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
-            env = build_env(base=os.environ, cfg=cfg, msg=msg, queue=queue, script=script,
+            env = build_env(base=self.base_env, cfg=cfg, msg=msg, queue=queue, script=script,
                             rootcfg=self.rootcfg, root=self.home, msg_dir=workdir.parent, rq_env=self.rq_env)
             env["SPOOLQ_STORE"] = self.store.url  # no password (the PostgreSQL store's url is safe_url'd)
             argv = build_argv(cfg, script, msg)

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 
 _BUF = 1024  # posix_spawn_file_actions_t is 80 bytes and posix_spawnattr_t 336 on x86-64 glibc
@@ -60,16 +61,29 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHU
                     signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+_ENTRIES: dict[tuple[str, str], bytes] = {}
+"""Encoded ``KEY=value`` entries already checked: most of a script's environment is the
+daemon's own, the same at every start (encoding it anew was a tenth of a start's cost)."""
+_ENTRIES_MAX = 2048
+
+
 def env_block(env: Mapping[str, str]) -> list[bytes]:
     """``KEY=value`` entries, refusing what execve cannot carry, as subprocess does."""
     out = []
+    known = _ENTRIES
+    if len(known) > _ENTRIES_MAX:
+        known.clear()  # the messages' own values come and go: start over now and then
     for k, v in env.items():
-        kb, vb = os.fsencode(k), os.fsencode(v)
-        if b"\0" in kb or b"\0" in vb:
-            raise ValueError("embedded null byte")
-        if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
-            raise ValueError(f"illegal environment variable name {k!r}")
-        out.append(kb + b"=" + vb)
+        entry = known.get((k, v))
+        if entry is None:
+            kb, vb = k.encode(_FS_ENCODING, _FS_ERRORS), v.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode
+            if b"\0" in kb or b"\0" in vb:
+                raise ValueError("embedded null byte")
+            if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
+                raise ValueError(f"illegal environment variable name {k!r}")
+            entry = known[(k, v)] = kb + b"=" + vb
+        out.append(entry)
     return out
 
 
