@@ -197,3 +197,59 @@ def test_each_way_out_of_run_lands_in_its_state_with_a_note_that_is_json(st: FsS
     assert history(st, m.msg_id)[-1] == {"state": str(dst), "at": history(st, m.msg_id)[-1]["at"], "note": note}
     assert not (message_path(st.qdir("q"), dst, m.msg_id) / "attempt").exists()
     true_counts(st)
+
+
+def test_an_unread_entry_due_later_is_put_back_not_started(st: FsStore) -> None:
+    """The index keeps a plain queue's messages unread, due at their id's time; a message
+    whose sender set a later due is read at its start and put back for that time."""
+    later = st.create("q", Message(param1="later", due=time.time() + 3600))
+    now = st.create("q", Message(param1="now"))
+    indexed(st, later.msg_id, now.msg_id)
+    assert st.watch().indexes["q"].index[later.msg_id].unread
+    assert claim(st).msg_id == now.msg_id
+    got = st.claim("q", owner="t", lease=60)
+    assert isinstance(got, float) and got >= later.due - 1  # when to look again: its due
+    assert st.state_of("q", later.msg_id) == State.QUE
+    assert [h["state"] for h in history(st, later.msg_id)] == ["que"]
+    assert not st.watch().indexes["q"].index[later.msg_id].unread
+
+
+def test_blocking_params_set_later_are_honoured_for_unread_entries(st: FsStore) -> None:
+    """A queue indexed unread that starts blocking by param1: the index reads what it
+    holds (a new walk), and two messages with the same param1 never run together."""
+    a = st.create("q", Message(param1="k"))
+    b = st.create("q", Message(param1="k"))
+    indexed(st, a.msg_id, b.msg_id)
+    assert st.watch().indexes["q"].index[b.msg_id].unread
+    cfg = st.queue_config("q")
+    st.update_queue(QueueConfig.from_dict({**cfg.to_dict(), "blocking_params": [1]}))
+    deadline = time.monotonic() + 10
+    while not st.watch().settings("q")[0].blocking_params:
+        assert time.monotonic() < deadline, "config change not seen"
+        st.watch().changes()
+    first = claim(st)
+    got = st.claim("q", owner="t", lease=60)  # at once: the other is still unread
+    assert not isinstance(got, Attempt), "started beside a running message with the same param1"
+    for _ in range(50):
+        st.watch().changes()  # the walk that reads the unread entries
+        got = st.claim("q", owner="t", lease=60)
+        assert not isinstance(got, Attempt), "started beside a running message with the same param1"
+    st.finish(first, State.DONE, status=None, note="done")
+    assert claim(st).msg_id == ({a.msg_id, b.msg_id} - {first.msg_id}).pop()
+
+
+def test_coalesce_params_set_later_see_unread_duplicates(st: FsStore) -> None:
+    """A queue indexed unread that starts coalescing by param1: no parent is chosen before
+    the index has read every message, so the duplicate is found and held."""
+    a = st.create("q", Message(param1="k"))
+    b = st.create("q", Message(param1="k"))
+    indexed(st, a.msg_id, b.msg_id)
+    cfg = st.queue_config("q")
+    st.update_queue(QueueConfig.from_dict({**cfg.to_dict(), "coalesce_params": [1]}))
+    deadline = time.monotonic() + 10
+    got = None
+    while not isinstance(got, Attempt):
+        assert time.monotonic() < deadline, "never started"
+        st.watch().changes()
+        got = None if not st.watch().settings("q")[0].coalesce_params else st.claim("q", owner="t", lease=60)
+    assert (got.msg_id, got.dups) == (a.msg_id, (b.msg_id,))
