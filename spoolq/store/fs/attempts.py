@@ -49,7 +49,7 @@ from ..leases import (
     pick,
 )
 from .beneath import open_dir_beneath
-from .index import Entry, QueueIndex, entry_of
+from .index import Entry, QueueIndex
 from .layout import iter_entries, message_path
 from .queues import _json
 from .recount import LiveRecount
@@ -294,9 +294,6 @@ class AttemptParts(WriteParts):
             ix.index.pop(entry.msg_id, None)
             try:
                 a = self._start_indexed(ix, entry, cfg, owner, lease, now)
-                if isinstance(a, Entry):
-                    ix.put_back(a)
-                    continue
                 if a is None:  # the unusual case: the general path says what it is
                     fresh = ix.refresh_entry(entry)
                     if fresh is not entry:  # changed on disk since indexed: schedule what is there now
@@ -320,16 +317,14 @@ class AttemptParts(WriteParts):
             return a
 
     def _start_indexed(self, ix: QueueIndex, e: Entry, cfg: QueueConfig, owner: str, lease: float,
-                       now: float) -> Attempt | Entry | None:
+                       now: float) -> Attempt | None:
         """The daemon's start of an indexed message, lean: what :meth:`_start` and the generic
         ``move`` do, in one pass on strings. ``msg`` is read once (its fstat is the index's
         freshness check) and validated once; the history line, the rename into run and the
         counts delta are the move's. None, with nothing changed on disk, for anything
         unusual (``msg`` changed since indexed, unreadable, missing, big; the run bucket
         missing; the queue being recounted; not the daemon's store): the caller takes the
-        general path, which handles each case. An entry indexed unread (index.py) whose
-        ``msg`` sets a later due, or whose queue now schedules by params, comes back read,
-        for the caller to put back."""
+        general path, which handles each case."""
         gs = self._group_sync
         queue = ix.name
         if gs is None or queue in self._recounts:
@@ -343,8 +338,7 @@ class AttemptParts(WriteParts):
         except OSError:
             return None
         try:
-            st = os.fstat(fd)
-            if not (e.unread or e.same(st)):
+            if not e.same(os.fstat(fd)):
                 return None
             raw = os.read(fd, 65536)
         except OSError:
@@ -354,14 +348,11 @@ class AttemptParts(WriteParts):
         if len(raw) >= 65536:
             return None
         try:
-            data = json.loads(raw)
-            m = Message.from_dict(data)
+            m = Message.from_dict(json.loads(raw))
         except (ValueError, TypeError, RecursionError, SpoolqError):
             return None
         if m.msg_id != mid:
             return None
-        if e.unread and (m.due > now or not ix.lazy):
-            return entry_of(mid, data, st)  # scheduled by what it says: the caller puts it back
         dst = f"{qs}/run/{rel}"
         at = self.clock()
         if not _logged_rename(src, dst, f'{{"state":"run","at":{at!r},"note":"run"}}\n'.encode(),

@@ -16,14 +16,12 @@ cost a failed move (WrongState), never a double start. Which messages run is the
 
 from __future__ import annotations
 
-import calendar
 import heapq
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ...ids import MSG_ID_RE
 from ...model import QueueConfig, State
@@ -57,13 +55,8 @@ class Entry:
 
     def same(self, st: os.stat_result) -> bool:
         """Is ``msg`` (``st``) still the file this entry was read from? The inode too: a
-        rewrite is a new file, and two writes within one clock tick share an mtime. Never
-        for an entry not read yet (:func:`unread_entry`)."""
+        rewrite is a new file, and two writes within one clock tick share an mtime."""
         return st.st_mtime_ns == self.mtime_ns and st.st_ino == self.ino
-
-    @property
-    def unread(self) -> bool:
-        return self.ino < 0
 
 
 def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
@@ -79,38 +72,14 @@ def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-        return entry_of(msg_id, json.loads(b"".join(chunks)), st)
+        data = json.loads(b"".join(chunks))
+        due = float(data.get("due") or 0.0)
+        params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
     except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return None
     finally:
         os.close(fd)
-
-
-def entry_of(msg_id: str, data: Any, st: os.stat_result) -> Entry:
-    """The entry of a ``msg`` parsed as ``data`` from the file ``st`` (ValueError,
-    TypeError or AttributeError if it is not a message)."""
-    due = float(data.get("due") or 0.0)
-    params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
     return Entry(msg_id, due, params, st.st_mtime_ns, ino=st.st_ino)  # type: ignore[arg-type]
-
-
-_NO_PARAMS = ("", "", "", "")
-_SECONDS: dict[str, float] = {}  # "YYYYmmdd.HHMM.SS" -> its epoch
-
-
-def unread_entry(msg_id: str) -> Entry:
-    """An entry for a message not read yet, due when it was created (its id's time, which
-    is its due unless the sender set one: the start reads ``msg`` and puts back one whose
-    due lies ahead, :meth:`QueueIndex.bound`). Saves a read of every message by the index
-    of a queue that neither blocks nor coalesces by params: the start reads it anyway."""
-    head = msg_id[:16]
-    sec = _SECONDS.get(head)
-    if sec is None:
-        if len(_SECONDS) > 4096:
-            _SECONDS.clear()
-        sec = _SECONDS[head] = float(calendar.timegm((int(head[0:4]), int(head[4:6]), int(head[6:8]),
-                                                       int(head[9:11]), int(head[11:13]), int(head[14:16]))))
-    return Entry(msg_id, sec + int(msg_id[17:20]) / 1000, _NO_PARAMS, -1, ino=-1)
 
 
 @dataclass
@@ -165,10 +134,6 @@ class QueueIndex:
     # queued than this the walk waits between buckets, oldest buckets indexed first.
     cap: int | None = INDEX_CAP
     starved: bool = False  # dispatch found nothing it could start while the walk waited
-    # Messages are indexed unread (unread_entry) once the queue's config says no scheduling
-    # needs their params (bound); until then, and for a queue that blocks or coalesces by
-    # params, each is read as it is indexed.
-    lazy: bool = False
 
     # -- index maintenance ---------------------------------------------------------------
     def _put(self, e: Entry) -> None:
@@ -227,15 +192,8 @@ class QueueIndex:
 
     def bound(self, cfg: QueueConfig) -> None:
         """Cap the index unless the queue coalesces: a parent's duplicates may be anywhere
-        in ``que/``, so all of it must be indexed before one is chosen. Index unread unless
-        the queue blocks or coalesces by params; when that changes, walk ``que/`` again so
-        that every unread entry is read (an unread one that comes first is read and put
-        back by the start)."""
+        in ``que/``, so all of it must be indexed before one is chosen."""
         self.cap = None if cfg.coalesce_params else INDEX_CAP
-        lazy = not (cfg.coalesce_params or cfg.blocking_params)
-        if self.lazy and not lazy and any(e.unread for e in self.index.values()):
-            self.rewalk()
-        self.lazy = lazy
 
     def _full(self) -> bool:
         return self.cap is not None and len(self.index) >= self.cap and not self.starved
@@ -246,7 +204,7 @@ class QueueIndex:
         added = False
         while self.pending_ids and now() < until:
             msg_id = self.pending_ids.pop()
-            e = unread_entry(msg_id) if self.lazy else read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id))
+            e = read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id))
             if e is not None:
                 self._put(e)
                 added = True
@@ -304,9 +262,6 @@ class QueueIndex:
         assert w.bucket is not None
         path = w.bucket / msg_id
         old = self.index.get(msg_id)
-        if old is not None and old.unread and self.lazy:
-            old.gen = self.gen  # listed: still there, and still to be read by its start
-            return False
         if old is not None:
             try:
                 if old.same(os.stat(f"{path}/msg")):
@@ -314,9 +269,6 @@ class QueueIndex:
                     return False
             except OSError:
                 return False  # gone since the listing: its departure event drops it
-        if self.lazy:
-            self._put(unread_entry(msg_id))
-            return True
         w.read += 1
         e = read_entry(msg_id, path)
         if e is None:
