@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import durable
-from spoolq.errors import StorageError, WrongState
+from spoolq.errors import Conflict, StorageError, WrongState
 from spoolq.model import Message, QueueConfig, State
 from spoolq.store.fs import FsStore
 from spoolq.store.fs.layout import count_tree, message_path
@@ -40,7 +40,13 @@ def st(tmp_path: Path) -> Iterator[FsStore]:
         s.release_daemon()
 
 
-def indexed(st: FsStore, *ids: str) -> None:
+def indexed(st: FsStore, *ids: str, buckets: bool = True) -> None:
+    """Wait until the index holds ``ids``. Their buckets are made in every state first, as
+    a busy queue has them, so that the moves take the lean path (a missing bucket is the
+    general path's case) unless ``buckets`` is False."""
+    for i in ids if buckets else ():
+        for state in (State.RUN, State.DONE, State.ERR, State.RELAYED):
+            os.makedirs(message_path(st.qdir("q"), state, i).parent, exist_ok=True)
     ix = st.watch().indexes["q"]
     deadline = time.monotonic() + 10
     while not all(i in ix.index for i in ids):
@@ -196,4 +202,71 @@ def test_each_way_out_of_run_lands_in_its_state_with_a_note_that_is_json(st: FsS
     assert st.state_of("q", m.msg_id) == dst
     assert history(st, m.msg_id)[-1] == {"state": str(dst), "at": history(st, m.msg_id)[-1]["at"], "note": note}
     assert not (message_path(st.qdir("q"), dst, m.msg_id) / "attempt").exists()
+    true_counts(st)
+
+
+def test_a_later_due_is_respected(st: FsStore) -> None:
+    later = st.create("q", Message(param1="later", due=time.time() + 3600))
+    now = st.create("q", Message(param1="now"))
+    indexed(st, later.msg_id, now.msg_id)
+    assert claim(st).msg_id == now.msg_id
+    got = st.claim("q", owner="t", lease=60)
+    assert isinstance(got, float) and got >= later.due - 1  # when to look again: its due
+    assert [h["state"] for h in history(st, later.msg_id)] == ["que"]
+
+
+def test_an_id_already_in_the_destination_is_a_conflict_and_changes_nothing(st: FsStore) -> None:
+    """As the generic move says it (the clock went back and an inode was reused)."""
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    squatter = message_path(st.qdir("q"), State.RUN, m.msg_id)
+    (squatter / "x").mkdir(parents=True)  # a non-empty directory under the same id
+    with pytest.raises(Conflict):
+        st.claim("q", owner="t", lease=60)
+    que_dir = message_path(st.qdir("q"), State.QUE, m.msg_id)
+    assert (que_dir / "msg").exists()
+    assert not (que_dir / "history").exists() or "run" not in (que_dir / "history").read_text()
+    shutil.rmtree(squatter)
+    st.watch().indexes["q"].requeued(m.msg_id)  # what the daemon's re-index after the error does
+    a = claim(st)
+    (message_path(st.qdir("q"), State.DONE, m.msg_id) / "x").mkdir(parents=True)
+    with pytest.raises(Conflict):
+        st.finish(a, State.DONE, status=None, note="done")
+    assert st.state_of("q", m.msg_id) == State.RUN
+    assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run"]
+
+
+def test_a_finish_into_a_state_run_cannot_go_to_is_refused(st: FsStore) -> None:
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    os.makedirs(message_path(st.qdir("q"), State.PREP, m.msg_id).parent)
+    with pytest.raises(WrongState):
+        st.finish(a, State.PREP, status=None)
+    assert st.state_of("q", m.msg_id) == State.RUN
+
+
+def test_finishes_inside_a_durable_batch_are_made_durable_at_its_end(st: FsStore,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery finishes attempts inside durable_batch, whose one syncfs must cover them."""
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    synced: list[object] = []
+    monkeypatch.setattr(durable, "syncfs", lambda root: synced.append(root))
+    with st.durable_batch():
+        st.finish(a, State.ERR, status="cancelled", note="cancelled")
+    assert synced == [st.root]
+    assert st.state_of("q", m.msg_id) == State.ERR
+
+
+def test_the_first_message_of_a_second_makes_its_buckets(st: FsStore) -> None:
+    """No run/ or done/ bucket yet: the lean moves hand over to the general path, which
+    makes them; the history and counts come out the same."""
+    m = st.create("q", Message())
+    indexed(st, m.msg_id, buckets=False)
+    a = claim(st)
+    st.finish(a, State.DONE, status=None, note="done")
+    assert st.state_of("q", m.msg_id) == State.DONE
+    assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run", "done"]
     true_counts(st)

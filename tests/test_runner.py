@@ -515,3 +515,6 @@ def test_env_block_checks_every_start_and_encodes_as_os_fsencode() -> None:
     assert ps.env_block(many)[-1] == f"K{ps._ENTRIES_MAX + 9}={ps._ENTRIES_MAX + 9}".encode()
     ps.env_block({"A": "1"})
     assert len(ps._ENTRIES) <= ps._ENTRIES_MAX  # bounded: cleared once over
+    big = "p" * 100_000  # a message's big param: used, not kept
+    assert ps.env_block({"RQ_PARAM1": big}) == [b"RQ_PARAM1=" + big.encode()]
+    assert ("RQ_PARAM1", big) not in ps._ENTRIES

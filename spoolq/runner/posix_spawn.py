@@ -66,6 +66,9 @@ _ENTRIES: dict[tuple[str, str], bytes] = {}
 """Encoded ``KEY=value`` entries already checked: most of a script's environment is the
 daemon's own, the same at every start (encoding it anew was a tenth of a start's cost)."""
 _ENTRIES_MAX = 2048
+_ENTRY_KEEP_MAX = 512
+"""Only entries up to this many bytes are kept: the cache stays under ~1 MB, and a message's
+big params are not held after its start."""
 
 
 def env_block(env: Mapping[str, str]) -> list[bytes]:
@@ -82,7 +85,9 @@ def env_block(env: Mapping[str, str]) -> list[bytes]:
                 raise ValueError("embedded null byte")
             if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
                 raise ValueError(f"illegal environment variable name {k!r}")
-            entry = known[(k, v)] = kb + b"=" + vb
+            entry = kb + b"=" + vb
+            if len(entry) <= _ENTRY_KEEP_MAX:
+                known[(k, v)] = entry
         out.append(entry)
     return out
 

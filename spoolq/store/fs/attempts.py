@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ... import durable
-from ...errors import CorruptMessage, MessageNotFound, QueueNotFound, SpoolqError, StorageError, WrongState
-from ...model import AdminState, Message, QueueConfig, State
+from ...errors import Conflict, CorruptMessage, MessageNotFound, QueueNotFound, SpoolqError, StorageError, WrongState
+from ...model import AdminState, Message, QueueConfig, State, check_transition
 from ..leases import (
     SUCCESS,
     Attempt,
@@ -327,7 +327,7 @@ class AttemptParts(WriteParts):
         general path, which handles each case."""
         gs = self._group_sync
         queue = ix.name
-        if gs is None or queue in self._recounts:
+        if gs is None or queue in self._recounts or self._batch_depth:
             return None
         mid = e.msg_id
         qs = str(ix.qdir)
@@ -560,9 +560,11 @@ class AttemptParts(WriteParts):
         """The daemon's move of its own attempt out of run when ``msg`` is not rewritten,
         lean: the generic ``move`` on strings, without reading what the attempt holds. None,
         with nothing changed, where the general path must decide (the message gone from run,
-        the destination bucket missing, the queue being recounted)."""
-        if queue in self._recounts:
+        the destination bucket missing, the queue being recounted, a ``durable_batch``, whose
+        ``syncfs`` the generic move asks for)."""
+        if queue in self._recounts or self._batch_depth:
             return None
+        check_transition(State.RUN, dst)
         state = str(dst)
         head, _, rel = src.rpartition("/run/")  # rel: the bucket and the id, never "/run/"
         dest = f"{head}/{state}/{rel}"
@@ -668,6 +670,8 @@ def _logged_rename(src: str, dst: str, line: bytes, what: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # as _publish: clock went back, inode reused
+            raise Conflict(f"cannot move {what}: the id exists there already") from None
         raise durable.storage_error(e, f"cannot move {what}") from None
     finally:
         os.close(hfd)
