@@ -44,6 +44,7 @@ Prints a table and writes bench/results/daemon-<time>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import selectors
 import shutil
@@ -133,6 +134,14 @@ class Stamps:
         return self.seen
 
 
+def markers_reached(path: Path, k: int) -> bool:
+    return markers(path) >= k
+
+
+def _started(stamps: Stamps, key: str) -> bool:
+    return key in stamps.poll()
+
+
 def markers(path: Path) -> int:
     try:
         return os.stat(path).st_size // 2
@@ -140,7 +149,7 @@ def markers(path: Path) -> int:
         return 0
 
 
-def latency_run(m: int, send: Callable[[str], None], stamps: Stamps, finished: Callable[[int], bool],
+def latency_run(m: int, send: Callable[[str], object], stamps: Stamps, finished: Callable[[int], bool],
                 timeout: float = 30.0) -> dict[str, Any]:
     """M paced samples: enqueue one, wait for its start stamp and its completion, rest 10 ms.
     The disk is flushed first (sync), so the samples do not meet the writeback of the
@@ -154,8 +163,8 @@ def latency_run(m: int, send: Callable[[str], None], stamps: Stamps, finished: C
         t_call = time.time()
         send(key)
         t_ack = time.time()
-        wait_for(lambda key=key: key in stamps.poll(), timeout, f"job {key} to start", poll=0.0005)
-        wait_for(lambda i=i: finished(i + 1), timeout, f"job {key} to finish", poll=0.0005)
+        wait_for(functools.partial(_started, stamps, key), timeout, f"job {key} to start", poll=0.0005)
+        wait_for(functools.partial(finished, i + 1), timeout, f"job {key} to finish", poll=0.0005)
         started = stamps.seen[key]
         from_call.append(started - t_call)
         from_ack.append(started - t_ack)
@@ -410,7 +419,7 @@ def bench_rq(n_fork: int, m: int, stamp: str, work: Path, n_simple: int) -> dict
             t0 = time.time()
             for i in range(0, n, 1000):
                 q.enqueue_many([data(str(j), "") for j in range(i, min(n, i + 1000))])
-            t_end = wait_for(lambda end=end, n=n: markers(end) >= n, 120 + n / 5, f"{n} rq jobs ({kind})")
+            t_end = wait_for(functools.partial(markers_reached, end, n), 120 + n / 5, f"{n} rq jobs ({kind})")
             el = t_end - t0
             lend = work / f"rq-{kind}-lat-end"
             if kind == "program":
@@ -419,7 +428,7 @@ def bench_rq(n_fork: int, m: int, stamp: str, work: Path, n_simple: int) -> dict
             else:
                 def send(key: str, lend: Path = lend, sf: str = str(stamps.path)) -> None:
                     q.enqueue(jobs.run_function, key, sf, str(lend), result_ttl=0)
-            lat = latency_run(m, send, stamps, lambda k, lend=lend: markers(lend) >= k)
+            lat = latency_run(m, send, stamps, functools.partial(markers_reached, lend))
             out[kind] = {"msg_s": n / el, "seconds": el, **lat}
             say(f"  rq {kind}: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
     finally:
@@ -465,7 +474,7 @@ def bench_huey(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
                     jobs.huey_program(TRUE, str(j), "", str(end))
                 else:
                     jobs.huey_function(str(j), "", str(end))
-            t_end = wait_for(lambda end=end: markers(end) >= n, 120 + n / 5, f"{n} huey tasks ({kind})")
+            t_end = wait_for(functools.partial(markers_reached, end, n), 120 + n / 5, f"{n} huey tasks ({kind})")
             el = t_end - t0
             lend = work / f"huey-{kind}-lat-end"
             if kind == "program":
@@ -474,7 +483,7 @@ def bench_huey(n: int, m: int, stamp: str, work: Path) -> dict[str, Any]:
             else:
                 def send(key: str, lend: Path = lend, sf: str = str(stamps.path)) -> None:
                     jobs.huey_function(key, sf, str(lend))
-            lat = latency_run(m, send, stamps, lambda k, lend=lend: markers(lend) >= k)
+            lat = latency_run(m, send, stamps, functools.partial(markers_reached, lend))
             out[kind] = {"msg_s": n / el, "seconds": el, **lat}
             say(f"  huey {kind}: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
     finally:
