@@ -8,6 +8,7 @@ are exact, that can be stopped, and that act on exactly what a count found.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,33 @@ def test_bulk_retry_over_err_and_operation_limits(big: spoolq.Client) -> None:
     assert http.get(f"{API}/operations/{'0' * 16}").status_code == 404
     r = http.post(f"{API}/queues/big/bulk", json={"action": "delete", "state": "que", "ids_from": op["id"]})
     assert r.status_code == 400 and "not a finished count" in r.text
+
+
+def test_an_operation_is_seen_ended_only_with_all_of_its_outcome(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its status turns last: a poller that sees "done" sees "remaining" and "finished"
+    too (CI once caught "done" with "remaining" still null, the final count not yet read)."""
+    client = spoolq.open(tmp_path / "root")
+    client.create_queue("q", script="/bin/true")
+    client.set_admin_state("q", "PAUSE")
+    for i in range(3):
+        client.send("q", param1=f"x{i}")
+    entered, gate = threading.Event(), threading.Event()
+    real_counts = client.counts
+
+    def counts(queue: str) -> dict[str, int]:
+        if threading.current_thread().name.startswith("spoolq-op-") and not gate.is_set():
+            entered.set()
+            gate.wait(10)  # the operation's last step held open
+        return real_counts(queue)
+
+    monkeypatch.setattr(client, "counts", counts)
+    ops = operations.Operations(client)
+    op = ops.start("q", State.QUE, "x", "delete")
+    assert entered.wait(10)
+    try:
+        assert ops.get(op.id).status == "running"  # the count after the work is not read yet
+    finally:
+        gate.set()
+    ended = ops.wait(op.id, 10)
+    assert (ended.status, ended.succeeded, ended.remaining) == ("done", 3, 0) and ended.finished is not None

@@ -160,24 +160,29 @@ class Operations:
 
     # -- the work ---------------------------------------------------------------------------
     def _run(self, op: Operation, selection: list[str] | None) -> None:
+        status, error = "failed", "interrupted"
         try:
             if selection is not None:
                 self._act_on(op, selection)
             else:
                 self._walk(op)
-            op.status = "cancelled" if op.cancel.is_set() else "done"
+            status, error = ("cancelled" if op.cancel.is_set() else "done"), ""
         except SpoolqError as e:
-            op.status, op.error = "failed", e.message
+            error = e.message
         except Exception as e:  # noqa: BLE001 - a bug must end the operation, not hang it
             log.exception("bulk operation %s failed", op.id)
-            op.status, op.error = "failed", f"internal error: {e}"
+            error = f"internal error: {e}"
         finally:
             try:
                 op.remaining = self.client.counts(op.queue).get(str(op.state), 0)
             except SpoolqError:
                 op.remaining = None
             op.finished = time.time()
+            # The status last: whoever sees the operation ended sees all of its outcome
+            # (a poller once saw "done" with "remaining" still null).
             with self._changed:
+                op.error = error
+                op.status = status
                 self._changed.notify_all()
 
     def _walk(self, op: Operation) -> None:
