@@ -50,11 +50,11 @@ from ..leases import (
 )
 from .beneath import open_dir_beneath
 from .index import Entry, QueueIndex
-from .layout import iter_entries, message_path
+from .layout import bucketed, iter_entries
 from .queues import _json
 from .recount import LiveRecount
 from .watcher import FsWatcher
-from .writing import WriteParts
+from .writing import WriteParts, logged_rename
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -330,8 +330,7 @@ class AttemptParts(WriteParts):
         if gs is None or queue in self._recounts or self._batch_depth:
             return None
         mid = e.msg_id
-        qs = str(ix.qdir)
-        rel = f"{mid[0:8]}/{mid[9:13]}/{mid[14:16]}/{mid}"
+        qs, rel = str(ix.qdir), bucketed(mid)
         src = f"{qs}/que/{rel}"
         try:
             fd = os.open(f"{src}/msg", os.O_RDONLY | os.O_CLOEXEC)
@@ -361,37 +360,35 @@ class AttemptParts(WriteParts):
         self._gather(ix.qdir, _CLAIM_DELTAS)
         self._held.pop((queue, mid), None)
         m.history.append({"state": "run", "at": at, "note": "run"})
-        if cfg.fsync:  # as in _start
-            gs.add_rename(src.rpartition("/")[0], dst.rpartition("/")[0], only_where_unsafe=True,
-                          dev=self._dev(queue))
-        a = Attempt(queue, mid, new_attempt_id(mid, m.count), owner, now + lease, m, (),
-                    cancel_requested=os.path.exists(f"{dst}/cancel"))
-        if a.cancel_requested:
-            self._cancel_seen.add((queue, mid))
-        self._mine.setdefault(queue, {})[mid] = a
-        return a
+        return self._hand_out(queue, m, cfg, owner, lease, now, (), src, dst)
 
     def _start(self, queue: str, msg_id: str, cfg: QueueConfig, owner: str, lease: float, now: float,
                dups: tuple[str, ...]) -> Attempt:
         # Not fsync'd: if a crash loses this rename the message is still in que, which is
         # where recovery would put it; the move out of run is the durable one.
         m = self.move(queue, msg_id, State.QUE, State.RUN, note="run", sync=False, cfg=cfg)
-        qdir = self.qdir(queue)
-        run_dir = message_path(qdir, State.RUN, msg_id)
+        qs, rel = str(self.qdir(queue)), bucketed(msg_id)
+        a = self._hand_out(queue, m, cfg, owner, lease, now, dups, f"{qs}/que/{rel}", f"{qs}/run/{rel}")
+        if self._daemon_fd < 0:
+            self._write_attempt(a, Path(f"{qs}/run/{rel}"))  # the daemon's fence is _mine: no write per start
+        return a
+
+    def _hand_out(self, queue: str, m: Message, cfg: QueueConfig, owner: str, lease: float, now: float,
+                  dups: tuple[str, ...], que_dir: str, run_dir: str) -> Attempt:
+        """A message just moved from ``que_dir`` to ``run_dir``: its attempt, recorded."""
         if self._group_sync is not None and cfg.fsync:
             # Where a rename is not atomic on disk (ext4 without a journal) a producer's fsync
             # of the que bucket can write this move's removal long before anything writes the
             # run bucket: the message would be in neither after a power cut. Both are synced
             # soon, new entry first; what is left of the window, lost+found recovery covers.
-            self._group_sync.add_rename(message_path(qdir, State.QUE, msg_id).parent, run_dir.parent,
+            self._group_sync.add_rename(que_dir.rpartition("/")[0], run_dir.rpartition("/")[0],
                                         only_where_unsafe=True, dev=self._dev(queue))
-        a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m, dups,
+        mid = m.msg_id
+        a = Attempt(queue, mid, new_attempt_id(mid, m.count), owner, now + lease, m, dups,
                     cancel_requested=os.path.exists(f"{run_dir}/cancel"))
         if a.cancel_requested:
-            self._cancel_seen.add((queue, msg_id))
-        self._mine.setdefault(queue, {})[msg_id] = a
-        if self._daemon_fd < 0:
-            self._write_attempt(a, run_dir)  # the daemon's fence is _mine: no write per start
+            self._cancel_seen.add((queue, mid))
+        self._mine.setdefault(queue, {})[mid] = a
         return a
 
     def _dev(self, queue: str) -> int | None:
@@ -434,8 +431,7 @@ class AttemptParts(WriteParts):
         mine = self._mine.get(a.queue, {}).get(a.msg_id) if self._daemon_fd >= 0 else None
         if mine is not None:
             if mine.attempt_id == a.attempt_id:
-                mid = a.msg_id
-                return f"{self.qdir(a.queue)}/run/{mid[0:8]}/{mid[9:13]}/{mid[14:16]}/{mid}"
+                return f"{self.qdir(a.queue)}/run/{bucketed(a.msg_id)}"
         else:
             current: str | None
             try:
@@ -528,9 +524,11 @@ class AttemptParts(WriteParts):
                     pass
             cfg, _ = self._settings(q)
             deferred = update is None and self._group_sync is not None
+            head, _, rel = path.rpartition("/run/")  # rel: the bucket and the id, never "/run/"
+            landed = f"{head}/{dst}/{rel}"
             # The commit point. If it fails (a full disk) the attempt still holds the message
             # and the caller's retry passes the fence.
-            got = self._finish_move(q, msg_id, path, dst, note, attempt.message) if deferred else None
+            got = self._finish_move(q, msg_id, path, landed, dst, note, attempt.message) if deferred else None
             m = got if got is not None else self.move(q, msg_id, State.RUN, dst, update=update, note=note,
                                                       sync=False if deferred else None,
                                                       current=attempt.message, cfg=cfg)
@@ -539,13 +537,11 @@ class AttemptParts(WriteParts):
             # a move whose rename landed before its fsync failed): nothing to retry.
             self._let_go(attempt, ix, dst=None)
             raise WrongState(f"{q}/{msg_id} left run without this attempt: {e}") from None
-        src_dir, _, _ = path.rpartition("/")
-        head, _, bucket = src_dir.rpartition("/run/")  # bucket: never "/run/"
-        if deferred and cfg.fsync and self._group_sync is not None:
-            self._group_sync.add_rename(src_dir, f"{head}/{dst}/{bucket}", dev=self._dev(q))  # destination first
+        if deferred and cfg.fsync and self._group_sync is not None:  # destination first
+            self._group_sync.add_rename(path.rpartition("/")[0], landed.rpartition("/")[0], dev=self._dev(q))
         if (q, msg_id) in self._attempt_files:
             try:
-                os.unlink(f"{head}/{dst}/{bucket}/{msg_id}/{ATTEMPT_FILE}")
+                os.unlink(f"{landed}/{ATTEMPT_FILE}")
             except OSError:
                 pass  # the message moved on already
         if ix is not None and dst == State.QUE:
@@ -555,7 +551,7 @@ class AttemptParts(WriteParts):
                      note=note)
         return m
 
-    def _finish_move(self, queue: str, msg_id: str, src: str, dst: State, note: str,
+    def _finish_move(self, queue: str, msg_id: str, src: str, dest: str, dst: State, note: str,
                      current: Message) -> Message | None:
         """The daemon's move of its own attempt out of run when ``msg`` is not rewritten,
         lean: the generic ``move`` on strings, without reading what the attempt holds. None,
@@ -566,8 +562,6 @@ class AttemptParts(WriteParts):
             return None
         check_transition(State.RUN, dst)
         state = str(dst)
-        head, _, rel = src.rpartition("/run/")  # rel: the bucket and the id, never "/run/"
-        dest = f"{head}/{state}/{rel}"
         at = self.clock()
         entry = {"state": state, "at": at, **({"note": note} if note else {})}
         if not _logged_rename(src, dest, _json(entry) + b"\n", f"{queue}/{msg_id} to {dst}"):
@@ -648,33 +642,22 @@ class AttemptParts(WriteParts):
 
 
 def _logged_rename(src: str, dst: str, line: bytes, what: str) -> bool:
-    """The disk steps of a move (as the generic ``move``): the history line appended in the
-    message directory, then the rename, the line cut off again if the rename fails. False,
-    with nothing changed, when something is missing (the message, or ``dst``'s bucket);
-    StorageError for anything else."""
+    """:func:`~.writing.logged_rename` with a plain rename (no bucket made, no counts):
+    False, with nothing changed, when something is missing (the message, or ``dst``'s
+    bucket); Conflict or StorageError as the generic ``move`` says them."""
+
+    def rename() -> None:
+        durable._check("rename", dst)
+        os.rename(src, dst)
+
     try:
-        hfd = os.open(f"{src}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise durable.storage_error(e, f"cannot move {what}") from None
-    try:
-        before = os.lseek(hfd, 0, os.SEEK_END)
-        os.write(hfd, line)
-        try:
-            durable._check("rename", dst)
-            os.rename(src, dst)
-        except BaseException:
-            os.ftruncate(hfd, before)
-            raise
+        logged_rename(src, line, rename)
     except FileNotFoundError:
         return False
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # as _publish: clock went back, inode reused
             raise Conflict(f"cannot move {what}: the id exists there already") from None
         raise durable.storage_error(e, f"cannot move {what}") from None
-    finally:
-        os.close(hfd)
     return True
 
 

@@ -37,12 +37,20 @@ def message_path(qdir: Path, state: State | str, msg_id: str, *, acked: bool = F
     return _message_path(str(qdir), str(state), msg_id, acked)
 
 
+def bucketed(msg_id: str) -> str:
+    """``<day>/<HHMM>/<SS>/<id>``: where ``msg_id`` lives below a state directory, as a
+    string (the daemon's hot path builds no Path)."""
+    return f"{msg_id[0:8]}/{msg_id[9:13]}/{msg_id[14:16]}/{msg_id}"
+
+
 @functools.lru_cache(maxsize=4096)
 def _message_path(qdir: str, state: str, msg_id: str, acked: bool) -> Path:
     # One Path built from one string, and the last few thousand kept: the daemon asks for
     # the same few paths of a message ten times while it starts and ends it, and building a
     # Path costs several us (five joins cost ~10).
-    return Path(f"{qdir}/{state}/{msg_id[0:8]}/{msg_id[9:13]}/{msg_id[14:16]}/{'.' if acked else ''}{msg_id}")
+    if acked:
+        return Path(f"{qdir}/{state}/{msg_id[0:8]}/{msg_id[9:13]}/{msg_id[14:16]}/.{msg_id}")
+    return Path(f"{qdir}/{state}/{bucketed(msg_id)}")
 
 
 def _sorted_dirs(path: Path, width: int, reverse: bool) -> list[str]:

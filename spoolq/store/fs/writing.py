@@ -57,6 +57,25 @@ COUNT_LOCK_BATCH = 256
 """Renames of a bulk delete or acknowledgement made per hold of the counts lock (I8)."""
 
 
+def logged_rename(mdir: str, line: bytes, rename: Callable[[], None]) -> None:
+    """A move's disk steps: ``line`` appended to the history in the message directory
+    ``mdir``, then ``rename()``, the line cut off again if that raises. The line goes first
+    so that it travels with the directory (once renamed, another process may move the
+    message on at once), and history never claims a move that did not happen.
+    FileNotFoundError when ``mdir`` is gone, or whatever ``rename`` raises."""
+    hfd = os.open(f"{mdir}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        before = os.lseek(hfd, 0, os.SEEK_END)
+        os.write(hfd, line)
+        try:
+            rename()
+        except BaseException:
+            os.ftruncate(hfd, before)
+            raise
+    finally:
+        os.close(hfd)
+
+
 class WriteParts(ReadParts):
     """The filesystem store's writes: creating, publishing, moving, rewriting and deleting messages (and queues)."""
 
@@ -427,33 +446,17 @@ class WriteParts(ReadParts):
                 update(m)
                 durable.write_replace(path / "msg", m.encode(), sync=sync)
             dest = message_path(qdir, dst, msg_id)
-            # The history line is written before the rename so it travels with the directory:
-            # after the rename another process (the daemon) may move the message on at once.
-            # If the rename fails, the line is cut off again: history never claims a move
-            # that did not happen.
             now = self.clock()
             entry = {"state": str(dst), "at": now, **({"note": note} if note else {})}
             try:
-                hfd = os.open(f"{path}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                # I8: the rename and its delta under one hold of the counts lock, so a
+                # recount sees both or neither (the fsyncs come after, outside it).
+                logged_rename(str(path), _json(entry) + b"\n", lambda: self._counted_rename(
+                    qdir, {_count_key(src, acked): -1, str(dst): 1},
+                    lambda: self._publish(path, dest, False, durable_dirs=durable_dirs)))
             except FileNotFoundError:
-                # No message directory: someone else moved or deleted it.
-                raise WrongState(f"message {msg_id} is not in {src}") from None
-            try:
-                before = os.lseek(hfd, 0, os.SEEK_END)
-                os.write(hfd, _json(entry) + b"\n")
-                try:
-                    # I8: the rename and its delta under one hold of the counts lock, so a
-                    # recount sees both or neither (the fsyncs come after, outside it).
-                    self._counted_rename(qdir, {_count_key(src, acked): -1, str(dst): 1},
-                                         lambda: self._publish(path, dest, False, durable_dirs=durable_dirs))
-                except FileNotFoundError:
-                    os.ftruncate(hfd, before)
-                    raise WrongState(f"message {msg_id} left {src} while being moved") from None
-                except BaseException:
-                    os.ftruncate(hfd, before)
-                    raise
-            finally:
-                os.close(hfd)
+                # No message directory (someone else moved or deleted it), or it left meanwhile.
+                raise WrongState(f"message {msg_id} is not in {src} (moved meanwhile)") from None
             if sync:
                 # On a journaling filesystem the rename is one transaction, which the fsync of
                 # the destination directory commits; elsewhere the source is fsync'd as well.
