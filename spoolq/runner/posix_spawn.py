@@ -105,35 +105,49 @@ def spawn(path: str, argv: Sequence[str], env: Sequence[bytes], *, cwd: str,
         raise ValueError("embedded null byte")
     c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
     c_env = (ctypes.c_char_p * (len(env) + 1))(*env, None)
+    attr = _attr()
     fa = ctypes.create_string_buffer(_BUF)
-    attr = ctypes.create_string_buffer(_BUF)
-    sigs = ctypes.create_string_buffer(128)
     pid = ctypes.c_int(0)
     if libc.posix_spawn_file_actions_init(fa) != 0:
         raise OSError(ctypes.get_errno(), "posix_spawn_file_actions_init failed")
     try:
-        if libc.posix_spawnattr_init(attr) != 0:
-            raise OSError(ctypes.get_errno(), "posix_spawnattr_init failed")
-        try:
-            for src, dst in fds:
-                _check(libc.posix_spawn_file_actions_adddup2(fa, src, dst))
-            _check(libc.posix_spawn_file_actions_addchdir_np(fa, os.fsencode(cwd)))
-            _check(libc.posix_spawn_file_actions_addclosefrom_np(fa, max(d for _, d in fds) + 1))
-            libc.sigemptyset(sigs)
-            _check(libc.posix_spawnattr_setsigmask(attr, sigs))
-            for s in _DEFAULT_SIGNALS:
-                libc.sigaddset(sigs, int(s))
-            _check(libc.posix_spawnattr_setsigdefault(attr, sigs))
-            _check(libc.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK
-                                                 | POSIX_SPAWN_SETSIGDEF))
-            err = libc.posix_spawn(ctypes.byref(pid), os.fsencode(path), fa, attr, c_argv, c_env)
-        finally:
-            libc.posix_spawnattr_destroy(attr)
+        for src, dst in fds:
+            _check(libc.posix_spawn_file_actions_adddup2(fa, src, dst))
+        _check(libc.posix_spawn_file_actions_addchdir_np(fa, os.fsencode(cwd)))
+        _check(libc.posix_spawn_file_actions_addclosefrom_np(fa, max(d for _, d in fds) + 1))
+        err = libc.posix_spawn(ctypes.byref(pid), os.fsencode(path), fa, attr, c_argv, c_env)
     finally:
         libc.posix_spawn_file_actions_destroy(fa)
     if err != 0:
         raise OSError(err, os.strerror(err), path)
     return pid.value
+
+
+_attr_buf: ctypes.Array[ctypes.c_char] | None = None
+
+
+def _attr() -> ctypes.Array[ctypes.c_char]:
+    """The spawn attributes, the same for every script (its own session, an empty signal
+    mask, :data:`_DEFAULT_SIGNALS` reset): made once, as they were a fifth of this
+    module's cost per spawn. ``posix_spawn`` only reads them, from any thread."""
+    global _attr_buf
+    if _attr_buf is not None:
+        return _attr_buf
+    assert _libc is not None
+    libc = _libc
+    attr = ctypes.create_string_buffer(_BUF)
+    sigs = ctypes.create_string_buffer(128)
+    if libc.posix_spawnattr_init(attr) != 0:
+        raise OSError(ctypes.get_errno(), "posix_spawnattr_init failed")
+    libc.sigemptyset(sigs)
+    _check(libc.posix_spawnattr_setsigmask(attr, sigs))
+    for s in _DEFAULT_SIGNALS:
+        libc.sigaddset(sigs, int(s))
+    _check(libc.posix_spawnattr_setsigdefault(attr, sigs))
+    _check(libc.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK
+                                         | POSIX_SPAWN_SETSIGDEF))
+    _attr_buf = attr  # never destroyed: glibc's destroy frees nothing on Linux, and it lives as long
+    return attr
 
 
 def _check(rc: int) -> None:
