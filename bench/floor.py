@@ -99,6 +99,28 @@ def fill(root: Path, n: int) -> Any:
     return client
 
 
+def reaped_cpu_of(pid: int) -> float:
+    """CPU seconds of the reaped children of the live process ``pid`` (cutime + cstime):
+    the daemon's scripts."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[13]) + int(f[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> tuple[int, int]:
+    """Jiffies the machine's cores spent busy and in all, so far (/proc/stat)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def machine_figures(m0: tuple[int, int], m1: tuple[int, int], n: int) -> dict[str, float]:
+    """What every process on the machine used between two :func:`machine` readings: the
+    cores' busy share, and their CPU per message. On a machine with few cores the scripts'
+    own exec is a large part of it, and bounds what any daemon can reach."""
+    busy, total = m1[0] - m0[0], m1[1] - m0[1]
+    return {"busy": busy / total if total else float("nan"),
+            "machine_cpu_us": busy / os.sysconf("SC_CLK_TCK") / n * 1e6}
+
+
 def _cpu_us(before: os.times_result, after: os.times_result, n: int, *, children: bool = False) -> float:
     """This process's CPU (or its reaped children's) between two ``os.times()``, per message."""
     if children:
@@ -199,7 +221,7 @@ def run_floor(work: Path, n: int) -> dict[str, Any]:
         os.set_blocking(p.stdout.fileno(), False)
         sel.register(p.stdout.fileno(), selectors.EVENT_READ, i)
     time.sleep(0.3)  # the workers start
-    own0, w0 = os.times(), cpu_of([p.pid for p in procs])
+    own0, w0, m0 = os.times(), cpu_of([p.pid for p in procs]), machine()
     t0 = time.perf_counter()
     queued = lay.queued()
     held: list[dict[str, str]] = [{} for _ in procs]  # msg id -> bucket, per worker
@@ -226,13 +248,13 @@ def run_floor(work: Path, n: int) -> dict[str, Any]:
         lay.tick(last=finished >= n)
     done = lay.close()
     el = time.perf_counter() - t0
-    own1, w1 = os.times(), cpu_of([p.pid for p in procs])
+    own1, w1, m1 = os.times(), cpu_of([p.pid for p in procs]), machine()
     for p in procs:
         assert p.stdin is not None
         p.stdin.close()
         p.wait()
     return {"msg_s": n / el, "seconds": el, "done": done, "loop_cpu_us": _cpu_us(own0, own1, n),
-            "workers_cpu_us": (w1 - w0) / n * 1e6}
+            "workers_cpu_us": (w1 - w0) / n * 1e6, **machine_figures(m0, m1, n)}
 
 
 def run_floor_script(work: Path, n: int) -> dict[str, Any]:
@@ -246,7 +268,7 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
     lay = Layout(work / "floor", n)
     env = ps.env_block({"PATH": "/usr/bin:/bin"})
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    own0 = os.times()
+    own0, m0 = os.times(), machine()
     t0 = time.perf_counter()
     queued = lay.queued()
     running: dict[int, tuple[str, str, str, int, int]] = {}  # pid -> bucket, id, dir, status_r, reply_w
@@ -276,11 +298,11 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
         lay.tick(last=finished >= n)
     done = lay.close()
     el = time.perf_counter() - t0
-    own1 = os.times()
+    own1, m1 = os.times(), machine()
     os.close(devnull)
     # The reaped children's CPU is the scripts', not the loop's.
     return {"msg_s": n / el, "seconds": el, "done": done, "loop_cpu_us": _cpu_us(own0, own1, n),
-            "workers_cpu_us": _cpu_us(own0, own1, n, children=True)}
+            "workers_cpu_us": _cpu_us(own0, own1, n, children=True), **machine_figures(m0, m1, n)}
 
 
 def run_spoolq_script(work: Path, n: int) -> dict[str, Any]:
@@ -290,27 +312,28 @@ def run_spoolq_script(work: Path, n: int) -> dict[str, Any]:
     try:
         os.sync()
         finished = ended(client)
-        c0 = cpu_of([d.p.pid])
+        c0, s0, m0 = cpu_of([d.p.pid]), reaped_cpu_of(d.p.pid), machine()
         t0 = time.perf_counter()
         client.set_admin_state("q", "UP")
         wait_for(lambda: finished("q", n), 120 + n / 10, f"{n} spoolq messages")
         el = time.perf_counter() - t0
-        c1 = cpu_of([d.p.pid])
+        c1, s1, m1 = cpu_of([d.p.pid]), reaped_cpu_of(d.p.pid), machine()
         counts = client.counts("q")
     finally:
         d.stop()
     return {"msg_s": n / el, "seconds": el, "done": counts["done"],
-            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": float("nan")}
+            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": (s1 - s0) / n * 1e6,
+            **machine_figures(m0, m1, n)}
 
 
 def run_raw(work: Path, n: int) -> dict[str, Any]:
     from bench.daemon import raw_throughput
 
-    own0 = os.times()
+    own0, m0 = os.times(), machine()
     msg_s = raw_throughput(n, WORKERS)
-    own1 = os.times()
+    own1, m1 = os.times(), machine()
     return {"msg_s": msg_s, "seconds": n / msg_s, "done": n, "loop_cpu_us": _cpu_us(own0, own1, n),
-            "workers_cpu_us": _cpu_us(own0, own1, n, children=True)}
+            "workers_cpu_us": _cpu_us(own0, own1, n, children=True), **machine_figures(m0, m1, n)}
 
 
 def run_spoolq(work: Path, n: int) -> dict[str, Any]:
@@ -335,17 +358,44 @@ def run_spoolq(work: Path, n: int) -> dict[str, Any]:
             client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
         os.sync()
         kids = children(d.p.pid)
-        c0, w0 = cpu_of([d.p.pid]), cpu_of(kids)
+        c0, w0, m0 = cpu_of([d.p.pid]), cpu_of(kids), machine()
         t0 = time.perf_counter()
         client.set_admin_state("q", "UP")
         wait_for(lambda: finished("q", n + 1), 120 + n / 100, f"{n} persistent messages")
         el = time.perf_counter() - t0
-        c1, w1 = cpu_of([d.p.pid]), cpu_of(kids)
+        c1, w1, m1 = cpu_of([d.p.pid]), cpu_of(kids), machine()
         counts = client.counts("q")
     finally:
         d.stop()
     return {"msg_s": n / el, "seconds": el, "done": counts["done"] - 1,
-            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": (w1 - w0) / n * 1e6}
+            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": (w1 - w0) / n * 1e6,
+            **machine_figures(m0, m1, n)}
+
+
+def budget(rounds: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The CPU each message may use, all processes together, at the target's rate on this
+    machine's cores (best round of each system), beside what spoolq's used: whether the
+    target is a matter of speed or of cores here."""
+    cores = os.cpu_count() or 1
+    best = {name: max((got[name] for got in rounds), key=lambda g: g["msg_s"]) for name in rounds[0]}
+    sp = best["spoolq"]
+    if kind == "worker":
+        rate = 10_000.0
+        allowed = cores * 1e6 / rate
+        text = (f"CPU budget at 10,000 msg/s on {cores} cores: {allowed:.0f} us per message for every "
+                f"process at 100 % busy; spoolq's run used {sp['machine_cpu_us']:.0f} (daemon "
+                f"{sp['loop_cpu_us']:.0f}, workers {sp['workers_cpu_us']:.0f}), the floor's "
+                f"{best['floor']['machine_cpu_us']:.0f}")
+        return {"cores": cores, "rate": rate, "allowed_us": allowed, "text": text}
+    rate = 0.5 * best["raw"]["msg_s"]
+    allowed = cores * 1e6 / rate
+    scripts = best["raw"]["workers_cpu_us"]
+    text = (f"CPU budget at 0.5 x raw ({rate:.0f} msg/s) on {cores} cores: {allowed:.0f} us per message "
+            f"for every process at 100 % busy, of which the scripts' own exec takes {scripts:.0f} (raw's "
+            f"children): {allowed - scripts:.0f} left for the daemon and the kernel's work. spoolq's run "
+            f"used {sp['machine_cpu_us'] - sp['workers_cpu_us']:.0f} besides its scripts (daemon "
+            f"{sp['loop_cpu_us']:.0f}), at {sp['busy'] * 100:.0f} % busy")
+    return {"cores": cores, "rate": rate, "allowed_us": allowed, "scripts_us": scripts, "text": text}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, _ in systems:
             g = got[name]
             rows.append([f"{name} (round {k + 1})", f"{g['msg_s']:.0f}", f"{g['loop_cpu_us']:.0f}",
-                         f"{g['workers_cpu_us']:.0f}"])
+                         f"{g['workers_cpu_us']:.0f}", f"{g['machine_cpu_us']:.0f}", f"{g['busy'] * 100:.0f}"])
     say("")
     say(common.table(rows, ["system", "msg/s", "loop/daemon CPU us/msg",
-                            "workers CPU us/msg" if a.kind == "worker" else "scripts CPU us/msg"]))
+                            "workers CPU us/msg" if a.kind == "worker" else "scripts CPU us/msg",
+                            "machine CPU us/msg", "cores busy %"]))
     ratios = [got["spoolq"]["msg_s"] / got["floor"]["msg_s"] for got in r["rounds"]]
     say(f"spoolq / floor: {', '.join(f'{x:.2f}' for x in ratios)}")
     best_floor = max(got["floor"]["msg_s"] for got in r["rounds"])
@@ -402,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"floor / raw: {', '.join(f'{x:.2f}' for x in vs_raw)}: the 0.5 x raw target is "
             f"{'within' if max(vs_raw) >= 0.5 else 'beyond'} what one Python thread does on this layout here")
     r["ratios"] = ratios
+    r["budget"] = budget(r["rounds"], a.kind)
+    say(r["budget"]["text"])
     say(f"\nresults: {common.write_results('floor', r)}")
     return 0
 
