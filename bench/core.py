@@ -37,7 +37,7 @@ from bench import common  # noqa: E402
 from bench.common import say  # noqa: E402
 from spoolq import durable  # noqa: E402
 from spoolq.ids import sort_key  # noqa: E402
-from spoolq.model import State  # noqa: E402
+from spoolq.model import MessageFields, State  # noqa: E402
 
 TARGET_RATIO = 0.60
 TARGET_MANY = 10_000
@@ -124,7 +124,7 @@ def bench_many(client: spoolq.Client, batches: int) -> dict[str, Any]:
     rates = []
     total = 0.0
     for b in range(batches):
-        msgs = [{"param1": str(b * BATCH + i)} for i in range(BATCH)]
+        msgs: list[MessageFields] = [{"param1": str(b * BATCH + i)} for i in range(BATCH)]
         t = time.perf_counter()
         client.send_many("many", msgs)
         el = time.perf_counter() - t

@@ -239,7 +239,26 @@ def bench_raw(n: int, m: int, stamp: str, work: Path, curve: list[int]) -> dict[
         return True
 
     lat = latency_run(m, send, stamps, finished)
-    return {"msg_s": msg_s, "seconds": el, "curve": by_width, **lat}
+    return {"msg_s": msg_s, "seconds": el, "curve": by_width, **lat, **publish_latency(m, work)}
+
+
+def publish_latency(m: int, work: Path) -> dict[str, Any]:
+    """M paced durable publishes with nothing else (``bench/core.py``'s raw op: create a
+    100-byte file, fsync, rename, fsync the directory, and the source directory where
+    spoolq must), on the filesystem the spoolq run uses: with a spawn, the least any
+    durable enqueue -> start can take here (the latency target's floor)."""
+    from bench.core import Raw
+
+    raw = Raw(work / "publish")
+    os.sync()
+    time.sleep(0.2)
+    each = []
+    for _ in range(m):
+        t = time.perf_counter()
+        raw.op()
+        each.append(time.perf_counter() - t)
+        time.sleep(0.01)
+    return {"publish_ms": common.summary_ms(each), "publish_fsync_source": raw.fsync_source}
 
 
 # -- (b) spoolq -----------------------------------------------------------------------------
@@ -618,6 +637,14 @@ def report(r: dict[str, Any]) -> None:
         p50, p99 = s["from_call_ms"]["p50"], s["from_call_ms"]["p99"]
         checks.append(f"spoolq p50 {p50:.2f} ms (target <= {TARGET_P50_MS}) {common.verdict(p50 <= TARGET_P50_MS)}, "
                       f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS}) {common.verdict(p99 <= TARGET_P99_MS)}")
+        if raw and raw.get("publish_ms"):
+            pub, sp = raw["publish_ms"]["p50"], raw["from_call_ms"]["p50"]
+            r["latency_floor_p50_ms"] = pub + sp
+            checks.append(f"  this machine's floor for it: a durable publish alone p50 {pub:.2f} ms (p99 "
+                          f"{raw['publish_ms']['p99']:.2f}"
+                          f"{', source dir synced too' if raw.get('publish_fsync_source') else ''})"
+                          f" + a spawn alone p50 {sp:.2f} ms = {pub + sp:.2f} ms; spoolq p50 / floor = "
+                          f"{p50 / (pub + sp):.2f}")
     p = r.get("spoolq_persistent")
     if p:
         x = p["msg_s"]
