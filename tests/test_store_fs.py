@@ -84,6 +84,24 @@ def test_config_edited_by_hand_is_picked_up(fs: FsStore) -> None:
     assert fs.queue_config("q").num_workers == 9
 
 
+def test_a_config_replaced_within_one_clock_tick_by_one_of_the_same_size_is_seen(fs: FsStore) -> None:
+    """A file's times tick coarsely (a jiffy): a config rewritten right after it was read,
+    to one of the same size, has the same mtime, size and (in place, or where the inode is
+    reused) inode. The cached config must not hide it."""
+    other = FsStore(fs.root)  # another process: the HTTP API, the CLI
+    path = fs.qroot / "q" / "config.json"
+    for i in range(20):
+        workers = 3 if i % 2 else 4
+        cfg = other.queue_config("q").to_dict()
+        cfg["num_workers"] = workers
+        if i % 4 < 2:
+            other.update_queue(QueueConfig.from_dict(cfg))  # a new file renamed into place
+        else:
+            path.write_text(json.dumps(cfg, indent=2))  # edited in place: the same inode
+        assert fs.queue_config("q").num_workers == workers, i
+        fs.queue_config("q")  # read again at once: still the same tick
+
+
 def test_attachments_are_copies_unless_a_link_is_asked_for(fs: FsStore, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     data = os.urandom(100_000)

@@ -36,6 +36,11 @@ from ...model import (
 from .layout import COUNT_KEYS, RQ_FLAG_DIR, Counts
 from .search import read_whole
 
+CONFIG_SETTLED_NS = 2_000_000_000
+"""A config.json whose mtime is this much older than the moment it was read is trusted by
+its stat alone afterwards (queue_config): well past a timestamp tick (a jiffy) and the
+small clock steps NTP makes."""
+
 
 class QueueParts:
     """The filesystem store's queues: their directories, configs and admin flags."""
@@ -46,7 +51,8 @@ class QueueParts:
         self.url = f"file://{self.root}"
         self._daemon_fd = -1  # daemon.pid, locked while this store serves as the daemon's
         self.clock = clock
-        self._cfg_cache: dict[str, tuple[tuple[int, int], QueueConfig]] = {}
+        # name -> (ino, mtime, size), the config, and its bytes while the stat cannot vouch for it
+        self._cfg_cache: dict[str, tuple[tuple[int, int, int], QueueConfig, bytes | None]] = {}
         self._qdirs: dict[str, Path] = {}  # name -> its directory: qdir() is asked per message
 
     def ensure_root(self) -> None:
@@ -122,23 +128,31 @@ class QueueParts:
 
     def queue_config(self, name: str) -> QueueConfig:
         # On every send and move: one stat and a cache hit, without building Path objects.
+        # The stat can vouch only for a file written well before it was read (git's "racy
+        # clean" rule): a file's times tick coarsely, so a config replaced within the same
+        # tick by one of the same size (and, where inodes are reused at once, the same
+        # inode) looks unchanged. Until then the content is compared.
         path = f"{self.qroot}/{validate_queue_name(name)}/config.json"
         try:
             st = os.stat(path)
-            key = (st.st_mtime_ns, st.st_size)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
             cached = self._cfg_cache.get(name)
-            if cached and cached[0] == key:
+            if cached and cached[0] == key and cached[2] is None:
                 return cached[1]
+            settled = time.time_ns() - st.st_mtime_ns > CONFIG_SETTLED_NS
             raw = _read_file(Path(path))
         except (FileNotFoundError, NotADirectoryError):
             raise QueueNotFound(f"no such queue: {name}") from None
-        try:
-            cfg = QueueConfig.from_dict(json.loads(raw))
-        except ValueError as e:
-            raise InvalidConfig(f"config.json of queue {name} is not valid JSON: {e}") from None
-        if cfg.name != name:
-            raise InvalidConfig(f"config.json of queue {name} names another queue: {cfg.name!r}")
-        self._cfg_cache[name] = (key, cfg)
+        if cached and cached[0] == key and cached[2] == raw:
+            cfg = cached[1]
+        else:
+            try:
+                cfg = QueueConfig.from_dict(json.loads(raw))
+            except ValueError as e:
+                raise InvalidConfig(f"config.json of queue {name} is not valid JSON: {e}") from None
+            if cfg.name != name:
+                raise InvalidConfig(f"config.json of queue {name} names another queue: {cfg.name!r}")
+        self._cfg_cache[name] = (key, cfg, None if settled else raw)
         return cfg
 
     def rq_flag(self, name: str, flag: str) -> Path:
