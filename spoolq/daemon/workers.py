@@ -66,6 +66,9 @@ YOUNG = 5.0
 """A worker that dies within this many seconds of its start is restarted with backoff."""
 BACKOFF_MAX = 60.0
 PROTOCOL_VERSION = "1"
+_LINE = json.JSONEncoder(separators=(",", ":"))
+"""A message's line to its worker (what ``json.dumps`` with these separators gives, without
+an encoder made per message)."""
 
 
 @dataclass
@@ -290,10 +293,10 @@ class Workers:
             data = msg.to_dict()
             data.pop("history", None)
             # ASCII JSON: any string survives (a lone surrogate in a hand-written msg too).
-            line = json.dumps({"id": attempt.msg_id, "queue": attempt.queue,
-                               "full_id": self.runner.full_id(attempt.queue, attempt.msg_id),
-                               "count": msg.count, "max_count": msg.max_count, "dir": mdir,
-                               "msg": data}, separators=(",", ":")).encode() + b"\n"
+            line = _LINE.encode({"id": attempt.msg_id, "queue": attempt.queue,
+                                 "full_id": self.runner.full_id(attempt.queue, attempt.msg_id),
+                                 "count": msg.count, "max_count": msg.max_count, "dir": mdir,
+                                 "msg": data}).encode() + b"\n"
         except (ValueError, TypeError) as e:
             log.warning("%s/%s: cannot start: %s", attempt.queue, attempt.msg_id, e)
             self.runner.finish_without_run(attempt, Outcome(State.ERR, f"cannot start: {e}", msg.count))

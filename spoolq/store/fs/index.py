@@ -69,9 +69,11 @@ def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
         return None
     try:
         st = os.fstat(fd)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
+        # One read where the size says it is all (a msg is small); else read to the end.
+        chunks = [os.read(fd, st.st_size + 1)]
+        if len(chunks[0]) > st.st_size:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
         data = json.loads(b"".join(chunks))
         due = float(data.get("due") or 0.0)
         params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
