@@ -5,6 +5,7 @@ the real daemon sending ticks."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,36 @@ def test_period_ticks_once_each_across_restarts(root: Path) -> None:
     t3 = timers(client, root, clock)
     t3.tick()
     assert len(sent(client)) == 3
+
+
+def test_a_timer_rewritten_within_one_clock_tick_to_the_same_size_is_seen(root: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A file's times tick coarsely: replaced right after a scan read it by one of the same
+    size, it may keep mtime and size (and the inode, edited in place or with a freed inode
+    reused). The next scan must still see it."""
+    client, clock = setup(root)
+    path = root / "timers" / "t.json"
+    t = timers(client, root, clock)
+    for i in range(20):
+        t.scan()
+        want = "qp"[i % 2]
+        assert t.timers["t"].msg["param1"] == "pq"[i % 2], i
+        data = json.dumps({"period": 60, "msg": {"dest": "tq", "param1": want}})  # the same size
+        old = os.stat(path)
+        tick = (old.st_atime_ns, old.st_mtime_ns)  # within the same clock tick: the same mtime
+        if i % 2:  # renamed over it, as the API writes
+            tmp = root / "timers" / ".t.tmp"
+            tmp.write_text(data)
+            os.utime(tmp, ns=tick)
+            os.replace(tmp, path)
+        else:  # edited in place: the same inode too
+            path.write_text(data)
+            os.utime(path, ns=tick)
+        t.scan()
+        assert t.timers["t"].msg["param1"] == want, i
+        caplog.clear()
+        t.scan()  # read again while it is new, unchanged: not "changed" again
+        assert "changed" not in caplog.text
 
 
 def test_a_crash_after_the_message_was_prepared_commits_it(root: Path) -> None:

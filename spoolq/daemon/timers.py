@@ -44,6 +44,8 @@ TIMERS_DIR = "timers"
 STATE_FILE = ".state.json"
 RESCAN = 10.0
 """Seconds between looks at the timers directory (a SIGHUP looks at once)."""
+SETTLED_NS = 2_000_000_000
+"""A timer file this much older than the moment it is read is trusted by its stamp after."""
 MSG_KEYS = ("dest", "src", "param1", "param2", "param3", "param4", "params", "max_count", "post_run_webhook")
 
 
@@ -131,7 +133,11 @@ class Timer:
     msg: dict[str, Any]
     period: float | None = None
     cron: Cron | None = None
-    mtime_ns: int = 0
+    stamp: tuple[int, int, int] = (0, 0, 0)  # inode, mtime, size of the file it was read from
+    settled: bool = True  # the file was older than SETTLED_NS when read: its stamp vouches for it
+
+    def same_as(self, other: Timer) -> bool:
+        return (self.msg, self.period, self.cron) == (other.msg, other.period, other.cron)
 
     def next_after(self, last: float | None, now: float) -> float:
         """When the tick after ``last`` is due (a new timer with a period: now, as RQ's)."""
@@ -147,6 +153,7 @@ def load_timer(path: Path) -> Timer:
     if not QUEUE_NAME_RE.match(name):
         raise ValueError(f"invalid timer name {name!r}")
     st = os.stat(path)
+    stamp, settled = file_stamp(st)
     if st.st_size > 64 * 1024:
         raise ValueError("over 64 KiB")
     data = json.loads(path.read_bytes())
@@ -166,10 +173,19 @@ def load_timer(path: Path) -> Timer:
     if cron is not None:
         if not isinstance(cron, str):
             raise ValueError('"cron" must be a string of five fields')
-        return Timer(name, msg, cron=Cron.parse(cron), mtime_ns=st.st_mtime_ns)
+        return Timer(name, msg, cron=Cron.parse(cron), stamp=stamp, settled=settled)
     if isinstance(period, bool) or not isinstance(period, (int, float)) or not 1 <= period <= 10 * 366 * 86400:
         raise ValueError('"period" must be a number of seconds, at least 1')
-    return Timer(name, msg, period=float(period), mtime_ns=st.st_mtime_ns)
+    return Timer(name, msg, period=float(period), stamp=stamp, settled=settled)
+
+
+def file_stamp(st: os.stat_result) -> tuple[tuple[int, int, int], bool]:
+    """What says a timer file is unchanged, and whether it can: timestamps tick coarsely,
+    so a file rewritten within one tick to the same size (in place, or renamed over it
+    with an inode just freed) has the same stamp. Only a file older than
+    :data:`SETTLED_NS` when read is trusted by its stamp; a newer one is read again at the
+    next scan."""
+    return (st.st_ino, st.st_mtime_ns, st.st_size), time.time_ns() - st.st_mtime_ns > SETTLED_NS
 
 
 class Timers:
@@ -180,7 +196,7 @@ class Timers:
         self.dir = home / TIMERS_DIR
         self.clock = clock
         self.timers: dict[str, Timer] = {}
-        self.bad: dict[str, int] = {}  # name -> mtime_ns of a file already reported unusable
+        self.bad: dict[str, tuple[int, int, int]] = {}  # name -> stamp of a file reported unusable
         self.next_scan = 0.0
         self.state: dict[str, dict[str, Any]] = self._read_state()
         self._resume()
@@ -246,18 +262,20 @@ class Timers:
             seen.add(name)
             path = self.dir / fname
             try:
-                mtime = os.stat(path).st_mtime_ns
+                stamp, settled = file_stamp(os.stat(path))
             except OSError:
                 continue
             cur = self.timers.get(name)
-            if (cur is not None and cur.mtime_ns == mtime) or self.bad.get(name) == mtime:
+            if (cur is not None and cur.stamp == stamp and cur.settled) or self.bad.get(name) == stamp:
                 continue
             try:
-                self.timers[name] = load_timer(path)
-                log.info("timer %s: %s", name, "changed" if cur else "loaded")
+                new = self.timers[name] = load_timer(path)
+                if cur is None or not new.same_as(cur):
+                    log.info("timer %s: %s", name, "changed" if cur else "loaded")
                 self.bad.pop(name, None)
             except (OSError, ValueError, SpoolqError) as e:
-                self.bad[name] = mtime
+                if settled:
+                    self.bad[name] = stamp  # else looked at again at the next scan
                 self.timers.pop(name, None)
                 log.error("timer %s: unusable, not firing it: %s", name, e)
         for gone in set(self.timers) - seen:
