@@ -26,21 +26,11 @@ from spoolq.store.leases import Attempt
 
 @pytest.fixture
 def st(tmp_path: Path) -> Iterator[FsStore]:
-    yield from store_with(tmp_path, "script")
-
-
-@pytest.fixture
-def wst(tmp_path: Path) -> Iterator[FsStore]:
-    """Queue q of persistent workers: only their attempts keep the history open."""
-    yield from store_with(tmp_path, "worker")
-
-
-def store_with(tmp_path: Path, kind: str) -> Iterator[FsStore]:
     durable.faults.clear()
     s = FsStore(tmp_path / "root")
     s.ensure_root()
     s.acquire_daemon()
-    s.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true", "num_workers": 100, "kind": kind}))
+    s.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true", "num_workers": 100}))
     w = s.watch()
     w.want("q", True)
     try:
@@ -281,100 +271,3 @@ def test_the_first_message_of_a_second_makes_its_buckets(st: FsStore) -> None:
     assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run", "done"]
     true_counts(st)
 
-
-def open_histories() -> int:
-    """The history files this process holds open (other fds come and go: the group commit
-    opens directories to fsync them)."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}").endswith("/history")
-        except OSError:
-            pass  # the listing's own fd, closed by now
-    return n
-
-
-def test_a_scripts_start_keeps_no_history_open(st: FsStore) -> None:
-    m = st.create("q", Message())
-    indexed(st, m.msg_id)
-    a = claim(st)
-    assert not st._histories and open_histories() == 0
-    st.finish(a, State.DONE, status=None, note="done")
-    assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run", "done"]
-
-
-def test_the_finish_appends_through_the_history_its_start_opened(wst: FsStore) -> None:
-    st = wst
-    m = st.create("q", Message())
-    indexed(st, m.msg_id)
-    a = claim(st)
-    kept = st._histories[("q", m.msg_id)]
-    run_history = message_path(st.qdir("q"), State.RUN, m.msg_id) / "history"
-    assert os.fstat(kept).st_ino == os.stat(run_history).st_ino
-    st.finish(a, State.DONE, status=None, note="done")
-    assert not st._histories
-    assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run", "done"]
-
-
-@pytest.mark.parametrize("way", ["lean", "rewrite", "no bucket", "refused", "gone", "cap"])
-def test_every_way_an_attempt_ends_closes_its_kept_history(wst: FsStore, way: str,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lean finish, a finish that rewrites msg (general path), a destination bucket that is
-    missing (the lean finish gives up after its write: the line must be cut), a finish the
-    disk refuses (retried: the line cut, the retry opening its own), the message moved away
-    by hand, and more attempts than histories are kept: each history ends with one line per
-    move, and no fd is left open."""
-    st = wst
-    if way == "cap":
-        monkeypatch.setattr("spoolq.store.fs.attempts.HISTORIES_KEPT", 1)
-    assert open_histories() == 0
-    msgs = [st.create("q", Message()) for _ in range(3)]
-    indexed(st, *(m.msg_id for m in msgs))
-    if way == "no bucket":
-        for m in msgs:
-            shutil.rmtree(message_path(st.qdir("q"), State.DONE, m.msg_id).parent, ignore_errors=True)
-    attempts = [claim(st) for _ in msgs]
-    assert len(st._histories) == open_histories() == (1 if way == "cap" else 3)
-    want = ["que", "run", "done"]
-    for a in attempts:
-        if way == "rewrite":
-            def more(m: Message) -> None:
-                m.params = {**m.params, "k": "v"}
-            st.finish(a, State.DONE, status=None, update=more, note="done")
-        elif way == "refused":
-            durable.faults["rename"] = [errno.ENOSPC, 0]
-            with pytest.raises(StorageError):
-                st.finish(a, State.DONE, status=None, note="done")
-            durable.faults.clear()
-            st.finish(a, State.DONE, status=None, note="done")
-        elif way == "gone":
-            src = message_path(st.qdir("q"), State.RUN, a.msg_id)
-            dst = message_path(st.qdir("q"), State.ERR, a.msg_id)
-            os.rename(src, dst)
-            with pytest.raises(WrongState):
-                st.finish(a, State.DONE, status=None, note="done")
-            want = ["que", "run"]
-        else:
-            st.finish(a, State.DONE, status=None, note="done")
-        assert [h["state"] for h in history(st, a.msg_id)] == want, way
-    assert not st._histories and open_histories() == 0
-    if way != "gone":
-        true_counts(st)
-
-
-def test_the_daemon_letting_go_closes_the_histories_it_kept(wst: FsStore) -> None:
-    st = wst
-    msgs = [st.create("q", Message()) for _ in range(4)]
-    indexed(st, *(m.msg_id for m in msgs))
-    for _ in msgs:
-        claim(st)
-    kept = {fd: os.fstat(fd).st_ino for fd in st._histories.values()}
-    assert len(kept) == 4
-    st.release_daemon()
-    assert not st._histories
-    for fd, ino in kept.items():
-        try:
-            assert os.fstat(fd).st_ino != ino, "still open"  # else its number was reused
-        except OSError as e:
-            assert e.errno == errno.EBADF
-    st.acquire_daemon()

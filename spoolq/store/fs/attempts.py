@@ -25,7 +25,6 @@ import errno
 import json
 import logging
 import os
-import resource
 import stat
 import threading
 import time
@@ -60,11 +59,6 @@ from .writing import WriteParts, logged_rename
 log = logging.getLogger("spoolq.daemon")
 
 ATTEMPT_FILE = "attempt"
-HISTORIES_KEPT = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
-"""Histories kept open from a start to its finish at most, one fd each, and only for
-persistent workers' messages (a script's attempt lasts as long as the script and holds
-fds of its own; its finish opens the history as before). Beyond it, the finish opens its
-own: an eighth of the fd limit at most."""
 _CLAIM_DELTAS = {str(State.QUE): -1, str(State.RUN): 1}
 _FINISH_DELTAS = {str(st): {str(State.RUN): -1, str(st): 1} for st in State}
 COUNTS_LINGER = 0.005
@@ -78,9 +72,6 @@ class AttemptParts(WriteParts):
         super().__init__(root, clock=clock)
         self._held: dict[tuple[str, str], str] = {}  # (queue, duplicate id) -> the parent's attempt id
         self._mine: dict[str, dict[str, Attempt]] = {}  # queue -> id -> the attempt this store handed out
-        # (queue, id) -> its history, open since the lean start (the finish appends through it:
-        # one open fewer per message); closed when the attempt ends, whichever way.
-        self._histories: dict[tuple[str, str], int] = {}
         self._watcher: FsWatcher | None = None
         self._group_sync: durable.GroupSync | None = None
         self._reclaimed: set[str] = set()  # queues whose run/ was reclaimed under this lock
@@ -118,8 +109,6 @@ class AttemptParts(WriteParts):
             self._group_sync.close()  # every finished move durable before the lock is let go
             self._group_sync = None
         self._mine.clear()
-        for key in list(self._histories):
-            self._close_history(key)
         self._held.clear()
         self._reclaimed.clear()
         self._cancel_seen.clear()
@@ -365,23 +354,13 @@ class AttemptParts(WriteParts):
             return None
         dst = f"{qs}/run/{rel}"
         at = self.clock()
-        hfd = _logged_rename(src, dst, f'{{"state":"run","at":{at!r},"note":"run"}}\n'.encode(),
-                             f"{queue}/{mid} to run",
-                             keep=cfg.kind == "worker" and len(self._histories) < HISTORIES_KEPT)
-        if hfd is None:
+        if not _logged_rename(src, dst, f'{{"state":"run","at":{at!r},"note":"run"}}\n'.encode(),
+                              f"{queue}/{mid} to run"):
             return None  # gone, or no run bucket yet: the general path says which
-        try:
-            self._gather(ix.qdir, _CLAIM_DELTAS)
-            self._held.pop((queue, mid), None)
-            m.history.append({"state": "run", "at": at, "note": "run"})
-            a = self._hand_out(queue, m, cfg, owner, lease, now, (), src, dst)
-        except BaseException:
-            if hfd >= 0:
-                os.close(hfd)
-            raise
-        if hfd >= 0:
-            self._histories[queue, mid] = hfd  # the finish's line goes through it (_finish_move)
-        return a
+        self._gather(ix.qdir, _CLAIM_DELTAS)
+        self._held.pop((queue, mid), None)
+        m.history.append({"state": "run", "at": at, "note": "run"})
+        return self._hand_out(queue, m, cfg, owner, lease, now, (), src, dst)
 
     def _start(self, queue: str, msg_id: str, cfg: QueueConfig, owner: str, lease: float, now: float,
                dups: tuple[str, ...]) -> Attempt:
@@ -411,11 +390,6 @@ class AttemptParts(WriteParts):
             self._cancel_seen.add((queue, mid))
         self._mine.setdefault(queue, {})[mid] = a
         return a
-
-    def _close_history(self, key: tuple[str, str]) -> None:
-        hfd = self._histories.pop(key, -1)
-        if hfd >= 0:
-            os.close(hfd)
 
     def _dev(self, queue: str) -> int | None:
         """The device of a queue's directory, stat'ed once: the group commit asks at every
@@ -590,8 +564,7 @@ class AttemptParts(WriteParts):
         state = str(dst)
         at = self.clock()
         entry = {"state": state, "at": at, **({"note": note} if note else {})}
-        if _logged_rename(src, dest, _json(entry) + b"\n", f"{queue}/{msg_id} to {dst}",
-                          hfd=self._histories.pop((queue, msg_id), -1)) is None:
+        if not _logged_rename(src, dest, _json(entry) + b"\n", f"{queue}/{msg_id} to {dst}"):
             return None
         self._gather(self.qdir(queue), _FINISH_DELTAS[state])
         m = copy.copy(current)
@@ -604,7 +577,6 @@ class AttemptParts(WriteParts):
         (``dst``), else run on their own."""
         key = (attempt.queue, attempt.msg_id)
         self._mine.get(attempt.queue, {}).pop(attempt.msg_id, None)
-        self._close_history(key)
         self._cancel_seen.discard(key)
         self._attempt_files.discard(key)
         self._pid_files.discard(key)
@@ -669,21 +641,19 @@ class AttemptParts(WriteParts):
         return out
 
 
-def _logged_rename(src: str, dst: str, line: bytes, what: str, *, hfd: int = -1,
-                   keep: bool = False) -> int | None:
-    """:func:`~.writing.logged_rename` with a plain rename (no bucket made, no counts), its
-    ``hfd`` and ``keep`` as there: None, with nothing changed, when something is missing
-    (the message, or ``dst``'s bucket); Conflict or StorageError as the generic ``move``
-    says them."""
+def _logged_rename(src: str, dst: str, line: bytes, what: str) -> bool:
+    """:func:`~.writing.logged_rename` with a plain rename (no bucket made, no counts):
+    False, with nothing changed, when something is missing (the message, or ``dst``'s
+    bucket); Conflict or StorageError as the generic ``move`` says them."""
 
     def rename() -> None:
         durable._check("rename", dst)
         os.rename(src, dst)
 
     try:
-        return logged_rename(src, line, rename, hfd=hfd, keep=keep)
+        logged_rename(src, line, rename)
     except FileNotFoundError:
-        return None
+        return False
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # as _publish: clock went back, inode reused
             raise Conflict(f"cannot move {what}: the id exists there already") from None

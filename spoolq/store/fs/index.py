@@ -69,9 +69,10 @@ def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
         return None
     try:
         st = os.fstat(fd)
-        # One read where the size says it is all (a msg is small); else read to the end.
+        # One read where it returns just the size fstat gave (a msg is small); else (a short
+        # read, or the file grew meanwhile) on to the end.
         chunks = [os.read(fd, st.st_size + 1)]
-        if len(chunks[0]) > st.st_size:
+        if len(chunks[0]) != st.st_size:
             while chunk := os.read(fd, 65536):
                 chunks.append(chunk)
         data = json.loads(b"".join(chunks))

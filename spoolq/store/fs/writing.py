@@ -57,19 +57,13 @@ COUNT_LOCK_BATCH = 256
 """Renames of a bulk delete or acknowledgement made per hold of the counts lock (I8)."""
 
 
-def logged_rename(mdir: str, line: bytes, rename: Callable[[], None], *, hfd: int = -1,
-                  keep: bool = False) -> int:
+def logged_rename(mdir: str, line: bytes, rename: Callable[[], None]) -> None:
     """A move's disk steps: ``line`` appended to the history in the message directory
     ``mdir``, then ``rename()``, the line cut off again if that raises. The line goes first
     so that it travels with the directory (once renamed, another process may move the
     message on at once), and history never claims a move that did not happen.
-    FileNotFoundError when ``mdir`` is gone, or whatever ``rename`` raises.
-
-    ``hfd``: the history already open (kept by an earlier move with ``keep``), written
-    through instead of opening it again; it is this call's to close. ``keep``: the history
-    is left open and returned (else closed, and -1 returned); on an error it is closed."""
-    if hfd < 0:
-        hfd = os.open(f"{mdir}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    FileNotFoundError when ``mdir`` is gone, or whatever ``rename`` raises."""
+    hfd = os.open(f"{mdir}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         n = os.write(hfd, line)
         try:
@@ -79,13 +73,8 @@ def logged_rename(mdir: str, line: bytes, rename: Callable[[], None], *, hfd: in
             # Asked only here: a seek per move was a syscall on the daemon's hot path.
             os.ftruncate(hfd, os.lseek(hfd, 0, os.SEEK_CUR) - n)
             raise
-    except BaseException:
+    finally:
         os.close(hfd)
-        raise
-    if keep:
-        return hfd
-    os.close(hfd)
-    return -1
 
 
 class WriteParts(ReadParts):
