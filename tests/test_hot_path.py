@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from spoolq import durable
-from spoolq.errors import Conflict, StorageError, WrongState
+from spoolq.errors import Conflict, CorruptMessage, StorageError, WrongState
 from spoolq.model import Message, QueueConfig, State
 from spoolq.store.fs import FsStore
 from spoolq.store.fs.layout import count_tree, message_path
@@ -271,3 +271,21 @@ def test_the_first_message_of_a_second_makes_its_buckets(st: FsStore) -> None:
     assert [h["state"] for h in history(st, m.msg_id)] == ["que", "run", "done"]
     true_counts(st)
 
+
+def test_a_finish_that_meets_a_damaged_msg_sets_it_aside_and_lets_the_attempt_go(st: FsStore) -> None:
+    """The finish rewrites msg (a retry's count), and finds it damaged by hand meanwhile:
+    the message is set aside (I7), and the attempt is no longer the store's (it held a
+    place among the queue's running attempts until the daemon stopped)."""
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    msg_file(st, State.RUN, m.msg_id).write_bytes(b"{not json")
+
+    def count(msg: Message) -> None:
+        msg.count += 1
+
+    with pytest.raises(CorruptMessage):
+        st.finish(a, State.QUE, status=None, update=count, note="retry")
+    assert not st.holds("q", m.msg_id)
+    assert not message_path(st.qdir("q"), State.RUN, m.msg_id).exists()
+    assert [p.name for p in (st.qdir("q") / "corrupt").iterdir() if m.msg_id in p.name]  # set aside

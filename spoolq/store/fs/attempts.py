@@ -537,6 +537,10 @@ class AttemptParts(WriteParts):
             # a move whose rename landed before its fsync failed): nothing to retry.
             self._let_go(attempt, ix, dst=None)
             raise WrongState(f"{q}/{msg_id} left run without this attempt: {e}") from None
+        except CorruptMessage:
+            # Its msg was unreadable when the finish rewrote it: set aside (I7), out of run.
+            self._let_go(attempt, ix, dst=None)
+            raise
         if deferred and cfg.fsync and self._group_sync is not None:  # destination first
             self._group_sync.add_rename(path.rpartition("/")[0], landed.rpartition("/")[0], dev=self._dev(q))
         if (q, msg_id) in self._attempt_files:
