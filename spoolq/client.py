@@ -183,6 +183,8 @@ class Client:
                 raise InvalidMessage("give due or delay, not both")
             d["due"] = (time.time() if now is None else now) + _delay(delay)
         if d.get("params") is not None:
+            if not isinstance(d["params"], Mapping):  # a list of pairs, a number: a 400, not a crash
+                raise InvalidMessage("params must be a JSON object")
             d["params"] = dict(d["params"])
         hooks = d.get("post_run_webhook")
         if isinstance(hooks, (list, tuple)):

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from http_helpers import AUTH, TOKEN, daemon, fake_run, free_port, have_daemon
 
 import spoolq
+from spoolq.errors import InvalidMessage
 from spoolq.http.app import create_app
 from spoolq.http.errors import AddressInUse, HttpConfigError
 from spoolq.http.server import start_http
@@ -294,6 +295,19 @@ def test_values_that_would_poison_the_spool_are_refused(http: TestClient, fields
     assert r.status_code == 400 and r.json()[0] == "fail", r.text
     for state in ("que", "prep"):
         assert http.get(f"{API}/queues/work/messages", params={"state": state}).status_code == 200
+
+
+@pytest.mark.parametrize("params", [[[]], [["a", "b"]], True, 1.5, "x", [1]])
+def test_params_that_are_not_an_object_are_a_400(http: TestClient, client: spoolq.Client, params: Any) -> None:
+    """Found by the schema fuzzer: a list (even of pairs, which dict() would take), a bool or
+    a number as params crashed the send with a 500. Every entry point says it the same way."""
+    r = http.post(f"{API}/queues/work/messages", json={"param1": "p", "params": params})
+    assert r.status_code == 400 and "params must be a JSON object" in err(r)["message"], r.text
+    r = http.post("/q/work/new_message", data={"mesg": json.dumps({"params": params}), "x_format": "json"})
+    assert r.status_code == 400 and r.json()[0] == "fail", r.text
+    with pytest.raises(InvalidMessage):
+        client.send("work", params=params)
+    assert client.counts("work")["que"] == 0
 
 
 def test_deep_json_anywhere_is_a_400(http: TestClient) -> None:
