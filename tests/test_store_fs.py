@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SPOOLQ
@@ -129,6 +130,50 @@ def test_a_config_dated_in_the_future_is_trusted_by_its_stat(fs: FsStore, monkey
     cfg["num_workers"] = 7
     FsStore(fs.root).update_queue(QueueConfig.from_dict(cfg))
     assert fs.queue_config("q").num_workers == 7
+
+
+@pytest.mark.parametrize("moved_before", ["history", "attachments"])
+def test_a_message_read_while_it_moves_is_read_again_where_it_landed(fs: FsStore, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      moved_before: str) -> None:
+    """A reader (the RQ web tests' GET after a commit) read msg in que, then the daemon moved
+    the message on before its history or attachments were read: the view came back without
+    its attachments. The read starts again where the message is now."""
+    from spoolq.store.fs import reading
+    from spoolq.store.fs.layout import message_path
+
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 1000)
+    m = fs.create("q", Message(), attachments=[AttachmentSource(path=str(src))])
+    que, run = message_path(fs.qdir("q"), State.QUE, m.msg_id), message_path(fs.qdir("q"), State.RUN, m.msg_id)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    moved: list[bool] = []
+
+    def move_once() -> None:
+        if not moved:
+            moved.append(True)
+            os.rename(que, run)  # what the daemon's start does, between two reads
+
+    if moved_before == "history":
+        real_read = FsStore._read_msg
+
+        def read_then_move(self: FsStore, *a: Any, **k: Any) -> Message:
+            got = real_read(self, *a, **k)
+            move_once()
+            return got
+
+        monkeypatch.setattr(FsStore, "_read_msg", read_then_move)
+    else:
+        real_atts = reading._attachments
+
+        def move_then_list(qdir: Path, mdir: Path) -> Any:
+            move_once()
+            return real_atts(qdir, mdir)
+
+        monkeypatch.setattr(reading, "_attachments", move_then_list)
+    view = fs.get("q", m.msg_id)
+    assert moved and view.state == State.RUN
+    assert list(view.attachments) == ["a.bin"] and view.attachments["a.bin"].size == 1000
 
 
 def test_attachments_are_copies_unless_a_link_is_asked_for(fs: FsStore, tmp_path: Path) -> None:

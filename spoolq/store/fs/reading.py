@@ -124,6 +124,9 @@ class ReadParts(QueueParts):
                         continue  # a torn last line after a crash: history is advisory
                     if isinstance(h, dict):
                         m.history.append(h)
+        except FileNotFoundError:
+            if not path.is_dir():  # it moved on since its msg was read: the caller reads again
+                raise MessageNotFound(f"message {path.name} moved while reading") from None
         except OSError:
             pass
         atts = _attachments(self.qroot / queue, path)
@@ -253,6 +256,10 @@ def _attachments(qdir: Path, mdir: Path) -> dict[str, AttachmentInfo]:
     adir = mdir / "attach"
     try:
         fd = open_dir_beneath(qdir, [*mdir.relative_to(qdir).parts, "attach"])
+    except FileNotFoundError:
+        if not os.path.isdir(mdir):  # it moved on since its msg was read: the caller reads again
+            raise MessageNotFound(f"message {mdir.name} moved while reading") from None
+        return atts
     except (OSError, ValueError):
         return atts
     try:
