@@ -106,32 +106,6 @@ def test_a_config_replaced_within_one_clock_tick_by_one_of_the_same_size_is_seen
         fs.queue_config("q")  # read again at once: still the same tick
 
 
-def test_a_config_dated_in_the_future_is_trusted_by_its_stat(fs: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After the clock stepped back a config's mtime is ahead of now: a rewrite now gets
-    another mtime, so the stat vouches for it, and the send path is not left reading the
-    file at every call until the clock catches up."""
-    from spoolq.store.fs import queues
-
-    path = fs.qroot / "q" / "config.json"
-    ahead = time.time_ns() + 3600 * 10**9
-    os.utime(path, ns=(ahead, ahead))
-    fs.queue_config("q")
-    reads: list[object] = []
-    real = queues._read_file
-
-    def counted(p: Path) -> bytes:
-        reads.append(p)
-        return real(p)
-
-    monkeypatch.setattr(queues, "_read_file", counted)
-    fs.queue_config("q")
-    assert reads == []
-    cfg = fs.queue_config("q").to_dict()
-    cfg["num_workers"] = 7
-    FsStore(fs.root).update_queue(QueueConfig.from_dict(cfg))
-    assert fs.queue_config("q").num_workers == 7
-
-
 @pytest.mark.parametrize("moved_before", ["history", "attachments"])
 def test_a_message_read_while_it_moves_is_read_again_where_it_landed(fs: FsStore, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch,

@@ -45,8 +45,7 @@ STATE_FILE = ".state.json"
 RESCAN = 10.0
 """Seconds between looks at the timers directory (a SIGHUP looks at once)."""
 SETTLED_NS = 2_000_000_000
-"""A timer file this far from the moment it is read (older, or in the future after a clock
-step) is trusted by its stamp after."""
+"""A timer file this much older than the moment it is read is trusted by its stamp after."""
 MSG_KEYS = ("dest", "src", "param1", "param2", "param3", "param4", "params", "max_count", "post_run_webhook")
 
 
@@ -186,7 +185,7 @@ def file_stamp(st: os.stat_result) -> tuple[tuple[int, int, int], bool]:
     with an inode just freed) has the same stamp. Only a file older than
     :data:`SETTLED_NS` when read is trusted by its stamp; a newer one is read again at the
     next scan."""
-    return (st.st_ino, st.st_mtime_ns, st.st_size), abs(time.time_ns() - st.st_mtime_ns) > SETTLED_NS
+    return (st.st_ino, st.st_mtime_ns, st.st_size), time.time_ns() - st.st_mtime_ns > SETTLED_NS
 
 
 class Timers:

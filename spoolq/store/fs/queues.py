@@ -37,11 +37,12 @@ from .layout import COUNT_KEYS, RQ_FLAG_DIR, Counts
 from .search import read_whole
 
 CONFIG_SETTLED_NS = 2_000_000_000
-"""A config.json whose mtime is this far from the moment it was read (older, or in the
-future after a clock step) is trusted by its stat alone afterwards (queue_config): well
-past a timestamp tick (a jiffy) and the small clock steps NTP makes. A file written by a
-host whose clock is behind by more (NFS) can still look unchanged within one of its ticks,
-as with any cache by stat."""
+"""A config.json whose mtime is this much older than the moment it was read is trusted by
+its stat alone afterwards (queue_config): well past a timestamp tick (a jiffy) and the
+small clock steps NTP makes. A file dated in the future (a clock stepped back, a file
+server whose clock is ahead) is read at every call until it is that old: slower, never
+stale. A server whose clock is behind by more than this can still hide a same-size rewrite
+within one of its ticks, as from any cache by stat."""
 
 
 class QueueParts:
@@ -141,8 +142,7 @@ class QueueParts:
             cached = self._cfg_cache.get(name)
             if cached and cached[0] == key and cached[2] is None:
                 return cached[1]
-            # Far in the future counts too (a clock stepped back): a rewrite now gets another mtime.
-            settled = abs(time.time_ns() - st.st_mtime_ns) > CONFIG_SETTLED_NS
+            settled = time.time_ns() - st.st_mtime_ns > CONFIG_SETTLED_NS
             raw = _read_file(Path(path))
         except (FileNotFoundError, NotADirectoryError):
             raise QueueNotFound(f"no such queue: {name}") from None
