@@ -571,6 +571,19 @@ def _csrf(page: str) -> str:
     return page.split('name="csrf" value="')[1].split('"')[0]
 
 
+@pytest.mark.parametrize("max_count", ["\u00b2", "9" * 5000, "-1", "1.5", "x"])
+def test_the_ui_form_refuses_a_max_count_that_is_not_a_count(http: TestClient, client: spoolq.Client,
+                                                             max_count: str) -> None:
+    """Found by an audit: "²" passed str.isdigit() and int() refused it; 5000 digits are past
+    int()'s limit. Both crashed the form with a 500."""
+    csrf = _csrf(http.get("/q/work/new_message").text)
+    r = http.post("/ui/q/work/new_message", data={"csrf": csrf, "param1": "ui", "max_count": max_count},
+                  follow_redirects=False)
+    assert r.status_code < 500, r.text
+    assert "max_count must be a positive integer" in r.text or r.status_code == 400, r.text
+    assert client.counts("work")["que"] == 0
+
+
 def test_ui_forms_prep_attach_commit_and_bulk(http: TestClient, client: spoolq.Client) -> None:
     csrf = _csrf(http.get("/q/work/new_message").text)
     r = http.post("/ui/q/work/new_message", data={"csrf": csrf, "param1": "ui", "mode": "prep",

@@ -150,6 +150,17 @@ def test_a_timer_rewritten_within_one_clock_tick_to_the_same_size_is_seen(root: 
         assert "changed" not in caplog.text
 
 
+def test_a_timer_file_nested_too_deep_stops_no_other_timer(root: Path) -> None:
+    """Found by an audit: json.loads raised RecursionError, which the scan did not catch:
+    the whole scan failed every 10 s and no timer loaded."""
+    client, clock = setup(root)
+    (root / "timers" / "a_deep.json").write_text('{"period": 60, "msg": ' + "[" * 30000 + "]" * 30000 + "}")
+    t = timers(client, root, clock)
+    t.tick()
+    assert "t" in t.timers and "a_deep" not in t.timers
+    assert [v.message.src for v in sent(client)] == ["timer:t"]
+
+
 def test_a_crash_after_the_message_was_prepared_commits_it(root: Path) -> None:
     client, clock = setup(root)
     t = timers(client, root, clock)

@@ -273,7 +273,7 @@ class Timers:
                 if cur is None or not new.same_as(cur):
                     log.info("timer %s: %s", name, "changed" if cur else "loaded")
                 self.bad.pop(name, None)
-            except (OSError, ValueError, SpoolqError) as e:
+            except (OSError, ValueError, RecursionError, SpoolqError) as e:  # one bad file stops no other
                 if settled:
                     self.bad[name] = stamp  # else looked at again at the next scan
                 self.timers.pop(name, None)

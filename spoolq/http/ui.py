@@ -394,8 +394,10 @@ def _message_from_form(form: ParsedForm) -> tuple[dict[str, Any], str]:
             raise InvalidMessage(f"delay must be seconds, got {delay!r}") from None
     mc = (form.get("max_count") or "").strip()
     if mc:
-        if not mc.isdigit():
-            raise InvalidMessage(f"max_count must be a positive integer, got {mc!r}")
+        # ASCII digits only ("²".isdigit() is true, int() refuses it), and short enough for
+        # int() (a 5000-digit number is past its limit): else a 400, not a crash.
+        if not (mc.isascii() and mc.isdigit()) or len(mc) > 18:
+            raise InvalidMessage(f"max_count must be a positive integer, got {mc[:40]!r}")
         fields["max_count"] = int(mc)
     hooks = (form.get("post_run_webhook") or "").split()
     if hooks:

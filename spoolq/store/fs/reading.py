@@ -134,7 +134,9 @@ class ReadParts(QueueParts):
                            attachments=atts, acked=acked, host=_running_host(path) if state == State.RUN else "")
 
     def get(self, queue: str, msg_id: str) -> MessageView:
-        for _ in range(3):
+        # A message moves a few times in its life; ten tries outlast any real run of moves
+        # (each read that saw one starts again where it landed).
+        for _ in range(10):
             state, path, acked = self.locate(queue, msg_id)
             try:
                 return self._view(queue, state, path, acked)
