@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import durable
+from .. import durable, filestamp
 from ..builtin import target_queue
 from ..errors import InvalidInput, QueueDown, QueueNotFound, SpoolqError, StorageError
+from ..filestamp import Stamp
 from ..ids import QUEUE_NAME_RE
 from ..model import Message, State
 from ..store.base import Store
@@ -44,8 +45,6 @@ TIMERS_DIR = "timers"
 STATE_FILE = ".state.json"
 RESCAN = 10.0
 """Seconds between looks at the timers directory (a SIGHUP looks at once)."""
-SETTLED_NS = 2_000_000_000
-"""A timer file this much older than the moment it is read is trusted by its stamp after."""
 MSG_KEYS = ("dest", "src", "param1", "param2", "param3", "param4", "params", "max_count", "post_run_webhook")
 
 
@@ -133,8 +132,8 @@ class Timer:
     msg: dict[str, Any]
     period: float | None = None
     cron: Cron | None = None
-    stamp: tuple[int, int, int] = (0, 0, 0)  # inode, mtime, size of the file it was read from
-    settled: bool = True  # the file was older than SETTLED_NS when read: its stamp vouches for it
+    stamp: Stamp = (0, 0, 0)  # of the file it was read from (filestamp.py)
+    settled: bool = True  # the file had settled when read: its stamp vouches for it
 
     def same_as(self, other: Timer) -> bool:
         return (self.msg, self.period, self.cron) == (other.msg, other.period, other.cron)
@@ -153,7 +152,7 @@ def load_timer(path: Path) -> Timer:
     if not QUEUE_NAME_RE.match(name):
         raise ValueError(f"invalid timer name {name!r}")
     st = os.stat(path)
-    stamp, settled = file_stamp(st)
+    stamp, settled = filestamp.stamp(st)
     if st.st_size > 64 * 1024:
         raise ValueError("over 64 KiB")
     data = json.loads(path.read_bytes())
@@ -179,15 +178,6 @@ def load_timer(path: Path) -> Timer:
     return Timer(name, msg, period=float(period), stamp=stamp, settled=settled)
 
 
-def file_stamp(st: os.stat_result) -> tuple[tuple[int, int, int], bool]:
-    """What says a timer file is unchanged, and whether it can: timestamps tick coarsely,
-    so a file rewritten within one tick to the same size (in place, or renamed over it
-    with an inode just freed) has the same stamp. Only a file older than
-    :data:`SETTLED_NS` when read is trusted by its stamp; a newer one is read again at the
-    next scan."""
-    return (st.st_ino, st.st_mtime_ns, st.st_size), time.time_ns() - st.st_mtime_ns > SETTLED_NS
-
-
 class Timers:
     """The daemon's timers: :meth:`tick` sends what is due and says when to look again."""
 
@@ -196,7 +186,7 @@ class Timers:
         self.dir = home / TIMERS_DIR
         self.clock = clock
         self.timers: dict[str, Timer] = {}
-        self.bad: dict[str, tuple[int, int, int]] = {}  # name -> stamp of a file reported unusable
+        self.bad: dict[str, Stamp] = {}  # name -> stamp of a file reported unusable
         self.next_scan = 0.0
         self.state: dict[str, dict[str, Any]] = self._read_state()
         self._resume()
@@ -262,7 +252,7 @@ class Timers:
             seen.add(name)
             path = self.dir / fname
             try:
-                stamp, settled = file_stamp(os.stat(path))
+                stamp, settled = filestamp.stamp(os.stat(path))
             except OSError:
                 continue
             cur = self.timers.get(name)

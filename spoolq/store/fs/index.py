@@ -27,6 +27,7 @@ from ...ids import MSG_ID_RE
 from ...model import QueueConfig, State
 from ..leases import key_of
 from .layout import message_path
+from .search import read_rest
 
 QUE_DEPTH = 3
 """que/<day>/<HHMM>/<SS>/<id>: bucket directories are levels 0..3 below que/."""
@@ -69,13 +70,7 @@ def read_entry(msg_id: str, msg_dir: Path) -> Entry | None:
         return None
     try:
         st = os.fstat(fd)
-        # One read where it returns just the size fstat gave (a msg is small); else (a short
-        # read, or the file grew meanwhile) on to the end.
-        chunks = [os.read(fd, st.st_size + 1)]
-        if len(chunks[0]) != st.st_size:
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-        data = json.loads(b"".join(chunks))
+        data = json.loads(read_rest(fd))
         due = float(data.get("due") or 0.0)
         params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
     except (OSError, ValueError, TypeError, AttributeError, RecursionError):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ... import durable
+from ... import durable, filestamp
 from ...errors import (
     InvalidConfig,
     InvalidInput,
@@ -23,6 +23,7 @@ from ...errors import (
     QueueNotFound,
     SpoolqError,
 )
+from ...filestamp import Stamp
 from ...ids import (
     validate_queue_name,
 )
@@ -36,14 +37,6 @@ from ...model import (
 from .layout import COUNT_KEYS, RQ_FLAG_DIR, Counts
 from .search import read_whole
 
-CONFIG_SETTLED_NS = 2_000_000_000
-"""A config.json whose mtime is this much older than the moment it was read is trusted by
-its stat alone afterwards (queue_config): well past a timestamp tick (a jiffy) and the
-small clock steps NTP makes. A file dated in the future (a clock stepped back, a file
-server whose clock is ahead) is read at every call until it is that old: slower, never
-stale. A server whose clock is behind by more than this can still hide a same-size rewrite
-within one of its ticks, as from any cache by stat."""
-
 
 class QueueParts:
     """The filesystem store's queues: their directories, configs and admin flags."""
@@ -54,8 +47,8 @@ class QueueParts:
         self.url = f"file://{self.root}"
         self._daemon_fd = -1  # daemon.pid, locked while this store serves as the daemon's
         self.clock = clock
-        # name -> (ino, mtime, size), the config, and its bytes while the stat cannot vouch for it
-        self._cfg_cache: dict[str, tuple[tuple[int, int, int], QueueConfig, bytes | None]] = {}
+        # name -> its stamp, the config, and its bytes while the stamp cannot vouch for it (filestamp.py)
+        self._cfg_cache: dict[str, tuple[Stamp, QueueConfig, bytes | None]] = {}
         self._qdirs: dict[str, Path] = {}  # name -> its directory: qdir() is asked per message
 
     def ensure_root(self) -> None:
@@ -131,18 +124,14 @@ class QueueParts:
 
     def queue_config(self, name: str) -> QueueConfig:
         # On every send and move: one stat and a cache hit, without building Path objects.
-        # The stat can vouch only for a file written well before it was read (git's "racy
-        # clean" rule): a file's times tick coarsely, so a config replaced within the same
-        # tick by one of the same size (and, where inodes are reused at once, the same
-        # inode) looks unchanged. Until then the content is compared.
+        # The stamp vouches only for a config that had settled when read (filestamp.py);
+        # until then its bytes are compared.
         path = f"{self.qroot}/{validate_queue_name(name)}/config.json"
         try:
-            st = os.stat(path)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            key, settled = filestamp.stamp(os.stat(path))
             cached = self._cfg_cache.get(name)
             if cached and cached[0] == key and cached[2] is None:
                 return cached[1]
-            settled = time.time_ns() - st.st_mtime_ns > CONFIG_SETTLED_NS
             raw = _read_file(Path(path))
         except (FileNotFoundError, NotADirectoryError):
             raise QueueNotFound(f"no such queue: {name}") from None

@@ -120,12 +120,17 @@ def read_whole(path: str | os.PathLike[str]) -> bytes:
     """The whole file, in as few syscalls as it takes (Path.read_bytes makes ten)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        first = os.read(fd, 65536)
-        if len(first) < 65536:
-            return first  # a short read of a local regular file is its end: one read, not two
-        chunks = [first]
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_rest(fd)
     finally:
         os.close(fd)
+
+
+def read_rest(fd: int) -> bytes:
+    """Everything from ``fd``'s offset to the end, in as few reads as it takes."""
+    first = os.read(fd, 65536)
+    if len(first) < 65536:
+        return first  # a short read of a local regular file is its end: one read, not two
+    chunks = [first]
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
