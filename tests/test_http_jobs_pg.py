@@ -184,9 +184,11 @@ def test_c4_9_two_daemons_never_call_one_job_at_once(client: spoolq.Client, db: 
                                                      srv: Scripted, hosts: Any) -> None:
     srv.seqs["c"] = [503, 503, 200]  # some jobs run more than once: retries too must not overlap
     n = 40
+    # both daemons are up before the first job exists: started one after the other over
+    # jobs already queued, the first could finish them all while the second still starts
+    daemons = hosts(2)
     ids = [insert(db, "INSERT INTO spoolq.http_jobs (http_method, url, retry_delay_secs) VALUES ('GET', %s, 0)",
                   srv.url("/slow/0.05") if i % 4 else srv.url("/seq/c")) for i in range(n)]
-    daemons = hosts(2)
     wait_for(lambda: db.execute("SELECT count(*) FROM spoolq.http_jobs WHERE result_code = 0").fetchone() == (n,),
              timeout=60, what="every job done")
     assert set(srv.most_at_once) == {str(i) for i in ids}
