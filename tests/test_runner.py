@@ -518,3 +518,72 @@ def test_env_block_checks_every_start_and_encodes_as_os_fsencode() -> None:
     big = "p" * 100_000  # a message's big param: used, not kept
     assert ps.env_block({"RQ_PARAM1": big}) == [b"RQ_PARAM1=" + big.encode()]
     assert ("RQ_PARAM1", big) not in ps._ENTRIES
+
+
+@pytest.mark.parametrize("env_vars,force_remote,extra", [
+    ({}, False, {}),
+    ({"RQTESTENV1": "OWEN"}, True, {}),
+    # env_vars that name message variables: the message's own win, and a message that does not
+    # set RQ_FORCE_REMOTE keeps the queue's
+    ({"RQ_PARAM1": "queue's", "RQ_FORCE_REMOTE": "queue's", "SPOOLQ_QUEUE": "x"}, False, {}),
+    ({"RQ_FORCE_REMOTE": "queue's"}, True, {}),
+    # kind fsq's FSQ_ITEM_*, over env_vars of the same names
+    ({"FSQ_ITEM_ID": "queue's"}, False, {"FSQ_ITEM_ID": "the item's", "FSQ_ITEM_TRIES": "0"}),
+])
+def test_a_queues_encoded_environment_gives_what_build_env_gives(tmp_path: Path, env_vars: dict[str, str],
+                                                                  force_remote: bool,
+                                                                  extra: dict[str, str]) -> None:
+    """The daemon encodes a queue's constant environment once (QueueEnv) and adds each
+    message's variables: the entries are exactly build_env's, one per name."""
+    from spoolq.config import RootConfig
+    from spoolq.model import QueueConfig
+    from spoolq.runner import posix_spawn as ps
+    from spoolq.runner.spawn import QueueEnv, build_env, message_vars, queue_env
+
+    cfg = QueueConfig(name="q", script="/bin/true", env_vars=env_vars)
+    rootcfg = RootConfig(host="127.0.0.1", port=3333)
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/root", "RQ_OLD": "scrubbed", "SPOOLQ_X": "scrubbed"}
+    const = queue_env(base=base, cfg=cfg, queue="q", script="/usr/bin/true", rootcfg=rootcfg, root=tmp_path,
+                      rq_env="production")
+    qe = QueueEnv(const)
+    for i in range(3):  # one QueueEnv, many messages
+        msg = Message(msg_id=f"20260101.0000.00.000.{i}", param1=f"p{i}", param2="two", dest="",
+                      force_remote=force_remote, count=i)
+        mdir = tmp_path / "run" / msg.msg_id
+        env = qe.with_message(message_vars(msg, "q", rootcfg.base_url, str(mdir)))
+        env.own.update(extra)
+        want = {**build_env(base=base, cfg=cfg, msg=msg, queue="q", script=Path("/usr/bin/true"),
+                            rootcfg=rootcfg, root=tmp_path, msg_dir=mdir, rq_env="production"), **extra}
+        assert env.as_dict() == want
+        block = env.block()
+        assert len(block) == len(want) and sorted(block) == sorted(ps.env_block(want))
+        assert env.get("PATH") == "/usr/bin:/bin" and env.get("RQ_PARAM1") == f"p{i}"
+        assert "RQ_OLD" not in want and "SPOOLQ_X" not in want
+
+
+def test_a_queues_environment_refuses_what_execve_cannot_carry() -> None:
+    from spoolq.runner.spawn import QueueEnv
+
+    with pytest.raises(ValueError):
+        QueueEnv({"A": "1", "B": "a\x00b"})
+    qe = QueueEnv({"A": "1"})
+    with pytest.raises(ValueError):
+        qe.with_message({"RQ_PARAM1": "a\x00b"}).block()
+
+
+def test_real_path_is_realpath(tmp_path: Path) -> None:
+    """The script's real path asked of the kernel (runner/spawn.py real_path) is what
+    os.path.realpath says, for links, links to links, '..' and a path that does not exist."""
+    from spoolq.runner.spawn import real_path
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "run.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "current").symlink_to("v1")
+    (tmp_path / "link.sh").symlink_to(tmp_path / "current" / "run.sh")
+    (tmp_path / "chain.sh").symlink_to("link.sh")
+    (tmp_path / "dangling.sh").symlink_to("nowhere.sh")
+    for p in ("v1/run.sh", "current/run.sh", "link.sh", "chain.sh", "current/../v1/run.sh", "missing.sh",
+              "dangling.sh", "current"):
+        path = str(tmp_path / p)
+        assert real_path(path) == os.path.realpath(path), p
+    assert real_path("/bin/true") == os.path.realpath("/bin/true")

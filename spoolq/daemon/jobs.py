@@ -30,10 +30,12 @@ from ..model import Message, QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import MAX_RESEND_TEXT, Completion, LineBuffer, Outcome
 from ..runner.spawn import (
+    QueueEnv,
     Spawned,
     build_argv,
-    build_env,
     kill_group,
+    message_vars,
+    queue_env,
     require_file,
     resolve_script,
     script_problem,
@@ -109,6 +111,7 @@ class JobRunner:
         # The daemon's environment is read once: os.environ decodes each variable at every
         # read, which was a tenth of a start's cost.
         self.base_env = scrubbed_env(os.environ)
+        self._queue_envs: dict[str, tuple[QueueConfig, str, QueueEnv]] = {}
 
     def full_id(self, queue: str, msg_id: str) -> str:
         return f"{self.rootcfg.base_url}/q/{queue}/{msg_id}"
@@ -128,13 +131,12 @@ class JobRunner:
             workdir = self.store.workdir(attempt)
             # With a prefix the exec succeeds whatever the script: check it is there first.
             script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
-            env = build_env(base=self.base_env, cfg=cfg, msg=msg, queue=queue, script=script,
-                            rootcfg=self.rootcfg, root=self.home, msg_dir=workdir.parent, rq_env=self.rq_env)
-            env["SPOOLQ_STORE"] = self.store.url  # no password (the PostgreSQL store's url is safe_url'd)
+            env = self._queue_env(queue, cfg, str(script)).with_message(
+                message_vars(msg, queue, self.rootcfg.base_url, str(workdir.parent)))
             argv = build_argv(cfg, script, msg)
             stdin = None
             if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
-                env.update(fsq.message_env(msg))
+                env.own.update(fsq.message_env(msg))
                 got = self._item_stdin(attempt, cfg)
                 if isinstance(got, str):
                     state = State.DONE if got == "done" else State.ERR
@@ -178,6 +180,19 @@ class JobRunner:
         self.stats.started(queue)
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
+
+    def _queue_env(self, queue: str, cfg: QueueConfig, script: str) -> QueueEnv:
+        """The queue's constant environment, built once per config and resolved script (a new
+        config is a new object; a symlinked deploy that moves the script changes the path)."""
+        got = self._queue_envs.get(queue)
+        if got is not None and got[0] is cfg and got[1] == script:
+            return got[2]
+        const = queue_env(base=self.base_env, cfg=cfg, queue=queue, script=script, rootcfg=self.rootcfg,
+                          root=self.home, rq_env=self.rq_env)
+        const["SPOOLQ_STORE"] = self.store.url  # no password (the PostgreSQL store's url is safe_url'd)
+        qe = QueueEnv(const)
+        self._queue_envs[queue] = (cfg, script, qe)
+        return qe
 
     def _item_stdin(self, attempt: Attempt, cfg: QueueConfig) -> int | str:
         """An fd of the message's held fsq item (fsq.Held), for the script's stdin; or
