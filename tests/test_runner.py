@@ -284,6 +284,7 @@ def test_environment(client: spoolq.Client, serve: Any, root: Path) -> None:
     assert [env[f"RQ_PARAM{i}"] for i in range(1, 5)] == ["rqenv", "two", "", "four"]
     assert "RQ_ENV" in env and "RQ_FORCE_REMOTE" not in env
     assert env["SPOOLQ_ROOT"] == str(root) and env["SPOOLQ_QUEUE"] == "test"
+    assert env["SPOOLQ_STORE"] == client.store.url
 
 
 def test_force_remote_and_full_url_dest(client: spoolq.Client, serve: Any) -> None:
@@ -559,6 +560,14 @@ def test_a_queues_encoded_environment_gives_what_build_env_gives(tmp_path: Path,
         assert len(block) == len(want) and sorted(block) == sorted(ps.env_block(want))
         assert env.get("PATH") == "/usr/bin:/bin" and env.get("RQ_PARAM1") == f"p{i}"
         assert "RQ_OLD" not in want and "SPOOLQ_X" not in want
+        # the rules written out, not derived from the code under test: the message's own
+        # variables and RQ's win over env_vars; a message without force_remote keeps the queue's
+        got = dict(e.decode().split("=", 1) for e in block)
+        assert (got["RQ_PARAM1"], got["RQ_PARAM2"], got["RQ_COUNT"]) == (f"p{i}", "two", str(i))
+        assert (got["SPOOLQ_QUEUE"], got["RQ_SCRIPT"], got["RQ_REALSCRIPT"]) == ("q", "/bin/true", "/usr/bin/true")
+        assert got["RQ_MSG_DIR"] == f"{mdir}/job" and got["SPOOLQ_MESSAGE_DIR"] == str(mdir)
+        assert got.get("RQ_FORCE_REMOTE") == ("1" if force_remote else env_vars.get("RQ_FORCE_REMOTE"))
+        assert got.get("FSQ_ITEM_ID") == extra.get("FSQ_ITEM_ID", env_vars.get("FSQ_ITEM_ID"))
 
 
 def test_a_queues_environment_refuses_what_execve_cannot_carry() -> None:
@@ -587,3 +596,24 @@ def test_real_path_is_realpath(tmp_path: Path) -> None:
         path = str(tmp_path / p)
         assert real_path(path) == os.path.realpath(path), p
     assert real_path("/bin/true") == os.path.realpath("/bin/true")
+
+
+def test_a_queues_environment_is_built_again_for_a_new_config_or_script_and_dropped_with_it(tmp_path: Path) -> None:
+    """JobRunner keeps one QueueEnv per queue: reused while the config object and the
+    resolved script stay, built again when either changes, dropped when the queue goes."""
+    from spoolq.config import RootConfig
+    from spoolq.daemon.jobs import JobRunner
+    from spoolq.model import QueueConfig
+    from spoolq.store.memory import MemoryStore
+
+    runner = JobRunner(MemoryStore(), tmp_path, RootConfig(host="127.0.0.1", port=3333), time.time,
+                       "production", "owner")
+    cfg = QueueConfig(name="q", script="/bin/true", env_vars={"A": "1"})
+    first = runner._queue_env("q", cfg, "/usr/bin/true")
+    assert runner._queue_env("q", cfg, "/usr/bin/true") is first
+    deployed = runner._queue_env("q", cfg, "/srv/v2/true")  # a symlinked deploy moved the script
+    assert deployed is not first and deployed.const["RQ_REALSCRIPT"] == "/srv/v2/true"
+    changed = QueueConfig(name="q", script="/bin/true", env_vars={"A": "2"})
+    assert runner._queue_env("q", changed, "/srv/v2/true").const["A"] == "2"
+    runner.forget("q")
+    assert "q" not in runner._queue_envs

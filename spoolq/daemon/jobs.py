@@ -181,6 +181,10 @@ class JobRunner:
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
 
+    def forget(self, queue: str) -> None:
+        """The queue is gone: drop what was kept for it."""
+        self._queue_envs.pop(queue, None)
+
     def _queue_env(self, queue: str, cfg: QueueConfig, script: str) -> QueueEnv:
         """The queue's constant environment, built once per config and resolved script (a new
         config is a new object; a symlinked deploy that moves the script changes the path)."""

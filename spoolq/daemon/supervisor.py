@@ -220,6 +220,8 @@ class Daemon:
         for gone in set(self.queues) - names:
             log.info("queue %s is gone", gone)
             del self.queues[gone]
+            if self.runner is not None:
+                self.runner.forget(gone)
             self.events.publish({"event": "queue_change", "queue": gone, "change": "deleted"})
             if self.workers is not None:
                 self.workers.retire(gone)
