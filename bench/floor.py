@@ -61,8 +61,8 @@ for line in sys.stdin.buffer:
 """
 
 
-def cpu_of(pids: list[int]) -> float:
-    """CPU seconds (user + system) of the live processes ``pids``."""
+def cpu_of(pids: list[int], *, kernel_only: bool = False) -> float:
+    """CPU seconds (user + system; or system alone) of the live processes ``pids``."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
@@ -70,7 +70,7 @@ def cpu_of(pids: list[int]) -> float:
             f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(f[11]) + int(f[12])) / tick
+        total += (int(f[12]) if kernel_only else int(f[11]) + int(f[12])) / tick
     return total
 
 
@@ -127,6 +127,11 @@ def _cpu_us(before: os.times_result, after: os.times_result, n: int, *, children
         return (after.children_user + after.children_system - before.children_user
                 - before.children_system) / n * 1e6
     return (after.user + after.system - before.user - before.system) / n * 1e6
+
+
+def _sys_us(before: os.times_result, after: os.times_result, n: int) -> float:
+    """This process's kernel CPU between two ``os.times()``, per message."""
+    return (after.system - before.system) / n * 1e6
 
 
 class Layout:
@@ -254,7 +259,8 @@ def run_floor(work: Path, n: int) -> dict[str, Any]:
         p.stdin.close()
         p.wait()
     return {"msg_s": n / el, "seconds": el, "done": done, "loop_cpu_us": _cpu_us(own0, own1, n),
-            "workers_cpu_us": (w1 - w0) / n * 1e6, **machine_figures(m0, m1, n)}
+            "loop_sys_us": _sys_us(own0, own1, n), "workers_cpu_us": (w1 - w0) / n * 1e6,
+            **machine_figures(m0, m1, n)}
 
 
 def run_floor_script(work: Path, n: int) -> dict[str, Any]:
@@ -302,7 +308,8 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
     os.close(devnull)
     # The reaped children's CPU is the scripts', not the loop's.
     return {"msg_s": n / el, "seconds": el, "done": done, "loop_cpu_us": _cpu_us(own0, own1, n),
-            "workers_cpu_us": _cpu_us(own0, own1, n, children=True), **machine_figures(m0, m1, n)}
+            "loop_sys_us": _sys_us(own0, own1, n), "workers_cpu_us": _cpu_us(own0, own1, n, children=True),
+            **machine_figures(m0, m1, n)}
 
 
 def run_spoolq_script(work: Path, n: int) -> dict[str, Any]:
@@ -312,18 +319,18 @@ def run_spoolq_script(work: Path, n: int) -> dict[str, Any]:
     try:
         os.sync()
         finished = ended(client)
-        c0, s0, m0 = cpu_of([d.p.pid]), reaped_cpu_of(d.p.pid), machine()
+        c0, k0, s0, m0 = cpu_of([d.p.pid]), cpu_of([d.p.pid], kernel_only=True), reaped_cpu_of(d.p.pid), machine()
         t0 = time.perf_counter()
         client.set_admin_state("q", "UP")
         wait_for(lambda: finished("q", n), 120 + n / 10, f"{n} spoolq messages")
         el = time.perf_counter() - t0
-        c1, s1, m1 = cpu_of([d.p.pid]), reaped_cpu_of(d.p.pid), machine()
+        c1, k1, s1, m1 = cpu_of([d.p.pid]), cpu_of([d.p.pid], kernel_only=True), reaped_cpu_of(d.p.pid), machine()
         counts = client.counts("q")
     finally:
         d.stop()
     return {"msg_s": n / el, "seconds": el, "done": counts["done"],
-            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": (s1 - s0) / n * 1e6,
-            **machine_figures(m0, m1, n)}
+            "loop_cpu_us": (c1 - c0) / n * 1e6, "loop_sys_us": (k1 - k0) / n * 1e6,
+            "workers_cpu_us": (s1 - s0) / n * 1e6, **machine_figures(m0, m1, n)}
 
 
 def run_raw(work: Path, n: int) -> dict[str, Any]:
@@ -333,7 +340,8 @@ def run_raw(work: Path, n: int) -> dict[str, Any]:
     msg_s = raw_throughput(n, WORKERS)
     own1, m1 = os.times(), machine()
     return {"msg_s": msg_s, "seconds": n / msg_s, "done": n, "loop_cpu_us": _cpu_us(own0, own1, n),
-            "workers_cpu_us": _cpu_us(own0, own1, n, children=True), **machine_figures(m0, m1, n)}
+            "loop_sys_us": _sys_us(own0, own1, n), "workers_cpu_us": _cpu_us(own0, own1, n, children=True),
+            **machine_figures(m0, m1, n)}
 
 
 def run_spoolq(work: Path, n: int) -> dict[str, Any]:
@@ -358,18 +366,18 @@ def run_spoolq(work: Path, n: int) -> dict[str, Any]:
             client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
         os.sync()
         kids = children(d.p.pid)
-        c0, w0, m0 = cpu_of([d.p.pid]), cpu_of(kids), machine()
+        c0, k0, w0, m0 = cpu_of([d.p.pid]), cpu_of([d.p.pid], kernel_only=True), cpu_of(kids), machine()
         t0 = time.perf_counter()
         client.set_admin_state("q", "UP")
         wait_for(lambda: finished("q", n + 1), 120 + n / 100, f"{n} persistent messages")
         el = time.perf_counter() - t0
-        c1, w1, m1 = cpu_of([d.p.pid]), cpu_of(kids), machine()
+        c1, k1, w1, m1 = cpu_of([d.p.pid]), cpu_of([d.p.pid], kernel_only=True), cpu_of(kids), machine()
         counts = client.counts("q")
     finally:
         d.stop()
     return {"msg_s": n / el, "seconds": el, "done": counts["done"] - 1,
-            "loop_cpu_us": (c1 - c0) / n * 1e6, "workers_cpu_us": (w1 - w0) / n * 1e6,
-            **machine_figures(m0, m1, n)}
+            "loop_cpu_us": (c1 - c0) / n * 1e6, "loop_sys_us": (k1 - k0) / n * 1e6,
+            "workers_cpu_us": (w1 - w0) / n * 1e6, **machine_figures(m0, m1, n)}
 
 
 def budget(rounds: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -436,9 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, _ in systems:
             g = got[name]
             rows.append([f"{name} (round {k + 1})", f"{g['msg_s']:.0f}", f"{g['loop_cpu_us']:.0f}",
-                         f"{g['workers_cpu_us']:.0f}", f"{g['machine_cpu_us']:.0f}", f"{g['busy'] * 100:.0f}"])
+                         f"{g['loop_sys_us']:.0f}", f"{g['workers_cpu_us']:.0f}", f"{g['machine_cpu_us']:.0f}",
+                         f"{g['busy'] * 100:.0f}"])
     say("")
-    say(common.table(rows, ["system", "msg/s", "loop/daemon CPU us/msg",
+    say(common.table(rows, ["system", "msg/s", "loop/daemon CPU us/msg", "of it kernel",
                             "workers CPU us/msg" if a.kind == "worker" else "scripts CPU us/msg",
                             "machine CPU us/msg", "cores busy %"]))
     ratios = [got["spoolq"]["msg_s"] / got["floor"]["msg_s"] for got in r["rounds"]]
