@@ -652,3 +652,45 @@ def test_the_index_sees_a_msg_rewritten_within_one_clock_tick(fs: FsStore,
     a = fs.claim("q", owner="t", lease=60)
     assert not isinstance(a, (float, type(None)))
     assert a.message.param1 == "new"
+
+
+def test_a_message_that_moved_away_and_back_while_read_is_not_set_aside(fs: FsStore, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its msg open failed because the message had moved (que -> run), and it was back
+    (run -> que, a requeue) when the reader looked at its directory: a live message, read
+    again, never set aside as one without a msg (I7 is for damaged messages)."""
+    from spoolq.store.fs import reading
+    from spoolq.store.fs.layout import message_path
+
+    m = fs.create("q", Message(param1="alive"))
+    que, run = message_path(fs.qdir("q"), State.QUE, m.msg_id), message_path(fs.qdir("q"), State.RUN, m.msg_id)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    real_read = reading._read_file
+    moves: list[bool] = []
+
+    def away_and_back(path: Any) -> bytes:
+        if not moves and str(path).startswith(str(que)):
+            moves.append(True)
+            os.rename(que, run)  # the daemon's start...
+            try:
+                return real_read(path)  # ...so this open fails
+            finally:
+                os.rename(run, que)  # ...and a requeue puts it back before the reader looks
+        return real_read(path)
+
+    monkeypatch.setattr(reading, "_read_file", away_and_back)
+    view = fs.get("q", m.msg_id)
+    assert moves and view.state == State.QUE and view.message.param1 == "alive"
+    assert not (fs.qdir("q") / "corrupt").exists() or not any((fs.qdir("q") / "corrupt").iterdir())
+    # a directory that really has no msg is still set aside, as is one whose msg is a
+    # link to nothing
+    (que / "msg").unlink()
+    with pytest.raises(CorruptMessage):
+        fs.get("q", m.msg_id)
+    dangling = fs.create("q", Message())
+    dpath = message_path(fs.qdir("q"), State.QUE, dangling.msg_id)
+    (dpath / "msg").unlink()
+    (dpath / "msg").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CorruptMessage):
+        fs.get("q", dangling.msg_id)
+    assert len(list((fs.qdir("q") / "corrupt").iterdir())) == 2

@@ -73,7 +73,10 @@ class ReadParts(QueueParts):
             raw = _read_file(f"{path}/msg")
             m = Message.from_dict(json.loads(raw))
         except FileNotFoundError:
-            if not path.is_dir():
+            # Gone, or moved away and back meanwhile (the daemon's start, then a requeue): a
+            # msg there now is a live message's, for the caller to read again. Only a
+            # directory that still has none is set aside.
+            if not path.is_dir() or os.path.exists(f"{path}/msg"):
                 raise MessageNotFound(f"message {path.name} moved or vanished while reading") from None
             self._set_aside(queue, state, path, acked, "msg file missing")
             raise CorruptMessage(f"message {path.name} in {queue}/{state} has no msg file; set aside") from None
