@@ -312,6 +312,38 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
             **machine_figures(m0, m1, n)}
 
 
+def run_floor_c(work: Path, n: int) -> dict[str, Any]:
+    """:func:`run_floor_script`'s loop in C (bench/floor_script.c, compiled here): the same
+    system calls per message with no interpreter, so its CPU is about the kernel's alone,
+    the least any daemon on this layout could use (``msg`` is read, not parsed)."""
+    from spoolq import durable
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler for bench/floor_script.c (apt-get install -y gcc)")
+    exe = work / "floor_script"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(common.BENCH / "floor_script.c"), "-lpthread"], check=True)
+    root = work / "floor"
+    fill(root, n)
+    q = root / "queue" / "q"
+    listing = work / "queued.txt"
+    que = q / "que"
+    with open(listing, "w") as f:  # the oldest first, as the Python loop takes them
+        for day in sorted(os.listdir(que)):
+            for hm in sorted(os.listdir(que / day)):
+                for ss in sorted(os.listdir(que / day / hm)):
+                    for name in sorted(os.listdir(que / day / hm / ss)):
+                        f.write(f"{day}/{hm}/{ss} {name}\n")
+    os.sync()
+    m0 = machine()
+    out = subprocess.run([str(exe), str(q), str(listing), str(WORKERS), "/bin/true",
+                          "unsafe" if durable.rename_needs_source_sync(q) else "safe"],
+                         check=True, capture_output=True, text=True).stdout
+    m1 = machine()
+    got: dict[str, Any] = json.loads(out)
+    return {**got, **machine_figures(m0, m1, n)}
+
+
 def run_spoolq_script(work: Path, n: int) -> dict[str, Any]:
     root = work / "spool"
     client = fill(root, n)
@@ -420,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     base = common.make_base(a.dir, "floor")
     r: dict[str, Any] = {**common.run_header("floor", argv, base), "messages": n, "rounds": []}
     systems: list[tuple[str, Any]] = ([("floor", run_floor), ("spoolq", run_spoolq)] if a.kind == "worker" else
-                                      [("raw", run_raw), ("floor", run_floor_script), ("spoolq", run_spoolq_script)])
+                                      [("raw", run_raw), ("floor", run_floor_script), ("floor-c", run_floor_c),
+                                       ("spoolq", run_spoolq_script)])
     r["kind"] = a.kind
     say(f"floor benchmark ({a.kind}) in {base}: {n} messages, {a.rounds} round(s)")
     try:
@@ -461,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         r["floor_vs_raw"] = vs_raw
         say(f"floor / raw: {', '.join(f'{x:.2f}' for x in vs_raw)}: the 0.5 x raw target is "
             f"{'within' if max(vs_raw) >= 0.5 else 'beyond'} what one Python thread does on this layout here")
+        c_raw = [got["floor-c"]["msg_s"] / got["raw"]["msg_s"] for got in r["rounds"]]
+        r["floor_c_vs_raw"] = c_raw
+        py_c = [got["floor"]["msg_s"] / got["floor-c"]["msg_s"] for got in r["rounds"]]
+        say(f"floor-c / raw: {', '.join(f'{x:.2f}' for x in c_raw)} (the same loop in C: about the kernel's "
+            f"work alone); floor / floor-c: {', '.join(f'{x:.2f}' for x in py_c)}")
     r["ratios"] = ratios
     r["budget"] = budget(r["rounds"], a.kind)
     say(r["budget"]["text"])
