@@ -134,6 +134,17 @@ def _sys_us(before: os.times_result, after: os.times_result, n: int) -> float:
     return (after.system - before.system) / n * 1e6
 
 
+def queued_oldest_first(q: Path) -> list[tuple[str, str]]:
+    """``(bucket, id)`` of every message in the queue directory ``q``'s ``que/``, the oldest first."""
+    que = q / "que"
+    out = []
+    for day in sorted(os.listdir(que)):
+        for hm in sorted(os.listdir(que / day)):
+            for ss in sorted(os.listdir(que / day / hm)):
+                out += [(f"{day}/{hm}/{ss}", name) for name in sorted(os.listdir(que / day / hm / ss))]
+    return out
+
+
 class Layout:
     """What spoolq's layout asks per message, and nothing else: a claim (read and parse
     ``msg``, a history line, the rename into ``run/``), a finish (a history line, the rename
@@ -163,14 +174,7 @@ class Layout:
     def queued(self) -> list[tuple[str, str]]:
         """``(bucket, id)`` of every message in ``que/``, the oldest last: listing ``que/``
         once stands in for the daemon's index."""
-        que = self.q / "que"
-        out = []
-        for day in sorted(os.listdir(que)):
-            for hm in sorted(os.listdir(que / day)):
-                for ss in sorted(os.listdir(que / day / hm)):
-                    out += [(f"{day}/{hm}/{ss}", name) for name in sorted(os.listdir(que / day / hm / ss))]
-        out.reverse()
-        return out
+        return queued_oldest_first(self.q)[::-1]
 
     def _move(self, src_state: str, dst_state: str, bucket: str, mid: str) -> str:
         src = f"{self.q}/{src_state}/{bucket}/{mid}"
@@ -327,13 +331,7 @@ def run_floor_c(work: Path, n: int) -> dict[str, Any]:
     fill(root, n)
     q = root / "queue" / "q"
     listing = work / "queued.txt"
-    que = q / "que"
-    with open(listing, "w") as f:  # the oldest first, as the Python loop takes them
-        for day in sorted(os.listdir(que)):
-            for hm in sorted(os.listdir(que / day)):
-                for ss in sorted(os.listdir(que / day / hm)):
-                    for name in sorted(os.listdir(que / day / hm / ss)):
-                        f.write(f"{day}/{hm}/{ss} {name}\n")
+    listing.write_text("".join(f"{bucket} {mid}\n" for bucket, mid in queued_oldest_first(q)))
     os.sync()
     m0 = machine()
     out = subprocess.run([str(exe), str(q), str(listing), str(WORKERS), "/bin/true",

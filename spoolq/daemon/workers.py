@@ -40,16 +40,15 @@ from ..model import QueueConfig, State
 from ..runner import protocol
 from ..runner.protocol import Completion, LineBuffer, Outcome
 from ..runner.spawn import (
-    RQ_VER,
     Spawned,
     build_argv,
     has_exited,
     kill_group,
+    queue_env,
     reap,
     require_file,
     resolve_script,
     same_process,
-    scrubbed_env,
     spawn,
 )
 from ..store.leases import Attempt
@@ -218,23 +217,11 @@ class Workers:
         return wait
 
     def worker_env(self, cfg: QueueConfig, queue: str, script: Path, slot: int) -> dict[str, str]:
-        env = scrubbed_env(os.environ)
-        env.update(cfg.env_vars)
-        env.update({
-            "RQ_VER": RQ_VER,
-            "RQ_SCRIPT": cfg.script,
-            "RQ_REALSCRIPT": str(script),
-            "RQ_HOST": self.rootcfg.base_url + "/",
-            "RQ_PORT": str(self.rootcfg.port),
-            "RQ_WRITE": "3",
-            "RQ_READ": "4",
-            "RQ_ENV": self.runner.rq_env,
-            "SPOOLQ_ROOT": str(self.home),
-            "SPOOLQ_STORE": self.runner.store.url,
-            "SPOOLQ_QUEUE": queue,
-            "SPOOLQ_WORKER": str(slot),
-            "SPOOLQ_WORKER_PROTOCOL": PROTOCOL_VERSION,
-        })
+        """A script's environment without a message's variables, and the worker's own."""
+        env = queue_env(base=self.runner.base_env, cfg=cfg, queue=queue, script=str(script),
+                        rootcfg=self.rootcfg, root=self.home, rq_env=self.runner.rq_env)
+        env.update({"SPOOLQ_STORE": self.runner.store.url, "SPOOLQ_WORKER": str(slot),
+                    "SPOOLQ_WORKER_PROTOCOL": PROTOCOL_VERSION})
         return env
 
     def _log_fd(self, queue: str) -> int:

@@ -62,33 +62,20 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHU
 
 
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-_ENTRIES: dict[tuple[str, str], bytes] = {}
-"""Encoded ``KEY=value`` entries already checked: most of a script's environment is the
-daemon's own, the same at every start (encoding it anew was a tenth of a start's cost)."""
-_ENTRIES_MAX = 2048
-_ENTRY_KEEP_MAX = 512
-"""Only entries up to this many bytes are kept: the cache stays under ~1 MB, and a message's
-big params are not held after its start."""
 
 
 def env_block(env: Mapping[str, str]) -> list[bytes]:
-    """``KEY=value`` entries, refusing what execve cannot carry, as subprocess does."""
+    """``KEY=value`` entries, refusing what execve cannot carry, as subprocess does. Nothing
+    is kept: a queue's constant part is encoded once by runner/spawn.py's ``QueueEnv``, and
+    what is left per start is the message's own, never the same twice."""
     out = []
-    known = _ENTRIES
-    if len(known) > _ENTRIES_MAX:
-        known.clear()  # the messages' own values come and go: start over now and then
     for k, v in env.items():
-        entry = known.get((k, v))
-        if entry is None:
-            kb, vb = k.encode(_FS_ENCODING, _FS_ERRORS), v.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode
-            if b"\0" in kb or b"\0" in vb:
-                raise ValueError("embedded null byte")
-            if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
-                raise ValueError(f"illegal environment variable name {k!r}")
-            entry = kb + b"=" + vb
-            if len(entry) <= _ENTRY_KEEP_MAX:
-                known[(k, v)] = entry
-        out.append(entry)
+        kb, vb = k.encode(_FS_ENCODING, _FS_ERRORS), v.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode
+        if b"\0" in kb or b"\0" in vb:
+            raise ValueError("embedded null byte")
+        if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
+            raise ValueError(f"illegal environment variable name {k!r}")
+        out.append(kb + b"=" + vb)
     return out
 
 
