@@ -18,7 +18,7 @@ import pytest
 
 from spoolq import durable
 from spoolq.errors import Conflict, CorruptMessage, StorageError, WrongState
-from spoolq.model import Message, QueueConfig, State
+from spoolq.model import COMPACT_JSON, Message, QueueConfig, State
 from spoolq.store.fs import FsStore
 from spoolq.store.fs.layout import count_tree, message_path
 from spoolq.store.leases import Attempt
@@ -197,10 +197,13 @@ def test_each_way_out_of_run_lands_in_its_state_with_a_note_that_is_json(st: FsS
     m = st.create("q", Message())
     indexed(st, m.msg_id)
     a = claim(st)
-    note = 'he said "no"\n\\ \x1b[31m ok'
+    note = 'he said "no"\n\\ \x1b[31m ok \u00e9\u2028\U0001f600'
     st.finish(a, dst, status="", note=note)
     assert st.state_of("q", m.msg_id) == dst
     assert history(st, m.msg_id)[-1] == {"state": str(dst), "at": history(st, m.msg_id)[-1]["at"], "note": note}
+    # The line is what the store's JSON encoder writes for it (compact, ASCII).
+    last = (message_path(st.qdir("q"), dst, m.msg_id) / "history").read_bytes().splitlines()[-1]
+    assert last == COMPACT_JSON.encode(json.loads(last)).encode() and last.isascii()
     assert not (message_path(st.qdir("q"), dst, m.msg_id) / "attempt").exists()
     true_counts(st)
 
@@ -289,3 +292,45 @@ def test_a_finish_that_meets_a_damaged_msg_sets_it_aside_and_lets_the_attempt_go
     assert not st.holds("q", m.msg_id)
     assert not message_path(st.qdir("q"), State.RUN, m.msg_id).exists()
     assert [p.name for p in (st.qdir("q") / "corrupt").iterdir() if m.msg_id in p.name]  # set aside
+
+
+def test_start_job_makes_job_and_its_log_on_a_first_attempt(st: FsStore) -> None:
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    job, fd = st.start_job(a)
+    try:
+        os.write(fd, b"out\n")
+    finally:
+        os.close(fd)
+    mdir = message_path(st.qdir("q"), State.RUN, m.msg_id)
+    assert job == f"{mdir}/job" and (mdir / "job" / "stdio.log").read_bytes() == b"out\n"
+
+
+@pytest.mark.parametrize("left", ["a link to a directory", "a file", "a directory whose log is a link"])
+def test_start_job_after_an_earlier_script_left_things_follows_no_link(st: FsStore, tmp_path: Path,
+                                                                        left: str) -> None:
+    """What an earlier attempt left in ``job/``'s place takes the checked way (workdir and
+    log_fd): a link is never followed, a file in the directory's place is replaced."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "stdio.log").write_text("untouched\n")
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    job = message_path(st.qdir("q"), State.RUN, m.msg_id) / "job"
+    if left == "a link to a directory":
+        job.symlink_to(outside)
+    elif left == "a file":
+        job.write_text("x")
+    else:
+        job.mkdir()
+        (job / "stdio.log").symlink_to(outside / "stdio.log")
+    got, fd = st.start_job(a)
+    try:
+        os.write(fd, b"mine\n")
+    finally:
+        os.close(fd)
+    assert got == str(job) and job.is_dir() and not job.is_symlink()
+    assert (job / "stdio.log").read_bytes() == b"mine\n" and not (job / "stdio.log").is_symlink()
+    assert (outside / "stdio.log").read_text() == "untouched\n" and os.listdir(outside) == ["stdio.log"]

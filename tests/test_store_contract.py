@@ -57,6 +57,15 @@ def msg(**kw: Any) -> Message:
     return Message.from_dict(kw)
 
 
+def log_soon(store: Store, queue: str, msg_id: str, want: bytes) -> bytes:
+    """The message's log once it reads ``want``, or as it is after 5 s (a store may carry
+    the log through a pipe: it lands soon)."""
+    deadline = time.monotonic() + 5
+    while (log := store.open_log(queue, msg_id).read()) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return log
+
+
 # -- queues ---------------------------------------------------------------------------------
 def test_queue_create_list_config_roundtrip(store: Store) -> None:
     make_queue(store, "beta", num_workers=3, env_vars={"A": "1"}, coalesce_params=[2, 1], timeout=5)
@@ -515,10 +524,7 @@ def test_the_workdir_and_the_log_go_on_across_attempts(store: Store) -> None:
         os.write(fd, f"attempt {n}\n".encode())
         os.close(fd)
         store.finish(a, State.QUE if n == 1 else State.DONE, status=f"try {n}")
-    deadline = time.monotonic() + 5  # a store may carry the log through a pipe: it lands soon
-    while (log := store.open_log("q", m.msg_id).read()) != b"attempt 1\nattempt 2\n" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert log == b"attempt 1\nattempt 2\n"
+    assert log_soon(store, "q", m.msg_id, b"attempt 1\nattempt 2\n") == b"attempt 1\nattempt 2\n"
 
 
 
@@ -835,6 +841,51 @@ def test_a_running_message_names_the_host_that_runs_it(store: Store) -> None:
     assert v.host == "host-b" and v.to_rq_json()["host"] == "host-b"
     store.finish(a, State.DONE, status="ok")
     assert store.get("q", m).host == "" and "host" not in store.get("q", m).to_rq_json()
+
+
+def test_record_runner_is_what_a_heartbeat_with_a_runner_records(store: Store) -> None:
+    """The daemon records the script's pid with ``record_runner`` (no look for a cancel):
+    the same record a heartbeat's ``runner`` makes, gone with the attempt's finish."""
+    from spoolq.errors import LeaseLost
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    m = store.create("q", msg()).msg_id
+    a = store.claim("q", owner="host-b:12", lease=30, now=time.time() + 5)
+    assert isinstance(a, Attempt)
+    store.record_runner(a, "4242 17 host-b", lease=30)
+    assert store.get("q", m).host == "host-b"
+    store.finish(a, State.DONE, status="ok")
+    assert store.get("q", m).host == ""
+    with pytest.raises(LeaseLost):
+        store.record_runner(a, "4243 18 host-b", lease=30)  # the attempt is over: fenced out
+
+
+def test_start_job_is_workdir_and_log_fd_in_one_step(store: Store) -> None:
+    """``start_job``: the working directory (made, beside ``../msg``) and a log fd, on the
+    first attempt and on a later one, whose files and log go on."""
+    import json
+    import os
+
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    m = store.create("q", msg(param1="p"))
+    for n in (1, 2):
+        a = store.claim("q", owner="o", lease=30)
+        assert isinstance(a, Attempt) and a.msg_id == m.msg_id
+        job, fd = store.start_job(a)
+        try:
+            assert isinstance(job, str) and os.path.isdir(job) and os.path.basename(job) == "job"
+            assert json.loads(Path(job, "..", "msg").read_bytes())["param1"] == "p"
+            if n == 2:
+                assert Path(job, "left").read_text() == "by attempt 1"
+            Path(job, "left").write_text("by attempt 1")
+            os.write(fd, f"attempt {n}\n".encode())
+        finally:
+            os.close(fd)
+        store.finish(a, State.QUE if n == 1 else State.DONE, status=f"try {n}")
+    assert log_soon(store, "q", m.msg_id, b"attempt 1\nattempt 2\n") == b"attempt 1\nattempt 2\n"
 
 
 def test_cluster_workers_limit_running_messages_over_every_host(store: Store) -> None:

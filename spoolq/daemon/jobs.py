@@ -37,7 +37,7 @@ from ..runner.spawn import (
     message_vars,
     queue_env,
     require_file,
-    resolve_script,
+    script_path,
     script_problem,
     scrubbed_env,
     spawn,
@@ -59,7 +59,7 @@ HOST = socket.gethostname()
 KNOWN_VERBS = {"run", "done", "err", "fails", "relayed", "resend", "dup"}
 
 
-@dataclass
+@dataclass(eq=False)  # one job is one object (the loop compares its selector keys' data with strings)
 class Job:
     attempt: Attempt
     spawned: Spawned
@@ -128,25 +128,30 @@ class JobRunner:
             self.finish_without_run(attempt, Outcome(State.ERR, "cancelled", msg.count))
             return None
         try:
-            workdir = self.store.workdir(attempt)
-            # With a prefix the exec succeeds whatever the script: check it is there first.
-            script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
-            env = self._queue_env(queue, cfg, str(script)).with_message(
-                message_vars(msg, queue, self.rootcfg.base_url, str(workdir.parent)))
-            argv = build_argv(cfg, script, msg)
-            stdin = None
-            if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
-                env.own.update(fsq.message_env(msg))
-                got = self._item_stdin(attempt, cfg)
-                if isinstance(got, str):
-                    state = State.DONE if got == "done" else State.ERR
-                    self.finish_without_run(attempt, Outcome(state, f"its fsq item was in {got}/ already "
-                                                             "(finished before a crash)", msg.count))
-                    return None
-                stdin = got
+            # job/ and its log first (strings: a Path per start was a measurable cost).
+            workdir, log_fd = self.store.start_job(attempt)
             try:
-                sp = spawn(argv, env=env, cwd=workdir, log_fd=self.store.log_fd(attempt),
-                           header_script=str(script), stdin_fd=stdin)
+                # With a prefix the exec succeeds whatever the script: check it is there first.
+                script = str(require_file(cfg, self.home)) if cfg.exec_prefix.strip() else script_path(cfg, self.home)
+                env = self._queue_env(queue, cfg, script).with_message(
+                    message_vars(msg, queue, self.rootcfg.base_url, workdir.rpartition("/")[0]))
+                argv = build_argv(cfg, script, msg)
+                stdin = None
+                if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
+                    env.own.update(fsq.message_env(msg))
+                    got = self._item_stdin(attempt, cfg)
+                    if isinstance(got, str):
+                        os.close(log_fd)
+                        state = State.DONE if got == "done" else State.ERR
+                        self.finish_without_run(attempt, Outcome(state, f"its fsq item was in {got}/ already "
+                                                                 "(finished before a crash)", msg.count))
+                        return None
+                    stdin = got
+            except BaseException:
+                os.close(log_fd)  # spawn closes it from here on
+                raise
+            try:
+                sp = spawn(argv, env=env, cwd=workdir, log_fd=log_fd, header_script=script, stdin_fd=stdin)
             finally:
                 if stdin is not None:
                     os.close(stdin)
@@ -169,8 +174,10 @@ class JobRunner:
                                                      msg.count, requeue_delay=30.0))
             return None
         try:
-            # "pid spawn_ns host": recovery kills only what runs on its own host (D4).
-            self.store.heartbeat(attempt, lease=LEASE, runner=f"{sp.pid} {sp.spawned_ns} {HOST}")
+            # "pid spawn_ns host": recovery kills only what runs on its own host (D4). No
+            # cancel is looked for here: one asked since the claim's look kicks the daemon,
+            # which looks once the job is registered (supervisor._cancel), and reap looks.
+            self.store.record_runner(attempt, f"{sp.pid} {sp.spawned_ns} {HOST}", lease=LEASE)
         except (OSError, SpoolqError) as e:
             log.error("%s/%s: cannot record the script's pid: %s", queue, msg_id, e)
         now = self.clock()
@@ -362,7 +369,8 @@ class JobRunner:
             return Outcome(State.QUE, "requeued: the daemon stopped while it ran", job.msg.count)
         return protocol.decide(job.completion, exit_code, count=job.msg.count,
                                max_count=job.msg.max_count, last_status=job.last_status,
-                               retry_delay=retry_delay(cfg, job.msg.count, random.random()),
+                               retry_delay=(retry_delay(cfg, job.msg.count, random.random())
+                                            if exit_code == protocol.EXIT_TEMPFAIL else 0.0),
                                cancelled=cancelled, timed_out=job.timeout if job.timed_out else None)
 
     def finish_without_run(self, attempt: Attempt, outcome: Outcome) -> None:

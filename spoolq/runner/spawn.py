@@ -74,8 +74,12 @@ def reserve_low_fds() -> bool:
 
 def resolve_script(cfg: QueueConfig, root: Path) -> Path:
     """The real path to execute, resolved now (symlinked deploys take effect on the next run)."""
-    p = cfg.script if cfg.script.startswith("/") else os.path.join(root, cfg.script)
-    return Path(real_path(p))
+    return Path(script_path(cfg, root))
+
+
+def script_path(cfg: QueueConfig, root: Path | str) -> str:
+    """:func:`resolve_script` as a string (the daemon's start builds no Path)."""
+    return real_path(cfg.script if cfg.script.startswith("/") else os.path.join(root, cfg.script))
 
 
 def real_path(path: str) -> str:
@@ -290,7 +294,7 @@ class ScriptEnv:
         return [*qe._block, *_ps.env_block({**qe._under, **own} if qe._under else own)]
 
 
-def build_argv(cfg: QueueConfig, script: Path, msg: Message | None = None) -> list[str]:
+def build_argv(cfg: QueueConfig, script: Path | str, msg: Message | None = None) -> list[str]:
     """``exec_prefix`` empty: exec the script itself with one empty argument (RQ's
     ``exec(path, "")``). Otherwise the prefix is split like a shell would (no shell runs)
     and the script path appended. Then ``args``, and with ``message_arg`` the message's
@@ -324,7 +328,7 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | ScriptEnv, cwd: Path | st
     """
     status_r, status_w = os.pipe()
     reply_r, reply_w = os.pipe()
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    stamp = _stamp()
     spawned_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
     # The header goes in before the script can write anything, so it always comes first.
     # RQ's header starts with the script's pid, written by the child between fork and exec;
@@ -348,9 +352,23 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | ScriptEnv, cwd: Path | st
         raise  # a value no environment can hold (ValueError), or worse
     for fd in (log_fd, status_w, reply_r):
         os.close(fd)
-    os.set_blocking(status_r, False)
-    os.set_blocking(reply_w, False)
+    # A pipe's end has no other status flag: one F_SETFL each, not set_blocking's get and set.
+    fcntl.fcntl(status_r, fcntl.F_SETFL, os.O_NONBLOCK)
+    fcntl.fcntl(reply_w, fcntl.F_SETFL, os.O_NONBLOCK)
     return Spawned(pid, spawned_ns, status_r, reply_w)
+
+
+_last_stamp: tuple[int, str] = (-1, "")
+
+
+def _stamp() -> str:
+    """The log header's local time, ``%Y-%m-%d %H:%M:%S %z``, formatted once a second."""
+    global _last_stamp
+    now = time.time()
+    sec = int(now)
+    if _last_stamp[0] != sec:
+        _last_stamp = (sec, time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(now)))
+    return _last_stamp[1]
 
 
 def _start(argv: list[str], env: Mapping[str, str] | ScriptEnv, cwd: Path | str, log_fd: int, status_w: int,

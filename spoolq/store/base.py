@@ -406,6 +406,18 @@ class Store(Protocol):
         (RQ_MSG_DIR), whose parent holds ``msg`` and ``attach/`` as RQ's scripts expect."""
         ...
 
+    def start_job(self, attempt: Attempt) -> tuple[str, int]:
+        """:meth:`workdir` (as a string) and :meth:`log_fd` together: what the daemon needs
+        to start the attempt's script (a store may do both in fewer steps)."""
+        ...
+
+    def record_runner(self, attempt: Attempt, runner: str, *, lease: float) -> None:
+        """Record what runs the attempt (``pid spawn_ns host``, for recovery), as
+        :meth:`heartbeat` with ``runner`` does, without asking about a cancel (the daemon
+        learns of one from the store's watch, and at the script's end). LeaseLost when the
+        attempt is no longer the message's."""
+        ...
+
     def durable_batch(self) -> contextlib.AbstractContextManager[None]:
         """A block whose moves may be made durable together at its end (the filesystem: one
         syncfs instead of fsyncs per move); elsewhere nothing changes."""

@@ -534,6 +534,12 @@ class MemoryStore:
             self._current(attempt)
         return materialize(self, attempt, self._scratch.root())
 
+    def start_job(self, attempt: Attempt) -> tuple[str, int]:
+        return str(self.workdir(attempt)), self.log_fd(attempt)
+
+    def record_runner(self, attempt: Attempt, runner: str, *, lease: float) -> None:
+        self.heartbeat(attempt, lease=lease, runner=runner)
+
     def log_fd(self, attempt: Attempt) -> int:
         return os.open(self.workdir(attempt) / "stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                        0o644)

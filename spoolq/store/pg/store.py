@@ -199,6 +199,12 @@ class PgStore(AttemptParts):
             self._fenced = (attempt.attempt_id, time.monotonic(), names)
         return materialize(self, attempt, self.local_dir or self._scratch.root(), names)
 
+    def start_job(self, attempt: Attempt) -> tuple[str, int]:
+        return str(self.workdir(attempt)), self.log_fd(attempt)
+
+    def record_runner(self, attempt: Attempt, runner: str, *, lease: float) -> None:
+        self.heartbeat(attempt, lease=lease, runner=runner)
+
     def log_fd(self, attempt: Attempt) -> int:
         """A pipe whose output one thread appends to the message's log as it comes. The fence
         is read again unless ``workdir`` read it for this attempt within FENCE_REUSE seconds
