@@ -419,6 +419,7 @@ class GroupSync:
         self._stop = False
         self._idle = False  # the thread waits for work: only then does an add wake it
         self._on_error = on_error
+        self._always = os.environ.get("SPOOLQ_FSYNC_DIRS") == "always"
         self._thread = threading.Thread(target=self._run, name="spoolq-groupsync", daemon=True)
         self._thread.start()
 
@@ -437,7 +438,11 @@ class GroupSync:
         :func:`fsync_after_rename` would: the destination, then the source where the
         filesystem needs it. ``only_where_unsafe``: nothing at all on a filesystem where a
         rename is atomic on disk (the daemon's que -> run move, which may be lost there)."""
-        if not rename_needs_source_sync(dst_dir, dev):
+        # rename_needs_source_sync's answer, without its look at the environment per move
+        # (read at this GroupSync's start) where the device's verdict is known.
+        safe = _rename_safe.get(dev) if dev is not None else None
+        unsafe = self._always or not safe if safe is not None else rename_needs_source_sync(dst_dir, dev)
+        if not unsafe:
             if not only_where_unsafe:
                 self.add(dst_dir)
             return

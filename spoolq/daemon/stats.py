@@ -6,6 +6,7 @@ them from its thread); per-queue totals on disk are the counts cache.
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 from ..prometheus import label as _label
@@ -37,13 +38,10 @@ class JobStats:
         with self._lock:
             key = (queue, outcome)
             self.outcomes[key] = self.outcomes.get(key, 0) + 1
-            b = self.buckets.setdefault(queue, [0] * (len(DURATION_BUCKETS) + 1))
-            for i, le in enumerate(DURATION_BUCKETS):
-                if seconds <= le:
-                    b[i] += 1
-                    break
-            else:
-                b[-1] += 1
+            b = self.buckets.get(queue)
+            if b is None:
+                b = self.buckets[queue] = [0] * (len(DURATION_BUCKETS) + 1)
+            b[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # the first bound >= seconds, else +Inf
             self.sums[queue] = self.sums.get(queue, 0.0) + seconds
 
     def render(self) -> str:

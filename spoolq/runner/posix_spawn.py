@@ -68,14 +68,14 @@ def env_block(env: Mapping[str, str]) -> list[bytes]:
     """``KEY=value`` entries, refusing what execve cannot carry, as subprocess does. Nothing
     is kept: a queue's constant part is encoded once by runner/spawn.py's ``QueueEnv``, and
     what is left per start is the message's own, never the same twice."""
-    out = []
-    for k, v in env.items():
-        kb, vb = k.encode(_FS_ENCODING, _FS_ERRORS), v.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode
-        if b"\0" in kb or b"\0" in vb:
-            raise ValueError("embedded null byte")
-        if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
+    # One encode per entry (os.fsencode's codec encodes character by character, so the
+    # whole entry encodes to its name's bytes, "=", its value's), one look for a NUL.
+    out = [f"{k}={v}".encode(_FS_ENCODING, _FS_ERRORS) for k, v in env.items()]
+    if b"\0" in b"".join(out):
+        raise ValueError("embedded null byte")
+    for k in env:
+        if "=" in k:  # as subprocess refuses (an empty name it passes on)
             raise ValueError(f"illegal environment variable name {k!r}")
-        out.append(kb + b"=" + vb)
     return out
 
 
