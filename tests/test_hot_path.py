@@ -334,3 +334,93 @@ def test_start_job_after_an_earlier_script_left_things_follows_no_link(st: FsSto
     assert got == str(job) and job.is_dir() and not job.is_symlink()
     assert (job / "stdio.log").read_bytes() == b"mine\n" and not (job / "stdio.log").is_symlink()
     assert (outside / "stdio.log").read_text() == "untouched\n" and os.listdir(outside) == ["stdio.log"]
+
+
+def test_start_job_refuses_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
+    """An earlier script may replace its message directory with a link to a directory of
+    its choosing: the start must refuse it (StorageError: the message waits), and write
+    nothing where it points."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    mdir = message_path(st.qdir("q"), State.RUN, m.msg_id)
+    for name in os.listdir(mdir):
+        os.rename(mdir / name, elsewhere / name)
+    mdir.rmdir()
+    mdir.symlink_to(elsewhere)
+    with pytest.raises(StorageError):
+        st.start_job(a)
+    assert not (elsewhere / "job").exists(), "nothing made through the link"
+
+
+@pytest.mark.parametrize("thing", ["fifo", "socket"])
+def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsStore, thing: str) -> None:
+    """A FIFO with nobody reading it would block a plain open for writing for ever: the
+    daemon's loop with it. It is replaced by a file, as a link is."""
+    import socket
+    import threading
+
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    job = message_path(st.qdir("q"), State.RUN, m.msg_id) / "job"
+    job.mkdir()
+    log = job / "stdio.log"
+    sock = None
+    if thing == "fifo":
+        os.mkfifo(log)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        here = os.getcwd()
+        os.chdir(job)  # a socket's path is short (108 bytes): bound by its name
+        try:
+            sock.bind("stdio.log")
+        finally:
+            os.chdir(here)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(st.start_job(a)), daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive() and thing == "fifo":
+        os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))  # let the blocked open go, then fail
+    assert not t.is_alive() and got, "the open of the log blocked"
+    _, fd = got[0]  # type: ignore[misc]
+    try:
+        os.write(fd, b"mine\n")
+        assert os.get_blocking(fd), "the script gets a blocking stdout"
+    finally:
+        os.close(fd)
+        if sock is not None:
+            sock.close()
+    assert log.is_file() and log.read_bytes() == b"mine\n"
+
+
+def test_a_message_whose_script_is_missing_gets_no_log(st: FsStore, tmp_path: Path) -> None:
+    """With an ``exec_prefix`` the script is checked before anything is made for the
+    attempt: the message goes to err with the reason and has no log (404), as before."""
+    from spoolq.config import RootConfig
+    from spoolq.daemon.jobs import JobRunner
+    from spoolq.errors import LogNotFound, ScriptUnusable
+
+    cfg = QueueConfig.from_dict({"name": "q", "script": str(tmp_path / "missing.sh"), "exec_prefix": "/bin/sh",
+                                 "num_workers": 100})
+    st.update_queue(cfg)
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    runner = JobRunner(st, tmp_path, RootConfig(), time.time, "production", "t")
+    def fds() -> set[str]:
+        return {os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{n}")}
+
+    before = fds()
+    with pytest.raises(ScriptUnusable):
+        runner.start(a, st.queue_config("q"))
+    # Nothing of the attempt's is left open (a directory the store keeps open to fsync may be).
+    assert [f for f in fds() - before if not os.path.isdir(f)] == []
+    assert st.state_of("q", m.msg_id) == State.ERR
+    assert "missing.sh" in st.get("q", m.msg_id).status
+    with pytest.raises(LogNotFound):
+        st.open_log("q", m.msg_id)

@@ -128,29 +128,30 @@ class JobRunner:
             self.finish_without_run(attempt, Outcome(State.ERR, "cancelled", msg.count))
             return None
         try:
-            # job/ and its log first (strings: a Path per start was a measurable cost).
-            workdir, log_fd = self.store.start_job(attempt)
+            # With a prefix the exec succeeds whatever the script: check it is there first.
+            script = str(require_file(cfg, self.home)) if cfg.exec_prefix.strip() else script_path(cfg, self.home)
+            argv = build_argv(cfg, script, msg)
+            stdin = None
+            if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
+                got = self._item_stdin(attempt, cfg)
+                if isinstance(got, str):
+                    state = State.DONE if got == "done" else State.ERR
+                    self.finish_without_run(attempt, Outcome(state, f"its fsq item was in {got}/ already "
+                                                             "(finished before a crash)", msg.count))
+                    return None
+                stdin = got
             try:
-                # With a prefix the exec succeeds whatever the script: check it is there first.
-                script = str(require_file(cfg, self.home)) if cfg.exec_prefix.strip() else script_path(cfg, self.home)
-                env = self._queue_env(queue, cfg, script).with_message(
-                    message_vars(msg, queue, self.rootcfg.base_url, workdir.rpartition("/")[0]))
-                argv = build_argv(cfg, script, msg)
-                stdin = None
-                if cfg.kind == "fsq":  # fsq-scan's contract: FSQ_ITEM_*, the item on stdin
-                    env.own.update(fsq.message_env(msg))
-                    got = self._item_stdin(attempt, cfg)
-                    if isinstance(got, str):
-                        os.close(log_fd)
-                        state = State.DONE if got == "done" else State.ERR
-                        self.finish_without_run(attempt, Outcome(state, f"its fsq item was in {got}/ already "
-                                                                 "(finished before a crash)", msg.count))
-                        return None
-                    stdin = got
-            except BaseException:
-                os.close(log_fd)  # spawn closes it from here on
-                raise
-            try:
+                # job/ and its log once the script is known to be there (strings: a Path per
+                # start was a measurable cost); a message that never runs gets no log.
+                workdir, log_fd = self.store.start_job(attempt)
+                try:
+                    env = self._queue_env(queue, cfg, script).with_message(
+                        message_vars(msg, queue, self.rootcfg.base_url, workdir.rpartition("/")[0]))
+                    if cfg.kind == "fsq":
+                        env.own.update(fsq.message_env(msg))
+                except BaseException:
+                    os.close(log_fd)  # spawn closes it from here on
+                    raise
                 sp = spawn(argv, env=env, cwd=workdir, log_fd=log_fd, header_script=script, stdin_fd=stdin)
             finally:
                 if stdin is not None:

@@ -70,12 +70,27 @@ def env_block(env: Mapping[str, str]) -> list[bytes]:
     what is left per start is the message's own, never the same twice."""
     # One encode per entry (os.fsencode's codec encodes character by character, so the
     # whole entry encodes to its name's bytes, "=", its value's), one look for a NUL.
-    out = [f"{k}={v}".encode(_FS_ENCODING, _FS_ERRORS) for k, v in env.items()]
-    if b"\0" in b"".join(out):
-        raise ValueError("embedded null byte")
-    for k in env:
-        if "=" in k:  # as subprocess refuses (an empty name it passes on)
+    # Anything wrong is said by the entry-by-entry way, as it always said it.
+    try:
+        out = [f"{k}={v}".encode(_FS_ENCODING, _FS_ERRORS) for k, v in env.items()]
+    except UnicodeError:
+        return _env_block_checked(env)
+    if b"\0" in b"".join(out) or "=" in "".join(env):  # a NUL anywhere; "=" in a name
+        return _env_block_checked(env)
+    return out
+
+
+def _env_block_checked(env: Mapping[str, str]) -> list[bytes]:
+    """:func:`env_block` one name and value at a time: the first entry that cannot be
+    passed raises (a NUL, a name with ``=``, what the encoding refuses)."""
+    out = []
+    for k, v in env.items():
+        kb, vb = k.encode(_FS_ENCODING, _FS_ERRORS), v.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode
+        if b"\0" in kb or b"\0" in vb:
+            raise ValueError("embedded null byte")
+        if b"=" in kb:  # as subprocess refuses (an empty name it passes on)
             raise ValueError(f"illegal environment variable name {k!r}")
+        out.append(kb + b"=" + vb)
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import builtins
 import copy
 import errno
+import fcntl
 import json
 import json.encoder
 import logging
@@ -63,6 +64,7 @@ _CLAIM_DELTAS = {str(State.QUE): -1, str(State.RUN): 1}
 _FINISH_DELTAS = {str(st): {str(State.RUN): -1, str(st): 1} for st in State}
 _ascii_str = json.encoder.encode_basestring_ascii  # C: a str as JSON, ASCII only (as COMPACT_JSON)
 _LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COUNTS_LINGER = 0.005
 """Seconds the daemon's store gathers counts deltas before adding them (``_counted_rename``)."""
 
@@ -469,19 +471,14 @@ class AttemptParts(WriteParts):
 
     def log_fd(self, attempt: Attempt) -> int:
         """``job/stdio.log`` opened for appending (the script writes to the file itself),
-        reached without following a link; a link in its place is replaced by a file."""
+        reached without following a link; a link, a FIFO or another non-file in its place
+        is replaced by a file (a FIFO is opened without blocking: no reader must hold the
+        daemon)."""
         run_dir = self._current_dir(attempt)
-        flags = _LOG_FLAGS
         try:
             dfd = open_dir_beneath(run_dir, ["job"])
             try:
-                try:
-                    return os.open("stdio.log", flags, 0o644, dir_fd=dfd)
-                except OSError as e:
-                    if e.errno != errno.ELOOP:
-                        raise
-                    os.unlink("stdio.log", dir_fd=dfd)
-                    return os.open("stdio.log", flags, 0o644, dir_fd=dfd)
+                return _open_log_in(dfd)
             finally:
                 os.close(dfd)
         except OSError as e:
@@ -489,20 +486,26 @@ class AttemptParts(WriteParts):
 
     def start_job(self, attempt: Attempt) -> tuple[str, int]:
         """:meth:`workdir` and :meth:`log_fd` in one step, for the daemon's start of a script.
-        A ``job/`` made just now is new and empty: nothing an earlier script left can be in
-        its place, so its log is opened by its path (two system calls, not seven). One kept
-        from an earlier attempt is checked and reached beneath, as those two do."""
-        job = f"{self._current_dir(attempt)}/job"
+        The message directory is opened without following a link. A ``job/`` made in it just
+        now is new and empty: nothing an earlier script left can be in its place, so its log
+        is opened by its name there (four system calls, not eight). One kept from an earlier
+        attempt is checked and reached beneath, as those two do."""
+        run_dir = self._current_dir(attempt)
+        job = f"{run_dir}/job"
         try:
-            os.mkdir(job)
-        except FileExistsError:
-            return str(self.workdir(attempt)), self.log_fd(attempt)
+            dfd = os.open(run_dir, _DIR_NOFOLLOW)  # ELOOP for a link in the message's place
         except OSError as e:
-            raise durable.storage_error(e, f"cannot create {job}") from None
+            raise durable.storage_error(e, f"cannot open {run_dir}") from None
         try:
-            return job, os.open(f"{job}/stdio.log", _LOG_FLAGS, 0o644)
+            try:
+                os.mkdir("job", dir_fd=dfd)
+            except FileExistsError:
+                return str(self.workdir(attempt)), self.log_fd(attempt)
+            return job, os.open("job/stdio.log", _LOG_FLAGS, 0o644, dir_fd=dfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot open {job}/stdio.log") from None
+        finally:
+            os.close(dfd)
 
     def record_runner(self, attempt: Attempt, runner: str, *, lease: float) -> None:
         """The ``pid`` file: what runs the attempt (``pid spawn_ns host``), for recovery."""
@@ -672,6 +675,27 @@ class AttemptParts(WriteParts):
             out.append(a)
         self._reclaimed.add(queue)
         return out
+
+
+def _open_log_in(dfd: int) -> int:
+    """``stdio.log`` in the directory ``dfd``, opened to append; whatever is in its place
+    that is not a plain file (a link, a FIFO, a socket...) is removed and a file made."""
+    try:
+        fd = os.open("stdio.log", _LOG_FLAGS | os.O_NONBLOCK, 0o644, dir_fd=dfd)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads
+            raise
+    else:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)  # blocking again, as the script expects
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    os.unlink("stdio.log", dir_fd=dfd)
+    return os.open("stdio.log", _LOG_FLAGS | os.O_EXCL, 0o644, dir_fd=dfd)
 
 
 def _logged_rename(src: str, dst: str, line: bytes, what: str) -> bool:
