@@ -28,7 +28,8 @@ Two measurements per system:
 
 * throughput: enqueue N messages in bulk (spoolq send_many, rq enqueue_many, huey one call
   per task: it has no bulk enqueue), then wait until all N are finished. messages/s =
-  N / (first enqueue -> last completion). The no-op program is /bin/true. Completion is
+  N / (first enqueue -> last completion). The no-op program is ``/bin/true ""`` in the
+  bench's environment, for every system (:data:`NOOP_ARGV`). Completion is
   what each system reports: spoolq's counts (done), a marker each rq/huey job appends when
   it ends, waitpid for raw.
 * latency, enqueue -> script start: M single messages, one at a time on an idle system
@@ -64,6 +65,12 @@ from bench.common import say  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 TRUE = "/bin/true"
+NOOP_ARGV = [TRUE, ""]
+"""How every system here runs the no-op program: with one argument, as spoolq execs a script
+(RQ's ``exec(path, "")``), in the environment the bench runs in. Both matter: given an
+argument, coreutils' ``true`` sets up the locale the environment names (``LANG``), which
+costs it ~15 % more CPU than a bare ``/bin/true`` with ``PATH`` alone (bench/README.md,
+"The same program for every system"). The raw loop ran it bare until 2026-12-05."""
 TARGET_VS_RAW = 0.5  # issue 9
 TARGET_VS_HUEY = 1.5  # issue 9: huey running the same program
 TARGET_VS_RQ = 3.0  # issue 3
@@ -200,15 +207,16 @@ class Proc:
 
 # -- (a) raw posix_spawn --------------------------------------------------------------------
 def raw_throughput(n: int, width: int) -> float:
-    """posix_spawn of the no-op program, ``width`` in flight: msg/s."""
-    env = {"PATH": "/usr/bin:/bin"}
+    """posix_spawn of the no-op program, ``width`` in flight: msg/s. Run as spoolq runs a
+    script (:data:`NOOP_ARGV`, in this process's environment, which the daemon passes on)."""
+    env = os.environ
     sel = selectors.DefaultSelector()
     inflight: dict[int, int] = {}
     started = done = 0
     t0 = time.time()
     while done < n:
         while started < n and len(inflight) < width:
-            pid = os.posix_spawn(TRUE, [TRUE], env)
+            pid = os.posix_spawn(TRUE, NOOP_ARGV, env)
             fd = os.pidfd_open(pid)
             sel.register(fd, selectors.EVENT_READ)
             inflight[fd] = pid

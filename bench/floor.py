@@ -276,7 +276,7 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
     from spoolq.runner import posix_spawn as ps
 
     lay = Layout(work / "floor", n)
-    env = ps.env_block({"PATH": "/usr/bin:/bin"})
+    env = ps.env_block(dict(os.environ))  # as the daemon passes on its own (bench/daemon.py NOOP_ARGV)
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     own0, m0 = os.times(), machine()
     t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def run_floor_script(work: Path, n: int) -> dict[str, Any]:
             os.write(log_fd, b"RQ START\n")
             status_r, status_w = os.pipe()
             reply_r, reply_w = os.pipe()
-            pid = ps.spawn("/bin/true", ["/bin/true"], env, cwd=f"{mdir}/job",
+            pid = ps.spawn("/bin/true", ["/bin/true", ""], env, cwd=f"{mdir}/job",
                            fds=((devnull, 0), (log_fd, 1), (log_fd, 2), (status_w, 3), (reply_r, 4)))
             for fd in (log_fd, status_w, reply_r):
                 os.close(fd)

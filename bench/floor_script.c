@@ -121,8 +121,8 @@ int main(int argc, char **argv) {
         if (++n == cap) { cap *= 2; ids = realloc(ids, sizeof(*ids) * cap); }
     }
     fclose(lf);
-    char *env[] = {"PATH=/usr/bin:/bin", NULL};
-    char *pargv[] = {(char *)prog, NULL};
+    char **env = environ;  /* as the daemon passes on its own, with one empty argument (bench/daemon.py NOOP_ARGV) */
+    char *pargv[] = {(char *)prog, "", NULL};
     int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     struct running *run = calloc(width, sizeof *run);
     int inflight = 0, next = 0, finished = 0;

@@ -27,8 +27,9 @@ def _append(path: str, data: bytes) -> None:
 
 
 def run_program(prog: str, key: str, stamp_file: str, end_file: str) -> None:
-    """Run ``prog`` once (the same program spoolq runs per message)."""
-    subprocess.run([prog, key], env={"PATH": "/usr/bin:/bin", "STAMP_FILE": stamp_file}, check=True)
+    """Run ``prog`` once (the same program spoolq runs per message, with one argument and
+    the environment its worker runs in, as spoolq's scripts get the daemon's)."""
+    subprocess.run([prog, key], env={**os.environ, "STAMP_FILE": stamp_file}, check=True)
     _append(end_file, b"x\n")
 
 
