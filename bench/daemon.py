@@ -208,8 +208,9 @@ class Proc:
 # -- (a) raw posix_spawn --------------------------------------------------------------------
 def raw_throughput(n: int, width: int) -> float:
     """posix_spawn of the no-op program, ``width`` in flight: msg/s. Run as spoolq runs a
-    script (:data:`NOOP_ARGV`, in this process's environment, which the daemon passes on)."""
-    env = os.environ
+    script (:data:`NOOP_ARGV`, in this process's environment, which the daemon passes on),
+    made a dict once: ``os.environ`` itself would be decoded and encoded again per spawn."""
+    env = dict(os.environ)
     sel = selectors.DefaultSelector()
     inflight: dict[int, int] = {}
     started = done = 0

@@ -25,7 +25,7 @@ app = App(connector=PsycopgConnector(conninfo=os.environ.get("BENCH_PROC_DSN", "
 
 @app.task(name="program", queue="bench")
 def program(prog: str, key: str, stamp_file: str) -> None:
-    env = {"PATH": "/usr/bin:/bin"}
+    env = dict(os.environ)  # as spoolq's scripts get the daemon's (bench/daemon.py NOOP_ARGV)
     if stamp_file:
         env["STAMP_FILE"] = stamp_file
     subprocess.run([prog, key], env=env, check=True)

@@ -355,10 +355,12 @@ def test_start_job_refuses_a_link_in_place_of_the_message_directory(st: FsStore,
     assert not (elsewhere / "job").exists(), "nothing made through the link"
 
 
-@pytest.mark.parametrize("thing", ["fifo", "socket"])
+@pytest.mark.parametrize("thing", ["fifo", "socket", "directory", "file"])
 def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsStore, thing: str) -> None:
     """A FIFO with nobody reading it would block a plain open for writing for ever: the
-    daemon's loop with it. It is replaced by a file, as a link is."""
+    daemon's loop with it. It is replaced by a file, as a link is, and so are a socket and
+    a directory (which would otherwise send the message back to the queue at every try).
+    A file there is the log of earlier attempts: appended to, blocking for the script."""
     import socket
     import threading
 
@@ -371,6 +373,11 @@ def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsSt
     sock = None
     if thing == "fifo":
         os.mkfifo(log)
+    elif thing == "directory":
+        log.mkdir()
+        (log / "inside").write_text("x")
+    elif thing == "file":
+        log.write_bytes(b"earlier\n")
     else:
         sock = socket.socket(socket.AF_UNIX)
         here = os.getcwd()
@@ -394,7 +401,7 @@ def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsSt
         os.close(fd)
         if sock is not None:
             sock.close()
-    assert log.is_file() and log.read_bytes() == b"mine\n"
+    assert log.is_file() and log.read_bytes() == (b"earlier\n" if thing == "file" else b"") + b"mine\n"
 
 
 def test_a_message_whose_script_is_missing_gets_no_log(st: FsStore, tmp_path: Path) -> None:
@@ -424,3 +431,47 @@ def test_a_message_whose_script_is_missing_gets_no_log(st: FsStore, tmp_path: Pa
     assert "missing.sh" in st.get("q", m.msg_id).status
     with pytest.raises(LogNotFound):
         st.open_log("q", m.msg_id)
+
+
+def test_workdir_refuses_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
+    """``workdir`` (the HTTP jobs' and the stores' callers) makes nothing through a link left
+    in place of the message directory, as ``start_job`` does not."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+    a = claim(st)
+    mdir = message_path(st.qdir("q"), State.RUN, m.msg_id)
+    for name in os.listdir(mdir):
+        os.rename(mdir / name, elsewhere / name)
+    mdir.rmdir()
+    mdir.symlink_to(elsewhere)
+    with pytest.raises(StorageError):
+        st.workdir(a)
+    assert not (elsewhere / "job").exists()
+
+
+def test_a_spawn_that_runs_out_of_fds_closes_what_it_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE at the second pipe: the log fd and the first pipe are closed (else a daemon
+    short of fds leaks three more at every retry and never recovers)."""
+    import importlib
+
+    sp = importlib.import_module("spoolq.runner.spawn")  # the module (the package exports a function of that name)
+
+    real_pipe = os.pipe
+    made: list[int] = []
+
+    def pipe() -> tuple[int, int]:
+        if made:
+            raise OSError(errno.EMFILE, "Too many open files")
+        r, w = real_pipe()
+        made.extend((r, w))
+        return r, w
+
+    log_fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    monkeypatch.setattr(sp.os, "pipe", pipe)
+    with pytest.raises(OSError):
+        sp.spawn(["/bin/true"], env={"PATH": "/bin"}, cwd=str(tmp_path), log_fd=log_fd, header_script="/bin/true")
+    for fd in (log_fd, *made):
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -150,8 +150,7 @@ class HttpJobs:
                                                             params_update=not_called(why)))
             return False
         try:
-            self.store.workdir(attempt)  # the message's job/ (where the log is) is made here
-            fd = self.store.log_fd(attempt)
+            _, fd = self.store.start_job(attempt)  # the message's job/ (where the log is) is made here
         except (OSError, SpoolqError) as e:
             log.error("%s/%s: cannot start: %s", attempt.queue, attempt.msg_id, e)
             self.runner.finish_without_run(attempt, Outcome(State.QUE, f"daemon could not start the job: {e}",

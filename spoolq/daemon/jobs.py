@@ -141,8 +141,8 @@ class JobRunner:
                     return None
                 stdin = got
             try:
-                # job/ and its log once the script is known to be there (strings: a Path per
-                # start was a measurable cost); a message that never runs gets no log.
+                # job/ and its log once the script's path, argv and a fsq item are there
+                # (strings: a Path per start was a measurable cost).
                 workdir, log_fd = self.store.start_job(attempt)
                 try:
                     env = self._queue_env(queue, cfg, script).with_message(

@@ -326,8 +326,17 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | ScriptEnv, cwd: Path | st
     message's arguments or environment cannot be (a NUL, E2BIG), OSError for a failure of
     the machine's that may pass (:func:`_spawn_failure`).
     """
-    status_r, status_w = os.pipe()
-    reply_r, reply_w = os.pipe()
+    try:
+        status_r, status_w = os.pipe()
+    except BaseException:
+        os.close(log_fd)
+        raise
+    try:
+        reply_r, reply_w = os.pipe()
+    except BaseException:
+        for fd in (status_r, status_w, log_fd):
+            os.close(fd)
+        raise
     stamp = _stamp()
     spawned_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
     # The header goes in before the script can write anything, so it always comes first.

@@ -27,6 +27,7 @@ import json
 import json.encoder
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -449,21 +450,27 @@ class AttemptParts(WriteParts):
 
     def workdir(self, attempt: Attempt) -> Path:
         """``<message>/job``: the script's cwd (RQ_MSG_DIR), beside ``msg`` and ``attach/``,
-        kept from earlier attempts (the log goes on). A link an earlier script left in its
-        place is removed: nothing below the message directory is followed."""
-        job = Path(f"{self._current_dir(attempt)}/job")
+        kept from earlier attempts (the log goes on). Nothing below the message directory is
+        followed: a link in the message directory's place is refused (StorageError), and one
+        an earlier script left in ``job``'s place is removed."""
+        run_dir = self._current_dir(attempt)
+        job = f"{run_dir}/job"
         try:
-            if not stat.S_ISDIR(os.lstat(job).st_mode):
-                os.unlink(job)
-                os.mkdir(job)
-        except FileNotFoundError:
+            dfd = os.open(run_dir, _DIR_NOFOLLOW)  # ENOTDIR for a link in the message's place
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot open {run_dir}") from None
+        try:
             try:
-                os.mkdir(job)
-            except OSError as e:
-                raise durable.storage_error(e, f"cannot create {job}") from None
+                if not stat.S_ISDIR(os.stat("job", dir_fd=dfd, follow_symlinks=False).st_mode):
+                    os.unlink("job", dir_fd=dfd)
+                    os.mkdir("job", dir_fd=dfd)
+            except FileNotFoundError:
+                os.mkdir("job", dir_fd=dfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot create {job}") from None
-        return job
+        finally:
+            os.close(dfd)
+        return Path(job)
 
     def attempt_dir(self, attempt: Attempt) -> str:
         """The message's own directory in run: nothing to create or copy."""
@@ -493,7 +500,7 @@ class AttemptParts(WriteParts):
         run_dir = self._current_dir(attempt)
         job = f"{run_dir}/job"
         try:
-            dfd = os.open(run_dir, _DIR_NOFOLLOW)  # ELOOP for a link in the message's place
+            dfd = os.open(run_dir, _DIR_NOFOLLOW)  # ENOTDIR for a link in the message's place
         except OSError as e:
             raise durable.storage_error(e, f"cannot open {run_dir}") from None
         try:
@@ -679,11 +686,15 @@ class AttemptParts(WriteParts):
 
 def _open_log_in(dfd: int) -> int:
     """``stdio.log`` in the directory ``dfd``, opened to append; whatever is in its place
-    that is not a plain file (a link, a FIFO, a socket...) is removed and a file made."""
+    that is not a plain file (a link, a FIFO, a socket, a directory...) is removed and a
+    file made."""
     try:
         fd = os.open("stdio.log", _LOG_FLAGS | os.O_NONBLOCK, 0o644, dir_fd=dfd)
+    except IsADirectoryError:
+        shutil.rmtree("stdio.log", dir_fd=dfd)  # fd-based: follows no link inside it
+        return os.open("stdio.log", _LOG_FLAGS | os.O_EXCL, 0o644, dir_fd=dfd)
     except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads
+        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads, a socket
             raise
     else:
         try:
