@@ -336,12 +336,9 @@ def test_start_job_after_an_earlier_script_left_things_follows_no_link(st: FsSto
     assert (outside / "stdio.log").read_text() == "untouched\n" and os.listdir(outside) == ["stdio.log"]
 
 
-def test_start_job_refuses_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
-    """An earlier script may replace its message directory with a link to a directory of
-    its choosing: the start must refuse it (StorageError: the message waits), and write
-    nothing where it points."""
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+def claimed_behind_a_link(st: FsStore, elsewhere: Path) -> Attempt:
+    """A claimed message whose directory in run/ was then replaced by a link to
+    ``elsewhere``, holding its files (what a script of an earlier attempt could leave)."""
     m = st.create("q", Message())
     indexed(st, m.msg_id)
     a = claim(st)
@@ -350,6 +347,16 @@ def test_start_job_refuses_a_link_in_place_of_the_message_directory(st: FsStore,
         os.rename(mdir / name, elsewhere / name)
     mdir.rmdir()
     mdir.symlink_to(elsewhere)
+    return a
+
+
+def test_start_job_refuses_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
+    """An earlier script may replace its message directory with a link to a directory of
+    its choosing: the start must refuse it (StorageError: the message waits), and write
+    nothing where it points."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    a = claimed_behind_a_link(st, elsewhere)
     with pytest.raises(StorageError):
         st.start_job(a)
     assert not (elsewhere / "job").exists(), "nothing made through the link"
@@ -438,14 +445,7 @@ def test_workdir_refuses_a_link_in_place_of_the_message_directory(st: FsStore, t
     in place of the message directory, as ``start_job`` does not."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    m = st.create("q", Message())
-    indexed(st, m.msg_id)
-    a = claim(st)
-    mdir = message_path(st.qdir("q"), State.RUN, m.msg_id)
-    for name in os.listdir(mdir):
-        os.rename(mdir / name, elsewhere / name)
-    mdir.rmdir()
-    mdir.symlink_to(elsewhere)
+    a = claimed_behind_a_link(st, elsewhere)
     with pytest.raises(StorageError):
         st.workdir(a)
     assert not (elsewhere / "job").exists()

@@ -455,10 +455,7 @@ class AttemptParts(WriteParts):
         an earlier script left in ``job``'s place is removed."""
         run_dir = self._current_dir(attempt)
         job = f"{run_dir}/job"
-        try:
-            dfd = os.open(run_dir, _DIR_NOFOLLOW)  # ENOTDIR for a link in the message's place
-        except OSError as e:
-            raise durable.storage_error(e, f"cannot open {run_dir}") from None
+        dfd = _open_message_dir(run_dir)
         try:
             try:
                 if not stat.S_ISDIR(os.stat("job", dir_fd=dfd, follow_symlinks=False).st_mode):
@@ -499,10 +496,7 @@ class AttemptParts(WriteParts):
         attempt is checked and reached beneath, as those two do."""
         run_dir = self._current_dir(attempt)
         job = f"{run_dir}/job"
-        try:
-            dfd = os.open(run_dir, _DIR_NOFOLLOW)  # ENOTDIR for a link in the message's place
-        except OSError as e:
-            raise durable.storage_error(e, f"cannot open {run_dir}") from None
+        dfd = _open_message_dir(run_dir)
         try:
             try:
                 os.mkdir("job", dir_fd=dfd)
@@ -682,6 +676,15 @@ class AttemptParts(WriteParts):
             out.append(a)
         self._reclaimed.add(queue)
         return out
+
+
+def _open_message_dir(run_dir: str) -> int:
+    """An fd of the message directory itself, never of a link in its place (ENOTDIR:
+    StorageError, and the start is tried again later)."""
+    try:
+        return os.open(run_dir, _DIR_NOFOLLOW)
+    except OSError as e:
+        raise durable.storage_error(e, f"cannot open {run_dir}") from None
 
 
 def _open_log_in(dfd: int) -> int:
