@@ -350,16 +350,34 @@ def claimed_behind_a_link(st: FsStore, elsewhere: Path) -> Attempt:
     return a
 
 
-def test_start_job_refuses_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
+def test_start_job_sets_aside_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
     """An earlier script may replace its message directory with a link to a directory of
-    its choosing: the start must refuse it (StorageError: the message waits), and write
-    nothing where it points."""
+    its choosing: the start must not follow it, nor write anything where it points, nor
+    fail the same way at every retry for ever. The link is set aside into ``corrupt/``
+    with its reason beside it, the run count follows, and the daemon's start ends the
+    attempt (the message is no longer its)."""
+    from spoolq.config import RootConfig
+    from spoolq.daemon.jobs import JobRunner
+
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     a = claimed_behind_a_link(st, elsewhere)
-    with pytest.raises(StorageError):
-        st.start_job(a)
-    assert not (elsewhere / "job").exists(), "nothing made through the link"
+    before = sorted(os.listdir(elsewhere))
+    runner = JobRunner(st, tmp_path, RootConfig(), time.time, "production", "t")
+    assert runner.start(a, st.queue_config("q")) is None
+    assert sorted(os.listdir(elsewhere)) == before, "nothing written through the link"
+    corrupt = st.qdir("q") / "corrupt"
+    links = [p for p in corrupt.iterdir() if p.is_symlink()]
+    assert len(links) == 1 and links[0].resolve() == elsewhere.resolve()
+    assert "not followed" in Path(f"{links[0]}.CORRUPT").read_text()
+    assert not os.path.lexists(message_path(st.qdir("q"), State.RUN, a.msg_id))
+    assert not st.holds("q", a.msg_id)
+    st.flush_counts()
+    assert st.counts("q").get("run", 0) == 0
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(CorruptMessage):  # the store's own call says why
+        st.start_job(claimed_behind_a_link(st, again))
 
 
 @pytest.mark.parametrize("thing", ["fifo", "socket", "directory", "file"])

@@ -19,6 +19,7 @@ from .. import fsq
 from ..builtin import target_queue
 from ..config import RootConfig
 from ..errors import (
+    CorruptMessage,
     LeaseLost,
     QueueDown,
     QueueNotFound,
@@ -168,6 +169,10 @@ class JobRunner:
             log.warning("%s/%s: cannot start: %s", queue, msg_id, e)
             self.finish_without_run(attempt, Outcome(State.ERR, f"cannot start: invalid value in the "
                                                      f"message or env_vars: {e}", msg.count))
+            return None
+        except CorruptMessage as e:  # set aside by the store: only the attempt is left to end
+            log.error("%s/%s: cannot start: %s", queue, msg_id, e)
+            self.finish_without_run(attempt, Outcome(State.ERR, f"cannot start: {e}", msg.count))
             return None
         except (OSError, SpoolqError) as e:  # disk full, EMFILE...: not the message's fault; later
             log.error("%s/%s: cannot start: %s", queue, msg_id, e)

@@ -451,11 +451,11 @@ class AttemptParts(WriteParts):
     def workdir(self, attempt: Attempt) -> Path:
         """``<message>/job``: the script's cwd (RQ_MSG_DIR), beside ``msg`` and ``attach/``,
         kept from earlier attempts (the log goes on). Nothing below the message directory is
-        followed: a link in the message directory's place is refused (StorageError), and one
-        an earlier script left in ``job``'s place is removed."""
+        followed: a link in the message directory's place is set aside (CorruptMessage), and
+        one an earlier script left in ``job``'s place is removed."""
         run_dir = self._current_dir(attempt)
         job = f"{run_dir}/job"
-        dfd = _open_message_dir(run_dir)
+        dfd = self._open_message_dir(attempt, run_dir)
         try:
             try:
                 if not stat.S_ISDIR(os.stat("job", dir_fd=dfd, follow_symlinks=False).st_mode):
@@ -488,6 +488,21 @@ class AttemptParts(WriteParts):
         except OSError as e:
             raise durable.storage_error(e, f"cannot open {run_dir}/job/stdio.log") from None
 
+    def _open_message_dir(self, attempt: Attempt, run_dir: str) -> int:
+        """An fd of the message directory itself, never of a link in its place. What a
+        script left there instead of its message directory (a link, a file) is set aside
+        into ``corrupt/``, not followed, and CorruptMessage raised: tried again, the start
+        would fail the same way for ever."""
+        try:
+            return os.open(run_dir, _DIR_NOFOLLOW)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise durable.storage_error(e, f"cannot open {run_dir}") from None
+        why = "not a directory (a link or a file in the message directory's place); not followed"
+        self._set_aside(attempt.queue, State.RUN, Path(run_dir), False, why)
+        raise CorruptMessage(f"message {attempt.msg_id} in {attempt.queue}/run: {why}; set aside in "
+                             f"{self.qdir(attempt.queue) / 'corrupt'}")
+
     def start_job(self, attempt: Attempt) -> tuple[str, int]:
         """:meth:`workdir` and :meth:`log_fd` in one step, for the daemon's start of a script.
         The message directory is opened without following a link. A ``job/`` made in it just
@@ -496,7 +511,7 @@ class AttemptParts(WriteParts):
         attempt is checked and reached beneath, as those two do."""
         run_dir = self._current_dir(attempt)
         job = f"{run_dir}/job"
-        dfd = _open_message_dir(run_dir)
+        dfd = self._open_message_dir(attempt, run_dir)
         try:
             try:
                 os.mkdir("job", dir_fd=dfd)
@@ -676,15 +691,6 @@ class AttemptParts(WriteParts):
             out.append(a)
         self._reclaimed.add(queue)
         return out
-
-
-def _open_message_dir(run_dir: str) -> int:
-    """An fd of the message directory itself, never of a link in its place (ENOTDIR:
-    StorageError, and the start is tried again later)."""
-    try:
-        return os.open(run_dir, _DIR_NOFOLLOW)
-    except OSError as e:
-        raise durable.storage_error(e, f"cannot open {run_dir}") from None
 
 
 def _open_log_in(dfd: int) -> int:

@@ -110,7 +110,9 @@ class ReadParts(QueueParts):
         try:
             (qdir / "corrupt").mkdir(exist_ok=True)
             durable.rename(path, dest)
-            (dest / "CORRUPT").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}\n")
+            # Into the directory; beside it for anything else (a link is not followed).
+            note = dest / "CORRUPT" if stat.S_ISDIR(os.lstat(dest).st_mode) else Path(f"{dest}.CORRUPT")
+            note.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}\n")
         except OSError:
             return False
         return True
