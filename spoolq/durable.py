@@ -298,14 +298,18 @@ def fs_description(path: str | os.PathLike[str], dev: int | None = None) -> str:
     return {XFS_MAGIC: "xfs", BTRFS_MAGIC: "btrfs", 0x01021994: "tmpfs"}.get(magic, f"other (0x{magic:x})")
 
 
-def rename_needs_source_sync(path: str | os.PathLike[str], dev: int | None = None) -> bool:
+def rename_needs_source_sync(path: str | os.PathLike[str], dev: int | None = None, *,
+                             always: bool | None = None) -> bool:
     """Must a rename on the filesystem holding ``path`` also fsync its source directory?
 
     False on ext4 with a journal, xfs and btrfs (a rename is one transaction there); True on
     ext4 without a journal, ext2/ext3 and every filesystem not known to be safe, and always
-    with ``SPOOLQ_FSYNC_DIRS=always``. Cached by device. The long comment above says why.
+    with ``SPOOLQ_FSYNC_DIRS=always`` (``always``: the caller's reading of it, made once).
+    Cached by device. The long comment above says why.
     """
-    if os.environ.get("SPOOLQ_FSYNC_DIRS") == "always":
+    if always is None:
+        always = os.environ.get("SPOOLQ_FSYNC_DIRS") == "always"
+    if always:
         return True
     try:
         if dev is None:
@@ -438,11 +442,8 @@ class GroupSync:
         :func:`fsync_after_rename` would: the destination, then the source where the
         filesystem needs it. ``only_where_unsafe``: nothing at all on a filesystem where a
         rename is atomic on disk (the daemon's que -> run move, which may be lost there)."""
-        # rename_needs_source_sync's answer, without its look at the environment per move
-        # (read at this GroupSync's start) where the device's verdict is known.
-        safe = _rename_safe.get(dev) if dev is not None else None
-        unsafe = self._always or not safe if safe is not None else rename_needs_source_sync(dst_dir, dev)
-        if not unsafe:
+        # SPOOLQ_FSYNC_DIRS read at this GroupSync's start, not per move.
+        if not rename_needs_source_sync(dst_dir, dev, always=self._always):
             if not only_where_unsafe:
                 self.add(dst_dir)
             return

@@ -375,8 +375,7 @@ class JobRunner:
             return Outcome(State.QUE, "requeued: the daemon stopped while it ran", job.msg.count)
         return protocol.decide(job.completion, exit_code, count=job.msg.count,
                                max_count=job.msg.max_count, last_status=job.last_status,
-                               retry_delay=(retry_delay(cfg, job.msg.count, random.random())
-                                            if exit_code == protocol.EXIT_TEMPFAIL else 0.0),
+                               retry_delay=retry_delay(cfg, job.msg.count, random.random()),
                                cancelled=cancelled, timed_out=job.timeout if job.timed_out else None)
 
     def finish_without_run(self, attempt: Attempt, outcome: Outcome) -> None:

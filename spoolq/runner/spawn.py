@@ -326,15 +326,13 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | ScriptEnv, cwd: Path | st
     message's arguments or environment cannot be (a NUL, E2BIG), OSError for a failure of
     the machine's that may pass (:func:`_spawn_failure`).
     """
+    opened = [log_fd]
     try:
         status_r, status_w = os.pipe()
-    except BaseException:
-        os.close(log_fd)
-        raise
-    try:
+        opened += (status_r, status_w)
         reply_r, reply_w = os.pipe()
     except BaseException:
-        for fd in (status_r, status_w, log_fd):
+        for fd in opened:  # EMFILE: nothing of this start stays open
             os.close(fd)
         raise
     stamp = _stamp()

@@ -51,7 +51,6 @@ from ..leases import (
     params_of,
     pick,
 )
-from .beneath import open_dir_beneath
 from .index import Entry, QueueIndex
 from .layout import bucketed, iter_entries
 from .recount import LiveRecount
@@ -454,20 +453,14 @@ class AttemptParts(WriteParts):
         followed: a link in the message directory's place is set aside (CorruptMessage), and
         one an earlier script left in ``job``'s place is removed."""
         run_dir = self._current_dir(attempt)
-        job = f"{run_dir}/job"
         dfd = self._open_message_dir(attempt, run_dir)
         try:
-            try:
-                if not stat.S_ISDIR(os.stat("job", dir_fd=dfd, follow_symlinks=False).st_mode):
-                    os.unlink("job", dir_fd=dfd)
-                    os.mkdir("job", dir_fd=dfd)
-            except FileNotFoundError:
-                os.mkdir("job", dir_fd=dfd)
+            _ensure_job(dfd)
         except OSError as e:
-            raise durable.storage_error(e, f"cannot create {job}") from None
+            raise durable.storage_error(e, f"cannot create {run_dir}/job") from None
         finally:
             os.close(dfd)
-        return Path(job)
+        return Path(f"{run_dir}/job")
 
     def attempt_dir(self, attempt: Attempt) -> str:
         """The message's own directory in run: nothing to create or copy."""
@@ -479,14 +472,13 @@ class AttemptParts(WriteParts):
         is replaced by a file (a FIFO is opened without blocking: no reader must hold the
         daemon)."""
         run_dir = self._current_dir(attempt)
+        dfd = self._open_message_dir(attempt, run_dir)
         try:
-            dfd = open_dir_beneath(run_dir, ["job"])
-            try:
-                return _open_log_in(dfd)
-            finally:
-                os.close(dfd)
+            return _open_log_beneath(dfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot open {run_dir}/job/stdio.log") from None
+        finally:
+            os.close(dfd)
 
     def _open_message_dir(self, attempt: Attempt, run_dir: str) -> int:
         """An fd of the message directory itself, never of a link in its place. What a
@@ -504,11 +496,11 @@ class AttemptParts(WriteParts):
                              f"{self.qdir(attempt.queue) / 'corrupt'}")
 
     def start_job(self, attempt: Attempt) -> tuple[str, int]:
-        """:meth:`workdir` and :meth:`log_fd` in one step, for the daemon's start of a script.
-        The message directory is opened without following a link. A ``job/`` made in it just
-        now is new and empty: nothing an earlier script left can be in its place, so its log
-        is opened by its name there (four system calls, not eight). One kept from an earlier
-        attempt is checked and reached beneath, as those two do."""
+        """:meth:`workdir` and :meth:`log_fd` in one step, for the daemon's start of a script,
+        on one fd of the message directory. A ``job/`` made in it just now is new and empty:
+        nothing an earlier script left can be in its place, so its log is opened by its name
+        there (four system calls, not eight). One kept from an earlier attempt is checked,
+        and its log reached, as those two do."""
         run_dir = self._current_dir(attempt)
         job = f"{run_dir}/job"
         dfd = self._open_message_dir(attempt, run_dir)
@@ -516,7 +508,8 @@ class AttemptParts(WriteParts):
             try:
                 os.mkdir("job", dir_fd=dfd)
             except FileExistsError:
-                return str(self.workdir(attempt)), self.log_fd(attempt)
+                _ensure_job(dfd)
+                return job, _open_log_beneath(dfd)
             return job, os.open("job/stdio.log", _LOG_FLAGS, 0o644, dir_fd=dfd)
         except OSError as e:
             raise durable.storage_error(e, f"cannot open {job}/stdio.log") from None
@@ -691,6 +684,28 @@ class AttemptParts(WriteParts):
             out.append(a)
         self._reclaimed.add(queue)
         return out
+
+
+def _ensure_job(dfd: int) -> None:
+    """``job`` in the message directory ``dfd`` a plain directory: made if missing; a link
+    or a file an earlier script left in its place removed first."""
+    try:
+        if stat.S_ISDIR(os.stat("job", dir_fd=dfd, follow_symlinks=False).st_mode):
+            return
+        os.unlink("job", dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    os.mkdir("job", dir_fd=dfd)
+
+
+def _open_log_beneath(dfd: int) -> int:
+    """``job/stdio.log`` of the message directory ``dfd``, ``job`` reached without following
+    a link (ELOOP or ENOTDIR if one is there now), the log as :func:`_open_log_in` opens it."""
+    jfd = os.open("job", _DIR_NOFOLLOW, dir_fd=dfd)
+    try:
+        return _open_log_in(jfd)
+    finally:
+        os.close(jfd)
 
 
 def _open_log_in(dfd: int) -> int:
