@@ -18,7 +18,7 @@ import pytest
 
 from spoolq import durable
 from spoolq.errors import Conflict, CorruptMessage, StorageError, WrongState
-from spoolq.model import COMPACT_JSON, Message, QueueConfig, State
+from spoolq.model import COMPACT_JSON, AdminState, Message, QueueConfig, State
 from spoolq.store.fs import FsStore
 from spoolq.store.fs.layout import count_tree, message_path
 from spoolq.store.leases import Attempt
@@ -122,7 +122,7 @@ def test_a_msg_damaged_after_indexing_is_set_aside_and_the_queue_goes_on(st: FsS
     else:
         before = os.stat(path)
         path.write_bytes(damage)
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # within one clock tick: the read decides
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # within one clock tick: the size differs
     a = claim(st)
     assert a.msg_id == good.msg_id
     corrupt = list((st.qdir("q") / "corrupt").iterdir())
@@ -139,6 +139,187 @@ def test_a_message_gone_after_indexing_is_skipped(st: FsStore) -> None:
     st.delete("q", gone.msg_id)  # its event not read yet: the index still has it
     assert claim(st).msg_id == kept.msg_id
     true_counts(st)
+
+
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the messages ``Message.from_dict`` builds from now on."""
+    seen: list[str] = []
+    real = Message.from_dict.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Message], data: object, **kw: object) -> Message:
+        m = real(cls, data, **kw)
+        seen.append(m.msg_id)
+        return m
+
+    monkeypatch.setattr(Message, "from_dict", classmethod(spy))
+    return seen
+
+
+def test_the_start_takes_the_message_the_index_kept_without_parsing_msg_again(
+        st: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = st.create("q", Message(param1="kept", params={"k": [1, "two"]}))
+    indexed(st, m.msg_id)
+    assert st.watch().indexes["q"].index[m.msg_id].message is not None
+    seen = parses(monkeypatch)
+    a = claim(st)
+    assert seen == []
+    assert (a.message.param1, a.message.params, a.message.msg_id) == ("kept", {"k": [1, "two"]}, m.msg_id)
+    assert a.message == st.get("q", m.msg_id).message  # what the general path reads from run/
+
+
+def opens_of_msg(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    real = os.open
+
+    def spy(path: object, *a: object, **kw: object) -> int:
+        if str(path).endswith("/msg"):
+            seen.append(str(path))
+        return real(path, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", spy)
+    return seen
+
+
+@pytest.mark.parametrize("age", [0, 10])
+def test_the_start_reads_a_msg_whose_stamp_cannot_vouch_for_it_and_no_other(
+        st: FsStore, monkeypatch: pytest.MonkeyPatch, age: int) -> None:
+    """filestamp's rule: a stat vouches for a msg that was over 2 s old when indexed."""
+    m = st.create("q", Message(param1="p"))
+    path = msg_file(st, State.QUE, m.msg_id)
+    t = time.time_ns() - age * 1_000_000_000
+    os.utime(path, ns=(t, t))
+    indexed(st, m.msg_id)
+    assert st.watch().indexes["q"].index[m.msg_id].settled == (age > 2)
+    opened, parsed = opens_of_msg(monkeypatch), parses(monkeypatch)
+    assert claim(st).message.param1 == "p"
+    assert parsed == []
+    assert len(opened) == (0 if age > 2 else 1)
+
+
+def test_a_msg_over_the_kept_size_is_parsed_at_the_start(st: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spoolq.store.fs.index import KEEP_MSG_BYTES
+
+    m = st.create("q", Message(param1="x" * KEEP_MSG_BYTES))
+    indexed(st, m.msg_id)
+    assert st.watch().indexes["q"].index[m.msg_id].message is None
+    seen = parses(monkeypatch)
+    assert claim(st).message.param1 == "x" * KEEP_MSG_BYTES
+    assert seen == [m.msg_id]
+
+
+def same_size_within_one_tick(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` in place, leaving its inode, size and mtime as they were:
+    what an edit by hand within one clock tick of the last write looks like to a stat."""
+    before = os.stat(path)
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_edit_that_a_stat_cannot_see_still_runs_as_it_is_now(st: FsStore) -> None:
+    m = st.create("q", Message(param1="old"))
+    indexed(st, m.msg_id)
+    path = msg_file(st, State.QUE, m.msg_id)
+    same_size_within_one_tick(path, path.read_bytes().replace(b'"old"', b'"new"'))
+    assert claim(st).message.param1 == "new"
+
+
+def test_damage_that_a_stat_cannot_see_is_still_set_aside(st: FsStore) -> None:
+    bad = st.create("q", Message(param1="bad"))
+    good = st.create("q", Message(param1="good"))
+    indexed(st, bad.msg_id, good.msg_id)
+    path = msg_file(st, State.QUE, bad.msg_id)
+    same_size_within_one_tick(path, b"{" + b" " * (path.stat().st_size - 1))
+    assert claim(st).msg_id == good.msg_id
+    assert [p.name.split(".")[0] for p in (st.qdir("q") / "corrupt").iterdir() if p.is_dir()] == ["que"]
+
+
+def test_an_index_over_its_cap_keeps_no_more_messages_whole(st: FsStore) -> None:
+    from spoolq.store.fs.index import QueueIndex
+
+    ids = [st.create("q", Message(param1=str(i))).msg_id for i in range(5)]
+    ix = QueueIndex("q", st.qdir("q"), cap=2, indexed=True)
+    for i in ids:
+        ix.note_arrival(i)  # by event: read whatever the cap
+    ix.absorb(float("inf"), time.monotonic)
+    assert sorted(ix.index) == sorted(ids)
+    assert sum(e.message is not None for e in ix.index.values()) == 2
+
+
+def test_a_walk_pauses_at_the_cap_within_a_bucket_and_each_message_starts_as_it_is(
+        st: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spoolq.store.fs import index
+
+    st.set_admin_state("q", AdminState.PAUSE)
+    st.watch().want("q", False)
+    ids = [m.msg_id for m in st.create_many("q", [Message(param1=str(i)) for i in range(7)])]  # one bucket
+    monkeypatch.setattr(index, "INDEX_CAP", 3)
+    st.set_admin_state("q", AdminState.UP)
+    w = st.watch()
+    w.want("q", True)
+    ix = w.indexes["q"]
+    ix.cap = 3
+    deadline = time.monotonic() + 10
+    while ix.walk is None or not ix.walk.paused:
+        assert time.monotonic() < deadline, "the walk did not pause"
+        w.changes()
+    assert len(ix.index) == 3 and all(e.message is not None for e in ix.index.values())
+    for i in range(7):
+        a = claim(st)
+        assert a.message.param1 == str(i)
+        w.changes()
+    assert all(st.state_of("q", i) == State.RUN for i in ids)
+
+
+def test_a_walk_cut_short_within_a_bucket_goes_on_while_nothing_can_start(st: FsStore) -> None:
+    """Nothing indexed can start and the walk's time budget ran out within a bucket over the
+    cap: the walk must go on (it once paused there with no dispatch left to wake it)."""
+    from spoolq.store.fs.index import QueueIndex
+
+    old = FsStore(st.root, clock=lambda: time.time() - 10)  # one older bucket, due in an hour
+    old.create_many("q", [Message(param1=f"later{i}", due=time.time() + 3600) for i in range(8)])
+    ready = st.create("q", Message(param1="ready", due=time.time() - 1))
+    ix = QueueIndex("q", st.qdir("q"), cap=3)
+    ix.start_index()
+    ticks = [0]
+
+    def now() -> float:
+        ticks[0] += 1
+        return float(ticks[0])
+
+    for _ in range(100):
+        assert ix.has_work(), f"stalled with {len(ix.index)} indexed"
+        if not ix.walk_on(ticks[0] + 3.0, now, lambda path, level: None):  # a few steps a turn
+            continue  # nothing new: the daemon dispatches only when the index grew
+        pick, _ = ix.next_runnable(time.time(), (), set())
+        if pick is not None:
+            assert pick.msg_id == ready.msg_id
+            break
+    else:
+        raise AssertionError("the ready message was never found")
+
+
+def test_a_coalescing_queue_indexes_all_of_que_and_keeps_no_message(tmp_path: Path) -> None:
+    s = FsStore(tmp_path / "root")
+    s.ensure_root()
+    s.acquire_daemon()
+    try:
+        s.create_queue(QueueConfig.from_dict({"name": "c", "script": "/bin/true", "coalesce_params": [1]}))
+        w = s.watch()
+        w.want("c", True)
+        ix = w.indexes["c"]
+        deadline = time.monotonic() + 10
+        while ix.walk is not None or ix.cap is not None:
+            assert time.monotonic() < deadline, "not bound"
+            w.changes()
+            s.claim("c", owner="t", lease=60)  # binds the index: uncapped for a coalescing queue
+        m = s.create("c", Message(param1="a"))
+        while m.msg_id not in ix.index:
+            assert time.monotonic() < deadline, "not indexed"
+            w.changes()
+        assert all(e.message is None for e in ix.index.values())
+    finally:
+        s.release_daemon()
 
 
 def test_a_big_msg_takes_the_general_path_whole(st: FsStore) -> None:
@@ -160,7 +341,9 @@ def test_a_failed_rename_into_run_leaves_the_message_queued_and_its_history_uncl
     durable.faults.clear()
     assert st.state_of("q", m.msg_id) == State.QUE
     assert [h["state"] for h in history(st, m.msg_id)] == ["que"]
-    assert claim(st).msg_id == m.msg_id  # put back in the index: the next try starts it
+    a = claim(st)  # put back in the index: the next try starts it
+    assert a.msg_id == m.msg_id
+    assert [h["state"] for h in a.message.history] == ["que", "run"]  # the kept message: one start
     true_counts(st)
 
 

@@ -323,12 +323,12 @@ class AttemptParts(WriteParts):
     def _start_indexed(self, ix: QueueIndex, e: Entry, cfg: QueueConfig, owner: str, lease: float,
                        now: float) -> Attempt | None:
         """The daemon's start of an indexed message, lean: what :meth:`_start` and the generic
-        ``move`` do, in one pass on strings. ``msg`` is read once (its fstat is the index's
-        freshness check) and validated once; the history line, the rename into run and the
-        counts delta are the move's. None, with nothing changed on disk, for anything
-        unusual (``msg`` changed since indexed, unreadable, missing, big; the run bucket
-        missing; the queue being recounted; not the daemon's store): the caller takes the
-        general path, which handles each case."""
+        ``move`` do, in one pass on strings. ``msg`` is read at most once, and parsed and
+        validated only if it is not what the index read (:func:`_indexed_message`); the
+        history line, the rename into run and the counts delta are the move's. None, with
+        nothing changed on disk, for anything unusual (``msg`` changed since indexed,
+        unreadable, missing, big; the run bucket missing; the queue being recounted; not
+        the daemon's store): the caller takes the general path, which handles each case."""
         gs = self._group_sync
         queue = ix.name
         if gs is None or queue in self._recounts or self._batch_depth:
@@ -336,25 +336,8 @@ class AttemptParts(WriteParts):
         mid = e.msg_id
         qs, rel = str(ix.qdir), bucketed(mid)
         src = f"{qs}/que/{rel}"
-        try:
-            fd = os.open(f"{src}/msg", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            if not e.same(os.fstat(fd)):
-                return None
-            raw = os.read(fd, 65536)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if len(raw) >= 65536:
-            return None
-        try:
-            m = Message.from_dict(json.loads(raw))
-        except (ValueError, TypeError, RecursionError, SpoolqError):
-            return None
-        if m.msg_id != mid:
+        m = _indexed_message(e, src)
+        if m is None:
             return None
         dst = f"{qs}/run/{rel}"
         at = self.clock()
@@ -731,6 +714,40 @@ def _open_log_in(dfd: int) -> int:
         os.close(fd)
     os.unlink("stdio.log", dir_fd=dfd)
     return os.open("stdio.log", _LOG_FLAGS | os.O_EXCL, 0o644, dir_fd=dfd)
+
+
+def _indexed_message(e: Entry, src: str) -> Message | None:
+    """The message in the directory ``src`` that ``e`` was indexed from: ``msg`` must still
+    be that file (``Entry.same``). The index's validated copy is taken on a stat where the
+    stamp vouches for the content (``Entry.settled``, filestamp's rule), else on a read
+    that finds the same bytes; otherwise what is read is validated and runs. None for
+    anything unusual (changed, gone, unreadable, big, another id)."""
+    if e.settled and e.message is not None:
+        try:
+            return e.message if e.same(os.stat(f"{src}/msg")) else None
+        except OSError:
+            return None
+    try:
+        fd = os.open(f"{src}/msg", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not e.same(os.fstat(fd)):
+            return None
+        raw = os.read(fd, 65536)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if e.message is not None and raw == e.raw:
+        return e.message
+    if len(raw) >= 65536:
+        return None
+    try:
+        m = Message.from_dict(json.loads(raw))
+    except (ValueError, TypeError, RecursionError, SpoolqError):
+        return None
+    return m if m.msg_id == e.msg_id else None
 
 
 def _logged_rename(src: str, dst: str, line: bytes, what: str) -> bool:
