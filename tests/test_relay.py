@@ -249,7 +249,8 @@ def test_relay_under_kills_delivers_exactly_once(tmp_path: Path) -> None:
         # The tree, not the counts cache: a recount at a restart racing this test's sends may
         # leave the cache one off (docs/internals.md, I8).
         counts = a.store.recount("relay")
-        assert counts["relayed"] == len(sent) and counts["que"] == counts["run"] == counts["err"] == 0, counts
+        failed = [(v.msg_id, v.message.count, v.job_status) for v in a.list("relay", State.ERR, limit=20).items]
+        assert counts["relayed"] == len(sent) and counts["que"] == counts["run"] == counts["err"] == 0, (counts, failed)
         seen = _far_messages(b)
         twice = {k: v for k, v in seen.items() if len(v) > 1}
         assert not twice, f"arrived more than once: {twice}"
