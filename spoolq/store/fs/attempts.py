@@ -20,7 +20,6 @@ the daemon's lock owns: one device flush per bucket per round, not one per messa
 from __future__ import annotations
 
 import builtins
-import copy
 import errno
 import fcntl
 import json
@@ -595,9 +594,8 @@ class AttemptParts(WriteParts):
         if not _logged_rename(src, dest, line.encode(), f"{queue}/{msg_id} to {dst}"):
             return None
         self._gather(self.qdir(queue), _FINISH_DELTAS[state])
-        m = copy.copy(current)
-        m.history = [*current.history, entry]
-        return m
+        current.history.append(entry)  # the attempt's own copy, over now: no copy of it made
+        return current
 
     def _let_go(self, attempt: Attempt, ix: QueueIndex | None, *, dst: State | None, dup_of: str | None = None,
                 dup_status: str = "", note: str = "") -> None:
