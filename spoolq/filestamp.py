@@ -21,7 +21,12 @@ SETTLED_NS = 2_000_000_000
 """Well past a timestamp tick and the small clock steps NTP makes."""
 
 
+def key(st: os.stat_result) -> Stamp:
+    """The file's (inode, mtime, size): what a later stat is compared with."""
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def stamp(st: os.stat_result) -> tuple[Stamp, bool]:
-    """The file's (inode, mtime, size), and whether that vouches for its content from now on
-    (read it now, and its stamp unchanged later means the content is too)."""
-    return (st.st_ino, st.st_mtime_ns, st.st_size), time.time_ns() - st.st_mtime_ns > SETTLED_NS
+    """The file's :func:`key`, and whether that vouches for its content from now on (read it
+    now, and its stamp unchanged later means the content is too)."""
+    return key(st), time.time_ns() - st.st_mtime_ns > SETTLED_NS

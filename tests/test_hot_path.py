@@ -189,11 +189,29 @@ def test_the_start_reads_a_msg_whose_stamp_cannot_vouch_for_it_and_no_other(
     t = time.time_ns() - age * 1_000_000_000
     os.utime(path, ns=(t, t))
     indexed(st, m.msg_id)
-    assert st.watch().indexes["q"].index[m.msg_id].settled == (age > 2)
+    e = st.watch().indexes["q"].index[m.msg_id]
+    assert e.message is not None and (e.raw is None) == (age > 2)  # bytes kept while unsettled
     opened, parsed = opens_of_msg(monkeypatch), parses(monkeypatch)
     assert claim(st).message.param1 == "p"
     assert parsed == []
     assert len(opened) == (0 if age > 2 else 1)
+
+
+def test_a_number_written_by_hand_as_a_param_blocks_as_the_running_message_sees_it(st: FsStore) -> None:
+    """blocking_params compares queued entries with running messages' params: "0" running
+    must hold a queued message whose msg says 0 (a number), as the general path does."""
+    st.update_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true", "num_workers": 100,
+                                           "blocking_params": [1]}))
+    first = st.create("q", Message(param1="0"))
+    indexed(st, first.msg_id)
+    assert claim(st).msg_id == first.msg_id
+    second = st.create("q", Message(param1="0"))
+    path = msg_file(st, State.QUE, second.msg_id)
+    data = json.loads(path.read_bytes())
+    data["param1"] = 0
+    durable.write_replace(path, json.dumps(data).encode(), sync=False)
+    indexed(st, second.msg_id)
+    assert st.claim("q", owner="t", lease=60) is None
 
 
 def test_a_msg_over_the_kept_size_is_parsed_at_the_start(st: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -647,7 +647,7 @@ def test_the_index_sees_a_msg_rewritten_within_one_clock_tick(fs: FsStore,
     tmp.write_bytes(json.dumps(data).encode())
     os.rename(tmp, path)  # how every rewrite of msg is made (durable.write_replace): a new inode
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert os.stat(path).st_mtime_ns == entry.mtime_ns
+    assert os.stat(path).st_mtime_ns == entry.stamp[1]
     assert ix.refresh_entry(entry).params[0] == "new"
     a = fs.claim("q", owner="t", lease=60)
     assert not isinstance(a, (float, type(None)))

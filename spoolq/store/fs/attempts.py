@@ -717,12 +717,13 @@ def _open_log_in(dfd: int) -> int:
 def _indexed_message(e: Entry, src: str) -> Message | None:
     """The message in the directory ``src`` that ``e`` was indexed from: ``msg`` must still
     be that file (``Entry.same``). The index's validated copy is taken on a stat where the
-    stamp vouches for the content (``Entry.settled``, filestamp's rule), else on a read
+    stamp vouches for the content (``Entry.raw`` None: filestamp's rule), else on a read
     that finds the same bytes; otherwise what is read is validated and runs. None for
     anything unusual (changed, gone, unreadable, big, another id)."""
-    if e.settled and e.message is not None:
+    m = e.message
+    if m is not None and e.raw is None:
         try:
-            return e.message if e.same(os.stat(f"{src}/msg")) else None
+            return m if e.same(os.stat(f"{src}/msg")) else None
         except OSError:
             return None
     try:
@@ -737,8 +738,8 @@ def _indexed_message(e: Entry, src: str) -> Message | None:
         return None
     finally:
         os.close(fd)
-    if e.message is not None and raw == e.raw:
-        return e.message
+    if m is not None and raw == e.raw:
+        return m
     if len(raw) >= 65536:
         return None
     try:

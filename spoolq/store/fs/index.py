@@ -23,11 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ... import filestamp
 from ...errors import SpoolqError
-from ...filestamp import stamp
+from ...filestamp import Stamp
 from ...ids import MSG_ID_RE
 from ...model import Message, QueueConfig, State
-from ..leases import key_of
+from ..leases import key_of, params_of
 from .layout import message_path
 from .search import read_rest
 
@@ -37,10 +38,9 @@ QUE_DEPTH = 3
 INDEX_CAP = int(os.environ.get("SPOOLQ_INDEX_CAP") or 4096)
 """A walk pauses once this many messages are indexed, and goes on when dispatch has taken
 a quarter of them or finds nothing it can start (``QueueIndex.cap``). Each message the
-walk reads is kept whole (``Entry.message`` and its bytes, if ``msg`` is at most
-``KEEP_MSG_BYTES``), so that the daemon's start, which reads ``msg`` again, need not parse
-it again when the bytes are the same: that second parse was ~7 % of the daemon's CPU per
-persistent-worker message. The figure bounds the daemon's
+walk reads is kept whole (``Entry.message``, if ``msg`` is at most ``KEEP_MSG_BYTES``), so
+that the daemon's start need not parse it again: that second parse was ~7 % of the
+daemon's CPU per persistent-worker message. The figure bounds the daemon's
 memory: ~1-3 KB per indexed message (~500 bytes for one not kept: those that arrive by
 event while the index is over the cap, and a coalescing queue's, which is not capped).
 The environment variable is for tests."""
@@ -54,34 +54,26 @@ _WIDTHS = (8, 4, 2)  # name lengths of the bucket levels 1..3
 class Entry:
     """What the scheduler needs of one queued message (slots: a million of them add up)."""
 
-    __slots__ = ("msg_id", "due", "params", "mtime_ns", "ino", "size", "gen", "raw", "message", "settled")
+    __slots__ = ("msg_id", "due", "params", "stamp", "gen", "message", "raw")
 
-    def __init__(self, msg_id: str, due: float, params: tuple[str, str, str, str], mtime_ns: int,
-                 gen: int = 0, ino: int = 0, size: int = -1, raw: bytes = b"",
-                 message: Message | None = None, settled: bool = False) -> None:
+    def __init__(self, msg_id: str, due: float, params: tuple[str, str, str, str], stamp: Stamp,
+                 gen: int = 0, message: Message | None = None, raw: bytes | None = None) -> None:
         self.msg_id = msg_id
         self.due = due
         self.params = params
-        self.mtime_ns = mtime_ns
-        self.ino = ino
-        self.size = size
+        self.stamp = stamp  # of the msg it was read from (filestamp.py)
         self.gen = gen
-        # The validated msg as read (KEEP_MSG_BYTES), and its bytes. ``settled``: msg was
-        # older than filestamp.SETTLED_NS when read, so ``same`` vouches for its content
-        # and the start takes this copy on a stat; otherwise the start reads msg again and
-        # takes it only if the bytes are the same. The entry's taker owns it (the start
-        # appends to its history).
-        self.raw = raw
+        # The validated msg as read (KEEP_MSG_BYTES), and its bytes while the stamp cannot
+        # vouch for them (filestamp.py; as the queue config cache keeps them): the start
+        # takes this copy on a stat once ``raw`` is None, else if it reads the same bytes.
+        # The entry's taker owns it (the start appends to its history).
         self.message = message
-        self.settled = settled
+        self.raw = raw
 
     def same(self, st: os.stat_result) -> bool:
-        """Is ``msg`` (``st``) still the file this entry was read from? The inode too: a
-        rewrite is a new file, and two writes within one clock tick share an mtime. The size
-        too: a write in place within that tick (by hand; spoolq always writes a new file)
-        nearly always changes it; whether it vouches for the content is filestamp's rule
-        (``settled``)."""
-        return st.st_mtime_ns == self.mtime_ns and st.st_ino == self.ino and st.st_size == self.size
+        """Is ``msg`` (``st``) still the file this entry was read from (inode, mtime, size)?
+        Whether that vouches for its content is filestamp's rule (``raw``)."""
+        return filestamp.key(st) == self.stamp
 
 
 def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
@@ -103,17 +95,18 @@ def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
         return None
     finally:
         os.close(fd)
-    m = None
+    key, settled = filestamp.stamp(st)
     if keep and len(raw) <= KEEP_MSG_BYTES:
         try:
             m = Message.from_dict(data)
         except (ValueError, TypeError, RecursionError, SpoolqError):
             pass  # the start reads it again, and the store decides (sets it aside, I7)
         else:
-            if m.msg_id != msg_id:
-                m = None
-    return Entry(msg_id, due, params, st.st_mtime_ns, ino=st.st_ino, size=st.st_size,  # type: ignore[arg-type]
-                 raw=raw if m is not None else b"", message=m, settled=m is not None and stamp(st)[1])
+            if m.msg_id == msg_id:
+                # The scheduler compares these with running messages' params_of: the same
+                # conversion (a number 0 is "0", true is "true"), not the plain one above.
+                return Entry(msg_id, m.due, params_of(m), key, message=m, raw=None if settled else raw)
+    return Entry(msg_id, due, params, key)  # type: ignore[arg-type]
 
 
 @dataclass
