@@ -18,6 +18,9 @@ bucket per round of at most 10 ms, as the daemon's group commit does).
 * **spoolq**: ``spoolq serve --no-http`` with a queue of kind ``worker`` (``num_workers``
   2, ``worker_inflight`` 16) whose worker is a ``@spoolq.worker`` no-op function; resumed,
   timed to the last message in ``done/``.
+* **spoolq-2roots**: two such daemons, each on its own root with one worker and half the
+  messages, resumed together: what two dispatch processes sharing nothing could do on this
+  machine (an upper bound for docs/plans/dispatch-cpu.md's option 2, not a feature).
 
 ``--kind script``: a script per message instead (``/bin/true``, two at once), three
 systems: **raw** (``posix_spawn`` of ``/bin/true``, two in flight, nothing else: the
@@ -30,6 +33,7 @@ bench/results/floor-<time>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
@@ -375,39 +379,69 @@ def run_raw(work: Path, n: int) -> dict[str, Any]:
 
 
 def run_spoolq(work: Path, n: int) -> dict[str, Any]:
+    return _run_spoolq_roots(work, n, 1)
+
+
+def run_spoolq_two_roots(work: Path, n: int) -> dict[str, Any]:
+    """Two daemons, each on its own root with one worker and half the messages, resumed
+    together: what two dispatch processes could do here with nothing shared between them
+    (docs/plans/dispatch-cpu.md, option 2). An upper bound, not a spoolq feature."""
+    return _run_spoolq_roots(work, n, 2)
+
+
+def _run_spoolq_roots(work: Path, n: int, k: int) -> dict[str, Any]:
     import spoolq
 
-    root = work / "spool"  # not "spoolq": the worker script beside it would import it
-    worker = work / "worker.py"
-    worker.write_text(f"#!{sys.executable}\n" + PERSISTENT_WORKER.replace('"ptput"', '"q"'))
-    worker.chmod(0o755)
-    client = spoolq.open(root)
-    client.create_queue("q", script=str(worker), kind="worker", num_workers=WORKERS, worker_inflight=INFLIGHT)
-    d = start_spoolq(root, work / "daemon.log")
+    per_root, workers = n // k, max(1, WORKERS // k)
+    daemons, clients, kids = [], [], []
     try:
-        finished = ended(client)
-        # One message first, so that the workers are running (and their start is not
-        # counted), then the queue is paused while the N are sent.
-        client.send("q", param1="warm-up")
-        wait_for(lambda: finished("q", 1), 60, "the warm-up message")
-        wait_for(lambda: len(children(d.p.pid)) >= WORKERS, 60, "both workers")
-        client.set_admin_state("q", "PAUSE")
-        for i in range(0, n, 1000):
-            client.send_many("q", [{"param1": str(j)} for j in range(i, min(n, i + 1000))])
+        for i in range(k):
+            here = work / f"r{i}" if k > 1 else work
+            here.mkdir(exist_ok=True)
+            root = here / "spool"  # not "spoolq": the worker script beside it would import it
+            worker = here / "worker.py"
+            worker.write_text(f"#!{sys.executable}\n" + PERSISTENT_WORKER.replace('"ptput"', '"q"'))
+            worker.chmod(0o755)
+            client = spoolq.open(root)
+            client.create_queue("q", script=str(worker), kind="worker", num_workers=workers,
+                                worker_inflight=INFLIGHT)
+            d = start_spoolq(root, here / "daemon.log")
+            daemons.append(d)
+            clients.append(client)
+            finished = ended(client)
+            # One message first, so that the workers are running (and their start is not
+            # counted), then the queue is paused while the N are sent.
+            client.send("q", param1="warm-up")
+            wait_for(functools.partial(finished, "q", 1), 60, "the warm-up message")
+            wait_for(functools.partial(_has_children, d.p.pid, workers), 60, "the workers")
+            client.set_admin_state("q", "PAUSE")
+            for j in range(0, per_root, 1000):
+                client.send_many("q", [{"param1": str(x)} for x in range(j, min(per_root, j + 1000))])
         os.sync()
-        kids = children(d.p.pid)
-        c0, k0, w0, m0 = cpu_of([d.p.pid]), cpu_of([d.p.pid], kernel_only=True), cpu_of(kids), machine()
+        pids = [d.p.pid for d in daemons]
+        kids = [c for pid in pids for c in children(pid)]
+        c0, k0, w0, m0 = cpu_of(pids), cpu_of(pids, kernel_only=True), cpu_of(kids), machine()
         t0 = time.perf_counter()
-        client.set_admin_state("q", "UP")
-        wait_for(lambda: finished("q", n + 1), 120 + n / 100, f"{n} persistent messages")
+        for client in clients:
+            client.set_admin_state("q", "UP")
+        for client in clients:
+            finished = ended(client)
+            wait_for(functools.partial(finished, "q", per_root + 1), 120 + n / 100,
+                     f"{per_root} persistent messages")
         el = time.perf_counter() - t0
-        c1, k1, w1, m1 = cpu_of([d.p.pid]), cpu_of([d.p.pid], kernel_only=True), cpu_of(kids), machine()
-        counts = client.counts("q")
+        c1, k1, w1, m1 = cpu_of(pids), cpu_of(pids, kernel_only=True), cpu_of(kids), machine()
+        done = sum(client.counts("q")["done"] - 1 for client in clients)
     finally:
-        d.stop()
-    return {"msg_s": n / el, "seconds": el, "done": counts["done"] - 1,
+        for d in daemons:
+            d.stop()
+    n = per_root * k
+    return {"msg_s": n / el, "seconds": el, "done": done, "messages": n,
             "loop_cpu_us": (c1 - c0) / n * 1e6, "loop_sys_us": (k1 - k0) / n * 1e6,
             "workers_cpu_us": (w1 - w0) / n * 1e6, **machine_figures(m0, m1, n)}
+
+
+def _has_children(pid: int, k: int) -> bool:
+    return len(children(pid)) >= k
 
 
 def budget(rounds: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -449,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     n = a.messages or (5_000 if a.quick else 20_000)
     base = common.make_base(a.dir, "floor")
     r: dict[str, Any] = {**common.run_header("floor", argv, base), "messages": n, "rounds": []}
-    systems: list[tuple[str, Any]] = ([("floor", run_floor), ("spoolq", run_spoolq)] if a.kind == "worker" else
+    systems: list[tuple[str, Any]] = ([("floor", run_floor), ("spoolq", run_spoolq),
+                                       ("spoolq-2roots", run_spoolq_two_roots)] if a.kind == "worker" else
                                       [("raw", run_raw), ("floor", run_floor_script), ("floor-c", run_floor_c),
                                        ("spoolq", run_spoolq_script)])
     r["kind"] = a.kind
@@ -461,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                 work = base / f"{name}-{k}"
                 work.mkdir()
                 got[name] = fn(work, n)
-                if got[name]["done"] != n:
-                    raise SystemExit(f"{name}: {got[name]['done']} of {n} messages done")
+                want = got[name].get("messages", n)
+                if got[name]["done"] != want:
+                    raise SystemExit(f"{name}: {got[name]['done']} of {want} messages done")
                 say(f"  round {k + 1}: {name} {got[name]['msg_s']:.0f} msg/s")
                 if not a.keep:
                     shutil.rmtree(work, ignore_errors=True)
@@ -487,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.kind == "worker":
         say(f"floor {best_floor:.0f} msg/s: the 10,000 msg/s target is "
             f"{'within' if best_floor >= 10_000 else 'beyond'} what one Python thread does on this layout here")
+        two = [got["spoolq-2roots"]["msg_s"] / got["spoolq"]["msg_s"] for got in r["rounds"]]
+        r["two_roots_vs_one"] = two
+        best_two = max(got["spoolq-2roots"]["msg_s"] for got in r["rounds"])
+        say(f"spoolq-2roots / spoolq: {', '.join(f'{x:.2f}' for x in two)}; two daemons on two roots, "
+            f"{best_two:.0f} msg/s at best: two dispatch processes sharing nothing would "
+            f"{'pass' if best_two >= 10_000 else 'miss'} 10,000 msg/s here")
     else:
         vs_raw = [got["floor"]["msg_s"] / got["raw"]["msg_s"] for got in r["rounds"]]
         r["floor_vs_raw"] = vs_raw
