@@ -114,6 +114,12 @@ def _param(value: Any, name: str) -> str:
     raise InvalidMessage(f"{name} must be a string or a number, not {type(value).__name__}")
 
 
+def param_text(value: Any) -> str:
+    """A param1..4 value as a message carries it (``from_dict``'s conversion: a number 0 is
+    "0", true is "true"); InvalidMessage if a message cannot carry it."""
+    return _param(value, "param")
+
+
 def _env_value(text: str, name: str) -> str:
     """``text`` if a script can receive it as an environment variable (see MAX_ENV_VALUE)."""
     if len(text) * 4 > MAX_ENV_VALUE and len(text.encode()) > MAX_ENV_VALUE:

@@ -197,20 +197,31 @@ def test_the_start_reads_a_msg_whose_stamp_cannot_vouch_for_it_and_no_other(
     assert len(opened) == (0 if age > 2 else 1)
 
 
-def test_a_number_written_by_hand_as_a_param_blocks_as_the_running_message_sees_it(st: FsStore) -> None:
-    """blocking_params compares queued entries with running messages' params: "0" running
-    must hold a queued message whose msg says 0 (a number), as the general path does."""
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "over-the-kept-size"])
+@pytest.mark.parametrize(("written", "seen"), [(0, "0"), (True, "true"), (False, "false"), (1.5, "1.5")])
+def test_a_value_written_by_hand_as_a_param_blocks_as_the_running_message_sees_it(
+        st: FsStore, kept: bool, written: object, seen: str) -> None:
+    """blocking_params compares queued entries with running messages' params: a running
+    message whose param1 is ``seen`` must hold a queued one whose msg says ``written`` (a
+    JSON number or boolean), as the general path converts it, whether or not the index
+    kept the parsed message (a msg over KEEP_MSG_BYTES is not kept)."""
+    from spoolq.store.fs.index import KEEP_MSG_BYTES
+
     st.update_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true", "num_workers": 100,
                                            "blocking_params": [1]}))
-    first = st.create("q", Message(param1="0"))
+    first = st.create("q", Message(param1=seen))
     indexed(st, first.msg_id)
-    assert claim(st).msg_id == first.msg_id
-    second = st.create("q", Message(param1="0"))
+    assert claim(st).message.param1 == seen
+    pad = {} if kept else {"pad": "x" * KEEP_MSG_BYTES}
+    second = st.create("q", Message(param1="placeholder", params=pad))
     path = msg_file(st, State.QUE, second.msg_id)
     data = json.loads(path.read_bytes())
-    data["param1"] = 0
+    data["param1"] = written
     durable.write_replace(path, json.dumps(data).encode(), sync=False)
     indexed(st, second.msg_id)
+    entry = st.watch().indexes["q"].index[second.msg_id]
+    assert (entry.message is not None) == kept
+    assert entry.params[0] == seen
     assert st.claim("q", owner="t", lease=60) is None
 
 

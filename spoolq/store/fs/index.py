@@ -27,7 +27,7 @@ from ... import filestamp
 from ...errors import SpoolqError
 from ...filestamp import Stamp
 from ...ids import MSG_ID_RE
-from ...model import Message, QueueConfig, State
+from ...model import Message, QueueConfig, State, param_text
 from ..leases import key_of, params_of
 from .layout import message_path
 from .search import read_rest
@@ -76,6 +76,16 @@ class Entry:
         return filestamp.key(st) == self.stamp
 
 
+def _indexed_param(value: object) -> str:
+    """A param as the message itself will carry it (a number 0 is "0", true is "true"), so
+    that ``blocking_params`` compares it with running messages' params alike. One a message
+    cannot carry is "": the start reads it again and sets the message aside (I7)."""
+    try:
+        return param_text(value)
+    except SpoolqError:
+        return ""
+
+
 def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
     """The message's due time and params, or None if it is gone or unreadable (the store
     sets unreadable messages aside when the daemon tries to start them, I7). ``keep``: the
@@ -90,7 +100,7 @@ def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
         raw = read_rest(fd)
         data = json.loads(raw)
         due = float(data.get("due") or 0.0)
-        params = tuple(str(data.get(f"param{i}") or "") for i in range(1, 5))
+        params = tuple(_indexed_param(data.get(f"param{i}")) for i in range(1, 5))
     except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return None
     finally:
