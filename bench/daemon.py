@@ -17,6 +17,8 @@ function, measured with ``--persistent-messages`` messages (default 10,000):
 
 (e) spoolq persistent: a queue of kind ``worker`` (``worker_inflight=16``) whose worker is a
     ``@spoolq.worker`` function; durable as (b).
+(e2) the same with ``serve --dispatchers 2``: two dispatch processes share the queue, one
+    worker each.
 (f) dramatiq: ``dramatiq -p 2 -t 1`` on the run's redis-server.
 python-rq's ``SimpleWorker`` (no fork per job) and huey's ``function`` rows come from (c), (d).
 
@@ -271,10 +273,10 @@ def publish_latency(m: int, work: Path) -> dict[str, Any]:
 
 
 # -- (b) spoolq -----------------------------------------------------------------------------
-def start_spoolq(root: Path, log: Path) -> Proc:
-    """``spoolq serve --no-http`` on ``root``, once it says it is serving."""
-    d = Proc([str(VENV_BIN / "spoolq"), "--root", str(root), "serve", "--no-http", "--port", str(free_port())],
-             log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def start_spoolq(root: Path, log: Path, *args: str) -> Proc:
+    """``spoolq serve --no-http`` on ``root`` (and ``args``), once it says it is serving."""
+    d = Proc([str(VENV_BIN / "spoolq"), "--root", str(root), "serve", "--no-http", "--port", str(free_port()),
+              *args], log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wait_for(lambda: b"serving" in log.read_bytes() or not d.alive(), 30, "spoolq serve to start", 0.01)
     if not d.alive():
         raise RuntimeError(f"spoolq serve exited: {log.read_text()[-2000:]}")
@@ -321,7 +323,13 @@ def bench_spoolq(n: int, m: int, stamp: str, work: Path, curve: list[int]) -> di
 
 
 # -- (e) spoolq persistent workers ------------------------------------------------------------
-def bench_spoolq_persistent(n: int, m: int, work: Path) -> dict[str, Any]:
+def bench_spoolq_persistent2(n: int, m: int, work: Path) -> dict[str, Any]:
+    """(e) with ``serve --dispatchers 2``: the queues' messages split between two dispatch
+    processes, one worker each (docs/workers.md)."""
+    return bench_spoolq_persistent(n, m, work, dispatchers=2)
+
+
+def bench_spoolq_persistent(n: int, m: int, work: Path, dispatchers: int = 1) -> dict[str, Any]:
     import spoolq
 
     root = work / "spool"
@@ -332,7 +340,7 @@ def bench_spoolq_persistent(n: int, m: int, work: Path) -> dict[str, Any]:
     worker.chmod(0o755)
     for q in ("ptput", "plat"):
         client.create_queue(q, script=str(worker), kind="worker", num_workers=2, worker_inflight=16)
-    d = start_spoolq(root, work / "daemon.log")
+    d = start_spoolq(root, work / "daemon.log", "--dispatchers", str(dispatchers))
     try:
         time.sleep(1.0)  # the workers start (Python imports)
         finished = ended(client)
@@ -346,7 +354,8 @@ def bench_spoolq_persistent(n: int, m: int, work: Path) -> dict[str, Any]:
                           lambda k: finished("plat", k))
     finally:
         d.stop()
-    say(f"  spoolq persistent: {n / el:.0f} msg/s, latency p50 {lat['from_call_ms']['p50']:.2f} ms")
+    say(f"  spoolq persistent, {dispatchers} dispatch process(es): {n / el:.0f} msg/s, latency p50 "
+        f"{lat['from_call_ms']['p50']:.2f} ms")
     return {"msg_s": n / el, "seconds": el, "counts": c, **lat}
 
 
@@ -561,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         stamp = compile_stamp(work)
         runs: list[tuple[str, str, Callable[..., dict[str, Any]]]] = [
             ("a", "raw", bench_raw), ("b", "spoolq", bench_spoolq), ("c", "rq", bench_rq), ("d", "huey", bench_huey),
-            ("e", "spoolq_persistent", bench_spoolq_persistent), ("f", "dramatiq", bench_dramatiq)]
+            ("e", "spoolq_persistent", bench_spoolq_persistent),
+            ("e", "spoolq_persistent2", bench_spoolq_persistent2), ("f", "dramatiq", bench_dramatiq)]
         for letter, name, fn in runs:
             if letter not in only:
                 continue
@@ -573,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                     result[name] = fn(n, m, stamp, sub, curve)
                 elif name == "rq":
                     result[name] = fn(n, m, stamp, sub, n_p)
-                elif name in ("spoolq_persistent", "dramatiq"):
+                elif name in ("spoolq_persistent", "spoolq_persistent2", "dramatiq"):
                     result[name] = fn(n_p, m, sub)
                 else:
                     result[name] = fn(n, m, stamp, sub)
@@ -607,6 +617,7 @@ def report(r: dict[str, Any]) -> None:
     for kind in ("program", "function"):
         row(f"(d) huey sqlite, 2 processes, {kind}", (r.get("huey") or {}).get(kind))
     row("(e) spoolq persistent workers x2, durable", r.get("spoolq_persistent"))
+    row("(e2) the same, --dispatchers 2", r.get("spoolq_persistent2"))
     row("(f) dramatiq redis, 2 processes, function", (r.get("dramatiq") or {}).get("function"))
     row("(c') rq SimpleWorker x2, function", (r.get("rq") or {}).get("simple"))
     say("\n" + common.table(rows, ["system", "msg/s", "p50 call", "p99 call", "p50 ack", "p99 ack"]))
@@ -654,16 +665,18 @@ def report(r: dict[str, Any]) -> None:
                           f"{', source dir synced too' if raw.get('publish_fsync_source') else ''})"
                           f" + a spawn alone p50 {sp:.2f} ms = {pub + sp:.2f} ms; spoolq p50 / floor = "
                           f"{p50 / (pub + sp):.2f}")
-    p = r.get("spoolq_persistent")
-    if p:
+    for tag, key in (("e", "spoolq_persistent"), ("e2", "spoolq_persistent2")):
+        p = r.get(key)
+        if not p:
+            continue
         x = p["msg_s"]
-        checks.append(f"(e) spoolq persistent {x:.0f} msg/s (target >= {TARGET_PERSISTENT}) "
+        checks.append(f"({tag}) spoolq persistent {x:.0f} msg/s (target >= {TARGET_PERSISTENT}) "
                       f"{common.verdict(x >= TARGET_PERSISTENT)}")
         for label, peer in (("huey function", (r.get("huey") or {}).get("function")),
                             ("dramatiq function", (r.get("dramatiq") or {}).get("function")),
                             ("rq SimpleWorker", (r.get("rq") or {}).get("simple"))):
             if peer:
-                checks.append(f"(e)/{label} = {x / peer['msg_s']:.2f} (target > 1) "
+                checks.append(f"({tag})/{label} = {x / peer['msg_s']:.2f} (target > 1) "
                               f"{common.verdict(x > peer['msg_s'])}")
     for c in checks:
         say(c)

@@ -31,7 +31,7 @@ FS_KNOBS = {"sync", "current"}
 PAST_THE_CLIENT = ("spoolq/cli/", "spoolq/http/")
 
 
-CAPABILITIES = {"LostFoundRepair", "LocalSpool", "LocalWork", "LiveRecounts"}
+CAPABILITIES = {"LostFoundRepair", "LocalSpool", "LocalWork", "LiveRecounts", "DispatchParts"}
 """Optional protocols of store/base.py, used behind an ``isinstance`` check."""
 
 

@@ -15,6 +15,7 @@ from ..config import is_loopback
 from ..credentials import AccessLevel
 from ..errors import InvalidInput, Unavailable, WaitTimeout
 from ..model import State
+from ..parts import MAX_DISPATCHERS
 from . import exitcodes, output
 from .common import command, warn_if_unserved
 
@@ -69,6 +70,14 @@ def register(sub: Any) -> None:
     # Obsolete: the daemon no longer rescans queues periodically. Accepted (and ignored, with
     # a warning) so that unit files written for older versions still start.
     p.add_argument("--rescan", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dispatchers", type=int, default=int(os.environ.get("SPOOLQ_DISPATCHERS") or 1),
+                   metavar="K",
+                   help="processes that dispatch messages (env SPOOLQ_DISPATCHERS; default 1). With K > 1 "
+                        "each queue of persistent workers with num_workers >= K and no blocking_params, "
+                        "coalesce_params or cluster_workers is shared by message among K processes, "
+                        "which takes more than one core (docs/workers.md); decided at start")
+    p.add_argument("--dispatch-part", default=None, help=argparse.SUPPRESS)  # a helper: serve's own use
+    p.add_argument("--dispatch-parent", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log every job start and end")
     p.set_defaults(func=cmd_serve)
 
@@ -125,14 +134,23 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     if args.rescan is not None:
         logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
                                             "rescans queues (see docs/operations.md)")
+    if not 1 <= args.dispatchers <= MAX_DISPATCHERS:
+        raise InvalidInput(f"--dispatchers {args.dispatchers}: it must be between 1 and {MAX_DISPATCHERS}")
+    if args.dispatchers > 1 and not directory:
+        raise InvalidInput("--dispatchers needs a directory spool (a PostgreSQL store is shared by running "
+                           "one spoolq serve per host)")
+    if args.dispatch_part is not None:
+        return _serve_helper(args, ctx, home)
     # fds 3 and 4 for spawning (the fast vfork path), claimed before the store opens anything:
     # a database store keeps connections open, and its sockets would take them.
     reserve_low_fds()
     store = open_store(ctx.root)
     if isinstance(store, LocalWork):
         store.local_dir = Path(home) / "work"
+    helper_argv = [sys.executable, "-m", "spoolq", "--root", ctx.root, "serve", "--no-http", "--home", home,
+                   "--grace", repr(args.grace), *(["-v"] if args.verbose else [])]
     d = Daemon(store, home=home, host=args.host, port=args.port, grace=args.grace, sweep_interval=args.sweep,
-               builtin_queues=not args.no_builtin_queues)
+               builtin_queues=not args.no_builtin_queues, dispatchers=args.dispatchers, helper_argv=helper_argv)
     notifying, taking = args.notify_port is not None, args.intake_port is not None
     for flag, port in (("--notify-port", args.notify_port), ("--intake-port", args.intake_port)):
         if port is not None and not 0 <= port <= 65535:
@@ -196,6 +214,29 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
             except Exception as e:  # noqa: BLE001 - shutting down: report and go on
                 logging.getLogger("spoolq").warning("HTTP server did not stop cleanly: %s", e)
         d.close()
+    return exitcodes.OK
+
+
+def _serve_helper(args: argparse.Namespace, ctx: Any, home: str) -> int:
+    """``serve --dispatch-part``: a dispatch helper the main ``serve --dispatchers`` started
+    (daemon/helpers.py). It dispatches its part of the shared queues and nothing else: no
+    HTTP, no line servers, no built-in queues, timers or sweeps; it dies with its parent."""
+    from ..daemon.helpers import die_with_parent
+    from ..daemon.supervisor import Daemon
+    from ..parts import Part
+    from ..runner.spawn import reserve_low_fds
+    from ..store import open_store
+
+    if args.dispatch_parent is None:
+        raise InvalidInput("--dispatch-part is serve's own (it starts its helpers): use --dispatchers")
+    try:
+        part = Part.parse(args.dispatch_part)
+    except ValueError as e:
+        raise InvalidInput(f"--dispatch-part {args.dispatch_part!r}: {e}") from None
+    die_with_parent(args.dispatch_parent)
+    reserve_low_fds()  # as serve does, before the store opens anything
+    d = Daemon(open_store(ctx.root), home=home, grace=args.grace, builtin_queues=False, part=part)
+    d.run()
     return exitcodes.OK
 
 

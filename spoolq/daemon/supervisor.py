@@ -20,19 +20,23 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .. import builtin
 from ..config import RootConfig
-from ..errors import InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, StorageError
+from ..errors import DaemonRunning, InvalidConfig, QueueNotFound, ScriptUnusable, SpoolqError, StorageError
 from ..events import EventBus
 from ..model import AdminState, QueueConfig
+from ..parts import WHOLE, Part, splittable
 from ..runner.spawn import has_exited, kill_group, reap, reserve_low_fds, script_problem
-from ..store.base import Change, LiveRecounts, LostFoundRepair, Store, Watcher
+from ..store.base import Change, DispatchParts, LiveRecounts, LostFoundRepair, Store, Watcher
 from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
+from .helpers import Helpers
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .httpjobs import HttpJobs
 from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
@@ -40,7 +44,7 @@ from .queue import QueueState
 from .recovery import recover_queue
 from .scandir import Scandir
 from .timers import Timers
-from .workers import Worker, WorkerInput, Workers, kill_orphans
+from .workers import Worker, WorkerInput, Workers, helper_dir, kill_orphans
 
 log = logging.getLogger("spoolq.daemon")
 
@@ -60,8 +64,17 @@ class Daemon:
     def __init__(self, store: Store, *, home: str | os.PathLike[str], host: str | None = None,
                  port: int | None = None, grace: float = 30.0, sweep_interval: float = 300.0,
                  clock: Callable[[], float] = time.time, builtin_queues: bool = True,
-                 events: EventBus | None = None) -> None:
+                 events: EventBus | None = None, dispatchers: int = 1, part: Part | None = None,
+                 helper_argv: Sequence[str] = ()) -> None:
         self.store = store
+        # `serve --dispatchers` (parts.py, helpers.py): the main process runs `dispatchers`
+        # processes in all and starts the others with `helper_argv`; a helper is given its
+        # `part`. The main process's own part is known once recovery is done (setup).
+        self.dispatchers = dispatchers
+        self.part = part or WHOLE
+        self.helper_argv = list(helper_argv)
+        self.helpers: Helpers | None = None
+        self.recounting: set[str] = set()  # queues whose recount the housekeeper has not done yet
         self.home = Path(home)
         self.builtin_queues = builtin_queues
         self.events = events or EventBus()  # the notifier's channels and the SSE stream listen
@@ -108,17 +121,29 @@ class Daemon:
         if not reserve_low_fds():  # before this process opens anything else
             log.info("fds 3 and 4 are taken: scripts are spawned through the slower preexec path")
         self.sel = selectors.DefaultSelector()
+        helper = not self.part.main
+        if self.part.count > 1 or self.dispatchers > 1:
+            if not isinstance(self.store, DispatchParts):
+                raise InvalidConfig("several dispatch processes (--dispatchers) need a directory spool")
+            self.store.part = self.part  # a helper's lock and recovery are its part's; main's: all
         self.acquire()
-        try:
-            self.store.set_root_config(self.rootcfg)
-        except StorageError as e:
-            log.warning("cannot record host and port: %s; full ids printed by the CLI may name another "
-                        "port until it is written", e)
+        if self.dispatchers > 1:
+            assert isinstance(self.store, DispatchParts)
+            held = self.store.wait_for_helpers(10.0)
+            if held:
+                self.release()
+                raise DaemonRunning(f"a dispatch helper of an earlier spoolq serve still holds {held[0]}")
+        if not helper:
+            try:
+                self.store.set_root_config(self.rootcfg)
+            except StorageError as e:
+                log.warning("cannot record host and port: %s; full ids printed by the CLI may name another "
+                            "port until it is written", e)
         self.runner = JobRunner(self.store, self.home, self.rootcfg, self.clock,
                                 os.environ.get("RQ_ENV") or root_env(self.home), self.owner)
         self.workers = Workers(self.runner, self.sel, self.home, self.rootcfg, self.clock,
                                finished=self._finished, changed=self._workers_changed,
-                               config=self._config_of)
+                               config=self._config_of, subdir=helper_dir(self.part))
         self.http = HttpJobs(self.runner, self.sel, self.clock, finished=self._finished)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = rfd
@@ -130,6 +155,11 @@ class Daemon:
         self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, "store")
         self.housekeeper = Housekeeper(self.store)
         self.sel.register(self.housekeeper.fd, selectors.EVENT_READ, "housekeeping")
+        if helper:
+            # serve's own stop: EOF on stdin (helpers.py)
+            self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "parent")
+            self._setup_helper()
+            return
         if isinstance(self.store, LostFoundRepair):
             found = self.store.recover_lost_found()  # I10: what e2fsck moved there after a power cut
             for line in found.recovered:
@@ -165,6 +195,8 @@ class Daemon:
             log.error("%s; a crash now may run the recovered messages once more", e)
         if self.timers is None:
             self.timers = Timers(self.store, self.home, self.clock)
+        if self.dispatchers > 1:
+            self._plan_helpers(names)
         try:
             self.scandir = Scandir(self.store, self.home)
             self.sel.register(self.scandir.fileno(), selectors.EVENT_READ, "scandir")
@@ -178,8 +210,73 @@ class Daemon:
             for name, qs in self.queues.items():
                 qs.ready = self.store.begin_recount(name)
         self.housekeeper.start_up(list(self.queues))
+        self.recounting = set(self.queues)  # the dispatch helpers wait for these (_tend_helpers)
         self.next_sweep = self.clock() + self.sweep_interval
         self.next_reclaim = self.clock() + RECLAIM_EVERY
+
+    def _setup_helper(self) -> None:
+        """A dispatch helper (helpers.py): its own workers' orphans, the recovery of its part
+        of the split queues, and nothing of the main process's (lost+found, built-in
+        queues, timers, scandir, recounts, sweeps)."""
+        assert self.housekeeper is not None
+        if kill_orphans(self.home, helper_dir(self.part)):
+            log.warning("killed the persistent workers of a dispatch helper that is gone")
+        try:
+            with self.store.durable_batch():
+                for name in sorted(self.part.split):
+                    self._recover(name)
+        except StorageError as e:
+            log.error("%s; a crash now may run the recovered messages once more", e)
+        self.refresh()  # its queues are ready at once: recounts are the main process's
+        self.next_sweep = float("inf")  # and so are sweeps
+        self.next_reclaim = self.clock() + RECLAIM_EVERY
+
+    def _plan_helpers(self, names: Sequence[str]) -> None:
+        """The main process of ``--dispatchers K``, its recovery done: which queues are
+        split (parts.py), fixed until the next start; the helpers start once every queue
+        is recounted (step)."""
+        split = []
+        for name in names:
+            try:
+                if splittable(self.store.queue_config(name), self.dispatchers):
+                    split.append(name)
+            except SpoolqError:
+                continue
+        if not split:
+            log.warning("--dispatchers %d: no queue can be split (persistent workers, num_workers >= %d, "
+                        "no blocking_params, coalesce_params or cluster_workers): one process dispatches",
+                        self.dispatchers, self.dispatchers)
+            return
+        k = self.dispatchers
+        self.part = Part(0, k, frozenset(split))
+        assert isinstance(self.store, DispatchParts)
+        self.store.part = self.part
+        self.helpers = Helpers([Part(i, k, self.part.split) for i in range(1, k)], self.helper_argv)
+        log.info("%d dispatch processes share the queue(s) %s", k, ", ".join(sorted(split)))
+
+    def _tend_helpers(self, now: float) -> None:
+        """Start the dispatch helpers once the shared queues are recounted, and recount
+        them again when a helper has died (helpers.py)."""
+        helpers = self.helpers
+        assert helpers is not None and self.housekeeper is not None
+        helpers.tick(now)
+        if self.stopping or helpers.running:
+            return
+        if helpers.recount:
+            if helpers.alive():
+                return  # the others are handing back what they hold
+            helpers.recount = False
+            for name in sorted(self.part.split):
+                qs = self.queues.get(name)
+                if qs is None:
+                    continue
+                qs.ready = self.store.begin_recount(name) if isinstance(self.store, LiveRecounts) else False
+                self.housekeeper.submit(RECOUNT, name)
+                self.recounting.add(name)
+        # Not while a shared queue is recounted: only this process's moves are numbered
+        # against the walk.
+        if not self.recounting & self.part.split:
+            helpers.start_all(now)
 
     def _recover(self, name: str) -> None:
         """Finish the attempts of ``name`` whose holder is gone (recovery.py)."""
@@ -216,7 +313,7 @@ class Daemon:
         """Sync the set of queues with the store. ``starting``: the queues found at start
         wait for their recount (``ready``)."""
         self.refresh_queues = False
-        names = set(self.store.queues())
+        names = {n for n in self.store.queues() if self.part.serves(n)}
         for gone in set(self.queues) - names:
             log.info("queue %s is gone", gone)
             del self.queues[gone]
@@ -288,8 +385,10 @@ class Daemon:
                 log.warning("%s: sweep: %s", what, line)
             log.debug("%s: %s done", what, res.kind)
             qs = self.queues.get(res.queue)
-            if res.kind == RECOUNT and qs is not None:
-                qs.ready = qs.dirty = True  # its moves no longer wait for the recount's lock
+            if res.kind == RECOUNT:
+                self.recounting.discard(res.queue or "")
+                if qs is not None:
+                    qs.ready = qs.dirty = True  # its moves no longer wait for the recount's lock
 
     # -- signals -------------------------------------------------------------------------
     def on_signals(self) -> None:
@@ -311,6 +410,21 @@ class Daemon:
             self.begin_stop()
         self.reap()
 
+    def _parent_says(self) -> None:
+        """A dispatch helper's stdin: EOF is the main process's stop (helpers.py). Nothing
+        else is ever written there."""
+        try:
+            data = os.read(sys.stdin.fileno(), 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        self.sel.unregister(sys.stdin.fileno())
+        if not self.stopping:
+            self.begin_stop()
+
     def begin_stop(self) -> None:
         now = self.clock()
         if self.stopping:
@@ -323,6 +437,8 @@ class Daemon:
             self.workers.stop_all(now, kill=False)  # EOF on fd 4: answer what you hold, then exit
         if self.http is not None:
             self.http.stop_all(now, kill=False)  # what waits for its host goes back at once
+        if self.helpers is not None:
+            self.helpers.stop()  # each stops as a daemon does
         log.warning("stopping: starting nothing new; %d job(s) get %.0f s to finish", len(self.jobs),
                     self.grace)
 
@@ -399,7 +515,7 @@ class Daemon:
         # Only when inotify saw config.json, pause or down change (or SIGHUP): three stats
         # fewer per message on a busy queue.
         try:
-            qs.config = self.store.queue_config(qs.name)
+            qs.config = self._share(self.store.queue_config(qs.name))
         except QueueNotFound:
             self.refresh_queues = True
             return False
@@ -418,6 +534,17 @@ class Daemon:
             self.events.publish({"event": "admin", "queue": qs.name, "state": str(qs.admin), "was": str(was)})
         qs.config_stale = False
         return True
+
+    def _share(self, cfg: QueueConfig) -> QueueConfig:
+        """A split queue's config as this dispatch process runs it: its share of the
+        workers (parts.py). The split was decided at the start and holds until the next."""
+        part = self.part
+        if cfg.name not in part.split:
+            return cfg
+        if not splittable(cfg, part.count):
+            log.warning("queue %s: its config no longer allows %d dispatch processes to share it; it "
+                        "stays shared until spoolq serve is started again", cfg.name, part.count)
+        return replace(cfg, num_workers=max(1, part.workers(cfg.name, cfg.num_workers)))
 
     def _want(self, qs: QueueState, on: bool) -> None:
         """Tell the store whether we claim from the queue (the filesystem indexes it, or
@@ -566,6 +693,8 @@ class Daemon:
                 store_ready = True
             elif key.data == "housekeeping":
                 self.on_housekeeping()
+            elif key.data == "parent":
+                self._parent_says()
             elif key.data == "scandir":
                 assert self.scandir is not None
                 self.scandir.on_events()
@@ -596,6 +725,8 @@ class Daemon:
         self.workers.tick(now)
         assert self.http is not None
         self.http.tick(now)
+        if self.helpers is not None:
+            self._tend_helpers(now)
         if self.stopping and self.grace_end is not None and now >= self.grace_end:
             for job in self.jobs.values():
                 if not job.stopping:
@@ -603,6 +734,8 @@ class Daemon:
                     self.runner.terminate(job, now)
             self.workers.stop_all(now, kill=True)
             self.http.stop_all(now, kill=True)
+            if self.helpers is not None:
+                self.helpers.stop(kill=True)
         if now >= self.next_sweep and not self.housekeeper.busy:
             self.next_sweep = now + self.sweep_interval
             self.housekeeper.submit(SWEEP_ROOT)
@@ -670,6 +803,10 @@ class Daemon:
         ht = self.http.next_time()
         if ht is not None:
             times.append(ht)
+        if self.helpers is not None:
+            st = self.helpers.next_time()
+            if st is not None:
+                times.append(st)
         wake_at = self.watcher.wake_at
         if wake_at is not None:
             times.append(now + wake_at - time.monotonic())
@@ -679,14 +816,14 @@ class Daemon:
             times.append(now + self.scandir.scan_at - time.monotonic())
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
-                or self.workers.alive() or self.http.alive()):
+                or self.workers.alive() or self.http.alive() or (self.helpers and self.helpers.alive())):
             times.append(self.grace_end)
         return max(0.0, min(times) - now)
 
     def _done(self) -> bool:
         """Stopping, nothing running, and no held finish left to wait for (or no more time)."""
         if not (self.stopping and not self.jobs and not (self.workers and self.workers.alive())
-                and not (self.http and self.http.alive())):
+                and not (self.http and self.http.alive()) and not (self.helpers and self.helpers.alive())):
             return False
         assert self.runner is not None
         held = self.runner.finisher.held

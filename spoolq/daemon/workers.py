@@ -37,6 +37,7 @@ from pathlib import Path
 from ..config import RootConfig
 from ..errors import LeaseLost, ScriptError, ScriptUnusable, SpoolqError
 from ..model import QueueConfig, State
+from ..parts import Part
 from ..runner import protocol
 from ..runner.protocol import Completion, LineBuffer, Outcome
 from ..runner.spawn import (
@@ -142,7 +143,7 @@ class Workers:
     def __init__(self, runner: JobRunner, sel: selectors.BaseSelector, home: Path,
                  rootcfg: RootConfig, clock: Callable[[], float], *,
                  finished: Callable[[Finish], None], changed: Callable[[str], None],
-                 config: Callable[[str], QueueConfig | None]) -> None:
+                 config: Callable[[str], QueueConfig | None], subdir: str = "") -> None:
         self.runner = runner
         self.store = runner.store
         self.sel = sel
@@ -154,7 +155,7 @@ class Workers:
         self._cfg = config  # the supervisor's: a queue's config as last read (no stat per message)
         self.pools: dict[str, Pool] = {}
         self.by_pid: dict[int, Worker] = {}
-        self.dir = home / WORKERS_DIR
+        self.dir = home / WORKERS_DIR / subdir  # a dispatch helper's own (helper_dir)
         self._unflushed: dict[int, Worker] = {}  # id -> a worker whose sent lines wait (flush_sent)
 
     # -- starting --------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class Workers:
         queue = pool.queue
         try:
             script = require_file(cfg, self.home) if cfg.exec_prefix.strip() else resolve_script(cfg, self.home)
-            self.dir.mkdir(exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
             env = self.worker_env(cfg, queue, script, slot)
             sp = spawn(build_argv(cfg, script), env=env, cwd=self.dir, log_fd=self._log_fd(queue),
                        header_script=f"{script} (worker {slot} of queue {queue})")
@@ -624,12 +625,28 @@ class Workers:
         return cfg.timeout if cfg is not None and cfg.timeout is not None else 0.0
 
 
-def kill_orphans(home: Path) -> int:
-    """Kill the workers a dead daemon left running (their pid files under ``<home>/workers``);
-    returns how many. Only a process that is really that worker (same pid and start time,
-    on this host) is touched."""
+def helper_dir(part: Part) -> str:
+    """Where under ``<home>/workers`` a dispatch process keeps its workers' files: the main
+    process in ``workers`` itself, helper ``i`` of ``serve --dispatchers`` in ``workers/d<i>``."""
+    return "" if part.main else f"d{part.index}"
+
+
+def kill_orphans(home: Path, subdir: str | None = None) -> int:
+    """Kill the workers a dead daemon left running (their pid files under ``<home>/workers``,
+    and its dispatch helpers' under ``workers/d<i>``; only ``workers/<subdir>`` if given, a
+    helper's own); returns how many. Only a process that is really that worker (same pid
+    and start time, on this host) is touched."""
+    base = home / WORKERS_DIR
+    if subdir is not None:
+        return _kill_orphans_in(base / subdir)
+    killed = _kill_orphans_in(base)
+    for d in sorted(base.glob("d[0-9]*")):
+        killed += _kill_orphans_in(d)
+    return killed
+
+
+def _kill_orphans_in(d: Path) -> int:
     killed = 0
-    d = home / WORKERS_DIR
     try:
         names = [n for n in os.listdir(d) if n.endswith(".pid") and not n.startswith(".")]
     except OSError:

@@ -22,6 +22,7 @@ from ..config import RootConfig
 from ..errors import AttachmentNotFound, InvalidInput, InvalidName, SpoolqError
 from ..ids import validate_attachment_name
 from ..model import AdminState, AttachmentInfo, IdPage, ListPage, Message, MessageView, QueueConfig, State
+from ..parts import Part
 from .leases import Attempt, Lease
 
 
@@ -214,6 +215,20 @@ class LiveRecounts(Protocol):
     daemon dispatches from a queue whose ``begin_recount`` said True without waiting."""
 
     def begin_recount(self, queue: str) -> bool: ...
+
+
+@runtime_checkable
+class DispatchParts(Protocol):
+    """A store that several dispatch processes on one host can share, each owning a part of
+    the messages (FsStore; ``serve --dispatchers``, parts.py). ``part`` is set before
+    ``acquire_daemon``: it names the process's lock, and what it indexes and recovers."""
+
+    part: Part
+
+    def wait_for_helpers(self, timeout: float) -> list[str]:
+        """Wait until no dispatch helper (of an earlier daemon) holds its lock; what is still
+        held after ``timeout`` seconds."""
+        ...
 
 
 @runtime_checkable

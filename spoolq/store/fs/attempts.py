@@ -269,8 +269,9 @@ class AttemptParts(WriteParts):
     def _claim_walking(self, queue: str, cfg: QueueConfig, owner: str, lease: float,
                        now: float) -> Attempt | float | None:
         held = self._held
+        owns = self.part.owns
         queued = [Candidate(i, m.due, params_of(m)) for i, _, m in self._messages(queue, State.QUE)
-                  if (queue, i) not in held]
+                  if (queue, i) not in held and owns(queue, i)]
         running = [params_of(m) for _, _, m in self._messages(queue, State.RUN)]
         chosen, dups, wake = pick(queued, running, cfg, now)
         if chosen is None:
@@ -641,8 +642,9 @@ class AttemptParts(WriteParts):
 
     # -- reclaim -------------------------------------------------------------------------
     def reclaim(self, queue: str, *, owner: str, lease: float, now: float | None = None) -> builtins.list[Attempt]:
-        """Only the daemon (the holder of ``daemon.pid``'s lock) reclaims: then every attempt in
-        run that this store did not hand out belongs to a daemon that is gone. Once per queue
+        """Only the daemon (the holder of ``daemon.pid``'s lock, or of a dispatch helper's)
+        reclaims: then every attempt in run that this store did not hand out, among the
+        messages its process owns (``part``), belongs to a daemon that is gone. Once per queue
         per lock: while it is held nothing else puts attempts in run, so the daemon's periodic
         reclaim (for stores shared by hosts) costs nothing here."""
         now = self.clock() if now is None else now
@@ -650,9 +652,10 @@ class AttemptParts(WriteParts):
         if self._daemon_fd < 0 or queue in self._reclaimed:
             return out  # a live daemon may hold them: leave them alone
         mine = self._mine.setdefault(queue, {})
+        owns = self.part.owns
         for msg_id, path, m in self._messages(queue, State.RUN):
-            if msg_id in mine:
-                continue  # ours, and alive
+            if msg_id in mine or not owns(queue, msg_id):
+                continue  # ours and alive, or another dispatch process's (parts.py)
             try:
                 runner: str | None = (path / "pid").read_text().strip() or None
             except OSError:

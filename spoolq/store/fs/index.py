@@ -171,6 +171,9 @@ class QueueIndex:
     # queued than this the walk waits, oldest buckets (and messages) indexed first.
     cap: int | None = INDEX_CAP
     starved: bool = False  # dispatch found nothing it could start while the walk waited
+    # With `serve --dispatchers`: is a message of this queue this process's (parts.py)?
+    # None: all of them are.
+    owns: Callable[[str], bool] | None = None
 
     # -- index maintenance ---------------------------------------------------------------
     def _put(self, e: Entry) -> None:
@@ -212,7 +215,7 @@ class QueueIndex:
 
     def note_arrival(self, msg_id: str) -> None:
         """A message appeared in ``que/`` or was kicked: read it at the next ``absorb``."""
-        if self.indexed:
+        if self.indexed and (self.owns is None or self.owns(msg_id)):
             self.pending_ids.add(msg_id)
 
     def note_departure(self, msg_id: str) -> None:
@@ -303,6 +306,8 @@ class QueueIndex:
 
     def _walk_message(self, w: Walk) -> bool:
         msg_id = w.names.pop()
+        if self.owns is not None and not self.owns(msg_id):
+            return False  # another dispatch process's (parts.py)
         assert w.bucket is not None
         path = w.bucket / msg_id
         old = self.index.get(msg_id)

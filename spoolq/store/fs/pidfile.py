@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from pathlib import Path
 
 from ...errors import DaemonRunning
@@ -22,13 +23,48 @@ log = logging.getLogger("spoolq.daemon")
 PIDFILE = "daemon.pid"
 
 
-def acquire(root: Path) -> int:
+HELPER_LOCK_GLOB = "dispatch.*.pid"
+
+
+def wait_for_helpers(root: Path, timeout: float) -> list[str]:
+    """Before a main daemon of ``serve --dispatchers`` recovers ``run/``: wait until no helper
+    of an earlier one holds its lock (helpers die with their main process, which takes a
+    moment). Returns the lock files still held after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    held: list[str] = []
+    for path in sorted(root.glob(HELPER_LOCK_GLOB)):
+        while True:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    held.append(str(path))
+                    break
+                time.sleep(0.05)
+            finally:
+                os.close(fd)
+    return held
+
+
+def helper_lock(index: int) -> str:
+    """The lock file of dispatch process ``index`` (> 0) of ``serve --dispatchers``."""
+    return f"dispatch.{index}.pid"
+
+
+def acquire(root: Path, name: str = PIDFILE) -> int:
     """Lock ``<root>/daemon.pid``; returns the locked fd. DaemonRunning if another daemon holds it.
+    ``name``: another file of the root, ``dispatch.<i>.pid`` for a dispatch helper
+    (:func:`helper_lock`).
 
     Writing the pid is a courtesy: on a full disk it fails with a warning and the daemon
     starts all the same (the lock is what counts).
     """
-    path = root / PIDFILE
+    path = root / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -34,6 +34,7 @@ from ...model import (
     QueueConfig,
     State,
 )
+from ...parts import WHOLE, Part
 from .layout import COUNT_KEYS, RQ_FLAG_DIR, Counts
 from .search import read_whole
 
@@ -46,6 +47,9 @@ class QueueParts:
         self.qroot = self.root / "queue"
         self.url = f"file://{self.root}"
         self._daemon_fd = -1  # daemon.pid, locked while this store serves as the daemon's
+        # With `serve --dispatchers`, the messages this process owns (parts.py): what it
+        # indexes, recovers and takes kicks for. Set before acquire_daemon.
+        self.part: Part = WHOLE
         self.clock = clock
         # name -> its stamp, the config, and its bytes while the stamp cannot vouch for it (filestamp.py)
         self._cfg_cache: dict[str, tuple[Stamp, QueueConfig, bytes | None]] = {}

@@ -50,9 +50,13 @@ class FsStore(AttemptParts):
         if self._daemon_fd >= 0:
             return
         self.ensure_root()
-        self._daemon_fd = pidfile.acquire(self.root)
+        part = self.part
+        self._daemon_fd = pidfile.acquire(self.root, pidfile.PIDFILE if part.main else pidfile.helper_lock(part.index))
         log.info("spool %s is on %s", self.root, durable.fs_description(self.root))
         self._start_group_sync()
+
+    def wait_for_helpers(self, timeout: float) -> builtins.list[str]:
+        return pidfile.wait_for_helpers(self.root, timeout)
 
     def release_daemon(self) -> None:
         self._stop_group_sync()

@@ -19,6 +19,7 @@ watch (``fs.inotify.max_user_watches``), the queues are walked on a timer instea
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -114,7 +115,9 @@ class FsWatcher:
         """The daemon will (not) claim from ``queue``: index its ``que/`` (in slices) or forget it."""
         ix = self.indexes.get(queue)
         if on and ix is None:
-            ix = self.indexes[queue] = QueueIndex(queue, self.store.qdir(queue))
+            part = self.store.part
+            owns = None if part.count == 1 else functools.partial(part.owns, queue)
+            ix = self.indexes[queue] = QueueIndex(queue, self.store.qdir(queue), owns=owns)
             # Duplicates held by running attempts stay held in the new index.
             ix.absorbed = {d: parent for (q, d), parent in self.store._held.items() if q == queue}
             ix.bound(self.settings(queue)[0])
@@ -211,6 +214,8 @@ class FsWatcher:
             self._kicked(queue, name)
 
     def _kicked(self, queue: str, name: str) -> None:
+        if not self.store.part.owns(queue, name):
+            return  # another dispatch process's message: that process consumes it (parts.py)
         msg_id = kicks.consume(self.store.qdir(queue), name)
         if msg_id is None:
             return

@@ -1,0 +1,198 @@
+"""``spoolq serve --dispatchers K``: K processes dispatch one root, a queue of persistent
+workers split between them by message (spoolq/parts.py, daemon/helpers.py). The real
+daemon and its helpers, real worker programs, SIGKILLs of either side."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SPOOLQ
+from daemon_util import alive, serve_fixture, wait_for
+
+import spoolq
+from spoolq.model import QueueConfig, State
+from spoolq.parts import Part, splittable
+
+WORKER = """
+import os, time
+import spoolq
+
+@spoolq.worker("w")
+def handle(job):
+    if job.param1.startswith("sleep:"):
+        time.sleep(float(job.param1[6:]))
+    return str(os.getppid())  # the dispatch process that runs this worker
+
+if __name__ == "__main__":
+    raise SystemExit(spoolq.run_worker())
+"""
+
+
+@pytest.fixture
+def serve(root: Path) -> Iterator[Any]:
+    yield from serve_fixture(root)
+
+
+def worker(tmp_path: Path) -> str:
+    path = tmp_path / "worker.py"
+    path.write_text(f"#!{sys.executable}\n" + WORKER)
+    path.chmod(0o755)
+    return str(path)
+
+
+def helper_pids(main_pid: int) -> list[int]:
+    """The main process's children that are dispatch helpers (``serve --dispatch-part``)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == main_pid and b"--dispatch-part" in cmd:
+            out.append(int(name))
+    return out
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def owner_index(msg_id: str, k: int = 2) -> int:
+    return zlib.crc32(msg_id.encode()) % k
+
+
+def all_done(client: spoolq.Client, n: int) -> bool:
+    c = client.counts("w")
+    return bool(c["done"] + c["err"] >= n)
+
+
+def test_two_processes_share_a_queue_of_workers_by_message(client: spoolq.Client, serve: Any,
+                                                         tmp_path: Path) -> None:
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=4)
+    client.create_queue("s", script="/bin/true")  # a script queue: the main process's alone
+    served = serve("--dispatchers", "2")
+    wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")
+    helper = helper_pids(served.pid)[0]
+    sent = [m.msg_id for m in client.send_many("w", [{"param1": str(i)} for i in range(200)])]
+    scripts = [m.msg_id for m in client.send_many("s", [{"param1": str(i)} for i in range(5)])]
+    wait_for(lambda: all_done(client, 200), 60, "every message")
+    c = client.counts("w")
+    assert c["done"] == 200 and c["que"] == c["run"] == c["err"] == 0, c
+    ran_by = {i: int(client.get(f"w/{i}").job_status) for i in sent}
+    # Each message ran in the worker of the process that owns it, and both took part.
+    assert {ran_by[i] for i in sent if owner_index(i) == 0} == {served.pid}
+    assert {ran_by[i] for i in sent if owner_index(i) == 1} == {helper}
+    wait_for(lambda: client.counts("s")["done"] == 5, 20, "the script queue")
+    assert all(client.get(f"s/{i}").state == State.DONE for i in scripts)
+    # Each process runs one of the queue's two workers, its files in its own directory.
+    assert len(list((served.root / "workers").glob("w.*.pid"))) == 1
+    assert len(list((served.root / "workers" / "d1").glob("w.*.pid"))) == 1
+    assert "2 dispatch processes share the queue(s) w" in served.log()
+    assert served.stop() == 0
+    assert not alive(helper)
+
+
+def test_a_helper_killed_under_load_loses_nothing(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """SIGKILL the helper while its worker holds messages: the main process starts it
+    again, the new helper recovers its part of run/ and runs it; every message ends done."""
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=8,
+                        max_count=100)
+    served = serve("--dispatchers", "2")
+    wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")
+    sent = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:0.01"} for _ in range(300)])]
+    kills = 0
+    for _ in range(3):
+        helper = wait_for(lambda: helper_pids(served.pid), 20, "a dispatch helper")[0]
+        wait_for(lambda h=helper: children(h), 20, "the helper's worker")  # it is dispatching
+        done = client.counts("w")["done"]
+        wait_for(lambda d=done: client.counts("w")["done"] >= d + 10, 20, "messages to run meanwhile")
+        os.kill(helper, signal.SIGKILL)
+        kills += 1
+        wait_for(lambda gone=helper: helper_pids(served.pid) not in ([], [gone]), 20, "the helper started again")
+    wait_for(lambda: all_done(client, 300), 120, "every message")
+    c = client.counts("w")
+    assert c["done"] == 300 and c["que"] == c["run"] == c["err"] == 0, c
+    assert all(client.get(f"w/{i}").state == State.DONE for i in sent)
+    assert served.log().count("recounting the shared queues") == kills == 3
+    # Only the killed helper's part was recovered: the main process's messages never were.
+    recovered = [i for i in sent if any(h.get("note") == "recovered" for h in client.get(f"w/{i}").message.history)]
+    assert recovered and all(owner_index(i) == 1 for i in recovered)
+    assert served.stop() == 0
+
+
+def test_the_helpers_die_with_the_main_process(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """SIGKILL the main process: its helper dies with it (PR_SET_PDEATHSIG), and the next
+    serve recovers and runs everything."""
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=8)
+    served = serve("--dispatchers", "2")
+    helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
+    sent = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:0.01"} for _ in range(100)])]
+    wait_for(lambda: client.counts("w")["run"] > 0, 20, "messages to run")
+    served.kill()
+    wait_for(lambda: not alive(helper), 20, "the helper to die with the main process")
+    again = serve("--dispatchers", "2")
+    wait_for(lambda: all_done(client, 100), 60, "every message")
+    assert all(client.get(f"w/{i}").state == State.DONE for i in sent)
+    assert again.stop() == 0
+
+
+def test_dispatchers_is_checked(cli: Any) -> None:
+    for bad in ("0", "17"):
+        r = cli("serve", "--no-http", "--dispatchers", bad)
+        assert r.returncode != 0 and "--dispatchers" in r.stderr
+    r = cli("serve", "--no-http", "--dispatch-part", "1/2:w")
+    assert r.returncode != 0 and "--dispatchers" in r.stderr
+
+
+def test_which_queues_are_split() -> None:
+    def cfg(**kw: Any) -> QueueConfig:
+        return QueueConfig.from_dict({"name": "q", "script": "/bin/true", "kind": "worker", "num_workers": 4, **kw})
+
+    assert splittable(cfg(), 2) and splittable(cfg(), 4)
+    assert not splittable(cfg(), 1) and not splittable(cfg(), 5)  # a process without a worker
+    assert not splittable(cfg(kind="script"), 2)
+    assert not splittable(cfg(blocking_params=[1]), 2)
+    assert not splittable(cfg(coalesce_params=[2]), 2)
+    assert not splittable(cfg(cluster_workers=4), 2)
+
+
+def test_each_message_has_one_owner_and_the_workers_add_up() -> None:
+    split = frozenset({"w"})
+    parts = [Part(i, 3, split) for i in range(3)]
+    ids = [f"20261205.0600.00.{n:03d}.{n * 7919}" for n in range(300)]
+    for i in ids:
+        assert sum(p.owns("w", i) for p in parts) == 1
+        assert [p.owns("other", i) for p in parts] == [True, False, False]  # a whole queue: the main's
+    assert {sum(p.owns("w", i) for i in ids) > 50 for p in parts} == {True}  # spread, not lumped
+    for n in range(3, 12):
+        assert sum(p.workers("w", n) for p in parts) == n
+    assert Part.parse(parts[2].arg()) == parts[2]
+    with pytest.raises(ValueError):
+        Part(2, 2)
+
+
+def test_a_helper_does_not_outlive_a_parent_that_is_gone(root: Path, tmp_path: Path) -> None:
+    """A helper whose parent pid is not its parent's (the main process died before the
+    helper could ask to die with it) exits at once instead of serving unwatched."""
+    spoolq.open(root).create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2)
+    r = subprocess.run([SPOOLQ, "--root", str(root), "serve", "--no-http", "--dispatch-part", "1/2:w",
+                        "--dispatch-parent", "1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "is gone" in r.stderr
+    assert not (root / "dispatch.1.pid").exists()  # it stopped before taking its lock
