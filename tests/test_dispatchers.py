@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,77 @@ def test_a_helper_does_not_outlive_a_parent_that_is_gone(root: Path, tmp_path: P
                         "--dispatch-parent", "1"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "is gone" in r.stderr
     assert not (root / "dispatch.1.pid").exists()  # it stopped before taking its lock
+
+
+def test_a_helpers_events_and_counters_reach_the_main_process(client: spoolq.Client, root: Path,
+                                                              tmp_path: Path) -> None:
+    """The notifier (in the main process) carries the state events of every message of a
+    split queue, the helper's too, and /metrics counts them all."""
+    import json
+    import socket
+    import urllib.request
+
+    from daemon_util import Served, free_port
+
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=4)
+    notify = free_port()
+    served = Served(root, "--dispatchers", "2", "--notify-port", str(notify), "--trust-loopback",
+                    http=True).start()
+    try:
+        wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")
+        sock = socket.create_connection(("127.0.0.1", notify), timeout=10)
+        sock.settimeout(1)
+        buf = b""
+
+        def events(until: Any, timeout: float = 30) -> set[tuple[str, str]]:
+            """(msg id, state) of the events that come until ``until(got)`` or the timeout."""
+            nonlocal buf
+            got: set[tuple[str, str]] = set()
+            deadline = time.monotonic() + timeout
+            while not until(got) and time.monotonic() < deadline:
+                try:
+                    buf += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b":"):
+                        e = json.loads(line)
+                        got.add((e["msg_id"], e["state"]))
+            return got
+
+        sock.sendall(b":join events.w\n")
+        events(lambda _: b":ok join events.w\n" in buf, 10)
+        # The helper hears that someone listens at its next turn: probe with messages it
+        # owns until one's events come through, then send the batch.
+        probes = 0
+        for i in range(20):
+            probe = client.send("w", param1=f"probe {i}").msg_id
+            probes += 1
+            if owner_index(probe) == 1 and (probe, "done") in events(lambda g, p=probe: (p, "done") in g, 5):
+                break
+        else:
+            raise AssertionError("no event of the helper's messages reached the notifier")
+        sent = [m.msg_id for m in client.send_many("w", [{"param1": str(i)} for i in range(40)])]
+        want = {(i, s) for i in sent for s in ("run", "done")}
+        got = events(lambda g: want <= g)
+        missing = want - got
+        assert not missing, f"{len(missing)} events missing, e.g. {sorted(missing)[:4]}"
+        assert {owner_index(i) for i in sent} == {0, 1}
+
+        def outcomes() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics") as r:
+                text = r.read().decode()
+            line = next((x for x in text.splitlines()
+                         if x.startswith('spoolq_job_outcomes_total{queue="w",outcome="done"}')), "")
+            return int(line.split()[-1]) if line else 0
+
+        total = probes + len(sent)
+        wait_for(lambda: client.counts("w")["done"] == total, 20, "every message counted done")
+        try:
+            wait_for(lambda: outcomes() == total, 20, "/metrics to count every message")
+        except AssertionError:
+            raise AssertionError(f"/metrics counts {outcomes()} done, the queue {total}") from None
+        sock.close()
+    finally:
+        served.stop()

@@ -221,7 +221,7 @@ def _serve_helper(args: argparse.Namespace, ctx: Any, home: str) -> int:
     """``serve --dispatch-part``: a dispatch helper the main ``serve --dispatchers`` started
     (daemon/helpers.py). It dispatches its part of the shared queues and nothing else: no
     HTTP, no line servers, no built-in queues, timers or sweeps; it dies with its parent."""
-    from ..daemon.helpers import die_with_parent
+    from ..daemon.helpers import ForwardingBus, die_with_parent
     from ..daemon.supervisor import Daemon
     from ..parts import Part
     from ..runner.spawn import reserve_low_fds
@@ -235,7 +235,8 @@ def _serve_helper(args: argparse.Namespace, ctx: Any, home: str) -> int:
         raise InvalidInput(f"--dispatch-part {args.dispatch_part!r}: {e}") from None
     die_with_parent(args.dispatch_parent)
     reserve_low_fds()  # as serve does, before the store opens anything
-    d = Daemon(open_store(ctx.root), home=home, grace=args.grace, builtin_queues=False, part=part)
+    d = Daemon(open_store(ctx.root), home=home, grace=args.grace, builtin_queues=False, part=part,
+               events=ForwardingBus(sys.stdout.fileno()))
     d.run()
     return exitcodes.OK
 

@@ -8,6 +8,12 @@ backoff; its start recovers the ``run/`` messages of its part, as any daemon's s
 The main process starts them once its own recovery and recounts are done, so no recount
 walks beside a helper's moves, and no helper runs while the main process recovers.
 
+A helper's ``state`` events (a message started, ended) and its ``/metrics`` counters reach
+the main process as JSON lines on the helper's stdout (:class:`ForwardingBus`); the main
+process says on the helper's stdin whether anyone listens to ``state`` events, so that a
+helper builds none for nobody. Other events (``admin``, ``queue_change``) the main process
+publishes itself, for every queue.
+
 A helper killed loses the counts deltas it had not flushed yet (I8), as a killed daemon
 does; a daemon's next start recounts, and so does this: when a helper dies, the others are
 stopped too, the shared queues are recounted (the main process's own moves numbered
@@ -18,15 +24,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from ..events import Event, EventBus
 from ..parts import Part
+from ..runner.protocol import LineBuffer, read_lines
 from ..runner.spawn import has_exited, reap
 
 log = logging.getLogger("spoolq.daemon")
@@ -44,13 +56,17 @@ class Helper:
     started: float = 0.0
     start_at: float = 0.0  # when to start it (again)
     backoff: float = 0.0
+    lines: LineBuffer = field(default_factory=LineBuffer)  # its stdout: events and counters
+    last_stats: dict[str, Any] | None = None  # its counters as last applied (JobStats.apply)
+    told: bool | None = None  # what it was last told of "state" events (wanted or not)
 
 
 class Helpers:
     """The main process's dispatch helpers: started, watched, restarted, stopped."""
 
-    def __init__(self, parts: Sequence[Part], argv: Sequence[str]) -> None:
+    def __init__(self, parts: Sequence[Part], argv: Sequence[str], sel: selectors.BaseSelector) -> None:
         self.helpers = [Helper(p) for p in parts]
+        self.sel = sel  # each helper's stdout is registered with it, the Helper as its data
         self.argv = list(argv)  # the command up to and including "serve", with its options
         self.running = False  # started once the main process is ready
         self.stopping = False
@@ -68,14 +84,58 @@ class Helpers:
             # Its stdin is a pipe from here: EOF (the pipe closed by stop, or by this process's
             # death) tells it to stop. A signal would do, except that a service manager's
             # SIGTERM reaches the whole group, and a second one means "stop now".
-            h.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, close_fds=True)
+            h.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as e:
             h.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, h.backoff * 2))
             h.start_at = now + h.backoff
             log.error("dispatch helper %d: cannot start: %s; trying again in %g s", h.part.index, e, h.backoff)
             return
         h.started = now
+        h.lines, h.last_stats, h.told = LineBuffer(), None, None
+        assert h.proc.stdout is not None
+        os.set_blocking(h.proc.stdout.fileno(), False)
+        self.sel.register(h.proc.stdout.fileno(), selectors.EVENT_READ, h)
         log.info("dispatch helper %d of %d started, pid %d", h.part.index, h.part.count, h.proc.pid)
+
+    def read(self, h: Helper) -> list[dict[str, Any]]:
+        """What a helper wrote on its stdout (events and counters, one JSON object a line);
+        at EOF its stdout is closed."""
+        if h.proc is None or h.proc.stdout is None or h.proc.stdout.closed:
+            return []
+        lines, eof = read_lines(h.proc.stdout.fileno(), h.lines)
+        if eof:
+            self._close_stdout(h)
+        out = []
+        for line in lines:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
+    def _close_stdout(self, h: Helper) -> None:
+        if h.proc is not None and h.proc.stdout is not None and not h.proc.stdout.closed:
+            try:
+                self.sel.unregister(h.proc.stdout.fileno())
+            except (KeyError, ValueError):
+                pass
+            h.proc.stdout.close()
+
+    def tell(self, wants_state: bool) -> None:
+        """Tell each running helper whether anyone listens to ``state`` events (a line on
+        its stdin, when that changed or it is new)."""
+        for h in self.helpers:
+            stdin = h.proc.stdin if h.proc is not None else None
+            if stdin is None or stdin.closed or h.told == wants_state:
+                continue
+            try:
+                stdin.write(json.dumps({"wants_state": wants_state}).encode() + b"\n")
+                stdin.flush()
+                h.told = wants_state
+            except OSError:
+                pass  # it is on its way out: its exit is noticed by tick
 
     def tick(self, now: float) -> None:
         """Start what is due; notice helpers that exited (SIGCHLD) and plan their restart."""
@@ -83,6 +143,7 @@ class Helpers:
             if h.proc is not None and has_exited(h.proc.pid):
                 code = reap(h.proc.pid)
                 h.proc.returncode = code  # reaped here: subprocess must not wait for it
+                self._close_stdout(h)
                 if h.proc.stdin is not None:
                     h.proc.stdin.close()
                 pid, h.proc = h.proc.pid, None
@@ -131,6 +192,59 @@ class Helpers:
 
     def pids(self) -> list[int]:
         return [h.proc.pid for h in self.helpers if h.proc is not None]
+
+
+class ForwardingBus(EventBus):
+    """A dispatch helper's event bus: ``state`` events, while the main process says someone
+    listens, and its counters go to the main process as JSON lines on ``fd`` (stdout).
+    Non-blocking: what the pipe does not take waits in a buffer of at most
+    :data:`PENDING_MAX` bytes, and events beyond it are dropped (they are news, not a
+    record; the counters are sent whole each time, so a later line makes up for a lost one)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        super().__init__()
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self.state_wanted = False
+        self.pending = bytearray()
+        self.dropped = 0
+
+    @property
+    def listening(self) -> bool:
+        return self.state_wanted
+
+    def wants(self, kind: str) -> bool:
+        return kind == "state" and self.state_wanted
+
+    def publish(self, event: Event) -> None:
+        if event.get("event") != "state" or not self.state_wanted:
+            return  # the main process publishes every other kind itself
+        event.setdefault("at", round(time.time(), 3))
+        self.send({"e": event})
+
+    def send(self, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+        if len(self.pending) + len(data) > PENDING_MAX:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("the main process does not read this helper's events: dropping them")
+            return
+        self.pending += data
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            try:
+                n = os.write(self.fd, self.pending)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.pending.clear()  # the main process is gone: this helper dies with it
+                return
+            del self.pending[:n]
+
+
+PENDING_MAX = 1 << 20
 
 
 def die_with_parent(parent: int) -> None:

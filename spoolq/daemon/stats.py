@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from typing import Any
 
 from ..prometheus import label as _label
 
@@ -25,24 +26,57 @@ class JobStats:
         self.buckets: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
         self.script_errors: dict[str, int] = {}
+        self.version = 0  # bumped by every change: a dispatch helper sends its counters when it moved
 
     def started(self, queue: str) -> None:
         with self._lock:
             self.starts[queue] = self.starts.get(queue, 0) + 1
+            self.version += 1
 
     def script_error(self, queue: str) -> None:
         with self._lock:
             self.script_errors[queue] = self.script_errors.get(queue, 0) + 1
+            self.version += 1
 
     def finished(self, queue: str, outcome: str, seconds: float) -> None:
         with self._lock:
             key = (queue, outcome)
             self.outcomes[key] = self.outcomes.get(key, 0) + 1
+            self.version += 1
             b = self.buckets.get(queue)
             if b is None:
                 b = self.buckets[queue] = [0] * (len(DURATION_BUCKETS) + 1)
             b[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # the first bound >= seconds, else +Inf
             self.sums[queue] = self.sums.get(queue, 0.0) + seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter, as JSON: what a dispatch helper sends its main process (helpers.py)."""
+        with self._lock:
+            return {"starts": dict(self.starts), "outcomes": [[q, o, n] for (q, o), n in self.outcomes.items()],
+                    "buckets": {q: list(b) for q, b in self.buckets.items()}, "sums": dict(self.sums),
+                    "script_errors": dict(self.script_errors)}
+
+    def apply(self, snap: dict[str, Any], last: dict[str, Any] | None) -> None:
+        """Add what ``snap`` (a helper's :meth:`snapshot`) has more than ``last``, the one
+        before it from the same process: a helper's counters, added to the main process's."""
+        last = last or {}
+        old_outcomes = {(q, o): n for q, o, n in last.get("outcomes", [])}
+        with self._lock:
+            for name in ("starts", "script_errors"):
+                mine, before = getattr(self, name), last.get(name, {})
+                for q, n in snap.get(name, {}).items():
+                    mine[q] = mine.get(q, 0) + int(n) - int(before.get(q, 0))
+            for q, o, n in snap.get("outcomes", []):
+                key = (str(q), str(o))
+                self.outcomes[key] = self.outcomes.get(key, 0) + int(n) - old_outcomes.get(key, 0)
+            for q, b in snap.get("buckets", {}).items():
+                before_b = last.get("buckets", {}).get(q) or [0] * len(b)
+                mine_b = self.buckets.setdefault(q, [0] * (len(DURATION_BUCKETS) + 1))
+                for i, (n, was) in enumerate(zip(b, before_b, strict=False)):
+                    if i < len(mine_b):
+                        mine_b[i] += int(n) - int(was)
+            for q, x in snap.get("sums", {}).items():
+                self.sums[q] = self.sums.get(q, 0.0) + float(x) - float(last.get("sums", {}).get(q, 0.0))
 
     def render(self) -> str:
         """Prometheus text: spoolq_job_starts_total, spoolq_job_outcomes_total,

@@ -15,6 +15,7 @@ sleeping.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -32,11 +33,12 @@ from ..errors import DaemonRunning, InvalidConfig, QueueNotFound, ScriptUnusable
 from ..events import EventBus
 from ..model import AdminState, QueueConfig
 from ..parts import WHOLE, Part, splittable
+from ..runner.protocol import LineBuffer, read_lines
 from ..runner.spawn import has_exited, kill_group, reap, reserve_low_fds, script_problem
 from ..store.base import Change, DispatchParts, LiveRecounts, LostFoundRepair, Store, Watcher
 from ..store.leases import Attempt
 from .finish import RETRY_FIRST, RETRY_MAX, Finish
-from .helpers import Helpers
+from .helpers import ForwardingBus, Helper, Helpers
 from .housekeeping import RECOUNT, SWEEP, SWEEP_ROOT, Housekeeper
 from .httpjobs import HttpJobs
 from .jobs import LEASE, Job, JobRunner, crash_outcome, root_env
@@ -74,6 +76,9 @@ class Daemon:
         self.part = part or WHOLE
         self.helper_argv = list(helper_argv)
         self.helpers: Helpers | None = None
+        self._parent_lines = LineBuffer()  # a helper's stdin
+        self._stats_at = 0.0  # a helper: when its counters go to the main process next
+        self._stats_sent = 0  # the counters' version last sent
         self.recounting: set[str] = set()  # queues whose recount the housekeeper has not done yet
         self.home = Path(home)
         self.builtin_queues = builtin_queues
@@ -156,7 +161,8 @@ class Daemon:
         self.housekeeper = Housekeeper(self.store)
         self.sel.register(self.housekeeper.fd, selectors.EVENT_READ, "housekeeping")
         if helper:
-            # serve's own stop: EOF on stdin (helpers.py)
+            # The main process's word, and its stop (EOF), on stdin (helpers.py)
+            os.set_blocking(sys.stdin.fileno(), False)
             self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "parent")
             self._setup_helper()
             return
@@ -251,7 +257,7 @@ class Daemon:
         self.part = Part(0, k, frozenset(split))
         assert isinstance(self.store, DispatchParts)
         self.store.part = self.part
-        self.helpers = Helpers([Part(i, k, self.part.split) for i in range(1, k)], self.helper_argv)
+        self.helpers = Helpers([Part(i, k, self.part.split) for i in range(1, k)], self.helper_argv, self.sel)
         log.info("%d dispatch processes share the queue(s) %s", k, ", ".join(sorted(split)))
 
     def _tend_helpers(self, now: float) -> None:
@@ -260,6 +266,7 @@ class Daemon:
         helpers = self.helpers
         assert helpers is not None and self.housekeeper is not None
         helpers.tick(now)
+        helpers.tell(self.events.wants("state"))
         if self.stopping or helpers.running:
             return
         if helpers.recount:
@@ -295,6 +302,8 @@ class Daemon:
         self.flags.add(signum)
 
     def close(self) -> None:
+        if not self.part.main:
+            self._report_to_main(final=True)
         if self.http is not None:
             self.http.close()
         if self.housekeeper is not None:
@@ -411,19 +420,61 @@ class Daemon:
         self.reap()
 
     def _parent_says(self) -> None:
-        """A dispatch helper's stdin: EOF is the main process's stop (helpers.py). Nothing
-        else is ever written there."""
-        try:
-            data = os.read(sys.stdin.fileno(), 64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+        """A dispatch helper's stdin (helpers.py): whether the main process wants ``state``
+        events, one JSON line each time that changes; EOF is its stop."""
+        lines, eof = read_lines(sys.stdin.fileno(), self._parent_lines)
+        for line in lines:
+            try:
+                wanted = json.loads(line).get("wants_state")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(self.events, ForwardingBus) and isinstance(wanted, bool):
+                self.events.state_wanted = wanted
+        if not eof:
             return
         self.sel.unregister(sys.stdin.fileno())
         if not self.stopping:
             self.begin_stop()
+
+    def _helper_says(self, h: Helper) -> None:
+        """A dispatch helper's stdout: its ``state`` events, published here, and its
+        counters, added to this process's (helpers.py)."""
+        assert self.helpers is not None and self.runner is not None
+        for obj in self.helpers.read(h):
+            event, stats = obj.get("e"), obj.get("s")
+            if isinstance(event, dict) and event.get("event") == "state":
+                self.events.publish(event)
+            elif isinstance(stats, dict):
+                try:
+                    self.runner.stats.apply(stats, h.last_stats)
+                except (TypeError, ValueError, AttributeError) as e:
+                    log.warning("dispatch helper %d: unreadable counters: %s", h.part.index, e)
+                    continue
+                h.last_stats = stats
+
+    def _report_to_main(self, *, final: bool = False) -> None:
+        """A dispatch helper: its counters to the main process, at most once a second and
+        only when they changed, and what the pipe did not take before."""
+        bus = self.events
+        if not isinstance(bus, ForwardingBus) or self.runner is None:
+            return
+        now = time.monotonic()
+        stats = self.runner.stats
+        if stats.version != self._stats_sent and (final or now >= self._stats_at):
+            self._stats_at = now + 1.0
+            self._stats_sent = stats.version
+            bus.send({"s": stats.snapshot()})
+        bus.flush()
+
+    def _report_due(self) -> float | None:
+        """A dispatch helper: when its counters (or what its pipe did not take) are due,
+        ``time.monotonic()``; None when nothing waits."""
+        bus = self.events
+        if not isinstance(bus, ForwardingBus) or self.runner is None:
+            return None
+        if bus.pending:
+            return time.monotonic() + 0.05
+        return self._stats_at if self.runner.stats.version != self._stats_sent else None
 
     def begin_stop(self) -> None:
         now = self.clock()
@@ -695,6 +746,8 @@ class Daemon:
                 self.on_housekeeping()
             elif key.data == "parent":
                 self._parent_says()
+            elif isinstance(key.data, Helper):
+                self._helper_says(key.data)
             elif key.data == "scandir":
                 assert self.scandir is not None
                 self.scandir.on_events()
@@ -727,6 +780,8 @@ class Daemon:
         self.http.tick(now)
         if self.helpers is not None:
             self._tend_helpers(now)
+        if not self.part.main:
+            self._report_to_main()
         if self.stopping and self.grace_end is not None and now >= self.grace_end:
             for job in self.jobs.values():
                 if not job.stopping:
@@ -814,6 +869,9 @@ class Daemon:
             times.append(now + self.timers_at - time.monotonic())
         if self.scandir is not None and not self.stopping:
             times.append(now + self.scandir.scan_at - time.monotonic())
+        report = self._report_due()
+        if report is not None:
+            times.append(now + report - time.monotonic())
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
                 or self.workers.alive() or self.http.alive() or (self.helpers and self.helpers.alive())):
