@@ -271,3 +271,180 @@ def test_a_helpers_events_and_counters_reach_the_main_process(client: spoolq.Cli
         sock.close()
     finally:
         served.stop()
+
+
+def test_a_stop_past_the_grace_hands_back_what_every_process_held(client: spoolq.Client, serve: Any,
+                                                                   tmp_path: Path) -> None:
+    """SIGTERM while both processes' workers run messages longer than --grace: the helpers
+    stop their workers too, and what they held goes back to que as a stop's (count
+    unchanged), not as a crash's; no worker outlives serve."""
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=1,
+                        max_count=1)
+    served = serve("--dispatchers", "2", "--grace", "1")
+    wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")
+    ids = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:60"} for _ in range(8)])]
+    running = wait_for(lambda: [i for i in ids if client.get(f"w/{i}").state == State.RUN]
+                       if client.counts("w")["run"] == 2 else [], 20, "both workers busy")
+    assert {owner_index(i) for i in running} == {0, 1} or len({owner_index(i) for i in ids}) == 1
+    workers = [int(p.read_text().split()[0]) for p in (served.root / "workers").rglob("w.*.pid")]
+    assert len(workers) == 2
+    assert served.stop() == 0
+    assert not [p for p in workers if alive(p)]
+    for i in running:
+        v = client.get(f"w/{i}")
+        assert v.state == State.QUE and v.message.count == 0, (v.state, v.message.count, v.job_status)
+    assert client.counts("w")["run"] == 0
+
+
+def test_sighup_reaches_the_helpers(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """SIGHUP (for edits inotify cannot see: a config.json that is a link to a file
+    elsewhere) makes every dispatch process read the configs again."""
+    path = tmp_path / "tagger.py"
+    path.write_text(f"#!{sys.executable}\n" + WORKER.replace("return str(os.getppid())",
+                                                             'return os.environ["TAG"] + " " + str(os.getppid())'))
+    path.chmod(0o755)
+    client.create_queue("w", script=str(path), kind="worker", num_workers=2, env_vars={"TAG": "old"})
+    cfg = client.store.qdir("w") / "config.json"  # type: ignore[attr-defined]
+    elsewhere = tmp_path / "w.json"
+    elsewhere.write_text(cfg.read_text())
+    cfg.unlink()
+    cfg.symlink_to(elsewhere)
+    served = serve("--dispatchers", "2")
+    wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")
+    client.send_many("w", [{} for _ in range(20)])
+    wait_for(lambda: client.counts("w")["done"] == 20, 20, "the first batch")
+    elsewhere.write_text(elsewhere.read_text().replace('"old"', '"new"'))
+    os.kill(served.pid, signal.SIGHUP)
+    wait_for(lambda: served.log().count("SIGHUP: re-reading") == 2, 20, "both processes to re-read")
+    ids = [m.msg_id for m in client.send_many("w", [{} for _ in range(40)])]
+    wait_for(lambda: client.counts("w")["done"] == 60, 30, "the second batch")
+    tags = {(owner_index(i), client.get(f"w/{i}").job_status.split()[0]) for i in ids}
+    assert tags == {(0, "new"), (1, "new")}
+
+
+@pytest.mark.parametrize("change", [{"num_workers": 1}, {"blocking_params": [1]}], ids=["one-worker", "blocking"])
+def test_a_split_queue_whose_config_no_longer_allows_it_is_dispatched_by_one_process(
+        client: spoolq.Client, serve: Any, tmp_path: Path, change: dict[str, Any]) -> None:
+    """num_workers 1 (one message at a time) or blocking_params set at runtime: the helpers
+    stop, the queue is whole again, and no two of its messages run at once."""
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=1)
+    served = serve("--dispatchers", "2")
+    helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
+    client.update_queue("w", **change)
+    wait_for(lambda: "no queue is shared any more" in served.log(), 20, "the parts planned again")
+    assert not alive(helper) and not helper_pids(served.pid)
+    ids = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:0.05"} for _ in range(12)])]
+    peak = 0
+    deadline = time.monotonic() + 30
+    while client.counts("w")["done"] < 12 and time.monotonic() < deadline:
+        peak = max(peak, client.counts("w")["run"])
+    assert client.counts("w")["done"] == 12 and peak <= 1
+    assert {int(client.get(f"w/{i}").job_status) for i in ids} == {served.pid}
+
+
+def test_kicks_reach_the_process_that_owns_the_message(client: spoolq.Client, serve: Any,
+                                                       tmp_path: Path) -> None:
+    """run-now and cancel write a kick that only the message's owner consumes, also while
+    that owner is a helper being started again."""
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=4)
+    served = serve("--dispatchers", "2")
+    for kill in (False, True):
+        helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
+        wait_for(lambda h=helper: children(h), 20, "the helper's worker")
+        later = [m.msg_id for m in client.send_many("w", [{"param1": "x", "delay": 3600} for _ in range(10)])]
+        long = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:60"} for _ in range(4)])]
+        assert {owner_index(i) for i in later} == {0, 1}
+        wait_for(lambda ids=long: all(client.get(f"w/{i}").state == State.RUN for i in ids), 20, "long ones run")
+        if kill:
+            os.kill(helper, signal.SIGKILL)
+        for i in later:
+            client.run_now(f"w/{i}")
+        for i in long:
+            client.cancel(f"w/{i}", wait=0)
+        wait_for(lambda ids=later: all(client.get(f"w/{i}").state == State.DONE for i in ids), 30, "run-now")
+        wait_for(lambda ids=long: all(client.get(f"w/{i}").state == State.ERR for i in ids), 30, "cancel")
+    assert served.stop() == 0
+
+
+def test_a_new_serve_waits_for_the_helpers_of_an_earlier_one(root: Path, client: spoolq.Client) -> None:
+    """No process may recover run/ while a helper of an earlier serve still runs: a start
+    waits until every dispatch.<i>.pid lock is free."""
+    import fcntl
+
+    from daemon_util import Served
+
+    client.create_queue("q", script="/bin/true")
+    lock = os.open(root / "dispatch.1.pid", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    s = Served(root).start(wait=False)
+    try:
+        time.sleep(0.5)  # the start is waiting meanwhile: it must not be serving yet
+        assert "serving " not in s.log()
+        os.close(lock)  # the earlier helper is gone
+        s.wait_ready()
+        assert client.wait(client.send("q"), 20).state == State.DONE
+    finally:
+        s.stop()
+
+
+def test_no_helper_starts_while_the_main_process_holds_a_recovery_of_its_part(
+        client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """Start-up recovery takes every message in run/, a helper's part too. If the disk
+    refuses such a move, the finish is held and retried; a helper started meanwhile would
+    recover the same message and run it beside the retry. The helpers wait for it."""
+    import json
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here: it stands in for a disk that refuses a move")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    log = tmp_path / "runs.jsonl"
+    path = tmp_path / "recorder.py"
+    path.write_text(f"#!{sys.executable}\n" + """
+import json, os, time
+import spoolq
+
+@spoolq.worker("w")
+def handle(job):
+    with open(os.environ["RUNS"], "a") as f:
+        f.write(json.dumps([job.id, 1, os.getpid()]) + "\\n")
+    time.sleep(float(job.param1))
+    with open(os.environ["RUNS"], "a") as f:
+        f.write(json.dumps([job.id, -1, os.getpid()]) + "\\n")
+
+if __name__ == "__main__":
+    raise SystemExit(spoolq.run_worker())
+""")
+    path.chmod(0o755)
+    client.create_queue("w", script=str(path), kind="worker", num_workers=6, worker_inflight=1,
+                        env_vars={"RUNS": str(log)})
+    first = serve()
+    ids = [m.msg_id for m in client.send_many("w", [{"param1": "3"} for _ in range(6)])]
+    assert {owner_index(i) for i in ids} == {0, 1}
+    wait_for(lambda: client.counts("w")["run"] == 6, 20, "every message running")
+    orphans = {int(p.read_text().split()[0]) for p in (first.root / "workers").glob("w.*.pid")}
+    first.kill()  # a crash: all six are left in run/, their workers orphans (killed at the next start)
+    que = client.store.qdir("w") / "que"  # type: ignore[attr-defined]
+    buckets = {str(p.parent) for p in que.rglob("msg")} | {str(p) for p in que.rglob("*") if p.is_dir()}
+    buckets |= {str(que / Path(*p.relative_to(client.store.qdir("w") / "run").parts[:3]))  # type: ignore[attr-defined]
+                for p in (client.store.qdir("w") / "run").glob("*/*/*")}  # type: ignore[attr-defined]
+    for b in sorted(buckets):
+        os.makedirs(b, exist_ok=True)
+    frozen = sorted(buckets, key=len, reverse=True)
+    subprocess.run(["chattr", "+i", *frozen], check=True)  # recovery's moves back to que/ fail
+    try:
+        again = serve("--dispatchers", "2")
+        wait_for(lambda: "held for a retry" in again.log(), 20, "recovery to hold its moves")
+        assert not helper_pids(again.pid)
+    finally:
+        subprocess.run(["chattr", "-i", *frozen], check=True)
+    wait_for(lambda: all(client.get(f"w/{i}").state == State.DONE for i in ids), 60, "every message done")
+    wait_for(lambda: helper_pids(again.pid), 20, "the helper, once the held moves are done")
+    depth: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        i, d, pid = json.loads(line)
+        if pid not in orphans:  # their runs were cut short by the crash
+            depth[i] = depth.get(i, 0) + d
+            assert depth[i] <= 1, f"{i} ran twice at once"
+    assert again.stop() == 0

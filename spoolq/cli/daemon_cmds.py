@@ -70,8 +70,7 @@ def register(sub: Any) -> None:
     # Obsolete: the daemon no longer rescans queues periodically. Accepted (and ignored, with
     # a warning) so that unit files written for older versions still start.
     p.add_argument("--rescan", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--dispatchers", type=int, default=int(os.environ.get("SPOOLQ_DISPATCHERS") or 1),
-                   metavar="K",
+    p.add_argument("--dispatchers", type=int, default=None, metavar="K",
                    help="processes that dispatch messages (env SPOOLQ_DISPATCHERS; default 1). With K > 1 "
                         "each queue of persistent workers with num_workers >= K and no blocking_params, "
                         "coalesce_params or cluster_workers is shared by message among K processes, "
@@ -134,6 +133,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
     if args.rescan is not None:
         logging.getLogger("spoolq").warning("--rescan is obsolete and ignored: the daemon no longer "
                                             "rescans queues (see docs/operations.md)")
+    if args.dispatchers is None:
+        env = os.environ.get("SPOOLQ_DISPATCHERS") or "1"
+        try:
+            args.dispatchers = int(env)
+        except ValueError:
+            raise InvalidInput(f"SPOOLQ_DISPATCHERS={env!r}: it must be a number (--dispatchers)") from None
     if not 1 <= args.dispatchers <= MAX_DISPATCHERS:
         raise InvalidInput(f"--dispatchers {args.dispatchers}: it must be between 1 and {MAX_DISPATCHERS}")
     if args.dispatchers > 1 and not directory:

@@ -23,7 +23,6 @@ against the walk, as at its start), and then every helper starts again.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -47,12 +46,19 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 YOUNG = 2.0
 """A helper that dies within this many seconds of its start is started again with backoff."""
 PR_SET_PDEATHSIG = 1
+GIVE_UP = 5
+"""A helper that dies this many times in a row, each within YOUNG of its start: the main
+process dispatches the split queues alone from then on (the parts are planned again)."""
+KILL_AFTER = 15.0
+"""After the grace: time a helper gets to stop its workers (their own 5 s included) and
+hand back what they held, before it is killed."""
 
 
 @dataclass
 class Helper:
     part: Part
     proc: subprocess.Popen[bytes] | None = None
+    quick_deaths: int = 0  # in a row, each within YOUNG of its start
     started: float = 0.0
     start_at: float = 0.0  # when to start it (again)
     backoff: float = 0.0
@@ -71,6 +77,8 @@ class Helpers:
         self.running = False  # started once the main process is ready
         self.stopping = False
         self.recount = False  # a helper died: once none runs, recount the shared queues
+        self.kill_at: float | None = None  # stop_now: SIGKILL whatever still runs then
+        self.given_up = False  # helpers keep dying at start: the main process takes their parts
 
     def start_all(self, now: float) -> None:
         self.running = True
@@ -149,43 +157,70 @@ class Helpers:
                 pid, h.proc = h.proc.pid, None
                 if self.stopping or not self.running:
                     continue  # stopped by us
-                h.backoff = (min(BACKOFF_MAX, max(BACKOFF_FIRST, h.backoff * 2)) if now - h.started < YOUNG
-                             else 0.0)
+                young = now - h.started < YOUNG
+                h.quick_deaths = h.quick_deaths + 1 if young else 0
+                if h.quick_deaths >= GIVE_UP:
+                    self.given_up = True
+                h.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, h.backoff * 2)) if young else 0.0
                 h.start_at = now + h.backoff
                 log.error("dispatch helper %d (pid %d) exited with %d; recounting the shared queues and "
                           "starting the helpers again in %g s at the earliest", h.part.index, pid, code, h.backoff)
                 self._stop_for_recount()
             if self.running and not self.stopping and h.proc is None and now >= h.start_at:
                 self._start(h, now)
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _stop_for_recount(self) -> None:
         """A helper died: stop the others (they hand back what they hold); the supervisor
         recounts once none runs (:attr:`recount`), then starts them all (:meth:`start_all`)."""
-        self.running = False
         self.recount = True
+        self.pause()
+
+    def pause(self) -> None:
+        """Stop every helper (EOF: they hand back what they hold) and start none until
+        :meth:`start_all`."""
+        self.running = False
         for h in self.helpers:
             if h.proc is not None and h.proc.stdin is not None and not h.proc.stdin.closed:
                 h.proc.stdin.close()
 
-    def next_time(self) -> float | None:
-        if not self.running or self.stopping:
-            return None
-        return min((h.start_at for h in self.helpers if h.proc is None), default=None)
-
-    def stop(self, *, kill: bool = False) -> None:
-        """EOF on each helper's stdin (it then stops as a daemon does), or SIGKILL at the
-        grace's end."""
-        self.stopping = True
+    def set_split(self, split: frozenset[str]) -> None:
+        """New parts for the helpers (they are stopped: :meth:`pause`)."""
         for h in self.helpers:
-            if h.proc is None:
-                continue
-            if h.proc.stdin is not None and not h.proc.stdin.closed:
-                h.proc.stdin.close()
-            if kill:
-                try:
-                    os.kill(h.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            h.part = Part(h.part.index, h.part.count, split)
+
+    def next_time(self) -> float | None:
+        times = [] if self.kill_at is None else [self.kill_at]
+        if self.running and not self.stopping:
+            times += [h.start_at for h in self.helpers if h.proc is None]
+        return min(times, default=None)
+
+    def stop(self) -> None:
+        """EOF on each helper's stdin: it stops as a daemon does, with the same grace."""
+        self.stopping = True
+        self.pause()
+
+    def stop_now(self, now: float) -> None:
+        """The grace is over: SIGTERM, a helper's second word to stop (it stops its workers
+        now and hands back what they held), and SIGKILL what still runs
+        :data:`KILL_AFTER` seconds later."""
+        self.stop()
+        self.signal(signal.SIGTERM)
+        if self.kill_at is None:
+            self.kill_at = now + KILL_AFTER
+
+    def signal(self, sig: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def alive(self) -> bool:
         return any(h.proc is not None for h in self.helpers)
@@ -250,7 +285,7 @@ PENDING_MAX = 1 << 20
 def die_with_parent(parent: int) -> None:
     """A helper: SIGKILL when the process that started it dies, and exit at once if it is
     gone already (it may have died before the request was made)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library this Python runs on (glibc, musl)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:

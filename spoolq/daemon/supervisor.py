@@ -80,6 +80,7 @@ class Daemon:
         self._stats_at = 0.0  # a helper: when its counters go to the main process next
         self._stats_sent = 0  # the counters' version last sent
         self.recounting: set[str] = set()  # queues whose recount the housekeeper has not done yet
+        self.replan: set[str] = set()  # split queues that can no longer be split (_share)
         self.home = Path(home)
         self.builtin_queues = builtin_queues
         self.events = events or EventBus()  # the notifier's channels and the SSE stream listen
@@ -132,8 +133,9 @@ class Daemon:
                 raise InvalidConfig("several dispatch processes (--dispatchers) need a directory spool")
             self.store.part = self.part  # a helper's lock and recovery are its part's; main's: all
         self.acquire()
-        if self.dispatchers > 1:
-            assert isinstance(self.store, DispatchParts)
+        if self.part.main and isinstance(self.store, DispatchParts):
+            # Helpers of an earlier serve (--dispatchers) die with it, which takes a moment:
+            # none may run while this one recovers run/.
             held = self.store.wait_for_helpers(10.0)
             if held:
                 self.release()
@@ -264,11 +266,21 @@ class Daemon:
         """Start the dispatch helpers once the shared queues are recounted, and recount
         them again when a helper has died (helpers.py)."""
         helpers = self.helpers
-        assert helpers is not None and self.housekeeper is not None
+        assert helpers is not None and self.housekeeper is not None and self.runner is not None
         helpers.tick(now)
         helpers.tell(self.events.wants("state"))
-        if self.stopping or helpers.running:
+        if self.stopping:
             return
+        if (self.replan or helpers.given_up) and helpers.running:
+            helpers.pause()
+        if helpers.running:
+            return
+        if self.replan or helpers.given_up:
+            if helpers.alive():
+                return  # they are handing back what they hold
+            self._plan_again()
+            if self.helpers is None:
+                return
         if helpers.recount:
             if helpers.alive():
                 return  # the others are handing back what they hold
@@ -280,10 +292,41 @@ class Daemon:
                 qs.ready = self.store.begin_recount(name) if isinstance(self.store, LiveRecounts) else False
                 self.housekeeper.submit(RECOUNT, name)
                 self.recounting.add(name)
-        # Not while a shared queue is recounted: only this process's moves are numbered
-        # against the walk.
-        if not self.recounting & self.part.split:
-            helpers.start_all(now)
+        # Not while a shared queue is recounted (only this process's moves are numbered
+        # against the walk), nor while this process holds a finish of one: it may be a
+        # message a helper owns, which start-up recovery took (a helper's reclaim would
+        # take it again, and run it beside this finish's retry).
+        if self.recounting & self.part.split:
+            return
+        if any(fin.queue in self.part.split for fin in self.runner.finisher.held):
+            return
+        helpers.start_all(now)
+
+    def _plan_again(self) -> None:
+        """Every helper stopped: take out of the split the queues that can no longer be
+        split (or all of them if the helpers keep dying at start). Their indexes here are
+        made again, owning everything; their configs are read again."""
+        assert self.helpers is not None and self.watcher is not None
+        drop = set(self.part.split) if self.helpers.given_up else set(self.replan)
+        if self.helpers.given_up:
+            log.error("the dispatch helpers keep dying at start: dispatching every queue from this process")
+        self.replan.clear()
+        split = frozenset(self.part.split - drop)
+        self.part = Part(0, self.part.count, split)
+        assert isinstance(self.store, DispatchParts)
+        self.store.part = self.part
+        for name in drop:
+            qs = self.queues.get(name)
+            self.watcher.want(name, False)  # its index owned part 0 only
+            if qs is not None:
+                qs.wanted = False
+                qs.config_stale = qs.dirty = True
+        if not split:
+            self.helpers = None
+            log.info("no queue is shared any more: one process dispatches")
+            return
+        self.helpers.set_split(split)
+        log.info("%d dispatch processes share the queue(s) %s", self.part.count, ", ".join(sorted(split)))
 
     def _recover(self, name: str) -> None:
         """Finish the attempts of ``name`` whose holder is gone (recovery.py)."""
@@ -415,6 +458,8 @@ class Daemon:
                 self.timers.next_scan = 0.0
             if self.scandir is not None:
                 self.scandir.scan_at = 0.0
+            if self.helpers is not None:
+                self.helpers.signal(signal.SIGHUP)  # the same for their queues
         if flags & {signal.SIGTERM, signal.SIGINT}:
             self.begin_stop()
         self.reap()
@@ -593,8 +638,14 @@ class Daemon:
         if cfg.name not in part.split:
             return cfg
         if not splittable(cfg, part.count):
-            log.warning("queue %s: its config no longer allows %d dispatch processes to share it; it "
-                        "stays shared until spoolq serve is started again", cfg.name, part.count)
+            # A rule now spans its messages (num_workers 1, blocking_params...): no process
+            # may claim from it until the main process has planned the parts again without
+            # it (the helpers stopped, the queue whole); its workers take nothing more.
+            if part.main and cfg.name not in self.replan:
+                log.warning("queue %s: its config no longer allows %d dispatch processes to share it; "
+                            "stopping the helpers to dispatch it from one process", cfg.name, part.count)
+                self.replan.add(cfg.name)
+            return replace(cfg, num_workers=0)
         return replace(cfg, num_workers=max(1, part.workers(cfg.name, cfg.num_workers)))
 
     def _want(self, qs: QueueState, on: bool) -> None:
@@ -790,7 +841,7 @@ class Daemon:
             self.workers.stop_all(now, kill=True)
             self.http.stop_all(now, kill=True)
             if self.helpers is not None:
-                self.helpers.stop(kill=True)
+                self.helpers.stop_now(now)
         if now >= self.next_sweep and not self.housekeeper.busy:
             self.next_sweep = now + self.sweep_interval
             self.housekeeper.submit(SWEEP_ROOT)

@@ -345,7 +345,7 @@ class QueueIndex:
         """A message the store put back in que (resend, 111, parent failed): read it again.
         A duplicate heap entry is harmless: the stale copy is skipped when it surfaces."""
         self.absorbed.pop(msg_id, None)
-        if self.indexed:
+        if self.indexed and (self.owns is None or self.owns(msg_id)):
             e = read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id), self._keep())
             if e is not None:
                 self.index.pop(msg_id, None)
