@@ -18,6 +18,8 @@ bucket per round of at most 10 ms, as the daemon's group commit does).
 * **spoolq**: ``spoolq serve --no-http`` with a queue of kind ``worker`` (``num_workers``
   2, ``worker_inflight`` 16) whose worker is a ``@spoolq.worker`` no-op function; resumed,
   timed to the last message in ``done/``.
+* **spoolq-2proc**: the same root with ``serve --dispatchers 2``: the queue split between
+  two dispatch processes, one worker each.
 * **spoolq-2roots**: two such daemons, each on its own root with one worker and half the
   messages, resumed together: what two dispatch processes sharing nothing could do on this
   machine (an upper bound for docs/plans/dispatch-cpu.md's option 2, not a feature).
@@ -382,6 +384,12 @@ def run_spoolq(work: Path, n: int) -> dict[str, Any]:
     return _run_spoolq_roots(work, n, 1)
 
 
+def run_spoolq_dispatchers(work: Path, n: int) -> dict[str, Any]:
+    """One root, ``serve --dispatchers 2``: the queue split between two dispatch processes,
+    one worker each (docs/workers.md)."""
+    return _run_spoolq_roots(work, n, 1, dispatchers=2)
+
+
 def run_spoolq_two_roots(work: Path, n: int) -> dict[str, Any]:
     """Two daemons, each on its own root with one worker and half the messages, resumed
     together: what two dispatch processes could do here with nothing shared between them
@@ -389,7 +397,7 @@ def run_spoolq_two_roots(work: Path, n: int) -> dict[str, Any]:
     return _run_spoolq_roots(work, n, 2)
 
 
-def _run_spoolq_roots(work: Path, n: int, k: int) -> dict[str, Any]:
+def _run_spoolq_roots(work: Path, n: int, k: int, dispatchers: int = 1) -> dict[str, Any]:
     import spoolq
 
     per_root, workers = n // k, max(1, WORKERS // k)
@@ -405,7 +413,7 @@ def _run_spoolq_roots(work: Path, n: int, k: int) -> dict[str, Any]:
             client = spoolq.open(root)
             client.create_queue("q", script=str(worker), kind="worker", num_workers=workers,
                                 worker_inflight=INFLIGHT)
-            d = start_spoolq(root, here / "daemon.log")
+            d = start_spoolq(root, here / "daemon.log", "--dispatchers", str(dispatchers))
             daemons.append(d)
             clients.append(client)
             finished = ended(client)
@@ -413,13 +421,16 @@ def _run_spoolq_roots(work: Path, n: int, k: int) -> dict[str, Any]:
             # counted), then the queue is paused while the N are sent.
             client.send("q", param1="warm-up")
             wait_for(functools.partial(finished, "q", 1), 60, "the warm-up message")
-            wait_for(functools.partial(_has_children, d.p.pid, workers), 60, "the workers")
+            # Every dispatch process's workers (the helpers' are their children's).
+            wait_for(functools.partial(_has_children, d.p.pid, workers + dispatchers - 1, True), 60,
+                     "the workers")
             client.set_admin_state("q", "PAUSE")
             for j in range(0, per_root, 1000):
                 client.send_many("q", [{"param1": str(x)} for x in range(j, min(per_root, j + 1000))])
         os.sync()
         pids = [d.p.pid for d in daemons]
-        kids = [c for pid in pids for c in children(pid)]
+        pids += [c for pid in list(pids) for c in children(pid) if _is_helper(c)]
+        kids = [c for pid in pids for c in children(pid) if c not in pids]
         c0, k0, w0, m0 = cpu_of(pids), cpu_of(pids, kernel_only=True), cpu_of(kids), machine()
         t0 = time.perf_counter()
         for client in clients:
@@ -440,8 +451,19 @@ def _run_spoolq_roots(work: Path, n: int, k: int) -> dict[str, Any]:
             "workers_cpu_us": (w1 - w0) / n * 1e6, **machine_figures(m0, m1, n)}
 
 
-def _has_children(pid: int, k: int) -> bool:
-    return len(children(pid)) >= k
+def _has_children(pid: int, k: int, deep: bool = False) -> bool:
+    """Has ``pid`` ``k`` children (``deep``: counting its dispatch helpers' too)?"""
+    kids = children(pid)
+    if deep:
+        kids += [g for c in kids if _is_helper(c) for g in children(c)]
+    return len(kids) >= k
+
+
+def _is_helper(pid: int) -> bool:
+    try:
+        return b"--dispatch-part" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def budget(rounds: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -484,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     base = common.make_base(a.dir, "floor")
     r: dict[str, Any] = {**common.run_header("floor", argv, base), "messages": n, "rounds": []}
     systems: list[tuple[str, Any]] = ([("floor", run_floor), ("spoolq", run_spoolq),
+                                       ("spoolq-2proc", run_spoolq_dispatchers),
                                        ("spoolq-2roots", run_spoolq_two_roots)] if a.kind == "worker" else
                                       [("raw", run_raw), ("floor", run_floor_script), ("floor-c", run_floor_c),
                                        ("spoolq", run_spoolq_script)])
@@ -529,6 +552,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"spoolq-2roots / spoolq: {', '.join(f'{x:.2f}' for x in two)}; two daemons on two roots, "
             f"{best_two:.0f} msg/s at best: two dispatch processes sharing nothing would "
             f"{'pass' if best_two >= 10_000 else 'miss'} 10,000 msg/s here")
+        split = [got["spoolq-2proc"]["msg_s"] / got["spoolq"]["msg_s"] for got in r["rounds"]]
+        r["dispatchers_vs_one"] = split
+        best_split = max(got["spoolq-2proc"]["msg_s"] for got in r["rounds"])
+        say(f"spoolq-2proc / spoolq: {', '.join(f'{x:.2f}' for x in split)}; serve --dispatchers 2, "
+            f"{best_split:.0f} msg/s at best: 10,000 msg/s "
+            f"{common.verdict(best_split >= 10_000)}")
     else:
         vs_raw = [got["floor"]["msg_s"] / got["raw"]["msg_s"] for got in r["rounds"]]
         r["floor_vs_raw"] = vs_raw
