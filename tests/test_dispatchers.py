@@ -448,3 +448,29 @@ if __name__ == "__main__":
             depth[i] = depth.get(i, 0) + d
             assert depth[i] <= 1, f"{i} ran twice at once"
     assert again.stop() == 0
+
+
+def test_a_helper_that_dies_just_before_a_replan_leaves_nothing_in_run(client: spoolq.Client, serve: Any,
+                                                                       tmp_path: Path) -> None:
+    """The helper is killed while its messages run, and before the main process notices,
+    the queue's config comes to need one process: the queue is the main process's again,
+    and it recovers what the dead helper left in run/ (and recounts)."""
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=4)
+    served = serve("--dispatchers", "2")
+    helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
+    ids = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:2"} for _ in range(8)])]
+    theirs = [i for i in ids if owner_index(i) == 1]
+    assert theirs
+    wait_for(lambda: any(client.get(f"w/{i}").state == State.RUN for i in theirs), 20, "the helper busy")
+    os.kill(served.pid, signal.SIGSTOP)  # both happen before the main process looks
+    try:
+        client.update_queue("w", num_workers=1)
+        os.kill(helper, signal.SIGKILL)
+        wait_for(lambda: not alive(helper), 10, "the helper dead")
+    finally:
+        os.kill(served.pid, signal.SIGCONT)
+    wait_for(lambda: "no queue is shared any more" in served.log(), 20, "the parts planned again")
+    wait_for(lambda: all(client.get(f"w/{i}").state == State.DONE for i in ids), 60, "every message done")
+    wait_for(lambda: client.counts("w") == {**client.counts("w"), "que": 0, "run": 0, "done": 8}, 20,
+             "exact counts")
+    assert served.stop() == 0

@@ -155,8 +155,14 @@ class Helpers:
                 if h.proc.stdin is not None:
                     h.proc.stdin.close()
                 pid, h.proc = h.proc.pid, None
-                if self.stopping or not self.running:
-                    continue  # stopped by us
+                if self.stopping:
+                    continue
+                if not self.running:  # asked to stop (a recount, a re-plan)
+                    if code != 0:  # but it died: its counts deltas are lost (I8)
+                        log.error("dispatch helper %d (pid %d) exited with %d while stopping", h.part.index,
+                                  pid, code)
+                        self.recount = True
+                    continue
                 young = now - h.started < YOUNG
                 h.quick_deaths = h.quick_deaths + 1 if young else 0
                 if h.quick_deaths >= GIVE_UP:

@@ -58,25 +58,39 @@ class JobStats:
 
     def apply(self, snap: dict[str, Any], last: dict[str, Any] | None) -> None:
         """Add what ``snap`` (a helper's :meth:`snapshot`) has more than ``last``, the one
-        before it from the same process: a helper's counters, added to the main process's."""
+        before it from the same process: a helper's counters, added to the main process's.
+        All or nothing: a malformed line raises before anything is added."""
         last = last or {}
-        old_outcomes = {(q, o): n for q, o, n in last.get("outcomes", [])}
+
+        def ints(d: Any) -> dict[str, int]:
+            return {str(q): int(n) for q, n in dict(d).items()}
+
+        starts = _minus(ints(snap.get("starts", {})), ints(last.get("starts", {})))
+        errors = _minus(ints(snap.get("script_errors", {})), ints(last.get("script_errors", {})))
+        outcomes = _minus({(str(q), str(o)): int(n) for q, o, n in snap.get("outcomes", [])},
+                          {(str(q), str(o)): int(n) for q, o, n in last.get("outcomes", [])})
+        width = len(DURATION_BUCKETS) + 1
+        before_b = {str(q): [int(n) for n in b] for q, b in dict(last.get("buckets", {})).items()}
+        buckets = {}
+        for q, b in dict(snap.get("buckets", {})).items():
+            now_b, was = [int(n) for n in b], before_b.get(str(q)) or [0] * width
+            if len(now_b) != width or len(was) != width:
+                raise ValueError(f"a histogram of {len(now_b)} buckets, not {width}")
+            buckets[str(q)] = [n - w for n, w in zip(now_b, was, strict=True)]
+        sums = {str(q): float(x) - float(dict(last.get("sums", {})).get(q, 0.0))
+                for q, x in dict(snap.get("sums", {})).items()}
         with self._lock:
-            for name in ("starts", "script_errors"):
-                mine, before = getattr(self, name), last.get(name, {})
-                for q, n in snap.get(name, {}).items():
-                    mine[q] = mine.get(q, 0) + int(n) - int(before.get(q, 0))
-            for q, o, n in snap.get("outcomes", []):
-                key = (str(q), str(o))
-                self.outcomes[key] = self.outcomes.get(key, 0) + int(n) - old_outcomes.get(key, 0)
-            for q, b in snap.get("buckets", {}).items():
-                before_b = last.get("buckets", {}).get(q) or [0] * len(b)
-                mine_b = self.buckets.setdefault(q, [0] * (len(DURATION_BUCKETS) + 1))
-                for i, (n, was) in enumerate(zip(b, before_b, strict=False)):
-                    if i < len(mine_b):
-                        mine_b[i] += int(n) - int(was)
-            for q, x in snap.get("sums", {}).items():
-                self.sums[q] = self.sums.get(q, 0.0) + float(x) - float(last.get("sums", {}).get(q, 0.0))
+            for mine, delta in ((self.starts, starts), (self.script_errors, errors)):
+                for q, n in delta.items():
+                    mine[q] = mine.get(q, 0) + n
+            for key, n in outcomes.items():
+                self.outcomes[key] = self.outcomes.get(key, 0) + n
+            for q, d in buckets.items():
+                mine_b = self.buckets.setdefault(q, [0] * width)
+                for i, n in enumerate(d):
+                    mine_b[i] += n
+            for q, x in sums.items():
+                self.sums[q] = self.sums.get(q, 0.0) + x
 
     def render(self) -> str:
         """Prometheus text: spoolq_job_starts_total, spoolq_job_outcomes_total,
@@ -110,3 +124,7 @@ class JobStats:
                   "# TYPE spoolq_script_errors_total counter"]
         lines += [f'spoolq_script_errors_total{{queue="{_label(q)}"}} {n}' for q, n in errors]
         return "\n".join(lines) + "\n"
+
+
+def _minus(now: dict[Any, int], before: dict[Any, int]) -> dict[Any, int]:
+    return {k: n - before.get(k, 0) for k, n in now.items()}

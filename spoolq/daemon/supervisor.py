@@ -285,22 +285,28 @@ class Daemon:
             if helpers.alive():
                 return  # the others are handing back what they hold
             helpers.recount = False
-            for name in sorted(self.part.split):
-                qs = self.queues.get(name)
-                if qs is None:
-                    continue
-                qs.ready = self.store.begin_recount(name) if isinstance(self.store, LiveRecounts) else False
-                self.housekeeper.submit(RECOUNT, name)
-                self.recounting.add(name)
+            self._recount(self.part.split)
         # Not while a shared queue is recounted (only this process's moves are numbered
         # against the walk), nor while this process holds a finish of one: it may be a
         # message a helper owns, which start-up recovery took (a helper's reclaim would
         # take it again, and run it beside this finish's retry).
         if self.recounting & self.part.split:
             return
-        if any(fin.queue in self.part.split for fin in self.runner.finisher.held):
+        if any(not self.part.owns(fin.queue, fin.msg_id) for fin in self.runner.finisher.held):
             return
         helpers.start_all(now)
+
+    def _recount(self, names: frozenset[str]) -> None:
+        """Recount these queues on the housekeeping thread, this process's moves numbered
+        against the walk; the helpers wait for it (``recounting``)."""
+        assert self.housekeeper is not None
+        for name in sorted(names):
+            qs = self.queues.get(name)
+            if qs is None:
+                continue
+            qs.ready = self.store.begin_recount(name) if isinstance(self.store, LiveRecounts) else False
+            self.housekeeper.submit(RECOUNT, name)
+            self.recounting.add(name)
 
     def _plan_again(self) -> None:
         """Every helper stopped: take out of the split the queues that can no longer be
@@ -311,7 +317,8 @@ class Daemon:
         if self.helpers.given_up:
             log.error("the dispatch helpers keep dying at start: dispatching every queue from this process")
         self.replan.clear()
-        split = frozenset(self.part.split - drop)
+        old = self.part.split
+        split = frozenset(old - drop)
         self.part = Part(0, self.part.count, split)
         assert isinstance(self.store, DispatchParts)
         self.store.part = self.part
@@ -321,6 +328,13 @@ class Daemon:
             if qs is not None:
                 qs.wanted = False
                 qs.config_stale = qs.dirty = True
+            # No helper runs: whatever one left in run/ (it died, or was killed past its
+            # grace) is this process's now, as after a crash.
+            self.store.reclaim_again(name)
+            self._recover(name)
+        # A helper may have died before it stopped: its counts deltas are lost (I8).
+        self.helpers.recount = False
+        self._recount(old)
         if not split:
             self.helpers = None
             log.info("no queue is shared any more: one process dispatches")

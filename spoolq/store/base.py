@@ -230,6 +230,11 @@ class DispatchParts(Protocol):
         held after ``timeout`` seconds."""
         ...
 
+    def reclaim_again(self, queue: str) -> None:
+        """The next ``reclaim`` of ``queue`` walks ``run/`` again: its part changed hands (no
+        helper runs), and what a helper left there is now this process's to recover."""
+        ...
+
 
 @runtime_checkable
 class LocalWork(Protocol):

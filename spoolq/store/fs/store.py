@@ -58,6 +58,9 @@ class FsStore(AttemptParts):
     def wait_for_helpers(self, timeout: float) -> builtins.list[str]:
         return pidfile.wait_for_helpers(self.root, timeout)
 
+    def reclaim_again(self, queue: str) -> None:
+        self._reclaimed.discard(queue)
+
     def release_daemon(self) -> None:
         self._stop_group_sync()
         if self._watcher is not None:
