@@ -451,6 +451,15 @@ def _run_spoolq_roots(work: Path, n: int, k: int, dispatchers: int = 1) -> dict[
             "workers_cpu_us": (w1 - w0) / n * 1e6, **machine_figures(m0, m1, n)}
 
 
+def _versus_one(r: dict[str, Any], name: str, what: str) -> list[float]:
+    """Print ``name``'s rounds against one daemon's, and its best against 10,000 msg/s."""
+    ratios = [got[name]["msg_s"] / got["spoolq"]["msg_s"] for got in r["rounds"]]
+    best = max(got[name]["msg_s"] for got in r["rounds"])
+    say(f"{name} / spoolq: {', '.join(f'{x:.2f}' for x in ratios)}; {what}, {best:.0f} msg/s at best: "
+        f"10,000 msg/s {common.verdict(best >= 10_000)}")
+    return ratios
+
+
 def _has_children(pid: int, k: int, deep: bool = False) -> bool:
     """Has ``pid`` ``k`` children (``deep``: counting its dispatch helpers' too)?"""
     kids = children(pid)
@@ -546,18 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.kind == "worker":
         say(f"floor {best_floor:.0f} msg/s: the 10,000 msg/s target is "
             f"{'within' if best_floor >= 10_000 else 'beyond'} what one Python thread does on this layout here")
-        two = [got["spoolq-2roots"]["msg_s"] / got["spoolq"]["msg_s"] for got in r["rounds"]]
-        r["two_roots_vs_one"] = two
-        best_two = max(got["spoolq-2roots"]["msg_s"] for got in r["rounds"])
-        say(f"spoolq-2roots / spoolq: {', '.join(f'{x:.2f}' for x in two)}; two daemons on two roots, "
-            f"{best_two:.0f} msg/s at best: two dispatch processes sharing nothing would "
-            f"{'pass' if best_two >= 10_000 else 'miss'} 10,000 msg/s here")
-        split = [got["spoolq-2proc"]["msg_s"] / got["spoolq"]["msg_s"] for got in r["rounds"]]
-        r["dispatchers_vs_one"] = split
-        best_split = max(got["spoolq-2proc"]["msg_s"] for got in r["rounds"])
-        say(f"spoolq-2proc / spoolq: {', '.join(f'{x:.2f}' for x in split)}; serve --dispatchers 2, "
-            f"{best_split:.0f} msg/s at best: 10,000 msg/s "
-            f"{common.verdict(best_split >= 10_000)}")
+        r["dispatchers_vs_one"] = _versus_one(r, "spoolq-2proc", "serve --dispatchers 2")
+        r["two_roots_vs_one"] = _versus_one(r, "spoolq-2roots", "two daemons on two roots (sharing nothing)")
     else:
         vs_raw = [got["floor"]["msg_s"] / got["raw"]["msg_s"] for got in r["rounds"]]
         r["floor_vs_raw"] = vs_raw

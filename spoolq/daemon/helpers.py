@@ -54,6 +54,10 @@ KILL_AFTER = 15.0
 hand back what they held, before it is killed."""
 
 
+def _longer(backoff: float) -> float:
+    return min(BACKOFF_MAX, max(BACKOFF_FIRST, backoff * 2))
+
+
 @dataclass
 class Helper:
     part: Part
@@ -94,7 +98,7 @@ class Helpers:
             # SIGTERM reaches the whole group, and a second one means "stop now".
             h.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as e:
-            h.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, h.backoff * 2))
+            h.backoff = _longer(h.backoff)
             h.start_at = now + h.backoff
             log.error("dispatch helper %d: cannot start: %s; trying again in %g s", h.part.index, e, h.backoff)
             return
@@ -167,7 +171,7 @@ class Helpers:
                 h.quick_deaths = h.quick_deaths + 1 if young else 0
                 if h.quick_deaths >= GIVE_UP:
                     self.given_up = True
-                h.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, h.backoff * 2)) if young else 0.0
+                h.backoff = _longer(h.backoff) if young else 0.0
                 h.start_at = now + h.backoff
                 log.error("dispatch helper %d (pid %d) exited with %d; recounting the shared queues and "
                           "starting the helpers again in %g s at the earliest", h.part.index, pid, code, h.backoff)
@@ -176,11 +180,7 @@ class Helpers:
                 self._start(h, now)
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            for pid in self.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            self.signal(signal.SIGKILL)
 
     def _stop_for_recount(self) -> None:
         """A helper died: stop the others (they hand back what they hold); the supervisor

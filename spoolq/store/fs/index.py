@@ -28,7 +28,7 @@ from ...errors import SpoolqError
 from ...filestamp import Stamp
 from ...ids import MSG_ID_RE
 from ...model import Message, QueueConfig, State, param_text
-from ..leases import key_of, params_of
+from ..leases import key_of
 from .layout import message_path
 from .search import read_rest
 
@@ -100,7 +100,9 @@ def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
         raw = read_rest(fd)
         data = json.loads(raw)
         due = float(data.get("due") or 0.0)
-        params = tuple(_indexed_param(data.get(f"param{i}")) for i in range(1, 5))
+        get = data.get
+        params = (_indexed_param(get("param1")), _indexed_param(get("param2")), _indexed_param(get("param3")),
+                  _indexed_param(get("param4")))
     except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return None
     finally:
@@ -113,10 +115,8 @@ def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
             pass  # the start reads it again, and the store decides (sets it aside, I7)
         else:
             if m.msg_id == msg_id:
-                # The scheduler compares these with running messages' params_of: the same
-                # conversion (a number 0 is "0", true is "true"), not the plain one above.
-                return Entry(msg_id, m.due, params_of(m), key, message=m, raw=None if settled else raw)
-    return Entry(msg_id, due, params, key)  # type: ignore[arg-type]
+                return Entry(msg_id, due, params, key, message=m, raw=None if settled else raw)
+    return Entry(msg_id, due, params, key)
 
 
 @dataclass
@@ -213,9 +213,12 @@ class QueueIndex:
         self.absorbed = {}
         self.pending_ids = set()
 
+    def _ours(self, msg_id: str) -> bool:
+        return self.owns is None or self.owns(msg_id)
+
     def note_arrival(self, msg_id: str) -> None:
         """A message appeared in ``que/`` or was kicked: read it at the next ``absorb``."""
-        if self.indexed and (self.owns is None or self.owns(msg_id)):
+        if self.indexed and self._ours(msg_id):
             self.pending_ids.add(msg_id)
 
     def note_departure(self, msg_id: str) -> None:
@@ -306,7 +309,7 @@ class QueueIndex:
 
     def _walk_message(self, w: Walk) -> bool:
         msg_id = w.names.pop()
-        if self.owns is not None and not self.owns(msg_id):
+        if not self._ours(msg_id):
             return False  # another dispatch process's (parts.py)
         assert w.bucket is not None
         path = w.bucket / msg_id
@@ -345,7 +348,7 @@ class QueueIndex:
         """A message the store put back in que (resend, 111, parent failed): read it again.
         A duplicate heap entry is harmless: the stale copy is skipped when it surfaces."""
         self.absorbed.pop(msg_id, None)
-        if self.indexed and (self.owns is None or self.owns(msg_id)):
+        if self.indexed and self._ours(msg_id):
             e = read_entry(msg_id, message_path(self.qdir, State.QUE, msg_id), self._keep())
             if e is not None:
                 self.index.pop(msg_id, None)

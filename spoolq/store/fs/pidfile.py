@@ -33,21 +33,11 @@ def wait_for_helpers(root: Path, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     held: list[str] = []
     for path in sorted(root.glob(HELPER_LOCK_GLOB)):
-        while True:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
+        while _locked(path):  # None (cannot tell): no helper of ours could have opened it either
+            if time.monotonic() >= deadline:
+                held.append(str(path))
                 break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    held.append(str(path))
-                    break
-                time.sleep(0.05)
-            finally:
-                os.close(fd)
+            time.sleep(0.05)
     return held
 
 
@@ -105,12 +95,18 @@ def is_served(root: str | os.PathLike[str]) -> bool:
     a file that cannot be opened (permissions) counts as served, so callers do not warn
     about what they cannot know.
     """
+    return _locked(Path(root) / PIDFILE) is not False
+
+
+def _locked(path: Path) -> bool | None:
+    """Does a process hold ``path``'s exclusive lock right now? False for a missing file,
+    None when it cannot be opened (permissions). Read-only: nothing is created."""
     try:
-        fd = os.open(Path(root) / PIDFILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError:
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
