@@ -22,6 +22,12 @@ function, measured with ``--persistent-messages`` messages (default 10,000):
 (f) dramatiq: ``dramatiq -p 2 -t 1`` on the run's redis-server.
 python-rq's ``SimpleWorker`` (no fork per job) and huey's ``function`` rows come from (c), (d).
 
+(m) a million messages (issue 9, target 4): bench/million.py's steps with ``--million`` messages
+(default 1,000,000; ``--quick`` 100,000; needs ~9 GB free for a million): the enqueue rate by
+tenth, the daemon's RSS at 0, N/10 and N queued, the first dispatch after a crash with N
+queued and 1,000 in run/, and a dispatch helper killed beside them. Its own
+``./bench/run million`` runs it alone.
+
 rq and huey run two kinds of job (bench/jobs.py): ``program`` (a Python function that runs
 the no-op program, the same work spoolq does per message) and ``function`` (a no-op Python
 function, their best case). Ratios against spoolq use ``program``; both are printed.
@@ -542,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 messages, 50 latency samples")
     ap.add_argument("--messages", type=int, default=None, help="messages per throughput run (default 2000)")
     ap.add_argument("--samples", type=int, default=None, help="latency samples per system (default 200)")
-    ap.add_argument("--only", default="a,b,c,d,e,f", help="which systems to run (default a,b,c,d,e,f)")
+    ap.add_argument("--only", default="a,b,c,d,e,f,m", help="which systems to run (default a,b,c,d,e,f,m)")
+    ap.add_argument("--million", type=int, default=None,
+                    help="messages for (m), the million-message figures (default 1,000,000; --quick 100,000)")
     ap.add_argument("--persistent-messages", type=int, default=None,
                     help="messages per persistent-worker throughput run, (e), (f) and rq's SimpleWorker "
                          "(default 10000; --quick 1000)")
@@ -590,6 +598,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # a system that cannot run is reported, the others still run
                 result["errors"][name] = f"{type(e).__name__}: {e}"
                 say(f"  ({letter}) {name} FAILED: {e}")
+        if "m" in only:
+            from bench import million  # it imports this module
+            say("\n(m) million ...")
+            try:
+                result["million"] = million.run(a.million or (100_000 if a.quick else 1_000_000), 1000, a.dir,
+                                                keep=a.keep)
+            except Exception as e:  # noqa: BLE001 - reported; the rows above still count
+                result["errors"]["million"] = f"{type(e).__name__}: {e}"
+                say(f"  (m) million FAILED: {e}")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -680,6 +697,10 @@ def report(r: dict[str, Any]) -> None:
                               f"{common.verdict(x > peer['msg_s'])}")
     for c in checks:
         say(c)
+    if r.get("million"):
+        from bench import million  # it imports this module
+        say("\n(m) a million messages (bench/million.py):")
+        million.report(r["million"])
     for k, e in r["errors"].items():
         say(f"{k}: {e}")
 

@@ -18,6 +18,14 @@ message stays queued while the daemon indexes it, as a daemon behind a stuck wor
    the clock runs from its spawn to the first stamp: **first dispatch**. Target: < 2 s.
    Also when it logged ``serving`` and when all K recovered messages were back in ``que``
    or beyond.
+4. **a dispatch helper killed** (``--dispatchers 2``; skipped with ``--no-helper``): the
+   queue becomes persistent workers (kind ``worker``, 2 workers, one message each, each
+   stamping the message's id and sleeping 50 ms), ``spoolq serve --dispatchers 2`` splits it,
+   and once both processes have started messages the helper is SIGKILLed. Measured: seconds
+   until a message of the helper's part starts again (the main process first recounts the
+   queue: a walk of every message), the messages the main process started meanwhile, and
+   after a clean stop whether ``counts`` equals a fresh walk and holds all N. Target: the
+   counts exact (no time target: this is the recount's price, made visible).
 
 Prints the figures with PASS/MISS and writes bench/results/million-<time>.json. Needs about
 9 GB free on the data directory's filesystem for a million messages.
@@ -42,16 +50,49 @@ from bench import common  # noqa: E402
 from bench.backlog import rss_mb, settle  # noqa: E402
 from bench.common import say  # noqa: E402
 from bench.daemon import VENV_BIN, Proc, Stamps, compile_stamp, free_port, wait_for  # noqa: E402
+from bench.floor import children  # noqa: E402
 from spoolq.model import State  # noqa: E402
+from spoolq.parts import Part  # noqa: E402
 
 BATCH = 1000
 TARGET_FLAT = 0.8
 TARGET_FIRST_DISPATCH_S = 2.0
 
 
-def serve(root: Path, log: Path) -> Proc:
+HOLDING_WORKER = """
+import os, time
+import spoolq
+
+
+def hold(job):
+    fd = os.open(os.environ["STAMP_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{job.id} {time.time():.9f}\\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(0.05)
+
+
+spoolq.worker("big")(hold)
+raise SystemExit(spoolq.run_worker())
+"""
+
+
+def serve(root: Path, log: Path, *more: str) -> Proc:
     return Proc([str(VENV_BIN / "spoolq"), "--root", str(root), "serve", "--no-http", "--port",
-                 str(free_port()), "--grace", "2"], log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                 str(free_port()), "--grace", "2", *more], log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def helper_pids(pid: int) -> list[int]:
+    """The dispatch helpers among ``pid``'s children (``--dispatch-part`` in their argv)."""
+    out = []
+    for kid in children(pid):
+        try:
+            if b"--dispatch-part" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                out.append(kid)
+        except OSError:
+            pass
+    return out
 
 
 def kill_scripts(root: Path) -> None:
@@ -71,15 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-run", type=int, default=1000, help="messages left in run/ by the crash (default 1,000)")
     ap.add_argument("--dir", type=Path, default=common.DEFAULT_DATA, help="parent of the data directory")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--no-helper", action="store_true", help="skip step 4, a dispatch helper killed")
     a = ap.parse_args(argv)
     n = a.messages or (100_000 if a.quick else 1_000_000)
+    r = run(n, a.in_run, a.dir, keep=a.keep, helper=not a.no_helper, argv=argv)
+    report(r)
+    path = common.write_results("million", r)
+    say(f"\nresults: {path}")
+    return 0
+
+
+def run(n: int, in_run: int, parent: Path, *, keep: bool = False, helper: bool = True,
+        argv: list[str] | None = None) -> dict[str, Any]:
+    """Steps 1-4 (the module's text) in a fresh directory under ``parent``: the figures."""
     tenth = max(BATCH, n // 10 // BATCH * BATCH)
-    work = common.make_base(a.dir, "million")
+    work = common.make_base(parent, "million")
     r: dict[str, Any] = {
         **common.run_header("million", argv, work),
-        "messages": n, "in_run": a.in_run,
+        "messages": n, "in_run": in_run,
     }
-    say(f"million benchmark in {work}: {n:,} messages, {a.in_run:,} left in run by a crash")
+    say(f"million benchmark in {work}: {n:,} messages, {in_run:,} left in run by a crash")
     root = work / "spool"
     d: Proc | None = None
     try:
@@ -126,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         d = None
         store = client.store
         moved = 0
-        for view in client.list("big", State.QUE, limit=a.in_run).items:
+        for view in client.list("big", State.QUE, limit=in_run).items:
             store.move("big", view.msg_id, State.QUE, State.RUN)
             moved += 1
         client.update_queue("big", script=stamp, num_workers=2)
@@ -154,16 +206,54 @@ def main(argv: list[str] | None = None) -> int:
         r["rss_after_restart_mb"] = rss_mb(d.p.pid)
         say(f"  first dispatch {first:.3f} s after the spawn ('serving' seen at {r['serving_s']} s); "
             f"run/ recovered after {r['recovered_s']} s; RSS {r['rss_after_restart_mb']} MB")
+        if helper:
+            d.stop(signal.SIGKILL)
+            kill_scripts(root)
+            d = None
+            r["helper"] = d_helper = helper_killed(root, client, work, stamps, n)
+            say(f"  helper killed: its part started again after {d_helper['back_s']} s, the main process "
+                f"started {d_helper['main_started_meanwhile']} meanwhile; counts exact: {d_helper['counts_exact']}")
     finally:
         if d is not None:
             d.stop(signal.SIGKILL)
         kill_scripts(root)
-        if not a.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    report(r)
-    path = common.write_results("million", r)
-    say(f"\nresults: {path}")
-    return 0
+    return r
+
+
+def helper_killed(root: Path, client: spoolq.Client, work: Path, stamps: Stamps, n: int) -> dict[str, Any]:
+    """Step 4 (see the module's text); the daemon is down when it starts and when it ends."""
+    worker = work / "hold_worker.py"
+    worker.write_text(f"#!{sys.executable}\n" + HOLDING_WORKER)
+    worker.chmod(0o755)
+    client.update_queue("big", script=str(worker), kind="worker", num_workers=2, worker_inflight=1)
+    log = work / "daemon3.log"
+    d = serve(root, log, "--dispatchers", "2")
+    main, helper = Part(0, 2, frozenset({"big"})), Part(1, 2, frozenset({"big"}))
+    try:
+        t0 = time.time()
+
+        def started_by(part: Part, after: float) -> list[float]:
+            return [t for k, t in stamps.poll().items() if t > after and part.owns("big", k)]
+
+        wait_for(lambda: (bool(started_by(main, t0)) and bool(started_by(helper, t0))) or not d.alive(), 600,
+                 "both dispatch processes", 0.01)
+        helpers = helper_pids(d.p.pid)
+        if not d.alive() or len(helpers) != 1:
+            raise RuntimeError(f"no helper to kill: {log.read_text(errors='replace')[-2000:]}")
+        t_kill = time.time()
+        os.kill(helpers[0], signal.SIGKILL)
+        wait_for(lambda: bool(started_by(helper, t_kill)) or not d.alive(), 900, "the helper's part again", 0.01)
+        back = min(started_by(helper, t_kill))
+        meanwhile = sum(1 for t in started_by(main, t_kill) if t < back)
+        rss = rss_mb(d.p.pid)
+    finally:
+        d.stop()  # SIGTERM: a clean stop, held messages back in que
+    counts = client.counts("big")
+    walked = client.store.recount("big")
+    return {"back_s": round(back - t_kill, 2), "main_started_meanwhile": meanwhile, "rss_mb": rss,
+            "counts": counts, "walked": walked, "counts_exact": counts == walked and sum(walked.values()) == n}
 
 
 def report(r: dict[str, Any]) -> None:
@@ -184,6 +274,11 @@ def report(r: dict[str, Any]) -> None:
         x = r["first_dispatch_s"]
         say(f"restart with {r['messages']:,} queued and {r['in_run']:,} in run/: first dispatch {x:.3f} s "
             f"(target < {TARGET_FIRST_DISPATCH_S}) {common.verdict(x < TARGET_FIRST_DISPATCH_S)}")
+    h = r.get("helper")
+    if h:
+        say(f"a dispatch helper killed with {r['messages']:,} queued: its part started again after {h['back_s']} s "
+            f"(the main process started {h['main_started_meanwhile']} meanwhile); after a clean stop counts = a "
+            f"fresh walk and hold all {r['messages']:,}: {common.verdict(h['counts_exact'])}")
 
 
 if __name__ == "__main__":
