@@ -33,8 +33,9 @@ from .model import (
     QueueConfig,
     State,
 )
+from .parts import part_of
 from .store import AttachmentSource, Store, SweepResult, open_store
-from .store.base import LocalSpool, LostFoundRepair, copied_attachments
+from .store.base import DispatchParts, LocalSpool, LostFoundRepair, copied_attachments
 
 AttachmentLike = str | os.PathLike[str] | AttachmentSource
 
@@ -346,6 +347,23 @@ class Client:
         the store's URL); None when the store cannot tell. Asking never creates anything."""
         served = self.store.served()
         return None if served is None else (served, self.store.url.removeprefix("file://"))
+
+    def dispatch_processes(self) -> dict[str, Any] | None:
+        """Who serves a directory spool now (``spoolq status``): ``{"serving": bool,
+        "processes": [{"index", "pid", "shares"}, ...]}``, the main process (index 0) first,
+        each with the queues it shares with the others (``serve --dispatchers``). None for a
+        store whose daemons are not this host's to list (PostgreSQL)."""
+        if not isinstance(self.store, DispatchParts):
+            return None
+        procs: builtins.list[dict[str, Any]] = []
+        for index, pid in self.store.dispatch_processes():
+            part = part_of(pid) if index and pid else None
+            procs.append({"index": index, "pid": pid, "shares": sorted(part.split) if part is not None else []})
+        shared = sorted({q for p in procs for q in p["shares"]})
+        for p in procs:
+            if p["index"] == 0:
+                p["shares"] = shared  # the main process dispatches its part of each split queue
+        return {"serving": any(p["index"] == 0 for p in procs), "processes": procs}
 
     @property
     def upload_dir(self) -> Path:

@@ -75,5 +75,16 @@ class Part:
         return cls(int(i), int(k), frozenset(n for n in names.split(",") if n))
 
 
+def part_of(pid: int) -> Part | None:
+    """The part a running dispatch helper serves, from its command line
+    (``--dispatch-part``); None if ``pid`` is not one, or its command line is unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        return Part.parse(argv[argv.index(b"--dispatch-part") + 1].decode())
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
 WHOLE = Part()
 """One dispatch process: it owns everything."""

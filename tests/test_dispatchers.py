@@ -481,3 +481,54 @@ def test_a_helper_that_dies_just_before_a_replan_leaves_nothing_in_run(client: s
     wait_for(lambda: client.counts("w") == {**client.counts("w"), "que": 0, "run": 0, "done": len(ids)}, 20,
              "exact counts")
     assert served.stop() == 0
+
+
+def test_status_and_metrics_show_the_dispatch_processes(client: spoolq.Client, root: Path, cli: Any,
+                                                        tmp_path: Path) -> None:
+    """`spoolq status` names each dispatch process, its pid and the queues it shares;
+    /metrics counts the processes and a helper's exit; both follow a helper's restart."""
+    import urllib.request
+
+    from daemon_util import Served
+
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2)
+    client.create_queue("s", script="/bin/true")  # not split: no process says it shares it
+    served = Served(root, "--dispatchers", "2", "--trust-loopback", http=True).start()
+
+    def metric(name: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics") as r:
+            text = r.read().decode()
+        return next((x.split()[-1] for x in text.splitlines() if x.startswith(name + " ")), "missing")
+
+    def shown(helper: int) -> None:
+        # The helper process is there before it has taken its lock: wait for the lock.
+        wait_for(lambda: len(cli.json("status")["daemon"]["processes"]) == 2, 20, "the helper's lock")
+        assert cli.json("status")["daemon"] == {"serving": True, "processes": [
+            {"index": 0, "pid": served.pid, "shares": ["w"]}, {"index": 1, "pid": helper, "shares": ["w"]}]}
+        lines = cli("status").stdout.splitlines()
+        assert f"daemon: pid {served.pid}, shares w" in lines
+        assert f"dispatch helper 1: pid {helper}, shares w" in lines
+
+    try:
+        helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
+        shown(helper)
+        assert metric("spoolq_dispatch_processes") == "2"
+        assert metric('spoolq_dispatch_helper_exits_total{helper="1"}') == "0"
+        assert metric("spoolq_dispatch_helpers_given_up") == "0"
+        os.kill(helper, signal.SIGKILL)
+        again = wait_for(lambda: [p for p in helper_pids(served.pid) if p != helper], 30, "a new helper")[0]
+        wait_for(lambda: metric("spoolq_dispatch_processes") == "2", 20, "two processes again")
+        assert metric('spoolq_dispatch_helper_exits_total{helper="1"}') == "1"
+        shown(again)
+    finally:
+        served.stop()
+    assert cli.json("status")["daemon"] == {"serving": False, "processes": []}
+    assert "daemon: none serving this spool" in cli("status").stdout.splitlines()
+
+
+def test_status_of_a_daemon_with_one_process(client: spoolq.Client, serve: Any, cli: Any) -> None:
+    client.create_queue("s", script="/bin/true")
+    served = serve()
+    assert cli.json("status")["daemon"] == {"serving": True,
+                                            "processes": [{"index": 0, "pid": served.pid, "shares": []}]}
+    assert f"daemon: pid {served.pid}" in cli("status").stdout.splitlines()

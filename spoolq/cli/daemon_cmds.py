@@ -270,7 +270,7 @@ def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
     # Full ids this server answers name this host, whichever host the store's shared root
     # config names (several daemons share a PostgreSQL store).
     client = Client(open_store(str(d.home) if directory else ctx.root), root_config=d.rootcfg)
-    extra = d.runner.stats.render if d.runner is not None else None
+    extra = d.metrics_text if d.runner is not None else None
     http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
                       login_root=str(d.home), events=d.events)
     code = http.app.state.auth.links.mint(SERVE_LINK_TTL)

@@ -90,7 +90,8 @@ def register(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--force", action="store_true", help="delete even with messages in prep, que or run")
 
-    p = command(sub, "status", status, "every queue's admin state and counts, or one message's status")
+    p = command(sub, "status", status,
+                "every queue's admin state and counts, and the daemon's processes; or one message's status")
     p.add_argument("msg", nargs="?", metavar="MSG", help="QUEUE/ID or full id: print its status text")
 
     p = command(sub, "stats", stats, "message counts per state (all queues when QUEUE is omitted)")
@@ -338,14 +339,33 @@ def status(args: argparse.Namespace, ctx: Ctx) -> int:
             ctx.out(output.clean(view.status))
         return 0
     rows = _count_rows(ctx, ctx.client.queues(), admin=True)
+    daemon = ctx.client.dispatch_processes()
     if ctx.json:
-        ctx.emit_json({"queues": rows})
-    elif rows:
+        ctx.emit_json({"queues": rows, **({"daemon": daemon} if daemon is not None else {})})
+        return 0
+    if rows:
         ctx.out(_count_table(rows, admin=True))
     else:
         print(f"spoolq: no queues in {ctx.root} (create one with `spoolq queue create`)",
               file=sys.stderr)
+    if daemon is not None:
+        ctx.out(_daemon_text(daemon))
     return 0
+
+
+def _daemon_text(daemon: dict[str, Any]) -> str:
+    procs = daemon["processes"]
+    if not procs:
+        return "daemon: none serving this spool"
+    lines = []
+    for p in procs:
+        pid = p["pid"] if p["pid"] is not None else "?"
+        who = "daemon" if p["index"] == 0 else f"dispatch helper {p['index']}"
+        shares = f", shares {', '.join(p['shares'])}" if p["shares"] else ""
+        lines.append(f"{who}: pid {pid}{shares}")
+    if not daemon["serving"]:
+        lines.insert(0, "daemon: none (helpers of a daemon that is gone still run)")
+    return "\n".join(lines)
 
 
 def stats(args: argparse.Namespace, ctx: Ctx) -> int:

@@ -69,6 +69,7 @@ class Helper:
     lines: LineBuffer = field(default_factory=LineBuffer)  # its stdout: events and counters
     last_stats: dict[str, Any] | None = None  # its counters as last applied (JobStats.apply)
     told: bool | None = None  # what it was last told of "state" events (wanted or not)
+    exits: int = 0  # exits nobody asked for (/metrics)
 
 
 class Helpers:
@@ -163,10 +164,12 @@ class Helpers:
                     continue
                 if not self.running:  # asked to stop (a recount, a re-plan)
                     if code != 0:  # but it died: its counts deltas are lost (I8)
+                        h.exits += 1
                         log.error("dispatch helper %d (pid %d) exited with %d while stopping", h.part.index,
                                   pid, code)
                         self.recount = True
                     continue
+                h.exits += 1
                 young = now - h.started < YOUNG
                 h.quick_deaths = h.quick_deaths + 1 if young else 0
                 if h.quick_deaths >= GIVE_UP:
@@ -233,6 +236,17 @@ class Helpers:
 
     def pids(self) -> list[int]:
         return [h.proc.pid for h in self.helpers if h.proc is not None]
+
+    def metrics(self) -> list[str]:
+        """Prometheus lines (read from the HTTP thread: a glance, not a transaction)."""
+        lines = ["# HELP spoolq_dispatch_helper_exits_total Exits of a dispatch helper that nobody asked for "
+                 "(each one means a recount of the shared queues and a restart).",
+                 "# TYPE spoolq_dispatch_helper_exits_total counter"]
+        lines += [f'spoolq_dispatch_helper_exits_total{{helper="{h.part.index}"}} {h.exits}' for h in self.helpers]
+        lines += ["# HELP spoolq_dispatch_helpers_given_up 1 when the helpers kept dying at start and the main "
+                  "process dispatches every queue alone.", "# TYPE spoolq_dispatch_helpers_given_up gauge",
+                  f"spoolq_dispatch_helpers_given_up {int(self.given_up)}"]
+        return lines
 
 
 class ForwardingBus(EventBus):

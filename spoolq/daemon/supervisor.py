@@ -109,6 +109,18 @@ class Daemon:
         self.housekeeper: Housekeeper | None = None
 
     # -- setup / teardown ----------------------------------------------------------------
+    def metrics_text(self) -> str:
+        """What ``/metrics`` adds for the daemon: the runner's counters (stats.py), and how
+        many processes dispatch (``serve --dispatchers``: the helpers alive, their exits)."""
+        text = self.runner.stats.render().rstrip("\n") if self.runner is not None else ""
+        helpers = self.helpers
+        lines = ["# HELP spoolq_dispatch_processes Processes dispatching messages now (serve --dispatchers).",
+                 "# TYPE spoolq_dispatch_processes gauge",
+                 f"spoolq_dispatch_processes {1 + (len(helpers.pids()) if helpers is not None else 0)}"]
+        if helpers is not None:
+            lines += helpers.metrics()
+        return "\n".join([*([text] if text else []), *lines]) + "\n"
+
     def acquire(self) -> None:
         """Become the store's daemon (the filesystem: ``<root>/daemon.pid`` locked);
         DaemonRunning if another is."""

@@ -235,6 +235,11 @@ class DispatchParts(Protocol):
         helper runs), and what a helper left there is now this process's to recover."""
         ...
 
+    def dispatch_processes(self) -> list[tuple[int, int | None]]:
+        """The processes serving the store now, the main one first: ``(index, pid)``, index 0
+        the main process; none if no daemon serves it. Read-only (``spoolq status``)."""
+        ...
+
 
 @runtime_checkable
 class LocalWork(Protocol):

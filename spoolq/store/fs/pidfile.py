@@ -98,6 +98,29 @@ def is_served(root: str | os.PathLike[str]) -> bool:
     return _locked(Path(root) / PIDFILE) is not False
 
 
+def processes(root: str | os.PathLike[str]) -> list[tuple[int, int | None]]:
+    """The dispatch processes serving ``root`` now, the main one first: ``(index, pid)``,
+    index 0 for the main process (``daemon.pid``), i for helper i (``dispatch.<i>.pid``),
+    the pid as its file says (None if unreadable). Only files whose lock is held count.
+    Read-only."""
+    base = Path(root)
+    paths = [(0, base / PIDFILE)]
+    for path in base.glob(HELPER_LOCK_GLOB):
+        number = path.name.split(".")[1]
+        if number.isdigit():
+            paths.append((int(number), path))
+    out: list[tuple[int, int | None]] = []
+    for index, path in sorted(paths):
+        if not _locked(path):
+            continue
+        try:
+            text = path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        out.append((index, int(text) if text.isdigit() else None))
+    return out
+
+
 def _locked(path: Path) -> bool | None:
     """Does a process hold ``path``'s exclusive lock right now? False for a missing file,
     None when it cannot be opened (permissions). Read-only: nothing is created."""

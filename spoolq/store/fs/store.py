@@ -61,6 +61,9 @@ class FsStore(AttemptParts):
     def reclaim_again(self, queue: str) -> None:
         self._reclaimed.discard(queue)
 
+    def dispatch_processes(self) -> builtins.list[tuple[int, int | None]]:
+        return pidfile.processes(self.root)
+
     def release_daemon(self) -> None:
         self._stop_group_sync()
         if self._watcher is not None:
