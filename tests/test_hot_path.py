@@ -592,12 +592,49 @@ def test_start_job_sets_aside_a_link_in_place_of_the_message_directory(st: FsSto
         st.start_job(claimed_behind_a_link(st, again))
 
 
-@pytest.mark.parametrize("thing", ["fifo", "socket", "directory", "file"])
-def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsStore, thing: str) -> None:
+def test_a_persistent_workers_start_sets_aside_a_link_in_place_of_the_message_directory(
+        st: FsStore, tmp_path: Path) -> None:
+    """A persistent worker gets its message directory's path (``dir``): never one that is a
+    link, which would lead the worker's writes out of the spool. The link is set aside as
+    for a script, and the hand-out ends the attempt instead of retrying it for ever."""
+    import selectors
+
+    from spoolq.config import RootConfig
+    from spoolq.daemon.jobs import JobRunner
+    from spoolq.daemon.workers import Workers
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    a = claimed_behind_a_link(st, elsewhere)
+    before = sorted(os.listdir(elsewhere))
+    runner = JobRunner(st, tmp_path, RootConfig(), time.time, "production", "t")
+    workers = Workers(runner, selectors.DefaultSelector(), tmp_path, RootConfig(), time.time,
+                      finished=lambda f: None, changed=lambda q: None, config=st.queue_config)
+    # The worker itself is never reached: the hand-out ends before anything is written to it.
+    assert workers.send(None, a, st.queue_config("q"), time.time()) is False  # type: ignore[arg-type]
+    assert sorted(os.listdir(elsewhere)) == before, "nothing written through the link"
+    links = [p for p in (st.qdir("q") / "corrupt").iterdir() if p.is_symlink()]
+    assert len(links) == 1 and links[0].resolve() == elsewhere.resolve()
+    assert not os.path.lexists(message_path(st.qdir("q"), State.RUN, a.msg_id))
+    assert not st.holds("q", a.msg_id)
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(CorruptMessage):  # the store's own call says why
+        st.attempt_dir(claimed_behind_a_link(st, again))
+    m = st.create("q", Message())  # a real directory is handed out as it is
+    indexed(st, m.msg_id)
+    assert st.attempt_dir(claim(st)) == str(message_path(st.qdir("q"), State.RUN, m.msg_id))
+
+
+@pytest.mark.parametrize("thing", ["fifo", "socket", "directory", "file", "hard link"])
+def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsStore, thing: str,
+                                                                         tmp_path: Path) -> None:
     """A FIFO with nobody reading it would block a plain open for writing for ever: the
     daemon's loop with it. It is replaced by a file, as a link is, and so are a socket and
     a directory (which would otherwise send the message back to the queue at every try).
-    A file there is the log of earlier attempts: appended to, blocking for the script."""
+    A file there is the log of earlier attempts: appended to, blocking for the script. A
+    hard link to a file elsewhere (``ln <root>/token job/stdio.log``) is no log of ours:
+    the next attempt's output must not be appended to that file."""
     import socket
     import threading
 
@@ -615,6 +652,10 @@ def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsSt
         (log / "inside").write_text("x")
     elif thing == "file":
         log.write_bytes(b"earlier\n")
+    elif thing == "hard link":
+        other = st.root / "elsewhere"  # on the spool's filesystem, as a hard link must be
+        other.write_bytes(b"not a log\n")
+        os.link(other, log)
     else:
         sock = socket.socket(socket.AF_UNIX)
         here = os.getcwd()
@@ -639,6 +680,8 @@ def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsSt
         if sock is not None:
             sock.close()
     assert log.is_file() and log.read_bytes() == (b"earlier\n" if thing == "file" else b"") + b"mine\n"
+    if thing == "hard link":
+        assert (st.root / "elsewhere").read_bytes() == b"not a log\n" and log.stat().st_nlink == 1
 
 
 def test_a_message_whose_script_is_missing_gets_no_log(st: FsStore, tmp_path: Path) -> None:

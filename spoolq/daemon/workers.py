@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RootConfig
-from ..errors import LeaseLost, ScriptError, ScriptUnusable, SpoolqError
+from ..errors import CorruptMessage, LeaseLost, ScriptError, ScriptUnusable, SpoolqError
 from ..model import QueueConfig, State
 from ..parts import Part
 from ..runner import protocol
@@ -272,6 +272,10 @@ class Workers:
             return False
         try:
             mdir = self.store.attempt_dir(attempt)
+        except CorruptMessage as e:  # set aside by the store: only the attempt is left to end
+            log.error("%s/%s: cannot start: %s", attempt.queue, attempt.msg_id, e)
+            self.runner.finish_without_run(attempt, Outcome(State.ERR, f"cannot start: {e}", msg.count))
+            return False
         except (OSError, SpoolqError) as e:
             log.error("%s/%s: cannot start: %s", attempt.queue, attempt.msg_id, e)
             self.runner.finish_without_run(attempt, Outcome(State.QUE, f"daemon could not start the job: {e}",

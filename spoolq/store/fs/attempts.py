@@ -446,8 +446,18 @@ class AttemptParts(WriteParts):
         return Path(f"{run_dir}/job")
 
     def attempt_dir(self, attempt: Attempt) -> str:
-        """The message's own directory in run: nothing to create or copy."""
-        return self._current_dir(attempt)
+        """The message's own directory in run: nothing to create or copy. Never a link: what
+        stands in its place (a link, a file) is set aside as for a script's start
+        (:meth:`_open_message_dir`: CorruptMessage), so a persistent worker is never handed
+        a path that leads out of the spool. One ``lstat``."""
+        run_dir = self._current_dir(attempt)
+        try:
+            if stat.S_ISDIR(os.lstat(run_dir).st_mode):
+                return run_dir
+        except OSError as e:
+            raise durable.storage_error(e, f"cannot reach {run_dir}") from None
+        os.close(self._open_message_dir(attempt, run_dir))  # sets it aside and raises
+        return run_dir  # replaced by a directory meanwhile: the fd said so
 
     def log_fd(self, attempt: Attempt) -> int:
         """``job/stdio.log`` opened for appending (the script writes to the file itself),
@@ -694,8 +704,8 @@ def _open_log_beneath(dfd: int) -> int:
 
 def _open_log_in(dfd: int) -> int:
     """``stdio.log`` in the directory ``dfd``, opened to append; whatever is in its place
-    that is not a plain file (a link, a FIFO, a socket, a directory...) is removed and a
-    file made."""
+    that is not a plain file of its own (a link, a hard link to a file elsewhere, a FIFO, a
+    socket, a directory...) is removed and a file made."""
     try:
         fd = os.open("stdio.log", _LOG_FLAGS | os.O_NONBLOCK, 0o644, dir_fd=dfd)
     except IsADirectoryError:
@@ -706,7 +716,11 @@ def _open_log_in(dfd: int) -> int:
             raise
     else:
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            # A second name: the file is someone else's too (spoolq never links a log), and
+            # the next attempt's output would be appended to it. Unlinking this name leaves
+            # that file as it was.
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)  # blocking again, as the script expects
                 return fd
         except BaseException:
