@@ -10,11 +10,48 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from spoolq.model import Message, QueueConfig
 from spoolq.store import MemoryStore
 from spoolq.store.base import AttachmentSource
 from spoolq.store.leases import Attempt, new_attempt_id
 from spoolq.store.local import LogPump, Trash, materialize
+
+
+@pytest.mark.parametrize("where", ["message directory", "job", "attach", "msg.tmp", "attachment part"])
+def test_materialize_follows_no_link_an_earlier_script_left(tmp_path: Path, where: str) -> None:
+    """The local directory is kept across attempts: a script of an earlier one may leave a
+    link in the place of anything materialize writes. Nothing is written through it (a
+    worker's ``dir`` and a script's cwd never lead out), and the copy is made again."""
+    store = MemoryStore()
+    store.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true"}))
+    m = store.create("q", Message(param1="hello"),
+                     attachments=[AttachmentSource(name="a.txt", stream=io.BytesIO(b"A"))])
+    a = store.claim("q", owner="me", lease=30)
+    assert isinstance(a, Attempt)
+    base = tmp_path / "work"
+    mdir = base / "q" / m.msg_id
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept").write_text("mine\n")
+    (base / "q").mkdir(parents=True)
+    if where == "message directory":
+        mdir.symlink_to(elsewhere)
+    else:
+        mdir.mkdir()
+        name = {"job": "job", "attach": "attach", "msg.tmp": ".msg.tmp", "attachment part": "attach"}[where]
+        if where == "attachment part":
+            (mdir / "attach").mkdir()
+            (mdir / "attach" / ".a.txt.part").symlink_to(elsewhere / "kept")
+        else:
+            (mdir / name).symlink_to(elsewhere if where != "msg.tmp" else elsewhere / "kept")
+    job = materialize(store, a, base)
+    assert sorted(os.listdir(elsewhere)) == ["kept"] and (elsewhere / "kept").read_text() == "mine\n"
+    for d in (mdir, job, mdir / "attach"):
+        assert d.is_dir() and not d.is_symlink(), d
+    assert Message.from_dict(json.loads((mdir / "msg").read_bytes())).param1 == "hello"
+    assert (mdir / "attach" / "a.txt").read_bytes() == b"A" and not (mdir / "attach" / "a.txt").is_symlink()
 
 
 def test_materialize_writes_msg_and_streams_attachments(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import os
 import queue
 import selectors
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,24 +40,63 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
     across attempts on this host (the script's files stay, as on the filesystem store).
     ``names``: the message's attachments, when the caller has read them already."""
     mdir = base / validate_queue_name(attempt.queue) / validate_msg_id(attempt.msg_id)
+    mdir.parent.mkdir(parents=True, exist_ok=True)
+    # Kept across attempts, so an earlier script may have left a link in the place of any
+    # of these (as on the filesystem store, docs/security.md): none is followed. What is
+    # written here is a copy of the store's; a link is removed and the copy made again.
+    _own_dir(mdir)
     job = mdir / "job"
-    job.mkdir(parents=True, exist_ok=True)
-    tmp = mdir / ".msg.tmp"
-    tmp.write_bytes(attempt.message.encode())
-    os.replace(tmp, mdir / "msg")
+    _own_dir(job)
+    _write_new(mdir / ".msg.tmp", attempt.message.encode())
+    os.replace(mdir / ".msg.tmp", mdir / "msg")  # a rename replaces a link; it does not follow it
     attach = mdir / "attach"
-    attach.mkdir(exist_ok=True)
+    _own_dir(attach)
     if names is None:
         names = store.get(attempt.queue, attempt.msg_id).attachments
     for name in names:
         dest = attach / name
-        if dest.exists():
-            continue  # attachments cannot change once the message is committed
+        try:
+            if stat.S_ISREG(os.lstat(dest).st_mode):
+                continue  # attachments cannot change once the message is committed
+        except FileNotFoundError:
+            pass
         part = attach / f".{name}.part"
-        with store.open_attachment(attempt.queue, attempt.msg_id, name) as src, open(part, "wb") as out:
+        _remove(part)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with store.open_attachment(attempt.queue, attempt.msg_id, name) as src, open(fd, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
         os.replace(part, dest)
     return job
+
+
+def _own_dir(path: Path) -> None:
+    """``path`` a directory of its own: anything else in its place (a link, a file) is
+    removed, not followed, and a directory made."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            return
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    path.mkdir()
+
+
+def _remove(path: Path) -> None:
+    """Whatever is at ``path`` (a leftover part, a link), gone; a directory with its contents."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """``data`` in a new file at ``path``, never through a link left there."""
+    _remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "wb") as f:
+        f.write(data)
 
 
 class Trash:
