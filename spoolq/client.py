@@ -349,21 +349,29 @@ class Client:
         return None if served is None else (served, self.store.url.removeprefix("file://"))
 
     def dispatch_processes(self) -> dict[str, Any] | None:
-        """Who serves a directory spool now (``spoolq status``): ``{"serving": bool,
-        "processes": [{"index", "pid", "shares"}, ...]}``, the main process (index 0) first,
+        """Who serves a directory spool now (``spoolq status``): ``{"serving": bool or None
+        (cannot be told: the lock file unreadable), "processes": [{"index", "pid",
+        "shares"}, ...]}``, the main process (index 0) first,
         each with the queues it shares with the others (``serve --dispatchers``). None for a
         store whose daemons are not this host's to list (PostgreSQL)."""
         if not isinstance(self.store, DispatchParts):
             return None
         procs: builtins.list[dict[str, Any]] = []
-        for index, pid in self.store.dispatch_processes():
+        serving: bool | None = False
+        for index, pid, held in self.store.dispatch_processes():
+            if held is None:  # cannot be told (the file unreadable): never said to be absent
+                if index == 0:
+                    serving = None
+                continue
             part = part_of(pid) if index and pid else None
             procs.append({"index": index, "pid": pid, "shares": sorted(part.split) if part is not None else []})
+            if index == 0:
+                serving = True
         shared = sorted({q for p in procs for q in p["shares"]})
         for p in procs:
             if p["index"] == 0:
                 p["shares"] = shared  # the main process dispatches its part of each split queue
-        return {"serving": any(p["index"] == 0 for p in procs), "processes": procs}
+        return {"serving": serving, "processes": procs}
 
     @property
     def upload_dir(self) -> Path:

@@ -532,3 +532,83 @@ def test_status_of_a_daemon_with_one_process(client: spoolq.Client, serve: Any, 
     assert cli.json("status")["daemon"] == {"serving": True,
                                             "processes": [{"index": 0, "pid": served.pid, "shares": []}]}
     assert f"daemon: pid {served.pid}" in cli("status").stdout.splitlines()
+
+
+def test_helpers_that_keep_dying_at_start_are_given_up(client: spoolq.Client, root: Path, tmp_path: Path) -> None:
+    """A helper that cannot start (here: something else holds its lock) dies young again and
+    again; after 5 such deaths the main process dispatches every queue itself, and /metrics
+    says so (the exits and the given-up gauge outlive the helpers)."""
+    import fcntl
+    import threading
+    import urllib.request
+
+    from daemon_util import Served
+
+    client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2)
+    served = Served(root, "--dispatchers", "2", "--trust-loopback", http=True).start()
+
+    def metric(name: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics") as r:
+            text = r.read().decode()
+        return next((x.split()[-1] for x in text.splitlines() if x.startswith(name + " ")), "missing")
+
+    fd = -1
+    try:
+        helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
+        wait_for(lambda: spoolq.open(root).dispatch_processes()["processes"][1:], 20, "the helper's lock")
+        fd = os.open(root / "dispatch.1.pid", os.O_RDWR)
+        # Blocked until the helper's death lets go of its lock: then every restart fails to take it.
+        taker = threading.Thread(target=fcntl.flock, args=(fd, fcntl.LOCK_EX), daemon=True)
+        taker.start()
+        os.kill(helper, signal.SIGKILL)
+        taker.join(10)
+        assert not taker.is_alive(), "the dead helper's lock was not released"
+        wait_for(lambda: "keep dying at start" in served.log(), 90, "the main process to give up")
+        assert metric("spoolq_dispatch_helpers_given_up") == "1"
+        assert metric("spoolq_dispatch_processes") == "1"
+        exits = served.log().count("dispatch helper 1 (pid")
+        assert exits >= 5 and metric('spoolq_dispatch_helper_exits_total{helper="1"}') == str(exits)
+        sent = [m.msg_id for m in client.send_many("w", [{"param1": str(i)} for i in range(20)])]
+        wait_for(lambda: all_done(client, 20), 30, "every message, by the main process")
+        assert {int(client.get(f"w/{i}").job_status) for i in sent} == {served.pid}
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        served.stop()
+
+
+def test_status_says_unknown_when_the_lock_file_cannot_be_read(root: Path) -> None:
+    """A lock file this user cannot open (another user's daemon, mode 0600) says nothing
+    either way: `status` must not report that no daemon serves the spool."""
+    from spoolq.cli.queue_cmds import _daemon_text
+    from spoolq.store.fs import FsStore
+
+    class Unreadable(FsStore):
+        def dispatch_processes(self) -> list[tuple[int, int | None, bool | None]]:
+            return [(0, None, None)]  # what pidfile.processes says of a file it cannot open
+
+    c = spoolq.Client(Unreadable(root))
+    assert c.dispatch_processes() == {"serving": None, "processes": []}
+    assert _daemon_text({"serving": None, "processes": []}).startswith("daemon: unknown")
+    assert _daemon_text({"serving": False, "processes": []}) == "daemon: none serving this spool"
+
+
+def test_a_start_is_not_refused_for_a_reader_asking_who_serves(root: Path) -> None:
+    """`spoolq status` asks with a shared lock held for a moment; a daemon (or helper)
+    starting at that moment must take its lock all the same, not fail as if one ran."""
+    import fcntl
+    import threading
+
+    from spoolq.store.fs import pidfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / pidfile.helper_lock(1)
+    path.write_text("")
+    reader = os.open(path, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # a reader caught holding its shared lock
+    threading.Timer(0.005, lambda: os.close(reader)).start()  # ... for 5 ms
+    fd = pidfile.acquire(root, pidfile.helper_lock(1))
+    try:
+        assert pidfile.processes(root) == [(1, os.getpid(), True)]
+    finally:
+        pidfile.release(fd)

@@ -355,6 +355,8 @@ def status(args: argparse.Namespace, ctx: Ctx) -> int:
 
 def _daemon_text(daemon: dict[str, Any]) -> str:
     procs = daemon["processes"]
+    if daemon["serving"] is None:
+        return "daemon: unknown (its lock file, daemon.pid, cannot be opened by this user)"
     if not procs:
         return "daemon: none serving this spool"
     lines = []

@@ -235,7 +235,8 @@ class Helpers:
         return any(h.proc is not None for h in self.helpers)
 
     def pids(self) -> list[int]:
-        return [h.proc.pid for h in self.helpers if h.proc is not None]
+        # Each proc read once: /metrics asks from the HTTP thread while tick may clear it.
+        return [p.pid for p in (h.proc for h in self.helpers) if p is not None]
 
     def metrics(self) -> list[str]:
         """Prometheus lines (read from the HTTP thread: a glance, not a transaction)."""

@@ -76,6 +76,7 @@ class Daemon:
         self.part = part or WHOLE
         self.helper_argv = list(helper_argv)
         self.helpers: Helpers | None = None
+        self.helpers_ever: Helpers | None = None  # kept for /metrics once the split is gone
         self._parent_lines = LineBuffer()  # a helper's stdin
         self._stats_at = 0.0  # a helper: when its counters go to the main process next
         self._stats_sent = 0  # the counters' version last sent
@@ -113,12 +114,12 @@ class Daemon:
         """What ``/metrics`` adds for the daemon: the runner's counters (stats.py), and how
         many processes dispatch (``serve --dispatchers``: the helpers alive, their exits)."""
         text = self.runner.stats.render().rstrip("\n") if self.runner is not None else ""
-        helpers = self.helpers
-        lines = ["# HELP spoolq_dispatch_processes Processes dispatching messages now (serve --dispatchers).",
-                 "# TYPE spoolq_dispatch_processes gauge",
+        helpers, ever = self.helpers, self.helpers_ever
+        lines = ["# HELP spoolq_dispatch_processes The main process and the dispatch helper processes running "
+                 "now (serve --dispatchers).", "# TYPE spoolq_dispatch_processes gauge",
                  f"spoolq_dispatch_processes {1 + (len(helpers.pids()) if helpers is not None else 0)}"]
-        if helpers is not None:
-            lines += helpers.metrics()
+        if ever is not None:  # after the split is gone too: its exits, and whether it was given up
+            lines += ever.metrics()
         return "\n".join([*([text] if text else []), *lines]) + "\n"
 
     def acquire(self) -> None:
@@ -272,6 +273,7 @@ class Daemon:
         assert isinstance(self.store, DispatchParts)
         self.store.part = self.part
         self.helpers = Helpers([Part(i, k, self.part.split) for i in range(1, k)], self.helper_argv, self.sel)
+        self.helpers_ever = self.helpers
         log.info("%d dispatch processes share the queue(s) %s", k, ", ".join(sorted(split)))
 
     def _tend_helpers(self, now: float) -> None:

@@ -235,9 +235,10 @@ class DispatchParts(Protocol):
         helper runs), and what a helper left there is now this process's to recover."""
         ...
 
-    def dispatch_processes(self) -> list[tuple[int, int | None]]:
-        """The processes serving the store now, the main one first: ``(index, pid)``, index 0
-        the main process; none if no daemon serves it. Read-only (``spoolq status``)."""
+    def dispatch_processes(self) -> list[tuple[int, int | None, bool | None]]:
+        """The processes serving the store now, the main one first: ``(index, pid, held)``,
+        index 0 the main process, ``held`` None where it cannot be told (permissions); none
+        if no daemon serves it. Read-only (``spoolq status``)."""
         ...
 
 

@@ -57,7 +57,7 @@ def acquire(root: Path, name: str = PIDFILE) -> int:
     path = root / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_exclusive(fd)
     except OSError as e:
         other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
@@ -72,6 +72,21 @@ def acquire(root: Path, name: str = PIDFILE) -> int:
         log.warning("cannot write the pid into %s: %s; serving anyway (the lock is what counts)",
                     path, e.strerror)
     return fd
+
+
+def _lock_exclusive(fd: int, tries: int = 20) -> None:
+    """``LOCK_EX`` without blocking, tried again for a few milliseconds: whoever asks whether
+    a daemon is there (:func:`_locked`: ``spoolq status``, a CLI warning) holds a shared
+    lock for a moment, and a start must not fail on that. A daemon really holding the lock
+    still fails it at once, but for those milliseconds."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or i == tries - 1:
+                raise
+            time.sleep(0.001)
 
 
 def release(fd: int) -> None:
@@ -98,26 +113,28 @@ def is_served(root: str | os.PathLike[str]) -> bool:
     return _locked(Path(root) / PIDFILE) is not False
 
 
-def processes(root: str | os.PathLike[str]) -> list[tuple[int, int | None]]:
-    """The dispatch processes serving ``root`` now, the main one first: ``(index, pid)``,
-    index 0 for the main process (``daemon.pid``), i for helper i (``dispatch.<i>.pid``),
-    the pid as its file says (None if unreadable). Only files whose lock is held count.
-    Read-only."""
+def processes(root: str | os.PathLike[str]) -> list[tuple[int, int | None, bool | None]]:
+    """The dispatch processes serving ``root`` now, the main one first: ``(index, pid,
+    held)``, index 0 for the main process (``daemon.pid``), i for helper i
+    (``dispatch.<i>.pid``), the pid as its file says (None if unreadable). ``held`` is True
+    where the file's lock is held, None where the file cannot be opened to ask
+    (permissions): unknown, not absent. Files nobody holds are left out. Read-only."""
     base = Path(root)
     paths = [(0, base / PIDFILE)]
     for path in base.glob(HELPER_LOCK_GLOB):
         number = path.name.split(".")[1]
         if number.isdigit():
             paths.append((int(number), path))
-    out: list[tuple[int, int | None]] = []
+    out: list[tuple[int, int | None, bool | None]] = []
     for index, path in sorted(paths):
-        if not _locked(path):
+        held = _locked(path)
+        if held is False:
             continue
         try:
             text = path.read_text(errors="replace").strip()
         except OSError:
             text = ""
-        out.append((index, int(text) if text.isdigit() else None))
+        out.append((index, int(text) if text.isdigit() else None, held))
     return out
 
 

@@ -61,7 +61,7 @@ class FsStore(AttemptParts):
     def reclaim_again(self, queue: str) -> None:
         self._reclaimed.discard(queue)
 
-    def dispatch_processes(self) -> builtins.list[tuple[int, int | None]]:
+    def dispatch_processes(self) -> builtins.list[tuple[int, int | None, bool | None]]:
         return pidfile.processes(self.root)
 
     def release_daemon(self) -> None:
