@@ -602,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import million  # it imports this module
             say("\n(m) million ...")
             try:
-                result["million"] = million.run(a.million or (100_000 if a.quick else 1_000_000), 1000, a.dir,
-                                                keep=a.keep)
+                mn = a.million or (100_000 if a.quick else 1_000_000)
+                result["million"] = million.run(mn, 1000, a.dir, keep=a.keep, argv=["--messages", str(mn)])
             except Exception as e:  # noqa: BLE001 - reported; the rows above still count
                 result["errors"]["million"] = f"{type(e).__name__}: {e}"
                 say(f"  (m) million FAILED: {e}")
