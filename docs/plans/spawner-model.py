@@ -1,0 +1,107 @@
+"""A model of the script target's last idea: would a process that spawns for the dispatch
+loop (so that the loop never waits in ``posix_spawn``) run more scripts a second?
+
+    .venv/bin/python docs/plans/spawner-model.py N A|B W1 W2
+
+N runs of ``/bin/true ""``, two in flight. The loop spends W1 µs of CPU before each spawn
+and W2 µs after each exit (spoolq's own work per message is ~550 µs on the test VM). A:
+the loop spawns itself (glibc's ``posix_spawn``: it waits for the child's exec). B: a
+forked spawner process spawns and reaps, and the loop only sends a byte and reads exits.
+Not spoolq code: a measurement recorded in dispatch-cpu.md.
+"""
+
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+N = int(sys.argv[1])
+MODE = sys.argv[2]
+W1, W2 = float(sys.argv[3]) / 1e6, float(sys.argv[4]) / 1e6
+INFLIGHT = 2
+ARGV = ["/bin/true", ""]
+ENV = dict(os.environ)
+
+
+def work(sec: float) -> None:
+    end = time.thread_time() + sec
+    while time.thread_time() < end:
+        pass
+
+
+def inline() -> None:
+    running: dict[int, int] = {}
+    ep = select.epoll()
+    started = done = 0
+    while done < N:
+        while started < N and len(running) < INFLIGHT:
+            work(W1)
+            pid = os.posix_spawn(ARGV[0], ARGV, ENV)
+            fd = os.pidfd_open(pid)
+            running[fd] = pid
+            ep.register(fd, select.EPOLLIN)
+            started += 1
+        for fd, _ in ep.poll():
+            ep.unregister(fd)
+            os.waitid(os.P_PIDFD, fd, os.WEXITED)
+            os.close(fd)
+            del running[fd]
+            work(W2)
+            done += 1
+
+
+def spawner(sock: socket.socket) -> None:
+    ep = select.epoll()
+    ep.register(sock.fileno(), select.EPOLLIN)
+    fds: dict[int, int] = {}
+    while True:
+        for fd, _ in ep.poll():
+            if fd == sock.fileno():
+                data = sock.recv(4096)
+                if not data:
+                    os._exit(0)
+                for _ in range(len(data)):
+                    pid = os.posix_spawn(ARGV[0], ARGV, ENV)
+                    pfd = os.pidfd_open(pid)
+                    fds[pfd] = pid
+                    ep.register(pfd, select.EPOLLIN)
+            else:
+                ep.unregister(fd)
+                os.waitid(os.P_PIDFD, fd, os.WEXITED)
+                os.close(fd)
+                sock.send(struct.pack("i", fds.pop(fd)))
+
+
+def delegated() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.fork() == 0:
+        a.close()
+        spawner(b)
+    b.close()
+    inflight = started = done = 0
+    buf = b""
+    while done < N:
+        while started < N and inflight < INFLIGHT:
+            work(W1)
+            a.send(b"s")
+            inflight += 1
+            started += 1
+        buf += a.recv(4096)
+        while len(buf) >= 4:
+            buf = buf[4:]
+            inflight -= 1
+            work(W2)
+            done += 1
+    a.close()
+    os.wait()
+
+
+t0 = time.perf_counter()
+c0 = os.times()
+inline() if MODE == "A" else delegated()
+el = time.perf_counter() - t0
+c1 = os.times()
+cpu = (c1.user + c1.system - c0.user - c0.system) / N * 1e6
+print(f"{MODE} W1={W1 * 1e6:.0f} W2={W2 * 1e6:.0f}: {N / el:.0f} msg/s, the loop's CPU {cpu:.0f} us/msg")
