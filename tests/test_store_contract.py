@@ -528,6 +528,42 @@ def test_the_workdir_and_the_log_go_on_across_attempts(store: Store) -> None:
 
 
 
+@pytest.mark.parametrize("left", ["symlink", "hard link"])
+def test_a_link_left_as_the_log_is_not_written_through(store: Store, tmp_path: Path, left: str) -> None:
+    """A script may leave ``job/stdio.log`` as a link to a file elsewhere (by accident, or
+    unpacked from an archive); the next attempt's output must not land in that file."""
+    import os
+
+    from spoolq.store.leases import Attempt
+
+    make_queue(store)
+    m = store.create("q", msg())
+    a = store.claim("q", owner="o", lease=30)
+    assert isinstance(a, Attempt) and a.msg_id == m.msg_id
+    job = store.workdir(a)
+    other = tmp_path / "other"
+    other.write_bytes(b"not a log\n")
+    log = job / "stdio.log"
+    if log.exists() or log.is_symlink():
+        log.unlink()
+    if left == "hard link":
+        try:
+            os.link(other, log)
+        except OSError as e:  # another filesystem than the test's directory
+            pytest.skip(f"no hard link from {job} to {tmp_path}: {e}")
+    else:
+        log.symlink_to(other)
+    store.finish(a, State.QUE, status="")
+    a = store.claim("q", owner="o", lease=30)
+    assert isinstance(a, Attempt) and a.msg_id == m.msg_id
+    store.workdir(a)
+    fd = store.log_fd(a)
+    os.write(fd, b"attempt 2\n")
+    os.close(fd)
+    store.finish(a, State.DONE, status="")
+    assert other.read_bytes() == b"not a log\n"
+
+
 @pytest.mark.parametrize("ref,expect", [
     ("q/20261123.0920.08.804.1", ("q", "20261123.0920.08.804.1")),
     ("mail/20261123.0920.08.804.1", ("mail", "20261123.0920.08.804.1")),

@@ -19,7 +19,8 @@ from spoolq.store.leases import Attempt, new_attempt_id
 from spoolq.store.local import LogPump, Trash, materialize
 
 
-@pytest.mark.parametrize("where", ["message directory", "job", "attach", "msg.tmp", "attachment part"])
+@pytest.mark.parametrize("where", ["message directory", "job", "attach", "msg.tmp", "attachment part", "queue",
+                                   "a directory as msg", "a directory as the attachment"])
 def test_materialize_follows_no_link_an_earlier_script_left(tmp_path: Path, where: str) -> None:
     """The local directory is kept across attempts: a script of an earlier one may leave a
     link in the place of anything materialize writes. Nothing is written through it (a
@@ -35,9 +36,17 @@ def test_materialize_follows_no_link_an_earlier_script_left(tmp_path: Path, wher
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "kept").write_text("mine\n")
-    (base / "q").mkdir(parents=True)
-    if where == "message directory":
+    base.mkdir()
+    if where == "queue":
+        (base / "q").symlink_to(elsewhere)
+    else:
+        (base / "q").mkdir()
+    if where == "queue":
+        pass
+    elif where == "message directory":
         mdir.symlink_to(elsewhere)
+    elif where.startswith("a directory as"):
+        (mdir / ("msg" if where.endswith("msg") else "attach/a.txt") / "inside").mkdir(parents=True)
     else:
         mdir.mkdir()
         name = {"job": "job", "attach": "attach", "msg.tmp": ".msg.tmp", "attachment part": "attach"}[where]

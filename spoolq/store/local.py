@@ -40,15 +40,17 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
     across attempts on this host (the script's files stay, as on the filesystem store).
     ``names``: the message's attachments, when the caller has read them already."""
     mdir = base / validate_queue_name(attempt.queue) / validate_msg_id(attempt.msg_id)
-    mdir.parent.mkdir(parents=True, exist_ok=True)
-    # Kept across attempts, so an earlier script may have left a link in the place of any
-    # of these (as on the filesystem store, docs/security.md): none is followed. What is
-    # written here is a copy of the store's; a link is removed and the copy made again.
+    base.mkdir(parents=True, exist_ok=True)
+    # Kept across attempts, so an earlier script may have left a link (or a directory, a
+    # file) in the place of any of these (as on the filesystem store, docs/security.md):
+    # none is followed. What is written here is a copy of the store's: whatever is in the
+    # way is removed and the copy made again.
+    _own_dir(mdir.parent)
     _own_dir(mdir)
     job = mdir / "job"
     _own_dir(job)
     _write_new(mdir / ".msg.tmp", attempt.message.encode())
-    os.replace(mdir / ".msg.tmp", mdir / "msg")  # a rename replaces a link; it does not follow it
+    _replace(mdir / ".msg.tmp", mdir / "msg")
     attach = mdir / "attach"
     _own_dir(attach)
     if names is None:
@@ -65,8 +67,19 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with store.open_attachment(attempt.queue, attempt.msg_id, name) as src, open(fd, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
-        os.replace(part, dest)
+        _replace(part, dest)
     return job
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """``os.replace``, also where a directory stands at ``dst`` (a rename replaces a link or
+    a file, never follows one, but cannot replace a directory): else the start would fail
+    the same way at every retry, and the message never run nor end."""
+    try:
+        os.replace(src, dst)
+    except IsADirectoryError:
+        shutil.rmtree(dst)
+        os.replace(src, dst)
 
 
 def _own_dir(path: Path) -> None:

@@ -13,6 +13,8 @@ import hashlib
 import io
 import itertools
 import os
+import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -541,8 +543,20 @@ class MemoryStore:
         self.heartbeat(attempt, lease=lease, runner=runner)
 
     def log_fd(self, attempt: Attempt) -> int:
-        return os.open(self.workdir(attempt) / "stdio.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                       0o644)
+        """``job/stdio.log`` of the local copy: a link (or a hard link) an earlier script
+        left there is replaced by a file, never written through (as on the filesystem)."""
+        path = self.workdir(attempt) / "stdio.log"
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        except FileNotFoundError:
+            pass
+        return os.open(path, flags, 0o644)
 
     def finish(self, attempt: Attempt, dst: State, *, status: str | None,
                update: Callable[[Message], None] | None = None, note: str = "",
