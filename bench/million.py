@@ -86,9 +86,10 @@ def serve(root: Path, log: Path, *more: str) -> Proc:
 
 
 def age_s(pid: int) -> float:
-    """Seconds since ``pid`` started (/proc: its start in clock ticks since boot)."""
+    """Seconds since ``pid`` started (/proc: its start in clock ticks since boot, the clock
+    CLOCK_BOOTTIME counts; not /proc/uptime, which a container may fake)."""
     start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    return float(Path("/proc/uptime").read_text().split()[0]) - start / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
 
 
 def helper_pids(pid: int) -> list[int]:
@@ -242,15 +243,19 @@ def helper_killed(root: Path, client: spoolq.Client, work: Path, stamps: Stamps,
     try:
         t0 = time.time()
 
-        def started_by(part: Part, after: float, not_by: int = 0) -> list[float]:
-            """Start times of ``part``'s messages after ``after``, not by process ``not_by``
-            (each stamp names the dispatch process that ran it: the worker's parent)."""
+        def started_by(part: Part, after: float, by: set[int] | None = None) -> list[float]:
+            """Start times of ``part``'s messages after ``after``; with ``by``, only those run
+            by one of those processes (each stamp names the worker's parent: the dispatch
+            process, or 1 for a worker whose helper was killed under it)."""
             out = []
             for key, t in stamps.poll().items():
-                by, _, msg_id = key.partition(":")
-                if msg_id and t > after and part.owns("big", msg_id) and by != str(not_by):
+                pid, _, msg_id = key.partition(":")
+                if msg_id and t > after and part.owns("big", msg_id) and (by is None or int(pid) in by):
                     out.append(t)
             return out
+
+        def new_helper() -> set[int]:
+            return set(helper_pids(d.p.pid)) - set(helpers)
 
         wait_for(lambda: (bool(started_by(main, t0)) and bool(started_by(helper, t0))) or not d.alive(), 600,
                  "both dispatch processes", 0.01)
@@ -259,12 +264,12 @@ def helper_killed(root: Path, client: spoolq.Client, work: Path, stamps: Stamps,
             raise RuntimeError(f"no helper to kill: {log.read_text(errors='replace')[-2000:]}")
         # A helper that dies young (within helpers.YOUNG, 2 s, of its start) is restarted
         # after a backoff, one that has been running at once: kill one that has been running.
-        time.sleep(max(0.0, 3.0 - age_s(helpers[0])))
+        time.sleep(min(3.0, max(0.0, 3.0 - age_s(helpers[0]))))
         t_kill = time.time()
         os.kill(helpers[0], signal.SIGKILL)
-        wait_for(lambda: bool(started_by(helper, t_kill, helpers[0])) or not d.alive(), 900,
+        wait_for(lambda: bool(started_by(helper, t_kill, new_helper())) or not d.alive(), 900,
                  "the helper's part again", 0.01)
-        back = min(started_by(helper, t_kill, helpers[0]))
+        back = min(started_by(helper, t_kill, new_helper()))
         meanwhile = sum(1 for t in started_by(main, t_kill) if t < back)
         rss = rss_mb(d.p.pid)
     finally:

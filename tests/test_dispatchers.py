@@ -593,11 +593,11 @@ def test_status_says_unknown_when_the_lock_file_cannot_be_read(root: Path) -> No
     assert _daemon_text({"serving": False, "processes": []}) == "daemon: none serving this spool"
 
 
-def test_a_start_is_not_refused_for_a_reader_asking_who_serves(root: Path) -> None:
+def test_a_start_is_not_refused_for_a_reader_asking_who_serves(root: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`spoolq status` asks with a shared lock held for a moment; a daemon (or helper)
     starting at that moment must take its lock all the same, not fail as if one ran."""
     import fcntl
-    import threading
 
     from spoolq.store.fs import pidfile
 
@@ -606,8 +606,16 @@ def test_a_start_is_not_refused_for_a_reader_asking_who_serves(root: Path) -> No
     path.write_text("")
     reader = os.open(path, os.O_RDONLY)
     fcntl.flock(reader, fcntl.LOCK_SH)  # a reader caught holding its shared lock
-    threading.Timer(0.005, lambda: os.close(reader)).start()  # ... for 5 ms
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:  # the reader lets go while the start waits to try again
+        waits.append(seconds)
+        if len(waits) == 1:
+            os.close(reader)
+
+    monkeypatch.setattr(pidfile.time, "sleep", wait)
     fd = pidfile.acquire(root, pidfile.helper_lock(1))
+    assert len(waits) == 1, "it tried again once the reader was gone"
     try:
         assert pidfile.processes(root) == [(1, os.getpid(), True)]
     finally:
