@@ -512,6 +512,9 @@ def test_status_and_metrics_show_the_dispatch_processes(client: spoolq.Client, r
     try:
         helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
         shown(helper)
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/") as r:  # the UI's dashboard
+            page = r.read().decode()
+        assert f"2 dispatch processes (daemon pid {served.pid}, helper 1 pid {helper}) share w" in page
         assert metric("spoolq_dispatch_processes") == "2"
         assert metric('spoolq_dispatch_helper_exits_total{helper="1"}') == "0"
         assert metric("spoolq_dispatch_helpers_given_up") == "0"
