@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 import spoolq
+from spoolq.store.fs import FsStore
 
 SPOOLQ = str(Path(sys.executable).parent / "spoolq")
 
@@ -28,6 +30,18 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def client(root: Path) -> spoolq.Client:
     return spoolq.open(root)
+
+
+def clock_ago(seconds: float) -> Callable[[], float]:
+    """A store clock ``seconds`` behind the real one (messages created in the past)."""
+    return lambda: time.time() - seconds
+
+
+def fs(client: spoolq.Client) -> FsStore:
+    """The client's store, which the tests that look at the spool's files need to be the
+    filesystem's (its paths: ``message_dir``, ``qdir``, ``root``)."""
+    assert isinstance(client.store, FsStore), client.store
+    return client.store
 
 
 class Cli:

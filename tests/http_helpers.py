@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from conftest import fs
 
 import spoolq
 from spoolq.model import State
@@ -39,7 +40,7 @@ def fake_run(client: spoolq.Client, queue: str, msg_id: str, lines: list[str], *
              final: State = State.DONE, started: threading.Event | None = None) -> None:
     """Move que -> run, write ``lines`` to the job log (``delay`` apart), then -> ``final``."""
     client.store.move(queue, msg_id, State.QUE, State.RUN)
-    log = client.store.message_dir(queue, msg_id) / "job" / "stdio.log"
+    log = fs(client).message_dir(queue, msg_id) / "job" / "stdio.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab", buffering=0) as f:
         for i, line in enumerate(lines):

@@ -98,7 +98,7 @@ class PgCluster:
         import psycopg
 
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]  # fixed test identifiers only
+            conn.execute(sql)  # fixed test identifiers only
 
     def _make_template(self) -> None:
         from spoolq.store.pg.migrate import migrate
@@ -129,7 +129,7 @@ class PgCluster:
                 "WHERE schemaname = 'spoolq' AND tablename <> 'schema_migrations'")]
             with conn.transaction():  # DELETE, not TRUNCATE: new files for every table cost more
                 for table in tables:
-                    conn.execute(f"DELETE FROM {table}")  # type: ignore[arg-type]
+                    conn.execute(f"DELETE FROM {table}")
                 conn.execute("ALTER SEQUENCE spoolq.msg_seq RESTART")
                 conn.execute("ALTER SEQUENCE spoolq.hosts_id_seq RESTART")
         self._free.append(url)

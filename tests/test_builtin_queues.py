@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fs
 from daemon_util import Served, serve_fixture, wait_for
 
 import spoolq
@@ -53,8 +54,8 @@ def test_debug_shows_the_variables_not_the_secrets(client: spoolq.Client, serve:
 def test_cleaner_removes_old_finished_messages_only(client: spoolq.Client, serve: Any) -> None:
     client.create_queue("q", script="/bin/true")
     client.set_admin_state("q", "pause")
-    real = client.store.clock
-    client.store.clock = lambda: real() - 5 * 86400  # type: ignore[attr-defined]  # five days ago
+    real = fs(client).clock
+    fs(client).clock = lambda: real() - 5 * 86400  # five days ago
     ids: dict[str, str] = {}
     for name, dst in (("done", State.DONE), ("relayed", State.RELAYED), ("acked", State.ERR)):
         ids[name] = client.send("q", dest="q").msg_id
@@ -64,7 +65,7 @@ def test_cleaner_removes_old_finished_messages_only(client: spoolq.Client, serve
     client.store.move("q", ids["unacked"], State.QUE, State.ERR)
     ids["prep"] = client.prep("q", dest="q").msg_id
     ids["que"] = client.send("q", dest="q").msg_id
-    client.store.clock = real  # type: ignore[attr-defined]
+    fs(client).clock = real
     ids["young"] = client.send("q", dest="q").msg_id
     client.store.move("q", ids["young"], State.QUE, State.DONE)
     serve()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SPOOLQ, Cli
+from conftest import SPOOLQ, Cli, fs
 
 import spoolq
 from spoolq import State
@@ -416,8 +416,8 @@ def test_ack_errs_makes_its_renames_durable(cli: Cli, q: str, client: spoolq.Cli
         r = client.send(q)
         client.store.move(q, r.msg_id, State.QUE, State.RUN)
         client.store.move(q, r.msg_id, State.RUN, State.ERR)
-    r = cli("ack-errs", q, env={"SPOOLQ_FAULT_INJECT": "fsync:EIO"})
-    assert r.returncode == exitcodes.STORAGE and "cannot acknowledge" in r.stderr, (r.returncode, r.stderr)
+    out = cli("ack-errs", q, env={"SPOOLQ_FAULT_INJECT": "fsync:EIO"})
+    assert out.returncode == exitcodes.STORAGE and "cannot acknowledge" in out.stderr, (out.returncode, out.stderr)
     assert client.counts(q)["err_acked"] == 2  # the renames happened: counted as they are
     assert cli("ack-errs", q).returncode == 0
 
@@ -509,7 +509,7 @@ def test_ls_rejects_bad_options(cli: Cli, q: str) -> None:
 
 def test_ls_reports_corrupt_messages_on_stderr(cli: Cli, q: str, client: spoolq.Client) -> None:
     good, bad = _sent_in_order(client, q, 2)
-    (client.store.message_dir(q, bad) / "msg").write_text("{not json")
+    (fs(client).message_dir(q, bad) / "msg").write_text("{not json")
     r = cli("--json", "ls", q)
     assert r.returncode == 0
     assert [m["msg_id"] for m in json.loads(r.stdout)["items"]] == [good]
@@ -518,7 +518,7 @@ def test_ls_reports_corrupt_messages_on_stderr(cli: Cli, q: str, client: spoolq.
 
 def test_hand_damage_never_crashes_a_listing(cli: Cli, q: str, client: spoolq.Client) -> None:
     ids = _sent_in_order(client, q, 7)
-    dirs = [client.store.message_dir(q, i) for i in ids]
+    dirs = [fs(client).message_dir(q, i) for i in ids]
     (dirs[1] / "msg").unlink()
     (dirs[1] / "msg").mkdir()  # msg is a directory
     other = json.loads((dirs[2] / "msg").read_text())
@@ -529,7 +529,7 @@ def test_hand_damage_never_crashes_a_listing(cli: Cli, q: str, client: spoolq.Cl
     (dirs[4] / "history").write_text('{"state": "run", "at": "yesterday"}\n{"state": "x", "at": 1e300}\n')
     (dirs[5] / "counts-not-here").write_text("")
     (dirs[0].parent / "20200101.0000.00.000.99").write_text("a stray file, not a message")
-    (client.store.qroot / q / "counts").write_text('{"que": "abc", "run": null}')
+    (fs(client).qroot / q / "counts").write_text('{"que": "abc", "run": null}')
     r = cli("ls", q)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     listed = [m["msg_id"] for m in cli.json("ls", q)["items"]]

@@ -76,8 +76,8 @@ def test_eight_parallel_producers_never_collide(root: Path) -> None:
     ids = [p.name for _, p in dirs]
     assert len(set(ids)) == 8000 and all(MSG_ID_RE.match(i) for i in ids)
     seen = set()
-    for _, p in dirs:
-        m = json.loads((p / "msg").read_text())  # complete, parseable
+    for _, mdir in dirs:
+        m = json.loads((mdir / "msg").read_text())  # complete, parseable
         seen.add((m["param1"], m["param2"]))
     assert seen == {(f"p{k}", str(i)) for k in range(8) for i in range(1000)}
     assert client.counts("q")["que"] == 8000

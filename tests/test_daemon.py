@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SPOOLQ
+from conftest import SPOOLQ, fs
 from daemon_util import Served, alive, script, serve_fixture, wait_for
 
 import spoolq
@@ -123,11 +123,11 @@ def test_coalesce_params(client: spoolq.Client, serve: Any) -> None:
     serve()
     for m in (m3, m1, m2, other):
         assert client.wait(m, 30).state == State.DONE
-    full3 = spoolq.open(client.store.root).full_id("test", m3.msg_id)
+    full3 = spoolq.open(fs(client).root).full_id("test", m3.msg_id)
     assert client.get(m1).status == client.get(m2).status == f"done - duplicate {full3}"
     assert client.get(m1).message.dup == full3
     assert sorted(client.get(m3).message.dups) == sorted(
-        spoolq.open(client.store.root).full_id("test", m.msg_id) for m in (m1, m2))
+        spoolq.open(fs(client).root).full_id("test", m.msg_id) for m in (m1, m2))
     assert client.get(other).status == "done - done sleeping"
     # The parent errs: the duplicate is released and runs normally.
     c1 = client.send("test", param1="done", param2="z", delay=1)
@@ -222,7 +222,7 @@ def test_crash_recovery_kills_orphans_and_reruns(client: spoolq.Client, serve: A
     wait_for(lambda: pidf.exists() and pidf.read_text().strip(), what="script start")
     orphan = int(pidf.read_text())
     # The daemon records the pid right after exec (docs/operations.md, "Known window").
-    wait_for(lambda: (client.store.message_dir("test", r.msg_id) / "pid").exists(), what="pid file")
+    wait_for(lambda: (fs(client).message_dir("test", r.msg_id) / "pid").exists(), what="pid file")
     s.kill()  # SIGKILL: the script lives on as an orphan
     assert alive(orphan)
     assert client.get(r).state == State.RUN
@@ -230,7 +230,7 @@ def test_crash_recovery_kills_orphans_and_reruns(client: spoolq.Client, serve: A
     v = client.wait(r, 30)
     wait_for(lambda: not alive(orphan), 10, "orphan to be killed")
     assert (v.state, v.message.count, v.job_status) == (State.DONE, 1, "second run")
-    log = (client.store.message_dir("test", r.msg_id) / "job" / "stdio.log").read_text()
+    log = (fs(client).message_dir("test", r.msg_id) / "job" / "stdio.log").read_text()
     assert log.count("RQ START") == 2
 
 
@@ -250,7 +250,7 @@ def test_the_log_header_comes_before_any_output(client: spoolq.Client, serve: An
     rs = client.send_many("test", [{} for _ in range(30)])
     for r in rs:
         client.wait(r, 30)
-        log = (client.store.message_dir("test", r.msg_id) / "job" / "stdio.log").read_text()
+        log = (fs(client).message_dir("test", r.msg_id) / "job" / "stdio.log").read_text()
         header, first = log.split("\n")[1:3]
         assert header.endswith(" - RQ START - " + script("rq_script.sh")), log
         assert first.startswith("FIRSTLINE"), log
@@ -305,7 +305,7 @@ fi
     assert (v.state, v.message.count) == (State.DONE, 2), v
     assert (outside / "victim").read_text() == "untouched\n"
     assert sorted(os.listdir(outside)) == ["victim"]
-    job = client.store.message_dir("q", r.msg_id) / "job"
+    job = fs(client).message_dir("q", r.msg_id) / "job"
     assert not job.is_symlink() and "third attempt output" in (job / "stdio.log").read_text()
 
 
@@ -354,7 +354,7 @@ def test_recovery_kills_what_an_exited_script_left_running(client: spoolq.Client
                 os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 pass
-            script_pid = int((client.store.message_dir("test", r.msg_id) / "pid").read_text().split()[0])
+            script_pid = int((fs(client).message_dir("test", r.msg_id) / "pid").read_text().split()[0])
             if not alive(script_pid):
                 break
             time.sleep(0.05)
@@ -395,7 +395,7 @@ def test_wait_log_and_cancel_commands(client: spoolq.Client, serve: Any, cli: An
     pidf = tmp_path / "pid"
     running = client.send("test", param1="slowfirst", param2=str(pidf))
     wait_for(lambda: pidf.exists() and pidf.read_text().strip(), what="script start")
-    wait_for(lambda: (client.store.message_dir("test", running.msg_id) / "pid").exists(), what="pid file")
+    wait_for(lambda: (fs(client).message_dir("test", running.msg_id) / "pid").exists(), what="pid file")
     r = cli("cancel", f"test/{running.msg_id}")
     assert r.returncode == 0, r.stderr
     v = client.wait(running, 30)

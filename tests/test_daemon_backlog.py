@@ -13,13 +13,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from conftest import clock_ago, fs
 from daemon_util import script, serve_fixture, wait_for
 
 import spoolq
-from spoolq.model import State
+from spoolq.model import MessageFields, State
 from spoolq.store import FsStore
 from spoolq.store.fs import inotify as watch
 
@@ -71,7 +72,7 @@ def test_a_paused_backlog_is_never_read_and_runs_once_resumed(client: spoolq.Cli
     client.create_queue("big", script="/bin/true", num_workers=2)
     client.set_admin_state("big", "pause")
     client.send_many("big", [{"param1": str(i)} for i in range(BACKLOG)])
-    opens = Opens(client.store.qdir("big"))
+    opens = Opens(fs(client).qdir("big"))
     try:
         s = serve()
         settle(client)
@@ -91,14 +92,14 @@ def test_run_now_reads_one_message_not_the_queue(client: spoolq.Client, root: Pa
     # Four buckets (one per second of creation), all due in an hour.
     later = []
     for age in (6, 4, 2, 0):
-        past = spoolq.Client(FsStore(root, clock=lambda age=age: time.time() - age))
+        past = spoolq.Client(FsStore(root, clock=clock_ago(age)))
         later += past.send_many("q", [{"param1": str(i), "delay": 3600} for i in range(BACKLOG // 4)])
     s = serve()
     wait_for(lambda: "queue q: indexed que/" in s.log(), 60, "the queue to be indexed")
     wait_for(lambda: "queue q: sweep done" in s.log(), 60, "start-up housekeeping")
     target = later[-1]
-    target_dir = client.store.message_dir("q", target.msg_id)
-    opens = Opens(client.store.qdir("q"))
+    target_dir = fs(client).message_dir("q", target.msg_id)
+    opens = Opens(fs(client).qdir("q"))
     try:
         client.run_now(target)  # itself reads and rewrites the target in its bucket
         assert client.wait(target, 30).state == State.DONE
@@ -114,14 +115,14 @@ def test_run_now_reads_one_message_not_the_queue(client: spoolq.Client, root: Pa
 
 def test_an_older_versions_kick_file_is_harmless(client: spoolq.Client, serve: Any) -> None:
     client.create_queue("q", script=script("rq_script.sh"))
-    (client.store.qdir("q") / "kick").touch()  # what run-now touched before kick/ existed
+    (fs(client).qdir("q") / "kick").touch()  # what run-now touched before kick/ existed
     serve()
     later = client.send("q", param1="done", delay=3600)
     settle(client)
     assert client.get(later).state == State.QUE
     client.run_now(later)  # replaces the old file by the kick/ directory
     assert client.wait(later, 30).state == State.DONE
-    assert (client.store.qdir("q") / "kick").is_dir()
+    assert (fs(client).qdir("q") / "kick").is_dir()
 
 
 def test_debris_is_swept_while_the_daemon_runs(client: spoolq.Client, serve: Any) -> None:
@@ -129,7 +130,7 @@ def test_debris_is_swept_while_the_daemon_runs(client: spoolq.Client, serve: Any
     serve("--sweep", "1")
     p = subprocess.Popen(["true"])  # a process that has exited: debris named by its pid is dead's
     p.wait()
-    debris = client.store.qdir("q") / ".tmp" / f"{p.pid}.0.abcdef"
+    debris = fs(client).qdir("q") / ".tmp" / f"{p.pid}.0.abcdef"
     debris.mkdir()
     (debris / "msg").write_text("{}")
     old = time.time() - 10
@@ -146,9 +147,9 @@ def sent_in_buckets(root: Path, queue: str, ages: list[int], per: int, **fields:
     walk meets them bucket by bucket (param1 = "<bucket>-<n>", buckets numbered oldest first)."""
     ids = []
     for b, age in enumerate(sorted(ages, reverse=True)):
-        past = spoolq.Client(FsStore(root, clock=lambda age=age: time.time() - age))
-        ids += [r for r in past.send_many(queue, [{"param1": f"{b:02d}-{i:03d}", **fields}
-                                                        for i in range(per)])]
+        past = spoolq.Client(FsStore(root, clock=clock_ago(age)))
+        batch = [cast(MessageFields, {"param1": f"{b:02d}-{i:03d}", **fields}) for i in range(per)]
+        ids += past.send_many(queue, batch)
     return ids
 
 
@@ -163,7 +164,7 @@ def test_a_backlog_over_the_index_cap_is_read_a_slice_at_a_time(client: spoolq.C
     client.set_admin_state("big", "pause")
     buckets, per = 10, 60
     sent_in_buckets(root, "big", [2 * b + 2 for b in range(buckets)], per)
-    opens = Opens(client.store.qdir("big"))
+    opens = Opens(fs(client).qdir("big"))
     try:
         serve(env={"SPOOLQ_INDEX_CAP": str(CAP)})
         client.set_admin_state("big", "up")

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import fs
 from daemon_util import Served, free_port, script, serve_fixture, wait_for
 from fulldisk import fill, tmpfs
 from http_helpers import daemon
@@ -67,7 +68,7 @@ def test_recovery_goes_on_past_a_message_it_cannot_move_and_retries_it(client: s
     for r in sent:  # as a daemon killed mid-run leaves them
         client.store.move("q", r.msg_id, State.QUE, State.RUN)
     # The first one recovery meets (the oldest) cannot be moved: its history is a directory.
-    history = client.store.message_dir("q", sent[0].msg_id) / "history"
+    history = fs(client).message_dir("q", sent[0].msg_id) / "history"
     history.unlink()
     history.mkdir()
     s = serve()

@@ -4,6 +4,7 @@ daemon and its helpers, real worker programs, SIGKILLs of either side."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from conftest import SPOOLQ
 from daemon_util import alive, serve_fixture, wait_for
 
 import spoolq
-from spoolq.model import QueueConfig, State
+from spoolq.model import MessageFields, QueueConfig, State
 from spoolq.parts import Part, splittable
 
 WORKER = """
@@ -79,10 +80,10 @@ def owner_index(msg_id: str, k: int = 2) -> int:
     return zlib.crc32(msg_id.encode()) % k
 
 
-def in_both_parts(client: spoolq.Client, fields: dict[str, Any], n: int) -> list[str]:
+def in_both_parts(client: spoolq.Client, fields: MessageFields, n: int) -> list[str]:
     """Send ``n`` messages to ``w``, and more one at a time until both processes own some
     (ids are not chosen: 8 could all be one process's, once in 128)."""
-    ids = [m.msg_id for m in client.send_many("w", [dict(fields) for _ in range(n)])]
+    ids = [m.msg_id for m in client.send_many("w", [fields.copy() for _ in range(n)])]
     while {owner_index(i) for i in ids} != {0, 1}:
         ids.append(client.send("w", **fields).msg_id)
     return ids
@@ -128,14 +129,20 @@ def test_a_helper_killed_under_load_loses_nothing(client: spoolq.Client, serve: 
     wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")
     sent = [m.msg_id for m in client.send_many("w", [{"param1": "sleep:0.01"} for _ in range(300)])]
     kills = 0
+
+    def done_reaches(n: int) -> bool:
+        return bool(client.counts("w")["done"] >= n)
+
+    def another_helper(gone: int) -> bool:
+        return helper_pids(served.pid) not in ([], [gone])
+
     for _ in range(3):
         helper = wait_for(lambda: helper_pids(served.pid), 20, "a dispatch helper")[0]
-        wait_for(lambda h=helper: children(h), 20, "the helper's worker")  # it is dispatching
-        done = client.counts("w")["done"]
-        wait_for(lambda d=done: client.counts("w")["done"] >= d + 10, 20, "messages to run meanwhile")
+        wait_for(functools.partial(children, helper), 20, "the helper's worker")  # it is dispatching
+        wait_for(functools.partial(done_reaches, client.counts("w")["done"] + 10), 20, "messages to run meanwhile")
         os.kill(helper, signal.SIGKILL)
         kills += 1
-        wait_for(lambda gone=helper: helper_pids(served.pid) not in ([], [gone]), 20, "the helper started again")
+        wait_for(functools.partial(another_helper, helper), 20, "the helper started again")
     wait_for(lambda: all_done(client, 300), 120, "every message")
     c = client.counts("w")
     assert c["done"] == 300 and c["que"] == c["run"] == c["err"] == 0, c
@@ -357,20 +364,24 @@ def test_kicks_reach_the_process_that_owns_the_message(client: spoolq.Client, se
     that owner is a helper being started again."""
     client.create_queue("w", script=worker(tmp_path), kind="worker", num_workers=2, worker_inflight=4)
     served = serve("--dispatchers", "2")
+
+    def all_in(ids: list[str], state: State) -> bool:
+        return all(client.get(f"w/{i}").state == state for i in ids)
+
     for kill in (False, True):
         helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
-        wait_for(lambda h=helper: children(h), 20, "the helper's worker")
+        wait_for(functools.partial(children, helper), 20, "the helper's worker")
         later = in_both_parts(client, {"param1": "x", "delay": 3600}, 10)
         long = in_both_parts(client, {"param1": "sleep:60"}, 4)
-        wait_for(lambda ids=long: all(client.get(f"w/{i}").state == State.RUN for i in ids), 20, "long ones run")
+        wait_for(functools.partial(all_in, long, State.RUN), 20, "long ones run")
         if kill:
             os.kill(helper, signal.SIGKILL)
         for i in later:
             client.run_now(f"w/{i}")
         for i in long:
             client.cancel(f"w/{i}", wait=0)
-        wait_for(lambda ids=later: all(client.get(f"w/{i}").state == State.DONE for i in ids), 30, "run-now")
-        wait_for(lambda ids=long: all(client.get(f"w/{i}").state == State.ERR for i in ids), 30, "cancel")
+        wait_for(functools.partial(all_in, later, State.DONE), 30, "run-now")
+        wait_for(functools.partial(all_in, long, State.ERR), 30, "cancel")
     assert served.stop() == 0
 
 
@@ -558,7 +569,8 @@ def test_helpers_that_keep_dying_at_start_are_given_up(client: spoolq.Client, ro
     fd = -1
     try:
         helper = wait_for(lambda: helper_pids(served.pid), 20, "the dispatch helper")[0]
-        wait_for(lambda: spoolq.open(root).dispatch_processes()["processes"][1:], 20, "the helper's lock")
+        wait_for(lambda: (spoolq.open(root).dispatch_processes() or {}).get("processes", [])[1:], 20,
+                 "the helper's lock")
         fd = os.open(root / "dispatch.1.pid", os.O_RDWR)
         # Blocked until the helper's death lets go of its lock: then every restart fails to take it.
         taker = threading.Thread(target=fcntl.flock, args=(fd, fcntl.LOCK_EX), daemon=True)

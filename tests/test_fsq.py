@@ -151,7 +151,11 @@ def test_enqueue_from_path_fd_file_pipe_and_fifo(conf: fsq.Conf, q: str, tmp_pat
     ids.append(fsq.enqueue(conf, q, fd))
     os.close(fd)
     r, w = os.pipe()
-    t = threading.Thread(target=lambda: (os.write(w, payload), os.close(w)))
+    def feed() -> None:
+        os.write(w, payload)
+        os.close(w)
+
+    t = threading.Thread(target=feed)
     t.start()
     ids.append(fsq.enqueue(conf, q, r))
     t.join()

@@ -217,11 +217,13 @@ def test_a_take_a_crash_interrupted_is_finished_at_start(client: spoolq.Client, 
     made = client.store.create_many(q, [Message(src="fsq", params={"fsq": {"dir": fsq_dir, "id": i}}) for i in ids],
                                     state=State.PREP)
     with fsq.Held(fsq_dir, q, create=True) as h:
-        items = [fsq.take_at(h, ids[0]), fsq.take_at(h, ids[2])]
-        assert h.hold([(items[0], made[0].msg_id), (items[1], made[2].msg_id)])[0] == {made[0].msg_id,
-                                                                                      made[2].msg_id}
+        first, third = fsq.take_at(h, ids[0]), fsq.take_at(h, ids[2])
+        assert first is not None and third is not None
+        items = [first, third]
+        assert h.hold([(first, made[0].msg_id), (third, made[2].msg_id)])[0] == {made[0].msg_id,
+                                                                                  made[2].msg_id}
         for i in items:
-            i.close()  # type: ignore[union-attr]
+            i.close()
     client.store.delete(q, made[2].msg_id)
     s = daemon()
     wait_for(lambda: len(listing(conf, q, "done")) == 2, what="two done")

@@ -664,14 +664,14 @@ def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsSt
             sock.bind("stdio.log")
         finally:
             os.chdir(here)
-    got: list[object] = []
+    got: list[tuple[str, int]] = []
     t = threading.Thread(target=lambda: got.append(st.start_job(a)), daemon=True)
     t.start()
     t.join(10)
     if t.is_alive() and thing == "fifo":
         os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))  # let the blocked open go, then fail
     assert not t.is_alive() and got, "the open of the log blocked"
-    _, fd = got[0]  # type: ignore[misc]
+    _, fd = got[0]
     try:
         os.write(fd, b"mine\n")
         assert os.get_blocking(fd), "the script gets a blocking stdout"

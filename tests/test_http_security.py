@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import fs
 from daemon_util import serve_fixture
 from fastapi.testclient import TestClient
 from http_helpers import AUTH, SPOOLQ, TOKEN, daemon, free_port
@@ -88,8 +89,8 @@ def test_no_queue_changes_without_the_token(client: spoolq.Client) -> None:
 def test_anonymous_levels(client: spoolq.Client) -> None:
     mid = client.send("work", param1="a").msg_id
     rq_send = ("POST", "/q/work/new_message", {"data": {"mesg": "{}"}})
-    api_send = ("POST", f"{API}/queues/work/messages", {"json": {}})
-    read = ("GET", f"{API}/queues/work/messages/{mid}", {})
+    api_send: tuple[str, str, dict[str, Any]] = ("POST", f"{API}/queues/work/messages", {"json": {}})
+    read: tuple[str, str, dict[str, Any]] = ("GET", f"{API}/queues/work/messages/{mid}", {})
     create = ("POST", f"{API}/queues", {"json": {"name": "made", "script": "/bin/true"}})
     expected = {  # level -> allowed requests
         "none": set(),
@@ -267,7 +268,7 @@ def server(client: spoolq.Client, tmp_path: Path) -> Any:
 
 
 def _uploads(client: spoolq.Client) -> list[str]:
-    d = Path(client.store.root) / ".uploads"  # type: ignore[attr-defined]
+    d = Path(fs(client).root) / ".uploads"
     return os.listdir(d) if d.is_dir() else []
 
 
@@ -392,7 +393,7 @@ def test_symlinks_in_a_message_are_not_served(client: spoolq.Client, tmp_path: P
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0\n")
     mid = client.send("work", param1="x").msg_id
-    mdir = client.store.message_dir("work", mid)
+    mdir = fs(client).message_dir("work", mid)
     (mdir / "attach").mkdir()
     (mdir / "attach" / "passwd.txt").symlink_to(secret)
     (mdir / "attach" / ".passwd.txt.json").write_text(json.dumps({"md5": "0", "size": 11}))
@@ -430,7 +431,7 @@ def test_hard_links_in_a_message_are_not_served(client: spoolq.Client, root: Pat
     secret.chmod(0o600)
     mid = client.send("work", param1="x").msg_id
     client.store.move("work", mid, State.QUE, State.DONE)  # final: the log stream ends
-    mdir = client.store.message_dir("work", mid)
+    mdir = fs(client).message_dir("work", mid)
     (mdir / "attach").mkdir()
     os.link(secret, mdir / "attach" / "t.txt")
     (mdir / "attach" / ".t.txt.json").write_text(json.dumps({"md5": "0", "size": 23}))
@@ -461,7 +462,7 @@ def test_clone_copies_no_link_a_script_left(client: spoolq.Client, root: Path) -
     _file(root / "token", TOKEN + "\n").chmod(0o600)
     mid = client.send("work", attachments=[_file(root.parent / "real.txt", "real\n")]).msg_id
     client.store.move("work", mid, State.QUE, State.DONE)
-    adir = client.store.message_dir("work", mid) / "attach"
+    adir = fs(client).message_dir("work", mid) / "attach"
     (adir / "sym.txt").symlink_to(root / "token")
     os.link(root / "token", adir / "hard.txt")
     ok, full = http.post(f"/q/work/{mid}/clone", data={"x_format": "json"}).json()
@@ -499,7 +500,7 @@ def test_sockets_left_in_a_message_are_404s(client: spoolq.Client, tmp_path: Pat
     http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
     mid = client.send("work").msg_id
     client.store.move("work", mid, State.QUE, State.DONE)
-    mdir = client.store.message_dir("work", mid)
+    mdir = fs(client).message_dir("work", mid)
     for sub, name in (("job", "stdio.log"), ("job", "agent.log"), ("attach", "sock")):
         (mdir / sub).mkdir(exist_ok=True)
         short = Path(tempfile.mkdtemp(dir="/tmp")) / "s"  # a socket's path has ~100 bytes at most
@@ -510,7 +511,7 @@ def test_sockets_left_in_a_message_are_404s(client: spoolq.Client, tmp_path: Pat
     for url in (f"/q/work/{mid}/log/stdio.log", f"/q/work/{mid}/log/agent.log", f"/q/work/{mid}/attach/sock",
                 f"{API}/queues/work/messages/{mid}/log"):
         assert http.get(url).status_code == 404, url
-    out = subprocess.run([SPOOLQ, "--root", str(client.store.root), "log", f"work/{mid}"], capture_output=True,
+    out = subprocess.run([SPOOLQ, "--root", str(fs(client).root), "log", f"work/{mid}"], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
 
@@ -520,7 +521,7 @@ def test_a_linked_attach_directory_is_not_listed(client: spoolq.Client, tmp_path
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "shadow").write_text("x" * 1234)
     mid = client.send("work").msg_id
-    mdir = client.store.message_dir("work", mid)
+    mdir = fs(client).message_dir("work", mid)
     (mdir / "attach").symlink_to(tmp_path / "etc")
     assert client.get(f"work/{mid}").attachments == {}
     (mdir / "attach").unlink()
@@ -534,14 +535,14 @@ def test_the_audits_500s_are_4xx(client: spoolq.Client) -> None:
     http = TestClient(create_app(client, TOKEN), base_url=LOCAL, headers=AUTH)
     mid = client.send("work").msg_id
     client.store.move("work", mid, State.QUE, State.RUN)
-    log = client.store.message_dir("work", mid) / "job"
+    log = fs(client).message_dir("work", mid) / "job"
     log.mkdir()
     (log / "stdio.log").write_text("hello\n")
     r = http.get("/q/work/done.json?limit=%C2%B2")  # RQ's to_i: no leading digit is 0, so none
     assert (r.status_code, r.json()) == (200, [])
     stream = f"{API}/queues/work/messages/{mid}/log/stream"
     for value in (b"\xb2", b"1" * 5000):
-        with http.stream("GET", stream, headers=[(b"last-event-id", value)]) as r:  # type: ignore[arg-type]
+        with http.stream("GET", stream, headers=[(b"last-event-id", value)]) as r:
             assert r.status_code == 400, value[:10]
     for url in (f"{API}/queues/work/messages/{mid}/log", f"/q/work/{mid}/log/stdio.log"):
         r = http.get(url, headers={"Range": "bytes=" + "9" * 4301 + "-"})
@@ -578,7 +579,7 @@ def test_no_absolute_paths_leak(client: spoolq.Client, tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     f.write_text("a")
     mid = client.send("work", attachments=[f]).msg_id
-    root = str(client.store.root)  # type: ignore[attr-defined]
+    root = str(fs(client).root)
     assert root not in http.get("/healthz").text
     for url in (f"{API}/queues/work/messages/{mid}", f"/q/work/{mid}.json"):
         body = http.get(url).json()
@@ -616,8 +617,8 @@ def test_the_second_audits_500s_are_4xx(client: spoolq.Client, monkeypatch: pyte
         r = http.post("/q/work/new_message", data=form)
         assert r.status_code == 400 and "both as a value and as a list" in r.text, r.text
     mid = client.send("work").msg_id
-    (client.store.message_dir("work", mid) / "job").mkdir()
-    (client.store.message_dir("work", mid) / "job" / "stdio.log").write_text("x\n")
+    (fs(client).message_dir("work", mid) / "job").mkdir()
+    (fs(client).message_dir("work", mid) / "job" / "stdio.log").write_text("x\n")
     real_open = os.open
 
     def unreadable(path: Any, *a: Any, **kw: Any) -> int:
@@ -628,7 +629,7 @@ def test_the_second_audits_500s_are_4xx(client: spoolq.Client, monkeypatch: pyte
     monkeypatch.setattr("spoolq.store.fs.beneath.os.open", unreadable)
     r = http.get(f"/q/work/{mid}/log/stdio.log", headers=AUTH)
     assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
-    assert str(client.store.root) not in r.text
+    assert str(fs(client).root) not in r.text
 
 
 def test_500s_and_busy_503s_carry_the_security_headers(client: spoolq.Client,

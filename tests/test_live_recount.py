@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import clock_ago
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
@@ -85,7 +86,7 @@ def test_claims_and_finishes_during_a_recount_leave_exact_counts(daemon_store: F
     st = daemon_store
     st.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true", "num_workers": 128}))
     for age in range(60, 0, -2):  # 30 buckets of 20: the walk takes turns with the moves below
-        past = FsStore(st.root, clock=lambda age=age: time.time() - age)
+        past = FsStore(st.root, clock=clock_ago(age))
         past.create_many("q", [Message.from_dict({"param1": str(i)}) for i in range(20)])
     slow_buckets = layout_mod.bucket_dirs
 
@@ -99,7 +100,11 @@ def test_claims_and_finishes_during_a_recount_leave_exact_counts(daemon_store: F
     st.flush_counts()
     assert st.begin_recount("q")
     done = threading.Event()
-    t = threading.Thread(target=lambda: (st.recount("q"), done.set()), name="recount")
+    def recount() -> None:
+        st.recount("q")
+        done.set()
+
+    t = threading.Thread(target=recount, name="recount")
     t.start()
     moved = 0
     while not done.is_set() or moved < 50:
@@ -139,7 +144,7 @@ def test_a_corrupt_message_met_during_a_recount_does_not_deadlock(daemon_store: 
     st = daemon_store
     st.create_queue(QueueConfig.from_dict({"name": "q", "script": "/bin/true"}))
     for age in range(60, 0, -2):
-        FsStore(st.root, clock=lambda age=age: time.time() - age).create_many("q", [Message.from_dict({})])
+        FsStore(st.root, clock=clock_ago(age)).create_many("q", [Message.from_dict({})])
     bad = st.create("q", Message.from_dict({"param1": "x"})).msg_id
     (st.message_dir("q", bad) / "msg").write_text("{not json")
     slow_buckets = layout_mod.bucket_dirs

@@ -172,7 +172,7 @@ def test_events_on_channels(notify: tuple[Served, int], client: spoolq.Client) -
     client.set_admin_state("mail", "pause")
     admin = json.loads(watcher.line())
     assert (admin["event"], admin["state"], admin["was"]) == ("admin", "PAUSE", "UP")
-    queues = set()
+    queues: set[str] = set()
     deadline = time.monotonic() + 10
     while len(queues) < 2 and time.monotonic() < deadline:
         queues.add(json.loads(everything.line())["queue"])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fs
 from daemon_util import alive, script, serve_fixture, wait_for
 
 import spoolq
@@ -156,10 +157,10 @@ def test_the_script_gets_exactly_its_cwd_env_fds_session_and_signals(tmp_path: P
     sp = spawn(["/bin/cat", "/proc/self/status"], env={}, cwd=tmp_path,
                log_fd=os.open(log, os.O_WRONLY | os.O_TRUNC), header_script="cat")
     os.waitpid(sp.pid, 0)
-    status = dict(line.split(":\t", 1) for line in log.read_text().splitlines() if ":\t" in line)
+    proc_status = dict(line.split(":\t", 1) for line in log.read_text().splitlines() if ":\t" in line)
     glibc_internal = (1 << 31) | (1 << 32)  # 32 and 33: glibc's posix_spawn leaves them ignored;
     # they are no signal a program can use (SIGRTMIN is 34), and glibc re-arms them at start
-    assert int(status["SigIgn"], 16) & ~glibc_internal == 0 and int(status["SigBlk"], 16) == 0
+    assert int(proc_status["SigIgn"], 16) & ~glibc_internal == 0 and int(proc_status["SigBlk"], 16) == 0
 
 
 def test_spawn_failures_say_why(tmp_path: Path, spawn_path: str) -> None:
@@ -219,7 +220,7 @@ def test_bash_verbs(client: spoolq.Client, serve: Any, param1: str, state: str, 
     serve()
     v = run_one(client, "test", param1=param1)
     assert (str(v.state), v.status) == (state, status)
-    log = (client.store.message_dir("test", v.msg_id) / "job" / "stdio.log").read_text()
+    log = (fs(client).message_dir("test", v.msg_id) / "job" / "stdio.log").read_text()
     assert " - RQ START - " + script("rq_script.sh") in log
     assert f"param1 {param1}" in log
 
@@ -236,7 +237,7 @@ def test_exit_codes_0_100_111(client: spoolq.Client, serve: Any) -> None:
     v = run_one(client, "test", param1="exit", param2="111")  # retried with backoff until max_count
     assert v.state == State.ERR and v.message.count == 3
     assert v.status == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
-    log = (client.store.message_dir("test", v.msg_id) / "job" / "stdio.log").read_text()
+    log = (fs(client).message_dir("test", v.msg_id) / "job" / "stdio.log").read_text()
     assert log.count("RQ START") == 3  # attempts 0, 1, 2
 
 
@@ -270,7 +271,7 @@ def test_environment(client: spoolq.Client, serve: Any, root: Path) -> None:
     s = serve()
     assert run_one(client, "test", param1="env").status == "done - env ok"
     v = run_one(client, "test", param1="rqenv", param2="two", param4="four", dest="test")
-    mdir = client.store.message_dir("test", v.msg_id)
+    mdir = fs(client).message_dir("test", v.msg_id)
     env = dict(line.split("=", 1) for line in (mdir / "job" / "rqenv.txt").read_text().splitlines())
     base = f"http://127.0.0.1:{s.port}"
     assert env["RQ_VER"] == "3.0.0"
@@ -292,7 +293,7 @@ def test_force_remote_and_full_url_dest(client: spoolq.Client, serve: Any) -> No
     serve()
     r = client.send_message("test", {"dest": "http://far:3333/q/other", "param1": "rqenv", "force_remote": "1"})
     v = client.wait(r, 30)
-    env = (client.store.message_dir("test", v.msg_id) / "job" / "rqenv.txt").read_text()
+    env = (fs(client).message_dir("test", v.msg_id) / "job" / "rqenv.txt").read_text()
     assert "RQ_FORCE_REMOTE=1" in env and "RQ_DEST=http://far:3333/q/other\n" in env
     assert "RQ_DEST_QUEUE=other" in env
 
@@ -378,7 +379,7 @@ def test_dup_local_with_attachments_and_to_missing_queue(client: spoolq.Client, 
     dup_id = line.split()[1]
     dup = client.get(dup_id)
     assert dup.message.param1 == "dup" and dup.message.count == 0
-    assert dup.message.orig_msg_id == spoolq.open(client.store.root).full_id("test", r.msg_id)
+    assert dup.message.orig_msg_id == spoolq.open(fs(client).root).full_id("test", r.msg_id)
     assert dup.state == State.QUE
     assert dup.attachments["note.txt"].md5 == client.get(r).attachments["note.txt"].md5
     assert Path(dup.attachments["note.txt"].path).read_text() == "hello attachment\n"
@@ -446,7 +447,7 @@ def test_webhook_messages_are_posted(client: spoolq.Client, serve: Any) -> None:
         ct, body = by_path["/hook"]
         payload = json.loads(body)
         assert ct == "application/json"
-        assert payload["msg_id"] == spoolq.open(client.store.root).full_id("test", v.msg_id)
+        assert payload["msg_id"] == spoolq.open(fs(client).root).full_id("test", v.msg_id)
         assert payload["state"] == "done" and "status" not in payload and "_attachments" not in payload
         ct, body = by_path["/q/other/new_message"]
         form = urllib.parse.parse_qs(body.decode())

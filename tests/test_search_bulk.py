@@ -83,7 +83,7 @@ def big(root: Path) -> spoolq.Client:
 def wait_done(http: TestClient, op: dict[str, Any]) -> dict[str, Any]:
     r = http.get(op["url"], params={"wait": 60})
     assert r.json()["status"] != "running", r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def test_searches_are_bounded_and_say_what_they_searched(big: spoolq.Client, monkeypatch: pytest.MonkeyPatch) -> None:

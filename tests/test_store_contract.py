@@ -8,7 +8,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -314,7 +314,7 @@ def test_list_newest_first_with_cursor_and_filter(store: Store) -> None:
 
 @pytest.mark.parametrize("fields", [
     {"param1": "a\x00b"}, {"param2": "\ud800"}, {"params": {"k": "\udc80"}},
-    {"params": {"deep": functools.reduce(lambda acc, _: [acc], range(40), [])}},
+    {"params": {"deep": functools.reduce(lambda acc, _: [acc], range(40), cast("list[Any]", []))}},
     {"params": {"n": float("inf")}}, {"count": 1.5}, {"max_count": 1e400},
 ])
 def test_unsafe_message_values_are_refused(store: Store, fields: dict[str, Any]) -> None:

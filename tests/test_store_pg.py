@@ -45,7 +45,7 @@ def make_queue(store: Any, name: str = "q", **kw: Any) -> None:
 
 def claim_all(store: PgStore, queue: str, on_claim: Any = None) -> list[str]:
     """Claim and finish until the queue has nothing runnable; the ids this host ran."""
-    ran = []
+    ran: list[str] = []
     while True:
         a = store.claim(queue, owner=f"host-{id(store)}", lease=30)
         if not isinstance(a, Attempt):
