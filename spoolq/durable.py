@@ -101,13 +101,20 @@ def write_replace(path: str | os.PathLike[str], data: bytes, *, sync: bool = Tru
     """Atomically replace ``path`` with ``data``: tmp file, fsync, rename, fsync dir.
 
     A reader sees the old content or the new, never a mix. On failure the tmp file is
-    removed and ``path`` is untouched.
+    removed and ``path`` is untouched. The tmp file is always a new one: whatever an earlier
+    crash or a script left at its name (a symbolic or hard link to a file elsewhere, in a
+    message directory a script can write) is removed, never written through.
     """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
         _check("write", tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # O_EXCL: never through a link
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, 0o644)
         try:
             write_all(fd, data)
             if sync:

@@ -694,3 +694,23 @@ def test_a_message_that_moved_away_and_back_while_read_is_not_set_aside(fs: FsSt
     with pytest.raises(CorruptMessage):
         fs.get("q", dangling.msg_id)
     assert len(list((fs.qdir("q") / "corrupt").iterdir())) == 2
+
+
+@pytest.mark.parametrize("left", ["symlink", "hard link", "file"])
+def test_write_replace_never_writes_through_what_is_left_at_its_tmp_name(tmp_path: Path, left: str) -> None:
+    """``durable.write_replace`` writes a tmp file beside the target, under a name a script
+    can foresee (the daemon's pid) in a message directory it can write: a link left there
+    must not be followed (the daemon would write, or truncate, the file it points at)."""
+    target = tmp_path / "status"
+    other = tmp_path / "token"
+    other.write_bytes(b"secret\n")
+    tmp = tmp_path / f".status.{os.getpid()}.tmp"
+    if left == "symlink":
+        tmp.symlink_to(other)
+    elif left == "hard link":
+        os.link(other, tmp)
+    else:
+        tmp.write_bytes(b"a crash's leftover\n")
+    durable.write_replace(target, b'{"job_status": "done"}', sync=False)
+    assert target.read_bytes() == b'{"job_status": "done"}' and not target.is_symlink()
+    assert other.read_bytes() == b"secret\n" and not tmp.exists()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import durable
 from ..errors import SpoolqError
 from ..ids import validate_msg_id, validate_queue_name
 from .leases import Attempt
@@ -49,7 +50,8 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
     _own_dir(mdir)
     job = mdir / "job"
     _own_dir(job)
-    _write_new(mdir / ".msg.tmp", attempt.message.encode())
+    remove(mdir / ".msg.tmp")  # what a crash or a script left there (a link): never written through
+    durable.write_new(mdir / ".msg.tmp", attempt.message.encode(), sync=False)
     _replace(mdir / ".msg.tmp", mdir / "msg")
     attach = mdir / "attach"
     _own_dir(attach)
@@ -63,8 +65,8 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
         except FileNotFoundError:
             pass
         part = attach / f".{name}.part"
-        _remove(part)
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        remove(part)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)  # new: no link followed
         with store.open_attachment(attempt.queue, attempt.msg_id, name) as src, open(fd, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
         _replace(part, dest)
@@ -94,22 +96,15 @@ def _own_dir(path: Path) -> None:
     path.mkdir()
 
 
-def _remove(path: Path) -> None:
-    """Whatever is at ``path`` (a leftover part, a link), gone; a directory with its contents."""
+def remove(path: Path) -> None:
+    """Whatever is at ``path`` (a leftover part, a link, a file), gone; a directory with its
+    contents. Never follows a link."""
     try:
         path.unlink()
     except FileNotFoundError:
         pass
     except IsADirectoryError:
         shutil.rmtree(path)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """``data`` in a new file at ``path``, never through a link left there."""
-    _remove(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with open(fd, "wb") as f:
-        f.write(data)
 
 
 class Trash:

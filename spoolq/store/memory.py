@@ -13,7 +13,6 @@ import hashlib
 import io
 import itertools
 import os
-import shutil
 import stat
 import threading
 import time
@@ -54,7 +53,7 @@ from ..model import (
 from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names, source_stream
 from .changes import ChangeQueue
 from .leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
-from .local import materialize
+from .local import materialize, remove
 from .scratch import ScratchDirs
 
 
@@ -546,17 +545,13 @@ class MemoryStore:
         """``job/stdio.log`` of the local copy: a link (or a hard link) an earlier script
         left there is replaced by a file, never written through (as on the filesystem)."""
         path = self.workdir(attempt) / "stdio.log"
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-                if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                remove(path)
         except FileNotFoundError:
             pass
-        return os.open(path, flags, 0o644)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
 
     def finish(self, attempt: Attempt, dst: State, *, status: str | None,
                update: Callable[[Message], None] | None = None, note: str = "",
