@@ -223,9 +223,8 @@ def dashboard(request: Request) -> HTMLResponse:
     served = client.served()
     # serve --dispatchers: the processes that share queues (the lock files; nothing walked).
     procs = (client.dispatch_processes() or {}).get("processes", [])
-    shared = sorted({q for p in procs for q in p["shares"]})
     return render(request, "dashboard.html", title="spoolq", queues=queues, totals=totals,
-                  mgr_up=served is None or served[0], dispatch=procs if len(procs) > 1 else [], shared=shared)
+                  mgr_up=served is None or served[0], dispatch=procs if len(procs) > 1 else [])
 
 
 @router.get("/new_queue", response_class=HTMLResponse)
