@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fs
 from fastapi.testclient import TestClient
 from http_helpers import AUTH, TOKEN
 from hypothesis import HealthCheck, given, settings
@@ -62,7 +63,7 @@ def test_old_ascii_escaped_messages_are_still_found(root: Path) -> None:
     client = spoolq.open(root)
     client.create_queue("q", script="/bin/true")
     mid = client.send("q", param1="Zürich").msg_id
-    path = client.store.message_dir("q", mid) / "msg"  # type: ignore[attr-defined]
+    path = fs(client).message_dir("q", mid) / "msg"
     path.write_text(json.dumps(json.loads(path.read_bytes())))  # as spoolq wrote it before 2026-12-02
     assert "\\u00fc" in path.read_text()
     assert [v.msg_id for v in client.list("q", State.QUE, filter="zürich").items] == [mid]

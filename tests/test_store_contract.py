@@ -535,7 +535,10 @@ def test_a_link_left_as_the_log_is_not_written_through(store: Store, tmp_path: P
     import os
 
     from spoolq.store.leases import Attempt
+    from spoolq.store.pg import PgStore
 
+    if isinstance(store, PgStore):
+        pytest.skip("PostgreSQL's log_fd is a pipe into the database: no file to follow a link to")
     make_queue(store)
     m = store.create("q", msg())
     a = store.claim("q", owner="o", lease=30)

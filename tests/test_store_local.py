@@ -42,7 +42,7 @@ def test_materialize_follows_no_link_an_earlier_script_left(tmp_path: Path, wher
     else:
         (base / "q").mkdir()
     if where == "queue":
-        pass
+        pass  # the queue's directory is the link
     elif where == "message directory":
         mdir.symlink_to(elsewhere)
     elif where.startswith("a directory as"):
