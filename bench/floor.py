@@ -429,7 +429,7 @@ def _run_spoolq_roots(work: Path, n: int, k: int, dispatchers: int = 1) -> dict[
                 client.send_many("q", [{"param1": str(x)} for x in range(j, min(per_root, j + 1000))])
         os.sync()
         pids = [d.p.pid for d in daemons]
-        pids += [c for pid in list(pids) for c in children(pid) if _is_helper(c)]
+        pids += [c for pid in list(pids) for c in helper_pids(pid)]
         kids = [c for pid in pids for c in children(pid) if c not in pids]
         c0, k0, w0, m0 = cpu_of(pids), cpu_of(pids, kernel_only=True), cpu_of(kids), machine()
         t0 = time.perf_counter()
@@ -464,15 +464,20 @@ def _has_children(pid: int, k: int, deep: bool = False) -> bool:
     """Has ``pid`` ``k`` children (``deep``: counting its dispatch helpers' too)?"""
     kids = children(pid)
     if deep:
-        kids += [g for c in kids if _is_helper(c) for g in children(c)]
+        kids += [g for c in helper_pids(pid) for g in children(c)]
     return len(kids) >= k
 
 
-def _is_helper(pid: int) -> bool:
-    try:
-        return b"--dispatch-part" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+def helper_pids(pid: int) -> list[int]:
+    """The dispatch helpers among ``pid``'s children (``--dispatch-part`` in their argv)."""
+    out = []
+    for kid in children(pid):
+        try:
+            if b"--dispatch-part" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                out.append(kid)
+        except OSError:
+            pass
+    return out
 
 
 def budget(rounds: list[dict[str, Any]], kind: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from bench import common  # noqa: E402
 from bench.backlog import rss_mb, settle  # noqa: E402
 from bench.common import say  # noqa: E402
 from bench.daemon import VENV_BIN, Proc, Stamps, compile_stamp, free_port, wait_for  # noqa: E402
-from bench.floor import children  # noqa: E402
+from bench.floor import helper_pids  # noqa: E402
 from spoolq.model import State  # noqa: E402
 from spoolq.parts import Part  # noqa: E402
 
@@ -90,18 +90,6 @@ def age_s(pid: int) -> float:
     CLOCK_BOOTTIME counts; not /proc/uptime, which a container may fake)."""
     start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
-
-
-def helper_pids(pid: int) -> list[int]:
-    """The dispatch helpers among ``pid``'s children (``--dispatch-part`` in their argv)."""
-    out = []
-    for kid in children(pid):
-        try:
-            if b"--dispatch-part" in Path(f"/proc/{kid}/cmdline").read_bytes():
-                out.append(kid)
-        except OSError:
-            pass
-    return out
 
 
 def kill_scripts(root: Path) -> None:
@@ -264,7 +252,7 @@ def helper_killed(root: Path, client: spoolq.Client, work: Path, stamps: Stamps,
             raise RuntimeError(f"no helper to kill: {log.read_text(errors='replace')[-2000:]}")
         # A helper that dies young (within helpers.YOUNG, 2 s, of its start) is restarted
         # after a backoff, one that has been running at once: kill one that has been running.
-        time.sleep(min(3.0, max(0.0, 3.0 - age_s(helpers[0]))))
+        time.sleep(max(0.0, 3.0 - age_s(helpers[0])))  # at most 3 s: age_s is never negative
         t_kill = time.time()
         os.kill(helpers[0], signal.SIGKILL)
         wait_for(lambda: bool(started_by(helper, t_kill, new_helper())) or not d.alive(), 900,
