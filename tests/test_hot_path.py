@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -682,6 +682,60 @@ def test_a_fifo_or_socket_left_as_the_log_neither_blocks_nor_is_written(st: FsSt
     assert log.is_file() and log.read_bytes() == (b"earlier\n" if thing == "file" else b"") + b"mine\n"
     if thing == "hard link":
         assert (st.root / "elsewhere").read_bytes() == b"not a log\n" and log.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("name", ["history", "pid"])
+@pytest.mark.parametrize("thing", ["symlink", "hard link", "fifo", "directory"])
+def test_what_a_script_leaves_as_history_or_pid_is_replaced(st: FsStore, name: str, thing: str) -> None:
+    """A script can write in its message directory. What it leaves where the daemon writes
+    the message's ``history`` (at every move) or its ``pid`` file (at a start) is replaced
+    by a new file: a link is not written through (nor truncated), a FIFO nobody reads does
+    not block the daemon's loop, and a directory does not stop the message for ever."""
+    import threading
+
+    other = st.root / "elsewhere"  # on the spool's filesystem, as a hard link must be
+    other.write_bytes(b"not spoolq's\n")
+    m = st.create("q", Message())
+    indexed(st, m.msg_id)
+
+    def plant(mdir: Path) -> None:
+        where = mdir / name
+        if where.exists():
+            where.unlink()
+        if thing == "symlink":
+            where.symlink_to(other)
+        elif thing == "hard link":
+            os.link(other, where)
+        elif thing == "fifo":
+            os.mkfifo(where)
+        else:
+            where.mkdir()
+            (where / "inside").write_text("x")
+
+    def unblocked(fn: Callable[[], object]) -> None:
+        done: list[object] = []
+        t = threading.Thread(target=lambda: done.append(fn()), daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():
+            os.close(os.open(where, os.O_RDONLY | os.O_NONBLOCK))  # let the blocked open go
+        assert not t.is_alive() and done, f"writing {name} blocked"
+
+    if name == "history":
+        plant(message_path(st.qdir("q"), State.QUE, m.msg_id))
+    where = message_path(st.qdir("q"), State.RUN, m.msg_id) / name
+    a: list[Attempt] = []
+    unblocked(lambda: a.append(claim(st)))  # the claim's move appends to history
+    if name == "pid":
+        plant(where.parent)
+    unblocked(lambda: st.record_runner(a[0], "4242 1 host", lease=60))
+    assert other.read_bytes() == b"not spoolq's\n"
+    assert where.is_file() and not where.is_symlink() and where.stat().st_nlink == 1
+    if name == "pid":
+        assert where.read_text() == "4242 1 host\n"
+    st.finish(a[0], State.DONE, status=None, note="done")
+    assert other.read_bytes() == b"not spoolq's\n"
+    assert [h["state"] for h in history(st, m.msg_id)][-1] == "done"
 
 
 def test_a_message_whose_script_is_missing_gets_no_log(st: FsStore, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from spoolq.errors import CorruptMessage, DiskFull, InvalidInput, MessageNotFoun
 from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore
-from spoolq.store.fs.layout import Counts
+from spoolq.store.fs.layout import Counts, message_path
 
 
 @pytest.fixture
@@ -290,6 +290,21 @@ def test_fault_during_move_keeps_the_message_where_it_was(fs: FsStore) -> None:
     assert [h["state"] for h in v.message.history] == ["que"]  # no record of a move that failed
 
 
+def test_a_link_as_history_is_replaced_not_written_through(fs: FsStore, tmp_path: Path) -> None:
+    """A script left a symbolic link as its message's ``history``: the next move's line goes
+    into a new history file, and the file the link named is left as it was."""
+    m = fs.create("q", Message())
+    mdir = message_path(fs.qroot / "q", State.QUE, m.msg_id)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not spoolq's\n")
+    (mdir / "history").symlink_to(outside)
+    fs.move("q", m.msg_id, State.QUE, State.RUN)
+    assert outside.read_bytes() == b"not spoolq's\n"
+    hist = message_path(fs.qroot / "q", State.RUN, m.msg_id) / "history"
+    assert not hist.is_symlink()
+    assert [h["state"] for h in fs.get("q", m.msg_id).message.history][-1] == "run"
+
+
 def test_sweep_removes_debris_of_dead_producers(fs: FsStore) -> None:
     tmp = fs.qroot / "q" / ".tmp"
     dead = tmp / "999999999.0.abc"  # no such pid
@@ -491,7 +506,7 @@ def test_a_torn_counts_file_is_recounted_not_restarted_from_zero(fs: FsStore, tm
 HAMMER = """
 import sys
 from pathlib import Path
-from spoolq.store.fs.layout import Counts
+from spoolq.store.fs.layout import Counts, message_path
 c = Counts(Path(sys.argv[1]))
 print("ready", flush=True)
 while True:  # que between 9 and 10: every other record is one byte shorter than the last

@@ -26,7 +26,6 @@ import json
 import json.encoder
 import logging
 import os
-import shutil
 import stat
 import threading
 import time
@@ -516,9 +515,11 @@ class AttemptParts(WriteParts):
     def _write_pid(self, path: str, attempt: Attempt, runner: str) -> None:
         # Not fsync'd and not renamed into place: it matters only while this boot lasts, and
         # a daemon crash cannot tear a finished write(2).
-        fd = os.open(f"{path}/pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # A link a script left in its place is not followed (durable.open_own).
+        fd = durable.open_own(f"{path}/pid", os.O_WRONLY | os.O_CREAT)
         self._pid_files.add((attempt.queue, attempt.msg_id))
         try:
+            os.ftruncate(fd, 0)
             os.write(fd, runner.encode() + b"\n")
         finally:
             os.close(fd)
@@ -703,32 +704,10 @@ def _open_log_beneath(dfd: int) -> int:
 
 
 def _open_log_in(dfd: int) -> int:
-    """``stdio.log`` in the directory ``dfd``, opened to append; whatever is in its place
-    that is not a plain file of its own (a link, a hard link to a file elsewhere, a FIFO, a
-    socket, a directory...) is removed and a file made."""
-    try:
-        fd = os.open("stdio.log", _LOG_FLAGS | os.O_NONBLOCK, 0o644, dir_fd=dfd)
-    except IsADirectoryError:
-        shutil.rmtree("stdio.log", dir_fd=dfd)  # fd-based: follows no link inside it
-        return os.open("stdio.log", _LOG_FLAGS | os.O_EXCL, 0o644, dir_fd=dfd)
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads, a socket
-            raise
-    else:
-        try:
-            st = os.fstat(fd)
-            # A second name: the file is someone else's too (spoolq never links a log), and
-            # the next attempt's output would be appended to it. Unlinking this name leaves
-            # that file as it was.
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)  # blocking again, as the script expects
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    os.unlink("stdio.log", dir_fd=dfd)
-    return os.open("stdio.log", _LOG_FLAGS | os.O_EXCL, 0o644, dir_fd=dfd)
+    """``stdio.log`` in the directory ``dfd``, opened to append (:func:`~spoolq.durable.open_own`)."""
+    fd = durable.open_own("stdio.log", _LOG_FLAGS, dir_fd=dfd)
+    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)  # blocking again, as the script expects
+    return fd
 
 
 def _indexed_message(e: Entry, src: str) -> Message | None:

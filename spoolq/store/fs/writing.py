@@ -63,7 +63,9 @@ def logged_rename(mdir: str, line: bytes, rename: Callable[[], None]) -> None:
     so that it travels with the directory (once renamed, another process may move the
     message on at once), and history never claims a move that did not happen.
     FileNotFoundError when ``mdir`` is gone, or whatever ``rename`` raises."""
-    hfd = os.open(f"{mdir}/history", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # A script can write in its message directory: a link it left as ``history`` is
+    # replaced, not written through (durable.open_own).
+    hfd = durable.open_own(f"{mdir}/history", os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         n = os.write(hfd, line)
         try:
