@@ -25,6 +25,7 @@ from spoolq.ids import bucket_of
 from spoolq.model import AdminState, Message, QueueConfig, State
 from spoolq.store import AttachmentSource, FsStore
 from spoolq.store.fs.layout import Counts, message_path
+from spoolq.store.fs.writing import logged_rename
 
 
 @pytest.fixture
@@ -290,6 +291,35 @@ def test_fault_during_move_keeps_the_message_where_it_was(fs: FsStore) -> None:
     assert [h["state"] for h in v.message.history] == ["que"]  # no record of a move that failed
 
 
+@pytest.mark.parametrize("theirs_first", [False, True])
+def test_a_failed_move_takes_back_its_history_line_only(fs: FsStore, theirs_first: bool) -> None:
+    """Two processes move one message at once: both append a line to its history, one
+    rename wins. The loser takes its own line back, and the winner's line stays wherever
+    it landed, before or after the loser's."""
+    m = fs.create("q", Message())
+    mdir = str(message_path(fs.qroot / "q", State.QUE, m.msg_id))
+    theirs = b'{"state":"del","at":2,"note":"the other mover"}\n'
+
+    def append_theirs() -> None:
+        with open(f"{mdir}/history", "ab") as f:
+            f.write(theirs)
+
+    def lose() -> None:
+        if not theirs_first:
+            append_theirs()  # after our line: the cut must not take it
+        raise FileNotFoundError(2, "moved by someone else")
+
+    if theirs_first:
+        append_theirs()
+    hist = Path(mdir, "history")  # made by the first move: a new message's is in msg
+    before = hist.read_bytes() if hist.exists() else b""
+    with pytest.raises(FileNotFoundError):
+        logged_rename(mdir, b'{"state":"run","at":1,"note":"ours"}\n', lose)
+    after = hist.read_bytes()
+    assert b"ours" not in after
+    assert after == (before if theirs_first else before + theirs)
+
+
 def test_a_link_as_history_is_replaced_not_written_through(fs: FsStore, tmp_path: Path) -> None:
     """A script left a symbolic link as its message's ``history``: the next move's line goes
     into a new history file, and the file the link named is left as it was."""
@@ -507,6 +537,7 @@ HAMMER = """
 import sys
 from pathlib import Path
 from spoolq.store.fs.layout import Counts, message_path
+from spoolq.store.fs.writing import logged_rename
 c = Counts(Path(sys.argv[1]))
 print("ready", flush=True)
 while True:  # que between 9 and 10: every other record is one byte shorter than the last

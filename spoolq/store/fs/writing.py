@@ -71,12 +71,26 @@ def logged_rename(mdir: str, line: bytes, rename: Callable[[], None]) -> None:
         try:
             rename()
         except BaseException:
-            # O_APPEND: the offset is just past what was written, wherever the end was.
-            # Asked only here: a seek per move was a syscall on the daemon's hot path.
-            os.ftruncate(hfd, os.lseek(hfd, 0, os.SEEK_CUR) - n)
+            _take_back(hfd, n)
             raise
     finally:
         os.close(hfd)
+
+
+def _take_back(hfd: int, n: int) -> None:
+    """Remove the ``n`` bytes just appended through ``hfd`` (``O_APPEND``) from the history.
+
+    The offset is just past them, wherever the end was (asked only here: a seek per move was
+    a syscall on the daemon's hot path). A rename fails when another process moved the
+    message first, and that process appended its own line too: if its line came after ours,
+    cutting the file at our line's start would take its line with ours, and history would
+    miss a move that happened. So what follows our line is written back after the cut."""
+    end = os.lseek(hfd, 0, os.SEEK_CUR)
+    after = os.fstat(hfd).st_size - end
+    tail = os.pread(hfd, after, end) if after > 0 else b""
+    os.ftruncate(hfd, end - n)
+    if tail:
+        durable.write_all(hfd, tail)  # O_APPEND: at the new end
 
 
 class WriteParts(ReadParts):
