@@ -182,24 +182,43 @@ def login_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root) / LOGIN_DIR
 
 
-def _private_dir(d: Path, create: bool, owner: int | None = None) -> bool:
-    """True when ``d`` is a real directory of ``owner`` (default: this user) that nobody else
-    may write or read."""
-    uid = os.geteuid() if owner is None else owner
+def _open_private_dir(d: Path, *, create: bool, owner: int | None = None) -> int | None:
+    """An fd on ``d``, opened without following a link, once it is known to be a directory
+    of ``owner`` (default: this user) that nobody else may write or read; None if it does
+    not exist. Everything done in it goes through this fd: the root directory belongs to
+    the daemon's user, who could otherwise swap ``d`` for a link between a check and a use
+    by root (``spoolq login-url`` run as root for a daemon of another user)."""
+    euid = os.geteuid()
+    uid = euid if owner is None else owner
+    made = False
     if create:
         try:
             os.mkdir(d, 0o700)
+            made = True
         except FileExistsError:
             pass
     try:
-        st = os.lstat(d)
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
-        raise LoginDirError(f"{d} must be a directory of uid {uid} with mode 0700 "
-                            f"(it is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a directory'}, "
-                            f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
-    return True
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise LoginDirError(f"{d} must be a directory of uid {uid} with mode 0700 (it is not a "
+                            "directory: a link or a file is in its place)") from None
+    try:
+        if made and euid == 0 and uid != 0:
+            # root making the first code for a daemon that runs as another user: the
+            # directory and its files must be that user's, or the daemon refuses them.
+            os.fchown(dfd, uid, -1)
+        st = os.fstat(dfd)
+        if st.st_uid != uid or st.st_mode & 0o077:
+            raise LoginDirError(f"{d} must be a directory of uid {uid} with mode 0700 "
+                                f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd
 
 
 def _code_name(code: str) -> str:
@@ -213,17 +232,22 @@ def mint_login_code(root: str | os.PathLike[str], ttl: float) -> str:
     took the daemon's port while it was down learns nothing."""
     d = login_dir(root)
     owner = os.stat(root).st_uid
-    if os.geteuid() == 0 and owner != 0 and not d.exists():
-        # root making the first code for a daemon that runs as another user: the directory
-        # and its files must be that user's, or the daemon refuses them (_private_dir).
-        os.mkdir(d, 0o700)
-        os.chown(d, owner, -1)
-    _private_dir(d, create=True, owner=owner if os.geteuid() == 0 else None)
+    dfd = _open_private_dir(d, create=True, owner=owner if os.geteuid() == 0 else None)
+    if dfd is None:  # removed between the mkdir and the open
+        raise LoginDirError(f"{d} vanished while a sign-in code was made; try again")
+    try:
+        return _mint_in(dfd, owner, ttl)
+    finally:
+        os.close(dfd)
+
+
+def _mint_in(dfd: int, owner: int, ttl: float) -> str:
+    """:func:`mint_login_code` in the login directory ``dfd``."""
     now = time.time()
-    names = sorted(os.listdir(d))
+    names = sorted(os.listdir(dfd))
     for n in names:  # spent or expired codes go; the directory stays small
         try:
-            fd = os.open(d / n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 expired = not stat.S_ISREG(os.fstat(fd).st_mode) or float(os.read(fd, 64) or 0) < now
             finally:
@@ -232,11 +256,12 @@ def mint_login_code(root: str | os.PathLike[str], ttl: float) -> str:
             expired = True
         if expired or len(names) > MAX_LOGIN_FILES:
             try:
-                os.unlink(d / n)
+                os.unlink(n, dir_fd=dfd)
             except OSError:
                 pass
     code = secrets.token_urlsafe(32)
-    fd = os.open(d / _code_name(code), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(_code_name(code), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dfd)
     try:
         if os.geteuid() == 0 and owner != 0:
             os.fchown(fd, owner, -1)
@@ -250,19 +275,31 @@ def redeem_login_code(root: str | os.PathLike[str], code: str) -> bool:
     """True once for a code :func:`mint_login_code` made that has not expired; spent either way."""
     d = login_dir(root)
     try:
-        if not _private_dir(d, create=False):
-            return False
+        dfd = _open_private_dir(d, create=False)
     except LoginDirError as e:
         log.warning("sign-in codes refused: %s", e)
         return False
-    name = _code_name(code)
-    claimed = d / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    except OSError:
+        return False
+    if dfd is None:
+        return False
     try:
-        os.rename(d / name, claimed)  # the one redeemer that wins the rename spends it
+        return _redeem_in(dfd, code)
+    finally:
+        os.close(dfd)
+
+
+def _redeem_in(dfd: int, code: str) -> bool:
+    """:func:`redeem_login_code` in the login directory ``dfd``."""
+    name = _code_name(code)
+    claimed = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        # The one redeemer that wins the rename spends it.
+        os.rename(name, claimed, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError:
         return False
     try:
-        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
@@ -274,7 +311,7 @@ def redeem_login_code(root: str | os.PathLike[str], code: str) -> bool:
         return False
     finally:
         try:
-            os.unlink(claimed)
+            os.unlink(claimed, dir_fd=dfd)
         except OSError:
             pass
     return expiry >= time.time()

@@ -160,6 +160,40 @@ def test_the_audit_repro_runs_nothing(tmp_path: Path) -> None:
             assert second.status_code == 401, "a sign-in link works once"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root making a code for another user's daemon needs root")
+def test_login_url_as_root_follows_no_link_swapped_in_for_the_login_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """root runs ``login-url`` for a daemon of another user, who owns the spool root and so
+    can swap ``login/`` for a link to any directory between root's check and its use. The
+    sweep of spent codes then listed and deleted the link's files, and the new code was
+    made there, as root. Now everything is done through one fd on the checked directory."""
+    from spoolq import credentials
+
+    root = tmp_path / "spool"
+    root.mkdir()
+    os.chown(root, 12345, 12345)  # the daemon's user, not root
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.conf").write_text("keep me\n")
+    real_listdir = os.listdir
+
+    def swap_then_list(path: Any = ".") -> list[str]:
+        # The daemon's user wins the race: login/ is moved aside and a link takes its place.
+        login = root / "login"
+        if login.is_dir() and not login.is_symlink():
+            os.rename(login, root / "login.real")
+            os.symlink(victim, login)
+        return real_listdir(path)
+
+    monkeypatch.setattr(credentials.os, "listdir", swap_then_list)
+    code = credentials.mint_login_code(root, 600)
+    monkeypatch.undo()
+    assert (victim / "important.conf").read_text() == "keep me\n"
+    assert real_listdir(victim) == ["important.conf"], "nothing made in the link's directory"
+    made = root / "login.real" / credentials._code_name(code)
+    assert made.is_file() and made.stat().st_uid == 12345
+
+
 def test_login_url_sends_the_token_nowhere(tmp_path: Path) -> None:
     """While the daemon is down, another program holds its port: ``login-url`` must not hand
     it the token. The code is made on disk and works once the daemon is back."""
