@@ -323,6 +323,22 @@ def test_login_refuses_big_bodies_before_reading_them(server: Any, client: spool
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
+@pytest.mark.parametrize("types", [("application/json", "multipart/form-data; boundary=x"),
+                                   ("multipart/form-data; boundary=x", "application/json")])
+def test_two_content_types_are_refused_before_the_body(server: Any, client: spoolq.Client,
+                                                       types: tuple[str, str]) -> None:
+    """The body cap went by the last Content-Type and RQ's ``new_message`` by the first: JSON
+    first and multipart last sent an anonymous 300 MiB body into memory (audit: RSS 64 ->
+    809 MB). A request with two types is refused before its body is read."""
+    client.create_queue("q1", script="/bin/true")
+    head = (f"POST /q/q1/new_message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {types[0]}\r\n"
+            f"Content-Type: {types[1]}\r\nContent-Length: 314572800\r\n\r\n").encode()
+    answer = _raw(server.port, head, b" " * 65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"more than one Content-Type" in answer
+    assert client.counts("q1")["que"] == 0
+
+
 def test_protected_routes_refuse_before_the_body(server: Any, client: spoolq.Client) -> None:
     for path in (f"{API}/queues/work/messages", "/ui/q/work/new_message", f"{API}/queues"):
         head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
