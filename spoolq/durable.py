@@ -140,7 +140,9 @@ def write_replace(path: str | os.PathLike[str], data: bytes, *, sync: bool = Tru
     message directory a script can write) is removed, never written through.
     """
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    # One tmp name per thread: two threads of one process (the HTTP server's) rewriting the
+    # same file took each other's tmp file away, and one of them failed.
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
     try:
         _check("write", tmp)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # O_EXCL: never through a link

@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -750,7 +751,7 @@ def test_write_replace_never_writes_through_what_is_left_at_its_tmp_name(tmp_pat
     target = tmp_path / "status"
     other = tmp_path / "token"
     other.write_bytes(b"secret\n")
-    tmp = tmp_path / f".status.{os.getpid()}.tmp"
+    tmp = tmp_path / f".status.{os.getpid()}.{threading.get_native_id()}.tmp"
     if left == "symlink":
         tmp.symlink_to(other)
     elif left == "hard link":
@@ -760,3 +761,24 @@ def test_write_replace_never_writes_through_what_is_left_at_its_tmp_name(tmp_pat
     durable.write_replace(target, b'{"job_status": "done"}', sync=False)
     assert target.read_bytes() == b'{"job_status": "done"}' and not target.is_symlink()
     assert other.read_bytes() == b"secret\n" and not tmp.exists()
+
+
+def test_write_replace_from_many_threads_at_once(tmp_path: Path) -> None:
+    """The HTTP server's threads rewrite one file at once (the relay keys of concurrent
+    preps): each rewrite succeeds and leaves one whole version (the audit's 500s came from
+    threads sharing a tmp name)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "keys.json"
+    start = threading.Barrier(8)
+
+    def rewrite(i: int) -> None:
+        start.wait()
+        for j in range(50):
+            durable.write_replace(target, f"{i}.{j}\n".encode() * 100, sync=False)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(rewrite, range(8)))  # re-raises any thread's failure
+    lines = set(target.read_bytes().splitlines())
+    assert len(lines) == 1 and lines.pop().endswith(b".49")
+    assert [p.name for p in tmp_path.iterdir()] == ["keys.json"]
