@@ -10,6 +10,7 @@ import builtins
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ def _attachment(a: AttachmentLike) -> AttachmentSource:
             return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream, link=a.link)
         return a
     return AttachmentSource(path=os.path.abspath(os.fspath(a)))
+
+
+_RELAY_KEY_LOCKS = [threading.Lock() for _ in range(64)]
+"""Striped by key: two preps of one relay key in one process (the HTTP server's threads)
+look it up and create one after the other, not both at once."""
 
 
 class Client:
@@ -243,12 +249,13 @@ class Client:
         """A prep for a relay with ``key`` (docs/relay.md): the message made for that key
         before, if it still exists (True), else a new one, its key recorded durably before
         this returns (False)."""
-        made = self.store.relay_key(queue, key)
-        if made is not None:
-            return self.receipt(queue, made), True
-        r = self.send_message(queue, msg, state=State.PREP)
-        self.store.set_relay_key(queue, key, r.msg_id)
-        return r, False
+        with _RELAY_KEY_LOCKS[hash((queue, key)) % len(_RELAY_KEY_LOCKS)]:
+            made = self.store.relay_key(queue, key)
+            if made is not None:
+                return self.receipt(queue, made), True
+            r = self.send_message(queue, msg, state=State.PREP)
+            self.store.set_relay_key(queue, key, r.msg_id)
+            return r, False
 
     def single_que(self, queue: str, msg: Message | Mapping[str, Any]) -> tuple[Receipt, bool]:
         """RQ's ``single_que``: a new message in ``queue`` only if none waits there. Returns

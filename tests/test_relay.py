@@ -375,3 +375,34 @@ def test_another_host_trying_again_finds_the_far_message(tmp_path: Path, monkeyp
         assert b.counts("inbox")["que"] == 2 and b.counts("inbox")["prep"] == 0
     finally:
         far.stop()
+
+
+def test_concurrent_preps_of_one_relay_key_make_one_message(tmp_path: Path) -> None:
+    """Two relays of one message at once (the case the key exists for) send the same key
+    to the far spoolq's threads at the same moment: one prep is made and both get it; none
+    fails (the audit saw 4-5 preps per key and HTTP 500s)."""
+    b, far = _paused_far(tmp_path)
+    try:
+        dest = f"http://127.0.0.1:{far.port}/q/inbox"
+        body = urllib.parse.urlencode({"x_format": "json", "mesg": json.dumps({"dest": "x", "_method": "prep"})})
+        for k in range(3):
+            key = f"relay/20261205.1100.00.000.{k}@7.0"
+            start = threading.Barrier(8)
+            answers: list[tuple[int, str]] = []
+
+            def prep() -> None:
+                req = urllib.request.Request(f"{dest}/new_message", body.encode(), {"X-Spoolq-Relay-Key": key})
+                start.wait()
+                with urllib.request.urlopen(req, timeout=30) as res:  # noqa: S310 - a local test server
+                    answers.append((res.status, json.loads(res.read())[1]))
+
+            threads = [threading.Thread(target=prep) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert len(answers) == 8 and {a[0] for a in answers} == {200}
+            assert len({a[1] for a in answers}) == 1, answers
+        assert b.counts("inbox")["prep"] == 3
+    finally:
+        far.stop()
