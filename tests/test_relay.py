@@ -332,6 +332,35 @@ def test_a_lost_commit_answer_against_rq_is_not_sent_twice(tmp_path: Path, monke
         srv.server_close()
 
 
+class _BareOkAttach(_FakeRQ):
+    """A far end that answers an attachment with ``["ok"]`` and nothing more."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.endswith("/attach/new"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            return self._answer(["ok"])
+        return super().do_POST()
+
+
+def test_an_ok_without_the_md5_is_tried_again_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attach answer of ``["ok"]`` alone made the relay fail with an IndexError, which
+    sent the message to err at once; it is a soft failure, tried again later."""
+    monkeypatch.setattr(relay, "status", lambda line: None)
+    _FakeRQ.msgs = {}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BareOkAttach)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        blob = tmp_path / "a.bin"
+        blob.write_bytes(b"x" * 1000)
+        msg_dir, jobdir = _local_message(tmp_path, blob)
+        with pytest.raises(relay.SoftFail, match="md5 mismatch for a.bin: None"):
+            relay.relay(msg_dir, f"http://127.0.0.1:{srv.server_address[1]}/q/inbox", jobdir, tmp_path)
+        assert _FakeRQ.msgs == {"1": "prep"}, "nothing committed"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_unusable_urls_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(relay.BadSetup, match="not a usable URL"):
         relay.relay(tmp_path, "http://127.0.0.1:99999/q/x", tmp_path, tmp_path)

@@ -327,8 +327,9 @@ def _relay(peer: Peer, msg_dir: Path, queue_url: str, jobdir: Path) -> str:
             raise Gone(far)
         if not (isinstance(res, list) and res and res[0] == "ok"):
             raise SoftFail(f"could not attach {path.name}: {res!r}")
-        if res[1] != f"{md5}-Attached successfully":
-            raise SoftFail(f"md5 mismatch for {path.name}: {res[1]!r}")
+        said = res[1] if len(res) > 1 else None  # ["ok"] alone says no md5
+        if said != f"{md5}-Attached successfully":
+            raise SoftFail(f"md5 mismatch for {path.name}: {said!r}")
     res = peer.form(far, {"x_format": "json", "_method": "commit", "msg_id": short})
     if isinstance(res, list) and res[:2] == ["fail", "cannot find message"]:
         # RQ's answer to a commit of a committed message too (an earlier commit whose answer
