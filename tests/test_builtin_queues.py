@@ -4,6 +4,7 @@ cleaner, the router and debug do, run by a real daemon."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -185,3 +186,66 @@ def test_rq_new_message_goes_to_the_router(client: spoolq.Client, root: Path, tm
         assert client.counts("inbox")["que"] + client.counts("inbox")["done"] == 0
     finally:
         s.stop()
+
+
+def test_the_webhook_follows_no_redirect_and_keeps_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redirect would turn the POST into a GET to wherever it points (another host, the
+    daemon's own API) and end the webhook done: it is a failure, tried again. An endpoint
+    that trickles its answer a byte at a time never trips the per-read timeout; the
+    deadline for the whole post ends it (the webhook queue has no timeout of its own)."""
+    import http.server
+    import socket
+    import threading
+
+    from spoolq.builtin import webhook
+
+    hits: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            hits.append(("POST", self.path))
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(("GET", self.path))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    trickler = socket.socket()
+    trickler.bind(("127.0.0.1", 0))
+    trickler.listen(1)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = trickler.accept()
+        with conn:
+            while not stop.wait(0.1):
+                conn.sendall(b"H")
+
+    threading.Thread(target=trickle, daemon=True).start()
+    lines: list[str] = []
+    monkeypatch.setattr(webhook, "status", lines.append)
+    monkeypatch.setattr(webhook, "TIMEOUT", 1.0)
+    monkeypatch.setattr(webhook, "DEADLINE", 2.0)
+    try:
+        monkeypatch.setenv("RQ_PARAM1", f"http://127.0.0.1:{httpd.server_address[1]}/hook")
+        assert webhook.main() == 0
+        assert hits == [("POST", "/hook")] and lines[-1].startswith("resend 0-HTTP 302")
+        monkeypatch.setenv("RQ_PARAM1", f"http://127.0.0.1:{trickler.getsockname()[1]}/hook")
+        t0 = time.monotonic()
+        assert webhook.main() == 0
+        assert time.monotonic() - t0 < 10 and lines[-1].startswith("resend 0-"), lines[-1]
+    finally:
+        stop.set()
+        trickler.close()
+        httpd.shutdown()

@@ -9,8 +9,10 @@ state as JSON. This script sends it:
   URL's path without its last part), as RQ's own webhook script does;
 * to any other URL, the state JSON itself (``Content-Type: application/json``).
 
-A 2xx answer ends it ``done successful post <code>``. Anything else (another status, a
-refused connection, a timeout of :data:`TIMEOUT` s) asks to be run again after
+A 2xx answer ends it ``done successful post <code>``. A redirect is not followed (it would
+turn the POST into a GET to wherever it points). Anything else (another status, a
+redirect, a refused connection, :data:`TIMEOUT` s without a byte, :data:`DEADLINE` s in
+all) asks to be run again after
 ``count² × 60`` s, at most an hour (RQ's backoff), until the message's ``max_count`` puts it
 in err. It is a Python program run once per message like any queue script.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -26,7 +29,20 @@ import urllib.parse
 import urllib.request
 
 TIMEOUT = 30.0
+"""Seconds the endpoint may stay silent (connect, or between bytes of its answer)."""
+DEADLINE = 90.0
+"""Seconds for the whole post: an endpoint that trickles its answer a byte at a time never
+stays silent for :data:`TIMEOUT`, and the webhook queue has no timeout of its own."""
 MAX_WAIT = 3600
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None  # urllib then raises HTTPError with the 3xx
+
+
+def _past_deadline(signum: int, frame: object) -> None:
+    raise TimeoutError(f"no complete answer within {DEADLINE:g} s")
 
 
 def status(line: str) -> None:
@@ -60,13 +76,18 @@ def main() -> int:
         return 0
     status(f"run Attempting post to url: {url}")
     why = ""
+    opener = urllib.request.build_opener(_NoRedirect)
+    signal.signal(signal.SIGALRM, _past_deadline)
+    signal.setitimer(signal.ITIMER_REAL, DEADLINE)
     try:
-        with urllib.request.urlopen(request(url, payload), timeout=TIMEOUT) as res:  # noqa: S310 - http(s) only, checked above
+        with opener.open(request(url, payload), timeout=TIMEOUT) as res:
             code = res.status
     except urllib.error.HTTPError as e:
         code, why = e.code, f"HTTP {e.code}"
     except (urllib.error.URLError, OSError, ValueError) as e:
         code, why = 0, f"could not connect to {url}: {getattr(e, 'reason', e)}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     if 200 <= code < 300:
         status(f"done successful post {code}")
         return 0
