@@ -419,13 +419,13 @@ def test_concurrent_preps_of_one_relay_key_make_one_message(tmp_path: Path) -> N
             start = threading.Barrier(8)
             answers: list[tuple[int, str]] = []
 
-            def prep() -> None:
+            def prep(key: str, start: threading.Barrier, answers: list[tuple[int, str]]) -> None:
                 req = urllib.request.Request(f"{dest}/new_message", body.encode(), {"X-Spoolq-Relay-Key": key})
                 start.wait()
                 with urllib.request.urlopen(req, timeout=30) as res:  # noqa: S310 - a local test server
                     answers.append((res.status, json.loads(res.read())[1]))
 
-            threads = [threading.Thread(target=prep) for _ in range(8)]
+            threads = [threading.Thread(target=prep, args=(key, start, answers)) for _ in range(8)]
             for t in threads:
                 t.start()
             for t in threads:
