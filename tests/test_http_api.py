@@ -450,6 +450,55 @@ def test_token_auth_sessions_and_sign_out(client: spoolq.Client) -> None:
     assert r.status_code == 401, "signing out revokes the session on the server, not only in the browser"
 
 
+def test_a_session_mints_no_sign_in_links(client: spoolq.Client) -> None:
+    """A sign-in link is a new session: one minted by a session outlived its sign-out and
+    its day (audit). Only the token (or ``login-url`` on disk) makes them."""
+    http = TestClient(create_app(client, TOKEN, anonymous="none"))
+    r = http.post(f"{API}/login-links", headers=AUTH, json={"ttl": 600})
+    assert r.status_code == 201
+    assert http.get(r.json()["url"], follow_redirects=False).status_code == 303  # signed in by the link
+    r = http.post(f"{API}/login-links", headers={"Origin": "http://testserver"}, json={"ttl": 86400})
+    assert r.status_code == 403 and err(r)["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_cookies_behind_a_tls_proxy(client: spoolq.Client, secure: bool) -> None:
+    """Behind a TLS reverse proxy the daemon sees plain HTTP: ``serve --secure-cookies``
+    marks the session (and CSRF) cookies Secure anyway, so a browser never sends them over
+    http (audit: they never were, whatever the docs said)."""
+    http = TestClient(create_app(client, TOKEN, anonymous="none", secure_cookies=secure))
+    link = http.post(f"{API}/login-links", headers=AUTH).json()["url"]
+    signed = http.get(link, headers={"X-Forwarded-Proto": "https"}, follow_redirects=False)
+    assert signed.status_code == 303
+    cookie = signed.headers["set-cookie"]
+    assert cookie.startswith("spoolq_session=") and ("; Secure" in cookie) == secure, cookie
+    form = http.get("/login")
+    assert ("; Secure" in form.headers["set-cookie"]) == secure
+
+
+def test_signing_out_ends_the_sessions_open_streams(server: Any, client: spoolq.Client) -> None:
+    """An events stream opened with the session cookie kept streaming after sign-out
+    (audit); signing out ends it."""
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        link = h.post(f"{API}/login-links", headers=AUTH, json={"ttl": 600}).json()["url"]
+        assert h.get(link, follow_redirects=False).status_code == 303
+        assert "spoolq_session" in h.cookies
+        got: list[str] = []
+        with h.stream("GET", f"{API}/events") as resp:
+            assert resp.status_code == 200
+            signed_out = False
+            for chunk in resp.iter_text():
+                got.append(chunk)
+                if not signed_out and "event: queue" in "".join(got):
+                    out = httpx.post(f"{server.url}/logout", cookies={"spoolq_session": h.cookies["spoolq_session"]},
+                                     headers={"Origin": server.url}, follow_redirects=False)
+                    assert out.status_code == 303
+                    signed_out = True
+                    client.create_queue("afterlogout", script="/bin/true")
+        # The loop ended: the server closed the stream, and nothing after sign-out came.
+        assert signed_out and "afterlogout" not in "".join(got)
+
+
 def test_start_http_refuses_exposed_address_without_token(client: spoolq.Client) -> None:
     with pytest.raises(HttpConfigError, match="without a token"):
         start_http(client, "0.0.0.0", free_port(), None)

@@ -45,6 +45,9 @@ def register(sub: Any) -> None:
                    help="RQ's model: everything open on loopback without a token, queue creation and "
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
+    p.add_argument("--secure-cookies", action="store_true",
+                   help="mark the UI's cookies Secure, for a daemon reached through a TLS reverse proxy "
+                        "(it sees plain HTTP and cannot tell): the browser then never sends them over http")
     for name, what, doc in (
             ("notify", "serve the notifier on port P (docs/notifier.md): each line a client sends goes to every "
                        "other client; ':join events' gives spoolq's events as JSON lines", "the notifier's"),
@@ -207,7 +210,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Any) -> int:
                 logging.getLogger("spoolq").warning(
                     "--trust-loopback: anyone on this machine can create queues and change what they "
                     "run over HTTP, i.e. run commands as this user")
-            http = _start_http(ctx, d, token.value, anonymous)
+            http = _start_http(ctx, d, token.value, anonymous, secure_cookies=args.secure_cookies)
         d.loop()
     finally:
         for srv in lines:
@@ -261,7 +264,7 @@ SERVE_LINK_TTL = 24 * 3600.0
 """The sign-in link ``serve`` prints at start stays valid this long, and for one use."""
 
 
-def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
+def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel, *, secure_cookies: bool = False) -> Any:
     from ..client import Client
     from ..http.server import start_http
     from ..store import open_store
@@ -272,7 +275,7 @@ def _start_http(ctx: Any, d: Any, token: str, anonymous: AccessLevel) -> Any:
     client = Client(open_store(str(d.home) if directory else ctx.root), root_config=d.rootcfg)
     extra = d.metrics_text if d.runner is not None else None
     http = start_http(client, d.rootcfg.host, d.rootcfg.port, token, extra_metrics=extra, anonymous=anonymous,
-                      login_root=str(d.home), events=d.events)
+                      login_root=str(d.home), events=d.events, secure_cookies=secure_cookies)
     code = http.app.state.auth.links.mint(SERVE_LINK_TTL)
     # Like Jupyter: the way into the UI, printed once. The link works once, for a day.
     url = d.rootcfg.local_url

@@ -36,7 +36,7 @@ from .common import (
     open_log,
     queue_summary,
 )
-from .errors import BadRequest
+from .errors import BadRequest, Forbidden
 from .schemas import (
     AckedOut,
     ActionOut,
@@ -142,6 +142,10 @@ class LoginLinkRequest(BaseModel):
 @router.post("/login-links", status_code=201, response_model=LoginLinkOut,
              summary="A one-time sign-in link for the web UI (what `spoolq login-url` prints)")
 def login_link(request: Request, req: LoginLinkRequest | None = Body(None)) -> dict[str, Any]:  # noqa: B008
+    if principal(request) == "session":
+        # A link is a new session: one minted by a session would outlive its sign-out and
+        # its day (a stolen cookie made permanent). The token, or login-url, makes them.
+        raise Forbidden("a sign-in link needs the token, not a browser session")
     req = req or LoginLinkRequest.model_validate({})
     nxt = req.next if req.next.startswith("/") and not req.next.startswith("//") else "/"
     code = policy_of(request).links.mint(req.ttl)

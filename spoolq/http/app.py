@@ -47,7 +47,8 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
                loopback_only: bool = True, upload_dir: Path | None = None,
                extra_metrics: ExtraMetrics | None = None, poll_interval: float = 0.25,
                events_interval: float = 1.0, max_streams: int = MAX_STREAMS,
-               login_root: str | None = None, events: EventBus | None = None) -> FastAPI:
+               login_root: str | None = None, events: EventBus | None = None,
+               secure_cookies: bool = False) -> FastAPI:
     """The ASGI app over ``client``.
 
     ``token`` is the credential that may do everything; without it nothing beyond the
@@ -62,7 +63,7 @@ def create_app(client: Client, token: str | None = None, *, anonymous: AccessLev
                               "See docs/http-api.md.",
                   openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
     policy = AuthPolicy(token=token or None, anonymous=AccessLevel(anonymous), loopback_only=loopback_only,
-                        links=LoginLinks(root=login_root))
+                        links=LoginLinks(root=login_root), secure_cookies=secure_cookies)
     ctx = AppContext(client=client, auth=policy,
                      upload_dir=upload_dir or client.upload_dir,
                      poll_interval=poll_interval, events_interval=events_interval, max_streams=max_streams,

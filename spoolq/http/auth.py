@@ -126,6 +126,14 @@ class SessionStore:
             self._sessions[key] = (created, now)
             return True
 
+    def alive(self, sid: str) -> bool:
+        """Is ``sid`` a session that neither ended nor expired? Unlike :meth:`valid`, a look
+        that does not count as use (a stream held open is no sign of a person)."""
+        now = self.clock()
+        with self._lock:
+            got = self._sessions.get(self._key(sid))
+        return got is not None and now - got[1] <= SESSION_IDLE and now - got[0] <= SESSION_MAX_AGE
+
     def revoke(self, sid: str) -> None:
         with self._lock:
             self._sessions.pop(self._key(sid), None)
@@ -219,6 +227,11 @@ class AuthPolicy:
     sessions: SessionStore = field(default_factory=SessionStore)
     links: LoginLinks = field(default_factory=LoginLinks)
     throttle: FailureThrottle = field(default_factory=FailureThrottle)
+    secure_cookies: bool = False  # serve --secure-cookies: behind a TLS proxy, which this cannot see
+
+    def secure(self, request: Request) -> bool:
+        """Whether the UI's cookies are marked ``Secure``."""
+        return self.secure_cookies or request.url.scheme == "https"
 
     @property
     def anonymous_level(self) -> AccessLevel:
@@ -234,6 +247,14 @@ def principal(request: Request) -> str | None:
     state = request.scope.get("state") or {}
     value = state.get("spoolq_principal")
     return value if isinstance(value, str) else None
+
+
+def session_ended(request: Request) -> bool:
+    """A request signed in by its session cookie whose session has ended since (signed
+    out, expired): what a long stream checks as it goes, so that signing out ends it too."""
+    if principal(request) != "session":
+        return False
+    return not policy_of(request).sessions.alive(request.cookies.get(SESSION_COOKIE, ""))
 
 
 def policy_of(request: Request) -> AuthPolicy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import LogNotFound, MessageNotFound, SpoolqError
 from ..events import Subscription
 from ..model import FINAL_STATES, State
-from .auth import principal
+from .auth import principal, session_ended
 from .common import AppContext, MsgId, QueueName, StreamSlots, all_summaries, ctx_of, open_log
 from .errors import BadRequest, ServiceBusy
 
@@ -84,7 +85,7 @@ async def follow_log(ctx: AppContext, request: Request, queue: str, msg_id: str,
     last_status: str | None = None
     idle = 0.0
     try:
-        while not ctx.stopping.is_set():
+        while not ctx.stopping.is_set() and not session_ended(request):  # signed out: the stream ends
             try:
                 text, state, status = await run_in_threadpool(follower.poll)
             except MessageNotFound:
@@ -152,7 +153,7 @@ async def _queue_events(ctx: AppContext, request: Request, only: str | None,
                         sub: Subscription | None) -> AsyncIterator[str]:
     seen: dict[str, str] = {}
     idle = 0.0
-    while not ctx.stopping.is_set():
+    while not ctx.stopping.is_set() and not session_ended(request):  # signed out: the stream ends
         if sub is not None:
             for ev in sub.drain():
                 if not only or ev.get("queue") == only:
@@ -211,4 +212,14 @@ def _stream(ctx: AppContext, request: Request, events: AsyncIterator[str]) -> St
     anonymous streams cannot take the last slots, StreamSlots)."""
     if not ctx.streams.take(credentialed=principal(request) is not None):
         raise ServiceBusy(f"{ctx.streams.limit} live streams are open already; try again later")
-    return _SlotStream(events, ctx.streams)
+    return _SlotStream(_while_signed_in(request, events), ctx.streams)
+
+
+async def _while_signed_in(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events`` until its session (if the cookie signed it in) ends: nothing is sent after
+    a sign-out, even a frame the stream made just before it."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]  # an async generator
+        async for frame in events:
+            if session_ended(request):
+                return
+            yield frame

@@ -120,7 +120,8 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
         "can_change": who is not None or ctx.auth.anonymous_level == "all", **context}, status_code=status)
     new = getattr(request.state, "new_csrf", None)
     if new:
-        resp.set_cookie(CSRF_COOKIE, new, httponly=True, samesite="strict", path="/")
+        resp.set_cookie(CSRF_COOKIE, new, httponly=True, samesite="strict", path="/",
+                        secure=ctx.auth.secure(request))
     if flash:
         resp.delete_cookie(FLASH_COOKIE, path="/")
     return resp
@@ -149,7 +150,7 @@ def _signed_in(request: Request, target: str) -> Response:
     """Start a UI session and go to ``target``."""
     resp = redirect(target)
     resp.set_cookie(SESSION_COOKIE, policy_of(request).sessions.create(), httponly=True, samesite="strict",
-                    path="/", secure=request.url.scheme == "https")
+                    path="/", secure=policy_of(request).secure(request))
     return resp
 
 
