@@ -1,20 +1,25 @@
 """A model of the script target's last idea: would a process that spawns for the dispatch
 loop (so that the loop never waits in ``posix_spawn``) run more scripts a second?
 
-    .venv/bin/python docs/plans/spawner-model.py N A|B W1 W2
+    .venv/bin/python docs/plans/spawner-model.py N A|B|C W1 W2
 
 N runs of ``/bin/true ""``, two in flight. The loop spends W1 µs of CPU before each spawn
 and W2 µs after each exit (spoolq's own work per message is ~550 µs on the test VM). A:
 the loop spawns itself (glibc's ``posix_spawn``: it waits for the child's exec). B: a
 forked spawner process spawns and reaps, and the loop only sends a byte and reads exits.
-Not spoolq code: a measurement recorded in dispatch-cpu.md.
+C: the loop spawns itself without waiting for the exec (nowait-spawn.c, built here with
+gcc, called through ctypes; an exec error is read after the reap).
+Not spoolq code: measurements recorded in dispatch-cpu.md.
 """
 
+import ctypes
 import os
 import select
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 
 N = int(sys.argv[1])
@@ -48,6 +53,47 @@ def inline() -> None:
             os.waitid(os.P_PIDFD, fd, os.WEXITED)
             os.close(fd)
             del running[fd]
+            work(W2)
+            done += 1
+
+
+def nowait() -> None:
+    build = tempfile.mkdtemp()
+    so = os.path.join(build, "nowait.so")
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", so,
+                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "nowait-spawn.c")], check=True)
+    lib = ctypes.CDLL(so)
+    vp = ctypes.c_void_p
+    lib.spawn_nowait.argtypes = [ctypes.c_char_p, vp, vp, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_int), vp]
+    lib.free_stack.argtypes = [vp]
+    args = [a.encode() for a in ARGV]
+    envb = [f"{k}={v}".encode() for k, v in ENV.items()]
+    running: dict[int, tuple] = {}
+    ep = select.epoll()
+    started = done = 0
+    while done < N:
+        while started < N and len(running) < INFLIGHT:
+            work(W1)
+            c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
+            c_env = (ctypes.c_char_p * (len(envb) + 1))(*envb, None)
+            buf, stk, errr = ctypes.create_string_buffer(64), vp(), ctypes.c_int()
+            pid = lib.spawn_nowait(args[0], c_argv, c_env, ctypes.byref(stk), ctypes.byref(errr), buf)
+            if pid < 0:
+                raise OSError(-pid, "clone")
+            fd = os.pidfd_open(pid)
+            running[fd] = (c_argv, c_env, buf, stk, errr.value)  # alive until the reap
+            ep.register(fd, select.EPOLLIN)
+            started += 1
+        for fd, _ in ep.poll():
+            ep.unregister(fd)
+            os.waitid(os.P_PIDFD, fd, os.WEXITED)
+            os.close(fd)
+            _, _, _, stk, errr_fd = running.pop(fd)
+            err = os.read(errr_fd, 4)
+            os.close(errr_fd)
+            lib.free_stack(stk)
+            if err:
+                raise OSError(int.from_bytes(err, sys.byteorder), "exec")
             work(W2)
             done += 1
 
@@ -100,7 +146,7 @@ def delegated() -> None:
 
 t0 = time.perf_counter()
 c0 = os.times()
-inline() if MODE == "A" else delegated()
+{"A": inline, "B": delegated, "C": nowait}[MODE]()
 el = time.perf_counter() - t0
 c1 = os.times()
 cpu = (c1.user + c1.system - c0.user - c0.system) / N * 1e6
