@@ -24,6 +24,7 @@ registered for it, until the daemon closes the message pipe.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -115,7 +116,7 @@ class Job:
     def dup(self, dest: str, due_secs: float = 0) -> str:
         """Copy the message to ``dest`` (a queue, or an http URL for the relay queue);
         returns the daemon's reply (``ok <full id>`` or ``fail <why>``)."""
-        self._conn.send(f"{self.id} dup {due_secs:g}-X-{_line(dest)}")
+        self._conn.send(f"{self.id} dup {_secs(due_secs)}-X-{_line(dest)}")
         return self._conn.reply(self.id)
 
 
@@ -157,13 +158,24 @@ class _Conn:
             self.waiting.append(d)
 
 
+def _secs(seconds: float) -> str:
+    """Seconds as the protocol reads them: digits and a point, never an exponent (``{:g}``
+    wrote 3000000 as ``3e+06``, which the daemon reads as 3). Negative or not a number: 0;
+    at most the daemon's cap (ten years)."""
+    from .runner.protocol import MAX_RESEND_SECS
+
+    s = float(seconds)
+    s = min(s, MAX_RESEND_SECS) if math.isfinite(s) and s > 0 else (MAX_RESEND_SECS if s == math.inf else 0.0)
+    return f"{s:.6f}".rstrip("0").rstrip(".") or "0"
+
+
 def outcome_line(job_id: str, fn: Handler, job: Job) -> str:
     """Run ``fn`` on ``job``; the answer line it earns."""
     try:
         text = fn(job)
     except Retry as e:
         reason = f"-{_line(e.reason)}" if e.reason else ""
-        return f"{job_id} resend {e.seconds:g}{reason}"
+        return f"{job_id} resend {_secs(e.seconds)}{reason}"
     except Fail as e:
         return f"{job_id} err {_line(str(e))}"
     except Exception as e:  # noqa: BLE001 - any failure of the handler is the message's err
