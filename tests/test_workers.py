@@ -57,6 +57,21 @@ def handle(job):
         job.status("halfway")
         time.sleep(float(job.param2 or 0))
         return None
+    if p.startswith("status-then:"):
+        job.status("resizing")
+        time.sleep(float(job.param2 or 0))
+        end = p.split(":", 1)[1]
+        if end == "fail":
+            raise spoolq.Fail("bad input")
+        if end == "boom":
+            raise ValueError("boom")
+        return "made 3 sizes"
+    if p.startswith("retry-in:"):
+        if job.count == 0:
+            raise spoolq.Retry(float(p[9:]), "later")
+        return "again"
+    if p.startswith("dup-in:"):
+        return job.dup("copies", float(p[7:]))
     print("handled", job.id, flush=True)
     return None
 
@@ -149,6 +164,38 @@ def test_status_line_shows_while_the_message_runs(client: spoolq.Client, serve: 
     wait_for(lambda: client.get(r).status == "run - halfway", 20, "the status line")
     done(client, r)
     assert client.get(r).status == "done - halfway"  # the last line it wrote stays
+
+
+def test_the_outcome_replaces_an_earlier_status_line(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """A worker that showed a status while it ran, then returned, failed or raised: the
+    message ends with the outcome's text, not the status it showed (audit: all three
+    ended 'resizing', the earlier line already on disk made the finish skip the write)."""
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker", worker_inflight=3)
+    serve()
+    rs = {end: client.send("w", param1=f"status-then:{end}", param2="0.5") for end in ("ok", "fail", "boom")}
+    wait_for(lambda: client.get(rs["ok"]).status == "run - resizing", 20, "the status line shown")
+    assert client.wait(rs["ok"], 30).status == "done - made 3 sizes"
+    v = client.wait(rs["fail"], 30)
+    assert (v.state, v.job_status) == (State.ERR, "bad input")
+    v = client.wait(rs["boom"], 30)
+    assert (v.state, v.job_status) == (State.ERR, "ValueError: boom")
+
+
+def test_big_and_small_delays_keep_their_value(client: spoolq.Client, serve: Any, tmp_path: Path) -> None:
+    """``Retry(3000000)`` was written ``3e+06``, which the daemon reads as 3 s; a dup's due
+    the same way (audit)."""
+    client.create_queue("w", script=py_worker(tmp_path), kind="worker")
+    client.create_queue("copies", script="/bin/true")
+    client.set_admin_state("copies", "PAUSE")
+    serve()
+    t0 = time.time()
+    r = client.send("w", param1="retry-in:3000000")
+    wait_for(lambda: client.get(r).state == State.QUE and client.get(r).message.count == 1, 30, "the retry")
+    assert client.get(r).message.due - t0 > 2_999_000
+    r = client.send("w", param1="dup-in:2000000")
+    done(client, r)
+    copy_id = status(client, r).split("/")[-1]
+    assert client.get(f"copies/{copy_id}").message.due - t0 > 1_999_000
 
 
 def test_shell_worker_and_lines_that_are_not_answers(client: spoolq.Client, serve: Any, root: Path,
@@ -320,7 +367,8 @@ def test_a_draining_worker_still_gets_its_dup_reply(client: spoolq.Client, serve
 
 BROKEN_WORKER = """
 import os, sys, time
-line = os.fdopen(4, "rb").readline()
+r = os.fdopen(4, "rb")  # kept open: this worker breaks fd 3 only
+line = r.readline()
 os.write(3, line.split(b'"')[3] + b" done once\\n")
 os.close(3)
 time.sleep(60)
@@ -400,3 +448,52 @@ def test_the_message_page_says_where_a_workers_output_is(client: spoolq.Client, 
         assert "tailviewlog/stdio.log" in script_page and "worker-log-note" not in script_page
     finally:
         served.stop()
+
+
+def test_a_worker_that_closes_fd_4_and_runs_on_is_stopped(client: spoolq.Client, serve: Any,
+                                                          tmp_path: Path) -> None:
+    """A worker that closed its input and kept running, holding its one message, was never
+    noticed while nothing more was written to it: the message stayed in run (audit). The
+    kernel's report of the pipe's lost reader now stops it after the grace, and the
+    message goes back unchanged (the next worker does it)."""
+    marker = tmp_path / "closed-once"
+    w = tmp_path / "worker.py"
+    w.write_text(f"""#!{sys.executable}
+import json, os, sys, time
+r = os.fdopen(4, "rb")
+first = not os.path.exists({str(marker)!r})
+for line in r:
+    d = json.loads(line)
+    if first:
+        open({str(marker)!r}, "w").close()
+        os.write(3, f"{{d['id']}} run got it\\n".encode())
+        r.close()
+        time.sleep(3600)
+    os.write(3, f"{{d['id']}} done fine\\n".encode())
+""")
+    w.chmod(0o755)
+    client.create_queue("w", script=str(w), kind="worker")
+    served = serve()
+    r = client.send("w")
+    v = client.wait(r, 30)
+    assert (v.state, v.job_status, v.message.count) == (State.DONE, "fine", 0)
+    assert "closed its fd 4 but kept running" in served.log()
+
+
+def test_a_worker_that_dies_at_start_tries_none_of_its_messages(client: spoolq.Client, serve: Any,
+                                                                tmp_path: Path) -> None:
+    """A worker that cannot get going (an import error, a typo) read none of the lines in
+    its pipe: those messages were not tried, and go back unchanged. They were counted as
+    tried, and a queue of them went to err in seconds (audit)."""
+    ready = tmp_path / "fixed"
+    w = tmp_path / "worker.py"
+    w.write_text(f"#!{sys.executable}\nimport os, sys\nif not os.path.exists({str(ready)!r}):\n"
+                 "    sys.exit(1)  # dies before reading anything\n" + PY_WORKER)
+    w.chmod(0o755)
+    client.create_queue("w", script=str(w), kind="worker", worker_inflight=20)
+    served = serve()
+    rs = [client.send("w", param1="echo:x", max_count=2) for _ in range(20)]
+    wait_for(lambda: served.log().count("exited with status 1 holding") >= 3, 30, "three deaths at start")
+    ready.touch()
+    for r in rs:
+        assert done(client, r, 60).count == 0

@@ -839,6 +839,8 @@ class Daemon:
             elif isinstance(key.data, WorkerInput):
                 assert self.workers is not None
                 self.workers.flush(key.data.worker)
+            elif isinstance(key.data, Workers):
+                key.data.on_inputs()
             elif isinstance(key.data, Job):
                 job = key.data
                 if self.jobs.get(job.pid) is not job or job.eof:

@@ -23,13 +23,18 @@ to finish what it holds and exit.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
 import random
+import select
 import selectors
 import signal
+import sys
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +86,7 @@ class InFlight:
     end: int = 0  # the worker's input stream offset just past this message's line
     deadline: float | None = None  # set while it is the oldest message its worker holds
     last_status: str = ""
-    status_written: bool = False
+    written_status: str | None = None  # the status text on disk now (None: none written yet)
     timed_out: bool = False
     cancelled: bool = False
     lost: bool = False
@@ -157,6 +162,12 @@ class Workers:
         self.by_pid: dict[int, Worker] = {}
         self.dir = home / WORKERS_DIR / subdir  # a dispatch helper's own (helper_dir)
         self._unflushed: dict[int, Worker] = {}  # id -> a worker whose sent lines wait (flush_sent)
+        # Each worker's input pipe, watched for nothing but the error the kernel reports once
+        # its read end is closed: a worker that closes fd 4 and runs on is found broken even
+        # when nothing is being written to it (a write's EPIPE was the only sign before).
+        self._inputs = select.epoll()
+        self._input_of: dict[int, Worker] = {}
+        sel.register(self._inputs.fileno(), selectors.EVENT_READ, self)
 
     # -- starting --------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -209,6 +220,8 @@ class Workers:
         pool.workers[slot] = w
         self.by_pid[w.pid] = w
         self.sel.register(sp.status_fd, selectors.EVENT_READ, w)
+        self._inputs.register(sp.reply_fd, 0)  # EPOLLERR is always reported
+        self._input_of[sp.reply_fd] = w
         self._write_pidfile(w)
         log.info("queue %s: started worker %d, pid %d", queue, slot, w.pid)
 
@@ -370,8 +383,19 @@ class Workers:
             w.broken_at = self.clock()
             w.broken_why = why
 
+    def on_inputs(self) -> None:
+        """Some worker's input pipe has lost its reader: that worker closed fd 4 (or gave
+        it away and exited meanwhile)."""
+        for fd, _ in self._inputs.poll(0):
+            w = self._input_of.pop(fd, None)
+            self._inputs.unregister(fd)  # level-triggered: reported once, not in a loop
+            if w is not None:
+                self._broken(w, "closed its fd 4")
+
     def _close_input(self, w: Worker) -> None:
         if w.spawned.reply_fd >= 0:
+            if self._input_of.pop(w.spawned.reply_fd, None) is not None:
+                self._inputs.unregister(w.spawned.reply_fd)
             if w.writing:
                 self.sel.unregister(w.spawned.reply_fd)
                 w.writing = False
@@ -413,11 +437,14 @@ class Workers:
                 self._write(w, json.dumps({"id": msg_id, "reply": reply}).encode() + b"\n")
                 continue
             status = text if verb in KNOWN_VERBS else rest.strip()
-            inf.last_status = status
             c = protocol.parse_completion(verb, text)
             if c is None:
+                inf.last_status = status
                 pending[msg_id] = status
                 continue
+            if c.kind in ("done", "err") and not c.text and inf.last_status:
+                c = dataclasses.replace(c, text=inf.last_status)  # no text: what it showed stays
+            inf.last_status = c.text
             pending.pop(msg_id, None)
             self._conclude(w, inf, self._decide(inf, c))
             w.answered += 1
@@ -428,7 +455,7 @@ class Workers:
                 continue
             try:
                 self.store.set_status(w.queue, msg_id, text)
-                inf.status_written = True
+                inf.written_status = text
             except SpoolqError as e:
                 log.warning("%s/%s: cannot write status: %s", w.queue, msg_id, e)
         cfg = self._cfg(w.queue)
@@ -458,7 +485,7 @@ class Workers:
             self._arm(w, now)
             self._maybe_close(w)
         fin = Finish(inf.attempt, outcome, note=note, pid=w.pid, took=now - inf.sent,
-                     current_status=inf.last_status if inf.status_written else None)
+                     current_status=inf.written_status)
         if inf.lost:
             log.warning("%s/%s: dropped the outcome from worker pid %d (%s): another host holds the "
                         "message now", w.queue, inf.attempt.msg_id, w.pid, outcome.state)
@@ -577,6 +604,8 @@ class Workers:
         rest = w.lines.flush()
         if rest:
             self.handle(w, rest)
+        # What of its input it read: a line still in the pipe never reached it.
+        taken = w.written_bytes - _unread(w.spawned.reply_fd)
         self._close_input(w)
         try:
             os.close(w.spawned.status_fd)
@@ -599,8 +628,9 @@ class Workers:
                     f"TIMEOUT - killed after {self._timeout(w.queue):g} s (the worker's process group "
                     f"was terminated; its exit status was {how})")
                 self._conclude(w, inf, Outcome(State.ERR, why, m.count))
-            elif inf.end > w.written_bytes:
-                # Its line never reached the worker: it was not tried.
+            elif inf.end > taken:
+                # Its line never reached the worker (unwritten, or unread in the pipe: a
+                # worker that dies at start reads nothing): it was not tried.
                 self._conclude(w, inf, Outcome(State.QUE, "requeued: its worker exited before taking it",
                                                m.count), note="requeued")
             elif w.stopping or w.terminated:
@@ -627,6 +657,16 @@ class Workers:
     def _timeout(self, queue: str) -> float:
         cfg = self._cfg(queue)
         return cfg.timeout if cfg is not None and cfg.timeout is not None else 0.0
+
+
+def _unread(fd: int) -> int:
+    """Bytes written to the pipe ``fd`` (its write end) that its reader has not read."""
+    if fd < 0:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return 0
 
 
 def helper_dir(part: Part) -> str:
