@@ -399,8 +399,8 @@ def test_a_new_serve_waits_for_the_helpers_of_an_earlier_one(root: Path, client:
     fcntl.flock(lock, fcntl.LOCK_EX)
     s = Served(root).start(wait=False)
     try:
-        time.sleep(0.5)  # the start is waiting meanwhile: it must not be serving yet
-        assert "serving " not in s.log()
+        wait_for(lambda: "waiting for dispatch.1.pid" in s.log(), 20, "the start to wait for the lock")
+        assert "serving " not in s.log()  # it serves only once the lock is free
         os.close(lock)  # the earlier helper is gone
         s.wait_ready()
         assert client.wait(client.send("q"), 20).state == State.DONE

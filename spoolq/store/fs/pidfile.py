@@ -33,6 +33,8 @@ def wait_for_helpers(root: Path, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     held: list[str] = []
     for path in sorted(root.glob(HELPER_LOCK_GLOB)):
+        if _locked(path):
+            log.info("waiting for %s: a dispatch helper of an earlier spoolq serve holds it", path.name)
         while _locked(path):  # None (cannot tell): no helper of ours could have opened it either
             if time.monotonic() >= deadline:
                 held.append(str(path))
