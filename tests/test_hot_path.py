@@ -562,21 +562,36 @@ def claimed_behind_a_link(st: FsStore, elsewhere: Path) -> Attempt:
     return a
 
 
-def test_start_job_sets_aside_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path) -> None:
+@pytest.mark.parametrize("who", ["script", "worker"])
+def test_a_start_sets_aside_a_link_in_place_of_the_message_directory(st: FsStore, tmp_path: Path,
+                                                                     who: str) -> None:
     """An earlier script may replace its message directory with a link to a directory of
-    its choosing: the start must not follow it, nor write anything where it points, nor
-    fail the same way at every retry for ever. The link is set aside into ``corrupt/``
-    with its reason beside it, the run count follows, and the daemon's start ends the
-    attempt (the message is no longer its)."""
+    its choosing. A script's start must not follow it, and a persistent worker must not be
+    handed it as its ``dir`` (its writes would leave the spool); neither may fail the same
+    way at every retry for ever. The link is set aside into ``corrupt/`` with its reason
+    beside it, the run count follows, and the start ends the attempt (the message is no
+    longer the daemon's)."""
+    import selectors
+
     from spoolq.config import RootConfig
     from spoolq.daemon.jobs import JobRunner
+    from spoolq.daemon.workers import Workers
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     a = claimed_behind_a_link(st, elsewhere)
     before = sorted(os.listdir(elsewhere))
     runner = JobRunner(st, tmp_path, RootConfig(), time.time, "production", "t")
-    assert runner.start(a, st.queue_config("q")) is None
+    store_call: Callable[[Attempt], object]
+    if who == "script":
+        assert runner.start(a, st.queue_config("q")) is None
+        store_call = st.start_job
+    else:
+        workers = Workers(runner, selectors.DefaultSelector(), tmp_path, RootConfig(), time.time,
+                          finished=lambda f: None, changed=lambda q: None, config=st.queue_config)
+        # The worker itself is never reached: the hand-out ends before anything is written to it.
+        assert workers.send(None, a, st.queue_config("q"), time.time()) is False  # type: ignore[arg-type]
+        store_call = st.attempt_dir
     assert sorted(os.listdir(elsewhere)) == before, "nothing written through the link"
     corrupt = st.qdir("q") / "corrupt"
     links = [p for p in corrupt.iterdir() if p.is_symlink()]
@@ -589,41 +604,15 @@ def test_start_job_sets_aside_a_link_in_place_of_the_message_directory(st: FsSto
     again = tmp_path / "again"
     again.mkdir()
     with pytest.raises(CorruptMessage):  # the store's own call says why
-        st.start_job(claimed_behind_a_link(st, again))
-
-
-def test_a_persistent_workers_start_sets_aside_a_link_in_place_of_the_message_directory(
-        st: FsStore, tmp_path: Path) -> None:
-    """A persistent worker gets its message directory's path (``dir``): never one that is a
-    link, which would lead the worker's writes out of the spool. The link is set aside as
-    for a script, and the hand-out ends the attempt instead of retrying it for ever."""
-    import selectors
-
-    from spoolq.config import RootConfig
-    from spoolq.daemon.jobs import JobRunner
-    from spoolq.daemon.workers import Workers
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    a = claimed_behind_a_link(st, elsewhere)
-    before = sorted(os.listdir(elsewhere))
-    runner = JobRunner(st, tmp_path, RootConfig(), time.time, "production", "t")
-    workers = Workers(runner, selectors.DefaultSelector(), tmp_path, RootConfig(), time.time,
-                      finished=lambda f: None, changed=lambda q: None, config=st.queue_config)
-    # The worker itself is never reached: the hand-out ends before anything is written to it.
-    assert workers.send(None, a, st.queue_config("q"), time.time()) is False  # type: ignore[arg-type]
-    assert sorted(os.listdir(elsewhere)) == before, "nothing written through the link"
-    links = [p for p in (st.qdir("q") / "corrupt").iterdir() if p.is_symlink()]
-    assert len(links) == 1 and links[0].resolve() == elsewhere.resolve()
-    assert not os.path.lexists(message_path(st.qdir("q"), State.RUN, a.msg_id))
-    assert not st.holds("q", a.msg_id)
-    again = tmp_path / "again"
-    again.mkdir()
-    with pytest.raises(CorruptMessage):  # the store's own call says why
-        st.attempt_dir(claimed_behind_a_link(st, again))
-    m = st.create("q", Message())  # a real directory is handed out as it is
+        store_call(claimed_behind_a_link(st, again))
+    m = st.create("q", Message())  # a real directory is used as it is
     indexed(st, m.msg_id)
-    assert st.attempt_dir(claim(st)) == str(message_path(st.qdir("q"), State.RUN, m.msg_id))
+    mdir = str(message_path(st.qdir("q"), State.RUN, m.msg_id))
+    got = store_call(claim(st))
+    if isinstance(got, tuple):
+        os.close(got[1])
+        got = got[0]
+    assert got == (f"{mdir}/job" if who == "script" else mdir)
 
 
 @pytest.mark.parametrize("thing", ["fifo", "socket", "directory", "file", "hard link"])
