@@ -727,6 +727,43 @@ def test_what_a_script_leaves_as_history_or_pid_is_replaced(st: FsStore, name: s
     assert [h["state"] for h in history(st, m.msg_id)][-1] == "done"
 
 
+@pytest.mark.parametrize("name", ["status", "history", "pid", "msg"])
+def test_a_fifo_a_script_left_in_its_message_hangs_no_reader(st: FsStore, name: str) -> None:
+    """A FIFO nobody writes to, left by a script where the message's files are, blocked a
+    plain open for reading: the view of the message (a request's thread, ``spoolq show``)
+    and the daemon's recovery of ``run/`` (its ``pid`` file) hung until someone wrote. Each
+    read is non-blocking now; the FIFO reads as empty."""
+    import threading
+
+    m = st.create("q", Message())
+    st.move("q", m.msg_id, State.QUE, State.RUN)  # as a crashed daemon leaves it
+    where = message_path(st.qdir("q"), State.RUN, m.msg_id) / name
+    if where.exists():
+        where.unlink()
+    os.mkfifo(where)
+
+    def unblocked(fn: Callable[[], object]) -> None:
+        done: list[object] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - an error is fine here, a hang is not
+                done.append(e)
+            else:
+                done.append(None)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():
+            os.close(os.open(where, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open go
+        assert not t.is_alive() and done, f"reading {name} blocked"
+
+    unblocked(lambda: st.get("q", m.msg_id))
+    unblocked(lambda: st.reclaim("q", owner="t", lease=60))
+
+
 def test_a_message_whose_script_is_missing_gets_no_log(st: FsStore, tmp_path: Path) -> None:
     """With an ``exec_prefix`` the script is checked before anything is made for the
     attempt: the message goes to err with the reason and has no log (404), as before."""

@@ -52,6 +52,7 @@ from ..leases import (
 from .index import Entry, QueueIndex
 from .layout import bucketed, iter_entries
 from .recount import LiveRecount
+from .search import read_whole
 from .watcher import FsWatcher
 from .writing import WriteParts, logged_rename
 
@@ -668,7 +669,7 @@ class AttemptParts(WriteParts):
             if msg_id in mine or not owns(queue, msg_id):
                 continue  # ours and alive, or another dispatch process's (parts.py)
             try:
-                runner: str | None = (path / "pid").read_text().strip() or None
+                runner: str | None = read_whole(path / "pid").decode(errors="replace").strip() or None
             except OSError:
                 runner = None
             a = Attempt(queue, msg_id, new_attempt_id(msg_id, m.count), owner, now + lease, m,
@@ -723,7 +724,7 @@ def _indexed_message(e: Entry, src: str) -> Message | None:
         except OSError:
             return None
     try:
-        fd = os.open(f"{src}/msg", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"{src}/msg", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:

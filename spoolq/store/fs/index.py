@@ -92,7 +92,7 @@ def read_entry(msg_id: str, msg_dir: Path, keep: bool = False) -> Entry | None:
     validated message too, if ``msg`` is small and valid (``Entry.message``)."""
     p = f"{msg_dir}/msg"
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never hangs the loop
     except OSError:
         return None
     try:

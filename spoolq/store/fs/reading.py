@@ -42,7 +42,7 @@ from .beneath import NotBeneath, open_dir_beneath, open_in
 from .inotify import FsMessageWatch
 from .layout import Counts, count_tree, message_path
 from .queues import QueueParts, _read_file
-from .search import Needle, Scan, scan, status_text
+from .search import Needle, Scan, read_whole, scan, status_text
 
 # Order in which locate() looks for a message: the common states of a live message first.
 LOOKUP_ORDER = (State.RUN, State.QUE, State.PREP, State.DONE, State.ERR, State.RELAYED)
@@ -121,14 +121,13 @@ class ReadParts(QueueParts):
         m = self._read_msg(queue, state, path, acked)
         job_status = _job_status(path)
         try:
-            with open(path / "history", "rb") as f:
-                for line in f:
-                    try:
-                        h = json.loads(line)
-                    except ValueError:
-                        continue  # a torn last line after a crash: history is advisory
-                    if isinstance(h, dict):
-                        m.history.append(h)
+            for line in read_whole(path / "history").splitlines():
+                try:
+                    h = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line after a crash: history is advisory
+                if isinstance(h, dict):
+                    m.history.append(h)
         except FileNotFoundError:
             if not path.is_dir():  # it moved on since its msg was read: the caller reads again
                 raise MessageNotFound(f"message {path.name} moved while reading") from None
@@ -317,7 +316,7 @@ def _running_host(path: Path) -> str:
     """The host named in a running message's ``pid`` file (this one, for a file written by an
     older daemon without it); "" before the script started."""
     try:
-        runner = (path / "pid").read_text(errors="replace")
+        runner = read_whole(path / "pid").decode(errors="replace")
     except OSError:
         return ""
     return runner_host(runner) or socket.gethostname()

@@ -117,8 +117,11 @@ def scan(qdir: Path, state: State, needle: Needle | None, *, cursor: str | None,
 
 
 def read_whole(path: str | os.PathLike[str]) -> bytes:
-    """The whole file, in as few syscalls as it takes (Path.read_bytes makes ten)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """The whole file, in as few syscalls as it takes (Path.read_bytes makes ten). Opened
+    non-blocking (a regular file ignores it): a FIFO a script left in its message's place
+    reads as empty or fails (EAGAIN), instead of hanging the reader (a request's thread, the
+    daemon's recovery) until someone writes to it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         return read_rest(fd)
     finally:

@@ -32,6 +32,7 @@ from ...model import COMPACT_JSON, Message, State
 from ..base import SweepResult
 from .debris import is_debris, remove_partial
 from .layout import iter_entries, message_path
+from .search import read_whole
 
 if TYPE_CHECKING:
     from .store import FsStore
@@ -197,14 +198,13 @@ def _last_state(m: _Staged) -> State:
     """The state a recovered message goes to: the last one its history names (run: que)."""
     last = str(m.message.history[0].get("state", "que")) if m.message.history else "que"
     try:
-        with open(m.path / "history", "rb") as f:
-            for line in f:
-                try:
-                    h = json.loads(line)
-                except ValueError:
-                    continue  # torn by the crash
-                if isinstance(h, dict) and isinstance(h.get("state"), str):
-                    last = h["state"]
+        for line in read_whole(m.path / "history").splitlines():
+            try:
+                h = json.loads(line)
+            except ValueError:
+                continue  # torn by the crash
+            if isinstance(h, dict) and isinstance(h.get("state"), str):
+                last = h["state"]
     except OSError:
         pass
     try:
