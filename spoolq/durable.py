@@ -97,38 +97,64 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def open_own(name: str, flags: int, *, dir_fd: int | None = None) -> int:
-    """Open the regular file ``name`` (``O_CREAT`` in ``flags``; no ``O_TRUNC``: the caller
-    truncates once it is known to be its own), in a directory others may write (a message's,
-    where its script runs). Whatever is in its place that is not a plain file with one name
-    (a symbolic link, a hard link to a file elsewhere, a FIFO, a socket, a directory) is
+def open_own(name: str, flags: int, *, dir_fd: int | None = None, fresh: bool = False,
+             truncate: bool = False) -> int:
+    """Open the regular file ``name`` (``O_CREAT`` in ``flags``, never ``O_TRUNC``) in a
+    directory others may write (a message's, where its script runs). Whatever is in its
+    place that is not a plain file with one name (a symbolic link, a hard link to a file
+    elsewhere, a FIFO, a socket, a directory) or that its owner cannot open (mode 000) is
     removed and a new file made: never written through, never waited on. ``flags`` gains
     ``O_NOFOLLOW`` and ``O_NONBLOCK`` (which a regular file ignores: clear it before
-    handing the fd to a program)."""
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    try:
-        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
-    except IsADirectoryError:
-        import shutil  # only here: most processes never meet a directory in a file's place
+    handing the fd to a program).
 
-        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: follows no link inside it
-        return os.open(name, flags | os.O_EXCL, 0o644, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads, a socket
-            raise
-    else:
+    ``fresh``: the name is usually absent (a ``pid`` file, unlinked at each finish), so a
+    new file is tried first, which needs no check. ``truncate``: an existing file of its
+    own is emptied (after the check: ``O_TRUNC`` would empty a linked file first)."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    for _ in range(3):
+        if fresh:
+            try:
+                return os.open(name, flags | os.O_EXCL, 0o644, dir_fd=dir_fd)
+            except FileExistsError:
+                pass
         try:
-            st = os.fstat(fd)
-            # A second name: the file is someone else's too (spoolq never links these), and
-            # writing would change it. Unlinking this name leaves that file as it was.
-            if st.st_nlink == 1 and st.st_mode & 0o170000 == 0o100000:  # S_ISREG
-                return fd
-        except BaseException:
+            fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        except IsADirectoryError:
+            import shutil  # only here: most processes never meet a directory in a file's place
+
+            shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: follows no link inside it
+        except OSError as e:
+            # ENXIO: a FIFO nobody reads, or a socket; EACCES: a mode its owner cannot open.
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
+                raise
+            _unlink_if_there(name, dir_fd)
+        else:
+            try:
+                st = os.fstat(fd)
+                # A second name: the file is someone else's too (spoolq never links these),
+                # and writing would change it. Unlinking this name leaves that file as it was.
+                if st.st_nlink == 1 and st.st_mode & 0o170000 == 0o100000:  # S_ISREG
+                    if truncate and st.st_size:
+                        os.ftruncate(fd, 0)
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
             os.close(fd)
-            raise
-        os.close(fd)
-    os.unlink(name, dir_fd=dir_fd)
-    return os.open(name, flags | os.O_EXCL, 0o644, dir_fd=dir_fd)
+            _unlink_if_there(name, dir_fd)
+        try:
+            return os.open(name, flags | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        except FileExistsError:
+            continue  # put back at once (by the script that left it): look again
+    raise OSError(errno.EBUSY, f"{name} is replaced again each time it is removed (a process of the "
+                  "message's script?)")
+
+
+def _unlink_if_there(name: str, dir_fd: int | None) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def write_replace(path: str | os.PathLike[str], data: bytes, *, sync: bool = True) -> None:

@@ -367,6 +367,34 @@ def _stage_by_hand(fs: FsStore, name: str, state: State = State.QUE) -> tuple[Pa
     return stage, m.msg_id
 
 
+def test_sweep_follows_no_link_and_waits_on_no_fifo_it_finds_staged(fs: FsStore, tmp_path: Path) -> None:
+    """The sweep (at every daemon start) puts staged messages back: a link left as one's
+    history is replaced, not appended through, and a FIFO as another's msg is no message
+    (debris, removed) instead of hanging the start (review)."""
+    import threading
+
+    other = tmp_path / "token"
+    other.write_bytes(b"secret\n")
+    linked, linked_id = _stage_by_hand(fs, "999999999.0.abc")
+    (linked / "history").unlink(missing_ok=True)
+    (linked / "history").symlink_to(other)
+    fifo, _ = _stage_by_hand(fs, "999999999.1.abc")
+    (fifo / "msg").unlink()
+    os.mkfifo(fifo / "msg")
+    for stage in (linked, fifo):
+        os.utime(stage, (0, 0))  # old debris, as _stage_by_hand left it
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(fs.sweep("q")), daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        os.close(os.open(fifo / "msg", os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open go
+    assert not t.is_alive() and got, "the sweep hung on a FIFO"
+    assert other.read_bytes() == b"secret\n"
+    assert fs.get("q", linked_id).message.history[-1]["note"] == "recovered from .tmp"
+    assert str(fifo) in got[0].removed  # no message: debris of a producer that died
+
+
 def test_sweep_puts_complete_staged_messages_into_their_state(fs: FsStore) -> None:
     stage, msg_id = _stage_by_hand(fs, "999999999.0.abc")
     prep_stage, prep_id = _stage_by_hand(fs, "999999999.1.abc", State.PREP)
@@ -782,3 +810,36 @@ def test_write_replace_from_many_threads_at_once(tmp_path: Path) -> None:
     lines = set(target.read_bytes().splitlines())
     assert len(lines) == 1 and lines.pop().endswith(b".49")
     assert [p.name for p in tmp_path.iterdir()] == ["keys.json"]
+
+
+@pytest.mark.parametrize("times", [1, 99])
+def test_open_own_when_the_link_keeps_coming_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  times: int) -> None:
+    """A process of the script puts its link back right after each unlink: open_own looks
+    again (a few times), and then says what happens instead of an EEXIST the caller took
+    for "the id exists there already" (review)."""
+    other = tmp_path / "token"
+    other.write_bytes(b"secret\n")
+    name = tmp_path / "history"
+    name.symlink_to(other)
+    real_unlink = durable._unlink_if_there
+    put_back = [times]
+
+    def unlink_then_put_back(n: str, dir_fd: int | None) -> None:
+        real_unlink(n, dir_fd)
+        if put_back[0]:
+            put_back[0] -= 1
+            os.symlink(other, n)
+
+    monkeypatch.setattr(durable, "_unlink_if_there", unlink_then_put_back)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+    if times > 3:
+        with pytest.raises(OSError) as e:
+            durable.open_own(str(name), flags)
+        assert e.value.errno == errno.EBUSY and not isinstance(e.value, FileExistsError)
+    else:
+        fd = durable.open_own(str(name), flags)
+        os.write(fd, b"mine\n")
+        os.close(fd)
+        assert not name.is_symlink() and name.read_bytes() == b"mine\n"
+    assert other.read_bytes() == b"secret\n"

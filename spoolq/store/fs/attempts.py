@@ -516,11 +516,11 @@ class AttemptParts(WriteParts):
     def _write_pid(self, path: str, attempt: Attempt, runner: str) -> None:
         # Not fsync'd and not renamed into place: it matters only while this boot lasts, and
         # a daemon crash cannot tear a finished write(2).
-        # A link a script left in its place is not followed (durable.open_own).
-        fd = durable.open_own(f"{path}/pid", os.O_WRONLY | os.O_CREAT)
+        # A link a script left in its place is not followed (durable.open_own). Usually
+        # there is none: the finish unlinks it.
+        fd = durable.open_own(f"{path}/pid", os.O_WRONLY | os.O_CREAT, fresh=True, truncate=True)
         self._pid_files.add((attempt.queue, attempt.msg_id))
         try:
-            os.ftruncate(fd, 0)
             os.write(fd, runner.encode() + b"\n")
         finally:
             os.close(fd)

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ... import durable
 from ...errors import SpoolqError
 from ...ids import QUEUE_NAME_RE, validate_msg_id
 from ...model import COMPACT_JSON, Message, State
@@ -152,8 +153,7 @@ def _messages_in(p: Path, depth: int, problems: list[str] | None = None) -> Iter
     followed). An unreadable ``msg`` is not a message (reported in ``problems``)."""
     if os.path.lexists(p / "msg"):
         try:
-            with open(p / "msg", "rb") as f:
-                m = Message.from_dict(json.loads(f.read()))
+            m = Message.from_dict(json.loads(read_whole(p / "msg")))  # a FIFO there hangs no start
             validate_msg_id(m.msg_id)
         except (OSError, ValueError, RecursionError, SpoolqError) as e:
             if problems is not None:
@@ -231,8 +231,12 @@ def _put_back(store: FsStore, queue: str, m: _Staged, note: str, res: SweepResul
     remove_partial(m.path / "attach")  # debris of an attach cut short (prep only)
     entry = {"state": str(st), "at": time.time(), "note": note}
     try:
-        with open(m.path / "history", "ab") as f:
-            f.write(COMPACT_JSON.encode(entry).encode() + b"\n")  # advisory, like every history line
+        # Advisory, like every history line; a link left as history is not followed.
+        hfd = durable.open_own(str(m.path / "history"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            durable.write_all(hfd, COMPACT_JSON.encode(entry).encode() + b"\n")
+        finally:
+            os.close(hfd)
         store._publish(m.path, message_path(qdir, st, msg_id), store.queue_config(queue).fsync)
     except (OSError, SpoolqError) as e:
         if m.path.exists():  # else another sweep put it back meanwhile
