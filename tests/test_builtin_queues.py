@@ -4,6 +4,7 @@ cleaner, the router and debug do, run by a real daemon."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.parse
 import urllib.request
@@ -221,18 +222,20 @@ def test_the_webhook_follows_no_redirect_and_keeps_its_deadline(monkeypatch: pyt
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    trickler = socket.socket()
-    trickler.bind(("127.0.0.1", 0))
-    trickler.listen(1)
+    trickler, trickler2 = socket.socket(), socket.socket()
+    for t in (trickler, trickler2):
+        t.bind(("127.0.0.1", 0))
+        t.listen(1)
     stop = threading.Event()
 
-    def trickle() -> None:
-        conn, _ = trickler.accept()
+    def trickle(server: socket.socket) -> None:
+        conn, _ = server.accept()
         with conn:
             while not stop.wait(0.1):
                 conn.sendall(b"H")
 
-    threading.Thread(target=trickle, daemon=True).start()
+    threading.Thread(target=trickle, args=(trickler,), daemon=True).start()
+    alarm = signal.getsignal(signal.SIGALRM)  # main() sets its own (pytest-timeout's is given back below)
     lines: list[str] = []
     monkeypatch.setattr(webhook, "status", lines.append)
     monkeypatch.setattr(webhook, "TIMEOUT", 1.0)
@@ -245,7 +248,36 @@ def test_the_webhook_follows_no_redirect_and_keeps_its_deadline(monkeypatch: pyt
         t0 = time.monotonic()
         assert webhook.main() == 0
         assert time.monotonic() - t0 < 10 and lines[-1].startswith("resend 0-"), lines[-1]
+        # A name with two addresses, the first never answering the connect: the deadline's
+        # TimeoutError there is taken for that address's failure and the next is tried; it
+        # trickles, and the deadline must still end the post (review of the fix above).
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued: list[socket.socket] = []
+        while True:  # fill its accept queue: the next connect then hangs
+            c = socket.socket()
+            c.settimeout(0.5)
+            queued.append(c)
+            try:
+                c.connect(full.getsockname())
+            except TimeoutError:
+                break
+        addrs = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a)
+                 for a in (full.getsockname(), trickler2.getsockname())]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addrs)
+        monkeypatch.setattr(webhook, "TIMEOUT", 3.0)
+        monkeypatch.setenv("RQ_PARAM1", "http://two-addresses.invalid/hook")
+        threading.Thread(target=trickle, args=(trickler2,), daemon=True).start()
+        t0 = time.monotonic()
+        assert webhook.main() == 0
+        assert time.monotonic() - t0 < 12 and lines[-1].startswith("resend 0-"), lines[-1]
+        for q in queued:
+            q.close()
+        full.close()
     finally:
         stop.set()
         trickler.close()
+        trickler2.close()
         httpd.shutdown()
+        signal.signal(signal.SIGALRM, alarm)

@@ -78,16 +78,19 @@ def main() -> int:
     why = ""
     opener = urllib.request.build_opener(_NoRedirect)
     signal.signal(signal.SIGALRM, _past_deadline)
-    signal.setitimer(signal.ITIMER_REAL, DEADLINE)
+    # Again every second past the deadline: the connect's loop over a name's addresses
+    # takes a TimeoutError for one address's failure and tries the next.
+    signal.setitimer(signal.ITIMER_REAL, DEADLINE, 1.0)
     try:
-        with opener.open(request(url, payload), timeout=TIMEOUT) as res:
-            code = res.status
+        try:
+            with opener.open(request(url, payload), timeout=TIMEOUT) as res:
+                code = res.status
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # before any handler below runs
     except urllib.error.HTTPError as e:
         code, why = e.code, f"HTTP {e.code}"
     except (urllib.error.URLError, OSError, ValueError) as e:
         code, why = 0, f"could not connect to {url}: {getattr(e, 'reason', e)}"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
     if 200 <= code < 300:
         status(f"done successful post {code}")
         return 0
