@@ -46,8 +46,9 @@ def register(sub: Any) -> None:
                         "config included (same as --anonymous all). Any local user or process can then run "
                         "commands as this user: use it only on a machine you alone use")
     p.add_argument("--secure-cookies", action="store_true",
-                   help="mark the UI's cookies Secure, for a daemon reached through a TLS reverse proxy "
-                        "(it sees plain HTTP and cannot tell): the browser then never sends them over http")
+                   help="mark the UI's session and CSRF cookies Secure, for a daemon reached through a TLS "
+                        "reverse proxy (it sees plain HTTP and cannot tell): the browser then never sends them "
+                        "over http")
     for name, what, doc in (
             ("notify", "serve the notifier on port P (docs/notifier.md): each line a client sends goes to every "
                        "other client; ':join events' gives spoolq's events as JSON lines", "the notifier's"),
