@@ -291,3 +291,23 @@ def test_persistent_workers_on_postgresql(client: spoolq.Client, hosts: Any, tmp
     assert client.wait(att, 30).job_status == "from the database"
     v = client.wait(die, 30)
     assert (v.state, v.job_status, v.message.count) == (State.DONE, "survived", 1)
+
+
+def test_a_daemon_outlives_its_database_connections_being_cut(client: spoolq.Client, hosts: Any,
+                                                              pg_url: str) -> None:
+    """Every connection of the daemon is terminated while a script runs (what a database
+    restart does): the daemon goes on, the script's outcome is stored, and the message
+    runs once (audit: the daemon exited with status 6 and the outcome was lost)."""
+    import psycopg
+
+    client.create_queue("q", script=script("rq_script.sh"))
+    (served,) = hosts(1)
+    r = client.send("q", param1="slow", param2="3")
+    wait_for(lambda: client.get(r).state == State.RUN, 30, "the script to run")
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    client = spoolq.open(pg_url)  # the test's own pool lost its connections too
+    v = client.wait(r, 60)
+    assert (v.state, v.job_status, v.message.count) == (State.DONE, "slept", 0)
+    assert served.proc is not None and served.proc.poll() is None, served.log()[-2000:]

@@ -57,6 +57,8 @@ RECLAIM_EVERY = LEASE / 2
 SLICE = 0.004
 """Seconds of the store's indexing per loop iteration at most: what a big queue can delay
 the others."""
+STORE_RETRY = 0.5
+"""Seconds between tries of the loop while the store fails (a database out of reach)."""
 
 
 class Daemon:
@@ -978,8 +980,19 @@ class Daemon:
     def loop(self) -> None:
         """Serve until stopped by SIGTERM/SIGINT and every job is finished or requeued."""
         log.info("serving %s as %s", self.store.url, self.rootcfg.base_url)
+        quiet_until = 0.0
         while not self._done():
-            self.step(self.next_timeout())
+            try:
+                self.step(self.next_timeout())
+            except StorageError as e:
+                # The store is out of reach (a database restarting, its connections cut):
+                # running scripts go on, finishes are held and retried, and so is this.
+                now = time.monotonic()
+                if now >= quiet_until:
+                    log.warning("the store failed: %s; going on, trying again", e)
+                    quiet_until = now + 30.0
+                self.refresh_queues = True
+                time.sleep(STORE_RETRY)
         log.info("stopped")
 
     def run(self) -> int:
