@@ -20,7 +20,7 @@ from spoolq.store.local import LogPump, Trash, materialize
 
 
 @pytest.mark.parametrize("where", ["message directory", "job", "attach", "msg.tmp", "attachment part", "queue",
-                                   "a directory as msg", "a directory as the attachment"])
+                                   "a directory as msg", "a directory as the attachment", "work"])
 def test_materialize_follows_no_link_an_earlier_script_left(tmp_path: Path, where: str) -> None:
     """The local directory is kept across attempts: a script of an earlier one may leave a
     link in the place of anything materialize writes. Nothing is written through it (a
@@ -36,13 +36,16 @@ def test_materialize_follows_no_link_an_earlier_script_left(tmp_path: Path, wher
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "kept").write_text("mine\n")
-    base.mkdir()
+    if where == "work":
+        base.symlink_to(elsewhere)  # <home>/work itself (audit: the copy was built there)
+    else:
+        base.mkdir()
     if where == "queue":
         (base / "q").symlink_to(elsewhere)
-    else:
+    elif where != "work":
         (base / "q").mkdir()
-    if where == "queue":
-        pass  # the queue's directory is the link
+    if where in ("queue", "work"):
+        pass  # the queue's directory, or the base, is the link
     elif where == "message directory":
         mdir.symlink_to(elsewhere)
     elif where.startswith("a directory as"):
@@ -166,3 +169,19 @@ def test_attempt_ids_are_unique_in_a_process_and_across_a_fork() -> None:
     assert len(theirs) == 100
     assert not theirs & (mine | ours_next)
     assert {i.rsplit(".", 1)[1][:8] for i in theirs} != {i.rsplit(".", 1)[1][:8] for i in mine}
+
+
+def test_the_trash_follows_no_link_left_in_its_place(tmp_path: Path) -> None:
+    """``<home>/work/.trash`` replaced by a link (a script can write under ``<home>/work``):
+    finished messages' directories are not moved, then removed, where it points."""
+    base = tmp_path / "work"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept").write_text("mine\n")
+    mdir = base / "q" / "20261205.1100.00.000.1"
+    mdir.mkdir(parents=True)
+    (base / ".trash").symlink_to(elsewhere)
+    Trash(base).forget("q", "20261205.1100.00.000.1")
+    assert os.listdir(elsewhere) == ["kept"] and (elsewhere / "kept").read_text() == "mine\n"
+    assert (base / ".trash").is_dir() and not (base / ".trash").is_symlink()
+    assert not mdir.exists()

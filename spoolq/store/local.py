@@ -41,11 +41,12 @@ def materialize(store: Store, attempt: Attempt, base: Path, names: Iterable[str]
     across attempts on this host (the script's files stay, as on the filesystem store).
     ``names``: the message's attachments, when the caller has read them already."""
     mdir = base / validate_queue_name(attempt.queue) / validate_msg_id(attempt.msg_id)
-    base.mkdir(parents=True, exist_ok=True)
     # Kept across attempts, so an earlier script may have left a link (or a directory, a
     # file) in the place of any of these (as on the filesystem store, docs/security.md):
-    # none is followed. What is written here is a copy of the store's: whatever is in the
-    # way is removed and the copy made again.
+    # none is followed, ``base`` itself (``<home>/work``) included. What is written here is
+    # a copy of the store's: whatever is in the way is removed and the copy made again.
+    base.parent.mkdir(parents=True, exist_ok=True)
+    _own_dir(base)
     _own_dir(mdir.parent)
     _own_dir(mdir)
     job = mdir / "job"
@@ -123,7 +124,8 @@ class Trash:
         """Remove ``<base>/<queue>/<id>``: moved into the trash now, deleted soon."""
         path = self.dir.parent / validate_queue_name(queue_name) / validate_msg_id(msg_id)
         if self._thread is None:
-            self.dir.mkdir(exist_ok=True)
+            _own_dir(self.dir.parent)  # as materialize: a link a script left there is not followed
+            _own_dir(self.dir)
             for left in os.listdir(self.dir):  # a previous process's, died before removing it
                 self._queue.put(self.dir / left)
             self._thread = threading.Thread(target=self._run, name="spoolq-trash", daemon=True)
