@@ -165,6 +165,18 @@ def _check_params(value: Any, path: str = "params", depth: int = 0) -> None:
         raise InvalidMessage(f"{path}: {type(value).__name__} is not a JSON value")
 
 
+def holds_nul(value: Any) -> bool:
+    """Does ``value`` (a message's ``params``) hold a NUL character in a key or a string?
+    JSON can carry one; PostgreSQL's jsonb cannot (store/pg refuses such a message)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(holds_nul(v) for v in value)
+    return False
+
+
 def _int(value: Any, name: str, lo: int = 0, hi: int = 2**31) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise InvalidMessage(f"{name} must be an integer, got {value!r}")

@@ -455,3 +455,21 @@ def test_the_daemon_feed_carries_only_what_a_daemon_acts_on(stores: list[PgStore
         assert take() == [("queues", None, None), ("config", "plain", None)]
     finally:
         feed.close()
+
+
+def test_a_nul_in_params_is_refused_at_the_send(stores: list[PgStore]) -> None:
+    """jsonb cannot hold a NUL: a message whose params had one was stored (as text) and
+    then failed every jsonb read, its finish (and a coalesced one's) retried for ever
+    (audit). It is refused at the send, one or many, and nothing is stored."""
+    from spoolq.errors import InvalidMessage
+
+    s = stores[0]
+    make_queue(s, coalesce_params=[1])
+    for params in ({"note": "x\x00y"}, {"k\x00": 1}, {"deep": [{"a": ["\x00"]}]}):
+        with pytest.raises(InvalidMessage, match="NUL"):
+            s.create("q", Message.from_dict({"param1": "k", "params": params}))
+        with pytest.raises(InvalidMessage, match="NUL"):
+            s.create_many("q", [Message.from_dict({"param1": "ok"}), Message.from_dict({"params": params})])
+    assert s.counts("q")["que"] == 0
+    s.create("q", Message.from_dict({"param1": "k", "params": {"note": "x\\u0000y as text"}}))
+    assert s.counts("q")["que"] == 1

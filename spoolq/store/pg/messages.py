@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 from ...errors import (
     AttachmentNotFound,
     InvalidInput,
+    InvalidMessage,
     InvalidName,
     MessageNotFound,
     QueueDown,
@@ -36,6 +37,7 @@ from ...model import (
     MessageView,
     State,
     check_transition,
+    holds_nul,
     runner_host,
     search_text,
 )
@@ -184,6 +186,10 @@ class MessageParts(QueueParts):
 
     @staticmethod
     def _stamped(queue: str, msg: Message, state: State, now: float, n: int) -> Message:
+        if holds_nul(msg.params):
+            # Stored as text it would pass, and every jsonb read of it fail: its finish (a
+            # coalesced one's too) was retried for ever (audit).
+            raise InvalidMessage("params must not contain a NUL character (PostgreSQL cannot store one)")
         m = Message.from_dict(msg.to_dict())
         m.msg_id = make_id(now, n)
         m.created_at = now
