@@ -6,7 +6,9 @@ a last line without its newline counts at EOF (not after a reset); a 0x04 byte (
 in telnet) ends the connection after the complete lines before it. A line longer than 64 KiB drops its sender.
 Output is buffered per client: one with more than 1 MiB waiting is dropped, so a client
 that does not read never slows the others. Bound off loopback, a client from anywhere but
-loopback must send ``:auth <token>`` first.
+loopback must send ``:auth <token>`` first, within :data:`AUTH_WITHIN` seconds. At most
+:data:`MAX_CLIENTS` are connected at once (more are told so and closed); when the process
+runs out of file descriptors, the server stops accepting for a second instead of spinning.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("spoolq.linesrv")
@@ -25,6 +28,13 @@ log = logging.getLogger("spoolq.linesrv")
 MAX_LINE = 64 * 1024
 MAX_OUT = 1 << 20
 READ = 65536
+MAX_CLIENTS = 512
+"""Clients connected at once, per server: each holds a file descriptor the daemon's scripts
+need too, and up to a line of input."""
+AUTH_WITHIN = 10.0
+"""Seconds a client that must send ``:auth`` has to do it: idle strangers hold no fds."""
+ACCEPT_PAUSE = 1.0
+"""Seconds without accepting after accept(2) failed (EMFILE): the listener stays readable."""
 
 
 def is_loopback_addr(host: str) -> bool:
@@ -43,6 +53,7 @@ class Client:
     out: bytearray = field(default_factory=bytearray)
     channels: set[str] = field(default_factory=set)  # the notifier's
     ack: bool = False  # the intake's
+    since: float = field(default_factory=time.monotonic)  # connected at
 
     @property
     def gone(self) -> bool:
@@ -67,6 +78,8 @@ class LineServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.srv: socket.socket | None = None
+        self._accept_at: float | None = None  # accepting again then (after EMFILE)
+        self._tidy_at = 0.0  # the next look for clients that did not authenticate in time
 
     # -- to be filled in -----------------------------------------------------------------
     def new_client(self, c: Client) -> None:
@@ -116,7 +129,8 @@ class LineServer:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for key, mask in self.sel.select(1.0):
+            self._tidy(time.monotonic())
+            for key, mask in self.sel.select(1.0 if self._accept_at is None else ACCEPT_PAUSE / 4):
                 try:
                     if key.data == "accept":
                         self._accept()
@@ -137,6 +151,18 @@ class LineServer:
                     log.exception("%s: unexpected error", self.name)
 
     # -- clients -------------------------------------------------------------------------
+    def _tidy(self, now: float) -> None:
+        """Accept again after a pause; drop clients that did not send ``:auth`` in time."""
+        if self._accept_at is not None and now >= self._accept_at and self.srv is not None:
+            self._accept_at = None
+            self.sel.register(self.srv, selectors.EVENT_READ, "accept")
+        if now < self._tidy_at:
+            return
+        self._tidy_at = now + 0.5
+        for c in [c for c in self.clients.values() if not c.authed and now - c.since > AUTH_WITHIN]:
+            self.send(c, b":error send :auth <token> first\n")
+            self.drop(c, f"no :auth within {AUTH_WITHIN:g} s")
+
     def _accept(self) -> None:
         assert self.srv is not None
         for _ in range(64):
@@ -145,8 +171,20 @@ class LineServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: keep serving those connected
-                log.warning("%s: cannot accept: %s", self.name, e)
+                # The pending connection stays, and the listener readable: without a pause
+                # this loop would spin (and log) as fast as it can.
+                log.warning("%s: cannot accept: %s; not accepting for %g s", self.name, e, ACCEPT_PAUSE)
+                self.sel.unregister(self.srv)
+                self._accept_at = time.monotonic() + ACCEPT_PAUSE
                 return
+            if len(self.clients) >= MAX_CLIENTS:
+                try:
+                    sock.send(b":error too many connections\n")
+                except OSError:
+                    pass
+                sock.close()
+                log.warning("%s: refused %s: %d clients connected already", self.name, addr[0], MAX_CLIENTS)
+                continue
             sock.setblocking(False)
             peer = str(addr[0])
             c = Client(sock, peer, authed=self.token is None or (self.trust_loopback and is_loopback_addr(peer)))
@@ -184,18 +222,22 @@ class LineServer:
             data = data[:ctrl_d]
         c.inbuf += data
         lines: list[bytes] = []
+        too_long = False
         while (nl := c.inbuf.find(b"\n")) >= 0:
+            if nl > MAX_LINE:  # complete, but begun in an earlier read: as long a line all the same
+                too_long = True
+                break
             lines.append(bytes(c.inbuf[:nl]).rstrip(b"\r"))
             del c.inbuf[:nl + 1]
         if lines:
             self._lines(c, lines)
         if c.gone:
             return
-        if ctrl_d >= 0:
-            self.drop(c, None)
-        elif len(c.inbuf) > MAX_LINE:
+        if too_long or len(c.inbuf) > MAX_LINE:
             self.send(c, b":error line longer than 64 KiB\n")
             self.drop(c, "line too long")
+        elif ctrl_d >= 0:
+            self.drop(c, None)
 
     def _lines(self, c: Client, lines: list[bytes]) -> None:
         while lines and not c.authed:
