@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_util import Served, wait_for
@@ -519,3 +520,61 @@ def test_event_subscriptions_by_kind() -> None:
     assert not bus.wants("state") and bus.wants("admin")
     some.close()
     assert not bus.wants("admin") and not bus.listening
+
+
+def test_a_trigger_it_may_read_but_not_write_is_not_held(client: spoolq.Client, conf: fsq.Conf, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsq makes ``trigger-s`` mode 0640: a daemon in its group may open it for reading, not
+    for writing. It held the read end alone, and once an ``enqueue -t`` hung up, the read
+    end was at EOF for ever: 100 % CPU (audit, with the daemon's DAC override dropped). As
+    root here, the refused open is stood in for; the trigger is then not held at all (the
+    safety poll finds the items), and the read end is not left open."""
+    from spoolq.daemon import fsqintake
+    from spoolq.daemon.fsqintake import FsqIntake
+
+    q = make_queue(client, conf, tmp_path / "prog")
+    s = fsqintake.Served(client.queue_config(q))
+    intake = FsqIntake(tmp_path, client=client)
+    real_open = os.open
+    before = set(os.listdir("/proc/self/fd"))
+
+    def refuse_write(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if str(path).startswith("/proc/self/fd/") and flags & os.O_WRONLY:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(fsqintake.os, "open", refuse_write)
+    intake._open_trigger(s)
+    monkeypatch.undo()
+    assert s.trigger_fd is None and s.trigger_wfd is None
+    assert set(os.listdir("/proc/self/fd")) <= before | {str(n) for n in range(3)}
+
+
+def test_the_intake_thread_outlives_a_failed_look_at_the_queues(client: spoolq.Client, conf: fsq.Conf,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its look at the queues caught only spoolq's errors: an OSError (EMFILE, in the
+    audit's flood of connections) ended the thread, and fsq queues went unserved until a
+    restart. It is tried again at the next poll."""
+    from spoolq.daemon import fsqintake
+    from spoolq.daemon.fsqintake import FsqIntake
+
+    q = make_queue(client, conf, tmp_path / "prog")
+    monkeypatch.setattr(fsqintake, "SAFETY_POLL", 0.2)
+    intake = FsqIntake(tmp_path, client=client)
+    real = client.store.queues
+    failed: list[int] = []
+
+    def queues_once_failing() -> Any:
+        if not failed:
+            failed.append(1)
+            raise OSError(24, "Too many open files")
+        return real()
+
+    monkeypatch.setattr(client.store, "queues", queues_once_failing)
+    intake.start()
+    try:
+        wait_for(lambda: q in intake.served, 10, "the queue served after the failed look")
+        assert failed and intake._thread is not None and intake._thread.is_alive()
+    finally:
+        intake.stop()

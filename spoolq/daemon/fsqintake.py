@@ -137,8 +137,12 @@ class FsqIntake(WatchThread):
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= self._refresh_due:
-                self._refresh()
                 self._refresh_due = now + SAFETY_POLL
+                try:
+                    self._refresh()
+                except Exception as e:  # noqa: BLE001 - EMFILE, say: the thread must outlive it
+                    self._warn("", "refresh", "fsq: cannot look at the queues: %s; again in %g s", e,
+                               SAFETY_POLL)
             for q in sorted(self._dirty):
                 self._dirty.discard(q)
                 try:
@@ -251,11 +255,18 @@ class FsqIntake(WatchThread):
             fd = os.open(trig, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            s.trigger_fd = fd
-            s.trigger_wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        else:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.close(fd)
+            return
+        try:
+            # A reader alone would see EOF for ever once an enqueue -t hangs up: a storm.
+            wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:  # fsq's mode 0640: readable by the group, not writable by it
+            os.close(fd)
+            self._warn(s.fsq_dir, "trigger", "fsq: cannot hold %s open for writing (%s): its enqueue -t "
+                       "wakes nothing; items are looked for every %g s", trig, e.strerror or e, SAFETY_POLL)
+            return
+        s.trigger_fd, s.trigger_wfd = fd, wfd
 
     def _sweep(self, queue: str, held: fsq.Held) -> None:
         """Finish what the take and the finish could not: a held item's prep message is
