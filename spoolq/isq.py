@@ -16,6 +16,7 @@ Nothing here follows a symbolic link: a spool is often world-writable (isq's REA
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -64,18 +65,33 @@ def try_lock(path: Path) -> bool:
     finally:
         os.close(fd)
     try:
-        for _ in range(3):
-            try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            pass
+        # Breaking a stale lock: judge it, remove it, take it, with no other spoolq process
+        # doing the same in between (an flock on the directory). Otherwise two breakers
+        # that both judged the dead holder's lock stale could each remove what the other
+        # had just taken, and both hold it (audit: 25 of 300 rounds of three processes).
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            for _ in range(3):
                 if not stale(path):
                     return False
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        return False
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
+                    continue  # taken meanwhile by one that found it free: judged again
+            return False
+        finally:
+            os.close(dfd)  # lets the flock go
     finally:
         os.unlink(tmp)
 
