@@ -218,7 +218,9 @@ class Operations:
 
     def _act(self, op: Operation, ids: list[str]) -> None:
         if op.action == "delete":
-            failures = self.client.delete_many(op.queue, ids)
+            # Only those still in the state the operation is over: one retried, acked or
+            # moved since it was listed is not this operation's to delete (audit).
+            failures = self.client.delete_many(op.queue, ids, state=op.state)
             for msg_id, e in failures:
                 op.note_failure(msg_id, e)
             op.succeeded += len(ids) - len(failures)
