@@ -120,6 +120,22 @@ def test_period_ticks_once_each_across_restarts(root: Path) -> None:
     assert len(sent(client)) == 3
 
 
+def test_a_clock_stepped_back_does_not_silence_a_timer(root: Path) -> None:
+    """The last tick is kept as wall-clock time: with the clock stepped back an hour, a
+    60 s timer said nothing for that hour (audit). It ticks a period after now instead."""
+    client, clock = setup(root)
+    t = timers(client, root, clock)
+    t.tick()
+    clock.now += 61
+    t.tick()
+    assert len(sent(client)) == 2
+    clock.now -= 3600
+    for _ in range(3):
+        clock.now += 61
+        t.tick()
+    assert len(sent(client)) == 4  # at now + 60 after the step, then a period later
+
+
 def test_a_timer_rewritten_within_one_clock_tick_to_the_same_size_is_seen(root: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """A file's times tick coarsely: replaced right after a scan read it by one of the same

@@ -277,6 +277,13 @@ class Timers:
         t = self.timers[name]
         st = self.state.get(name, {})
         last = st.get("last")
+        if isinstance(last, (int, float)) and last > now:
+            # A last tick in the future: the clock was stepped back since (or was ahead when
+            # it was recorded). Counted from now, once, or the timer would say nothing for
+            # as long as the clock was off (audit: an hour for a 60 s timer).
+            log.warning("timer %s: its last tick is %.0f s in the future (the clock went back?): "
+                        "counting from now", name, last - now)
+            st["last"] = last = now
         return t.next_after(float(last) if isinstance(last, (int, float)) else None, now)
 
     def tick(self) -> float:
