@@ -281,3 +281,14 @@ def test_the_webhook_follows_no_redirect_and_keeps_its_deadline(monkeypatch: pyt
         trickler2.close()
         httpd.shutdown()
         signal.signal(signal.SIGALRM, alarm)
+
+
+def test_the_cleaner_keeping_more_days_than_since_1970_removes_nothing(client: spoolq.Client) -> None:
+    """param2 over ~20,800 days put the cutoff before 1970, whose id prefix is no id: the
+    cleaner ended with a traceback and its message in err (audit)."""
+    from spoolq.builtin import cleaner
+
+    client.create_queue("q", script="/bin/true")
+    client.send("q")
+    assert cleaner.clean(client, "q", time.time() - 99999 * 86400) == {}
+    assert client.counts("q")["que"] == 1

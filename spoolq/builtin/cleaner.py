@@ -52,6 +52,8 @@ def days_of(param2: str) -> int:
 
 def clean(client: Client, queue: str, cutoff: float) -> dict[str, int]:
     """Delete what ``queue`` holds from before ``cutoff`` (epoch seconds); counts per state."""
+    if cutoff <= 0:  # more days kept than since 1970 (a traceback, audit): nothing is that old
+        return {}
     cursor0 = f"{id_prefix(cutoff)}.0"  # ids older than this one: created before the cutoff
     removed: dict[str, int] = {}
     for state in (State.DONE, State.RELAYED, State.ERR, State.PREP):
