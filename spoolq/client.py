@@ -307,12 +307,14 @@ class Client:
         ``key=value``, or the status). ``scan_limit`` bounds how many messages one call
         examines: a page may then be short and still have a ``next_cursor`` to search on
         from. Unreadable messages are set aside and named in ``problems``."""
+        _check_limit(limit)
         return self.store.list(queue, _state(state), limit=limit, cursor=cursor, filter=filter,
                                scan_limit=scan_limit)
 
     def find_ids(self, queue: str, state: State | str, *, filter: str | None = None, cursor: str | None = None,
                  limit: int = 1000, scan_limit: int | None = None) -> IdPage:
         """Like :meth:`list`, ids only: what bulk operations walk."""
+        _check_limit(limit)
         return self.store.find_ids(queue, _state(state), filter=filter, cursor=cursor, limit=limit,
                                    scan_limit=scan_limit)
 
@@ -454,6 +456,9 @@ class Client:
         Woken by the store (inotify on the filesystem), not by polling. Raises WaitTimeout if
         ``timeout`` seconds pass first.
         """
+        if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+            # NaN compares false with everything: it waited for ever (audit).
+            raise InvalidInput(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         r = self.ref(ref)
         view = wait_final(self.store, r.queue, r.msg_id, timeout)
         if view is None:
@@ -527,3 +532,9 @@ def _reset_http_retries(m: Message) -> None:
     first = m.params.get("retries")
     if "remaining_retries" in m.params and isinstance(first, int) and not isinstance(first, bool):
         m.params = {**m.params, "remaining_retries": first}
+
+
+def _check_limit(limit: int) -> None:
+    """A page holds at least one: 0 or less gave one item and a cursor (audit)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidInput(f"limit must be a whole number >= 1, not {limit!r}")

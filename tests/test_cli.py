@@ -112,6 +112,30 @@ def test_queue_lifecycle(cli: Cli, script: Path, root: Path) -> None:
     assert list((root / "deleted").iterdir()), "a deleted queue is kept under ROOT/deleted"
 
 
+@pytest.mark.parametrize("timeout", ["nan", "-1", "inf"])
+def test_wait_refuses_a_timeout_that_is_no_time(cli: Cli, q: str, timeout: str) -> None:
+    """``--timeout nan`` waited for ever: NaN is never <= 0 (audit). A bad value is exit 2,
+    at once."""
+    full = cli("send", q).stdout.strip()
+    r = cli("wait", full, "--timeout", timeout, timeout=20)
+    assert r.returncode == exitcodes.USAGE and "timeout must be" in r.stderr, r.stderr
+
+
+def test_a_page_holds_at_least_one(cli: Cli, q: str, root: Path) -> None:
+    """The Python API took limit 0 or -1 and answered one item and a cursor (audit)."""
+    import spoolq
+    from spoolq.errors import InvalidInput
+
+    client = spoolq.open(root)
+    client.send(q)
+    for bad in (0, -1):
+        with pytest.raises(InvalidInput, match="limit"):
+            client.list(q, "que", limit=bad)
+        with pytest.raises(InvalidInput, match="limit"):
+            client.find_ids(q, "que", limit=bad)
+    assert len(client.list(q, "que", limit=1).items) == 1
+
+
 def test_queue_show_human(cli: Cli, q: str) -> None:
     out = cli("queue", "show", q).stdout
     assert re.search(r"^admin state: UP$", out, re.M)
