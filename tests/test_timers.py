@@ -61,6 +61,9 @@ def test_cron_refuses(utc: None, expr: str) -> None:
     ({"period": 5}, "dest"),
     ({"period": 5, "msg": {"dest": "q"}, "when": 1}, "unknown key"),
     ({"period": 5, "msg": {"dest": "q", "param1": {"x": 1}}}, "param1"),
+    # Found at load, not at every tick (audit: logged every 2-5 s, docs say once):
+    ({"period": 5, "msg": {"dest": "../etc"}}, "names no queue"),
+    ({"cron": "0 0 30 2 *", "msg": {"dest": "q"}}, "never matches"),
 ])
 def test_bad_timer_files(tmp_path: Path, data: dict[str, Any], why: str) -> None:
     p = tmp_path / "t.json"

@@ -166,13 +166,19 @@ def load_timer(path: Path) -> Timer:
         raise ValueError('"msg" must be an object with a "dest"')
     msg = {k: v for k, v in msg.items() if k in MSG_KEYS}
     Message.from_dict(msg)  # validated now, not at the first tick
+    dest = msg["dest"]
+    if not dest.startswith("http") and not QUEUE_NAME_RE.match(dest.strip("/").removeprefix("q/")):
+        # As builtin.target_queue reads it; else every tick said so again (audit).
+        raise ValueError(f'"msg": "dest" {dest!r} names no queue (a queue name, q/NAME, or an http URL)')
     period, cron = data.get("period"), data.get("cron")
     if (period is None) == (cron is None):
         raise ValueError('give one of "period" (seconds) or "cron"')
     if cron is not None:
         if not isinstance(cron, str):
             raise ValueError('"cron" must be a string of five fields')
-        return Timer(name, msg, cron=Cron.parse(cron), stamp=stamp, settled=settled)
+        parsed = Cron.parse(cron)
+        parsed.next_after(time.time())  # ValueError now for one that never matches (30 February)
+        return Timer(name, msg, cron=parsed, stamp=stamp, settled=settled)
     if isinstance(period, bool) or not isinstance(period, (int, float)) or not 1 <= period <= 10 * 366 * 86400:
         raise ValueError('"period" must be a number of seconds, at least 1')
     return Timer(name, msg, period=float(period), stamp=stamp, settled=settled)
