@@ -136,6 +136,32 @@ def test_a_page_holds_at_least_one(cli: Cli, q: str, root: Path) -> None:
     assert len(client.list(q, "que", limit=1).items) == 1
 
 
+MEASURED = """
+import resource, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+chunk = b"x" * (1 << 20)
+try:
+    for _ in range(200):  # one line of 200 MiB
+        p.stdin.write(chunk)
+    p.stdin.write(b"\\n")
+    p.stdin.close()
+except BrokenPipeError:
+    pass  # refused before the end: the point
+err = p.stderr.read().decode()
+print(p.wait(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024, err.strip()[:200])
+"""
+
+
+def test_send_from_file_reads_a_huge_line_only_so_far(q: str, root: Path) -> None:
+    """A 400 MB line took 822 MB of memory before it was refused (audit): the line is read
+    at most a param's size at a time, refused (exit 2) and the memory stays small."""
+    r = subprocess.run([sys.executable, "-c", MEASURED, SPOOLQ, "--root", str(root), "send", q,
+                        "--from-file", "-"], capture_output=True, text=True, timeout=120)
+    code, peak_mb, why = r.stdout.split(" ", 2)
+    assert int(code) == exitcodes.USAGE and "line 1 is over" in why, r.stdout
+    assert int(peak_mb) < 120, f"peak {peak_mb} MiB for a 200 MiB line"
+
+
 def test_queue_show_human(cli: Cli, q: str) -> None:
     out = cli("queue", "show", q).stdout
     assert re.search(r"^admin state: UP$", out, re.M)
