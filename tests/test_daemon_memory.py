@@ -21,11 +21,22 @@ SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
 class Clock:
+    """A fake wall clock (``t``) and a fake monotonic one (``m``): time passing moves both
+    (:meth:`advance`); a clock step moves ``t`` alone."""
+
     def __init__(self) -> None:
         self.t = time.time()
+        self.m = 1000.0
 
     def __call__(self) -> float:
         return self.t
+
+    def mono(self) -> float:
+        return self.m
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        self.m += seconds
 
 
 @pytest.fixture
@@ -41,7 +52,7 @@ def store(clock: Clock) -> MemoryStore:
 @pytest.fixture
 def daemon(store: MemoryStore, clock: Clock, tmp_path: Path) -> Iterator[Daemon]:
     saved = {s: signal.getsignal(s) for s in SIGNALS}
-    d = Daemon(store, home=tmp_path, port=1, clock=clock)
+    d = Daemon(store, home=tmp_path, port=1, clock=clock, mono=clock.mono)
     d.setup()
     try:
         yield d
@@ -102,7 +113,24 @@ def test_a_timeout_follows_the_clock(daemon: Daemon, store: MemoryStore, clock: 
     queue(store, timeout=60, max_count=1)
     m = send(store, param1="slow", param2="300")
     run_until(daemon, lambda: bool(daemon.jobs), "the start")
-    clock.t += 61
+    clock.advance(61)
+    run_until(daemon, lambda: state(store, m) == State.ERR, "the timeout")
+    assert "timeout" in store.get("q", m).job_status.lower()
+
+
+def test_a_clock_step_is_no_timeout(daemon: Daemon, store: MemoryStore, clock: Clock) -> None:
+    """The wall clock stepped an hour forward killed a script with a one-hour timeout at
+    once, and one stepped back let a script run past its timeout (audit): timeouts are
+    durations, on the monotonic clock."""
+    queue(store, timeout=3600, max_count=1)
+    m = send(store, param1="slow", param2="300")
+    run_until(daemon, lambda: bool(daemon.jobs), "the start")
+    clock.t += 3601  # a step: no time has passed
+    for _ in range(10):
+        daemon.step(0.02)
+    assert state(store, m) == State.RUN, store.get("q", m).job_status
+    clock.t -= 7200  # stepped back past the start: the timeout still comes after its hour
+    clock.m += 3601
     run_until(daemon, lambda: state(store, m) == State.ERR, "the timeout")
     assert "timeout" in store.get("q", m).job_status.lower()
 

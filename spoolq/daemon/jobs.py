@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,8 @@ class Job:
     lines: LineBuffer = field(default_factory=LineBuffer)
     completion: Completion | None = None
     last_status: str = ""
-    deadline: float | None = None
-    kill_at: float | None = None
+    deadline: float | None = None  # on the runner's monotonic clock (a clock step is no timeout)
+    kill_at: float | None = None  # the same
     timed_out: bool = False
     stopping: bool = False
     eof: bool = False
@@ -100,11 +101,14 @@ class JobRunner:
     """Starts and finishes attempts for the supervisor. All store access is synchronous."""
 
     def __init__(self, store: Store, home: Path, rootcfg: RootConfig, clock: Callable[[], float],
-                 rq_env: str, owner: str) -> None:
+                 rq_env: str, owner: str, mono: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.home = home  # relative scripts resolve here; the webhook placeholder lives here
         self.rootcfg = rootcfg
-        self.clock = clock
+        self.clock = clock  # the wall clock: due times, leases, what is stored
+        # Durations (timeouts, kill grace): a wall clock stepped an hour forward killed every
+        # running script as timed out, and one stepped back let them run past it (audit).
+        self.mono = mono
         self.rq_env = rq_env
         self.owner = owner
         self.stats = JobStats()
@@ -189,7 +193,7 @@ class JobRunner:
         now = self.clock()
         job = Job(attempt=attempt, spawned=sp, started=now, timeout=cfg.timeout, renew_at=now + RENEW)
         if cfg.timeout is not None:
-            job.deadline = now + cfg.timeout
+            job.deadline = self.mono() + cfg.timeout
         self.stats.started(queue)
         log.debug("%s/%s: started pid %d (count %d)", queue, msg_id, sp.pid, msg.count)
         return job
@@ -327,18 +331,19 @@ class JobRunner:
         return f"ok {self.full_id(target, stored.msg_id)}"
 
     def check_timeout(self, job: Job, now: float) -> None:
-        if job.deadline is not None and now >= job.deadline and not job.timed_out:
+        mono = self.mono()
+        if job.deadline is not None and mono >= job.deadline and not job.timed_out:
             job.timed_out = True
             log.info("%s/%s: timeout after %s s, terminating its process group",
                      job.queue, job.msg_id, job.timeout)
             self.terminate(job, now)
-        elif job.kill_at is not None and now >= job.kill_at:
+        elif job.kill_at is not None and mono >= job.kill_at:
             job.kill_at = None
             kill_group(job.pid, signal.SIGKILL)
 
     def terminate(self, job: Job, now: float) -> None:
         kill_group(job.pid, signal.SIGTERM)
-        job.kill_at = now + KILL_GRACE
+        job.kill_at = self.mono() + KILL_GRACE
 
     # -- end -----------------------------------------------------------------------------
     def finish(self, job: Job, exit_code: int, cfg: QueueConfig | None) -> Finish:

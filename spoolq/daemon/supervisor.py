@@ -67,7 +67,8 @@ class Daemon:
 
     def __init__(self, store: Store, *, home: str | os.PathLike[str], host: str | None = None,
                  port: int | None = None, grace: float = 30.0, sweep_interval: float = 300.0,
-                 clock: Callable[[], float] = time.time, builtin_queues: bool = True,
+                 clock: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic,
+                 builtin_queues: bool = True,
                  events: EventBus | None = None, dispatchers: int = 1, part: Part | None = None,
                  helper_argv: Sequence[str] = ()) -> None:
         self.store = store
@@ -93,6 +94,7 @@ class Daemon:
         self.grace = grace
         self.sweep_interval = sweep_interval
         self.clock = clock
+        self.mono = mono  # durations: timeouts, grace, kills (JobRunner.mono)
         self.queues: dict[str, QueueState] = {}
         self.jobs: dict[int, Job] = {}
         self.stopping = False
@@ -162,7 +164,7 @@ class Daemon:
                 log.warning("cannot record host and port: %s; full ids printed by the CLI may name another "
                             "port until it is written", e)
         self.runner = JobRunner(self.store, self.home, self.rootcfg, self.clock,
-                                os.environ.get("RQ_ENV") or root_env(self.home), self.owner)
+                                os.environ.get("RQ_ENV") or root_env(self.home), self.owner, self.mono)
         self.workers = Workers(self.runner, self.sel, self.home, self.rootcfg, self.clock,
                                finished=self._finished, changed=self._workers_changed,
                                config=self._config_of, subdir=helper_dir(self.part))
@@ -554,11 +556,11 @@ class Daemon:
     def begin_stop(self) -> None:
         now = self.clock()
         if self.stopping:
-            self.grace_end = now  # a second signal: no more waiting
+            self.grace_end = self.mono()  # a second signal: no more waiting
             log.warning("stopping now: terminating %d running job(s)", len(self.jobs))
             return
         self.stopping = True
-        self.grace_end = now + self.grace
+        self.grace_end = self.mono() + self.grace  # monotonic: a clock step neither ends nor stretches it
         if self.workers is not None:
             self.workers.stop_all(now, kill=False)  # EOF on fd 4: answer what you hold, then exit
         if self.http is not None:
@@ -865,7 +867,7 @@ class Daemon:
             self._tend_helpers(now)
         if not self.part.main:
             self._report_to_main()
-        if self.stopping and self.grace_end is not None and now >= self.grace_end:
+        if self.stopping and self.grace_end is not None and self.mono() >= self.grace_end:
             for job in self.jobs.values():
                 if not job.stopping:
                     job.stopping = True
@@ -922,14 +924,15 @@ class Daemon:
                 or self.refresh_queues or self.flags):
             return 0.0
         now = self.clock()
+        mono = self.mono()
         times = [self.next_sweep, self.next_reclaim]
         times += [qs.wake_at for qs in self.queues.values() if qs.wake_at is not None]
         for job in self.jobs.values():
             times.append(job.renew_at)
             if job.deadline is not None and not job.timed_out:
-                times.append(job.deadline)
+                times.append(now + job.deadline - mono)  # monotonic, made a wall-clock time here
             if job.kill_at is not None:
-                times.append(job.kill_at)
+                times.append(now + job.kill_at - mono)
         retry = self.runner.finisher.next_retry()
         if retry is not None:
             times.append(retry)
@@ -958,7 +961,7 @@ class Daemon:
         if self.stopping and self.grace_end is not None and (
                 any(not j.stopping for j in self.jobs.values()) or self.runner.finisher.held
                 or self.workers.alive() or self.http.alive() or (self.helpers and self.helpers.alive())):
-            times.append(self.grace_end)
+            times.append(now + self.grace_end - mono)
         return max(0.0, min(times) - now)
 
     def _done(self) -> bool:
@@ -970,7 +973,7 @@ class Daemon:
         held = self.runner.finisher.held
         if not held:
             return True
-        if self.grace_end is not None and self.clock() < self.grace_end:
+        if self.grace_end is not None and self.mono() < self.grace_end:
             return False
         for fin in held:
             log.error("%s/%s: stopping with its outcome (%s) not stored; it stays in run and the "

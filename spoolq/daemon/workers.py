@@ -331,7 +331,7 @@ class Workers:
         cfg = cfg or self._cfg(w.queue)
         head = next(iter(w.inflight.values()), None)
         if head is not None and head.deadline is None and cfg is not None and cfg.timeout is not None:
-            head.deadline = now + cfg.timeout
+            head.deadline = self.runner.mono() + cfg.timeout  # monotonic, as a script's (jobs.py)
 
     def _write(self, w: Worker, data: bytes, *, flush: bool = True) -> None:
         if w.spawned.reply_fd < 0:
@@ -380,7 +380,7 @@ class Workers:
         """It can no longer be fed or answer, yet may run on: stopped if it has not exited
         within KILL_GRACE (:meth:`tick`); what it holds then goes back unchanged."""
         if w.broken_at is None and w.pid in self.by_pid:
-            w.broken_at = self.clock()
+            w.broken_at = self.runner.mono()
             w.broken_why = why
 
     def on_inputs(self) -> None:
@@ -495,14 +495,15 @@ class Workers:
 
     # -- time: leases, timeouts, kills -----------------------------------------------------
     def tick(self, now: float) -> None:
+        mono = self.runner.mono()  # deadlines, broken_at, kill_at: monotonic (a clock step is no timeout)
         for w in list(self.by_pid.values()):
-            if w.broken_at is not None and not w.terminated and now >= w.broken_at + KILL_GRACE:
+            if w.broken_at is not None and not w.terminated and mono >= w.broken_at + KILL_GRACE:
                 self.terminate(w, now, f"it {w.broken_why} but kept running")
-            if w.kill_at is not None and now >= w.kill_at:
+            if w.kill_at is not None and mono >= w.kill_at:
                 w.kill_at = None
                 kill_group(w.pid, signal.SIGKILL)
             for inf in list(w.inflight.values()):
-                if inf.deadline is not None and now >= inf.deadline and not inf.timed_out:
+                if inf.deadline is not None and mono >= inf.deadline and not inf.timed_out:
                     inf.timed_out = True
                     self.terminate(w, now, f"message {inf.attempt.msg_id} ran past the queue's timeout")
                 if now >= inf.renew_at:
@@ -524,16 +525,18 @@ class Workers:
             self.cancel(w.queue, inf.attempt.msg_id)
 
     def next_time(self) -> float | None:
+        """The next wall-clock time something is due (monotonic ones converted)."""
         times: list[float] = []
+        to_wall = self.clock() - self.runner.mono()
         for w in self.by_pid.values():
             if w.kill_at is not None:
-                times.append(w.kill_at)
+                times.append(w.kill_at + to_wall)
             if w.broken_at is not None and not w.terminated:
-                times.append(w.broken_at + KILL_GRACE)
+                times.append(w.broken_at + KILL_GRACE + to_wall)
             for inf in w.inflight.values():
                 times.append(inf.renew_at)
                 if inf.deadline is not None and not inf.timed_out:
-                    times.append(inf.deadline)
+                    times.append(inf.deadline + to_wall)
         return min(times, default=None)
 
     def terminate(self, w: Worker, now: float, why: str) -> None:
@@ -543,7 +546,7 @@ class Workers:
         self.drain(w)
         kill_group(w.pid, signal.SIGTERM)
         if w.kill_at is None:
-            w.kill_at = now + KILL_GRACE
+            w.kill_at = self.runner.mono() + KILL_GRACE
 
     def cancel(self, queue: str, msg_id: str) -> bool:
         """A running message was cancelled: stop the worker that holds it. False if none does."""
