@@ -311,3 +311,22 @@ def test_a_daemon_outlives_its_database_connections_being_cut(client: spoolq.Cli
     v = client.wait(r, 60)
     assert (v.state, v.job_status, v.message.count) == (State.DONE, "slept", 0)
     assert served.proc is not None and served.proc.poll() is None, served.log()[-2000:]
+
+
+def test_after_its_sessions_are_cut_the_host_still_counts_as_serving(client: spoolq.Client, hosts: Any,
+                                                                      pg_url: str) -> None:
+    """The host lock lives on a session of its own: once a database restart (here: every
+    session terminated) ended it, ``served()`` said no daemon runs while one did, and a send
+    warned so (audit). The daemon takes its lock again on a new session."""
+    import psycopg
+
+    client.create_queue("q", script=script("rq_script.sh"))
+    (served,) = hosts(1)
+    assert client.store.served() is True
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    client = spoolq.open(pg_url)
+    wait_for(lambda: client.store.served() is True, 30, "the host registered again")
+    assert client.wait(client.send("q"), 30).state == State.DONE
+    assert served.proc is not None and served.proc.poll() is None

@@ -6,20 +6,27 @@ store: ``queues.py`` <- ``messages.py`` <- ``attempts.py`` <- ``store.py``.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from ...config import RootConfig, root_config_of
-from ...errors import Conflict, InvalidInput, QueueDown, QueueExists, QueueNotFound
+from ...errors import Conflict, InvalidInput, QueueDown, QueueExists, QueueNotFound, StorageError
 from ...ids import validate_queue_name
 from ...model import ADMIN_FLAGS, COUNT_KEYS, AdminState, QueueConfig
 from . import migrate
 from .connection import COUNTS_LOCK, HOST_LOCK, Cursor, Db, connect, open_connection, safe_url, storage_errors
 from .sql import Q
+
+log = logging.getLogger("spoolq.store")
+
+HOST_CHECK = 2.0
+"""Seconds between looks at the session that holds a serving host's lock (keep_host)."""
 
 COMPACT_AT = 256
 """Count deltas of a queue that counts() sums before it folds them (one query either way;
@@ -37,6 +44,8 @@ class QueueParts:
         self.db = Db(url, max_size=pool_size)
         self._host: psycopg.Connection | None = None  # a serving daemon's session (its host lock)
         self._host_id = 0
+        self._serving = False  # acquire_daemon was called: the host lock is to be kept
+        self._host_check_at = 0.0
 
     def close(self) -> None:
         """Let go of the pool (and of the daemon's host registration, if any)."""
@@ -59,6 +68,10 @@ class QueueParts:
         that dies (its session ends) stops counting at once."""
         if self._host is not None:
             return
+        self._register_host()
+        self._serving = True
+
+    def _register_host(self) -> None:
         conn = open_connection(self._conninfo)
         try:
             with storage_errors(self.url):
@@ -72,7 +85,38 @@ class QueueParts:
             raise
         self._host = conn
 
+    def keep_host(self) -> None:
+        """The host lock lives on a session of its own, which a database restart ends: then
+        served() said no daemon runs while this one served (audit), and the next daemon's
+        start forgot this host. Looked at every HOST_CHECK seconds (from queues(), which a
+        serving daemon calls at every reconnect of its watcher and every few seconds) and
+        taken again on a new session when it is gone."""
+        now = time.monotonic()
+        if not self._serving or now < self._host_check_at:
+            return
+        self._host_check_at = now + HOST_CHECK
+        conn = self._host
+        if conn is not None:
+            try:
+                conn.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                self._host = None
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+        try:
+            self._register_host()
+        except (StorageError, psycopg.Error) as e:
+            log.warning("the database session that marks this host as serving ended, and a new one "
+                        "cannot be made yet: %s", e)
+            return
+        log.warning("the database session that marks this host as serving had ended (a restart?): "
+                    "registered again")
+
     def release_daemon(self) -> None:
+        self._serving = False
         conn, self._host = self._host, None
         if conn is None:
             return
@@ -135,6 +179,7 @@ class QueueParts:
             cur.execute(Q.counts_forget, {"queue": name})  # the deltas its messages' deletion added too
 
     def queues(self) -> list[str]:
+        self.keep_host()
         return [r["name"] for r in self.db.all(Q.queue_names, {})]
 
     def queue_config(self, name: str) -> QueueConfig:
