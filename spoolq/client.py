@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Unpack
 
 from .config import RootConfig, default_root
-from .errors import InvalidInput, InvalidMessage, SpoolqError, WaitTimeout, WrongState
+from .errors import Conflict, InvalidInput, InvalidMessage, SpoolqError, WaitTimeout, WrongState
 from .follow import follow_log, wait_final
 from .ids import MessageRef, parse_ref
 from .model import (
@@ -115,10 +115,19 @@ class Client:
 
     def update_queue(self, name: str, **changes: Any) -> QueueConfig:
         """Change config keys of a queue; the next run uses them."""
-        data = self.store.queue_config(name).to_dict()
+        old = self.store.queue_config(name)
+        data = old.to_dict()
         data.update(changes)
         data["name"] = name
         cfg = QueueConfig.from_dict(data)
+        if old.kind == "fsq" and (cfg.kind, cfg.fsq_dir) != (old.kind, old.fsq_dir):
+            # The items its messages hold are in the old directory: the finish would not
+            # find them there any more, and they would stay held, their messages in err.
+            c = self.store.counts(name)
+            busy = {k: c[k] for k in ("prep", "que", "run") if c.get(k)}
+            if busy:
+                raise Conflict(f"queue {name} still holds items of {old.fsq_dir} ({busy}): let them finish, "
+                               "or delete them, before changing its fsq_dir or kind")
         self.store.update_queue(cfg)
         return cfg
 

@@ -578,3 +578,24 @@ def test_the_intake_thread_outlives_a_failed_look_at_the_queues(client: spoolq.C
         assert failed and intake._thread is not None and intake._thread.is_alive()
     finally:
         intake.stop()
+
+
+def test_the_fsq_dir_of_a_queue_holding_items_cannot_change(client: spoolq.Client, conf: fsq.Conf,
+                                                              tmp_path: Path) -> None:
+    """Its messages' items are held in the old directory: after a change of fsq_dir the
+    finish no longer found them, every message went to err and the items stayed held for
+    ever (audit). The change is refused while the queue holds messages."""
+    from spoolq.errors import Conflict
+    from spoolq.model import Message
+
+    q = make_queue(client, conf, tmp_path / "prog")
+    fsq.install(conf, "other", triggered=True)
+    m = client.store.create(q, Message.from_dict({"param1": "an item's"}))
+    with pytest.raises(Conflict, match="still holds items"):
+        client.update_queue(q, fsq_dir=os.path.join(conf.root, "other"))
+    with pytest.raises(Conflict, match="still holds items"):
+        client.update_queue(q, kind="script", fsq_dir="")
+    client.update_queue(q, num_workers=3)  # anything else may change
+    client.delete(f"{q}/{m.msg_id}")
+    client.update_queue(q, fsq_dir=os.path.join(conf.root, "other"))
+    assert client.queue_config(q).fsq_dir == os.path.join(conf.root, "other")
