@@ -10,7 +10,6 @@ import builtins
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,11 +67,6 @@ def _attachment(a: AttachmentLike) -> AttachmentSource:
             return AttachmentSource(name=a.name, path=os.path.abspath(a.path), stream=a.stream, link=a.link)
         return a
     return AttachmentSource(path=os.path.abspath(os.fspath(a)))
-
-
-_RELAY_KEY_LOCKS = [threading.Lock() for _ in range(64)]
-"""Striped by key: two preps of one relay key in one process (the HTTP server's threads)
-look it up and create one after the other, not both at once."""
 
 
 class Client:
@@ -258,7 +252,7 @@ class Client:
         """A prep for a relay with ``key`` (docs/relay.md): the message made for that key
         before, if it still exists (True), else a new one, its key recorded durably before
         this returns (False)."""
-        with _RELAY_KEY_LOCKS[hash((queue, key)) % len(_RELAY_KEY_LOCKS)]:
+        with self.store.relay_lock(queue, key):
             made = self.store.relay_key(queue, key)
             if made is not None:
                 return self.receipt(queue, made), True

@@ -473,3 +473,35 @@ def test_a_nul_in_params_is_refused_at_the_send(stores: list[PgStore]) -> None:
     assert s.counts("q")["que"] == 0
     s.create("q", Message.from_dict({"param1": "k", "params": {"note": "x\\u0000y as text"}}))
     assert s.counts("q")["que"] == 1
+
+
+def test_preps_of_one_relay_key_on_two_hosts_make_one_message(stores: list[PgStore]) -> None:
+    """Two far daemons of one database answering preps of one relay key at the same moment
+    made two preps (audit: 39 of 40 keys): the look-up and the prep are one under the
+    key's lock, database-wide."""
+    import threading
+
+    make_queue(stores[0], "inbox")
+    hosts = stores[:2]
+    for k in range(10):
+        key = f"relay/20261205.1130.00.000.{k}@7.0"
+        start = threading.Barrier(len(hosts) * 2)
+        made: list[str] = []
+
+        def prep(s: PgStore, key: str = key, start: threading.Barrier = start, made: list[str] = made) -> None:
+            start.wait()
+            with s.relay_lock("inbox", key):
+                found = s.relay_key("inbox", key)
+                if found is None:
+                    m = s.create("inbox", Message(), state=State.PREP)
+                    s.set_relay_key("inbox", key, m.msg_id)
+                    found = m.msg_id
+            made.append(found)
+
+        threads = [threading.Thread(target=prep, args=(s,)) for s in hosts for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(made) == 4 and len(set(made)) == 1, made
+    assert stores[0].counts("inbox")["prep"] == 10

@@ -12,6 +12,7 @@ import builtins
 import contextlib
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -502,6 +503,12 @@ class Store(Protocol):
         """Record that ``msg_id`` was made for the relay ``key``: durable before it returns
         (the prep's answer follows). Kept seven days; the queue's sweep drops older ones."""
 
+    def relay_lock(self, queue: str, key: str) -> contextlib.AbstractContextManager[object]:
+        """Held around the look-up of ``key`` and the prep made for it, so that two relays
+        of one message at once make one prep (docs/relay.md): across the process on the
+        filesystem and in memory (one daemon answers), across the hosts of a database."""
+        ...
+
     def ack_errs(self, queue: str) -> int:
         """Acknowledge every unacknowledged error; returns how many."""
 
@@ -511,3 +518,11 @@ class Store(Protocol):
     def sweep(self, queue: str, *, older_than: float = 3600.0) -> SweepResult:
         """Remove debris of dead producers and empty buckets, and put complete messages that
         a crash left in staging into their state; returns what it did."""
+
+
+_RELAY_KEY_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+def process_relay_lock(queue: str, key: str) -> threading.Lock:
+    """:meth:`Store.relay_lock` for stores one process serves: striped by key."""
+    return _RELAY_KEY_LOCKS[hash((queue, key)) % len(_RELAY_KEY_LOCKS)]

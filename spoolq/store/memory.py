@@ -50,7 +50,15 @@ from ..model import (
     runner_host,
     search_text,
 )
-from .base import AttachmentSource, Change, SweepResult, attachment_name, check_attachment_names, source_stream
+from .base import (
+    AttachmentSource,
+    Change,
+    SweepResult,
+    attachment_name,
+    check_attachment_names,
+    process_relay_lock,
+    source_stream,
+)
 from .changes import ChangeQueue
 from .leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
 from .local import materialize, remove
@@ -659,6 +667,9 @@ class MemoryStore:
             if got is None or got[1] < self.clock() - 7 * 86400:
                 return None
             return got[0] if got[0] in self._queue(queue).messages else None
+
+    def relay_lock(self, queue: str, key: str) -> threading.Lock:
+        return process_relay_lock(queue, key)
 
     def set_relay_key(self, queue: str, key: str, msg_id: str) -> None:
         with self._lock:

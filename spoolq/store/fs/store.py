@@ -16,12 +16,13 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import threading
 from pathlib import Path
 
 from ... import durable
 from ...config import RootConfig, read_root_config, write_root_config
 from ...errors import MessageNotFound
-from ..base import SweepResult
+from ..base import SweepResult, process_relay_lock
 from . import pidfile, relaykeys
 from .attempts import AttemptParts
 from .layout import Counts
@@ -101,6 +102,9 @@ class FsStore(AttemptParts):
         except MessageNotFound:
             return None
         return msg_id
+
+    def relay_lock(self, queue: str, key: str) -> threading.Lock:
+        return process_relay_lock(queue, key)
 
     def set_relay_key(self, queue: str, key: str, msg_id: str) -> None:
         qdir = self._existing_qdir(queue)

@@ -28,6 +28,7 @@ CLAIM_LOCK = 1397772115  # objid: hashtext(queue), claims of a queue with blocki
 # 1397772116 was the lock of appends to one log: they now collide on its primary key instead
 COUNTS_LOCK = 1397772117  # objid: hashtext(queue), compacting or rebuilding its count deltas
 SINGLE_QUE_LOCK = 1397772118  # objid: hashtext(queue), single_que's look and create
+RELAY_LOCK = 1397772119  # objid: hashtext(queue/key), a relay key's look-up and prep
 
 Cursor = psycopg.Cursor[DictRow]
 
