@@ -505,3 +505,13 @@ def test_preps_of_one_relay_key_on_two_hosts_make_one_message(stores: list[PgSto
             t.join(30)
         assert len(made) == 4 and len(set(made)) == 1, made
     assert stores[0].counts("inbox")["prep"] == 10
+
+
+def test_a_status_with_a_nul_is_stored_readable(stores: list[PgStore]) -> None:
+    """set_status with a NUL failed with a raw database error (audit): text cannot hold
+    one. The NUL is shown as U+FFFD instead."""
+    s = stores[0]
+    make_queue(s)
+    m = s.create("q", Message())
+    s.set_status("q", m.msg_id, "half\x00way")
+    assert s.get("q", m.msg_id).job_status == "half\ufffdway"

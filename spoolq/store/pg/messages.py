@@ -343,6 +343,8 @@ class MessageParts(QueueParts):
     def set_status(self, queue: str, msg_id: str, text: str) -> None:
         validate_queue_name(queue)
         validate_msg_id(msg_id)
+        # PostgreSQL's text holds no NUL (a raw StorageError, audit): a status is for people.
+        text = text.replace("\x00", "\ufffd")
         with self.db.tx() as cur:
             cur.execute(Q.message_set_status, {"queue": queue, "msg_id": msg_id, "status": text})
             if cur.rowcount == 0:
