@@ -435,3 +435,44 @@ def test_concurrent_preps_of_one_relay_key_make_one_message(tmp_path: Path) -> N
         assert b.counts("inbox")["prep"] == 3
     finally:
         far.stop()
+
+
+class _StallingAttach(_FakeRQ):
+    """A far end that takes a prep and then never answers an attachment (within a test)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.endswith("/attach/new"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(20)
+            return self._answer(["fail", "too late"])
+        return super().do_POST()
+
+
+def test_a_relay_gives_up_before_its_queues_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A far end too slow for the relay queue's timeout had the daemon kill the relay, and
+    the message went to err at count 0 (audit). With the timeout in SPOOLQ_TIMEOUT, the
+    relay gives the try up a little before and asks for a retry."""
+    import signal
+
+    lines: list[str] = []
+    monkeypatch.setattr(relay, "status", lines.append)
+    _FakeRQ.msgs = {}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallingAttach)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    alarm = signal.getsignal(signal.SIGALRM)
+    try:
+        blob = tmp_path / "a.bin"
+        blob.write_bytes(b"x" * 1000)
+        msg_dir, jobdir = _local_message(tmp_path, blob)
+        monkeypatch.chdir(jobdir)
+        for k, v in {"RQ_DEST": f"http://127.0.0.1:{srv.server_address[1]}/q/inbox", "RQ_COUNT": "0",
+                     "SPOOLQ_MESSAGE_DIR": str(msg_dir), "SPOOLQ_ROOT": str(tmp_path), "SPOOLQ_TIMEOUT": "1.5"}.items():
+            monkeypatch.setenv(k, v)
+        assert relay.main() == 0
+        assert lines[-1].startswith("resend ") and "giving this try up before the queue's timeout" in lines[-1]
+        assert _FakeRQ.msgs == {"1": "prep"}, "the far prep waits for the retry"
+    finally:
+        signal.signal(signal.SIGALRM, alarm)
+        srv.shutdown()
+        srv.server_close()

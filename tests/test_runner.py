@@ -286,6 +286,11 @@ def test_environment(client: spoolq.Client, serve: Any, root: Path) -> None:
     assert "RQ_ENV" in env and "RQ_FORCE_REMOTE" not in env
     assert env["SPOOLQ_ROOT"] == str(root) and env["SPOOLQ_QUEUE"] == "test"
     assert env["SPOOLQ_STORE"] == client.store.url
+    assert env["SPOOLQ_TIMEOUT"] == ""  # none set; with one, its seconds
+    client.update_queue("test", timeout=90)
+    v = run_one(client, "test", param1="rqenv")
+    dumped = (fs(client).message_dir("test", v.msg_id) / "job" / "rqenv.txt").read_text().splitlines()
+    assert "SPOOLQ_TIMEOUT=90" in dumped
 
 
 def test_force_remote_and_full_url_dest(client: spoolq.Client, serve: Any) -> None:

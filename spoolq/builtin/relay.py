@@ -39,6 +39,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import stat
 import sys
 import time
@@ -351,6 +352,27 @@ def backoff() -> int:
         return 10
 
 
+class OutOfTime(OSError):
+    """The queue's timeout is near: give up this try (a retry later) rather than be killed
+    by the daemon, which ends the message in err (audit: a slow far end)."""
+
+
+def _out_of_time(signum: int, frame: object) -> None:
+    raise OutOfTime("the far end is too slow: giving this try up before the queue's timeout")
+
+
+def _give_up_before_the_timeout(timeout: str) -> None:
+    """An alarm a little before the queue's timeout (``SPOOLQ_TIMEOUT``), again every second
+    after (a connect's loop over addresses takes one OSError as one address's failure)."""
+    try:
+        secs = float(timeout)
+    except ValueError:
+        return
+    if secs > 0:
+        signal.signal(signal.SIGALRM, _out_of_time)
+        signal.setitimer(signal.ITIMER_REAL, max(0.5, min(secs - 5.0, secs * 0.9)), 1.0)
+
+
 def main() -> int:
     count = int(os.environ.get("RQ_COUNT", "0") or 0)
     if count > 15:
@@ -363,8 +385,12 @@ def main() -> int:
     msg_dir = Path(os.environ.get("SPOOLQ_MESSAGE_DIR", ".."))
     home = Path(os.environ.get("SPOOLQ_ROOT", "."))
     jobdir = Path.cwd()
+    _give_up_before_the_timeout(os.environ.get("SPOOLQ_TIMEOUT", ""))
     try:
-        far = relay(msg_dir, dest, jobdir, home)
+        try:
+            far = relay(msg_dir, dest, jobdir, home)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # before any handler below runs
     except BadSetup as e:
         status(f"err {e}")
         return 0

@@ -215,6 +215,9 @@ def queue_env(*, base: Mapping[str, str], cfg: QueueConfig, queue: str, script: 
         "RQ_ENV": rq_env,
         "SPOOLQ_ROOT": str(root),
         "SPOOLQ_QUEUE": queue,
+        # The queue's timeout (seconds, "" for none): a script that talks to a slow peer
+        # can give up first and ask for a retry (the relay does) rather than be killed.
+        "SPOOLQ_TIMEOUT": "" if cfg.timeout is None else f"{cfg.timeout:g}",
     })
     return env
 
