@@ -370,7 +370,8 @@ def _give_up_before_the_timeout(timeout: str) -> None:
         return
     if secs > 0:
         signal.signal(signal.SIGALRM, _out_of_time)
-        signal.setitimer(signal.ITIMER_REAL, max(0.5, min(secs - 5.0, secs * 0.9)), 1.0)
+        # The last tenth of the time, at most a minute, is left for the kill not to come.
+        signal.setitimer(signal.ITIMER_REAL, max(0.5, secs - min(60.0, secs / 10)), 1.0)
 
 
 def main() -> int:
