@@ -47,6 +47,31 @@ def test_cron_next(utc: None, expr: str, after: str, expected: str) -> None:
     assert Cron.parse(expr).next_after(at(after)) == at(expected)
 
 
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_cron_across_daylight_saving(new_york: None) -> None:
+    """As cron: a local time shown twice (the hour put back on 2026-11-01) fires once, the
+    first time; one skipped (the hour put forward on 2026-03-08) fires at the jump (audit:
+    01:30 fired twice, 02:30 not at all)."""
+    first = Cron.parse("30 1 * * *").next_after(at("2026-11-01 00:00"))
+    assert time.localtime(first).tm_isdst == 1  # 01:30 EDT
+    again = Cron.parse("30 1 * * *").next_after(first)
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(again)) == "2026-11-02 01:30"
+    jump = Cron.parse("30 2 * * *").next_after(at("2026-03-07 12:00"))
+    assert time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(jump)) == "2026-03-08 03:00 EDT"
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(Cron.parse("30 2 * * *").next_after(jump))) == \
+        "2026-03-09 02:30"
+    assert time.strftime("%H:%M", time.localtime(Cron.parse("*/20 * * * *").next_after(at("2026-03-08 01:50")))) \
+        == "03:00"  # 02:00, 02:20, 02:40 are skipped: once at the jump
+
+
 @pytest.mark.parametrize("expr", ["* * * *", "60 * * * *", "* 24 * * *", "* * 0 * *", "*/0 * * * *", "a * * * *",
                                   "5-1 * * * *", "0 0 31 2 *"])
 def test_cron_refuses(utc: None, expr: str) -> None:

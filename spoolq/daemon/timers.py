@@ -84,20 +84,41 @@ class Cron:
         return dom or dow
 
     def next_after(self, after: float) -> float:
-        """The first matching minute strictly after ``after`` (epoch seconds, local time)."""
+        """The first matching minute strictly after ``after`` (epoch seconds, local time).
+        Across daylight saving as cron does: a local time the clock shows twice (the hour put
+        back) matches the first time only, and one it skips (the hour put forward) matches
+        at the jump (audit: 01:30 fired twice in November, 02:30 not at all in March)."""
         t = (math.floor(after / 60) + 1) * 60.0
         limit = after + 5 * 366 * 86400
         while t < limit:
             lt = time.localtime(t)
+            if self._skipped_over(t, lt):
+                return t
             if lt.tm_mon not in self.months or not self._day_ok(lt):
                 t = _next_midnight(lt)
             elif lt.tm_hour not in self.hours:
                 t += (60 - lt.tm_min) * 60
-            elif lt.tm_min not in self.minutes:
+            elif lt.tm_min not in self.minutes or _shown_before(t, lt):
                 t += 60
             else:
                 return t
         raise ValueError("the cron expression never matches")
+
+    def _skipped_over(self, t: float, lt: time.struct_time) -> bool:
+        """Did the clock jump forward onto ``t`` over a local time that matches?"""
+        before = time.localtime(t - 60)
+        was, now = before.tm_hour * 60 + before.tm_min, lt.tm_hour * 60 + lt.tm_min
+        if (now - was) % 1440 <= 1 or lt.tm_mon not in self.months or not self._day_ok(lt):
+            return False
+        return any(m // 60 in self.hours and m % 60 in self.minutes for m in range(was + 1, now))
+
+
+def _shown_before(t: float, lt: time.struct_time) -> bool:
+    """Is ``t`` the second time the clock shows this local time (the hour put back)?"""
+    if lt.tm_isdst != 0:
+        return False
+    earlier = time.localtime(t - 3600)
+    return earlier.tm_isdst > 0 and (earlier.tm_hour, earlier.tm_min) == (lt.tm_hour, lt.tm_min)
 
 
 def _next_midnight(lt: time.struct_time) -> float:
