@@ -82,6 +82,7 @@ class Helpers:
         self.running = False  # started once the main process is ready
         self.stopping = False
         self.recount = False  # a helper died: once none runs, recount the shared queues
+        # Every time here (start_at, kill_at) is on the supervisor's monotonic clock.
         self.kill_at: float | None = None  # stop_now: SIGKILL whatever still runs then
         self.given_up = False  # helpers keep dying at start: the main process takes their parts
 

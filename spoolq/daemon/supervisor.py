@@ -282,7 +282,7 @@ class Daemon:
 
     def _tend_helpers(self, now: float) -> None:
         """Start the dispatch helpers once the shared queues are recounted, and recount
-        them again when a helper has died (helpers.py)."""
+        them again when a helper has died (helpers.py). ``now``: the monotonic clock."""
         helpers = self.helpers
         assert helpers is not None and self.housekeeper is not None and self.runner is not None
         helpers.tick(now)
@@ -864,7 +864,7 @@ class Daemon:
         assert self.http is not None
         self.http.tick(now)
         if self.helpers is not None:
-            self._tend_helpers(now)
+            self._tend_helpers(self.mono())  # restart backoffs and the kill: durations
         if not self.part.main:
             self._report_to_main()
         if self.stopping and self.grace_end is not None and self.mono() >= self.grace_end:
@@ -875,7 +875,7 @@ class Daemon:
             self.workers.stop_all(now, kill=True)
             self.http.stop_all(now, kill=True)
             if self.helpers is not None:
-                self.helpers.stop_now(now)
+                self.helpers.stop_now(self.mono())
         if now >= self.next_sweep and not self.housekeeper.busy:
             self.next_sweep = now + self.sweep_interval
             self.housekeeper.submit(SWEEP_ROOT)
@@ -947,7 +947,7 @@ class Daemon:
         if self.helpers is not None:
             st = self.helpers.next_time()
             if st is not None:
-                times.append(st)
+                times.append(now + st - mono)
         wake_at = self.watcher.wake_at
         if wake_at is not None:
             times.append(now + wake_at - time.monotonic())
