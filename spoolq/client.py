@@ -108,7 +108,8 @@ class Client:
         return config
 
     def update_queue(self, name: str, **changes: Any) -> QueueConfig:
-        """Change config keys of a queue; the next run uses them."""
+        """Change config keys of a queue; the next run uses them. Conflict for a kind fsq
+        queue's ``fsq_dir`` or kind while it holds messages (their items are held there)."""
         old = self.store.queue_config(name)
         data = old.to_dict()
         data.update(changes)

@@ -150,6 +150,14 @@ def open_own(name: str, flags: int, *, dir_fd: int | None = None, fresh: bool = 
                   "message's script?)")
 
 
+def open_own_log(name: str, *, dir_fd: int | None = None) -> int:
+    """A script's log (``job/stdio.log``), opened to append as :func:`open_own` opens a
+    file, blocking again: it becomes the script's stdout."""
+    fd = open_own(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, dir_fd=dir_fd)
+    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
+    return fd
+
+
 def _unlink_if_there(name: str, dir_fd: int | None) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)

@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import io
 import itertools
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from .. import durable
 from ..config import RootConfig
 from ..errors import (
     AttachmentNotFound,
@@ -61,7 +60,7 @@ from .base import (
 )
 from .changes import ChangeQueue
 from .leases import SUCCESS, Attempt, Candidate, Lease, fenced_out, new_attempt_id, params_of, pick
-from .local import materialize, remove
+from .local import materialize
 from .scratch import ScratchDirs
 
 
@@ -552,14 +551,7 @@ class MemoryStore:
     def log_fd(self, attempt: Attempt) -> int:
         """``job/stdio.log`` of the local copy: a link (or a hard link) an earlier script
         left there is replaced by a file, never written through (as on the filesystem)."""
-        path = self.workdir(attempt) / "stdio.log"
-        try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-                remove(path)
-        except FileNotFoundError:
-            pass
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        return durable.open_own_log(str(self.workdir(attempt) / "stdio.log"))
 
     def finish(self, attempt: Attempt, dst: State, *, status: str | None,
                update: Callable[[Message], None] | None = None, note: str = "",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import fcntl
 import json
 import json.encoder
 import logging
@@ -696,19 +695,13 @@ def _ensure_job(dfd: int) -> None:
 
 def _open_log_beneath(dfd: int) -> int:
     """``job/stdio.log`` of the message directory ``dfd``, ``job`` reached without following
-    a link (ELOOP or ENOTDIR if one is there now), the log as :func:`_open_log_in` opens it."""
+    a link (ELOOP or ENOTDIR if one is there now), the log as :func:`~spoolq.durable.open_own_log`
+    opens it."""
     jfd = os.open("job", _DIR_NOFOLLOW, dir_fd=dfd)
     try:
-        return _open_log_in(jfd)
+        return durable.open_own_log("stdio.log", dir_fd=jfd)
     finally:
         os.close(jfd)
-
-
-def _open_log_in(dfd: int) -> int:
-    """``stdio.log`` in the directory ``dfd``, opened to append (:func:`~spoolq.durable.open_own`)."""
-    fd = durable.open_own("stdio.log", _LOG_FLAGS, dir_fd=dfd)
-    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)  # blocking again, as the script expects
-    return fd
 
 
 def _indexed_message(e: Entry, src: str) -> Message | None:
