@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -17,6 +18,35 @@ import spoolq
 from spoolq.store.fs import FsStore
 
 SPOOLQ = str(Path(sys.executable).parent / "spoolq")
+T = TypeVar("T")
+
+
+def without_hanging(fn: Callable[[], T], fifo: Path, what: str, *, errors_ok: bool = False) -> T | Exception:
+    """``fn()`` on a thread, where a FIFO at ``fifo`` might block it: what it returned (or,
+    with ``errors_ok``, what it raised). The test fails if it still waits after 10 s; the
+    FIFO's other end is then opened, so that the thread does not wait for ever."""
+    got: list[T | Exception] = []
+
+    def run() -> None:
+        try:
+            got.append(fn())
+        except Exception as e:
+            got.append(e)
+            if not errors_ok:
+                raise
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        for flags in (os.O_RDONLY, os.O_WRONLY):  # whichever end the thread waits for
+            try:
+                os.close(os.open(fifo, flags | os.O_NONBLOCK))
+            except OSError:
+                pass
+    assert not t.is_alive(), f"{what} blocked"
+    assert got and (errors_ok or not isinstance(got[0], Exception)), f"{what} failed: {got}"
+    return got[0]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SPOOLQ
+from conftest import SPOOLQ, without_hanging
 
 from spoolq import durable
 from spoolq.errors import CorruptMessage, DiskFull, InvalidInput, MessageNotFound, QueueNotFound, StorageError
@@ -371,7 +371,6 @@ def test_sweep_follows_no_link_and_waits_on_no_fifo_it_finds_staged(fs: FsStore,
     """The sweep (at every daemon start) puts staged messages back: a link left as one's
     history is replaced, not appended through, and a FIFO as another's msg is no message
     (debris, removed) instead of hanging the start (review)."""
-    import threading
 
     other = tmp_path / "token"
     other.write_bytes(b"secret\n")
@@ -383,16 +382,11 @@ def test_sweep_follows_no_link_and_waits_on_no_fifo_it_finds_staged(fs: FsStore,
     os.mkfifo(fifo / "msg")
     for stage in (linked, fifo):
         os.utime(stage, (0, 0))  # old debris, as _stage_by_hand left it
-    got: list[Any] = []
-    t = threading.Thread(target=lambda: got.append(fs.sweep("q")), daemon=True)
-    t.start()
-    t.join(10)
-    if t.is_alive():
-        os.close(os.open(fifo / "msg", os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open go
-    assert not t.is_alive() and got, "the sweep hung on a FIFO"
+    got = without_hanging(lambda: fs.sweep("q"), fifo / "msg", "the sweep")
+    assert not isinstance(got, Exception)
     assert other.read_bytes() == b"secret\n"
     assert fs.get("q", linked_id).message.history[-1]["note"] == "recovered from .tmp"
-    assert str(fifo) in got[0].removed  # no message: debris of a producer that died
+    assert str(fifo) in got.removed  # no message: debris of a producer that died
 
 
 def test_sweep_puts_complete_staged_messages_into_their_state(fs: FsStore) -> None:
@@ -638,8 +632,6 @@ def test_updating_a_queued_message_kicks_the_daemon(fs: FsStore) -> None:
 def test_a_recount_racing_a_send_counts_it_once(fs: FsStore, monkeypatch: pytest.MonkeyPatch, many: bool) -> None:
     """I8: a recount that comes between a send's publishing rename and its delta must not
     count the message twice. The recount is started inside the rename and must wait."""
-    import threading
-
     real = fs._publish_at
     recounts: list[threading.Thread] = []
 
@@ -664,8 +656,6 @@ def test_a_recount_racing_a_send_counts_it_once(fs: FsStore, monkeypatch: pytest
 def test_a_recount_racing_a_rename_counts_it_once(fs: FsStore, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
     """I8 for the other renames: a commit, a bulk delete, an acknowledgement. A recount is
     started right after the first rename and must wait for its delta."""
-    import threading
-
     ids = [m.msg_id for m in fs.create_many("q", [Message(dest="q") for _ in range(4)], state=State.PREP)]
     if what == "ack_errs":
         for i in ids:

@@ -19,13 +19,22 @@ from spoolq.daemon.timers import STATE_FILE, Cron, Timers, load_timer
 from spoolq.model import State
 
 
-@pytest.fixture
-def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TZ", "UTC")
+def _in_zone(monkeypatch: pytest.MonkeyPatch, zone: str) -> Iterator[None]:
+    monkeypatch.setenv("TZ", zone)
     time.tzset()
     yield
     monkeypatch.undo()
     time.tzset()
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    yield from _in_zone(monkeypatch, "UTC")
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    yield from _in_zone(monkeypatch, "America/New_York")
 
 
 def at(s: str) -> float:
@@ -45,15 +54,6 @@ def at(s: str) -> float:
 ])
 def test_cron_next(utc: None, expr: str, after: str, expected: str) -> None:
     assert Cron.parse(expr).next_after(at(after)) == at(expected)
-
-
-@pytest.fixture
-def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TZ", "America/New_York")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def test_cron_across_daylight_saving(new_york: None) -> None:
