@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 N = int(sys.argv[1])
 MODE = sys.argv[2]
@@ -36,25 +37,31 @@ def work(sec: float) -> None:
         pass
 
 
-def inline() -> None:
-    running: dict[int, int] = {}
+def spawning(spawn: Callable[[], tuple[int, Callable[[], None]]]) -> None:
+    """The loop of modes A and C: ``spawn()`` starts one run and gives its pid and what to do
+    once it is reaped."""
+    running: dict[int, Callable[[], None]] = {}
     ep = select.epoll()
     started = done = 0
     while done < N:
         while started < N and len(running) < INFLIGHT:
             work(W1)
-            pid = os.posix_spawn(ARGV[0], ARGV, ENV)
+            pid, reaped = spawn()
             fd = os.pidfd_open(pid)
-            running[fd] = pid
+            running[fd] = reaped
             ep.register(fd, select.EPOLLIN)
             started += 1
         for fd, _ in ep.poll():
             ep.unregister(fd)
             os.waitid(os.P_PIDFD, fd, os.WEXITED)
             os.close(fd)
-            del running[fd]
+            running.pop(fd)()
             work(W2)
             done += 1
+
+
+def inline() -> None:
+    spawning(lambda: (os.posix_spawn(ARGV[0], ARGV, ENV), lambda: None))
 
 
 def nowait() -> None:
@@ -68,34 +75,25 @@ def nowait() -> None:
     lib.free_stack.argtypes = [vp]
     args = [a.encode() for a in ARGV]
     envb = [f"{k}={v}".encode() for k, v in ENV.items()]
-    running: dict[int, tuple] = {}
-    ep = select.epoll()
-    started = done = 0
-    while done < N:
-        while started < N and len(running) < INFLIGHT:
-            work(W1)
-            c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
-            c_env = (ctypes.c_char_p * (len(envb) + 1))(*envb, None)
-            buf, stk, errr = ctypes.create_string_buffer(64), vp(), ctypes.c_int()
-            pid = lib.spawn_nowait(args[0], c_argv, c_env, ctypes.byref(stk), ctypes.byref(errr), buf)
-            if pid < 0:
-                raise OSError(-pid, "clone")
-            fd = os.pidfd_open(pid)
-            running[fd] = (c_argv, c_env, buf, stk, errr.value)  # alive until the reap
-            ep.register(fd, select.EPOLLIN)
-            started += 1
-        for fd, _ in ep.poll():
-            ep.unregister(fd)
-            os.waitid(os.P_PIDFD, fd, os.WEXITED)
-            os.close(fd)
-            _, _, _, stk, errr_fd = running.pop(fd)
-            err = os.read(errr_fd, 4)
-            os.close(errr_fd)
+
+    def spawn() -> tuple[int, Callable[[], None]]:
+        c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
+        c_env = (ctypes.c_char_p * (len(envb) + 1))(*envb, None)
+        buf, stk, errr = ctypes.create_string_buffer(64), vp(), ctypes.c_int()
+        pid = lib.spawn_nowait(args[0], c_argv, c_env, ctypes.byref(stk), ctypes.byref(errr), buf)
+        if pid < 0:
+            raise OSError(-pid, "clone")
+
+        def reaped(keep: object = (c_argv, c_env, buf)) -> None:  # the child reads them until its exec
+            err = os.read(errr.value, 4)
+            os.close(errr.value)
             lib.free_stack(stk)
             if err:
                 raise OSError(int.from_bytes(err, sys.byteorder), "exec")
-            work(W2)
-            done += 1
+
+        return pid, reaped
+
+    spawning(spawn)
 
 
 def spawner(sock: socket.socket) -> None:
